@@ -1,0 +1,116 @@
+import type { KernelBugs } from '../host/vm.ts';
+import { UserError } from '../util/errors.ts';
+
+export type TrackingMode = 'dirty-log' | 'clear-log' | 'dirty-ring';
+
+export interface CatalogEntry {
+  name: string;
+  /** What the code does wrong, in protocol words. */
+  wrong: string;
+  /** What goes wrong because of it. */
+  effect: string;
+  /** The real-world code or report it comes from. */
+  reference: string;
+  /** Tracking modes in which it can occur; the first is the default for demonstrations. */
+  modes: TrackingMode[];
+  /** Needs host writes (kvm_write_guest without a vCPU) to show. */
+  needsHostWrites?: boolean;
+  /** What catches it. */
+  detectedBy: string;
+}
+
+/** The bug catalog: named, injectable protocol mistakes (ARCHITECTURE.md, principle 6). */
+export const CATALOG: readonly CatalogEntry[] = [
+  {
+    name: 'skip-tlb-shootdown',
+    wrong: 'Re-protection (GET, CLEAR, ring reset) clears SPTE writable bits but never flushes remote TLBs.',
+    effect: 'A vCPU keeps writing through a stale writable TLB entry; those writes are never logged and are lost.',
+    reference: 'KVM kvm_flush_remote_tlbs after write-protecting (virt/kvm/kvm_main.c, kvm_vm_ioctl_reset_dirty_pages); Documentation/virt/kvm/api.rst',
+    modes: ['dirty-ring', 'dirty-log', 'clear-log'],
+    detectedBy: 'dirty_log_test oracle: a clean page holds the current iteration',
+  },
+  {
+    name: 'ring-full-ignored',
+    wrong: 'The vCPU does not exit with KVM_EXIT_DIRTY_RING_FULL at the soft limit and keeps pushing.',
+    effect: 'The ring wraps and overwrites entries userspace has not harvested; those pages are never reported.',
+    reference: 'virt/kvm/dirty_ring.c kvm_dirty_ring_soft_full / KVM_REQ_DIRTY_RING_SOFT_FULL; the WARN_ON in kvm_dirty_ring_push',
+    modes: ['dirty-ring'],
+    detectedBy: 'dirty_log_test oracle: a clean page holds the current iteration',
+  },
+  {
+    name: 'harvest-skips-entry',
+    wrong: 'Userspace marks a ring entry collected (flags = RESET) without recording its page (every 16th entry).',
+    effect: 'KVM resets and re-protects the page as if it had been collected; its dirtiness is lost.',
+    reference: 'QEMU kvm_dirty_ring_reap_one and the selftest dirty_ring_collect_one: harvest in order, never skip',
+    modes: ['dirty-ring'],
+    detectedBy: 'dirty_log_test oracle: a clean page holds the current iteration',
+  },
+  {
+    name: 'clear-without-protect',
+    wrong: 'KVM_CLEAR_DIRTY_LOG clears the bitmap bits but does not write-protect the pages.',
+    effect: 'Cleared pages stay writable, so their next writes fault no more and are never logged.',
+    reference: 'KVM kvm_clear_dirty_log_protect -> kvm_arch_mmu_enable_log_dirty_pt_masked (virt/kvm/kvm_main.c)',
+    modes: ['clear-log'],
+    detectedBy: 'dirty_log_test oracle: a clean page holds the current iteration',
+  },
+  {
+    name: 'untracked-host-write',
+    wrong: 'A host write-guest path stores into guest memory without mark_page_dirty_in_slot.',
+    effect: 'The page changes without ever being logged dirty.',
+    reference: 'kvm_write_guest -> mark_page_dirty_in_slot; paravirt clock and device emulation writes (arch/x86/kvm)',
+    modes: ['dirty-log', 'clear-log', 'dirty-ring'],
+    needsHostWrites: true,
+    detectedBy: 'dirty_log_test oracle: a clean page holds the current iteration',
+  },
+  {
+    name: 'no-backup-bitmap',
+    wrong: 'The VMM uses the dirty ring without KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP while KVM writes guest memory with no running vCPU.',
+    effect: 'mark_page_dirty_in_slot has no ring to push to and no bitmap: the write is silently lost (KVM WARNs).',
+    reference: 'KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP (Linux 6.3); CVE-2021-4095 (NULL vCPU in mark_page_dirty_in_slot)',
+    modes: ['dirty-ring'],
+    needsHostWrites: true,
+    detectedBy: 'dirty_log_test oracle: a clean page holds the current iteration; KVM warning counter',
+  },
+  {
+    name: 'ring-full-exit-unhandled',
+    wrong: 'The VMM does not harvest and reset when a vCPU exits with KVM_EXIT_DIRTY_RING_FULL.',
+    effect: 'The vCPU re-exits on every KVM_RUN and the guest stops making progress.',
+    reference: 'QEMU kvm_cpu_exec: KVM_EXIT_DIRTY_RING_FULL -> kvm_dirty_ring_reap',
+    modes: ['dirty-ring'],
+    detectedBy: 'the watchdog (free-run) or deadlock detection (deterministic)',
+  },
+];
+
+export type BugName = (typeof CATALOG)[number]['name'];
+
+export function findBug(name: string, where: string): CatalogEntry {
+  const e = CATALOG.find((b) => b.name === name);
+  if (!e) throw new UserError(`${where}: unknown bug '${name}' (see 'vmemlab catalog'; one of: ${CATALOG.map((b) => b.name).join(', ')})`);
+  return e;
+}
+
+/** The injected bugs as the pieces of code that honour them see them. */
+export interface InjectedBugs {
+  kernel: KernelBugs;
+  /** Userspace harvest drops every Nth entry (0: never). */
+  harvestSkipEvery: number;
+  /** The VMM leaves out the backup bitmap. */
+  noBackupBitmap: boolean;
+  /** The VMM ignores ring-full exits. */
+  ringFullExitUnhandled: boolean;
+}
+
+export function injectedBugs(names: readonly string[]): InjectedBugs {
+  const has = (n: string): boolean => names.includes(n);
+  return {
+    kernel: {
+      skipTlbShootdown: has('skip-tlb-shootdown'),
+      ringFullIgnored: has('ring-full-ignored'),
+      clearWithoutProtect: has('clear-without-protect'),
+      untrackedHostWrite: has('untracked-host-write'),
+    },
+    harvestSkipEvery: has('harvest-skips-entry') ? 16 : 0,
+    noBackupBitmap: has('no-backup-bitmap'),
+    ringFullExitUnhandled: has('ring-full-exit-unhandled'),
+  };
+}

@@ -1,0 +1,98 @@
+import { Prng } from '../util/prng.ts';
+import { type Role, Step, describeWait } from './role.ts';
+
+/** Picks which role steps next. */
+export interface Scheduler {
+  /** Index into `runnable` (the roles not known to be blocked), or -1 to stop. */
+  pick(runnable: readonly number[], stepNo: number): number;
+}
+
+/** Uniform random choice among runnable roles, from a seed. */
+export class RandomScheduler implements Scheduler {
+  private readonly prng: Prng;
+  constructor(seed: number) { this.prng = new Prng(seed); }
+  pick(runnable: readonly number[]): number {
+    return runnable[this.prng.below(runnable.length)]!;
+  }
+}
+
+/** Follows a recorded schedule exactly (role indices, one per step). */
+export class ReplayScheduler implements Scheduler {
+  constructor(private readonly schedule: ArrayLike<number>) {}
+  pick(_runnable: readonly number[], stepNo: number): number {
+    return stepNo < this.schedule.length ? this.schedule[stepNo]! : -1;
+  }
+}
+
+export class DeadlockError extends Error {
+  override readonly name = 'DeadlockError';
+}
+
+export interface DeterministicResult {
+  steps: number;
+  /** The role index of every step taken: replaying it reproduces the run exactly. */
+  schedule: Uint8Array;
+}
+
+/**
+ * The deterministic driver: every role on this one thread; a scheduler picks who steps.
+ * A role that reports BLOCKED is left out of the choice until some other role makes
+ * progress (a blocked step changes nothing, so picking it again would be wasted). When
+ * every unfinished role is blocked, the run is deadlocked, which the driver reports as
+ * the watchdog does under free-run.
+ */
+export class DeterministicDriver {
+  private schedule = new Uint8Array(1 << 16);
+  private steps = 0;
+
+  constructor(readonly roles: Role[], private readonly scheduler: Scheduler) {
+    if (roles.length > 255) throw new Error('at most 255 roles');
+  }
+
+  /** Runs until `until()` is true, every role is done, or `maxSteps` is reached. */
+  run(until: () => boolean, maxSteps = Number.MAX_SAFE_INTEGER): DeterministicResult {
+    const n = this.roles.length;
+    const blocked = new Uint8Array(n);
+    const done = new Uint8Array(n);
+    const runnable: number[] = [];
+    let live = n;
+    while (!until() && live > 0 && this.steps < maxSteps) {
+      runnable.length = 0;
+      for (let i = 0; i < n; i++) if (!blocked[i] && !done[i]) runnable.push(i);
+      if (runnable.length === 0) throw new DeadlockError(this.deadlockReport());
+      const r = this.scheduler.pick(runnable, this.steps);
+      if (r < 0) break;
+      this.record(r);
+      const s = this.roles[r]!.step();
+      if (s === Step.PROGRESS) blocked.fill(0);
+      else if (s === Step.BLOCKED) blocked[r] = 1;
+      else if (!done[r]) { done[r] = 1; live--; blocked.fill(0); }
+    }
+    return { steps: this.steps, schedule: this.schedule.slice(0, this.steps) };
+  }
+
+  /** Steps one named role once (litmus interleavings). */
+  stepRole(index: number): Step {
+    this.record(index);
+    return this.roles[index]!.step();
+  }
+
+  get stepCount(): number { return this.steps; }
+  get recorded(): Uint8Array { return this.schedule.slice(0, this.steps); }
+
+  private record(r: number): void {
+    if (this.steps === this.schedule.length) {
+      const bigger = new Uint8Array(this.schedule.length * 2);
+      bigger.set(this.schedule);
+      this.schedule = bigger;
+    }
+    this.schedule[this.steps++] = r;
+  }
+
+  deadlockReport(): string {
+    const names = this.roles.map((r) => r.name);
+    return `deadlock at step ${this.steps}: no role can make progress\n` + this.roles
+      .map((r) => `  ${r.name} ${describeWait(r.wait.code, r.wait.arg, r.wait.arg2, names)}`)
+      .join('\n');
+  }
+}

@@ -1,0 +1,59 @@
+import type { VmLayout } from '../host/layout.ts';
+import { type RoleSpec, buildRole, vmFor } from '../scenarios/roles.ts';
+import { ActorWord, actorBase } from './free-run.ts';
+import { type Role, Step } from './role.ts';
+
+export interface RoleWorkerData {
+  layout: VmLayout;
+  bugs: string[];
+  spec: RoleSpec;
+  actors: SharedArrayBuffer;
+  actor: number;
+  /** Guest operations per vCPU burst between step boundaries. */
+  burst: number;
+  /** Tests only: throw after this many steps, to check that a crash fails the run cleanly. */
+  crashAfterSteps?: number;
+}
+
+export type WorkerMessage =
+  | { type: 'event'; event: unknown }
+  | { type: 'done' };
+
+/** Worker side of the free-run driver: build the role, loop its steps, park when blocked. */
+export function runRoleWorker(data: RoleWorkerData, post: (m: WorkerMessage) => void): void {
+  const vm = vmFor(data.layout, data.bugs);
+  const role = buildRole(data.spec, vm, (event) => post({ type: 'event', event }));
+  runFreeLoop(role, new Int32Array(data.actors), data.actor, data.burst, data.crashAfterSteps);
+  post({ type: 'done' });
+}
+
+export function runFreeLoop(role: Role, actors: Int32Array, actor: number, burst: number, crashAfterSteps = -1): void {
+  const base = actorBase(actor);
+  const idle = new Int32Array(new SharedArrayBuffer(4));
+  let spins = 0;
+  let steps = 0;
+  for (;;) {
+    if (Atomics.load(actors, ActorWord.SHUTDOWN) !== 0) return;
+    if (steps++ === crashAfterSteps) throw new Error(`injected crash in ${role.name} after ${crashAfterSteps} steps`);
+    const s = role.runBurst ? role.runBurst(burst) : role.step();
+    if (s === Step.PROGRESS) {
+      Atomics.store(actors, base + ActorWord.PROGRESS, role.progress);
+      spins = 0;
+      continue;
+    }
+    if (s === Step.DONE) {
+      Atomics.store(actors, base + ActorWord.PROGRESS, role.progress);
+      Atomics.store(actors, base + ActorWord.STATUS, 1);
+      return;
+    }
+    const w = role.wait;
+    Atomics.store(actors, base + ActorWord.WAIT_CODE, w.code);
+    Atomics.store(actors, base + ActorWord.WAIT_ARG, w.arg);
+    Atomics.store(actors, base + ActorWord.WAIT_ARG2, w.arg2);
+    if (spins++ < 32) continue;
+    // Park on the word the role waits for (woken by its writer), re-checking every 1 ms;
+    // roles that wait on a condition with no single word sleep 0.2 ms.
+    if (w.park) Atomics.wait(w.park.array, w.park.index, w.park.value, 1);
+    else Atomics.wait(idle, 0, 0, 0.2);
+  }
+}

@@ -1,0 +1,85 @@
+import type { Worker } from 'node:worker_threads';
+import { LINE_WORDS } from '../host/layout.ts';
+import type { RoleWorkerData, WorkerMessage } from './free-run-worker.ts';
+import { describeWait } from './role.ts';
+import { spawnWorker } from './spawn.ts';
+
+/** Per-actor words the watchdog and progress display read; one line per actor. */
+export const ActorWord = { PROGRESS: 0, WAIT_CODE: 1, WAIT_ARG: 2, WAIT_ARG2: 3, STATUS: 4, SHUTDOWN: 0 } as const;
+export function actorBase(actor: number): number {
+  return (actor + 1) * LINE_WORDS; // line 0 holds SHUTDOWN
+}
+
+export interface FreeRunActor {
+  name: string;
+  data: Omit<RoleWorkerData, 'actors' | 'actor'>;
+  /** The run ends when this actor finishes. */
+  primary?: boolean;
+}
+
+export type FreeRunOutcome =
+  | { status: 'done' }
+  | { status: 'watchdog'; report: string }
+  | { status: 'crashed'; role: string; message: string };
+
+export interface FreeRunOptions {
+  /** Stop when no actor progresses for this long. */
+  watchdogMs: number;
+  onEvent: (actor: string, event: unknown) => void;
+  /** Called every poll with the actors' progress counters (for progress display). */
+  onTick?: (progress: number[]) => void;
+}
+
+/**
+ * The free-run driver: one worker thread per role, real parallelism. A watchdog polls
+ * every actor's progress word; if none moves for `watchdogMs` it ends the run and says
+ * who waits for what. A worker that throws ends the run with its role and message.
+ */
+export async function runFreeRun(actors: FreeRunActor[], opts: FreeRunOptions): Promise<FreeRunOutcome> {
+  const shared = new SharedArrayBuffer((actors.length + 1) * LINE_WORDS * 4);
+  const words = new Int32Array(shared);
+  const workers: Worker[] = [];
+  const names = actors.map((a) => a.name);
+  let settled = false;
+
+  return await new Promise<FreeRunOutcome>((resolve) => {
+    let timer: NodeJS.Timeout | undefined;
+    const finish = (outcome: FreeRunOutcome): void => {
+      if (settled) return;
+      settled = true;
+      if (timer) clearInterval(timer);
+      Atomics.store(words, ActorWord.SHUTDOWN, 1);
+      void Promise.all(workers.map((w) => w.terminate())).then(() => resolve(outcome));
+    };
+
+    actors.forEach((a, i) => {
+      const w = spawnWorker('role', { ...a.data, actors: shared, actor: i } satisfies RoleWorkerData);
+      workers.push(w);
+      w.on('message', (m: WorkerMessage) => {
+        if (m.type === 'event') opts.onEvent(a.name, m.event);
+        else if (m.type === 'done' && a.primary) finish({ status: 'done' });
+      });
+      w.on('error', (err: Error) => finish({ status: 'crashed', role: a.name, message: err.message }));
+      w.on('exit', (code) => {
+        if (!settled && code !== 0) finish({ status: 'crashed', role: a.name, message: `worker exited with code ${code}` });
+      });
+    });
+
+    let last = -1;
+    let lastChange = Date.now();
+    timer = setInterval(() => {
+      const progress = actors.map((_, i) => Atomics.load(words, actorBase(i) + ActorWord.PROGRESS));
+      opts.onTick?.(progress);
+      const sum = progress.reduce((x, y) => x + y, 0);
+      const now = Date.now();
+      if (sum !== last) { last = sum; lastChange = now; return; }
+      if (now - lastChange < opts.watchdogMs) return;
+      const lines = actors.map((a, i) => {
+        const b = actorBase(i);
+        if (Atomics.load(words, b + ActorWord.STATUS) === 1) return `  ${a.name} has finished`;
+        return `  ${a.name} ${describeWait(Atomics.load(words, b + ActorWord.WAIT_CODE), Atomics.load(words, b + ActorWord.WAIT_ARG), Atomics.load(words, b + ActorWord.WAIT_ARG2), names)}`;
+      });
+      finish({ status: 'watchdog', report: `watchdog: no actor made progress for ${(opts.watchdogMs / 1000).toFixed(1)} s\n${lines.join('\n')}` });
+    }, Math.min(250, Math.max(20, opts.watchdogMs / 4)));
+  });
+}

@@ -1,0 +1,100 @@
+/**
+ * Roles are non-blocking step machines (ARCHITECTURE.md, principle 2). A step does one
+ * small action on shared memory; when it cannot act it changes nothing and says what it
+ * waits for. Drivers decide who steps: the free-run driver gives each role a thread,
+ * the deterministic driver interleaves them on one thread with a seeded scheduler.
+ */
+export const enum Step {
+  /** Did something. */
+  PROGRESS = 0,
+  /** Could not act; `role.wait` says on what. Nothing changed. */
+  BLOCKED = 1,
+  /** Finished for good. */
+  DONE = 2,
+}
+
+export const enum WaitCode {
+  NONE = 0,
+  /** A TLB flush waits for vCPU `arg` to acknowledge generation `arg2`. */
+  FLUSH_ACK = 1,
+  /** The VMM waits for vCPU `arg` to stop. */
+  VCPU_STOPPED = 2,
+  /** The collector waits until the guest has retired `arg` operations. */
+  GUEST_OPS = 3,
+  /** A vCPU is stopped and waits for the VMM to let it run again. */
+  VCPU_RELEASE = 4,
+  /** A vCPU sits in an exit (reason `arg`) until the VMM re-enters KVM_RUN. */
+  VCPU_EXIT = 5,
+  /** A host actor is paused by the VMM. */
+  PAUSED = 6,
+}
+
+export interface Wait {
+  code: WaitCode;
+  arg: number;
+  arg2: number;
+  /** Where a free-running thread may park with Atomics.wait (it re-checks after waking). */
+  park?: { array: Int32Array; index: number; value: number };
+}
+
+export interface Role {
+  readonly name: string;
+  step(): Step;
+  /** What the last BLOCKED step waited for. */
+  readonly wait: Wait;
+  /** Work done that counts for the watchdog (operations retired, collections, ...). */
+  readonly progress: number;
+  /** Free-run: runs many steps when that is equivalent and faster (vCPUs batch). */
+  runBurst?(maxOps: number): Step;
+}
+
+export function waitFor(code: WaitCode, arg = 0, arg2 = 0, park?: Wait['park']): Wait {
+  return { code, arg, arg2, park };
+}
+
+export const NOT_WAITING: Wait = waitFor(WaitCode.NONE);
+
+/** Words the watchdog reads: "<role> waits for ...". Names come from `roleNames`. */
+export function describeWait(code: number, arg: number, arg2: number, roleNames: string[]): string {
+  switch (code as WaitCode) {
+    case WaitCode.FLUSH_ACK: return `waits for vcpu${arg} to acknowledge TLB flush generation ${arg2}`;
+    case WaitCode.VCPU_STOPPED: return `waits for vcpu${arg} to stop`;
+    case WaitCode.GUEST_OPS: return `waits for the guest to retire ${arg} operations (retired so far: ${arg2})`;
+    case WaitCode.VCPU_RELEASE: return 'is stopped and waits for the VMM to let it run';
+    case WaitCode.VCPU_EXIT: return `sits in exit ${exitName(arg)} and waits for the VMM to re-enter KVM_RUN`;
+    case WaitCode.PAUSED: return 'is paused by the VMM';
+    case WaitCode.NONE: return 'is not waiting (busy or finished)';
+  }
+  return `waits for code ${code} (${arg}, ${arg2}); roles: ${roleNames.join(', ')}`;
+}
+
+import { EXIT_REASON_NAMES } from '../host/constants.ts';
+function exitName(reason: number): string {
+  return EXIT_REASON_NAMES[reason] ?? `exit ${reason}`;
+}
+
+/**
+ * A role written as a generator: each `yield undefined` ends a step that made progress,
+ * each `yield wait` ends a step that could not act (the generator re-checks when it is
+ * resumed). Host-side procedures (ioctls with their TLB flush) compose with `yield*`.
+ */
+export type Steps<T = void> = Generator<Wait | undefined, T, void>;
+
+export class GeneratorRole implements Role {
+  wait: Wait = NOT_WAITING;
+  progress = 0;
+  private done = false;
+
+  constructor(readonly name: string, private readonly body: Steps) {}
+
+  get finished(): boolean { return this.done; }
+
+  step(): Step {
+    if (this.done) return Step.DONE;
+    const r = this.body.next();
+    if (r.done) { this.done = true; this.wait = NOT_WAITING; return Step.DONE; }
+    if (r.value === undefined) { this.progress++; return Step.PROGRESS; }
+    this.wait = r.value;
+    return Step.BLOCKED;
+  }
+}

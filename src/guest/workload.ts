@@ -1,0 +1,151 @@
+import { UserError } from '../util/errors.ts';
+import { Prng } from '../util/prng.ts';
+
+/** Guest operation kinds. */
+export const enum OpKind {
+  /** Store a 64-bit value into the page's first 8 bytes. */
+  WRITE64 = 1,
+  /** Store one byte (`value`) at byte 0. */
+  STORE8 = 2,
+  /** Increment byte 0 (migration-test's sweep). */
+  INC8 = 3,
+  /** Read the page (no dirty logging involved). */
+  READ = 4,
+}
+
+/** One guest operation, filled in place by a workload (no allocation per operation). */
+export interface GuestOp {
+  kind: OpKind;
+  gfn: number;
+  value: number;
+}
+
+/** What a guest can see: the dirty_log_test `iteration` global. */
+export interface GuestContext {
+  iteration: number;
+}
+
+/** A guest memory range a workload may touch. */
+export interface GuestRange {
+  baseGfn: number;
+  pages: number;
+}
+
+export interface Workload {
+  next(op: GuestOp, ctx: GuestContext): void;
+}
+
+export const WORKLOAD_NAMES = ['random', 'sweep', 'hotset', 'perf'] as const;
+export type WorkloadName = (typeof WORKLOAD_NAMES)[number];
+
+export interface WorkloadOptions {
+  name: WorkloadName;
+  /** hotset: fraction of pages that are hot. */
+  hotFraction: number;
+  /** hotset: share of writes that go to the hot pages. */
+  hotShare: number;
+  /** perf: percentage of operations that write. */
+  writePercent: number;
+  /** perf: visit pages in random order instead of sequentially. */
+  randomOrder: boolean;
+}
+
+export const DEFAULT_WORKLOAD: WorkloadOptions = {
+  name: 'random', hotFraction: 0.1, hotShare: 0.9, writePercent: 100, randomOrder: false,
+};
+
+export function parseWorkloadName(text: string, where: string): WorkloadName {
+  if ((WORKLOAD_NAMES as readonly string[]).includes(text)) return text as WorkloadName;
+  throw new UserError(`${where}: unknown workload '${text}' (one of: ${WORKLOAD_NAMES.join(', ')})`);
+}
+
+/** Flattens ranges into one page numbering so workloads can pick pages uniformly. */
+class PageSpace {
+  private readonly starts: number[] = [];
+  readonly pages: number;
+  constructor(private readonly ranges: GuestRange[]) {
+    let n = 0;
+    for (const r of ranges) { this.starts.push(n); n += r.pages; }
+    this.pages = n;
+  }
+  gfn(i: number): number {
+    if (this.ranges.length === 1) return this.ranges[0]!.baseGfn + i;
+    let k = this.ranges.length - 1;
+    while (this.starts[k]! > i) k--;
+    return this.ranges[k]!.baseGfn + (i - this.starts[k]!);
+  }
+}
+
+/** dirty_log_test's guest: the current iteration into the first 8 bytes of random pages. */
+export class RandomWorkload implements Workload {
+  constructor(private readonly space: PageSpace, private readonly prng: Prng) {}
+  next(op: GuestOp, ctx: GuestContext): void {
+    op.kind = OpKind.WRITE64;
+    op.gfn = this.space.gfn(this.prng.below(this.space.pages));
+    op.value = ctx.iteration;
+  }
+}
+
+/**
+ * migration-test's guest: zero byte 0 of every page, then increment those bytes in
+ * address order forever. With several vCPUs each sweeps its own slice.
+ */
+export class SweepWorkload implements Workload {
+  private i = 0;
+  private zeroed = false;
+  constructor(private readonly space: PageSpace, private readonly first: number, private readonly count: number) {}
+  next(op: GuestOp): void {
+    op.gfn = this.space.gfn(this.first + this.i);
+    op.kind = this.zeroed ? OpKind.INC8 : OpKind.STORE8;
+    op.value = 0;
+    if (++this.i === this.count) { this.i = 0; this.zeroed = true; }
+  }
+}
+
+/** A hot set: `hotFraction` of the pages takes `hotShare` of the writes. */
+export class HotsetWorkload implements Workload {
+  private readonly hotPages: number;
+  constructor(private readonly space: PageSpace, private readonly prng: Prng, private readonly o: WorkloadOptions) {
+    this.hotPages = Math.max(1, Math.floor(space.pages * o.hotFraction));
+  }
+  next(op: GuestOp, ctx: GuestContext): void {
+    const hot = this.prng.float() < this.o.hotShare;
+    const i = hot ? this.prng.below(this.hotPages) : this.prng.below(this.space.pages);
+    op.kind = OpKind.WRITE64;
+    op.gfn = this.space.gfn(i);
+    op.value = ctx.iteration;
+  }
+}
+
+/**
+ * dirty_log_perf_test (memstress): each vCPU sweeps its own slice, writing a constant
+ * into each page, or reading it, by a write percentage; optionally in random order.
+ */
+export class PerfWorkload implements Workload {
+  private i = 0;
+  constructor(
+    private readonly space: PageSpace, private readonly prng: Prng,
+    private readonly first: number, private readonly count: number, private readonly o: WorkloadOptions,
+  ) {}
+  next(op: GuestOp): void {
+    const i = this.o.randomOrder ? this.prng.below(this.count) : this.i;
+    if (++this.i === this.count) this.i = 0;
+    op.gfn = this.space.gfn(this.first + i);
+    op.kind = this.prng.below(100) < this.o.writePercent ? OpKind.WRITE64 : OpKind.READ;
+    op.value = 0x01234567; // memstress writes a constant
+  }
+}
+
+export function createWorkload(o: WorkloadOptions, ranges: GuestRange[], vcpu: number, vcpus: number, seed: number): Workload {
+  const space = new PageSpace(ranges);
+  const prng = new Prng(Prng.derive(seed, vcpu));
+  const slice = Math.floor(space.pages / vcpus);
+  const first = vcpu * slice;
+  const count = vcpu === vcpus - 1 ? space.pages - first : slice;
+  switch (o.name) {
+    case 'random': return new RandomWorkload(space, prng);
+    case 'sweep': return new SweepWorkload(space, first, Math.max(1, count));
+    case 'hotset': return new HotsetWorkload(space, prng, o);
+    case 'perf': return new PerfWorkload(space, prng, first, Math.max(1, count), o);
+  }
+}

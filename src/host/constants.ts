@@ -1,0 +1,49 @@
+// Names and numbers as in Linux's include/uapi/linux/kvm.h and errno.h (REFERENCE.md 1-3).
+
+export const PAGE_SHIFT = 12;
+export const PAGE_SIZE = 1 << PAGE_SHIFT;
+
+// Memslot flags.
+export const KVM_MEM_LOG_DIRTY_PAGES = 1 << 0;
+export const KVM_MEM_READONLY = 1 << 1;
+export const KVM_MEM_GUEST_MEMFD = 1 << 2;
+
+// Capabilities.
+export const KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 = 168;
+export const KVM_CAP_DIRTY_LOG_RING = 192;
+export const KVM_CAP_DIRTY_LOG_RING_ACQ_REL = 223;
+export const KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP = 225;
+export const KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE = 1 << 0;
+export const KVM_DIRTY_LOG_INITIALLY_SET = 1 << 1;
+
+// struct kvm_dirty_gfn: u32 flags; u32 slot; u64 offset. 16 bytes.
+export const KVM_DIRTY_GFN_F_DIRTY = 1 << 0;
+export const KVM_DIRTY_GFN_F_RESET = 1 << 1;
+export const KVM_DIRTY_GFN_SIZE = 16;
+/** Reserved entries without PML (KVM_DIRTY_RING_RSVD_ENTRIES); PML adds 512. */
+export const KVM_DIRTY_RING_RSVD_ENTRIES = 64;
+export const KVM_DIRTY_RING_MIN_ENTRIES = PAGE_SIZE / KVM_DIRTY_GFN_SIZE; // 256
+export const KVM_DIRTY_RING_MAX_ENTRIES = 65536;
+/** CLEAR_DIRTY_LOG ranges are aligned to one u64 of the bitmap. */
+export const KVM_CLEAR_LOG_ALIGN = 64;
+
+// Exit reasons (struct kvm_run::exit_reason).
+export const KVM_EXIT_UNKNOWN = 0;
+export const KVM_EXIT_MMIO = 6;
+export const KVM_EXIT_INTR = 10;
+export const KVM_EXIT_DIRTY_RING_FULL = 31;
+export const KVM_EXIT_MEMORY_FAULT = 39;
+
+export const EXIT_REASON_NAMES: Record<number, string> = {
+  [KVM_EXIT_UNKNOWN]: 'KVM_EXIT_UNKNOWN',
+  [KVM_EXIT_MMIO]: 'KVM_EXIT_MMIO',
+  [KVM_EXIT_INTR]: 'KVM_EXIT_INTR',
+  [KVM_EXIT_DIRTY_RING_FULL]: 'KVM_EXIT_DIRTY_RING_FULL',
+  [KVM_EXIT_MEMORY_FAULT]: 'KVM_EXIT_MEMORY_FAULT',
+};
+
+// errno values the ioctls return (negated, as the kernel does).
+export const ENOENT = 2;
+export const ENXIO = 6;
+export const EINVAL = 22;
+export const ENOSPC = 28;

@@ -1,0 +1,182 @@
+import {
+  KVM_DIRTY_GFN_F_DIRTY, KVM_DIRTY_GFN_F_RESET, KVM_DIRTY_GFN_SIZE, KVM_DIRTY_RING_MAX_ENTRIES,
+  KVM_DIRTY_RING_MIN_ENTRIES, KVM_DIRTY_RING_RSVD_ENTRIES,
+} from './constants.ts';
+import { RING_INDEX_WORDS, RingIndex, type VmLayout } from './layout.ts';
+
+/** Words of one struct kvm_dirty_gfn in the Int32 view: flags, slot, offset (lo, hi). */
+const F = 0, SLOT = 1, OFF_LO = 2, OFF_HI = 3;
+const ENTRY_WORDS = KVM_DIRTY_GFN_SIZE / 4;
+/** Counter of pushes into a hard-full ring (KVM's WARN_ON_ONCE), on the dirty-index line. */
+const HARD_FULL = RingIndex.DIRTY + 1;
+
+/** The ring size rules of KVM_CAP_DIRTY_LOG_RING; returns an error text or null. */
+export function checkRingSize(entries: number): string | null {
+  if (!Number.isInteger(entries) || entries <= 0 || (entries & (entries - 1)) !== 0) {
+    return `${entries} entries is not a power of two`;
+  }
+  if (entries < KVM_DIRTY_RING_MIN_ENTRIES) return `${entries} entries is less than one page (${KVM_DIRTY_RING_MIN_ENTRIES} entries)`;
+  if (entries > KVM_DIRTY_RING_MAX_ENTRIES) return `${entries} entries is more than ${KVM_DIRTY_RING_MAX_ENTRIES}`;
+  if (entries < KVM_DIRTY_RING_RSVD_ENTRIES) return `${entries} entries is less than the ${KVM_DIRTY_RING_RSVD_ENTRIES} reserved entries`;
+  return null;
+}
+
+/**
+ * One vCPU's dirty ring (virt/kvm/dirty_ring.c): an array of struct kvm_dirty_gfn in
+ * shared memory, plus the kernel's dirty_index (written only by the vCPU) and
+ * reset_index (written only by KVM_RESET_DIRTY_RINGS).
+ */
+export class DirtyRing {
+  readonly entries: number;
+  readonly mask: number;
+  readonly softLimit: number;
+  readonly gfns: Int32Array;
+  private readonly idx: Int32Array;
+  private readonly base: number;
+
+  constructor(layout: VmLayout, readonly vcpu: number) {
+    const rings = layout.rings;
+    if (!rings) throw new Error('the VM has no dirty rings');
+    this.entries = rings.entries;
+    this.mask = rings.entries - 1;
+    this.softLimit = rings.entries - KVM_DIRTY_RING_RSVD_ENTRIES;
+    this.gfns = new Int32Array(rings.gfns[vcpu]!);
+    this.idx = new Int32Array(rings.indexes);
+    this.base = vcpu * RING_INDEX_WORDS;
+  }
+
+  get dirtyIndex(): number { return Atomics.load(this.idx, this.base + RingIndex.DIRTY); }
+  get resetIndex(): number { return Atomics.load(this.idx, this.base + RingIndex.RESET); }
+  get hardFullWarnings(): number { return Atomics.load(this.idx, this.base + HARD_FULL); }
+
+  used(): number {
+    return (this.dirtyIndex - this.resetIndex) | 0;
+  }
+
+  /** kvm_dirty_ring_soft_full */
+  softFull(): boolean {
+    return this.used() >= this.softLimit;
+  }
+
+  /**
+   * kvm_dirty_ring_push, on the vCPU's thread: fill slot and offset, then publish the
+   * entry by storing flags = DIRTY (the write barrier), then bump dirty_index.
+   * Returns kvm_dirty_ring_soft_full() after the push.
+   */
+  push(slotField: number, offset: number): boolean {
+    const di = Atomics.load(this.idx, this.base + RingIndex.DIRTY);
+    const e = (di & this.mask) * ENTRY_WORDS;
+    if (Atomics.load(this.gfns, e + F) !== 0) Atomics.add(this.idx, this.base + HARD_FULL, 1); // "It should never get full"
+    this.gfns[e + SLOT] = slotField;
+    this.gfns[e + OFF_LO] = offset;
+    this.gfns[e + OFF_HI] = 0;
+    Atomics.store(this.gfns, e + F, KVM_DIRTY_GFN_F_DIRTY);
+    Atomics.store(this.idx, this.base + RingIndex.DIRTY, (di + 1) | 0);
+    return ((di + 1 - Atomics.load(this.idx, this.base + RingIndex.RESET)) | 0) >= this.softLimit;
+  }
+
+  /** Entry accessors for userspace (harvest) and for tests. */
+  flagsAt(index: number): number { return Atomics.load(this.gfns, (index & this.mask) * ENTRY_WORDS + F); }
+  slotAt(index: number): number { return this.gfns[(index & this.mask) * ENTRY_WORDS + SLOT]! >>> 0; }
+  offsetAt(index: number): number {
+    const e = (index & this.mask) * ENTRY_WORDS;
+    return (this.gfns[e + OFF_LO]! >>> 0) + (this.gfns[e + OFF_HI]! >>> 0) * 4294967296;
+  }
+  /** Userspace marks an entry collected: flags = RESET (store-release). */
+  markHarvested(index: number): void { Atomics.store(this.gfns, (index & this.mask) * ENTRY_WORDS + F, KVM_DIRTY_GFN_F_RESET); }
+  /** Userspace can write anything into the shared entries; tests use this to forge entries. */
+  forge(index: number, flags: number, slotField: number, offset: number): void {
+    const e = (index & this.mask) * ENTRY_WORDS;
+    this.gfns[e + SLOT] = slotField;
+    this.gfns[e + OFF_LO] = offset;
+    this.gfns[e + OFF_HI] = 0;
+    Atomics.store(this.gfns, e + F, flags);
+  }
+
+  /**
+   * kvm_dirty_ring_reset: from reset_index, while the entry is harvested, invalidate it
+   * and re-protect its page; runs of entries in one slot within a 64-page window are
+   * coalesced into one mask per re-protect. Like KVM it does not look at dirty_index (a
+   * vCPU publishes flags before it bumps the index, so userspace may already have
+   * harvested an entry the index does not cover yet); it stops at the first entry not
+   * harvested, and after `entries` entries, so userspace re-setting RESET flags cannot
+   * keep it spinning. `protect(slotField, offset, lo, hi)` re-protects a 64-bit mask.
+   * Returns the number of entries reset; `protectCalls` counts the coalesced re-protects.
+   */
+  reset(protect: (slotField: number, offset: number, lo: number, hi: number) => void): number {
+    let ri = Atomics.load(this.idx, this.base + RingIndex.RESET);
+    let count = 0;
+    let curSlot = 0, curOffset = 0, lo = 0, hi = 0;
+    let calls = 0;
+    while (count < this.entries) {
+      const e = (ri & this.mask) * ENTRY_WORDS;
+      if ((Atomics.load(this.gfns, e + F) & KVM_DIRTY_GFN_F_RESET) === 0) break;
+      const nextSlot = this.gfns[e + SLOT]! >>> 0;
+      const nextOffset = (this.gfns[e + OFF_LO]! >>> 0) + (this.gfns[e + OFF_HI]! >>> 0) * 4294967296;
+      Atomics.store(this.gfns, e + F, 0);
+      ri = (ri + 1) | 0;
+      Atomics.store(this.idx, this.base + RingIndex.RESET, ri);
+      count++;
+      if ((lo | hi) !== 0 && nextSlot === curSlot) {
+        const delta = nextOffset - curOffset;
+        if (delta >= 0 && delta < 64) {
+          if (delta < 32) lo |= 1 << delta; else hi |= 1 << (delta - 32);
+          continue;
+        }
+        // Backwards visit: shift the mask up if no set bit falls off the top.
+        if (delta > -64 && delta < 0 && fls64(lo, hi) - delta <= 63) {
+          const k = -delta;
+          if (k >= 32) { hi = lo << (k - 32); lo = 0; } else { hi = (hi << k) | (lo >>> (32 - k)); lo = lo << k; }
+          lo |= 1;
+          curOffset = nextOffset;
+          continue;
+        }
+      }
+      if ((lo | hi) !== 0) { protect(curSlot, curOffset, lo >>> 0, hi >>> 0); calls++; }
+      curSlot = nextSlot; curOffset = nextOffset; lo = 1; hi = 0;
+    }
+    if ((lo | hi) !== 0) { protect(curSlot, curOffset, lo >>> 0, hi >>> 0); calls++; }
+    this.protectCalls = calls;
+    return count;
+  }
+
+  /** Re-protect calls made by the last reset (after coalescing). */
+  protectCalls = 0;
+}
+
+/** Index of the highest set bit of a 64-bit mask given as two halves. */
+function fls64(lo: number, hi: number): number {
+  return hi !== 0 ? 63 - Math.clz32(hi) : 31 - Math.clz32(lo);
+}
+
+/**
+ * Userspace's side of the rings: one fetch index per ring, as QEMU's
+ * kvm_dirty_ring_reap_one and the selftest's dirty_ring_collect_one keep.
+ */
+export class DirtyRingHarvester {
+  readonly fetch: number[];
+
+  constructor(rings: number) {
+    this.fetch = new Array<number>(rings).fill(0);
+  }
+
+  /**
+   * Collects up to `max` entries of `ring` in order: while flags == DIRTY (load-acquire),
+   * read slot and offset, hand them to `onEntry`, set flags = RESET (store-release).
+   * `skipEvery` > 0 injects harvest-skips-entry: every skipEvery-th entry is marked
+   * collected without being recorded.
+   */
+  harvest(ring: DirtyRing, max: number, onEntry: (slotField: number, offset: number) => void, skipEvery = 0): number {
+    let fi = this.fetch[ring.vcpu]!;
+    let n = 0;
+    while (n < max && ring.flagsAt(fi) === KVM_DIRTY_GFN_F_DIRTY) {
+      if (skipEvery === 0 || (fi + 1) % skipEvery !== 0) onEntry(ring.slotAt(fi), ring.offsetAt(fi));
+      ring.markHarvested(fi);
+      fi = (fi + 1) | 0;
+      n++;
+    }
+    this.fetch[ring.vcpu] = fi;
+    return n;
+  }
+}
+

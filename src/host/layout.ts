@@ -1,0 +1,191 @@
+import {
+  KVM_DIRTY_GFN_SIZE, KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, PAGE_SIZE,
+} from './constants.ts';
+
+/**
+ * One layout descriptor for all shared state (ARCHITECTURE.md, principle 1). It holds
+ * the SharedArrayBuffers themselves plus sizes; every worker receives the same
+ * descriptor in its workerData and builds its typed-array views from it.
+ */
+
+/** Words are Int32; each independently written group sits on its own 64-byte line. */
+export const LINE_WORDS = 16;
+/** Guest RAM is split into regions of at most 2 GiB so guests over 4 GiB work. */
+export const REGION_PAGES_SHIFT = 19;
+export const REGION_PAGES = 1 << REGION_PAGES_SHIFT; // 2 GiB / 4 KiB
+
+export interface MemslotConfig {
+  /** Slot id, bits 0-15 of the kvm_userspace_memory_region slot field. */
+  id: number;
+  /** Address-space id, bits 16-31. */
+  asId: number;
+  baseGfn: number;
+  pages: number;
+  /** KVM_MEM_* flags. KVM_MEM_LOG_DIRTY_PAGES is set when logging starts. */
+  flags: number;
+}
+
+export type DirtyTracking =
+  | { kind: 'bitmap'; manualProtect: boolean; initiallySet: boolean }
+  | { kind: 'ring'; entries: number; withBitmap: boolean };
+
+export interface VmConfig {
+  slots: MemslotConfig[];
+  vcpus: number;
+  tracking: DirtyTracking;
+}
+
+export interface MemslotLayout extends MemslotConfig {
+  /** Index of this slot's first page in the VM-wide page numbering (TLB, oracles). */
+  firstPage: number;
+  regions: SharedArrayBuffer[];
+  /** One byte per page: SPTE permission bits (spte.ts). */
+  spte: SharedArrayBuffer;
+  /** One bit per page, 32-bit words: KVM's dirty bitmap (or the ring's backup bitmap). */
+  dirtyBitmap: SharedArrayBuffer;
+}
+
+export interface VmLayout {
+  config: VmConfig;
+  slots: MemslotLayout[];
+  totalPages: number;
+  /** Global words (flush generation, guest globals, counters): see GlobalWord. */
+  global: SharedArrayBuffer;
+  /** Two lines per vCPU: one it writes, one the VMM writes: see VcpuWord / VcpuRequest. */
+  vcpus: SharedArrayBuffer;
+  /** Current KVM_MEM_* flags of each slot, one word per slot (logging toggles them). */
+  slotFlags: SharedArrayBuffer;
+  /** Per-vCPU rings of struct kvm_dirty_gfn, plus their kernel indexes. */
+  rings: { entries: number; gfns: SharedArrayBuffer[]; indexes: SharedArrayBuffer } | null;
+}
+
+/** Words of `global`, each on its own line. */
+export const GlobalWord = {
+  /** TLB flush generation, bumped by every remote flush (tlb-shootdown.ts). */
+  FLUSH_GEN: 0 * LINE_WORDS,
+  /** The guest-visible `iteration` global of dirty_log_test. */
+  ITERATION: 1 * LINE_WORDS,
+  /** Host writes that mark_page_dirty_in_slot could not log (KVM's WARN). */
+  LOST_HOST_WRITES: 2 * LINE_WORDS,
+  /** Host writes done through writeGuest. */
+  HOST_WRITES: 2 * LINE_WORDS + 1,
+  /** Remote TLB flushes performed. */
+  FLUSHES: 3 * LINE_WORDS,
+  /** Non-zero: host-side writers (device emulation) must pause. Written by the VMM. */
+  HOST_PAUSE: 4 * LINE_WORDS,
+  /** HostActorState of the host writer. Written by the host writer. */
+  HOST_STATE: 5 * LINE_WORDS,
+} as const;
+const GLOBAL_WORDS = 6 * LINE_WORDS;
+
+export const enum HostActorState { RUNNING = 0, PAUSED = 1 }
+
+/** Words a vCPU writes (first line of its block). */
+export const VcpuWord = {
+  /** Flush generation this vCPU has acknowledged. */
+  FLUSH_ACK: 0,
+  /** IN_GUEST_MODE or OUTSIDE_GUEST_MODE (kvm_vcpu::mode). */
+  MODE: 1,
+  /** VcpuRunState. */
+  RUN_STATE: 2,
+  /** kvm_run::exit_reason of the last exit. */
+  EXIT_REASON: 3,
+  /** Guest operations retired. */
+  OPS: 4,
+  /** Faults taken (write-protect faults that logged a page). */
+  FAULTS: 5,
+  /** Exits taken. */
+  EXITS: 6,
+  /** Ring-full exits taken. */
+  RING_FULL_EXITS: 7,
+  /** VM-wide page of the write interrupted by the last exit, or -1 (it has not retired). */
+  PENDING_PAGE: 8,
+  /** The iteration that interrupted write carries (its value was loaded before the exit). */
+  PENDING_ITERATION: 9,
+  /** GPA of the last MMIO exit (an access outside every slot, or a write to a read-only slot). */
+  MMIO_GPA_LO: 10,
+  MMIO_GPA_HI: 11,
+  /** The RUN_SEQ value current when the vCPU last exited: it stays parked until RUN_SEQ differs. */
+  EXIT_RUN_SEQ: 12,
+} as const;
+
+/** Words the VMM writes (second line of the block). */
+export const VcpuRequest = {
+  /** Non-zero: stop at the next operation boundary (the selftest's `vcpu_stop`). */
+  STOP: LINE_WORDS + 0,
+  /** Bumped by the VMM to re-enter KVM_RUN after an exit. */
+  RUN_SEQ: LINE_WORDS + 1,
+  /** Guest throttle (auto-converge), percent. */
+  THROTTLE: LINE_WORDS + 2,
+} as const;
+export const VCPU_BLOCK_WORDS = 2 * LINE_WORDS;
+
+export const OUTSIDE_GUEST_MODE = 0;
+export const IN_GUEST_MODE = 1;
+
+export const enum VcpuRunState {
+  CREATED = 0,
+  RUNNING = 1,
+  /** Stopped at an operation boundary on request. */
+  STOPPED = 2,
+  /** Exited to the VMM (exit reason in EXIT_REASON), waiting for RUN_SEQ. */
+  EXITED = 3,
+  DONE = 4,
+}
+
+/** Ring index words: dirty_index (written by the vCPU) and reset_index (by the resetter). */
+export const RingIndex = { DIRTY: 0, RESET: LINE_WORDS } as const;
+export const RING_INDEX_WORDS = 2 * LINE_WORDS;
+
+export function slotFieldOf(slot: { id: number; asId: number }): number {
+  return ((slot.asId << 16) | slot.id) >>> 0;
+}
+
+export function createVmLayout(config: VmConfig): VmLayout {
+  let firstPage = 0;
+  const slots = config.slots.map((s): MemslotLayout => {
+    const regions: SharedArrayBuffer[] = [];
+    for (let p = 0; p < s.pages; p += REGION_PAGES) {
+      regions.push(new SharedArrayBuffer(Math.min(REGION_PAGES, s.pages - p) * PAGE_SIZE));
+    }
+    const layout: MemslotLayout = {
+      ...s,
+      firstPage,
+      regions,
+      spte: new SharedArrayBuffer(s.pages),
+      dirtyBitmap: new SharedArrayBuffer(Math.ceil(s.pages / 32) * 4),
+    };
+    // Keep every slot's first page 64-aligned in the VM-wide numbering, so userspace
+    // bitmaps can take a slot's GET_DIRTY_LOG words as they are.
+    firstPage += Math.ceil(s.pages / 64) * 64;
+    return layout;
+  });
+  const t = config.tracking;
+  const rings = t.kind === 'ring'
+    ? {
+      entries: t.entries,
+      gfns: Array.from({ length: config.vcpus }, () => new SharedArrayBuffer(t.entries * KVM_DIRTY_GFN_SIZE)),
+      indexes: new SharedArrayBuffer(config.vcpus * RING_INDEX_WORDS * 4),
+    }
+    : null;
+  const slotFlags = new SharedArrayBuffer(Math.max(1, slots.length) * 4);
+  const flagsView = new Int32Array(slotFlags);
+  slots.forEach((s, i) => { flagsView[i] = s.flags; });
+  return {
+    config,
+    slots,
+    totalPages: firstPage,
+    slotFlags,
+    global: new SharedArrayBuffer(GLOBAL_WORDS * 4),
+    vcpus: new SharedArrayBuffer(Math.max(1, config.vcpus) * VCPU_BLOCK_WORDS * 4),
+    rings,
+  };
+}
+
+export function slotLogsDirtyPages(flags: number): boolean {
+  return (flags & KVM_MEM_LOG_DIRTY_PAGES) !== 0;
+}
+
+export function slotIsReadonly(flags: number): boolean {
+  return (flags & KVM_MEM_READONLY) !== 0;
+}

@@ -1,0 +1,122 @@
+import { PAGE_SIZE } from './constants.ts';
+import { REGION_PAGES, REGION_PAGES_SHIFT, type MemslotLayout, slotFieldOf } from './layout.ts';
+
+/** Byte offsets inside a page that vmemlab itself uses (the stamp, for the oracles). */
+export const STAMP_WRITER_OFFSET = 8;
+export const STAMP_SEQ_OFFSET = 12;
+export const STAMP_ITERATION_OFFSET = 16;
+/** Writer ids in stamps: vCPU i stamps i + 1; host writers stamp HOST_WRITER_BASE + n. */
+export const HOST_WRITER_BASE = 0x10000;
+
+export interface PageStamp { writer: number; seq: number; iteration: number }
+
+const REGION_MASK = REGION_PAGES - 1;
+const PAGE_WORDS = PAGE_SIZE / 4;
+
+/**
+ * A memslot: guest RAM backing one range of guest frames, as in KVM's kvm_memory_slot.
+ * RAM lives in SharedArrayBuffer regions of at most 2 GiB; `words(page)` picks the view.
+ */
+export class Memslot {
+  readonly id: number;
+  readonly asId: number;
+  /** as_id << 16 | id: the value KVM writes into kvm_dirty_gfn.slot. */
+  readonly slotField: number;
+  readonly index: number;
+  readonly baseGfn: number;
+  readonly pages: number;
+  readonly endGfn: number;
+  readonly firstPage: number;
+  readonly u32: Uint32Array[];
+  readonly u8: Uint8Array[];
+  readonly spte: Uint8Array;
+  readonly dirtyBitmap: Int32Array;
+
+  constructor(layout: MemslotLayout, index: number) {
+    this.id = layout.id;
+    this.asId = layout.asId;
+    this.slotField = slotFieldOf(layout);
+    this.index = index;
+    this.baseGfn = layout.baseGfn;
+    this.pages = layout.pages;
+    this.endGfn = layout.baseGfn + layout.pages;
+    this.firstPage = layout.firstPage;
+    this.u32 = layout.regions.map((r) => new Uint32Array(r));
+    this.u8 = layout.regions.map((r) => new Uint8Array(r));
+    this.spte = new Uint8Array(layout.spte);
+    this.dirtyBitmap = new Int32Array(layout.dirtyBitmap);
+  }
+
+  /** The region's 32-bit view holding `page`; index it with `wordIndex(page)`. */
+  words(page: number): Uint32Array {
+    return this.u32[page >>> REGION_PAGES_SHIFT]!;
+  }
+
+  bytes(page: number): Uint8Array {
+    return this.u8[page >>> REGION_PAGES_SHIFT]!;
+  }
+
+  /** Index of the page's first 32-bit word within its region. */
+  wordIndex(page: number): number {
+    return (page & REGION_MASK) * PAGE_WORDS;
+  }
+
+  /** Byte offset of the page within its region. */
+  byteOffset(page: number): number {
+    return (page & REGION_MASK) * PAGE_SIZE;
+  }
+
+  /** The first 8 bytes of a page as a number (dirty_log_test's value). */
+  readU64(page: number): number {
+    const w = this.words(page);
+    const i = this.wordIndex(page);
+    return w[i]! + w[i + 1]! * 4294967296;
+  }
+
+  writeU64(page: number, value: number): void {
+    const w = this.words(page);
+    const i = this.wordIndex(page);
+    w[i] = value >>> 0;
+    w[i + 1] = (value / 4294967296) >>> 0;
+  }
+
+  /**
+   * Writes the oracle stamp next to the workload's bytes (which use bytes 0-7): who
+   * wrote (writer id), that writer's sequence number, and the guest iteration.
+   */
+  stamp(page: number, writer: number, seq: number, iteration: number): void {
+    const w = this.words(page);
+    const i = this.wordIndex(page);
+    w[i + 2] = writer;
+    w[i + 3] = seq;
+    w[i + 4] = iteration;
+  }
+
+  stampOf(page: number): PageStamp {
+    const w = this.words(page);
+    const i = this.wordIndex(page);
+    return { writer: w[i + 2]!, seq: w[i + 3]!, iteration: w[i + 4]! };
+  }
+
+  /** The iteration in the page's stamp: what the dirty_log_test oracle checks. */
+  stampIteration(page: number): number {
+    return this.words(page)[this.wordIndex(page) + 4]!;
+  }
+
+  /** A copy of one page's bytes (what a migration would send). */
+  copyPage(page: number, into: Uint8Array = new Uint8Array(PAGE_SIZE), at = 0): Uint8Array {
+    const off = this.byteOffset(page);
+    into.set(this.bytes(page).subarray(off, off + PAGE_SIZE), at);
+    return into;
+  }
+
+  containsGfn(gfn: number): boolean {
+    return gfn >= this.baseGfn && gfn < this.endGfn;
+  }
+}
+
+export function describeWriter(writer: number): string {
+  if (writer === 0) return 'nobody';
+  if (writer >= HOST_WRITER_BASE) return `host writer ${writer - HOST_WRITER_BASE}`;
+  return `vcpu${writer - 1}`;
+}

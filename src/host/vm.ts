@@ -1,0 +1,259 @@
+import {
+  EINVAL, ENOENT, ENXIO, KVM_CLEAR_LOG_ALIGN, KVM_MEM_LOG_DIRTY_PAGES,
+} from './constants.ts';
+import { SharedDirtyBitmap, popcount32 } from './dirty-bitmap.ts';
+import { DirtyRing } from './dirty-ring.ts';
+import { GuestMemory } from './guest-memory.ts';
+import {
+  type DirtyTracking, GlobalWord, VCPU_BLOCK_WORDS, type VmLayout, slotIsReadonly, slotLogsDirtyPages,
+} from './layout.ts';
+import type { Memslot, PageStamp } from './memslot.ts';
+import { makeSpteWritable, mapSlotWritable, writeProtectMask32, writeProtectSlot } from './spte.ts';
+import { TlbShootdown } from './tlb-shootdown.ts';
+import { KvmError } from '../util/errors.ts';
+import { type Steps, WaitCode, waitFor } from '../drivers/role.ts';
+
+/** Kernel bugs a Vm can be built with (see src/bugs/catalog.ts). */
+export interface KernelBugs {
+  skipTlbShootdown?: boolean;
+  ringFullIgnored?: boolean;
+  clearWithoutProtect?: boolean;
+  untrackedHostWrite?: boolean;
+}
+
+/**
+ * The VM as KVM holds it, usable from any thread that has the layout: memslots, SPTEs,
+ * dirty bitmaps and rings, and the ioctls that act on them. Methods named after KVM's
+ * ioctls are the ioctls; the ones that end in a remote TLB flush are step generators,
+ * because completing a flush needs the vCPUs to step.
+ */
+export class Vm {
+  readonly memory: GuestMemory;
+  readonly shootdown: TlbShootdown;
+  readonly global: Int32Array;
+  readonly vcpuWords: Int32Array;
+  readonly slotFlags: Int32Array;
+  readonly bitmaps: SharedDirtyBitmap[];
+  readonly rings: DirtyRing[] | null;
+  readonly tracking: DirtyTracking;
+
+  constructor(readonly layout: VmLayout, readonly bugs: KernelBugs = {}) {
+    this.memory = new GuestMemory(layout);
+    this.shootdown = new TlbShootdown(layout);
+    this.global = new Int32Array(layout.global);
+    this.vcpuWords = new Int32Array(layout.vcpus);
+    this.slotFlags = new Int32Array(layout.slotFlags);
+    this.bitmaps = this.memory.slots.map((s) => new SharedDirtyBitmap(s.dirtyBitmap, s.pages));
+    this.tracking = layout.config.tracking;
+    this.rings = layout.rings
+      ? Array.from({ length: layout.config.vcpus }, (_, i) => new DirtyRing(layout, i))
+      : null;
+  }
+
+  /** Maps every slot: pages start present and writable unless the slot is read-only. */
+  populate(): void {
+    for (const s of this.memory.slots) if (!slotIsReadonly(this.flags(s))) mapSlotWritable(s);
+  }
+
+  flags(slot: Memslot): number {
+    return Atomics.load(this.slotFlags, slot.index);
+  }
+
+  vcpuBase(vcpu: number): number {
+    return vcpu * VCPU_BLOCK_WORDS;
+  }
+
+  get manualProtect(): boolean {
+    return this.tracking.kind === 'bitmap' && this.tracking.manualProtect;
+  }
+
+  get hasBackupBitmap(): boolean {
+    return this.tracking.kind === 'ring' && this.tracking.withBitmap;
+  }
+
+  /**
+   * KVM_SET_USER_MEMORY_REGION adding KVM_MEM_LOG_DIRTY_PAGES. Write-protects the slot
+   * unless manual protect with INITIALLY_SET is on, in which case the bitmap starts
+   * all-ones and protection comes with the first CLEAR. Then flushes remote TLBs.
+   */
+  *enableDirtyLogging(slot: Memslot): Steps {
+    Atomics.or(this.slotFlags, slot.index, KVM_MEM_LOG_DIRTY_PAGES);
+    const t = this.tracking;
+    if (t.kind === 'bitmap' && t.manualProtect && t.initiallySet) {
+      this.bitmaps[slot.index]!.setAll();
+      return;
+    }
+    writeProtectSlot(slot);
+    yield undefined;
+    yield* this.flushRemoteTlbs();
+  }
+
+  disableDirtyLogging(slot: Memslot): void {
+    Atomics.and(this.slotFlags, slot.index, ~KVM_MEM_LOG_DIRTY_PAGES);
+    mapSlotWritable(slot);
+  }
+
+  /**
+   * mark_page_dirty_in_slot. With the ring: the running vCPU's ring in vCPU context,
+   * else the backup bitmap if DIRTY_LOG_RING_WITH_BITMAP is on, else lost (KVM WARNs).
+   * Returns true when the push left the vCPU's ring soft-full.
+   */
+  markPageDirtyInSlot(slot: Memslot, page: number, vcpu: number): boolean {
+    if (!slotLogsDirtyPages(this.flags(slot))) return false;
+    if (this.rings !== null) {
+      if (vcpu >= 0) {
+        const ring = this.rings[vcpu]!;
+        const softFull = ring.push(slot.slotField, page);
+        return softFull && !this.bugs.ringFullIgnored;
+      }
+      if (this.hasBackupBitmap) this.bitmaps[slot.index]!.mark(page);
+      else Atomics.add(this.global, GlobalWord.LOST_HOST_WRITES, 1);
+      return false;
+    }
+    this.bitmaps[slot.index]!.mark(page);
+    return false;
+  }
+
+  /**
+   * The write-protect fault on vCPU `vcpu`: make the SPTE writable, then log the page if
+   * the slot logs dirty pages. Returns true when the vCPU must exit with
+   * KVM_EXIT_DIRTY_RING_FULL before the faulting write retires.
+   */
+  handleWriteFault(vcpu: number, slot: Memslot, page: number): boolean {
+    // SPTE first, then the log, as KVM's fast_page_fault does (cmpxchg the SPTE writable,
+    // then mark_page_dirty_in_slot). The other order loses writes: a harvest and reset
+    // between the push and the SPTE update would re-protect the page, and the late
+    // update would leave it writable with nothing left in the log.
+    makeSpteWritable(slot, page);
+    return this.markPageDirtyInSlot(slot, page, vcpu);
+  }
+
+  /**
+   * kvm_write_guest: KVM (or the VMM through KVM) writes a guest page and marks it dirty.
+   * `vcpu` is the running vCPU whose context the write happens in, or -1 for none.
+   */
+  writeGuest(slot: Memslot, page: number, value: number, stamp: PageStamp, vcpu: number): void {
+    slot.writeU64(page, value);
+    slot.stamp(page, stamp.writer, stamp.seq, stamp.iteration);
+    Atomics.add(this.global, GlobalWord.HOST_WRITES, 1);
+    if (!this.bugs.untrackedHostWrite) this.markPageDirtyInSlot(slot, page, vcpu);
+  }
+
+  /** kvm_flush_remote_tlbs: complete only when every vCPU in guest mode has acknowledged. */
+  *flushRemoteTlbs(): Steps {
+    if (this.bugs.skipTlbShootdown) return;
+    const gen = this.shootdown.begin();
+    yield undefined;
+    for (;;) {
+      const v = this.shootdown.pendingVcpu(gen);
+      if (v < 0) return;
+      const at = this.shootdown.ackWord(v);
+      yield waitFor(WaitCode.FLUSH_ACK, v, gen, { ...at, value: Atomics.load(at.array, at.index) });
+    }
+  }
+
+  private checkBitmapIoctl(ioctl: string, slot: Memslot): void {
+    if (this.rings !== null && !this.hasBackupBitmap) {
+      throw new KvmError(ENXIO, ioctl, 'the dirty ring is enabled without a backup bitmap');
+    }
+    if (!slotLogsDirtyPages(this.flags(slot))) {
+      throw new KvmError(ENOENT, ioctl, `slot ${slot.id} does not log dirty pages`);
+    }
+  }
+
+  /**
+   * KVM_GET_DIRTY_LOG. Legacy (no manual protect): snapshot the bitmap and clear it word
+   * by word, write-protect the pages in the snapshot, then flush; the snapshot is what
+   * userspace gets. With manual protect: a plain copy, nothing protected.
+   */
+  *getDirtyLog(slot: Memslot, out: Uint32Array = new Uint32Array(slot.dirtyBitmap.length)): Steps<Uint32Array> {
+    this.checkBitmapIoctl('KVM_GET_DIRTY_LOG', slot);
+    const words = slot.dirtyBitmap;
+    if (this.manualProtect) {
+      for (let w = 0; w < words.length; w++) out[w] = Atomics.load(words, w);
+      return out;
+    }
+    let flush = false;
+    for (let w = 0; w < words.length; w++) {
+      const mask = Atomics.load(words, w) === 0 ? 0 : Atomics.exchange(words, w, 0) >>> 0;
+      out[w] = mask;
+      if (mask !== 0) { writeProtectMask32(slot, w * 32, mask); flush = true; }
+    }
+    yield undefined;
+    if (flush) yield* this.flushRemoteTlbs();
+    return out;
+  }
+
+  /**
+   * KVM_CLEAR_DIRTY_LOG(first_page, num_pages, bitmap): clear the given bits that are
+   * set, write-protect exactly those pages, flush if any were cleared. first_page must
+   * be a multiple of 64, and num_pages too unless the range ends at the end of the slot.
+   * Returns the number of pages cleared.
+   */
+  *clearDirtyLog(slot: Memslot, firstPage: number, numPages: number, bitmap: ArrayLike<number>): Steps<number> {
+    const ioctl = 'KVM_CLEAR_DIRTY_LOG';
+    if (!this.manualProtect && !this.hasBackupBitmap) {
+      throw new KvmError(EINVAL, ioctl, 'manual dirty log protect is not enabled');
+    }
+    this.checkBitmapIoctl(ioctl, slot);
+    if (firstPage % KVM_CLEAR_LOG_ALIGN !== 0) {
+      throw new KvmError(EINVAL, ioctl, `first_page ${firstPage} is not a multiple of ${KVM_CLEAR_LOG_ALIGN}`);
+    }
+    if (firstPage + numPages > slot.pages || numPages < 0) {
+      throw new KvmError(EINVAL, ioctl, `pages ${firstPage}..${firstPage + numPages} pass the end of slot ${slot.id} (${slot.pages} pages)`);
+    }
+    if (numPages % KVM_CLEAR_LOG_ALIGN !== 0 && firstPage + numPages !== slot.pages) {
+      throw new KvmError(EINVAL, ioctl, `num_pages ${numPages} is not a multiple of ${KVM_CLEAR_LOG_ALIGN} and the range does not end at the end of the slot`);
+    }
+    const words = slot.dirtyBitmap;
+    let cleared = 0;
+    for (let i = 0; i < numPages; i += 32) {
+      const w = (firstPage + i) >>> 5;
+      let mask = (bitmap[i >>> 5]! >>> 0);
+      const valid = numPages - i;
+      if (valid < 32) mask &= (1 << valid) - 1;
+      if (mask === 0) continue;
+      // atomic_long_fetch_andnot: only bits that were set count as cleared.
+      mask &= Atomics.and(words, w, ~mask) >>> 0;
+      mask >>>= 0;
+      if (mask === 0) continue;
+      cleared += popcount32(mask);
+      if (!this.bugs.clearWithoutProtect) writeProtectMask32(slot, w * 32, mask);
+    }
+    yield undefined;
+    if (cleared > 0) yield* this.flushRemoteTlbs();
+    return cleared;
+  }
+
+  /**
+   * KVM_RESET_DIRTY_RINGS: reset every vCPU's harvested entries (re-protecting their
+   * pages, coalesced per 64-page window), then one remote TLB flush if anything was
+   * reset. Entries naming a missing slot or an offset past its end are skipped.
+   * Returns the number of entries reset.
+   */
+  *resetDirtyRings(): Steps<number> {
+    if (this.rings === null) throw new KvmError(EINVAL, 'KVM_RESET_DIRTY_RINGS', 'the dirty ring is not enabled');
+    let total = 0;
+    for (const ring of this.rings) {
+      total += ring.reset(this.resetDirtyGfn);
+      yield undefined;
+    }
+    if (total > 0) yield* this.flushRemoteTlbs();
+    return total;
+  }
+
+  /** kvm_reset_dirty_gfn: validates the slot and range, then write-protects the mask. */
+  readonly resetDirtyGfn = (slotField: number, offset: number, lo: number, hi: number): void => {
+    const slot = this.memory.slotByField(slotField);
+    if (slot === undefined) return;
+    const fls = hi !== 0 ? 63 - Math.clz32(hi) : 31 - Math.clz32(lo);
+    if (offset + fls >= slot.pages) return;
+    if (!slotLogsDirtyPages(this.flags(slot))) return;
+    writeProtectMask32(slot, offset, lo);
+    if (hi !== 0) writeProtectMask32(slot, offset + 32, hi);
+  };
+
+  lostHostWrites(): number {
+    return Atomics.load(this.global, GlobalWord.LOST_HOST_WRITES);
+  }
+}

@@ -1,0 +1,72 @@
+import { type HostActorState, GlobalWord, VcpuRequest, VcpuRunState, VcpuWord } from './layout.ts';
+import type { Vm } from './vm.ts';
+
+/**
+ * What the VMM (userspace) does to its vCPUs and host actors through shared words: ask
+ * them to stop, let them run, re-enter KVM_RUN after an exit. Every hand-off is a
+ * Dekker pair of seq-cst Atomics, so a stale state word can never be mistaken for an
+ * acknowledgement (see vcpu.ts boundary()).
+ */
+export class VmmControl {
+  private readonly w: Int32Array;
+  private readonly g: Int32Array;
+
+  constructor(readonly vm: Vm) {
+    this.w = vm.vcpuWords;
+    this.g = vm.global;
+  }
+
+  get vcpus(): number { return this.vm.layout.config.vcpus; }
+
+  requestStop(v: number): void {
+    Atomics.store(this.w, this.vm.vcpuBase(v) + VcpuRequest.STOP, 1);
+  }
+
+  release(v: number): void {
+    const at = this.vm.vcpuBase(v) + VcpuRequest.STOP;
+    Atomics.store(this.w, at, 0);
+    Atomics.notify(this.w, at);
+  }
+
+  /** Re-enters KVM_RUN for a vCPU parked in an exit. */
+  reenter(v: number): void {
+    const at = this.vm.vcpuBase(v) + VcpuRequest.RUN_SEQ;
+    Atomics.add(this.w, at, 1);
+    Atomics.notify(this.w, at);
+  }
+
+  runState(v: number): VcpuRunState {
+    return Atomics.load(this.w, this.vm.vcpuBase(v) + VcpuWord.RUN_STATE);
+  }
+
+  /** The exit reason if the vCPU sits in an exit the VMM has not answered yet, else -1. */
+  parkedExit(v: number): number {
+    const b = this.vm.vcpuBase(v);
+    if (Atomics.load(this.w, b + VcpuWord.RUN_STATE) !== VcpuRunState.EXITED) return -1;
+    if (Atomics.load(this.w, b + VcpuRequest.RUN_SEQ) !== Atomics.load(this.w, b + VcpuWord.EXIT_RUN_SEQ)) return -1;
+    return Atomics.load(this.w, b + VcpuWord.EXIT_REASON);
+  }
+
+  /** Not running guest code, and will not without the VMM: stopped, or parked in an exit. */
+  isQuiescent(v: number): boolean {
+    const s = this.runState(v);
+    return s === VcpuRunState.STOPPED || s === VcpuRunState.DONE || this.parkedExit(v) >= 0;
+  }
+
+  word(v: number, w: number): number {
+    return Atomics.load(this.w, this.vm.vcpuBase(v) + w);
+  }
+
+  /** Guest operations retired by all vCPUs (published at each vCPU's step boundary). */
+  totalOps(): number {
+    let n = 0;
+    for (let v = 0; v < this.vcpus; v++) n += this.word(v, VcpuWord.OPS);
+    return n;
+  }
+
+  pauseHost(): void { Atomics.store(this.g, GlobalWord.HOST_PAUSE, 1); }
+  resumeHost(): void { Atomics.store(this.g, GlobalWord.HOST_PAUSE, 0); Atomics.notify(this.g, GlobalWord.HOST_PAUSE); }
+  hostState(): HostActorState { return Atomics.load(this.g, GlobalWord.HOST_STATE); }
+
+  setIteration(it: number): void { Atomics.store(this.g, GlobalWord.ITERATION, it); }
+}

@@ -1,0 +1,204 @@
+import { type TrackingMode, injectedBugs } from '../bugs/catalog.ts';
+import { KVM_EXIT_DIRTY_RING_FULL, KVM_EXIT_MMIO, PAGE_SIZE } from '../host/constants.ts';
+import { PageBitmap } from '../host/dirty-bitmap.ts';
+import { DirtyRingHarvester } from '../host/dirty-ring.ts';
+import { GlobalWord, HostActorState, type MemslotConfig, type VmConfig, VcpuWord } from '../host/layout.ts';
+import type { Vm } from '../host/vm.ts';
+import { VmmControl } from '../host/vmm.ts';
+import { type Steps, WaitCode, waitFor } from '../drivers/role.ts';
+import { type DirtyLogViolation, verifyDirtyLog } from '../oracles/dirty-log-verify.ts';
+import type { WorkloadOptions } from '../guest/workload.ts';
+import { Prng } from '../util/prng.ts';
+
+export interface DirtyLogTestConfig {
+  mode: TrackingMode;
+  vcpus: number;
+  memoryBytes: number;
+  /** Guest memory is split into this many slots, with a one-page hole between them. */
+  slots: number;
+  iterations: number;
+  ringEntries: number;
+  workload: WorkloadOptions;
+  seed: number;
+  bugs: string[];
+  /** Guest operations (all vCPUs together) per iteration. */
+  opsPerIteration: number;
+  /** One host write (no running vCPU) per this many guest operations; 0 for none. */
+  hostWriteEvery: number;
+}
+
+/** Events the collector reports, as plain data (they cross threads). */
+export type DirtyLogEvent =
+  | { kind: 'iteration'; iteration: number; dirty: number; clean: number; writes: number; hostWrites: number; ringFullExits: number; collections: number }
+  | { kind: 'violation'; violations: DirtyLogViolation[] }
+  | { kind: 'error'; message: string }
+  | { kind: 'done'; iterations: number; lostHostWrites: number; flushes: number };
+
+export function slotLayout(memoryBytes: number, count: number): MemslotConfig[] {
+  const pages = Math.floor(memoryBytes / PAGE_SIZE);
+  const per = Math.floor(pages / count);
+  const slots: MemslotConfig[] = [];
+  let gfn = 0x100; // the selftests keep low memory for the guest's own code
+  for (let i = 0; i < count; i++) {
+    const n = i === count - 1 ? pages - per * (count - 1) : per;
+    slots.push({ id: i + 1, asId: 0, baseGfn: gfn, pages: n, flags: 0 });
+    gfn += n + 1;
+  }
+  return slots;
+}
+
+export function vmConfigFor(c: DirtyLogTestConfig): VmConfig {
+  const bugs = injectedBugs(c.bugs);
+  const tracking: VmConfig['tracking'] = c.mode === 'dirty-ring'
+    ? { kind: 'ring', entries: c.ringEntries, withBitmap: c.hostWriteEvery > 0 && !bugs.noBackupBitmap }
+    : { kind: 'bitmap', manualProtect: c.mode === 'clear-log', initiallySet: c.mode === 'clear-log' };
+  return { slots: slotLayout(c.memoryBytes, c.slots), vcpus: c.vcpus, tracking };
+}
+
+/**
+ * The host thread of dirty_log_test (REFERENCE.md 4): per iteration, let the vCPUs run,
+ * collect once at a random moment while they run (and, with the ring, whenever a vCPU
+ * exits with KVM_EXIT_DIRTY_RING_FULL), stop them, collect again, verify every page.
+ */
+export function* dirtyLogCollector(vm: Vm, c: DirtyLogTestConfig, report: (e: DirtyLogEvent) => void): Steps {
+  const vmm = new VmmControl(vm);
+  const mem = vm.memory;
+  const bugs = injectedBugs(c.bugs);
+  const prng = new Prng(Prng.derive(c.seed, 1000));
+  const reported = new PageBitmap(mem.totalPages);
+  const first = new PageBitmap(mem.totalPages);
+  const harvester = vm.rings ? new DirtyRingHarvester(vm.rings.length) : null;
+  const scratch = mem.slots.map((s) => new Uint32Array(s.dirtyBitmap.length));
+  let collections = 0;
+
+  function* collect(into: PageBitmap, final: boolean): Steps {
+    collections++;
+    if (vm.rings && harvester) {
+      let harvested = 0;
+      const record = (slotField: number, offset: number): void => {
+        const slot = mem.slotByField(slotField);
+        if (slot !== undefined && offset < slot.pages) into.mark(slot.firstPage + offset);
+      };
+      for (const ring of vm.rings) {
+        harvested += harvester.harvest(ring, ring.entries, record, bugs.harvestSkipEvery);
+        yield undefined;
+      }
+      const reset: number = yield* vm.resetDirtyRings();
+      if (reset !== harvested) {
+        report({ kind: 'error', message: `KVM_RESET_DIRTY_RINGS reset ${reset} entries but ${harvested} were harvested` });
+      }
+      // The backup bitmap is collected as the very last step, with the VM stopped.
+      if (final && vm.hasBackupBitmap) {
+        for (const slot of mem.slots) into.orWords(yield* vm.getDirtyLog(slot, scratch[slot.index]), slot.firstPage);
+      }
+      return;
+    }
+    for (const slot of mem.slots) {
+      const bitmap: Uint32Array = yield* vm.getDirtyLog(slot, scratch[slot.index]);
+      if (vm.manualProtect) yield* vm.clearDirtyLog(slot, 0, slot.pages, bitmap);
+      into.orWords(bitmap, slot.firstPage);
+    }
+  }
+
+  /** Handles exits the VMM must answer; returns false when the run cannot go on. */
+  function* serviceExits(into: PageBitmap): Steps<boolean> {
+    const full: number[] = [];
+    for (let v = 0; v < c.vcpus; v++) {
+      const reason = vmm.parkedExit(v);
+      if (reason === KVM_EXIT_DIRTY_RING_FULL) full.push(v);
+      else if (reason === KVM_EXIT_MMIO) {
+        const gpa = vmm.word(v, VcpuWord.MMIO_GPA_LO) >>> 0;
+        report({ kind: 'error', message: `vcpu${v} exited with KVM_EXIT_MMIO at gpa 0x${gpa.toString(16)}: no memslot or device there` });
+        return false;
+      }
+    }
+    if (full.length > 0 && !bugs.ringFullExitUnhandled) {
+      yield* collect(into, false);
+      for (const v of full) vmm.reenter(v);
+      yield undefined;
+    }
+    return true;
+  }
+
+  for (let v = 0; v < c.vcpus; v++) vmm.requestStop(v);
+  vmm.pauseHost();
+  yield undefined;
+  for (const slot of mem.slots) yield* vm.enableDirtyLogging(slot);
+
+  let prevUnretired = new Set<number>();
+  let opsBase = vmm.totalOps();
+  for (let it = 1; it <= c.iterations; it++) {
+    vmm.setIteration(it);
+    reported.clear();
+    first.clear();
+    const hostWritesBefore = Atomics.load(vm.global, GlobalWord.HOST_WRITES);
+    const ringFullBefore = sumWord(vmm, VcpuWord.RING_FULL_EXITS);
+    const collectionsBefore = collections;
+    for (let v = 0; v < c.vcpus; v++) {
+      vmm.release(v);
+      if (vmm.parkedExit(v) >= 0) vmm.reenter(v);
+    }
+    vmm.resumeHost();
+    yield undefined;
+
+    const target = opsBase + c.opsPerIteration;
+    const collectAt = opsBase + Math.floor(c.opsPerIteration * (0.1 + 0.8 * prng.float()));
+    let collectedWhileRunning = false;
+    for (;;) {
+      if (!(yield* serviceExits(reported))) return;
+      const ops = vmm.totalOps();
+      if (!collectedWhileRunning && ops >= collectAt) {
+        yield* collect(first, false);
+        collectedWhileRunning = true;
+        continue;
+      }
+      if (ops >= target) break;
+      yield waitFor(WaitCode.GUEST_OPS, target - opsBase, ops - opsBase);
+    }
+
+    // Stop the vCPUs and the host writer, wait until they are definitely not running.
+    for (let v = 0; v < c.vcpus; v++) vmm.requestStop(v);
+    vmm.pauseHost();
+    yield undefined;
+    for (let v = 0; v < c.vcpus; v++) {
+      while (!vmm.isQuiescent(v)) {
+        if (!(yield* serviceExits(reported))) return;
+        if (vmm.isQuiescent(v)) break;
+        yield waitFor(WaitCode.VCPU_STOPPED, v);
+      }
+    }
+    while (c.hostWriteEvery > 0 && vmm.hostState() !== HostActorState.PAUSED) yield waitFor(WaitCode.PAUSED);
+    yield* collect(reported, true);
+    reported.orWords(first.words);
+
+    const unretired = new Set<number>();
+    for (let v = 0; v < c.vcpus; v++) {
+      const page = vmm.parkedExit(v) >= 0 ? vmm.word(v, VcpuWord.PENDING_PAGE) : -1;
+      if (page >= 0) unretired.add(page);
+    }
+    const result = verifyDirtyLog(mem, reported, it, {
+      unretired, previousUnretired: prevUnretired, initiallySet: vm.tracking.kind === 'bitmap' && vm.tracking.initiallySet, firstCollection: first,
+    });
+    const opsNow = vmm.totalOps();
+    report({
+      kind: 'iteration', iteration: it, dirty: result.dirty, clean: result.clean, writes: opsNow - opsBase,
+      hostWrites: Atomics.load(vm.global, GlobalWord.HOST_WRITES) - hostWritesBefore,
+      ringFullExits: sumWord(vmm, VcpuWord.RING_FULL_EXITS) - ringFullBefore,
+      collections: collections - collectionsBefore,
+    });
+    if (result.violations.length > 0) {
+      report({ kind: 'violation', violations: result.violations });
+      return;
+    }
+    prevUnretired = unretired;
+    opsBase = opsNow;
+    yield undefined;
+  }
+  report({ kind: 'done', iterations: c.iterations, lostHostWrites: vm.lostHostWrites(), flushes: Atomics.load(vm.global, GlobalWord.FLUSHES) });
+}
+
+function sumWord(vmm: VmmControl, word: number): number {
+  let n = 0;
+  for (let v = 0; v < vmm.vcpus; v++) n += vmm.word(v, word);
+  return n;
+}
