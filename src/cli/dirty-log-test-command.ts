@@ -1,0 +1,159 @@
+import { type TrackingMode, findBug } from '../bugs/catalog.ts';
+import { checkRingSize } from '../host/dirty-ring.ts';
+import { PAGE_SIZE } from '../host/constants.ts';
+import { DEFAULT_WORKLOAD, parseWorkloadName } from '../guest/workload.ts';
+import { describeViolation } from '../oracles/dirty-log-verify.ts';
+import type { DirtyLogEvent, DirtyLogTestConfig } from '../scenarios/dirty-log-test.ts';
+import { type Driver, type DirtyLogRunResult, runDirtyLogTest } from '../scenarios/run-dirty-log-test.ts';
+import { UserError } from '../util/errors.ts';
+import { formatSize, parseSize } from '../util/size.ts';
+import { Progress } from './progress.ts';
+
+export const MODES: readonly TrackingMode[] = ['dirty-log', 'clear-log', 'dirty-ring'];
+
+/** The options as commander hands them over (strings, or defaults). */
+export interface DirtyLogTestFlags {
+  mode?: string;
+  vcpus: string;
+  memory: string;
+  slots: string;
+  iterations: string;
+  ringSize: string;
+  workload: string;
+  hotFraction: string;
+  hotShare: string;
+  writePercent: string;
+  randomOrder?: boolean;
+  writes?: string;
+  hostWriteEvery: string;
+  driver: string;
+  seed: string;
+  inject: string[];
+  json?: boolean;
+  watchdog: string;
+  burst: string;
+}
+
+export const DIRTY_LOG_TEST_DEFAULTS = {
+  vcpus: '2', memory: '256MiB', slots: '1', iterations: '6', ringSize: '4096', workload: 'random',
+  hotFraction: String(DEFAULT_WORKLOAD.hotFraction), hotShare: String(DEFAULT_WORKLOAD.hotShare),
+  writePercent: String(DEFAULT_WORKLOAD.writePercent), hostWriteEvery: '64', driver: 'free', seed: '1',
+  watchdog: '10', burst: '256',
+} as const;
+
+function int(flag: string, text: string, min: number, max = Number.MAX_SAFE_INTEGER): number {
+  const n = Number(text);
+  if (!/^\s*\d+\s*$/.test(text) || !Number.isSafeInteger(n) || n < min || n > max) {
+    throw new UserError(`${flag}: '${text}' is not a whole number from ${min} to ${max}`);
+  }
+  return n;
+}
+
+function fraction(flag: string, text: string): number {
+  const n = Number(text);
+  if (text.trim() === '' || !Number.isFinite(n) || n <= 0 || n > 1) throw new UserError(`${flag}: '${text}' is not a fraction in (0, 1]`);
+  return n;
+}
+
+/** Turns flags into a validated configuration; every mistake names the flag and the value. */
+export function dirtyLogTestConfig(f: DirtyLogTestFlags): { config: DirtyLogTestConfig; driver: Driver; watchdogMs: number; burst: number } {
+  const bugs = f.inject.map((name) => findBug(name, '--inject'));
+  let mode: TrackingMode;
+  if (f.mode !== undefined) {
+    if (!(MODES as readonly string[]).includes(f.mode)) throw new UserError(`--mode: unknown mode '${f.mode}' (one of: ${MODES.join(', ')})`);
+    mode = f.mode as TrackingMode;
+  } else {
+    mode = bugs[0]?.modes[0] ?? 'dirty-ring';
+  }
+  for (const b of bugs) {
+    if (!b.modes.includes(mode)) throw new UserError(`--inject ${b.name}: this bug does not occur with --mode ${mode} (it needs ${b.modes.join(' or ')})`);
+  }
+  const memoryBytes = parseSize(f.memory, '--memory');
+  if (memoryBytes % PAGE_SIZE !== 0 || memoryBytes === 0) throw new UserError(`--memory: '${f.memory}' is not a whole, non-zero number of 4 KiB pages`);
+  const slots = int('--slots', f.slots, 1, 32767);
+  if (memoryBytes / PAGE_SIZE < slots) throw new UserError(`--slots: ${slots} slots do not fit in ${f.memory} (${memoryBytes / PAGE_SIZE} pages)`);
+  const ringEntries = int('--ring-size', f.ringSize, 1);
+  const ringError = checkRingSize(ringEntries);
+  if (ringError) throw new UserError(`--ring-size: ${ringError}`);
+  const driver = f.driver;
+  if (driver !== 'free' && driver !== 'deterministic') throw new UserError(`--driver: unknown driver '${driver}' (free or deterministic)`);
+  const vcpus = int('--vcpus', f.vcpus, 1, 64);
+  const hostWriteEvery = int('--host-write-every', f.hostWriteEvery, 0);
+  const needsHost = bugs.find((b) => b.needsHostWrites);
+  if (needsHost && hostWriteEvery === 0) throw new UserError(`--inject ${needsHost.name}: needs host writes; --host-write-every must not be 0`);
+  const pages = memoryBytes / PAGE_SIZE;
+  const defaultWrites = driver === 'deterministic' ? Math.min(4096, pages * 2) : Math.max(20000, Math.min(200000, pages));
+  const config: DirtyLogTestConfig = {
+    mode, vcpus, memoryBytes, slots, ringEntries,
+    iterations: int('--iterations', f.iterations, 1, 1_000_000),
+    workload: {
+      name: parseWorkloadName(f.workload, '--workload'),
+      hotFraction: fraction('--hot-fraction', f.hotFraction),
+      hotShare: fraction('--hot-share', f.hotShare),
+      writePercent: int('--write-percent', f.writePercent, 0, 100),
+      randomOrder: f.randomOrder === true,
+    },
+    seed: int('--seed', f.seed, 0, 0xffffffff),
+    bugs: bugs.map((b) => b.name),
+    opsPerIteration: f.writes !== undefined ? int('--writes', f.writes, 1) : defaultWrites,
+    hostWriteEvery,
+  };
+  const watchdog = Number(f.watchdog);
+  if (!Number.isFinite(watchdog) || watchdog <= 0) throw new UserError(`--watchdog: '${f.watchdog}' is not a positive number of seconds`);
+  return { config, driver, watchdogMs: watchdog * 1000, burst: int('--burst', f.burst, 1, 1 << 20) };
+}
+
+export function describeConfig(c: DirtyLogTestConfig, driver: Driver): string {
+  const tracking = c.mode === 'dirty-ring' ? `dirty-ring (${c.ringEntries} entries)` : c.mode;
+  const bugs = c.bugs.length ? `, injected: ${c.bugs.join(', ')}` : '';
+  return `dirty_log_test: mode ${tracking}, ${c.vcpus} vCPUs, ${formatSize(c.memoryBytes)} in ${c.slots} slot(s), ` +
+    `workload ${c.workload.name}, ${c.iterations} iterations of ${c.opsPerIteration} writes, driver ${driver}, seed ${c.seed}${bugs}`;
+}
+
+function iterationLine(e: Extract<DirtyLogEvent, { kind: 'iteration' }>): string {
+  return `Iteration ${e.iteration}: dirty ${e.dirty} clean ${e.clean} writes ${e.writes}` +
+    (e.hostWrites ? ` host-writes ${e.hostWrites}` : '') + (e.ringFullExits ? ` ring-full-exits ${e.ringFullExits}` : '');
+}
+
+/** Exit status: 0 verified, 1 a check failed, 3 the run did not complete (watchdog, deadlock, crash). */
+export function exitStatus(r: DirtyLogRunResult): number {
+  return r.status === 'passed' ? 0 : r.status === 'failed' ? 1 : 3;
+}
+
+export async function dirtyLogTestCommand(f: DirtyLogTestFlags): Promise<number> {
+  const { config, driver, watchdogMs, burst } = dirtyLogTestConfig(f);
+  const json = f.json === true;
+  const progress = new Progress(json);
+  const out = (line: string): void => { if (!json) { progress.clear(); console.log(line); } };
+  out(describeConfig(config, driver));
+  const result = await runDirtyLogTest(config, {
+    driver, watchdogMs, burst,
+    onEvent: (e) => { if (e.kind === 'iteration') out(iterationLine(e)); },
+    onTick: (p, names) => {
+      const ops = p.reduce((s, x, i) => (names[i]!.startsWith('vcpu') ? s + x : s), 0);
+      progress.update(`running: ${ops} guest writes retired`);
+    },
+  });
+  progress.clear();
+  if (json) {
+    console.log(JSON.stringify({
+      command: 'dirty-log-test', config, driver, status: result.status, seconds: result.seconds,
+      iterations: result.iterations, violations: result.violations, errors: result.errors,
+      lostHostWrites: result.lostHostWrites, flushes: result.flushes, steps: result.steps,
+    }, null, 2));
+    return exitStatus(result);
+  }
+  for (const v of result.violations) console.log(describeViolation(v));
+  for (const e of result.errors) console.log(e);
+  if (result.lostHostWrites > 0) {
+    console.log(`KVM warning: ${result.lostHostWrites} host writes with no running vCPU and no backup bitmap were not logged (mark_page_dirty_in_slot)`);
+  }
+  const steps = result.steps !== undefined ? `, ${result.steps} steps` : '';
+  const verdict = { passed: 'PASSED: every page verified', failed: 'FAILED', stuck: 'STUCK: the run did not complete', crashed: 'CRASHED: the run did not complete' }[result.status];
+  console.log(`${verdict} (${result.iterations.length} iterations, ${result.seconds.toFixed(2)} s${steps})`);
+  if (result.status !== 'passed' && driver === 'deterministic') {
+    console.log(`replay exactly: vmemlab dirty-log-test --driver deterministic --seed ${config.seed} --mode ${config.mode} (with the same other options)`);
+  }
+  return exitStatus(result);
+}
+

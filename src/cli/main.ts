@@ -1,0 +1,80 @@
+import { Command, CommanderError, Option } from 'commander';
+import { UserError } from '../util/errors.ts';
+import { catalogCommand } from './catalog-command.ts';
+import { DIRTY_LOG_TEST_DEFAULTS as D, type DirtyLogTestFlags, MODES, dirtyLogTestCommand } from './dirty-log-test-command.ts';
+
+const collect = (value: string, previous: string[]): string[] => [...previous, value];
+
+function addDirtyLogTestOptions(cmd: Command): Command {
+  return cmd
+    .addOption(new Option('--mode <mode>', `dirty tracking: ${MODES.join(', ')} (default: dirty-ring, or the injected bug's mode)`))
+    .option('--vcpus <n>', 'vCPUs, each its own worker thread under --driver free', D.vcpus)
+    .option('--memory <size>', 'guest memory, e.g. 512MiB, 16GiB', D.memory)
+    .option('--slots <n>', 'memslots to split the memory into', D.slots)
+    .option('--iterations <n>', 'collect-and-verify iterations', D.iterations)
+    .option('--ring-size <entries>', 'dirty ring entries per vCPU (power of two, 256..65536)', D.ringSize)
+    .option('--workload <name>', 'guest workload: random, sweep, hotset, perf', D.workload)
+    .option('--hot-fraction <f>', 'hotset: fraction of pages that are hot', D.hotFraction)
+    .option('--hot-share <f>', 'hotset: share of writes to hot pages', D.hotShare)
+    .option('--write-percent <p>', 'perf: percentage of operations that write', D.writePercent)
+    .option('--random-order', 'perf: visit pages in random order')
+    .option('--writes <n>', 'guest writes per iteration, all vCPUs together (default: depends on memory and driver)')
+    .option('--host-write-every <n>', 'one host write (kvm_write_guest, no vCPU) per n guest writes; 0 for none', D.hostWriteEvery)
+    .option('--driver <driver>', 'free (worker threads) or deterministic (one thread, seeded scheduler)', D.driver)
+    .option('--seed <n>', 'seed for workloads and the scheduler', D.seed)
+    .option('--inject <bug>', 'inject a catalogued bug (repeatable; see vmemlab catalog)', collect, [] as string[])
+    .option('--watchdog <seconds>', 'stop when no actor progresses for this long', D.watchdog)
+    .option('--burst <n>', 'free-run: guest operations between a vCPU\'s step boundaries', D.burst)
+    .option('--json', 'print one JSON document instead of text');
+}
+
+export function buildProgram(setExit: (code: number) => void): Command {
+  const program = new Command('vmemlab')
+    .description('An emulator of a hypervisor\'s memory subsystem: shared guest memory, vCPU worker threads, KVM-faithful dirty tracking.')
+    .version('0.1.0')
+    .exitOverride()
+    .configureOutput({ outputError: (text, write) => write(text) });
+
+  addDirtyLogTestOptions(program.command('dirty-log-test')
+    .description('KVM\'s dirty_log_test: guests write while the host collects the dirty log; every page is verified each iteration'))
+    .action(async (flags: DirtyLogTestFlags) => setExit(await dirtyLogTestCommand(flags)));
+
+  addDirtyLogTestOptions(program.command('run')
+    .description('run the default job: a multi-vCPU dirty_log_test with ring tracking, verified (flags override the defaults)'))
+    .action(async (flags: DirtyLogTestFlags) => setExit(await dirtyLogTestCommand(flags)));
+
+  program.command('catalog')
+    .description('list the bug catalog: each injectable protocol mistake, what it breaks, where it comes from')
+    .option('--json', 'print JSON')
+    .action((flags: { json?: boolean }) => setExit(catalogCommand(flags.json === true)));
+
+  program.command('litmus')
+    .description('run litmus files (YAML: actors, an explicit interleaving, expectations) under the deterministic driver')
+    .argument('<files...>', 'litmus files')
+    .option('--json', 'print JSON')
+    .action(async (files: string[], flags: { json?: boolean }) => {
+      const { litmusCommand } = await import('./litmus-command.ts');
+      setExit(await litmusCommand(files, flags.json === true));
+    });
+  return program;
+}
+
+/** Runs the CLI; returns the exit status (0 verified, 1 a check failed, 2 bad input, 3 did not complete). */
+export async function main(argv: string[]): Promise<number> {
+  let code = 0;
+  const program = buildProgram((c) => { code = c; });
+  try {
+    await program.parseAsync(argv, { from: 'user' });
+    return code;
+  } catch (e) {
+    if (e instanceof CommanderError) {
+      if (e.code === 'commander.helpDisplayed' || e.code === 'commander.version' || e.code === 'commander.help') return 0;
+      return 2; // commander already printed "error: ..." naming the option
+    }
+    if (e instanceof UserError) {
+      console.error(`vmemlab: ${e.message}`);
+      return 2;
+    }
+    throw e;
+  }
+}

@@ -1,0 +1,61 @@
+import { DeterministicDriver, ReplayScheduler } from '../src/drivers/deterministic.ts';
+import { type Role, Step, type Steps } from '../src/drivers/role.ts';
+import { type GuestOp, OpKind, type Workload } from '../src/guest/workload.ts';
+import { type DirtyTracking, type MemslotConfig, createVmLayout } from '../src/host/layout.ts';
+import { Vcpu } from '../src/host/vcpu.ts';
+import { type KernelBugs, Vm } from '../src/host/vm.ts';
+import { VmmControl } from '../src/host/vmm.ts';
+
+/** A VM with one or more slots, populated (pages writable), vCPUs created but not run. */
+export function makeVm(o: { slots?: MemslotConfig[]; pages?: number; vcpus?: number; tracking: DirtyTracking; bugs?: KernelBugs }): Vm {
+  const slots = o.slots ?? [{ id: 1, asId: 0, baseGfn: 0x100, pages: o.pages ?? 256, flags: 0 }];
+  const vm = new Vm(createVmLayout({ slots, vcpus: o.vcpus ?? 1, tracking: o.tracking }), o.bugs ?? {});
+  vm.populate();
+  return vm;
+}
+
+export const RING = (entries = 256, withBitmap = false): DirtyTracking => ({ kind: 'ring', entries, withBitmap });
+export const LEGACY: DirtyTracking = { kind: 'bitmap', manualProtect: false, initiallySet: false };
+export const MANUAL: DirtyTracking = { kind: 'bitmap', manualProtect: true, initiallySet: false };
+
+/** A guest that performs exactly the scripted writes, then idles on its last page. */
+export class ScriptWorkload implements Workload {
+  private i = 0;
+  constructor(private readonly ops: { gfn: number; value: number; kind?: OpKind }[]) {}
+  next(op: GuestOp): void {
+    const o = this.ops[Math.min(this.i++, this.ops.length - 1)]!;
+    op.kind = o.kind ?? OpKind.WRITE64;
+    op.gfn = o.gfn;
+    op.value = o.value;
+  }
+}
+
+export function vcpuWith(vm: Vm, index: number, ops: { gfn: number; value: number; kind?: OpKind }[]): Vcpu {
+  return new Vcpu(vm, index, new ScriptWorkload(ops));
+}
+
+/** Steps a vCPU until it has retired `n` more operations (or exits); returns steps taken. */
+export function retire(v: Vcpu, n = 1, maxSteps = 10_000): number {
+  const target = v.retired + n;
+  let steps = 0;
+  while (v.retired < target) {
+    if (v.step() === Step.BLOCKED) return steps;
+    if (++steps > maxSteps) throw new Error(`${v.name} did not retire ${n} operations in ${maxSteps} steps`);
+  }
+  return steps;
+}
+
+/** Runs a host procedure to completion, stepping `others` whenever it blocks (a flush). */
+export function complete<T>(gen: Steps<T>, others: Role[] = [], maxSteps = 100_000): T {
+  for (let i = 0; i < maxSteps; i++) {
+    const r = gen.next();
+    if (r.done) return r.value;
+    if (r.value !== undefined) {
+      if (others.length === 0) throw new Error(`host procedure blocked with nobody to step: wait code ${r.value.code} arg ${r.value.arg}`);
+      for (const o of others) o.step();
+    }
+  }
+  throw new Error('host procedure did not finish');
+}
+
+export { DeterministicDriver, ReplayScheduler, VmmControl };
