@@ -1,0 +1,90 @@
+import { execFileSync, spawnSync } from 'node:child_process';
+import { fileURLToPath } from 'node:url';
+import { afterEach, describe, expect, it, vi } from 'vitest';
+import { main } from '../src/cli/main.ts';
+
+const BIN = fileURLToPath(new URL('../bin/vmemlab.mjs', import.meta.url));
+
+/** Runs the CLI in-process and captures what it prints. */
+async function cli(...args: string[]): Promise<{ code: number; out: string; err: string }> {
+  const out: string[] = [];
+  const err: string[] = [];
+  vi.spyOn(console, 'log').mockImplementation((...a: unknown[]) => { out.push(a.join(' ')); });
+  vi.spyOn(console, 'error').mockImplementation((...a: unknown[]) => { err.push(a.join(' ')); });
+  const stderrWrite = vi.spyOn(process.stderr, 'write').mockImplementation((s: string | Uint8Array) => { err.push(String(s)); return true; });
+  try {
+    const code = await main(args);
+    return { code, out: out.join('\n'), err: err.join('') };
+  } finally {
+    stderrWrite.mockRestore();
+  }
+}
+
+afterEach(() => { vi.restoreAllMocks(); });
+
+describe('vmemlab CLI', () => {
+  it('dirty-log-test prints selftest-style iteration lines and exits 0 when verified', async () => {
+    const r = await cli('dirty-log-test', '--driver', 'deterministic', '--memory', '2MiB', '--iterations', '2', '--ring-size', '256');
+    expect(r.code).toBe(0);
+    expect(r.out).toMatch(/^Iteration 1: dirty \d+ clean \d+ writes \d+/m);
+    expect(r.out).toMatch(/^Iteration 2: dirty \d+ clean \d+ writes \d+/m);
+    expect(r.out).toMatch(/^PASSED: every page verified \(2 iterations/m);
+  });
+
+  it('exits 1 and names the lost page when an injected bug loses a write; the mode follows the bug', async () => {
+    const r = await cli('dirty-log-test', '--driver', 'deterministic', '--memory', '2MiB', '--inject', 'clear-without-protect');
+    expect(r.code).toBe(1);
+    expect(r.out).toMatch(/mode clear-log/);
+    expect(r.out).toMatch(/^LOST dirty page: slot 1 gfn 0x[0-9a-f]+ holds iteration (\d+) but was not reported dirty in iteration \1; last written by (vcpu\d|host writer 0) \(seq \d+\), value \d+$/m);
+    expect(r.out).toMatch(/^replay exactly: vmemlab dirty-log-test --driver deterministic --seed 1 --mode clear-log/m);
+  });
+
+  it('--json prints one parseable document', async () => {
+    const r = await cli('dirty-log-test', '--driver', 'deterministic', '--memory', '1MiB', '--iterations', '1', '--json');
+    const doc = JSON.parse(r.out);
+    expect(doc.status).toBe('passed');
+    expect(doc.iterations).toHaveLength(1);
+    expect(doc.config.mode).toBe('dirty-ring');
+  });
+
+  it.each([
+    [['run', '--vcpus', 'abc'], "--vcpus: 'abc' is not a whole number from 1 to 64"],
+    [['run', '--memory', '12QB'], "--memory: '12QB' is not a size"],
+    [['run', '--memory', '1000'], "--memory: '1000' is not a whole, non-zero number of 4 KiB pages"],
+    [['run', '--ring-size', '1000'], '--ring-size: 1000 entries is not a power of two'],
+    [['run', '--ring-size', '128'], '--ring-size: 128 entries is less than one page'],
+    [['run', '--workload', 'zigzag'], "--workload: unknown workload 'zigzag'"],
+    [['run', '--mode', 'pml'], "--mode: unknown mode 'pml'"],
+    [['run', '--inject', 'nope'], "--inject: unknown bug 'nope'"],
+    [['run', '--inject', 'ring-full-ignored', '--mode', 'dirty-log'], '--inject ring-full-ignored: this bug does not occur with --mode dirty-log'],
+    [['run', '--driver', 'fast'], "--driver: unknown driver 'fast'"],
+    [['run', '--slots', '0'], "--slots: '0' is not a whole number from 1"],
+  ])('bad input %j: one line naming the option and value, exit 2', async (args, message) => {
+    const r = await cli(...args);
+    expect(r.code).toBe(2);
+    expect(r.err).toContain(`vmemlab: ${message}`);
+    expect(r.err.trim().split('\n')).toHaveLength(1);
+    expect(r.err).not.toMatch(/\n\s+at /);
+  });
+
+  it('catalog lists every bug with its reference, and --json parses', async () => {
+    const r = await cli('catalog');
+    expect(r.code).toBe(0);
+    expect(r.out).toMatch(/^no-backup-bitmap {2}\(modes: dirty-ring\)$/m);
+    expect(r.out).toMatch(/reference: .*CVE-2021-4095/);
+    const j = await cli('catalog', '--json');
+    expect(JSON.parse(j.out).map((b: { name: string }) => b.name)).toContain('harvest-skips-entry');
+  });
+
+  it('the installed bin runs the default job with real worker threads and exits 0', () => {
+    const out = execFileSync(process.execPath, [BIN, 'run', '--memory', '16MiB', '--iterations', '2'], { encoding: 'utf8', env: { ...process.env, CI: '1' } });
+    expect(out).toMatch(/driver free/);
+    expect(out).toMatch(/^PASSED: every page verified \(2 iterations/m);
+  });
+
+  it('the bin reports an unknown option without a stack trace, exit 2', () => {
+    const r = spawnSync(process.execPath, [BIN, 'run', '--bogus'], { encoding: 'utf8' });
+    expect(r.status).toBe(2);
+    expect(r.stderr.trim()).toBe("error: unknown option '--bogus'");
+  });
+});
