@@ -100,18 +100,22 @@ export function* dirtyLogCollector(vm: Vm, c: DirtyLogTestConfig, report: (e: Di
     }
   }
 
-  /** Handles exits the VMM must answer; returns false when the run cannot go on. */
-  function* serviceExits(into: PageBitmap): Steps<boolean> {
-    const full: number[] = [];
+  /** Reports a vCPU that exited with KVM_EXIT_MMIO (nothing is emulated there); true if one did. */
+  function mmioExit(): boolean {
     for (let v = 0; v < c.vcpus; v++) {
-      const reason = vmm.parkedExit(v);
-      if (reason === KVM_EXIT_DIRTY_RING_FULL) full.push(v);
-      else if (reason === KVM_EXIT_MMIO) {
-        const gpa = vmm.word(v, VcpuWord.MMIO_GPA_LO) >>> 0;
-        report({ kind: 'error', message: `vcpu${v} exited with KVM_EXIT_MMIO at gpa 0x${gpa.toString(16)}: no memslot or device there` });
-        return false;
-      }
+      if (vmm.parkedExit(v) !== KVM_EXIT_MMIO) continue;
+      const gpa = vmm.word(v, VcpuWord.MMIO_GPA_LO) + vmm.word(v, VcpuWord.MMIO_GPA_HI) * 4294967296;
+      report({ kind: 'error', message: `vcpu${v} exited with KVM_EXIT_MMIO at gpa 0x${gpa.toString(16)}: no memslot or device there` });
+      return true;
     }
+    return false;
+  }
+
+  /** Answers ring-full exits (harvest, reset, re-enter); returns false when the run cannot go on. */
+  function* serviceExits(into: PageBitmap): Steps<boolean> {
+    if (mmioExit()) return false;
+    const full: number[] = [];
+    for (let v = 0; v < c.vcpus; v++) if (vmm.parkedExit(v) === KVM_EXIT_DIRTY_RING_FULL) full.push(v);
     if (full.length > 0 && !bugs.ringFullExitUnhandled) {
       yield* collect(into, false);
       for (const v of full) vmm.reenter(v);
@@ -160,13 +164,13 @@ export function* dirtyLogCollector(vm: Vm, c: DirtyLogTestConfig, report: (e: Di
     for (let v = 0; v < c.vcpus; v++) vmm.requestStop(v);
     vmm.pauseHost();
     yield undefined;
+    // Quiescence is stable: a stopped vCPU, or one parked in an exit, stays so until the
+    // VMM acts. So no exit is serviced here: re-entering a vCPU already counted as
+    // stopped would let it run on while the final collection reads the log.
     for (let v = 0; v < c.vcpus; v++) {
-      while (!vmm.isQuiescent(v)) {
-        if (!(yield* serviceExits(reported))) return;
-        if (vmm.isQuiescent(v)) break;
-        yield waitFor(WaitCode.VCPU_STOPPED, v);
-      }
+      while (!vmm.isQuiescent(v)) yield waitFor(WaitCode.VCPU_STOPPED, v);
     }
+    if (mmioExit()) return;
     while (c.hostWriteEvery > 0 && vmm.hostState() !== HostActorState.PAUSED) yield waitFor(WaitCode.PAUSED);
     yield* collect(reported, true);
     reported.orWords(first.words);
