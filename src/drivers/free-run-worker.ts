@@ -16,6 +16,7 @@ export interface RoleWorkerData {
 }
 
 export type WorkerMessage =
+  | { type: 'ready' }
   | { type: 'event'; event: unknown }
   | { type: 'done' };
 
@@ -23,6 +24,7 @@ export type WorkerMessage =
 export function runRoleWorker(data: RoleWorkerData, post: (m: WorkerMessage) => void): void {
   const vm = vmFor(data.layout, data.bugs);
   const role = buildRole(data.spec, vm, (event) => post({ type: 'event', event }));
+  post({ type: 'ready' });
   runFreeLoop(role, new Int32Array(data.actors), data.actor, data.burst, data.crashAfterSteps);
   post({ type: 'done' });
 }

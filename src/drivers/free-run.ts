@@ -4,6 +4,9 @@ import type { RoleWorkerData, WorkerMessage } from './free-run-worker.ts';
 import { describeWait } from './role.ts';
 import { spawnWorker } from './spawn.ts';
 
+/** Worker threads get this long to start before the watchdog gives up on them. */
+const STARTUP_MS = 30_000;
+
 /** Per-actor words the watchdog and progress display read; one line per actor. */
 export const ActorWord = { PROGRESS: 0, WAIT_CODE: 1, WAIT_ARG: 2, WAIT_ARG2: 3, STATUS: 4, SHUTDOWN: 0 } as const;
 export function actorBase(actor: number): number {
@@ -40,6 +43,8 @@ export async function runFreeRun(actors: FreeRunActor[], opts: FreeRunOptions): 
   const words = new Int32Array(shared);
   const workers: Worker[] = [];
   const names = actors.map((a) => a.name);
+  const online = actors.map(() => false);
+  let lastChange = Date.now();
   let settled = false;
 
   return await new Promise<FreeRunOutcome>((resolve) => {
@@ -56,7 +61,10 @@ export async function runFreeRun(actors: FreeRunActor[], opts: FreeRunOptions): 
       const w = spawnWorker('role', { ...a.data, actors: shared, actor: i } satisfies RoleWorkerData);
       workers.push(w);
       w.on('message', (m: WorkerMessage) => {
-        if (m.type === 'event') opts.onEvent(a.name, m.event);
+        if (m.type === 'ready') {
+          online[i] = true;
+          if (online.every(Boolean)) lastChange = Date.now(); // the watchdog's clock starts now
+        } else if (m.type === 'event') opts.onEvent(a.name, m.event);
         else if (m.type === 'done' && a.primary) finish({ status: 'done' });
       });
       w.on('error', (err: Error) => finish({ status: 'crashed', role: a.name, message: err.message }));
@@ -66,12 +74,18 @@ export async function runFreeRun(actors: FreeRunActor[], opts: FreeRunOptions): 
     });
 
     let last = -1;
-    let lastChange = Date.now();
+    const started = Date.now();
     timer = setInterval(() => {
       const progress = actors.map((_, i) => Atomics.load(words, actorBase(i) + ActorWord.PROGRESS));
       opts.onTick?.(progress);
       const sum = progress.reduce((x, y) => x + y, 0);
       const now = Date.now();
+      if (!online.every(Boolean)) {
+        if (now - started < STARTUP_MS) return;
+        const late = actors.filter((_, i) => !online[i]).map((a) => a.name);
+        finish({ status: 'watchdog', report: `watchdog: ${late.join(', ')} did not start within ${STARTUP_MS / 1000} s` });
+        return;
+      }
       if (sum !== last) { last = sum; lastChange = now; return; }
       if (now - lastChange < opts.watchdogMs) return;
       const lines = actors.map((a, i) => {
