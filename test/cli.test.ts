@@ -1,4 +1,7 @@
 import { execFileSync, spawnSync } from 'node:child_process';
+import { mkdtempSync, readFileSync, readdirSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { afterEach, describe, expect, it, vi } from 'vitest';
 import { main } from '../src/cli/main.ts';
@@ -74,6 +77,23 @@ describe('vmemlab CLI', () => {
     expect(r.out).toMatch(/reference: .*CVE-2021-4095/);
     const j = await cli('catalog', '--json');
     expect(JSON.parse(j.out).map((b: { name: string }) => b.name)).toContain('harvest-skips-entry');
+  });
+
+  it('litmus runs the shipped examples (exit 0), fails them with a bug injected (exit 1), rejects a bad file (exit 2)', async () => {
+    const dir = fileURLToPath(new URL('../examples/litmus/', import.meta.url));
+    const files = readdirSync(dir).filter((f) => f.endsWith('.yaml')).map((f) => dir + f);
+    const ok = await cli('litmus', ...files);
+    expect(ok.code).toBe(0);
+    expect(ok.out).toMatch(new RegExp(`^${files.length} passed, 0 failed$`, 'm'));
+    const bad = await cli('litmus', '--inject', 'skip-tlb-shootdown', ...files);
+    expect(bad.code).toBe(1);
+    expect(bad.out).toMatch(/^FAIL .*02-reset-rearms-logging\.yaml/m);
+    const tmp = join(mkdtempSync(join(tmpdir(), 'vmemlab-')), 'bad.yaml');
+    writeFileSync(tmp, readFileSync(files[0]!, 'utf8').replace(/memory: \w+/, 'memory: 12QB'));
+    const err = await cli('litmus', tmp);
+    expect(err.code).toBe(2);
+    expect(err.err).toContain(tmp);
+    expect(err.err).toContain('12QB');
   });
 
   it('the installed bin runs the default job with real worker threads and exits 0', () => {

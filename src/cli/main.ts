@@ -51,10 +51,11 @@ export function buildProgram(setExit: (code: number) => void): Command {
   program.command('litmus')
     .description('run litmus files (YAML: actors, an explicit interleaving, expectations) under the deterministic driver')
     .argument('<files...>', 'litmus files')
+    .option('--inject <bug>', 'run them with a catalogued bug injected (repeatable)', collect, [] as string[])
     .option('--json', 'print JSON')
-    .action(async (files: string[], flags: { json?: boolean }) => {
+    .action(async (files: string[], flags: { json?: boolean; inject: string[] }) => {
       const { litmusCommand } = await import('./litmus-command.ts');
-      setExit(await litmusCommand(files, flags.json === true));
+      setExit(await litmusCommand(files, flags.json === true, flags.inject));
     });
   return program;
 }

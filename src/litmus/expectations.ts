@@ -1,0 +1,124 @@
+import { spteWritable } from '../host/spte.ts';
+import { GlobalWord } from '../host/layout.ts';
+import type { Vm } from '../host/vm.ts';
+import {
+  type OpRecord, entryMatches, entryText, gfnsText, guestOpCount, matcherText,
+} from './observations.ts';
+import type { FinalExpect, GfnsMatcher } from './spec.ts';
+import { errnoText, exitText, hex } from './syntax.ts';
+
+/** One expectation that did not hold: which, what was expected, what happened. */
+export interface Mismatch {
+  what: string;
+  expected: string;
+  actual: string;
+}
+
+function gfnsMismatch(what: string, want: GfnsMatcher, got: number[]): Mismatch | null {
+  if (typeof want === 'number') {
+    return want === got.length ? null : { what, expected: `${want} page${want === 1 ? '' : 's'}`, actual: `${got.length} ${gfnsText(got)}` };
+  }
+  const same = want.length === got.length && want.every((g, i) => g === got[i]);
+  return same ? null : { what, expected: gfnsText(want), actual: gfnsText(got) };
+}
+
+/** Checks an operation's expectations against what was recorded for it. */
+export function checkOp(r: OpRecord): Mismatch[] {
+  const x = r.op.expect;
+  const out: Mismatch[] = [];
+  const push = (m: Mismatch | null): void => { if (m) out.push(m); };
+  const num = (what: string, want: number | undefined, got: number | undefined, none = 'nothing'): void => {
+    if (want !== undefined && want !== got) push({ what, expected: `${want}`, actual: got === undefined ? none : `${got}` });
+  };
+  const wantErr = x.error ?? 0;
+  const gotErr = r.error?.errno ?? 0;
+  if (wantErr !== gotErr) {
+    push({ what: 'error', expected: errnoText(wantErr), actual: r.error ? r.error.message : 'none (it succeeded)' });
+  }
+  if (r.error) return out; // nothing else was measured
+  if (x.exit !== undefined) {
+    const got = r.exits[0]?.reason ?? 'none';
+    if (got !== x.exit) push({ what: 'exit', expected: exitText(x.exit), actual: exitText(got) });
+  }
+  if (x.retiredBeforeExit !== undefined) {
+    const first = r.exits[0];
+    if (first === undefined) push({ what: 'retired_before_exit', expected: `${x.retiredBeforeExit}`, actual: `no exit (${r.retired} of ${guestOpCount(r)} retired)` });
+    else num('retired_before_exit', x.retiredBeforeExit, first.retired);
+  }
+  num('faults', x.faults, r.faults);
+  if (x.logged !== undefined) {
+    push(gfnsMismatch('logged', x.logged, r.logs.filter((e) => e.where !== 'lost').map((e) => e.gfn)));
+  }
+  num('lost', x.lost, r.logs.filter((e) => e.where === 'lost').length);
+  num('value', x.value, r.value, 'no value (the read did not retire)');
+  if (x.harvested !== undefined) {
+    const got = r.harvested ?? [];
+    if (typeof x.harvested === 'number') {
+      if (x.harvested !== got.length) push({ what: 'harvested', expected: `${x.harvested} entries`, actual: `${got.length} entries` });
+    } else {
+      const want = x.harvested;
+      const same = want.length === got.length && want.every((m, i) => entryMatches(m, got[i]!));
+      if (!same) push({ what: 'harvested', expected: `[${want.map(matcherText).join(', ')}]`, actual: `[${got.map(entryText).join(', ')}]` });
+    }
+  }
+  num('reset', x.reset, r.reset);
+  if (x.dirty !== undefined) push(gfnsMismatch('dirty', x.dirty, r.dirty ?? []));
+  num('cleared', x.cleared, r.cleared);
+  return out;
+}
+
+/** What the run left behind, for the final expectations. */
+export interface FinalState {
+  vm: Vm;
+  collected: Set<number>;
+  copies: Map<number, number>;
+}
+
+export function staleCopies(s: FinalState): number[] {
+  const out: number[] = [];
+  for (const [gfn, v] of s.copies) {
+    const slot = s.vm.memory.findSlot(gfn)!;
+    if (slot.readU64(gfn - slot.baseGfn) !== v) out.push(gfn);
+  }
+  return out.sort((a, b) => a - b);
+}
+
+export function checkFinal(x: FinalExpect, s: FinalState): Mismatch[] {
+  const out: Mismatch[] = [];
+  const mem = s.vm.memory;
+  const page = (gfn: number): { slot: NonNullable<ReturnType<typeof mem.findSlot>>; page: number } => {
+    const slot = mem.findSlot(gfn)!;
+    return { slot, page: gfn - slot.baseGfn };
+  };
+  for (const { gfn, value } of x.pages ?? []) {
+    const p = page(gfn);
+    const got = p.slot.readU64(p.page);
+    if (got !== value) out.push({ what: `expect.pages[${hex(gfn)}]`, expected: `${value}`, actual: `${got}` });
+  }
+  if (x.collected !== undefined) {
+    const got = [...s.collected].sort((a, b) => a - b);
+    const m = gfnsMismatch('expect.collected', x.collected, got);
+    if (m) out.push(m);
+  }
+  for (const { gfn, value } of x.copies ?? []) {
+    const got = s.copies.get(gfn);
+    if (got !== value) out.push({ what: `expect.copies[${hex(gfn)}]`, expected: `${value}`, actual: got === undefined ? 'never copied' : `${got}` });
+  }
+  if (x.staleCopies !== undefined) {
+    const m = gfnsMismatch('expect.stale_copies', x.staleCopies, staleCopies(s));
+    if (m) out.push(m);
+  }
+  for (const { gfn, writable } of x.sptes ?? []) {
+    const p = page(gfn);
+    const got = spteWritable(p.slot, p.page);
+    if (got !== writable) out.push({ what: `expect.sptes[${hex(gfn)}]`, expected: writable ? 'writable' : 'protected', actual: got ? 'writable' : 'protected' });
+  }
+  if (x.lostHostWrites !== undefined && x.lostHostWrites !== s.vm.lostHostWrites()) {
+    out.push({ what: 'expect.lost_host_writes', expected: `${x.lostHostWrites}`, actual: `${s.vm.lostHostWrites()}` });
+  }
+  const flushes = Atomics.load(s.vm.global, GlobalWord.FLUSHES);
+  if (x.flushes !== undefined && x.flushes !== flushes) {
+    out.push({ what: 'expect.flushes', expected: `${x.flushes}`, actual: `${flushes}` });
+  }
+  return out;
+}

@@ -1,0 +1,299 @@
+import { readFileSync } from 'node:fs';
+import { parseDocument } from 'yaml';
+import { findBug } from '../bugs/catalog.ts';
+import { KVM_MEM_GUEST_MEMFD, KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, PAGE_SIZE } from '../host/constants.ts';
+import { checkRingSize } from '../host/dirty-ring.ts';
+import type { DirtyTracking, MemslotConfig, VmConfig } from '../host/layout.ts';
+import { UserError } from '../util/errors.ts';
+import { parseSize } from '../util/size.ts';
+import { type OpContext, parseHostOp, parseOpExpect, parseVcpuOp, slotsText, vcpuRef, verbOf } from './operations.ts';
+import { type LitmusFile, LitmusFileSchema, type RawOpEntry, issueLines } from './schema.ts';
+import type { FinalExpect, HostOp, InterleavingEntry, LitmusOp, LitmusSpec, VcpuOp } from './spec.ts';
+import { fieldPath, hex, parseGfnList, parseInteger, show } from './syntax.ts';
+
+/** Reads and checks a litmus file; throws UserError naming the file and field on bad input. */
+export function loadLitmus(path: string): LitmusSpec {
+  let text: string;
+  try {
+    text = readFileSync(path, 'utf8');
+  } catch (e) {
+    throw new UserError(`${path}: cannot read the litmus file: ${(e as Error).message}`);
+  }
+  return parseLitmus(text, path);
+}
+
+/** Checks litmus text; `file` names it in messages. */
+export function parseLitmus(text: string, file: string): LitmusSpec {
+  const doc = parseDocument(text, { prettyErrors: true });
+  if (doc.errors.length > 0) {
+    throw new UserError(doc.errors.map((e) => `${file}: ${e.message.split('\n')[0]!.replace(/:$/, '')}`).join('\n'));
+  }
+  const data: unknown = doc.toJS();
+  const parsed = LitmusFileSchema.safeParse(data ?? {}, { reportInput: true });
+  if (!parsed.success) {
+    throw new UserError(issueLines(parsed.error.issues).map((l) => `${file}: ${l}`).join('\n'));
+  }
+  return new SpecBuilder(file).build(parsed.data);
+}
+
+/** Turns a well-shaped file into a LitmusSpec, collecting every problem it finds. */
+class SpecBuilder {
+  private readonly problems: string[] = [];
+
+  constructor(private readonly file: string) {}
+
+  private fail(path: readonly PropertyKey[] | string, message: string): void {
+    this.problems.push(`${this.file}: ${typeof path === 'string' ? path : fieldPath(path)}: ${message}`);
+  }
+
+  build(f: LitmusFile): LitmusSpec {
+    const bugs = f.bugs ?? [];
+    bugs.forEach((b, i) => {
+      try { findBug(b, `${this.file}: ${fieldPath(['bugs', i])}`); } catch (e) { this.problems.push((e as Error).message); }
+    });
+    const slots = this.slots(f);
+    const vcpus = this.vcpuCount(f);
+    const tracking = this.tracking(f);
+    const vm: VmConfig = { slots, vcpus, tracking };
+    if (this.problems.length > 0) throw new UserError(this.problems.join('\n'));
+
+    const ctx: OpContext = { vm };
+    const actors = Object.keys(f.actors);
+    const vcpuOps: LitmusOp<VcpuOp>[][] = Array.from({ length: vcpus }, () => []);
+    let hostOps: LitmusOp<HostOp>[] = [];
+    for (const actor of actors) {
+      const entries = f.actors[actor]!;
+      if (actor === 'host') {
+        hostOps = this.ops(actor, entries, (text) => parseHostOp(text, ctx), ctx);
+        this.checkClearBitmaps(hostOps, slots);
+        continue;
+      }
+      const m = /^vcpu(\d+)$/.exec(actor);
+      if (!m) { this.fail(['actors', actor], `unknown actor (actors are host and ${vcpus === 1 ? 'vcpu0' : `vcpu0..vcpu${vcpus - 1}`})`); continue; }
+      const v = Number(m[1]);
+      if (v >= vcpus) { this.fail(['actors', actor], `there is no ${actor}: vm.vcpus is ${vcpus}`); continue; }
+      vcpuOps[v] = this.ops(actor, entries, (text) => parseVcpuOp(text, actor), ctx);
+    }
+    const interleaving = f.interleaving.map((e, i) => this.entry(e, i, actors, ctx));
+    const expect = this.finalExpect(f, slots);
+    if (this.problems.length > 0) throw new UserError(this.problems.join('\n'));
+    return {
+      file: this.file, name: f.name, description: (f.description ?? '').trim(), bugs, vm,
+      actors, vcpuOps, hostOps, interleaving: interleaving as InterleavingEntry[], expect,
+    };
+  }
+
+  private slots(f: LitmusFile): MemslotConfig[] {
+    const { memory, slots } = f.vm;
+    if ((memory === undefined) === (slots === undefined)) {
+      this.fail('vm', memory === undefined ? 'give the guest memory: memory (like 1MiB) or slots' : 'give memory or slots, not both');
+      return [];
+    }
+    if (memory !== undefined) {
+      let bytes: number;
+      try {
+        bytes = parseSize(memory, `${this.file}: vm.memory`);
+      } catch (e) {
+        this.problems.push((e as Error).message);
+        return [];
+      }
+      if (bytes < PAGE_SIZE || bytes % PAGE_SIZE !== 0) {
+        this.fail('vm.memory', `${show(memory)} is not a whole number of 4 KiB pages`);
+        return [];
+      }
+      // One slot, id 1 at GFN 0x100, as dirty_log_test lays out a one-slot guest.
+      return [{ id: 1, asId: 0, baseGfn: 0x100, pages: bytes / PAGE_SIZE, flags: 0 }];
+    }
+    const out: (MemslotConfig & { at: number })[] = [];
+    slots!.forEach((s, i) => {
+      const base = parseInteger(s.base_gfn);
+      if (!base.ok) { this.fail(['vm', 'slots', i, 'base_gfn'], base.error); return; }
+      const flags = this.slotFlags(s.flags, ['vm', 'slots', i, 'flags']);
+      const asId = s.as_id ?? 0;
+      const dup = out.find((o) => o.id === s.id && o.asId === asId);
+      if (dup) { this.fail(['vm', 'slots', i, 'id'], `slot ${s.id} (as_id ${asId}) is already vm.slots[${dup.at}]`); return; }
+      const cfg = { id: s.id, asId, baseGfn: base.value, pages: s.pages, flags, at: i };
+      const end = cfg.baseGfn + cfg.pages;
+      // vmemlab has one GFN space for all address spaces, so no two slots may overlap.
+      const hit = out.find((o) => cfg.baseGfn < o.baseGfn + o.pages && o.baseGfn < end);
+      if (hit) {
+        this.fail(['vm', 'slots', i], `slot ${s.id} (GFNs ${hex(cfg.baseGfn)}..${hex(end - 1)}) overlaps slot ${hit.id} (vm.slots[${hit.at}], GFNs ${hex(hit.baseGfn)}..${hex(hit.baseGfn + hit.pages - 1)})`);
+        return;
+      }
+      out.push(cfg);
+    });
+    return out.map(({ at: _at, ...s }) => s);
+  }
+
+  private slotFlags(flags: number | string[] | undefined, path: PropertyKey[]): number {
+    if (flags === undefined) return 0;
+    const names: Record<string, number> = {
+      KVM_MEM_READONLY, READONLY: KVM_MEM_READONLY,
+      KVM_MEM_LOG_DIRTY_PAGES, LOG_DIRTY_PAGES: KVM_MEM_LOG_DIRTY_PAGES,
+      KVM_MEM_GUEST_MEMFD, GUEST_MEMFD: KVM_MEM_GUEST_MEMFD,
+    };
+    let bits = 0;
+    if (typeof flags === 'number') bits = flags;
+    else {
+      flags.forEach((n, i) => {
+        const b = names[n.toUpperCase()];
+        if (b === undefined) this.fail([...path, i], `unknown memslot flag ${show(n)} (one of: KVM_MEM_READONLY)`);
+        else bits |= b;
+      });
+    }
+    if (bits & KVM_MEM_LOG_DIRTY_PAGES) this.fail(path, 'KVM_MEM_LOG_DIRTY_PAGES is set by the host operation enable-logging, not here');
+    if (bits & KVM_MEM_GUEST_MEMFD) this.fail(path, 'KVM_MEM_GUEST_MEMFD (private memory) is not modelled yet');
+    if (bits & ~(KVM_MEM_READONLY | KVM_MEM_LOG_DIRTY_PAGES | KVM_MEM_GUEST_MEMFD)) this.fail(path, `unknown flag bits in ${show(flags)}`);
+    return bits & KVM_MEM_READONLY;
+  }
+
+  private vcpuCount(f: LitmusFile): number {
+    if (f.vm.vcpus !== undefined) return f.vm.vcpus;
+    let n = 1;
+    for (const a of Object.keys(f.actors)) {
+      const m = /^vcpu(\d+)$/.exec(a);
+      if (m && Number(m[1]) < 64) n = Math.max(n, Number(m[1]) + 1);
+    }
+    return n;
+  }
+
+  private tracking(f: LitmusFile): DirtyTracking {
+    const t = typeof f.tracking === 'string' ? { mode: f.tracking } : f.tracking;
+    const o = t as { mode: string; initially_set?: boolean; entries?: number; backup_bitmap?: boolean };
+    const only = (field: keyof typeof o, mode: string): void => {
+      if (o[field] !== undefined && o.mode !== mode) this.fail(['tracking', field], `only applies to mode ${mode}, not ${o.mode}`);
+    };
+    only('initially_set', 'clear-log');
+    only('entries', 'dirty-ring');
+    only('backup_bitmap', 'dirty-ring');
+    if (o.mode === 'dirty-ring') {
+      const entries = o.entries ?? 4096;
+      const err = checkRingSize(entries);
+      if (err) this.fail(['tracking', 'entries'], `${err} (a power of two from 256 to 65536)`);
+      return { kind: 'ring', entries, withBitmap: o.backup_bitmap ?? false };
+    }
+    const manual = o.mode === 'clear-log';
+    return { kind: 'bitmap', manualProtect: manual, initiallySet: manual && (o.initially_set ?? false) };
+  }
+
+  private ops<T extends VcpuOp | HostOp>(
+    actor: string, entries: RawOpEntry[],
+    parse: (text: string) => { ok: true; value: T } | { ok: false; error: string }, ctx: OpContext,
+  ): LitmusOp<T>[] {
+    const out: LitmusOp<T>[] = [];
+    entries.forEach((e, i) => {
+      const path = ['actors', actor, i];
+      const text = (typeof e === 'string' ? e : e.op).trim();
+      if (text === '') { this.fail(path, 'empty operation'); return; }
+      const p = parse(text);
+      if (!p.ok) { this.fail(path, p.error); return; }
+      const expect = typeof e === 'string' || e.expect === undefined ? {}
+        : parseOpExpect(verbOf(text), e.expect, ctx, (key, msg) => this.fail([...path, 'expect', key], msg));
+      const op: LitmusOp<T> = { actor, index: i, where: fieldPath(path), text, op: p.value, expect };
+      if (typeof e !== 'string' && e.note !== undefined) op.note = e.note;
+      out.push(op);
+    });
+    return out;
+  }
+
+  /** clear-log without all-ones passes the bitmap of the last get-log of that slot: there must be one. */
+  private checkClearBitmaps(ops: LitmusOp<HostOp>[], slots: MemslotConfig[]): void {
+    const got = new Set<number>();
+    for (const o of ops) {
+      if (o.op.kind === 'get-log') got.add(o.op.slot);
+      if (o.op.kind === 'clear-log' && !o.op.allOnes && !got.has(o.op.slot)) {
+        this.fail(o.where, `'${o.text}' passes the bitmap of the last get-log of slot ${slots[o.op.slot]!.id}, and no get-log comes before it (write 'all-ones' to clear every page of the range)`);
+      }
+    }
+  }
+
+  private entry(e: LitmusFile['interleaving'][number], i: number, actors: string[], ctx: OpContext): InterleavingEntry | null {
+    const path = ['interleaving', i];
+    const text = (typeof e === 'string' ? e : e.run).trim();
+    const m = /^([A-Za-z_][\w-]*)(\.[A-Za-z]+)?(?:\s+with\s+(.+))?$/.exec(text);
+    if (!m) {
+      this.fail(path, `${show(text)} is not an interleaving step (write ACTOR, ACTOR.step or host with vcpuN)`);
+      return null;
+    }
+    const [, actor, suffix, withList] = m as unknown as [string, string, string | undefined, string | undefined];
+    if (!actors.includes(actor)) {
+      this.fail(path, `unknown actor '${actor}' (actors: ${actors.join(', ') || 'none'})`);
+      return null;
+    }
+    if (suffix !== undefined && suffix !== '.step') {
+      this.fail(path, `unknown step form '${actor}${suffix}' (write ${actor} to run its next operation, or ${actor}.step for one step)`);
+      return null;
+    }
+    const mode = suffix === '.step' ? 'step' : 'op';
+    const vcpu = actor === 'host' ? null : Number(actor.slice(4));
+    const assist: number[] = [];
+    if (withList !== undefined) {
+      if (actor !== 'host' || mode !== 'op') {
+        this.fail(path, `'with' lets vCPUs step while the host's operation waits for them; it only goes with 'host'`);
+        return null;
+      }
+      for (const w of withList.split(/[\s,]+/).filter((x) => x !== '')) {
+        if (w === 'all') { for (let v = 0; v < ctx.vm.vcpus; v++) assist.push(v); continue; }
+        const v = vcpuRef(w, ctx, text);
+        if (!v.ok) { this.fail(path, v.error); return null; }
+        assist.push(v.value);
+      }
+    }
+    const entry: InterleavingEntry = { index: i, where: fieldPath(path), text, actor, vcpu, mode, assist };
+    if (typeof e !== 'string' && e.note !== undefined) entry.note = e.note;
+    const blocked = typeof e === 'string' ? undefined : e.expect?.blocked;
+    if (blocked !== undefined) {
+      if (typeof blocked === 'boolean') entry.blocked = blocked;
+      else {
+        const v = vcpuRef(blocked, ctx, text);
+        if (!v.ok) { this.fail([...path, 'expect', 'blocked'], `${show(blocked)}: expected true, false or the vCPU waited for (vcpuN)`); return null; }
+        entry.blocked = v.value;
+      }
+    }
+    return entry;
+  }
+
+  private finalExpect(f: LitmusFile, slots: MemslotConfig[]): FinalExpect {
+    const x = f.expect;
+    const out: FinalExpect = {};
+    if (!x) return out;
+    const inSlot = (g: number): boolean => slots.some((s) => g >= s.baseGfn && g < s.baseGfn + s.pages);
+    const gfnMap = <T>(field: string, m: Record<string, T> | undefined, value: (v: T, path: string) => number | boolean | null) => {
+      if (m === undefined) return undefined;
+      const list: { gfn: number; v: number | boolean }[] = [];
+      for (const [k, v] of Object.entries(m)) {
+        const g = parseInteger(k);
+        if (!g.ok) { this.fail(['expect', field, k], `${show(k)} is not a GFN`); continue; }
+        const path = `expect.${field}[${hex(g.value)}]`;
+        if (!inSlot(g.value)) { this.fail(path, `GFN ${hex(g.value)} is in no memslot (${slotsText(slots)})`); continue; }
+        const val = value(v, path);
+        if (val !== null) list.push({ gfn: g.value, v: val });
+      }
+      return list;
+    };
+    const int = (v: number | string, path: string): number | null => {
+      const p = parseInteger(v);
+      if (!p.ok) { this.fail(path, p.error); return null; }
+      return p.value;
+    };
+    const gfns = (field: string, v: (number | string)[] | undefined): number[] | undefined => {
+      if (v === undefined) return undefined;
+      const p = parseGfnList(v);
+      if (!p.ok) { this.fail(['expect', field], p.error); return undefined; }
+      return [...new Set(p.value)].sort((a, b) => a - b);
+    };
+    const pages = gfnMap('pages', x.pages, int);
+    if (pages) out.pages = pages.map(({ gfn, v }) => ({ gfn, value: v as number }));
+    const copies = gfnMap('copies', x.copies, int);
+    if (copies) out.copies = copies.map(({ gfn, v }) => ({ gfn, value: v as number }));
+    const sptes = gfnMap('sptes', x.sptes, (v) => v === 'writable');
+    if (sptes) out.sptes = sptes.map(({ gfn, v }) => ({ gfn, writable: v as boolean }));
+    const collected = gfns('collected', x.collected);
+    if (collected) out.collected = collected;
+    const stale = gfns('stale_copies', x.stale_copies);
+    if (stale) out.staleCopies = stale;
+    if (x.lost_host_writes !== undefined) out.lostHostWrites = x.lost_host_writes;
+    if (x.flushes !== undefined) out.flushes = x.flushes;
+    return out;
+  }
+}

@@ -1,0 +1,289 @@
+import type { MemslotConfig, VmConfig } from '../host/layout.ts';
+import type { EntryMatcher, HostOp, OpExpect, VcpuOp } from './spec.ts';
+import {
+  type Parsed, hex, parseErrno, parseExitReason, parseGfns, parseInteger, parseRingFlags, show,
+} from './syntax.ts';
+
+/**
+ * The grammar of litmus operations: `verb arg...` on one line, for vCPUs (guest
+ * operations) and for the host (the VMM and KVM's ioctls), and which expectations each
+ * operation takes.
+ */
+
+export const VCPU_OPS: Record<VcpuOp['kind'] | 'write-pages', string> = {
+  write: 'write GFN VALUE',
+  'write-pages': 'write-pages GFN COUNT VALUE',
+  read: 'read GFN',
+};
+
+export const HOST_OPS: Record<HostOp['kind'], string> = {
+  'enable-logging': 'enable-logging [SLOT]',
+  'disable-logging': 'disable-logging [SLOT]',
+  harvest: 'harvest [vcpuN]',
+  reset: 'reset',
+  'get-log': 'get-log SLOT',
+  'clear-log': 'clear-log SLOT FIRST NUM [all-ones]',
+  'write-guest': 'write-guest GFN VALUE',
+  copy: 'copy GFN',
+  'forge-entry': 'forge-entry vcpuN INDEX SLOT OFFSET [dirty|reset|free|FLAGS]',
+  reenter: 'reenter vcpuN',
+  stop: 'stop vcpuN',
+  release: 'release vcpuN',
+};
+
+/** Expectation keys as written in files, per operation verb. */
+const VCPU_WRITE_KEYS = ['exit', 'retired_before_exit', 'faults', 'logged'];
+export const EXPECT_KEYS: Record<string, string[]> = {
+  write: VCPU_WRITE_KEYS,
+  'write-pages': VCPU_WRITE_KEYS,
+  read: ['exit', 'value'],
+  'enable-logging': ['error'],
+  'disable-logging': ['error'],
+  harvest: ['harvested', 'error'],
+  reset: ['reset', 'error'],
+  'get-log': ['dirty', 'error'],
+  'clear-log': ['cleared', 'error'],
+  'write-guest': ['logged', 'lost', 'error'],
+  copy: ['value', 'error'],
+  'forge-entry': ['error'],
+  reenter: ['error'],
+  stop: ['error'],
+  release: ['error'],
+};
+
+/** What an operation may refer to. */
+export interface OpContext {
+  vm: VmConfig;
+}
+
+const ok = <T>(value: T): Parsed<T> => ({ ok: true, value });
+const bad = <T>(error: string): Parsed<T> => ({ ok: false, error });
+
+export function verbOf(text: string): string {
+  return text.trim().split(/\s+/)[0] ?? '';
+}
+
+export function parseVcpuOp(text: string, actor: string): Parsed<VcpuOp> {
+  const t = text.trim().split(/\s+/);
+  const verb = t[0]!;
+  if (!(verb in VCPU_OPS)) {
+    if (verb in HOST_OPS) return bad(`'${verb}' is a host operation; ${actor} runs guest operations (one of: ${Object.keys(VCPU_OPS).join(', ')})`);
+    return bad(`unknown operation '${verb}' (one of: ${Object.keys(VCPU_OPS).join(', ')})`);
+  }
+  const usage = VCPU_OPS[verb as keyof typeof VCPU_OPS];
+  const want = usage.split(' ').length - 1;
+  if (t.length - 1 !== want) return bad(`'${text}': ${verb} takes ${want} argument${want === 1 ? '' : 's'} (${usage})`);
+  const gfn = num(t[1], 'GFN', text);
+  if (!gfn.ok) return gfn;
+  switch (verb) {
+    case 'read': return ok({ kind: 'read', gfn: gfn.value });
+    case 'write': {
+      const value = num(t[2], 'VALUE', text);
+      return value.ok ? ok({ kind: 'write', gfn: gfn.value, value: value.value, count: 1 }) : value;
+    }
+    default: {
+      const count = num(t[2], 'COUNT', text);
+      if (!count.ok) return count;
+      if (count.value < 1) return bad(`'${text}': COUNT must be at least 1`);
+      const value = num(t[3], 'VALUE', text);
+      return value.ok ? ok({ kind: 'write', gfn: gfn.value, value: value.value, count: count.value }) : value;
+    }
+  }
+}
+
+export function parseHostOp(text: string, ctx: OpContext): Parsed<HostOp> {
+  const t = text.trim().split(/\s+/);
+  const verb = t[0]!;
+  if (!(verb in HOST_OPS)) {
+    if (verb in VCPU_OPS) return bad(`'${verb}' is a guest operation; only vcpuN actors run it (host operations: ${Object.keys(HOST_OPS).join(', ')})`);
+    return bad(`unknown operation '${verb}' (one of: ${Object.keys(HOST_OPS).join(', ')})`);
+  }
+  const kind = verb as HostOp['kind'];
+  const usage = HOST_OPS[kind];
+  const words = usage.split(' ').slice(1);
+  const min = words.filter((w) => !w.startsWith('[')).length;
+  const args = t.slice(1);
+  if (args.length < min || args.length > words.length) {
+    return bad(`'${text}': wrong number of arguments (${usage})`);
+  }
+  const ring = ctx.vm.tracking.kind === 'ring';
+  const needRing = (): Parsed<never> | null => ring ? null : bad(`'${text}': ${verb} needs the dirty ring (tracking: dirty-ring)`);
+  switch (kind) {
+    case 'enable-logging':
+    case 'disable-logging': {
+      if (args.length === 0) return ok({ kind, slot: null });
+      const s = slotRef(args[0]!, ctx, text);
+      return s.ok ? ok({ kind, slot: s.value }) : s;
+    }
+    case 'harvest': {
+      const r = needRing();
+      if (r) return r;
+      if (args.length === 0) return ok({ kind, vcpu: null });
+      const v = vcpuRef(args[0]!, ctx, text);
+      return v.ok ? ok({ kind, vcpu: v.value }) : v;
+    }
+    case 'reset':
+      return ok({ kind });
+    case 'get-log': {
+      const s = slotRef(args[0]!, ctx, text);
+      return s.ok ? ok({ kind, slot: s.value }) : s;
+    }
+    case 'clear-log': {
+      const s = slotRef(args[0]!, ctx, text);
+      if (!s.ok) return s;
+      const first = num(args[1], 'FIRST', text);
+      if (!first.ok) return first;
+      const n = num(args[2], 'NUM', text);
+      if (!n.ok) return n;
+      if (args[3] !== undefined && args[3] !== 'all-ones') return bad(`'${text}': the bitmap is the one just got, or 'all-ones', not '${args[3]}'`);
+      return ok({ kind, slot: s.value, first: first.value, num: n.value, allOnes: args[3] === 'all-ones' });
+    }
+    case 'write-guest':
+    case 'copy': {
+      const gfn = num(args[0], 'GFN', text);
+      if (!gfn.ok) return gfn;
+      if (!ctx.vm.slots.some((s) => gfn.value >= s.baseGfn && gfn.value < s.baseGfn + s.pages)) {
+        return bad(`'${text}': GFN ${hex(gfn.value)} is in no memslot (${slotsText(ctx.vm.slots)})`);
+      }
+      if (kind === 'copy') return ok({ kind, gfn: gfn.value });
+      const value = num(args[1], 'VALUE', text);
+      return value.ok ? ok({ kind, gfn: gfn.value, value: value.value }) : value;
+    }
+    case 'forge-entry': {
+      const r = needRing();
+      if (r) return r;
+      const v = vcpuRef(args[0]!, ctx, text);
+      if (!v.ok) return v;
+      const index = num(args[1], 'INDEX', text);
+      if (!index.ok) return index;
+      const field = slotField(args[2]!);
+      if (!field.ok) return bad(`'${text}': SLOT: ${field.error}`);
+      const offset = num(args[3], 'OFFSET', text);
+      if (!offset.ok) return offset;
+      const flags = args[4] === undefined ? ok(1) : parseRingFlags(args[4]);
+      if (!flags.ok) return bad(`'${text}': ${flags.error}`);
+      return ok({ kind, vcpu: v.value, index: index.value, slotField: field.value, offset: offset.value, flags: flags.value });
+    }
+    case 'reenter':
+    case 'stop':
+    case 'release': {
+      const v = vcpuRef(args[0]!, ctx, text);
+      return v.ok ? ok({ kind, vcpu: v.value }) : v;
+    }
+  }
+}
+
+function num(token: string | undefined, what: string, text: string): Parsed<number> {
+  const n = parseInteger(token);
+  return n.ok ? n : bad(`'${text}': ${what}: ${n.error}`);
+}
+
+/** `vcpuN` with N < vcpus. */
+export function vcpuRef(token: string, ctx: OpContext, text: string): Parsed<number> {
+  const m = /^vcpu(\d+)$/.exec(token);
+  if (!m) return bad(`'${text}': '${token}' is not a vCPU (write vcpu0, vcpu1, ...)`);
+  const v = Number(m[1]);
+  if (v >= ctx.vm.vcpus) return bad(`'${text}': there is no ${token} (the VM has ${ctx.vm.vcpus} vCPU${ctx.vm.vcpus === 1 ? '' : 's'})`);
+  return ok(v);
+}
+
+/** A slot by id, or `AS:ID`; returns the index into vm.slots. */
+function slotRef(token: string, ctx: OpContext, text: string): Parsed<number> {
+  const m = /^(?:(\d+):)?(\d+)$/.exec(token);
+  if (!m) return bad(`'${text}': '${token}' is not a slot id (write 1, or AS:ID such as 1:1)`);
+  const asId = m[1] === undefined ? null : Number(m[1]);
+  const id = Number(m[2]);
+  const found = ctx.vm.slots.map((s, i) => ({ s, i })).filter(({ s }) => s.id === id && (asId === null || s.asId === asId));
+  if (found.length === 0) return bad(`'${text}': there is no slot ${token} (${slotsText(ctx.vm.slots)})`);
+  if (found.length > 1) return bad(`'${text}': slot ${token} exists in several address spaces; write AS:ID`);
+  return ok(found[0]!.i);
+}
+
+/** The raw kvm_dirty_gfn.slot field: a number, or `AS:ID`. No check that the slot exists. */
+function slotField(token: string): Parsed<number> {
+  const m = /^(\d+):(\d+)$/.exec(token);
+  if (m) {
+    const as = Number(m[1]);
+    const id = Number(m[2]);
+    if (as > 0xffff || id > 0xffff) return bad(`'${token}': AS and ID are 16 bits each`);
+    return ok(((as << 16) | id) >>> 0);
+  }
+  const n = parseInteger(token);
+  if (!n.ok || n.value > 0xffffffff) return bad(`'${token}' is not a slot field (a u32, or AS:ID)`);
+  return n;
+}
+
+export function slotsText(slots: readonly MemslotConfig[]): string {
+  return 'slots: ' + slots.map((s) => `${s.asId ? `${s.asId}:` : ''}${s.id} at ${hex(s.baseGfn)}..${hex(s.baseGfn + s.pages - 1)}`).join(', ');
+}
+
+/** Parses an operation's `expect` mapping; `fail(key, message)` reports a bad field. */
+export function parseOpExpect(
+  verb: string, raw: Record<string, unknown>, ctx: OpContext, fail: (key: string, message: string) => void,
+): OpExpect {
+  const allowed = EXPECT_KEYS[verb] ?? [];
+  const e: OpExpect = {};
+  for (const [key, v] of Object.entries(raw)) {
+    if (!allowed.includes(key)) {
+      const all = [...new Set(Object.values(EXPECT_KEYS).flat())];
+      fail(key, all.includes(key)
+        ? `'${key}' does not apply to ${verb} (it takes: ${allowed.join(', ')})`
+        : `unknown expectation '${key}' (${verb} takes: ${allowed.join(', ')})`);
+      continue;
+    }
+    const take = <T>(p: Parsed<T>, set: (x: T) => void): void => { if (p.ok) set(p.value); else fail(key, p.error); };
+    switch (key) {
+      case 'error': take(parseErrno(v), (x) => { e.error = x; }); break;
+      case 'exit': take(parseExitReason(v), (x) => { e.exit = x; }); break;
+      case 'retired_before_exit': take(parseInteger(v), (x) => { e.retiredBeforeExit = x; }); break;
+      case 'faults': take(parseInteger(v), (x) => { e.faults = x; }); break;
+      case 'lost': take(parseInteger(v), (x) => { e.lost = x; }); break;
+      case 'value': take(parseInteger(v), (x) => { e.value = x; }); break;
+      case 'reset': take(parseInteger(v), (x) => { e.reset = x; }); break;
+      case 'cleared': take(parseInteger(v), (x) => { e.cleared = x; }); break;
+      case 'logged': take(parseGfns(v), (x) => { e.logged = x; }); break;
+      case 'dirty': take(parseGfns(v), (x) => { e.dirty = x; }); break;
+      case 'harvested': take(parseHarvested(v, ctx), (x) => { e.harvested = x; }); break;
+    }
+  }
+  return e;
+}
+
+/** A count, or ring entries: a GFN, `{slot, gfn}` (slot id, optional as_id), or `{slot, offset}` (raw slot field). */
+function parseHarvested(v: unknown, ctx: OpContext): Parsed<number | EntryMatcher[]> {
+  if (typeof v === 'number') return parseInteger(v);
+  if (!Array.isArray(v)) return bad(`expected a count or a list of entries, got ${show(v)}`);
+  const out: EntryMatcher[] = [];
+  for (const [i, item] of v.entries()) {
+    const where = `[${i}]`;
+    if (typeof item !== 'object' || item === null) {
+      const g = parseInteger(item);
+      if (!g.ok) return bad(`${where}: ${g.error}`);
+      const s = ctx.vm.slots.find((x) => g.value >= x.baseGfn && g.value < x.baseGfn + x.pages);
+      if (!s) return bad(`${where}: GFN ${hex(g.value)} is in no memslot; write {slot, offset} for a raw entry`);
+      out.push({ slot: s.id, asId: s.asId, gfn: g.value });
+      continue;
+    }
+    const o = item as Record<string, unknown>;
+    const extra = Object.keys(o).filter((k) => !['slot', 'as_id', 'gfn', 'offset'].includes(k));
+    if (extra.length > 0) return bad(`${where}: unknown field '${extra[0]}' (an entry is {slot, gfn} or {slot, offset})`);
+    if (('gfn' in o) === ('offset' in o)) return bad(`${where}: write either {slot, gfn} or {slot, offset}, got ${show(item)}`);
+    if ('gfn' in o) {
+      const slot = parseInteger(o.slot);
+      const gfn = parseInteger(o.gfn);
+      const asId = o.as_id === undefined ? ok(null) : parseInteger(o.as_id);
+      if (!slot.ok) return bad(`${where}.slot: ${slot.error}`);
+      if (!gfn.ok) return bad(`${where}.gfn: ${gfn.error}`);
+      if (!asId.ok) return bad(`${where}.as_id: ${asId.error}`);
+      out.push({ slot: slot.value, asId: asId.value, gfn: gfn.value });
+    } else {
+      const field = typeof o.slot === 'string' ? slotField(o.slot) : parseInteger(o.slot);
+      const offset = parseInteger(o.offset);
+      if ('as_id' in o) return bad(`${where}: with offset, slot is the raw field (AS:ID or as_id << 16 | id); drop as_id`);
+      if (!field.ok) return bad(`${where}.slot: ${field.error}`);
+      if (!offset.ok) return bad(`${where}.offset: ${offset.error}`);
+      out.push({ slotField: field.value, offset: offset.value });
+    }
+  }
+  return ok(out);
+}

@@ -1,0 +1,536 @@
+import { findBug, injectedBugs } from '../bugs/catalog.ts';
+import { DeterministicDriver, ReplayScheduler } from '../drivers/deterministic.ts';
+import { Step, type Steps, type Wait, WaitCode, describeWait } from '../drivers/role.ts';
+import { EXIT_REASON_NAMES, KVM_DIRTY_GFN_F_DIRTY, KVM_DIRTY_GFN_F_RESET, KVM_EXIT_MMIO } from '../host/constants.ts';
+import { DirtyRingHarvester } from '../host/dirty-ring.ts';
+import { GlobalWord, VcpuRunState, VcpuWord, createVmLayout } from '../host/layout.ts';
+import { HOST_WRITER_BASE, type Memslot } from '../host/memslot.ts';
+import { Phase, Vcpu } from '../host/vcpu.ts';
+import { VmmControl } from '../host/vmm.ts';
+import { OpKind } from '../guest/workload.ts';
+import { KvmError } from '../util/errors.ts';
+import { type Mismatch, checkFinal, checkOp } from './expectations.ts';
+import { HostActor } from './host-actor.ts';
+import {
+  type HarvestedEntry, type OpRecord, elide, entryText, gfnsText, guestOpCount, logEventText, newRecord, slotName,
+} from './observations.ts';
+import { ObservedVm } from './observed-vm.ts';
+import { ScriptWorkload } from './script-workload.ts';
+import type { HostOp, InterleavingEntry, LitmusSpec } from './spec.ts';
+import { hex } from './syntax.ts';
+
+export interface LitmusOutcome {
+  file: string;
+  name: string;
+  passed: boolean;
+  /** One line per expectation that did not hold, or per step that could not run. */
+  failures: string[];
+  /** A readable trace: each interleaving step and what it did. */
+  log: string[];
+}
+
+export interface LitmusRunOptions {
+  /** Bugs from the catalog to inject, on top of the file's own `bugs`. */
+  bugs?: readonly string[];
+}
+
+/**
+ * Runs a litmus test: every actor on this thread, stepped exactly as the interleaving
+ * says (through the deterministic driver's stepRole), checking each operation's
+ * expectations when it finishes and the final ones at the end.
+ */
+export function runLitmus(spec: LitmusSpec, options: LitmusRunOptions = {}): LitmusOutcome {
+  return new LitmusRun(spec, options.bugs ?? []).run();
+}
+
+interface StepReport {
+  blocked: boolean;
+  exited: boolean;
+  stopped: boolean;
+  crashed: boolean;
+  text: string;
+}
+
+const INDENT = '      ';
+
+class LitmusRun {
+  private readonly vm: ObservedVm;
+  private readonly vmm: VmmControl;
+  private readonly vcpus: Vcpu[];
+  private readonly workloads: ScriptWorkload[];
+  private readonly host = new HostActor();
+  private readonly hostIndex: number;
+  private readonly driver: DeterministicDriver;
+  private readonly roleNames: string[];
+  private readonly harvester: DirtyRingHarvester | null;
+  private readonly harvestSkipEvery: number;
+  private readonly bugs: string[];
+  /** Operation records per actor (vCPUs 0..n-1, then the host), next to start, and in flight. */
+  private readonly records: OpRecord[][];
+  private readonly next: number[];
+  private readonly active: (OpRecord | null)[];
+  /** Where observations made during the current step go. */
+  private stepping: OpRecord | null = null;
+  private stepEvents: string[] = [];
+  private readonly failures: string[] = [];
+  private readonly log: string[] = [];
+  private readonly collected = new Set<number>();
+  private readonly copies = new Map<number, number>();
+  private readonly lastGot = new Map<number, Uint32Array>();
+  private hostSeq = 0;
+  private entry: InterleavingEntry | null = null;
+
+  constructor(private readonly spec: LitmusSpec, extraBugs: readonly string[]) {
+    this.bugs = [...new Set([...spec.bugs, ...extraBugs])];
+    for (const b of this.bugs) findBug(b, `${spec.file}: bugs`);
+    const injected = injectedBugs(this.bugs);
+    const t = spec.vm.tracking;
+    const tracking = t.kind === 'ring' && injected.noBackupBitmap ? { ...t, withBitmap: false } : t;
+    this.vm = new ObservedVm(createVmLayout({ ...spec.vm, tracking }), injected.kernel);
+    this.vm.populate();
+    this.vm.observer = {
+      fault: () => { if (this.stepping) this.stepping.faults++; },
+      logged: (e) => { this.stepping?.logs.push(e); this.stepEvents.push(logEventText(e)); },
+    };
+    this.vmm = new VmmControl(this.vm);
+    const idleGfn = this.vm.memory.slots[0]!.baseGfn;
+    this.workloads = spec.vcpuOps.map(() => new ScriptWorkload(idleGfn));
+    this.vcpus = this.workloads.map((w, i) => new Vcpu(this.vm, i, w));
+    this.hostIndex = this.vcpus.length;
+    this.driver = new DeterministicDriver([...this.vcpus, this.host], new ReplayScheduler(new Uint8Array(0)));
+    this.roleNames = [...this.vcpus.map((v) => v.name), 'host'];
+    this.harvester = this.vm.rings ? new DirtyRingHarvester(this.vm.rings.length) : null;
+    this.harvestSkipEvery = injected.harvestSkipEvery;
+    this.records = [...spec.vcpuOps.map((ops) => ops.map(newRecord)), spec.hostOps.map(newRecord)];
+    this.next = this.records.map(() => 0);
+    this.active = this.records.map(() => null);
+  }
+
+  run(): LitmusOutcome {
+    const s = this.spec;
+    this.log.push(`${s.name} (${s.file})`);
+    this.log.push(`vm: ${this.vm.memory.slots.map((m) => `slot ${slotName(m)} GFNs ${hex(m.baseGfn)}..${hex(m.endGfn - 1)}`).join(', ')}; `
+      + `${this.vcpus.length} vCPU${this.vcpus.length === 1 ? '' : 's'}; ${trackingText(this.vm)}`
+      + (this.bugs.length > 0 ? `; injected bugs: ${this.bugs.join(', ')}` : ''));
+    if (this.bugs.includes('ring-full-exit-unhandled')) {
+      this.log.push('note: ring-full-exit-unhandled changes nothing here: in a litmus test the file is the VMM and says how exits are handled');
+    }
+    let stopped = false;
+    for (const e of s.interleaving) {
+      this.entry = e;
+      if (!(e.vcpu === null ? this.hostEntry(e) : this.vcpuEntry(e, e.vcpu))) { stopped = true; break; }
+    }
+    this.entry = null;
+    if (stopped) {
+      this.log.push('the run stopped early: operations in flight and final expectations were not checked');
+    } else {
+      this.endOfRun();
+    }
+    this.log.push(`${this.driver.stepCount} steps in all (${this.failures.length === 0 ? 'passed' : `${this.failures.length} failure${this.failures.length === 1 ? '' : 's'}`})`);
+    return { file: s.file, name: s.name, passed: this.failures.length === 0, failures: this.failures, log: this.log };
+  }
+
+  private endOfRun(): void {
+    for (let a = 0; a < this.records.length; a++) {
+      for (const r of this.records[a]!) {
+        if (r.finished) continue;
+        if (r.started) {
+          this.log.push(`at the end ${r.op.where} '${r.op.text}' is still in flight (${this.inFlightText(a)}); its expectations are checked as it stands`);
+          this.report(`end of run: ${r.op.where} '${r.op.text}' (still in flight)`, checkOp(r));
+        } else {
+          this.failures.push(`${this.spec.file}: ${r.op.where} '${r.op.text}' was never run (no interleaving step reaches it)`);
+        }
+      }
+    }
+    const mismatches = checkFinal(this.spec.expect, { vm: this.vm, collected: this.collected, copies: this.copies });
+    for (const m of mismatches) this.failures.push(`${this.spec.file}: ${m.what}: expected ${m.expected}, actual: ${m.actual}`);
+    const x = this.spec.expect;
+    const checked = [x.pages && 'pages', x.collected && 'collected', x.copies && 'copies', x.staleCopies && 'stale_copies',
+      x.sptes && 'sptes', x.lostHostWrites !== undefined && 'lost_host_writes', x.flushes !== undefined && 'flushes'].filter(Boolean);
+    if (checked.length > 0) {
+      this.log.push(`final: collected ${gfnsText([...this.collected].sort((a, b) => a - b))}; checked ${checked.join(', ')}: ${mismatches.length === 0 ? 'as expected' : `${mismatches.length} mismatch${mismatches.length === 1 ? '' : 'es'}`}`);
+    }
+  }
+
+  private inFlightText(actor: number): string {
+    if (actor === this.hostIndex) return `host ${describeWait(this.host.wait.code, this.host.wait.arg, this.host.wait.arg2, this.roleNames)}`;
+    const exit = this.vmm.parkedExit(actor);
+    return exit >= 0 ? `vcpu${actor} sits in exit ${EXIT_REASON_NAMES[exit] ?? exit}` : `vcpu${actor} is in the middle of it`;
+  }
+
+  private where(e: InterleavingEntry): string {
+    return `${this.spec.file}: ${e.where} '${e.text}'`;
+  }
+
+  private report(at: string, mismatches: Mismatch[]): void {
+    for (const m of mismatches) this.failures.push(`${this.spec.file}: ${at}: expected ${m.what}: ${m.expected}, actual: ${m.actual}`);
+  }
+
+  /** Marks an operation finished and checks its expectations. */
+  private finish(actor: number, r: OpRecord): void {
+    r.finished = true;
+    this.active[actor] = null;
+    if (actor < this.hostIndex) this.workloads[actor]!.disarm();
+    const e = this.entry;
+    r.entry = e ? `${e.where} '${e.text}'` : 'end of run';
+    this.report(`${r.entry}: ${r.op.where} '${r.op.text}'`, checkOp(r));
+  }
+
+  /** The actor's operation in flight, or its next one started; null when it has none left. */
+  private current(actor: number, arm: boolean): OpRecord | null {
+    const cur = this.active[actor];
+    if (cur !== null || !arm) return cur;
+    const r = this.records[actor]![this.next[actor]!];
+    if (r === undefined) return null;
+    this.next[actor]!++;
+    r.started = true;
+    this.active[actor] = r;
+    if (actor < this.hostIndex) this.workloads[actor]!.arm(r.op.op as never);
+    else this.host.start(this.hostBody(r));
+    return r;
+  }
+
+  private noOpLeft(e: InterleavingEntry, actor: number): boolean {
+    const n = this.records[actor]!.length;
+    this.failures.push(`${this.where(e)}: ${e.actor} has no operation left to run (its script has ${n}); the run stops here${this.laterText(e)}`);
+    this.log.push(`[${e.index}] ${e.text}: no operation left`);
+    return false;
+  }
+
+  private laterText(e: InterleavingEntry): string {
+    const left = this.spec.interleaving.length - e.index - 1;
+    return left > 0 ? ` (${left} later step${left === 1 ? ' is' : 's are'} not run)` : '';
+  }
+
+  /** `vcpuN` or `vcpuN.step`. Returns false when the run cannot go on. */
+  private vcpuEntry(e: InterleavingEntry, v: number): boolean {
+    const wasActive = this.active[v] !== null;
+    const r = this.current(v, true);
+    if (r === null && e.mode === 'op') return this.noOpLeft(e, v);
+    this.log.push(`[${e.index}] ${e.text}: ${r ? `${r.op.text} (${r.op.where})${wasActive ? ', continued' : ''}` : 'no operation left: idle'}${notes(e, wasActive ? null : r)}`);
+    const limit = e.mode === 'step' || r === null ? 1 : guestOpCount(r) * 8 + 16;
+    const lines: string[] = [];
+    try {
+      for (let n = 0; n < limit; n++) {
+        const s = this.stepVcpu(v);
+        lines.push(s.text);
+        if (s.crashed) return false;
+        if (s.blocked) return this.blocked(e, r, this.vcpus[v]!.wait, e.actor, lines);
+        if (e.mode === 'step' || r === null || r.finished || s.exited || s.stopped) return this.notBlocked(e);
+      }
+    } finally {
+      for (const l of elide(lines, 14)) this.log.push(INDENT + l);
+    }
+    this.failures.push(`${this.where(e)}: ${r!.op.where} '${r!.op.text}' did not finish within ${limit} steps`);
+    return false;
+  }
+
+  /** `host`, `host.step` or `host with vcpuN...`. Returns false when the run cannot go on. */
+  private hostEntry(e: InterleavingEntry): boolean {
+    const wasActive = this.active[this.hostIndex] !== null;
+    const r = this.current(this.hostIndex, true);
+    if (r === null) return this.noOpLeft(e, this.hostIndex);
+    this.log.push(`[${e.index}] ${e.text}: ${r.op.text} (${r.op.where})${wasActive ? ', continued' : ''}${notes(e, wasActive ? null : r)}`);
+    const lines: string[] = [];
+    let assists = 0;
+    try {
+      for (let n = 0; n < 100_000; n++) {
+        const s = this.stepHost(r);
+        if (s.text !== '') lines.push(s.text);
+        if (s.crashed) return false;
+        if (r.finished) return this.notBlocked(e);
+        if (s.blocked) {
+          const w = this.host.wait;
+          if (w.code === WaitCode.FLUSH_ACK && e.assist.includes(w.arg) && assists < 1000) {
+            assists++;
+            const vs = this.stepVcpu(w.arg);
+            lines.push(`vcpu${w.arg} steps to answer: ${vs.text}`);
+            if (vs.crashed) return false;
+            if (vs.blocked) return this.blocked(e, r, this.vcpus[w.arg]!.wait, `vcpu${w.arg}`, lines);
+            continue;
+          }
+          return this.blocked(e, r, w, 'host', lines);
+        }
+        if (e.mode === 'step') return this.notBlocked(e);
+      }
+    } finally {
+      for (const l of elide(lines, 14)) this.log.push(INDENT + l);
+    }
+    this.failures.push(`${this.where(e)}: ${r.op.where} '${r.op.text}' did not finish within 100000 steps`);
+    return false;
+  }
+
+  /** The entry's actor could not act. A failure that stops the run, unless the file expects it. */
+  private blocked(e: InterleavingEntry, r: OpRecord | null, w: Wait, who: string, lines: string[]): boolean {
+    const what = `${who} ${describeWait(w.code, w.arg, w.arg2, this.roleNames)}`;
+    if (e.blocked !== undefined) {
+      const okay = e.blocked === true || (typeof e.blocked === 'number' && w.code === WaitCode.FLUSH_ACK && w.arg === e.blocked);
+      lines.push(okay ? '(blocked, as expected)' : 'BLOCKED, not as expected');
+      if (!okay) this.failures.push(`${this.where(e)}: expected blocked: ${blockedText(e.blocked)}, actual: ${what}`);
+      return true;
+    }
+    let hint = '';
+    if (w.code === WaitCode.FLUSH_ACK) hint = ` (step vcpu${w.arg} first, or write 'host with vcpu${w.arg}' to let it answer)`;
+    else if (w.code === WaitCode.VCPU_EXIT) hint = ` (the host must 'reenter ${who}' first)`;
+    else if (w.code === WaitCode.VCPU_RELEASE) hint = ` (the host must 'release ${who}' first)`;
+    const op = r ? `${r.op.where} '${r.op.text}'` : who;
+    this.failures.push(`${this.where(e)}: ${op} cannot go on: ${what}${hint}; the run stops here${this.laterText(e)}`);
+    lines.push('BLOCKED: the run stops here');
+    return false;
+  }
+
+  private notBlocked(e: InterleavingEntry): boolean {
+    if (e.blocked !== undefined && e.blocked !== false) {
+      this.failures.push(`${this.where(e)}: expected blocked: ${blockedText(e.blocked)}, actual: it did not block`);
+    }
+    return true;
+  }
+
+  private crash(who: string, err: unknown): StepReport {
+    const msg = err instanceof Error ? err.message : String(err);
+    const e = this.entry;
+    this.failures.push(`${this.spec.file}: ${e ? `${e.where} '${e.text}'` : 'end of run'}: ${who} crashed: ${msg}; the run stops here${e ? this.laterText(e) : ''}`);
+    return { blocked: false, exited: false, stopped: false, crashed: true, text: `CRASH: ${msg}` };
+  }
+
+  private word(v: number, w: number): number {
+    return this.vmm.word(v, w);
+  }
+
+  /** One step of vCPU `v`, with what it did in words; updates the record of its operation. */
+  private stepVcpu(v: number): StepReport {
+    const vcpu = this.vcpus[v]!;
+    const wl = this.workloads[v]!;
+    const r = this.active[v] ?? null;
+    const before = {
+      state: vcpu.runState, phase: vcpu.phase, pending: vcpu.opPending, retired: vcpu.retired,
+      ack: this.word(v, VcpuWord.FLUSH_ACK), exits: this.word(v, VcpuWord.EXITS),
+    };
+    this.stepping = r;
+    this.stepEvents = [];
+    let s: Step;
+    try {
+      s = this.driver.stepRole(v);
+    } catch (err) {
+      return this.crash(`vcpu${v}`, err);
+    } finally {
+      this.stepping = null;
+    }
+    if (s === Step.BLOCKED) {
+      return { blocked: true, exited: false, stopped: false, crashed: false, text: `blocked: vcpu${v} ${describeWait(vcpu.wait.code, vcpu.wait.arg, vcpu.wait.arg2, this.roleNames)}` };
+    }
+    const parts: string[] = [];
+    if (before.state === VcpuRunState.EXITED) parts.push('re-enters KVM_RUN');
+    else if (before.state === VcpuRunState.STOPPED) parts.push('resumes');
+    else if (before.state === VcpuRunState.CREATED) parts.push('enters guest mode');
+    const ack = this.word(v, VcpuWord.FLUSH_ACK);
+    const acked = ack !== before.ack;
+    if (acked) parts.push(`acknowledges TLB flush ${ack} (drops its TLB)`);
+    const exited = this.word(v, VcpuWord.EXITS) !== before.exits;
+    const reason = exited ? this.word(v, VcpuWord.EXIT_REASON) : -1;
+    const stopped = before.state !== VcpuRunState.STOPPED && vcpu.runState === VcpuRunState.STOPPED;
+    const fetched = !before.pending;
+    const idle = fetched && wl.lastIdle;
+    const g = vcpu.op.gfn;
+    if (exited && reason !== KVM_EXIT_MMIO) {
+      parts.push(`exits with ${EXIT_REASON_NAMES[reason] ?? reason}${vcpu.opPending ? ` before its write to ${hex(g)} retires` : ''}`);
+    } else if (stopped) {
+      parts.push('stops (outside guest mode)');
+    } else {
+      const phase = fetched || acked ? Phase.TRANSLATE : before.phase;
+      const mmio = exited ? ': KVM_EXIT_MMIO' : '';
+      switch (phase) {
+        case Phase.TRANSLATE:
+          if (idle) parts.push('idle');
+          else if (vcpu.op.kind === OpKind.READ) parts.push(exited ? `read ${hex(g)}: no memslot${mmio}` : `reads ${hex(g)} = ${vcpu.slot!.readU64(vcpu.page)}, retires`);
+          else parts.push(exited ? `write ${hex(g)}: no memslot${mmio}` : `write ${hex(g)} = ${vcpu.op.value}: TLB ${vcpu.phase === Phase.STORE ? 'hit' : 'miss'}`);
+          break;
+        case Phase.WALK:
+          parts.push(exited ? `walk ${hex(g)}: read-only memslot${mmio}` : `walk ${hex(g)}: SPTE ${vcpu.phase === Phase.STORE ? 'writable, TLB filled' : 'write-protected'}`);
+          break;
+        case Phase.FAULT:
+          parts.push(`write-protect fault on ${hex(g)}: SPTE made writable`);
+          break;
+        case Phase.STORE:
+          parts.push(`stores ${hex(g)} = ${vcpu.op.value}, retires`);
+          break;
+      }
+    }
+    parts.push(...this.stepEvents);
+    if (vcpu.retired > before.retired && !idle && r !== null) {
+      r.retired++;
+      if (r.op.op.kind === 'read') r.value = vcpu.slot!.readU64(vcpu.page);
+    }
+    if (exited && r !== null) {
+      r.exits.push({ reason, retired: r.retired });
+      if (reason === KVM_EXIT_MMIO) r.dropped++;
+    }
+    if (r !== null && r.retired + r.dropped >= guestOpCount(r)) this.finish(v, r);
+    return { blocked: false, exited, stopped, crashed: false, text: parts.join('; ') };
+  }
+
+  /** One step of the host's current operation. */
+  private stepHost(r: OpRecord): StepReport {
+    const genBefore = Atomics.load(this.vm.global, GlobalWord.FLUSH_GEN);
+    const notesBefore = r.notes.length;
+    this.stepping = r;
+    this.stepEvents = [];
+    let s: Step;
+    try {
+      s = this.driver.stepRole(this.hostIndex);
+    } finally {
+      this.stepping = null;
+    }
+    const parts = [...r.notes.slice(notesBefore), ...this.stepEvents];
+    const gen = Atomics.load(this.vm.global, GlobalWord.FLUSH_GEN);
+    if (gen !== genBefore) parts.push(`starts TLB flush ${gen}`);
+    if (s === Step.DONE) {
+      const thrown = this.host.thrown;
+      if (thrown !== undefined) {
+        if (!(thrown instanceof KvmError)) {
+          const c = this.crash('host', thrown);
+          return { ...c, text: [...parts, c.text].join('; ') };
+        }
+        r.error = thrown;
+        parts.push(`fails: ${thrown.message}`);
+      }
+      this.finish(this.hostIndex, r);
+    } else if (s === Step.BLOCKED) {
+      parts.push(`waits: host ${describeWait(this.host.wait.code, this.host.wait.arg, this.host.wait.arg2, this.roleNames)}`);
+    }
+    return { blocked: s === Step.BLOCKED, exited: false, stopped: false, crashed: false, text: parts.join('; ') };
+  }
+
+  private slotsOf(index: number | null): Memslot[] {
+    return index === null ? this.vm.memory.slots : [this.vm.memory.slots[index]!];
+  }
+
+  private page(gfn: number): { slot: Memslot; page: number } {
+    const slot = this.vm.memory.findSlot(gfn)!;
+    return { slot, page: gfn - slot.baseGfn };
+  }
+
+  /** A host operation as a step generator; results and notes go into its record. */
+  private *hostBody(r: OpRecord): Steps<void> {
+    const op = r.op.op as HostOp;
+    const vm = this.vm;
+    switch (op.kind) {
+      case 'enable-logging':
+        for (const s of this.slotsOf(op.slot)) {
+          r.notes.push(`KVM_SET_USER_MEMORY_REGION: slot ${slotName(s)} +KVM_MEM_LOG_DIRTY_PAGES (${vm.manualProtect && vm.tracking.kind === 'bitmap' && vm.tracking.initiallySet ? 'bitmap all set, nothing write-protected' : 'write-protects every page'})`);
+          yield* vm.enableDirtyLogging(s);
+        }
+        r.notes.push('done');
+        return;
+      case 'disable-logging':
+        for (const s of this.slotsOf(op.slot)) vm.disableDirtyLogging(s);
+        r.notes.push('logging off: every page writable again');
+        return;
+      case 'harvest': {
+        const rings = op.vcpu === null ? vm.rings! : [vm.rings![op.vcpu]!];
+        const got: HarvestedEntry[] = [];
+        for (const ring of rings) {
+          this.harvester!.harvest(ring, ring.entries, (slotField, offset) => {
+            const slot = vm.memory.slotByField(slotField);
+            const e: HarvestedEntry = { slotField, offset };
+            if (slot !== undefined && offset < slot.pages) {
+              e.slot = slot;
+              e.gfn = slot.baseGfn + offset;
+              this.collected.add(e.gfn);
+            }
+            got.push(e);
+          }, this.harvestSkipEvery);
+        }
+        r.harvested = got;
+        r.notes.push(`harvested ${got.length} entr${got.length === 1 ? 'y' : 'ies'}${got.length > 0 ? `: ${elide(got.map(entryText), 6).join(', ')}` : ''}`);
+        return;
+      }
+      case 'reset': {
+        r.notes.push('KVM_RESET_DIRTY_RINGS');
+        r.reset = yield* vm.resetDirtyRings();
+        r.notes.push(`reset ${r.reset} entr${r.reset === 1 ? 'y' : 'ies'}`);
+        return;
+      }
+      case 'get-log': {
+        const s = vm.memory.slots[op.slot]!;
+        r.notes.push(`KVM_GET_DIRTY_LOG slot ${slotName(s)}`);
+        const bits: Uint32Array = yield* vm.getDirtyLog(s);
+        this.lastGot.set(op.slot, bits.slice());
+        const dirty: number[] = [];
+        for (let p = 0; p < s.pages; p++) if ((bits[p >>> 5]! >>> (p & 31)) & 1) dirty.push(s.baseGfn + p);
+        for (const g of dirty) this.collected.add(g);
+        r.dirty = dirty;
+        r.notes.push(`dirty: ${gfnsText(dirty)}`);
+        return;
+      }
+      case 'clear-log': {
+        const s = vm.memory.slots[op.slot]!;
+        // Bit i of the bitmap passed to KVM_CLEAR_DIRTY_LOG is page first + i.
+        const n = op.first + op.num <= s.pages ? op.num : 0;
+        const bitmap = new Uint32Array(Math.max(1, Math.ceil(n / 32)));
+        if (op.allOnes) bitmap.fill(0xffffffff);
+        else {
+          const got = this.lastGot.get(op.slot)!;
+          for (let i = 0; i < n; i++) {
+            const p = op.first + i;
+            if ((got[p >>> 5]! >>> (p & 31)) & 1) bitmap[i >>> 5]! |= 1 << (i & 31);
+          }
+        }
+        r.notes.push(`KVM_CLEAR_DIRTY_LOG slot ${slotName(s)} first_page ${op.first} num_pages ${op.num} (${op.allOnes ? 'all ones' : 'the bitmap just got'})`);
+        r.cleared = yield* vm.clearDirtyLog(s, op.first, op.num, bitmap);
+        r.notes.push(`cleared ${r.cleared}`);
+        return;
+      }
+      case 'write-guest': {
+        const { slot, page } = this.page(op.gfn);
+        r.notes.push(`kvm_write_guest ${hex(op.gfn)} = ${op.value} with no running vCPU`);
+        vm.writeGuest(slot, page, op.value, { writer: HOST_WRITER_BASE, seq: ++this.hostSeq, iteration: 0 }, -1);
+        return;
+      }
+      case 'copy': {
+        const { slot, page } = this.page(op.gfn);
+        r.value = slot.readU64(page);
+        this.copies.set(op.gfn, r.value);
+        r.notes.push(`copies ${hex(op.gfn)}: ${r.value}`);
+        return;
+      }
+      case 'forge-entry': {
+        const flags = op.flags === KVM_DIRTY_GFN_F_DIRTY ? 'DIRTY' : op.flags === KVM_DIRTY_GFN_F_RESET ? 'RESET' : `${op.flags}`;
+        vm.rings![op.vcpu]!.forge(op.index, op.flags, op.slotField, op.offset);
+        r.notes.push(`writes vcpu${op.vcpu}'s ring entry ${op.index}: flags ${flags}, slot ${op.slotField}, offset ${op.offset}`);
+        return;
+      }
+      case 'reenter': {
+        const exit = this.vmm.parkedExit(op.vcpu);
+        this.vmm.reenter(op.vcpu);
+        r.notes.push(`KVM_RUN again for vcpu${op.vcpu}${exit >= 0 ? ` (after ${EXIT_REASON_NAMES[exit] ?? exit})` : ' (it was not in an exit)'}`);
+        return;
+      }
+      case 'stop':
+        this.vmm.requestStop(op.vcpu);
+        r.notes.push(`asks vcpu${op.vcpu} to stop at its next operation boundary`);
+        return;
+      case 'release':
+        this.vmm.release(op.vcpu);
+        r.notes.push(`lets vcpu${op.vcpu} run again`);
+        return;
+    }
+  }
+}
+
+/** The file's notes for a step and for the operation it starts. */
+function notes(e: InterleavingEntry, r: OpRecord | null): string {
+  const n = [e.note, r?.op.note].filter((x): x is string => x !== undefined && x.trim() !== '');
+  return n.length > 0 ? ` -- ${n.join('; ')}` : '';
+}
+
+function blockedText(b: boolean | number): string {
+  return typeof b === 'number' ? `waiting for vcpu${b}` : `${b}`;
+}
+
+function trackingText(vm: ObservedVm): string {
+  const t = vm.tracking;
+  if (t.kind === 'ring') return `dirty ring, ${t.entries} entries per vCPU (soft limit ${t.entries - 64})${t.withBitmap ? ' with a backup bitmap' : ''}`;
+  if (!t.manualProtect) return 'dirty log (legacy GET_DIRTY_LOG)';
+  return `dirty log with manual protect (GET + CLEAR)${t.initiallySet ? ', initially set' : ''}`;
+}

@@ -1,0 +1,155 @@
+import { z } from 'zod';
+import { fieldPath, show } from './syntax.ts';
+
+/**
+ * The shape of a litmus file, checked with zod before anything is interpreted. Values
+ * with a grammar of their own (operations, GFN lists, sizes, errno and exit names) are
+ * taken as they come here and parsed in load.ts, which reports problems the same way.
+ */
+
+/** A strict object whose unknown fields are reported with the fields it does take. */
+function strict<T extends z.ZodRawShape>(shape: T) {
+  const known = Object.keys(shape).join(', ');
+  return z.strictObject(shape, {
+    error: (iss) => iss.code === 'unrecognized_keys' ? `unknown field (fields here: ${known})` : undefined,
+  });
+}
+
+const numberOrText = z.union([z.number(), z.string()]);
+const count = z.int().min(0);
+
+export const OpEntrySchema = z.union([
+  z.string(),
+  strict({
+    op: z.string(),
+    expect: z.record(z.string(), z.unknown()).optional(),
+    /** Free text, shown in the trace. */
+    note: z.string().optional(),
+  }),
+]);
+
+export const SlotSchema = strict({
+  id: z.int().min(0).max(0xffff),
+  as_id: z.int().min(0).max(0xffff).optional(),
+  base_gfn: numberOrText,
+  pages: z.int().min(1, { error: (iss) => `a slot needs at least one page, got ${show(iss.input)}` }),
+  /** KVM_MEM_* flags: a number, or names (KVM_MEM_READONLY / readonly). */
+  flags: z.union([z.int().min(0), z.array(z.string())]).optional(),
+});
+
+export const TRACKING_MODES = ['dirty-log', 'clear-log', 'dirty-ring'] as const;
+
+export const TrackingSchema = z.union([
+  z.enum(TRACKING_MODES),
+  strict({
+    mode: z.enum(TRACKING_MODES),
+    /** clear-log: KVM_DIRTY_LOG_INITIALLY_SET. */
+    initially_set: z.boolean().optional(),
+    /** dirty-ring: entries per vCPU ring. */
+    entries: z.int().optional(),
+    /** dirty-ring: KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP. */
+    backup_bitmap: z.boolean().optional(),
+  }),
+]);
+
+export const InterleavingEntrySchema = z.union([
+  z.string(),
+  strict({
+    run: z.string(),
+    expect: strict({ blocked: z.union([z.boolean(), z.string()]).optional() }).optional(),
+    note: z.string().optional(),
+  }),
+]);
+
+export const FinalExpectSchema = strict({
+  pages: z.record(z.string(), numberOrText).optional(),
+  collected: z.array(numberOrText).optional(),
+  copies: z.record(z.string(), numberOrText).optional(),
+  stale_copies: z.array(numberOrText).optional(),
+  sptes: z.record(z.string(), z.enum(['writable', 'protected'])).optional(),
+  lost_host_writes: count.optional(),
+  flushes: count.optional(),
+});
+
+export const LitmusFileSchema = strict({
+  name: z.string().min(1),
+  description: z.string().optional(),
+  bugs: z.array(z.string()).optional(),
+  vm: strict({
+    /** One slot (id 1 at GFN 0x100, as dirty_log_test lays it out) of this size. */
+    memory: numberOrText.optional(),
+    slots: z.array(SlotSchema).min(1).optional(),
+    vcpus: z.int().min(1).max(64).optional(),
+  }),
+  tracking: TrackingSchema,
+  actors: z.record(z.string(), z.array(OpEntrySchema)),
+  interleaving: z.array(InterleavingEntrySchema).min(1),
+  expect: FinalExpectSchema.optional(),
+});
+
+export type LitmusFile = z.infer<typeof LitmusFileSchema>;
+export type RawOpEntry = z.infer<typeof OpEntrySchema>;
+export type RawSlot = z.infer<typeof SlotSchema>;
+
+/** zod issues as lines `field.path: what is wrong (the bad value)`. */
+export function issueLines(issues: readonly z.core.$ZodIssue[], prefix: readonly PropertyKey[] = []): string[] {
+  const out: string[] = [];
+  for (const iss of issues) {
+    const path = [...prefix, ...iss.path];
+    const input = (iss as { input?: unknown }).input;
+    switch (iss.code) {
+      case 'invalid_union': {
+        const branch = bestBranch(iss.errors);
+        if (branch) out.push(...issueLines(branch, path));
+        else out.push(`${fieldPath(path)}: expected ${unionAlternatives(iss.errors)}, got ${show(input)}`);
+        break;
+      }
+      case 'unrecognized_keys':
+        for (const k of iss.keys) out.push(`${fieldPath([...path, k])}: ${iss.message}`);
+        break;
+      case 'invalid_type':
+        out.push(input === undefined
+          ? `${fieldPath(path)}: missing (expected ${typeName(iss.expected)})`
+          : `${fieldPath(path)}: expected ${typeName(iss.expected)}, got ${show(input)}`);
+        break;
+      case 'invalid_value':
+        out.push(`${fieldPath(path)}: ${show(input)} is not one of: ${iss.values.map(String).join(', ')}`);
+        break;
+      case 'too_small':
+      case 'too_big': {
+        const bound = iss.code === 'too_small' ? iss.minimum : iss.maximum;
+        const custom = iss.message.startsWith('Too ') ? null : iss.message;
+        const what = iss.origin === 'array' ? (iss.code === 'too_small' && Number(bound) === 1 ? 'not be empty' : `have at ${iss.code === 'too_small' ? 'least' : 'most'} ${bound} entries`)
+          : iss.origin === 'string' ? (iss.code === 'too_small' ? 'not be empty' : `be at most ${bound} characters`)
+            : `be at ${iss.code === 'too_small' ? 'least' : 'most'} ${bound}`;
+        out.push(`${fieldPath(path)}: ${custom ?? `must ${what}, got ${show(input)}`}`);
+        break;
+      }
+      default:
+        out.push(`${fieldPath(path)}: ${iss.message}${input === undefined ? '' : ` (got ${show(input)})`}`);
+    }
+  }
+  return out;
+}
+
+function typeName(expected: string): string {
+  return expected === 'int' ? 'a whole number' : expected === 'record' || expected === 'object' ? 'a mapping' : expected === 'array' ? 'a list' : `a ${expected}`;
+}
+
+/** The union branch that got furthest: the one that did not fail on the value's type itself. */
+function bestBranch(branches: readonly (readonly z.core.$ZodIssue[])[]): readonly z.core.$ZodIssue[] | null {
+  const fitting = branches.filter((b) => !b.some((i) => i.path.length === 0 && (i.code === 'invalid_type' || i.code === 'invalid_value')));
+  return fitting.length === 1 ? fitting[0]! : null;
+}
+
+function unionAlternatives(branches: readonly (readonly z.core.$ZodIssue[])[]): string {
+  const names = new Set<string>();
+  for (const b of branches) {
+    for (const i of b) {
+      if (i.path.length !== 0) continue;
+      if (i.code === 'invalid_type') names.add(typeName(i.expected));
+      else if (i.code === 'invalid_value') names.add(`one of ${i.values.map(String).join(', ')}`);
+    }
+  }
+  return [...names].join(' or ') || 'something else';
+}

@@ -1,0 +1,128 @@
+import type { VmConfig } from '../host/layout.ts';
+
+/**
+ * A litmus test as loaded from its file (load.ts): a small VM, the operations each actor
+ * runs, an explicit interleaving of those actors, and what must be observed. Every
+ * element remembers where it came from (`where`, a field path such as `actors.host[2]`)
+ * so that failures and errors can point back into the file.
+ */
+export interface LitmusSpec {
+  /** The file the spec was read from, as given (used in every message). */
+  file: string;
+  name: string;
+  description: string;
+  /** Bugs from the catalog (src/bugs/catalog.ts) the file itself injects. */
+  bugs: string[];
+  vm: VmConfig;
+  /** Actor names in file order: `host` and `vcpuN`. */
+  actors: string[];
+  /** Scripted guest operations of each vCPU, indexed by vCPU number (empty when it has none). */
+  vcpuOps: LitmusOp<VcpuOp>[][];
+  hostOps: LitmusOp<HostOp>[];
+  interleaving: InterleavingEntry[];
+  expect: FinalExpect;
+}
+
+export interface LitmusOp<T extends VcpuOp | HostOp = VcpuOp | HostOp> {
+  /** `host` or `vcpuN`. */
+  actor: string;
+  /** Position in the actor's list. */
+  index: number;
+  /** Field path in the file, e.g. `actors.vcpu0[2]`. */
+  where: string;
+  /** The operation as written, e.g. `write 0x100 1`. */
+  text: string;
+  op: T;
+  expect: OpExpect;
+  /** Free text from the file, shown in the trace. */
+  note?: string;
+}
+
+/** Guest operations a vCPU runs (through its Workload). */
+export type VcpuOp =
+  /** `write GFN VALUE` (count 1) and `write-pages GFN COUNT VALUE`: VALUE into the first 8 bytes of COUNT consecutive pages. */
+  | { kind: 'write'; gfn: number; value: number; count: number }
+  /** `read GFN`: the page's first 8 bytes. */
+  | { kind: 'read'; gfn: number };
+
+/** The VMM/KVM side. `slot` is an index into `vm.slots`. */
+export type HostOp =
+  | { kind: 'enable-logging'; slot: number | null }
+  | { kind: 'disable-logging'; slot: number | null }
+  | { kind: 'harvest'; vcpu: number | null }
+  | { kind: 'reset' }
+  | { kind: 'get-log'; slot: number }
+  | { kind: 'clear-log'; slot: number; first: number; num: number; allOnes: boolean }
+  | { kind: 'write-guest'; gfn: number; value: number }
+  | { kind: 'copy'; gfn: number }
+  | { kind: 'forge-entry'; vcpu: number; index: number; slotField: number; offset: number; flags: number }
+  | { kind: 'reenter'; vcpu: number }
+  | { kind: 'stop'; vcpu: number }
+  | { kind: 'release'; vcpu: number };
+
+/** A dirty ring entry as an expectation: a page of a slot, or a raw slot field and offset. */
+export type EntryMatcher =
+  | { slot: number; asId: number | null; gfn: number }
+  | { slotField: number; offset: number };
+
+/** Pages: an exact ordered list of GFNs, or only how many. */
+export type GfnsMatcher = number | number[];
+
+/** Expectations on one operation, checked when it finishes (or at the end if it never does). */
+export interface OpExpect {
+  /** errno the ioctl fails with; 0 = must succeed. */
+  error?: number;
+  /** The first exit the operation took; 0 = none (KVM_EXIT_UNKNOWN is never used for that). */
+  exit?: number | 'none';
+  /** Guest operations of this operation retired before its first exit. */
+  retiredBeforeExit?: number;
+  /** Write-protect faults taken. */
+  faults?: number;
+  /** Pages logged dirty (ring push or bitmap bit) by this operation, in order. */
+  logged?: GfnsMatcher;
+  /** Host writes that could not be logged (no running vCPU, no backup bitmap). */
+  lost?: number;
+  /** read / copy: the value seen. */
+  value?: number;
+  harvested?: number | EntryMatcher[];
+  reset?: number;
+  /** get-log: the pages set in the returned bitmap, ascending. */
+  dirty?: GfnsMatcher;
+  cleared?: number;
+}
+
+export type OpExpectKey = keyof OpExpect;
+
+export interface InterleavingEntry {
+  index: number;
+  /** `interleaving[i]` */
+  where: string;
+  text: string;
+  actor: string;
+  /** vCPU number, or null for the host. */
+  vcpu: number | null;
+  /** `op`: run the actor's current operation to completion; `step`: exactly one step. */
+  mode: 'op' | 'step';
+  /** `host with vcpu0, vcpu1`: vCPUs the runner may step when the host waits for them. */
+  assist: number[];
+  /** Expected to block: true, or waiting for this vCPU's flush acknowledgement; false: must not block. */
+  blocked?: boolean | number;
+  /** Free text from the file, shown in the trace. */
+  note?: string;
+}
+
+export interface FinalExpect {
+  /** Page values (first 8 bytes) at the end. */
+  pages?: { gfn: number; value: number }[];
+  /** Every page harvested or reported by get-log during the run, ascending. */
+  collected?: number[];
+  /** The last copy of each page. */
+  copies?: { gfn: number; value: number }[];
+  /** Copied pages whose last copy differs from guest memory at the end (lost writes). */
+  staleCopies?: number[];
+  sptes?: { gfn: number; writable: boolean }[];
+  /** KVM's warning counter for host writes it could not log. */
+  lostHostWrites?: number;
+  /** Remote TLB flushes performed. */
+  flushes?: number;
+}

@@ -1,0 +1,331 @@
+import { mkdtempSync, readFileSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterAll, describe, expect, it } from 'vitest';
+import { CATALOG } from '../src/bugs/catalog.ts';
+import { formatLitmusOutcome, loadLitmus, parseLitmus, runLitmus } from '../src/litmus/index.ts';
+import { UserError } from '../src/util/errors.ts';
+
+const DIR = 'examples/litmus';
+const files = readdirSync(DIR).filter((f) => f.endsWith('.yaml')).sort();
+const text = (f: string): string => readFileSync(join(DIR, f), 'utf8');
+
+/** The example's text with `from` replaced; fails loudly if `from` is not there (so tests cannot silently go stale). */
+function edited(f: string, from: string | RegExp, to: string): string {
+  const t = text(f);
+  const out = t.replace(from, to);
+  if (out === t) throw new Error(`${f}: ${String(from)} not found`);
+  return out;
+}
+
+function run(source: string, name = 'inline.yaml', bugs: string[] = []) {
+  return runLitmus(parseLitmus(source, name), { bugs });
+}
+
+function userError(fn: () => unknown): string {
+  try {
+    fn();
+  } catch (e) {
+    expect(e).toBeInstanceOf(UserError);
+    return (e as Error).message;
+  }
+  throw new Error('expected a UserError');
+}
+
+describe('the shipped litmus examples', () => {
+  it('cover every behaviour the suite promises', () => {
+    expect(files.length).toBeGreaterThanOrEqual(10);
+  });
+
+  it.each(files)('%s passes', (f) => {
+    const o = runLitmus(loadLitmus(join(DIR, f)));
+    expect(o.failures).toEqual([]);
+    expect(o.passed).toBe(true);
+    expect(o.file).toBe(join(DIR, f));
+    // The trace has a line for every interleaving step.
+    const steps = loadLitmus(join(DIR, f)).interleaving.length;
+    for (let i = 0; i < steps; i++) expect(o.log.some((l) => l.startsWith(`[${i}] `))).toBe(true);
+  });
+});
+
+describe('injected bugs make the examples that show them fail', () => {
+  const cases: [string, string, string][] = [
+    ['skip-tlb-shootdown', '02-reset-rearms-logging.yaml', "actors.vcpu0[1] 'write 0x100 2': expected faults: 1, actual: 0"],
+    ['skip-tlb-shootdown', '06-legacy-get-clears-then-protects.yaml', "actors.host[3] 'get-log 1': expected dirty: [0x100], actual: []"],
+    ['ring-full-ignored', '04-ring-soft-full.yaml', 'expected exit: KVM_EXIT_DIRTY_RING_FULL, actual: none'],
+    ['harvest-skips-entry', '04-ring-soft-full.yaml', "actors.host[1] 'harvest': expected harvested: 192 entries, actual: 180 entries"],
+    ['clear-without-protect', '07-clear-log-alignment.yaml', "actors.vcpu0[1] 'write 0x100 2': expected logged: [0x100], actual: []"],
+    ['untracked-host-write', '09b-host-write-with-backup-bitmap.yaml', "actors.host[1] 'write-guest 0x100 5': expected logged: [0x100], actual: []"],
+    ['untracked-host-write', '09a-host-write-without-backup-bitmap.yaml', 'expect.lost_host_writes: expected 1, actual: 0'],
+    ['no-backup-bitmap', '09b-host-write-with-backup-bitmap.yaml', "actors.host[5] 'get-log 1': expected error: none, actual: KVM_GET_DIRTY_LOG: ENXIO"],
+  ];
+
+  it.each(cases)('%s fails %s', (bug, f, message) => {
+    const o = runLitmus(loadLitmus(join(DIR, f)), { bugs: [bug] });
+    expect(o.passed).toBe(false);
+    expect(o.failures.some((l) => l.startsWith(`${join(DIR, f)}: `) && l.includes(message)), o.failures.join('\n')).toBe(true);
+    expect(o.log[1]).toContain(`injected bugs: ${bug}`);
+  });
+
+  it('every catalogued kernel or userspace bug is caught by some example', () => {
+    const specs = files.map((f) => loadLitmus(join(DIR, f)));
+    for (const bug of CATALOG.map((b) => b.name)) {
+      if (bug === 'ring-full-exit-unhandled') continue; // the litmus file is the VMM: it handles exits itself
+      const caught = specs.filter((s) => !runLitmus(s, { bugs: [bug] }).passed);
+      expect(caught.length, `no example catches ${bug}`).toBeGreaterThan(0);
+    }
+  });
+
+  it('a bug named in the file itself is injected too', () => {
+    const o = run(`bugs: [skip-tlb-shootdown]\n${text('02-reset-rearms-logging.yaml')}`);
+    expect(o.passed).toBe(false);
+    expect(o.failures.join('\n')).toContain("'write 0x100 2': expected faults: 1, actual: 0");
+  });
+
+  it('rejects an unknown bug name', () => {
+    expect(userError(() => runLitmus(loadLitmus(join(DIR, files[0]!)), { bugs: ['no-such-bug'] }))).toContain("unknown bug 'no-such-bug'");
+  });
+});
+
+describe('failures say which expectation, where, expected and actual', () => {
+  it('a wrong per-operation expectation', () => {
+    const o = run(edited('02-reset-rearms-logging.yaml', '{op: reset, expect: {reset: 1}}', '{op: reset, expect: {reset: 2}}'), 'wrong.yaml');
+    expect(o.passed).toBe(false);
+    expect(o.failures).toEqual(["wrong.yaml: interleaving[5] 'host': actors.host[2] 'reset': expected reset: 2, actual: 1"]);
+  });
+
+  it('a wrong harvested list', () => {
+    const o = run(edited('01-write-between-harvest-and-reset.yaml', '{harvested: [{slot: 1, gfn: 0x100}]}', '{harvested: [{slot: 1, gfn: 0x101}]}'), 'h.yaml');
+    expect(o.failures).toEqual(["h.yaml: interleaving[2] 'host': actors.host[1] 'harvest': expected harvested: [slot 1 gfn 0x101], actual: [slot 1 gfn 0x100]"]);
+  });
+
+  it('a wrong copy value and a wrong final page value', () => {
+    const src = edited('01-write-between-harvest-and-reset.yaml', '{op: copy 0x100, expect: {value: 2}}', '{op: copy 0x100, expect: {value: 1}}')
+      .replace('pages: {0x100: 2}', 'pages: {0x100: 3}');
+    const o = run(src, 'c.yaml');
+    expect(o.failures).toEqual([
+      "c.yaml: interleaving[5] 'host': actors.host[3] 'copy 0x100': expected value: 1, actual: 2",
+      'c.yaml: expect.pages[0x100]: expected 3, actual: 2',
+    ]);
+  });
+
+  it('a copy taken before the reset is stale: the write between copy and reset is lost', () => {
+    // Example 1 with the copy moved before the reset (the copy-before-reset mistake).
+    const o = run(`name: copy before reset
+vm: {memory: 1MiB}
+tracking: {mode: dirty-ring, entries: 256}
+actors:
+  vcpu0: [write 0x100 1, {op: write 0x100 2, expect: {logged: []}}]
+  host: [enable-logging, harvest, {op: copy 0x100, expect: {value: 1}}, {op: reset, expect: {reset: 1}}, {op: harvest, expect: {harvested: []}}]
+interleaving: [host, vcpu0, host, host, vcpu0, host with vcpu0, host]
+expect: {copies: {0x100: 2}, stale_copies: []}
+`, 'early-copy.yaml');
+    expect(o.failures).toEqual([
+      'early-copy.yaml: expect.copies[0x100]: expected 2, actual: 1',
+      'early-copy.yaml: expect.stale_copies: expected [], actual: [0x100]',
+    ]);
+  });
+
+  it('a host operation that waits for a vCPU the file does not let run: says who waits for what, does not hang', () => {
+    const o = run(edited('02-reset-rearms-logging.yaml', /- run: host[^\n]*\n\s*expect: \{blocked: vcpu0\}/, '- host'), 'b.yaml');
+    expect(o.passed).toBe(false);
+    expect(o.failures).toEqual([
+      "b.yaml: interleaving[3] 'host': actors.host[2] 'reset' cannot go on: host waits for vcpu0 to acknowledge TLB flush generation 2"
+      + " (step vcpu0 first, or write 'host with vcpu0' to let it answer); the run stops here (6 later steps are not run)",
+    ]);
+  });
+
+  it('with two vCPUs, `host with vcpu0` still blocks on vcpu1, and `host with all` completes', () => {
+    const src = (reset: string): string => `name: two vcpus
+vm: {memory: 1MiB, vcpus: 2}
+tracking: {mode: dirty-ring, entries: 256}
+actors:
+  vcpu0: [write 0x100 1]
+  vcpu1: [write 0x101 1]
+  host: [enable-logging, {op: harvest, expect: {harvested: [0x100, 0x101]}}, {op: reset, expect: {reset: 2}}]
+interleaving: [host, vcpu0, vcpu1, host, ${reset}]
+expect: {sptes: {0x100: protected, 0x101: protected}}
+`;
+    const blocked = run(src('host with vcpu0'), 'two.yaml');
+    expect(blocked.failures[0]).toContain("interleaving[4] 'host with vcpu0': actors.host[2] 'reset' cannot go on: host waits for vcpu1 to acknowledge TLB flush generation 2");
+    const done = run(src('host with all'), 'two.yaml');
+    expect(done.failures).toEqual([]);
+    expect(done.log.filter((l) => l.includes('steps to answer')).length).toBe(2);
+  });
+
+  it('a stopped vCPU counts as having acknowledged the flush', () => {
+    const o = run(`name: stopped
+vm: {memory: 1MiB}
+tracking: {mode: dirty-ring, entries: 256}
+actors:
+  vcpu0: [write 0x100 1, {op: write 0x100 2, expect: {faults: 1, logged: [0x100]}}]
+  host: [enable-logging, stop vcpu0, harvest, {op: reset, expect: {reset: 1}}, release vcpu0]
+interleaving: [host, vcpu0, host, vcpu0.step, host, host, host, vcpu0]
+expect: {pages: {0x100: 2}}
+`);
+    expect(o.failures).toEqual([]);
+    expect(o.log.join('\n')).toContain('stops (outside guest mode)');
+  });
+
+  it('host.step runs one step of an ioctl: the reset blocks at its TLB flush until vcpu0 acknowledges', () => {
+    const o = run(`name: stepping the host
+vm: {memory: 1MiB}
+tracking: {mode: dirty-ring, entries: 256}
+actors:
+  vcpu0: [write 0x100 1, {op: write 0x100 2, expect: {faults: 1}}]
+  host: [enable-logging, harvest, {op: reset, expect: {reset: 1}, note: the interesting one}]
+interleaving:
+  - host
+  - vcpu0
+  - host
+  - host.step                                # resets vcpu0's ring: 0x100 write-protected
+  - host.step                                # starts the flush
+  - {run: host.step, expect: {blocked: vcpu0}, note: vcpu0 is in guest mode}
+  - vcpu0.step                               # acknowledges, then TRANSLATE of write 2: TLB miss
+  - host.step                                # the flush is complete: reset returns 1
+  - vcpu0
+`);
+    expect(o.failures).toEqual([]);
+    const trace = o.log.join('\n');
+    expect(trace).toContain("[3] host.step: reset (actors.host[2]) -- the interesting one\n      KVM_RESET_DIRTY_RINGS");
+    expect(trace).toContain('[5] host.step: reset (actors.host[2]), continued -- vcpu0 is in guest mode\n      waits: host waits for vcpu0 to acknowledge TLB flush generation 2\n      (blocked, as expected)');
+    expect(trace).toContain('[6] vcpu0.step: write 0x100 2 (actors.vcpu0[1])\n      acknowledges TLB flush 2 (drops its TLB); write 0x100 = 2: TLB miss');
+  });
+
+  it('a step expected to wait for one vCPU that waits for another, or does not wait, fails', () => {
+    const src = (blocked: string): string => `name: b
+vm: {memory: 1MiB, vcpus: 2}
+tracking: {mode: dirty-ring, entries: 256}
+actors:
+  vcpu0: [write 0x100 1]
+  vcpu1: [write 0x101 1]
+  host: [enable-logging, harvest, reset]
+interleaving: [host, vcpu0, vcpu1, host, {run: host, expect: {blocked: ${blocked}}}, host with all]
+`;
+    expect(run(src('vcpu0')).failures).toEqual([]);
+    expect(run(src('vcpu1')).failures).toEqual([
+      "inline.yaml: interleaving[4] 'host': expected blocked: waiting for vcpu1, actual: host waits for vcpu0 to acknowledge TLB flush generation 2",
+    ]);
+  });
+
+  it('a vCPU parked in an exit blocks its interleaving step until the host re-enters it', () => {
+    const o = run(edited('04-ring-soft-full.yaml', '  - host              # reenter vcpu0\n', ''), 'x.yaml');
+    expect(o.failures).toEqual([
+      "x.yaml: interleaving[4] 'vcpu0': actors.vcpu0[0] 'write-pages 0x100 192 7' cannot go on: vcpu0 sits in exit KVM_EXIT_DIRTY_RING_FULL"
+      + " and waits for the VMM to re-enter KVM_RUN (the host must 'reenter vcpu0' first); the run stops here (1 later step is not run)",
+    ]);
+  });
+
+  it('an expected block that does not happen', () => {
+    const o = run(edited('05-reset-without-harvest.yaml', '  - host              # reset without harvest', '  - {run: host, expect: {blocked: true}}  #'), 'nb.yaml');
+    expect(o.failures).toEqual(["nb.yaml: interleaving[2] 'host': expected blocked: true, actual: it did not block"]);
+  });
+
+  it('operations never reached, and steps with no operation left', () => {
+    const never = run(edited('01-write-between-harvest-and-reset.yaml', /  - host +# harvest again[^\n]*\n/, ''), 'n.yaml');
+    expect(never.failures).toEqual(["n.yaml: actors.host[4] 'harvest' was never run (no interleaving step reaches it)"]);
+    const extra = run(`${text('03-two-writes-log-once.yaml').replace(/expect:\n(  .*\n)+$/, '')}  - vcpu0\n`, 'e.yaml');
+    expect(extra.failures).toEqual(["e.yaml: interleaving[9] 'vcpu0': vcpu0 has no operation left to run (its script has 2); the run stops here"]);
+  });
+
+  it('guest accesses outside every memslot, and writes to a read-only slot, exit with KVM_EXIT_MMIO', () => {
+    const o = run(`name: mmio
+vm:
+  slots: [{id: 1, base_gfn: 0x100, pages: 64}, {id: 2, base_gfn: 0x200, pages: 64, flags: [KVM_MEM_READONLY]}]
+tracking: dirty-log
+actors:
+  vcpu0:
+    - {op: write 0x180 1, expect: {exit: KVM_EXIT_MMIO, retired_before_exit: 0}}
+    - {op: write 0x200 1, expect: {exit: KVM_EXIT_MMIO, faults: 0}}
+    - {op: read 0x100, expect: {exit: none, value: 9}}
+  host: [enable-logging 1, reenter vcpu0, reenter vcpu0, {op: write-guest 0x100 9, expect: {logged: [0x100]}}, {op: get-log 1, expect: {dirty: [0x100]}}]
+interleaving: [host, vcpu0, host, vcpu0, host, host, host, vcpu0]
+expect: {pages: {0x200: 0}}
+`);
+    expect(o.failures).toEqual([]);
+  });
+
+  it('formats outcomes: PASS alone by default, FAIL with failures and the trace', () => {
+    const pass = runLitmus(loadLitmus(join(DIR, '03-two-writes-log-once.yaml')));
+    expect(formatLitmusOutcome(pass)).toBe(`PASS ${join(DIR, '03-two-writes-log-once.yaml')}: two writes to a writable page are logged once`);
+    expect(formatLitmusOutcome(pass, { log: 'always' })).toContain('[6] vcpu0.step: write 0x100 2 (actors.vcpu0[1])\n          write 0x100 = 2: TLB hit');
+    const fail = run(edited('03-two-writes-log-once.yaml', 'pages: {0x100: 2}', 'pages: {0x100: 7}'), 'f.yaml');
+    const out = formatLitmusOutcome(fail);
+    expect(out.split('\n').slice(0, 2)).toEqual(['FAIL f.yaml: two writes to a writable page are logged once', '  f.yaml: expect.pages[0x100]: expected 7, actual: 2']);
+    expect(out).toContain('trace:');
+  });
+});
+
+describe('bad litmus files give UserErrors naming the file and the field', () => {
+  const base = `name: t
+vm: {memory: 1MiB}
+tracking: {mode: dirty-ring, entries: 256}
+actors:
+  vcpu0: [write 0x100 1, read 0x100]
+  host: [enable-logging, harvest]
+interleaving: [host, vcpu0, vcpu0, host]
+`;
+  const tmp = mkdtempSync(join(tmpdir(), 'vmemlab-litmus-'));
+  afterAll(() => rmSync(tmp, { recursive: true, force: true }));
+
+  it('the base file is fine', () => {
+    expect(run(base).failures).toEqual([]);
+  });
+
+  it('an unknown operation, read from disk', () => {
+    const path = join(tmp, 'x.yaml');
+    writeFileSync(path, base.replace('read 0x100', 'wrte 0x100 1'));
+    expect(userError(() => loadLitmus(path))).toBe(`${path}: actors.vcpu0[1]: unknown operation 'wrte' (one of: write, write-pages, read)`);
+  });
+
+  it('a missing file', () => {
+    expect(userError(() => loadLitmus(join(tmp, 'nope.yaml')))).toContain(`${join(tmp, 'nope.yaml')}: cannot read the litmus file`);
+  });
+
+  const cases: [string, string, string][] = [
+    ['a bad size', base.replace('1MiB', '1 furlong'), "b.yaml: vm.memory: '1 furlong' is not a size"],
+    ['a size that is not whole pages', base.replace('1MiB', '1000'), 'b.yaml: vm.memory: 1000 is not a whole number of 4 KiB pages'],
+    ['overlapping slots', base.replace('{memory: 1MiB}', '{slots: [{id: 1, base_gfn: 0x100, pages: 256}, {id: 2, base_gfn: 0x180, pages: 16}]}'),
+      'b.yaml: vm.slots[1]: slot 2 (GFNs 0x180..0x18f) overlaps slot 1 (vm.slots[0], GFNs 0x100..0x1ff)'],
+    ['a slot with zero pages', base.replace('{memory: 1MiB}', '{slots: [{id: 1, base_gfn: 0x100, pages: 0}]}'),
+      'b.yaml: vm.slots[0].pages: a slot needs at least one page, got 0'],
+    ['memory and slots both', base.replace('{memory: 1MiB}', '{memory: 1MiB, slots: [{id: 1, base_gfn: 0, pages: 1}]}'), 'b.yaml: vm: give memory or slots, not both'],
+    ['an unknown actor in the interleaving', base.replace('[host, vcpu0, vcpu0, host]', '[host, vcpu1]'),
+      "b.yaml: interleaving[1]: unknown actor 'vcpu1' (actors: vcpu0, host)"],
+    ['an unknown actor', base.replace('  host:', '  dev0: [x]\n  host:'), 'b.yaml: actors.dev0: unknown actor (actors are host and vcpu0)'],
+    ['a host operation on a vCPU', base.replace('read 0x100', 'reset'), "b.yaml: actors.vcpu0[1]: 'reset' is a host operation"],
+    ['a wrong argument count', base.replace('read 0x100', 'write 0x100'), "b.yaml: actors.vcpu0[1]: 'write 0x100': write takes 2 arguments (write GFN VALUE)"],
+    ['an unknown field', base.replace('name: t', 'name: t\nnmae: u'), 'b.yaml: nmae: unknown field (fields here: name, description, bugs, vm, tracking, actors, interleaving, expect)'],
+    ['a missing field', base.replace('name: t\n', ''), 'b.yaml: name: missing (expected a string)'],
+    ['an unknown tracking mode', base.replace('tracking: {mode: dirty-ring, entries: 256}', 'tracking: dirty-rong'),
+      "b.yaml: tracking: expected one of dirty-log, clear-log, dirty-ring or a mapping, got 'dirty-rong'"],
+    ['a bad ring size', base.replace('entries: 256', 'entries: 100'), 'b.yaml: tracking.entries: 100 entries is not a power of two'],
+    ['an option of another mode', base.replace('entries: 256', 'entries: 256, initially_set: true'), 'b.yaml: tracking.initially_set: only applies to mode clear-log, not dirty-ring'],
+    ['an expectation the operation does not take', base.replace('read 0x100', '{op: read 0x100, expect: {harvested: 1}}'),
+      "b.yaml: actors.vcpu0[1].expect.harvested: 'harvested' does not apply to read (it takes: exit, value)"],
+    ['an unknown exit name', base.replace('read 0x100', '{op: read 0x100, expect: {exit: KVM_EXIT_FOO}}'), "b.yaml: actors.vcpu0[1].expect.exit: unknown exit reason 'KVM_EXIT_FOO'"],
+    ['a misspelled field of an operation', base.replace('read 0x100', '{op: read 0x100, expct: {value: 1}}'), 'b.yaml: actors.vcpu0[1].expct: unknown field (fields here: op, expect, note)'],
+    ['a ring operation without the ring', base.replace('{mode: dirty-ring, entries: 256}', 'dirty-log'), "b.yaml: actors.host[1]: 'harvest': harvest needs the dirty ring (tracking: dirty-ring)"],
+    ['a missing slot', base.replace('harvest]', 'get-log 7]'), "b.yaml: actors.host[1]: 'get-log 7': there is no slot 7 (slots: 1 at 0x100..0x1ff)"],
+    ['a clear-log with no bitmap got', base.replace('harvest]', 'clear-log 1 0 64]'), "b.yaml: actors.host[1]: 'clear-log 1 0 64' passes the bitmap of the last get-log of slot 1"],
+    ['a host write outside memory', base.replace('harvest]', 'write-guest 0x5000 1]'), "b.yaml: actors.host[1]: 'write-guest 0x5000 1': GFN 0x5000 is in no memslot"],
+    ['a bad number', base.replace('read 0x100', 'read 0xZZ'), "b.yaml: actors.vcpu0[1]: 'read 0xZZ': GFN: '0xZZ' is not a number"],
+    ['a bad step form', base.replace('[host, vcpu0, vcpu0, host]', '[host, vcpu0.stp]'), "b.yaml: interleaving[1]: unknown step form 'vcpu0.stp'"],
+    ['an empty interleaving', base.replace('[host, vcpu0, vcpu0, host]', '[]'), 'b.yaml: interleaving: must not be empty, got []'],
+    ['a final expectation on a page outside memory', `${base}expect: {pages: {0x9999: 1}}\n`, 'b.yaml: expect.pages[0x9999]: GFN 0x9999 is in no memslot'],
+    ['an unknown bug', `${base}bugs: [nope]\n`, "b.yaml: bugs[0]: unknown bug 'nope'"],
+    ['broken YAML', `${base}x: [1\n`, 'b.yaml: Flow sequence in block collection must be sufficiently indented'],
+  ];
+
+  it.each(cases)('%s', (_what, source, message) => {
+    expect(userError(() => parseLitmus(source, 'b.yaml'))).toContain(message);
+  });
+
+  it('reports every problem it finds, one per line', () => {
+    const msg = userError(() => parseLitmus(base.replace('read 0x100', 'wrte 0x100 1').replace('harvest]', 'get-log 7]'), 'b.yaml'));
+    expect(msg.split('\n')).toEqual([
+      "b.yaml: actors.vcpu0[1]: unknown operation 'wrte' (one of: write, write-pages, read)",
+      "b.yaml: actors.host[1]: 'get-log 7': there is no slot 7 (slots: 1 at 0x100..0x1ff)",
+    ]);
+  });
+});
