@@ -1,0 +1,207 @@
+import { crc32 } from 'node:zlib';
+import { Packr } from 'msgpackr';
+import { PAGE_SIZE } from '../host/constants.ts';
+
+/**
+ * The migration stream, version 1 (docs/migration-stream.md). A sequence of frames:
+ *
+ *   u32 BE  frame length N (bytes after this word, at most MAX_FRAME)
+ *   u32 BE  record length R
+ *   R bytes a msgpack map: the record
+ *   N-4-R   payload bytes (page batches only: the normal pages' contents, in order)
+ *
+ * Records: header (first, once), pages (batches), sync (end of a pass), complete (last).
+ * Page bytes go into the frame by one copy straight out of guest memory; msgpack carries
+ * only the small record, so the payload is never copied again by the encoder.
+ */
+export const STREAM_MAGIC = 'vmemlab-migration';
+export const STREAM_VERSION = 1;
+export const MAX_FRAME = 64 << 20;
+export const PAGE_NORMAL = 0;
+export const PAGE_ZERO = 1;
+
+export interface StreamSlot { id: number; asId: number; baseGfn: number; pages: number }
+
+export type StreamRecord =
+  | { t: 'header'; magic: string; version: number; pageSize: number; slots: StreamSlot[] }
+  /** `slot` is as_id << 16 | id; `offsets` are pages within the slot; `kinds` PAGE_NORMAL or PAGE_ZERO. */
+  | { t: 'pages'; slot: number; offsets: Uint32Array; kinds: Uint8Array }
+  | { t: 'sync'; pass: number }
+  | { t: 'complete'; normal: number; zero: number; checksum: number };
+
+/** A decoded page batch: the record plus its payload (normal pages, PAGE_SIZE each). */
+export interface PageBatch { slot: number; offsets: Uint32Array; kinds: Uint8Array; payload: Uint8Array }
+
+export class StreamError extends Error {
+  override readonly name = 'StreamError';
+}
+
+const packr = new Packr({ useRecords: false, moreTypes: false });
+
+function frame(record: object, payloadBytes: number): { buf: Uint8Array; payloadAt: number } {
+  const head = packr.pack(record);
+  const n = 4 + head.length + payloadBytes;
+  if (n > MAX_FRAME) throw new StreamError(`frame of ${n} bytes exceeds ${MAX_FRAME}`);
+  const buf = new Uint8Array(4 + n);
+  const dv = new DataView(buf.buffer);
+  dv.setUint32(0, n);
+  dv.setUint32(4, head.length);
+  buf.set(head, 8);
+  return { buf, payloadAt: 8 + head.length };
+}
+
+export function encodeHeader(slots: StreamSlot[]): Uint8Array {
+  return frame({ t: 'header', magic: STREAM_MAGIC, version: STREAM_VERSION, pageSize: PAGE_SIZE, slots }, 0).buf;
+}
+
+export function encodeSync(pass: number): Uint8Array {
+  return frame({ t: 'sync', pass }, 0).buf;
+}
+
+export function encodeComplete(normal: number, zero: number, checksum: number): Uint8Array {
+  return frame({ t: 'complete', normal, zero, checksum }, 0).buf;
+}
+
+/**
+ * Encodes one batch of pages of one slot. `copyPage(offset, into, at)` copies the page's
+ * bytes into the frame and returns false if the page is all zeroes (then sent as a flag,
+ * no payload, and the space it took is reused).
+ */
+export function encodePages(
+  slot: number, offsets: ArrayLike<number>, copyPage: (offset: number, into: Uint8Array, at: number) => boolean,
+): { frame: Uint8Array; normal: number; zero: number } {
+  const count = offsets.length;
+  const offs = new Uint32Array(count);
+  const kinds = new Uint8Array(count);
+  for (let i = 0; i < count; i++) offs[i] = offsets[i]!;
+  const record = { t: 'pages', slot, offsets: new Uint8Array(offs.buffer), kinds };
+  const { buf, payloadAt } = frame(record, count * PAGE_SIZE);
+  // Which pages are zero is known only while copying, after the record is packed: `kinds`
+  // is the record's last value, a bin of `count` bytes that ends right where the payload
+  // starts, so it is patched in place.
+  const kindsAt = payloadAt - count;
+  let at = payloadAt;
+  let zero = 0;
+  for (let i = 0; i < count; i++) {
+    if (copyPage(offs[i]!, buf, at)) {
+      at += PAGE_SIZE;
+    } else {
+      buf[kindsAt + i] = PAGE_ZERO;
+      zero++;
+    }
+  }
+  const used = at;
+  const dv = new DataView(buf.buffer);
+  dv.setUint32(0, used - 4);
+  return { frame: buf.subarray(0, used), normal: count - zero, zero };
+}
+
+/** CRC-32 chained over frames: what the completion record's checksum covers. */
+export function checksumUpdate(crc: number, bytes: Uint8Array): number {
+  return crc32(bytes, crc);
+}
+
+/**
+ * Decodes a byte stream into records, across arbitrary chunk boundaries (TCP). Rejects
+ * anything malformed with a StreamError saying what and where; never trusts a length.
+ */
+export class StreamDecoder {
+  private buf: Uint8Array = new Uint8Array(0);
+  private offset = 0;
+  private frames = 0;
+  private header: Extract<StreamRecord, { t: 'header' }> | null = null;
+  private completed = false;
+  checksum = 0;
+
+  get slots(): StreamSlot[] | null { return this.header?.slots ?? null; }
+  get done(): boolean { return this.completed; }
+
+  /** Feeds bytes; returns the records (and page batches) now complete. */
+  push(chunk: Uint8Array): (StreamRecord | PageBatch)[] {
+    this.buf = this.buf.length === this.offset ? chunk : concat(this.buf.subarray(this.offset), chunk);
+    this.offset = 0;
+    const out: (StreamRecord | PageBatch)[] = [];
+    for (;;) {
+      const avail = this.buf.length - this.offset;
+      if (avail < 4) break;
+      const dv = new DataView(this.buf.buffer, this.buf.byteOffset + this.offset);
+      const n = dv.getUint32(0);
+      if (n > MAX_FRAME) throw new StreamError(`frame ${this.frames}: length ${n} exceeds the limit of ${MAX_FRAME} bytes`);
+      if (n < 4) throw new StreamError(`frame ${this.frames}: length ${n} is too short`);
+      if (avail < 4 + n) break;
+      const body = this.buf.subarray(this.offset + 4, this.offset + 4 + n);
+      out.push(this.decodeFrame(body));
+      this.checksum = crc32(this.buf.subarray(this.offset, this.offset + 4 + n), this.checksum);
+      this.offset += 4 + n;
+      this.frames++;
+    }
+    return out;
+  }
+
+  /** The stream ended: anything left over is a truncated frame. */
+  end(): void {
+    if (this.buf.length > this.offset) throw new StreamError(`stream truncated: ${this.buf.length - this.offset} bytes of an incomplete frame ${this.frames}`);
+    if (!this.completed) throw new StreamError(`stream ended after ${this.frames} frames without a completion record`);
+  }
+
+  private decodeFrame(body: Uint8Array): StreamRecord | PageBatch {
+    const where = `frame ${this.frames}`;
+    const r = new DataView(body.buffer, body.byteOffset).getUint32(0);
+    if (4 + r > body.length) throw new StreamError(`${where}: record length ${r} runs past the frame`);
+    let rec: Record<string, unknown>;
+    try {
+      rec = packr.unpack(body.subarray(4, 4 + r)) as Record<string, unknown>;
+    } catch (e) {
+      throw new StreamError(`${where}: the record is not valid msgpack (${(e as Error).message})`);
+    }
+    if (rec === null || typeof rec !== 'object') throw new StreamError(`${where}: the record is not a map`);
+    const payload = body.subarray(4 + r);
+    if (this.completed) throw new StreamError(`${where}: data after the completion record`);
+    if (this.header === null) {
+      if (rec['t'] !== 'header') throw new StreamError(`${where}: the stream must start with a header, got '${String(rec['t'])}'`);
+      if (rec['magic'] !== STREAM_MAGIC) throw new StreamError(`${where}: not a vmemlab migration stream (magic ${JSON.stringify(rec['magic'])})`);
+      if (rec['version'] !== STREAM_VERSION) throw new StreamError(`${where}: stream version ${String(rec['version'])} is not supported (this vmemlab reads version ${STREAM_VERSION})`);
+      if (rec['pageSize'] !== PAGE_SIZE) throw new StreamError(`${where}: page size ${String(rec['pageSize'])} is not ${PAGE_SIZE}`);
+      if (!Array.isArray(rec['slots'])) throw new StreamError(`${where}: header has no slot list`);
+      this.header = rec as unknown as Extract<StreamRecord, { t: 'header' }>;
+      return this.header;
+    }
+    switch (rec['t']) {
+      case 'pages': return this.decodePages(rec, payload, where);
+      case 'sync': return { t: 'sync', pass: Number(rec['pass']) };
+      case 'complete':
+        this.completed = true;
+        return { t: 'complete', normal: Number(rec['normal']), zero: Number(rec['zero']), checksum: Number(rec['checksum']) };
+      case 'header': throw new StreamError(`${where}: a second header`);
+      default: throw new StreamError(`${where}: unknown record type '${String(rec['t'])}'`);
+    }
+  }
+
+  private decodePages(rec: Record<string, unknown>, payload: Uint8Array, where: string): PageBatch {
+    const slotField = Number(rec['slot']);
+    const slot = this.header!.slots.find((s) => ((s.asId << 16) | s.id) === slotField);
+    if (slot === undefined) throw new StreamError(`${where}: pages for slot ${slotField >>> 16}:${slotField & 0xffff}, which the header does not have`);
+    const rawOffsets = rec['offsets'];
+    const kinds = rec['kinds'];
+    if (!(rawOffsets instanceof Uint8Array) || rawOffsets.length % 4 !== 0 || !(kinds instanceof Uint8Array) || kinds.length * 4 !== rawOffsets.length) {
+      throw new StreamError(`${where}: malformed page batch (offsets and kinds do not match)`);
+    }
+    const offsets = new Uint32Array(kinds.length);
+    new Uint8Array(offsets.buffer).set(rawOffsets);
+    let normal = 0;
+    for (let i = 0; i < kinds.length; i++) {
+      if (offsets[i]! >= slot.pages) throw new StreamError(`${where}: page ${offsets[i]} is outside slot ${slot.id} (${slot.pages} pages)`);
+      if (kinds[i] === PAGE_NORMAL) normal++;
+      else if (kinds[i] !== PAGE_ZERO) throw new StreamError(`${where}: unknown page kind ${kinds[i]}`);
+    }
+    if (payload.length !== normal * PAGE_SIZE) throw new StreamError(`${where}: ${payload.length} payload bytes for ${normal} normal pages`);
+    return { slot: slotField, offsets, kinds, payload };
+  }
+}
+
+function concat(a: Uint8Array, b: Uint8Array): Uint8Array {
+  const c = new Uint8Array(a.length + b.length);
+  c.set(a, 0);
+  c.set(b, a.length);
+  return c;
+}

@@ -1,0 +1,107 @@
+import { Packr } from 'msgpackr';
+import { describe, expect, it } from 'vitest';
+import {
+  MAX_FRAME, PAGE_ZERO, type PageBatch, StreamDecoder, StreamError, checksumUpdate, encodeComplete, encodeHeader,
+  encodePages, encodeSync,
+} from '../src/migration/stream.ts';
+
+const SLOTS = [{ id: 1, asId: 0, baseGfn: 0x100, pages: 64 }];
+const page = (fill: number): Uint8Array => new Uint8Array(4096).fill(fill);
+
+function copyFrom(pages: Map<number, Uint8Array>) {
+  return (offset: number, into: Uint8Array, at: number): boolean => {
+    const p = pages.get(offset)!;
+    into.set(p, at);
+    return p.some((b) => b !== 0);
+  };
+}
+
+function frameOf(record: object, payload = new Uint8Array(0)): Uint8Array {
+  const head = new Packr({ useRecords: false }).pack(record);
+  const buf = new Uint8Array(8 + head.length + payload.length);
+  const dv = new DataView(buf.buffer);
+  dv.setUint32(0, 4 + head.length + payload.length);
+  dv.setUint32(4, head.length);
+  buf.set(head, 8);
+  buf.set(payload, 8 + head.length);
+  return buf;
+}
+
+function stream(): Uint8Array[] {
+  const pages = new Map([[3, page(7)], [4, page(0)], [63, page(9)]]);
+  const b = encodePages(1, [3, 4, 63], copyFrom(pages));
+  expect([b.normal, b.zero]).toEqual([2, 1]);
+  const frames = [encodeHeader(SLOTS), b.frame, encodeSync(1)];
+  const crc = frames.reduce((c, f) => checksumUpdate(c, f), 0);
+  return [...frames, encodeComplete(2, 1, crc)];
+}
+
+describe('migration stream v1', () => {
+  it('round-trips header, a page batch with a zero page sent without payload, sync and completion', () => {
+    const d = new StreamDecoder();
+    const recs = stream().flatMap((f) => d.push(f));
+    d.end();
+    expect(recs.map((r) => ('t' in r ? r.t : 'batch'))).toEqual(['header', 'batch', 'sync', 'complete']);
+    const batch = recs[1] as PageBatch;
+    expect(Array.from(batch.offsets)).toEqual([3, 4, 63]);
+    expect(Array.from(batch.kinds)).toEqual([0, PAGE_ZERO, 0]);
+    expect(batch.payload.length).toBe(2 * 4096);
+    expect(batch.payload[0]).toBe(7);
+    expect(batch.payload[4096]).toBe(9);
+  });
+
+  it('decodes the same stream fed one byte at a time', () => {
+    const d = new StreamDecoder();
+    const all = stream();
+    let n = 0;
+    for (const f of all) for (let i = 0; i < f.length; i++) n += d.push(f.subarray(i, i + 1)).length;
+    expect(n).toBe(4);
+    expect(d.done).toBe(true);
+  });
+
+  const header = encodeHeader(SLOTS);
+  const reject = (frames: Uint8Array[], message: RegExp): void => {
+    const d = new StreamDecoder();
+    expect(() => { for (const f of frames) d.push(f); d.end(); }).toThrow(StreamError);
+    const d2 = new StreamDecoder();
+    expect(() => { for (const f of frames) d2.push(f); d2.end(); }).toThrow(message);
+  };
+
+  it('rejects a stream that does not start with a header', () => reject([encodeSync(1)], /frame 0: the stream must start with a header, got 'sync'/));
+  it('rejects a bad magic', () => reject([frameOf({ t: 'header', magic: 'qemu', version: 1, pageSize: 4096, slots: [] })], /not a vmemlab migration stream/));
+  it('rejects an unsupported version', () => reject([frameOf({ t: 'header', magic: 'vmemlab-migration', version: 9, pageSize: 4096, slots: [] })], /stream version 9 is not supported \(this vmemlab reads version 1\)/));
+  it('rejects another page size', () => reject([frameOf({ t: 'header', magic: 'vmemlab-migration', version: 1, pageSize: 65536, slots: [] })], /page size 65536/));
+  it('rejects a truncated frame', () => reject([header, stream()[1]!.subarray(0, 100)], /stream truncated: 100 bytes of an incomplete frame 1/));
+  it('rejects a stream without completion', () => reject([header], /without a completion record/));
+  it('rejects a page outside every slot', () => {
+    const bad = encodePages(1, [64], (_o, into, at) => { into[at] = 1; return true; });
+    reject([header, bad.frame], /frame 1: page 64 is outside slot 1 \(64 pages\)/);
+  });
+  it('rejects pages for a slot the header does not have', () => {
+    const bad = encodePages(2, [0], () => true);
+    reject([header, bad.frame], /pages for slot 0:2, which the header does not have/);
+  });
+  it('rejects an oversize frame without allocating it', () => {
+    const huge = new Uint8Array(8);
+    new DataView(huge.buffer).setUint32(0, MAX_FRAME + 1);
+    reject([header, huge], /frame 1: length 67108865 exceeds the limit/);
+  });
+  it('rejects a payload that does not match the normal pages', () => {
+    const rec = { t: 'pages', slot: 1, offsets: new Uint8Array(new Uint32Array([1, 2]).buffer), kinds: new Uint8Array([0, 0]) };
+    reject([header, frameOf(rec, new Uint8Array(4096))], /4096 payload bytes for 2 normal pages/);
+  });
+  it('rejects an unknown record type, garbage, and data after completion', () => {
+    reject([header, frameOf({ t: 'teleport' })], /unknown record type 'teleport'/);
+    const garbage = new Uint8Array([0, 0, 0, 6, 0, 0, 0, 2, 0xc1, 0xc1]);
+    reject([header, garbage], /frame 1: the record is not valid msgpack/);
+    reject([...stream(), encodeSync(2)], /data after the completion record/);
+  });
+  it('the checksum the decoder computes equals the one the encoder sent', () => {
+    const d = new StreamDecoder();
+    const frames = stream();
+    for (const f of frames.slice(0, -1)) d.push(f);
+    const rec = d.push(frames.at(-1)!)[0] as { checksum: number };
+    const before = frames.slice(0, -1).reduce((c, f) => checksumUpdate(c, f), 0);
+    expect(rec.checksum).toBe(before);
+  });
+});
