@@ -1,7 +1,7 @@
 import { type TrackingMode, injectedBugs } from '../bugs/catalog.ts';
 import { KVM_EXIT_DIRTY_RING_FULL, KVM_EXIT_MMIO, PAGE_SIZE } from '../host/constants.ts';
 import { PageBitmap } from '../host/dirty-bitmap.ts';
-import { DirtyRingHarvester } from '../host/dirty-ring.ts';
+import { DirtyLogSync, type SyncResult } from '../host/dirty-log-sync.ts';
 import { GlobalWord, HostActorState, type MemslotConfig, type VmConfig, VcpuWord } from '../host/layout.ts';
 import type { Vm } from '../host/vm.ts';
 import { VmmControl } from '../host/vmm.ts';
@@ -67,36 +67,14 @@ export function* dirtyLogCollector(vm: Vm, c: DirtyLogTestConfig, report: (e: Di
   const prng = new Prng(Prng.derive(c.seed, 1000));
   const reported = new PageBitmap(mem.totalPages);
   const first = new PageBitmap(mem.totalPages);
-  const harvester = vm.rings ? new DirtyRingHarvester(vm.rings.length) : null;
-  const scratch = mem.slots.map((s) => new Uint32Array(s.dirtyBitmap.length));
+  const sync = new DirtyLogSync(vm, bugs.harvestSkipEvery);
   let collections = 0;
 
   function* collect(into: PageBitmap, final: boolean): Steps {
     collections++;
-    if (vm.rings && harvester) {
-      let harvested = 0;
-      const record = (slotField: number, offset: number): void => {
-        const slot = mem.slotByField(slotField);
-        if (slot !== undefined && offset < slot.pages) into.mark(slot.firstPage + offset);
-      };
-      for (const ring of vm.rings) {
-        harvested += harvester.harvest(ring, ring.entries, record, bugs.harvestSkipEvery);
-        yield undefined;
-      }
-      const reset: number = yield* vm.resetDirtyRings();
-      if (reset !== harvested) {
-        report({ kind: 'error', message: `KVM_RESET_DIRTY_RINGS reset ${reset} entries but ${harvested} were harvested` });
-      }
-      // The backup bitmap is collected as the very last step, with the VM stopped.
-      if (final && vm.hasBackupBitmap) {
-        for (const slot of mem.slots) into.orWords(yield* vm.getDirtyLog(slot, scratch[slot.index]), slot.firstPage);
-      }
-      return;
-    }
-    for (const slot of mem.slots) {
-      const bitmap: Uint32Array = yield* vm.getDirtyLog(slot, scratch[slot.index]);
-      if (vm.manualProtect) yield* vm.clearDirtyLog(slot, 0, slot.pages, bitmap);
-      into.orWords(bitmap, slot.firstPage);
+    const r: SyncResult = yield* sync.sync(into, final);
+    if (r.reset !== r.harvested) {
+      report({ kind: 'error', message: `KVM_RESET_DIRTY_RINGS reset ${r.reset} entries but ${r.harvested} were harvested` });
     }
   }
 

@@ -1,0 +1,74 @@
+import type { PageBitmap } from './dirty-bitmap.ts';
+import { DirtyRingHarvester } from './dirty-ring.ts';
+import type { Memslot } from './memslot.ts';
+import type { Vm } from './vm.ts';
+import type { Steps } from '../drivers/role.ts';
+
+export interface SyncResult {
+  /** Ring entries harvested, and reset by KVM_RESET_DIRTY_RINGS (they must be equal). */
+  harvested: number;
+  reset: number;
+}
+
+/**
+ * Userspace's side of dirty logging: pull KVM's log into a bitmap of VM-wide page
+ * numbers, the way QEMU's kvm_dirty_ring_reap / kvm_physical_sync_dirty_bitmap and the
+ * selftests' collectors do. Ring: harvest every vCPU's ring in order, then
+ * KVM_RESET_DIRTY_RINGS; the backup bitmap last, with the VM stopped. Bitmap: GET, and
+ * with manual protect either CLEAR the whole slot now or leave clearing to the caller
+ * (QEMU clears each 64-page chunk just before sending it).
+ */
+export class DirtyLogSync {
+  readonly harvester: DirtyRingHarvester | null;
+  private readonly scratch: Uint32Array[];
+  syncs = 0;
+
+  constructor(readonly vm: Vm, private readonly harvestSkipEvery = 0) {
+    this.harvester = vm.rings ? new DirtyRingHarvester(vm.rings.length) : null;
+    this.scratch = vm.memory.slots.map((s) => new Uint32Array(s.dirtyBitmap.length));
+  }
+
+  /**
+   * One sync into `into`. `final`: the VM is stopped, also collect the ring's backup
+   * bitmap. `clearNow`: with manual protect, CLEAR what GET returned (whole slot).
+   */
+  *sync(into: PageBitmap, final: boolean, clearNow = true): Steps<SyncResult> {
+    this.syncs++;
+    const vm = this.vm;
+    const mem = vm.memory;
+    if (vm.rings && this.harvester) {
+      let harvested = 0;
+      const record = (slotField: number, offset: number): void => {
+        const slot = mem.slotByField(slotField);
+        if (slot !== undefined && offset < slot.pages) into.mark(slot.firstPage + offset);
+      };
+      for (const ring of vm.rings) {
+        harvested += this.harvester.harvest(ring, ring.entries, record, this.harvestSkipEvery);
+        yield undefined;
+      }
+      const reset: number = yield* vm.resetDirtyRings();
+      if (final && vm.hasBackupBitmap) {
+        for (const slot of mem.slots) into.orWords(yield* vm.getDirtyLog(slot, this.scratch[slot.index]), slot.firstPage);
+      }
+      return { harvested, reset };
+    }
+    for (const slot of mem.slots) {
+      const bitmap: Uint32Array = yield* vm.getDirtyLog(slot, this.scratch[slot.index]);
+      if (vm.manualProtect && clearNow) yield* vm.clearDirtyLog(slot, 0, slot.pages, bitmap);
+      into.orWords(bitmap, slot.firstPage);
+    }
+    return { harvested: 0, reset: 0 };
+  }
+
+  /**
+   * KVM_CLEAR_DIRTY_LOG for the 64-page chunk holding `page` (slot-relative), with the
+   * bits `dirty` (VM-wide) has there: QEMU's per-chunk clear just before sending.
+   */
+  *clearChunk(slot: Memslot, page: number, dirty: PageBitmap): Steps<number> {
+    const first = page - (page % 64);
+    const num = Math.min(64, slot.pages - first);
+    const g = slot.firstPage + first; // 64-aligned in the VM-wide numbering
+    const bits = new Uint32Array([dirty.words[g >>> 5]!, dirty.words[(g >>> 5) + 1] ?? 0]);
+    return yield* this.vm.clearDirtyLog(slot, first, num, bits);
+  }
+}
