@@ -56,15 +56,24 @@ export class DeterministicDriver {
     const done = new Uint8Array(n);
     const runnable: number[] = [];
     let live = n;
+    let rechecked = false;
     while (!until() && live > 0 && this.steps < maxSteps) {
       runnable.length = 0;
       for (let i = 0; i < n; i++) if (!blocked[i] && !done[i]) runnable.push(i);
-      if (runnable.length === 0) throw new DeadlockError(this.deadlockReport());
+      if (runnable.length === 0) {
+        // Before calling it a deadlock, let every role look once more: a role that
+        // changed shared state in a step it reported as blocked would otherwise hide
+        // that change from the others.
+        if (rechecked) throw new DeadlockError(this.deadlockReport());
+        rechecked = true;
+        blocked.fill(0);
+        continue;
+      }
       const r = this.scheduler.pick(runnable, this.steps);
       if (r < 0) break;
       this.record(r);
       const s = this.roles[r]!.step();
-      if (s === Step.PROGRESS) blocked.fill(0);
+      if (s === Step.PROGRESS) { blocked.fill(0); rechecked = false; }
       else if (s === Step.BLOCKED) blocked[r] = 1;
       else if (!done[r]) { done[r] = 1; live--; blocked.fill(0); }
     }

@@ -1,4 +1,4 @@
-import type { Worker } from 'node:worker_threads';
+import type { Transferable, Worker } from 'node:worker_threads';
 import { LINE_WORDS } from '../host/layout.ts';
 import type { RoleWorkerData, WorkerMessage } from './free-run-worker.ts';
 import { describeWait } from './role.ts';
@@ -18,6 +18,8 @@ export interface FreeRunActor {
   data: Omit<RoleWorkerData, 'actors' | 'actor'>;
   /** The run ends when this actor finishes. */
   primary?: boolean;
+  /** Objects to transfer to the worker with its data (MessagePorts). */
+  transfer?: Transferable[];
 }
 
 export type FreeRunOutcome =
@@ -58,7 +60,7 @@ export async function runFreeRun(actors: FreeRunActor[], opts: FreeRunOptions): 
     };
 
     actors.forEach((a, i) => {
-      const w = spawnWorker('role', { ...a.data, actors: shared, actor: i } satisfies RoleWorkerData);
+      const w = spawnWorker('role', { ...a.data, actors: shared, actor: i } satisfies RoleWorkerData, a.transfer);
       workers.push(w);
       w.on('message', (m: WorkerMessage) => {
         if (m.type === 'ready') {

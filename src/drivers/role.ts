@@ -27,6 +27,12 @@ export const enum WaitCode {
   VCPU_EXIT = 5,
   /** A host actor is paused by the VMM. */
   PAUSED = 6,
+  /** The migration thread waits for the destination (arg 0: credit, 1: completion). */
+  DESTINATION = 7,
+  /** The migration thread waits `arg` ms for the next bandwidth window. */
+  BANDWIDTH = 8,
+  /** The destination waits for the source to send. */
+  SOURCE = 9,
 }
 
 export interface Wait {
@@ -63,6 +69,9 @@ export function describeWait(code: number, arg: number, arg2: number, roleNames:
     case WaitCode.VCPU_RELEASE: return 'is stopped and waits for the VMM to let it run';
     case WaitCode.VCPU_EXIT: return `sits in exit ${exitName(arg)} and waits for the VMM to re-enter KVM_RUN`;
     case WaitCode.PAUSED: return 'is paused by the VMM';
+    case WaitCode.DESTINATION: return arg === 0 ? 'waits for the destination to apply what was sent (flow control)' : 'waits for the destination to complete';
+    case WaitCode.BANDWIDTH: return `waits ${arg} ms for the next bandwidth window`;
+    case WaitCode.SOURCE: return 'waits for the migration stream';
     case WaitCode.NONE: return 'is not waiting (busy or finished)';
   }
   return `waits for code ${code} (${arg}, ${arg2}); roles: ${roleNames.join(', ')}`;

@@ -1,15 +1,15 @@
-import { Worker } from 'node:worker_threads';
+import { type Transferable, Worker } from 'node:worker_threads';
 
 /**
  * Starts a worker entry from `workers/`. Built code (dist/) runs the compiled `.js`
  * entry; sources (tests, development) cannot hand a `.ts` file to `new Worker`, so a
  * tiny `.mjs` bootstrap loads the `.ts` entry through tsx (NODE.md).
  */
-export function spawnWorker(entry: string, workerData: unknown): Worker {
+export function spawnWorker(entry: string, workerData: unknown, transferList: Transferable[] = []): Worker {
   const here = import.meta.url;
   if (here.endsWith('.ts')) {
     const ts = new URL(`../../workers/${entry}.ts`, here).href;
-    return new Worker(new URL('../../workers/ts-bootstrap.mjs', here), { workerData: { entry: ts, data: workerData } });
+    return new Worker(new URL('../../workers/ts-bootstrap.mjs', here), { workerData: { entry: ts, data: workerData }, transferList });
   }
-  return new Worker(new URL(`../../workers/${entry}.js`, here), { workerData: { data: workerData } });
+  return new Worker(new URL(`../../workers/${entry}.js`, here), { workerData: { data: workerData }, transferList });
 }

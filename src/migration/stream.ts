@@ -170,6 +170,9 @@ export class StreamDecoder {
       case 'pages': return this.decodePages(rec, payload, where);
       case 'sync': return { t: 'sync', pass: Number(rec['pass']) };
       case 'complete':
+        if (Number(rec['checksum']) >>> 0 !== this.checksum >>> 0) {
+          throw new StreamError(`${where}: checksum mismatch: the source sent ${Number(rec['checksum']) >>> 0}, the frames received give ${this.checksum >>> 0}`);
+        }
         this.completed = true;
         return { t: 'complete', normal: Number(rec['normal']), zero: Number(rec['zero']), checksum: Number(rec['checksum']) };
       case 'header': throw new StreamError(`${where}: a second header`);

@@ -8,10 +8,21 @@ import { VmmControl } from '../host/vmm.ts';
 import { Prng } from '../util/prng.ts';
 import { type DirtyLogEvent, type DirtyLogTestConfig, dirtyLogCollector } from './dirty-log-test.ts';
 import { hostWriter } from './host-writer.ts';
+import type { MessagePort } from 'node:worker_threads';
+import { GuestMemory } from '../host/guest-memory.ts';
+import { PortChannel, QueueChannel } from '../migration/channel.ts';
+import { StepClock, WALL_CLOCK } from '../migration/clock.ts';
+import { Destination } from '../migration/destination.ts';
+import { DestinationRole, PortSource, QueueSource } from '../migration/destination-role.ts';
+import { type MigrationEvent, type MigrationParams, precopy } from '../migration/precopy.ts';
+import { migrationBugs } from './migration.ts';
 
 /** A role described as plain data, so a worker thread can build it from its workerData. */
 export type RoleSpec =
   | { kind: 'vcpu'; index: number; workload: WorkloadOptions; seed: number }
+  /** The migration thread: frames go to `queue` (same thread, step clock) or `port` (another thread, wall clock). */
+  | { kind: 'migration'; params: MigrationParams; bugs: string[]; destWords: SharedArrayBuffer; queue?: Uint8Array[]; clockSteps?: () => number; port?: MessagePort }
+  | { kind: 'destination'; layout: VmLayout; destWords: SharedArrayBuffer; queue?: Uint8Array[]; port?: MessagePort }
   | { kind: 'dirty-log-collector'; config: DirtyLogTestConfig }
   | { kind: 'host-writer'; every: number; seed: number };
 
@@ -20,6 +31,8 @@ export function roleName(spec: RoleSpec): string {
     case 'vcpu': return `vcpu${spec.index}`;
     case 'dirty-log-collector': return 'collector';
     case 'host-writer': return 'host-writer';
+    case 'migration': return 'migration';
+    case 'destination': return 'destination';
   }
 }
 
@@ -28,7 +41,7 @@ export function vmFor(layout: VmLayout, bugs: readonly string[]): Vm {
   return new Vm(layout, injectedBugs(bugs).kernel);
 }
 
-export function buildRole(spec: RoleSpec, vm: Vm, report: (e: DirtyLogEvent) => void): Role {
+export function buildRole(spec: RoleSpec, vm: Vm, report: (e: never) => void): Role {
   switch (spec.kind) {
     case 'vcpu': {
       const ranges = vm.memory.slots.map((s) => ({ baseGfn: s.baseGfn, pages: s.pages }));
@@ -36,8 +49,19 @@ export function buildRole(spec: RoleSpec, vm: Vm, report: (e: DirtyLogEvent) => 
       return new Vcpu(vm, spec.index, createWorkload(spec.workload, ranges, spec.index, vcpus, spec.seed));
     }
     case 'dirty-log-collector':
-      return new GeneratorRole('collector', dirtyLogCollector(vm, spec.config, report));
+      return new GeneratorRole('collector', dirtyLogCollector(vm, spec.config, report as (e: DirtyLogEvent) => void));
     case 'host-writer':
       return new GeneratorRole('host-writer', hostWriter(vm, new VmmControl(vm), spec.every, new Prng(Prng.derive(spec.seed, 2000))));
+    case 'migration': {
+      const words = new Int32Array(spec.destWords);
+      const channel = spec.port ? new PortChannel(words, spec.port) : new QueueChannel(words, spec.queue!);
+      const clock = spec.clockSteps ? new StepClock(spec.clockSteps) : WALL_CLOCK;
+      const bugs = injectedBugs(spec.bugs);
+      return new GeneratorRole('migration', precopy(vm, channel, words, clock, spec.params, migrationBugs(spec.bugs), report as (e: MigrationEvent) => void, bugs.harvestSkipEvery));
+    }
+    case 'destination': {
+      const dest = new Destination(new GuestMemory(spec.layout), new Int32Array(spec.destWords));
+      return new DestinationRole(dest, spec.port ? new PortSource(spec.port) : new QueueSource(spec.queue!));
+    }
   }
 }

@@ -1,0 +1,44 @@
+import { type MessagePort, receiveMessageOnPort } from 'node:worker_threads';
+import { NOT_WAITING, type Role, Step, type Wait, WaitCode, waitFor } from '../drivers/role.ts';
+import { DestState } from './channel.ts';
+import type { Destination } from './destination.ts';
+
+/** Where the destination gets frames from, without blocking. */
+export interface FrameSource {
+  next(): Uint8Array | undefined;
+}
+
+export class QueueSource implements FrameSource {
+  constructor(private readonly queue: Uint8Array[]) {}
+  next(): Uint8Array | undefined { return this.queue.shift(); }
+}
+
+/** Frames posted by the migration thread on another thread, received synchronously. */
+export class PortSource implements FrameSource {
+  constructor(private readonly port: MessagePort) {}
+  next(): Uint8Array | undefined {
+    return receiveMessageOnPort(this.port)?.message as Uint8Array | undefined;
+  }
+}
+
+/** The in-process destination as a role: each step applies one frame. */
+export class DestinationRole implements Role {
+  readonly name = 'destination';
+  wait: Wait = NOT_WAITING;
+  progress = 0;
+
+  constructor(readonly dest: Destination, private readonly source: FrameSource) {}
+
+  step(): Step {
+    const s = this.dest.state;
+    if (s !== DestState.RECEIVING) return Step.DONE;
+    const frame = this.source.next();
+    if (frame === undefined) {
+      this.wait = waitFor(WaitCode.SOURCE);
+      return Step.BLOCKED;
+    }
+    this.dest.receive(frame);
+    this.progress++;
+    return Step.PROGRESS;
+  }
+}

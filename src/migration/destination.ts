@@ -1,0 +1,96 @@
+import { PAGE_SIZE } from '../host/constants.ts';
+import type { GuestMemory } from '../host/guest-memory.ts';
+import { DEST_WORDS, DestState, DestWord } from './channel.ts';
+import { type PageBatch, type StreamRecord, StreamDecoder, StreamError } from './stream.ts';
+
+export interface DestinationStats {
+  frames: number;
+  normal: number;
+  zero: number;
+  syncs: number;
+}
+
+/**
+ * The destination: decodes the stream and writes pages into its own guest memory. Every
+ * page is checked against its own memslots before it is written; anything malformed
+ * fails the migration with the decoder's message. Publishes applied bytes (credit) and
+ * its state in shared words.
+ */
+export class Destination {
+  private readonly decoder = new StreamDecoder();
+  readonly stats: DestinationStats = { frames: 0, normal: 0, zero: 0, syncs: 0 };
+  error: string | null = null;
+  private appliedBytes = 0;
+  private readonly zeroPage = new Uint8Array(PAGE_SIZE);
+
+  constructor(readonly memory: GuestMemory, readonly words: Int32Array = new Int32Array(new SharedArrayBuffer(DEST_WORDS * 4))) {}
+
+  get state(): DestState { return Atomics.load(this.words, DestWord.STATE); }
+
+  /** Feeds received bytes; returns false once the migration has failed. */
+  receive(chunk: Uint8Array): boolean {
+    if (this.error !== null) return false;
+    try {
+      for (const r of this.decoder.push(chunk)) this.apply(r);
+    } catch (e) {
+      this.fail(e instanceof StreamError ? e.message : `destination: ${(e as Error).message}`);
+      return false;
+    }
+    this.appliedBytes += chunk.length;
+    Atomics.store(this.words, DestWord.APPLIED_KIB, Math.floor(this.appliedBytes / 1024));
+    Atomics.notify(this.words, DestWord.APPLIED_KIB);
+    return true;
+  }
+
+  /** The connection closed: a stream that did not complete fails. */
+  end(): void {
+    if (this.error !== null || this.state === DestState.COMPLETE) return;
+    try { this.decoder.end(); } catch (e) { this.fail((e as Error).message); }
+  }
+
+  fail(message: string): void {
+    this.error = message;
+    Atomics.store(this.words, DestWord.STATE, DestState.FAILED);
+    Atomics.notify(this.words, DestWord.STATE);
+  }
+
+  private apply(r: StreamRecord | PageBatch): void {
+    this.stats.frames++;
+    if (!('t' in r)) return this.applyPages(r);
+    if (r.t === 'header') {
+      for (const s of r.slots) {
+        const mine = this.memory.slotByField((s.asId << 16) | s.id);
+        if (!mine || mine.baseGfn !== s.baseGfn || mine.pages !== s.pages) {
+          throw new StreamError(`the source's slot ${s.asId}:${s.id} (gfn 0x${s.baseGfn.toString(16)}, ${s.pages} pages) does not match this destination's memory`);
+        }
+      }
+    } else if (r.t === 'sync') {
+      this.stats.syncs++;
+    } else if (r.t === 'complete') {
+      if (r.normal !== this.stats.normal || r.zero !== this.stats.zero) {
+        throw new StreamError(`completion record counts ${r.normal} normal and ${r.zero} zero pages, received ${this.stats.normal} and ${this.stats.zero}`);
+      }
+      Atomics.store(this.words, DestWord.STATE, DestState.COMPLETE);
+      Atomics.notify(this.words, DestWord.STATE);
+    }
+  }
+
+  private applyPages(b: PageBatch): void {
+    const slot = this.memory.slotByField(b.slot)!;
+    let at = 0;
+    for (let i = 0; i < b.offsets.length; i++) {
+      const page = b.offsets[i]!;
+      if (page >= slot.pages) throw new StreamError(`page ${page} is outside this destination's slot ${slot.id}`);
+      const dst = slot.bytes(page);
+      const off = slot.byteOffset(page);
+      if (b.kinds[i] === 0) {
+        dst.set(b.payload.subarray(at, at + PAGE_SIZE), off);
+        at += PAGE_SIZE;
+        this.stats.normal++;
+      } else {
+        dst.set(this.zeroPage, off);
+        this.stats.zero++;
+      }
+    }
+  }
+}

@@ -1,0 +1,309 @@
+import { PAGE_SIZE, KVM_EXIT_DIRTY_RING_FULL } from '../host/constants.ts';
+import { PageBitmap } from '../host/dirty-bitmap.ts';
+import { DirtyLogSync } from '../host/dirty-log-sync.ts';
+import type { Memslot } from '../host/memslot.ts';
+import type { Vm } from '../host/vm.ts';
+import { VmmControl } from '../host/vmm.ts';
+import { type Steps, WaitCode, waitFor } from '../drivers/role.ts';
+import { DestState, DestWord, type MigrationChannel } from './channel.ts';
+import type { Clock } from './clock.ts';
+import { checksumUpdate, encodeComplete, encodeHeader, encodePages, encodeSync } from './stream.ts';
+
+export type ConvergencePolicy = 'fail' | 'force';
+
+export interface MigrationParams {
+  /** max-bandwidth in bytes per second; 0 for unlimited. */
+  bandwidth: number;
+  downtimeLimitMs: number;
+  maxIterations: number;
+  timeoutMs: number;
+  /** What to do at the iteration or time limit without convergence. */
+  policy: ConvergencePolicy;
+  /** Pages per frame. */
+  batchPages: number;
+  /** Guest operations to let run before migration starts (QEMU's tests let the guest warm up too). */
+  warmupOps: number;
+}
+
+export interface MigrationBugs {
+  /** Ring: copy the harvested pages before KVM_RESET_DIRTY_RINGS re-protects them. */
+  copyBeforeReset: boolean;
+  /** Manual protect: copy a chunk's pages before KVM_CLEAR_DIRTY_LOG re-protects them. */
+  copyBeforeClear: boolean;
+  /** Completion without the final sync of the dirty log. */
+  skipFinalSync: boolean;
+}
+
+/** QEMU counts a page's header with it: 8 bytes of address and flags. */
+const PAGE_OVERHEAD = 8;
+/** Bandwidth is accounted in 100 ms windows, as QEMU's rate limiter does. */
+const WINDOW_MS = 100;
+
+export interface PassStats {
+  pass: number;
+  pagesSent: number;
+  zeroPages: number;
+  dirtyFound: number;
+  syncMs: number;
+  /** Bytes per second over the pass. */
+  bandwidth: number;
+  expectedDowntimeMs: number;
+  ms: number;
+}
+
+export type MigrationEvent =
+  | { kind: 'pass'; stats: PassStats }
+  | { kind: 'completed'; info: MigrationInfo }
+  | { kind: 'failed'; reason: string; info: MigrationInfo };
+
+/** What QEMU's `info migrate` shows (REFERENCE.md 5), plus the per-pass series. */
+export interface MigrationInfo {
+  status: 'completed' | 'failed';
+  totalTimeMs: number;
+  setupTimeMs: number;
+  expectedDowntimeMs: number;
+  downtimeMs: number;
+  transferredBytes: number;
+  remainingBytes: number;
+  totalBytes: number;
+  normalPages: number;
+  zeroPages: number;
+  /** Mbit/s over the whole migration. */
+  throughputMbps: number;
+  pagesPerSecond: number;
+  /** Pages dirtied per second, over the last pass. */
+  dirtyPagesRate: number;
+  dirtySyncCount: number;
+  passes: PassStats[];
+}
+
+/**
+ * The migration thread: QEMU's pre-copy (migration/ram.c). Setup: every page dirty,
+ * logging on, one sync. Iterate: send the dirty pages in ascending order under the
+ * bandwidth limit, then sync (harvest, re-protect, flush: only then is anything read
+ * again). Converge when remaining bytes / bandwidth is under the downtime limit; else at
+ * the iteration or time limit apply the policy. Complete: stop the vCPUs, final sync
+ * (the ring's backup bitmap last), send the rest, wait for the destination.
+ */
+export function* precopy(
+  vm: Vm, channel: MigrationChannel, destWords: Int32Array, clock: Clock, p: MigrationParams, bugs: MigrationBugs,
+  report: (e: MigrationEvent) => void, harvestSkipEvery = 0,
+): Steps {
+  const mem = vm.memory;
+  const vmm = new VmmControl(vm);
+  const sync = new DirtyLogSync(vm, harvestSkipEvery);
+  const dirty = new PageBitmap(mem.totalPages);
+  const chunkCleared = new Uint8Array(Math.ceil(mem.totalPages / 64));
+  const manualChunks = vm.manualProtect;
+  let crc = 0;
+  let normal = 0;
+  let zero = 0;
+  let transferred = 0;
+  let windowStart = 0;
+  let windowBytes = 0;
+  const passes: PassStats[] = [];
+  let expectedDowntime = 0;
+  let lastDirtyRate = 0;
+  let pendingReset = false;
+
+  function send(frame: Uint8Array): void {
+    crc = checksumUpdate(crc, frame);
+    channel.send(frame);
+  }
+
+  function* waitForCredit(limited: boolean): Steps {
+    while (!channel.canSend()) {
+      if (Atomics.load(destWords, DestWord.STATE) === DestState.FAILED) return;
+      const w = channel.creditWord;
+      yield waitFor(WaitCode.DESTINATION, 0, 0, { ...w, value: Atomics.load(w.array, w.index) });
+    }
+    if (!limited || p.bandwidth <= 0) return;
+    for (;;) {
+      const now = clock.nowMs();
+      if (now - windowStart >= WINDOW_MS) { windowStart = now; windowBytes = 0; }
+      if (windowBytes < (p.bandwidth * WINDOW_MS) / 1000) return;
+      yield* serviceRingFull();
+      // Virtual time advances only with steps: idling is a step of its own.
+      yield clock.virtual ? undefined : waitFor(WaitCode.BANDWIDTH, Math.ceil(windowStart + WINDOW_MS - now));
+    }
+  }
+
+  /** Pulls KVM's log into `dirty`. With copy-before-reset the ring reset is deferred. */
+  function* syncLog(final: boolean): Steps<number> {
+    const before = dirty.count();
+    if (bugs.copyBeforeReset && vm.rings && !final) {
+      // The bug: harvest now, reset (re-protect) only after the pages were copied.
+      const h = sync.harvester!;
+      for (const ring of vm.rings) {
+        h.harvest(ring, ring.entries, (slotField, offset) => {
+          const s = mem.slotByField(slotField);
+          if (s !== undefined && offset < s.pages) dirty.mark(s.firstPage + offset);
+        });
+      }
+      pendingReset = true;
+      yield undefined;
+    } else {
+      yield* sync.sync(dirty, final, !manualChunks);
+    }
+    chunkCleared.fill(0);
+    return dirty.count() - before;
+  }
+
+  /** Answers ring-full exits: QEMU reaps into the migration bitmap and re-enters. */
+  function* serviceRingFull(): Steps {
+    let any = false;
+    for (let v = 0; v < vmm.vcpus; v++) {
+      if (vmm.parkedExit(v) !== KVM_EXIT_DIRTY_RING_FULL) continue;
+      if (!any) {
+        if (pendingReset) { yield* vm.resetDirtyRings(); pendingReset = false; }
+        yield* syncLog(false);
+        if (pendingReset) { yield* vm.resetDirtyRings(); pendingReset = false; }
+        any = true;
+      }
+      vmm.reenter(v);
+    }
+    if (any) yield undefined;
+  }
+
+  /** Sends every dirty page, ascending. Returns [normal, zero] pages sent. */
+  function* sendDirty(limited: boolean): Steps<[number, number]> {
+    let sentNormal = 0;
+    let sentZero = 0;
+    const batch: number[] = [];
+    let batchSlot: Memslot | null = null;
+    const flush = function* (): Steps {
+      if (batch.length === 0 || batchSlot === null) return;
+      yield* waitForCredit(limited);
+      const s = batchSlot;
+      const enc = encodePages(s.slotField, batch, (offset, into, at) => copyPage(s, offset, into, at));
+      send(enc.frame);
+      const bytes = enc.normal * (PAGE_SIZE + PAGE_OVERHEAD) + enc.zero * (PAGE_OVERHEAD + 1);
+      windowBytes += bytes;
+      transferred += bytes;
+      normal += enc.normal; zero += enc.zero; sentNormal += enc.normal; sentZero += enc.zero;
+      batch.length = 0;
+      yield undefined;
+      if (limited) yield* serviceRingFull();
+    };
+    for (const slot of mem.slots) {
+      for (let page = 0; page < slot.pages; page++) {
+        const g = slot.firstPage + page;
+        if ((g & 31) === 0 && dirty.words[g >>> 5] === 0) { page += 31; continue; } // a clean word: skip 32 pages
+        if (!dirty.isDirty(g)) continue;
+        if (manualChunks && !chunkCleared[g >>> 6] && !bugs.copyBeforeClear) {
+          // QEMU clears each 64-page chunk just before sending it (then copies).
+          yield* flush();
+          yield* sync.clearChunk(slot, page, dirty);
+          chunkCleared[g >>> 6] = 1;
+        }
+        if (batchSlot !== slot || batch.length >= p.batchPages) { yield* flush(); batchSlot = slot; }
+        batch.push(page);
+        dirty.words[g >>> 5]! &= ~(1 << (g & 31));
+        if (manualChunks && bugs.copyBeforeClear && ((page + 1) % 64 === 0 || page + 1 === slot.pages)) {
+          // The bug: the chunk is copied first and cleared (re-protected) afterwards.
+          yield* flush();
+          const chunkStart = page - (page % 64);
+          const bits = new PageBitmap(mem.totalPages);
+          for (let q = chunkStart; q <= page; q++) bits.mark(slot.firstPage + q);
+          yield* sync.clearChunk(slot, chunkStart, bits);
+        }
+      }
+      yield* flush();
+    }
+    return [sentNormal, sentZero];
+  }
+
+  function info(status: MigrationInfo['status'], downtimeMs: number): MigrationInfo {
+    const total = clock.nowMs() - t0;
+    return {
+      status, totalTimeMs: total, setupTimeMs, expectedDowntimeMs: expectedDowntime, downtimeMs,
+      transferredBytes: transferred, remainingBytes: dirty.count() * PAGE_SIZE, totalBytes: mem.slots.reduce((s, x) => s + x.pages, 0) * PAGE_SIZE,
+      normalPages: normal, zeroPages: zero,
+      throughputMbps: total > 0 ? (transferred * 8) / 1e6 / (total / 1000) : 0,
+      pagesPerSecond: total > 0 ? ((normal + zero) * 1000) / total : 0,
+      dirtyPagesRate: lastDirtyRate, dirtySyncCount: sync.syncs, passes,
+    };
+  }
+
+  // Let the guest run first, so that memory is written and keeps being written.
+  for (;;) {
+    const ops = vmm.totalOps();
+    if (ops >= p.warmupOps) break;
+    yield* serviceRingFull();
+    yield waitFor(WaitCode.GUEST_OPS, p.warmupOps, ops);
+  }
+  const t0 = clock.nowMs();
+
+  // Setup.
+  send(encodeHeader(mem.slots.map((s) => ({ id: s.id, asId: s.asId, baseGfn: s.baseGfn, pages: s.pages }))));
+  for (const slot of mem.slots) for (let page = 0; page < slot.pages; page++) dirty.mark(slot.firstPage + page);
+  for (const slot of mem.slots) yield* vm.enableDirtyLogging(slot);
+  yield* syncLog(false);
+  const setupTimeMs = clock.nowMs() - t0;
+
+  // Iterate.
+  let pass = 0;
+  for (;;) {
+    pass++;
+    const passStart = clock.nowMs();
+    const before = transferred;
+    const [sent, sentZero] = yield* sendDirty(true);
+    if (pendingReset) { yield* vm.resetDirtyRings(); pendingReset = false; }
+    send(encodeSync(pass));
+    const syncStart = clock.nowMs();
+    const found = yield* syncLog(false);
+    const now = clock.nowMs();
+    const ms = Math.max(now - passStart, 1e-3);
+    const bandwidth = ((transferred - before) * 1000) / ms;
+    lastDirtyRate = (found * 1000) / ms;
+    const remaining = dirty.count() * PAGE_SIZE;
+    const bw = p.bandwidth > 0 ? Math.min(bandwidth, p.bandwidth) : bandwidth;
+    expectedDowntime = bw > 0 ? (remaining * 1000) / bw : Infinity;
+    const stats: PassStats = {
+      pass, pagesSent: sent + sentZero, zeroPages: sentZero, dirtyFound: found, syncMs: now - syncStart, bandwidth, expectedDowntimeMs: expectedDowntime, ms,
+    };
+    passes.push(stats);
+    report({ kind: 'pass', stats });
+    if (Atomics.load(destWords, DestWord.STATE) === DestState.FAILED) {
+      report({ kind: 'failed', reason: 'the destination failed', info: info('failed', 0) });
+      return;
+    }
+    if (expectedDowntime <= p.downtimeLimitMs) break;
+    if (pass >= p.maxIterations || now - t0 >= p.timeoutMs) {
+      if (p.policy === 'force') break;
+      report({ kind: 'failed', reason: `did not converge in ${pass} passes (expected downtime ${expectedDowntime.toFixed(1)} ms > limit ${p.downtimeLimitMs} ms)`, info: info('failed', 0) });
+      return;
+    }
+  }
+
+  // Complete: stop the VM, final sync, send the rest, wait for the destination.
+  const stopTime = clock.nowMs();
+  for (let v = 0; v < vmm.vcpus; v++) vmm.requestStop(v);
+  vmm.pauseHost();
+  yield undefined;
+  for (let v = 0; v < vmm.vcpus; v++) while (!vmm.isQuiescent(v)) yield waitFor(WaitCode.VCPU_STOPPED, v);
+  if (!bugs.skipFinalSync) yield* syncLog(true);
+  yield* sendDirty(false);
+  send(encodeComplete(normal, zero, crc));
+  yield undefined;
+  for (;;) {
+    const st = Atomics.load(destWords, DestWord.STATE);
+    if (st === DestState.COMPLETE) break;
+    if (st === DestState.FAILED) {
+      report({ kind: 'failed', reason: 'the destination failed', info: info('failed', 0) });
+      return;
+    }
+    yield waitFor(WaitCode.DESTINATION, 1, 0, { array: destWords, index: DestWord.STATE, value: st });
+  }
+  report({ kind: 'completed', info: info('completed', clock.nowMs() - stopTime) });
+}
+
+/** Copies one page into the frame; false when it is all zeroes (sent as a flag). */
+function copyPage(slot: Memslot, page: number, into: Uint8Array, at: number): boolean {
+  const off = slot.byteOffset(page);
+  into.set(slot.bytes(page).subarray(off, off + PAGE_SIZE), at);
+  // Checked on the copy, not on guest memory, so the verdict matches the bytes sent.
+  return !Buffer.from(into.buffer, into.byteOffset + at, PAGE_SIZE).equals(ZERO_PAGE);
+}
+
+const ZERO_PAGE = Buffer.alloc(PAGE_SIZE);

@@ -1,0 +1,40 @@
+import { PAGE_SIZE } from '../host/constants.ts';
+import type { GuestMemory } from '../host/guest-memory.ts';
+import { type PageStamp, describeWriter } from '../host/memslot.ts';
+
+export interface StampMismatch {
+  slot: number;
+  gfn: number;
+  source: PageStamp;
+  destination: PageStamp;
+}
+
+/**
+ * The stamp oracle: after the final copy, with the source paused, every destination page
+ * must equal its source page, byte for byte. A mismatch is a lost write; the stamps say
+ * who wrote each side last and with which sequence number.
+ */
+export function compareMemory(source: GuestMemory, destination: GuestMemory, max = 16): { pages: number; mismatches: StampMismatch[]; count: number } {
+  const mismatches: StampMismatch[] = [];
+  let pages = 0;
+  let count = 0;
+  for (const s of source.slots) {
+    const d = destination.slotByField(s.slotField);
+    if (!d) throw new Error(`destination has no slot ${s.asId}:${s.id}`);
+    for (let page = 0; page < s.pages; page++) {
+      pages++;
+      const so = s.byteOffset(page);
+      const a = Buffer.from(s.bytes(page).buffer, so, PAGE_SIZE);
+      const b = Buffer.from(d.bytes(page).buffer, d.byteOffset(page), PAGE_SIZE);
+      if (a.equals(b)) continue;
+      count++;
+      if (mismatches.length < max) mismatches.push({ slot: s.id, gfn: s.baseGfn + page, source: s.stampOf(page), destination: d.stampOf(page) });
+    }
+  }
+  return { pages, mismatches, count };
+}
+
+export function describeMismatch(m: StampMismatch): string {
+  const side = (st: PageStamp): string => st.writer === 0 ? 'never written' : `${describeWriter(st.writer)} seq ${st.seq} (iteration ${st.iteration})`;
+  return `LOST write: slot ${m.slot} gfn 0x${m.gfn.toString(16)}: source last written by ${side(m.source)}, destination holds ${side(m.destination)}`;
+}

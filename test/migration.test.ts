@@ -1,0 +1,89 @@
+import { describe, expect, it } from 'vitest';
+import type { TrackingMode } from '../src/bugs/catalog.ts';
+import { DEFAULT_WORKLOAD } from '../src/guest/workload.ts';
+import { GuestMemory } from '../src/host/guest-memory.ts';
+import { createVmLayout } from '../src/host/layout.ts';
+import { DestState } from '../src/migration/channel.ts';
+import { Destination } from '../src/migration/destination.ts';
+import { encodeHeader, encodePages } from '../src/migration/stream.ts';
+import { type MigrationScenario, runMigration } from '../src/scenarios/migration.ts';
+import { LEGACY } from './helpers.ts';
+
+function scenario(o: Partial<MigrationScenario> = {}): MigrationScenario {
+  return {
+    tracking: 'dirty-ring', vcpus: 2, memoryBytes: 8 << 20, slots: 2, ringEntries: 256, workload: DEFAULT_WORKLOAD, seed: 1,
+    bugs: [], hostWriteEvery: 32,
+    params: { bandwidth: 32 << 20, downtimeLimitMs: 2, maxIterations: 8, timeoutMs: 1e9, policy: 'force', batchPages: 32, warmupOps: 4000 },
+    ...o,
+  };
+}
+const DET = { driver: 'deterministic' as const, watchdogMs: 5000, burst: 256 };
+
+describe('pre-copy migration to an in-process destination', () => {
+  for (const tracking of ['dirty-ring', 'dirty-log', 'clear-log'] as TrackingMode[]) {
+    it(`${tracking}: a writing guest migrates and every destination page equals its source page`, async () => {
+      for (const seed of [1, 2, 3]) {
+        const r = await runMigration(scenario({ tracking, seed }), DET);
+        expect(r.status, `seed ${seed}: ${r.reason ?? ''} ${r.errors.join('; ')}`).toBe('passed');
+        expect(r.pagesCompared).toBe(2048);
+        expect(r.info!.status).toBe('completed');
+        expect(r.info!.normalPages).toBeGreaterThan(0);
+        expect(r.info!.zeroPages).toBeGreaterThan(0);
+        expect(r.info!.dirtySyncCount).toBeGreaterThanOrEqual(r.passes.length);
+        expect(r.passes.length).toBeGreaterThan(1);
+      }
+    });
+  }
+
+  it('a hot-set guest converges under the downtime limit without forcing', async () => {
+    const r = await runMigration(scenario({
+      workload: { ...DEFAULT_WORKLOAD, name: 'hotset', hotFraction: 0.02, hotShare: 1 },
+      params: { ...scenario().params, downtimeLimitMs: 5, policy: 'fail', maxIterations: 30 },
+    }), DET);
+    expect(r.status, r.reason ?? '').toBe('passed');
+    expect(r.info!.expectedDowntimeMs).toBeLessThanOrEqual(5);
+  });
+
+  it('fails with the reason when it does not converge and the policy is fail', async () => {
+    const r = await runMigration(scenario({ params: { ...scenario().params, downtimeLimitMs: 0.001, policy: 'fail', maxIterations: 3 } }), DET);
+    expect(r.status).toBe('failed');
+    expect(r.reason).toMatch(/^did not converge in 3 passes \(expected downtime [\d.]+ ms > limit 0.001 ms\)$/);
+  });
+
+  it('the stamp oracle catches writes lost by skip-tlb-shootdown, naming page and writers', async () => {
+    const r = await runMigration(scenario({ bugs: ['skip-tlb-shootdown'] }), DET);
+    expect(r.status).toBe('failed');
+    expect(r.mismatchCount).toBeGreaterThan(0);
+    const m = r.mismatches[0]!;
+    expect(m.source.writer).not.toBe(0);
+    expect(m.source.seq).not.toBe(m.destination.seq);
+  });
+
+  it('migrates with real worker threads (free-run) and verifies', async () => {
+    const r = await runMigration(scenario({ params: { ...scenario().params, bandwidth: 0, warmupOps: 50_000 } }), { ...DET, driver: 'free' });
+    expect(r.status, `${r.reason ?? ''} ${r.errors.join('; ')}`).toBe('passed');
+  });
+});
+
+describe('the destination', () => {
+  it('refuses a stream whose memslot layout does not match its memory, and fails the migration', () => {
+    const layout = createVmLayout({ slots: [{ id: 1, asId: 0, baseGfn: 0x100, pages: 64, flags: 0 }], vcpus: 1, tracking: LEGACY });
+    const d = new Destination(new GuestMemory(layout));
+    expect(d.receive(encodeHeader([{ id: 1, asId: 0, baseGfn: 0x100, pages: 128 }]))).toBe(false);
+    expect(d.state).toBe(DestState.FAILED);
+    expect(d.error).toMatch(/slot 0:1 \(gfn 0x100, 128 pages\) does not match/);
+  });
+
+  it('writes pages and zero pages into its own memory', () => {
+    const layout = createVmLayout({ slots: [{ id: 1, asId: 0, baseGfn: 0x100, pages: 64, flags: 0 }], vcpus: 1, tracking: LEGACY });
+    const mem = new GuestMemory(layout);
+    mem.slots[0]!.writeU64(5, 99);
+    const d = new Destination(mem);
+    expect(d.receive(encodeHeader([{ id: 1, asId: 0, baseGfn: 0x100, pages: 64 }]))).toBe(true);
+    const b = encodePages(1, [4, 5], (o, into, at) => { into.fill(o === 4 ? 7 : 0, at, at + 4096); return o === 4; });
+    expect(d.receive(b.frame)).toBe(true);
+    expect(mem.slots[0]!.bytes(4)[mem.slots[0]!.byteOffset(4)]).toBe(7);
+    expect(mem.slots[0]!.readU64(5)).toBe(0);
+    expect(d.stats).toMatchObject({ normal: 1, zero: 1 });
+  });
+});
