@@ -96,6 +96,11 @@ describe('migration stream v1', () => {
     reject([header, garbage], /frame 1: the record is not valid msgpack/);
     reject([...stream(), encodeSync(2)], /data after the completion record/);
   });
+  it('rejects a completion record whose checksum does not match the frames', () => {
+    const frames = stream();
+    reject([...frames.slice(0, -1), encodeComplete(2, 1, 12345)], /frame 3: checksum mismatch: the source sent 12345/);
+  });
+
   it('the checksum the decoder computes equals the one the encoder sent', () => {
     const d = new StreamDecoder();
     const frames = stream();

@@ -1,8 +1,6 @@
 import { MessageChannel } from 'node:worker_threads';
 import { type TrackingMode, injectedBugs } from '../bugs/catalog.ts';
-import { DeadlockError, DeterministicDriver, RandomScheduler } from '../drivers/deterministic.ts';
-import { type FreeRunActor, runFreeRun } from '../drivers/free-run.ts';
-import type { GeneratorRole, Role } from '../drivers/role.ts';
+import type { DeterministicDriver } from '../drivers/deterministic.ts';
 import type { WorkloadOptions } from '../guest/workload.ts';
 import { GuestMemory } from '../host/guest-memory.ts';
 import { GlobalWord, type VmConfig, createVmLayout } from '../host/layout.ts';
@@ -10,10 +8,9 @@ import { VmmControl } from '../host/vmm.ts';
 import { DEST_WORDS } from '../migration/channel.ts';
 import type { MigrationBugs, MigrationEvent, MigrationInfo, MigrationParams, PassStats } from '../migration/precopy.ts';
 import { type StampMismatch, compareMemory } from '../oracles/stamp-oracle.ts';
-import { Prng } from '../util/prng.ts';
 import { slotLayout } from './dirty-log-test.ts';
-import { type RoleSpec, buildRole, roleName, vmFor } from './roles.ts';
-import type { Driver } from './run-dirty-log-test.ts';
+import { type RoleSpec, vmFor } from './roles.ts';
+import { type Driver, runRoles } from './run-roles.ts';
 
 export interface MigrationScenario {
   tracking: TrackingMode;
@@ -91,42 +88,19 @@ export async function runMigration(s: MigrationScenario, o: MigrationRunOptions)
   if (s.hostWriteEvery > 0) specs.push({ kind: 'host-writer', every: s.hostWriteEvery, seed: s.seed });
   const started = performance.now();
 
-  if (o.driver === 'deterministic') {
-    const queue: Uint8Array[] = [];
-    let driver: DeterministicDriver | null = null;
-    const clock = () => driver?.stepCount ?? 0;
-    specs.push({ kind: 'migration', params: s.params, bugs: s.bugs, destWords, queue, clockSteps: clock });
-    specs.push({ kind: 'destination', layout: target, destWords, queue });
-    const roles: Role[] = specs.map((spec) => buildRole(spec, vm, onEvent as (e: unknown) => void));
-    const migration = roles[roles.length - 2] as GeneratorRole;
-    driver = new DeterministicDriver(roles, new RandomScheduler(Prng.derive(s.seed, 3000)));
-    try {
-      driver.run(() => migration.finished);
-    } catch (e) {
-      if (!(e instanceof DeadlockError)) throw e;
-      result.status = 'stuck';
-      result.errors.push(e.message);
-    }
-    result.steps = driver.stepCount;
-  } else {
-    const { port1, port2 } = new MessageChannel();
-    specs.push({ kind: 'migration', params: s.params, bugs: s.bugs, destWords, port: port1 });
-    specs.push({ kind: 'destination', layout: target, destWords, port: port2 });
-    const names = specs.map(roleName);
-    const actors: FreeRunActor[] = specs.map((spec, i) => ({
-      name: names[i]!,
-      primary: spec.kind === 'migration',
-      transfer: 'port' in spec && spec.port ? [spec.port] : [],
-      data: { layout: spec.kind === 'destination' ? target : source, bugs: s.bugs, spec, burst: o.burst },
-    }));
-    const outcome = await runFreeRun(actors, {
-      watchdogMs: o.watchdogMs,
-      onEvent: (_a, e) => onEvent(e as MigrationEvent),
-      onTick: o.onTick ? (p) => o.onTick!(p, names) : undefined,
-    });
-    if (outcome.status === 'watchdog') { result.status = 'stuck'; result.errors.push(outcome.report); }
-    else if (outcome.status === 'crashed') { result.status = 'crashed'; result.errors.push(`${outcome.role} crashed: ${outcome.message}`); }
-  }
+  let driver: DeterministicDriver | null = null;
+  const queue: Uint8Array[] = [];
+  const ports = o.driver === 'free' ? new MessageChannel() : null;
+  specs.push({ kind: 'migration', params: s.params, bugs: s.bugs, destWords, queue, port: ports?.port1, clockSteps: ports ? undefined : () => driver?.stepCount ?? 0 });
+  specs.push({ kind: 'destination', layout: target, destWords, queue, port: ports?.port2 });
+  const run = await runRoles({
+    driver: o.driver, specs, primary: 'migration', vm, layoutOf: (spec) => (spec.kind === 'destination' ? target : source),
+    bugs: s.bugs, seed: s.seed, onEvent: (e) => onEvent(e as MigrationEvent), watchdogMs: o.watchdogMs, burst: o.burst,
+    onTick: o.onTick, onDriver: (d) => { driver = d; },
+  });
+  if (run.status !== 'done') result.status = run.status;
+  result.errors.push(...run.errors);
+  result.steps = run.steps;
   if (result.info?.status === 'completed') {
     const cmp = compareMemory(new GuestMemory(source), new GuestMemory(target));
     result.pagesCompared = cmp.pages;

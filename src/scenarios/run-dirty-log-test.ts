@@ -1,14 +1,11 @@
-import { DeadlockError, DeterministicDriver, RandomScheduler, ReplayScheduler } from '../drivers/deterministic.ts';
-import { type FreeRunActor, runFreeRun } from '../drivers/free-run.ts';
-import { GeneratorRole, type Role } from '../drivers/role.ts';
 import { createVmLayout } from '../host/layout.ts';
 import { VmmControl } from '../host/vmm.ts';
 import type { DirtyLogViolation } from '../oracles/dirty-log-verify.ts';
-import { Prng } from '../util/prng.ts';
 import { type DirtyLogEvent, type DirtyLogTestConfig, vmConfigFor } from './dirty-log-test.ts';
-import { type RoleSpec, buildRole, roleName, vmFor } from './roles.ts';
+import { type RoleSpec, vmFor } from './roles.ts';
+import { type Driver, runRoles } from './run-roles.ts';
 
-export type Driver = 'free' | 'deterministic';
+export type { Driver };
 
 export interface DirtyLogRunOptions {
   driver: Driver;
@@ -69,38 +66,14 @@ export async function runDirtyLogTest(c: DirtyLogTestConfig, o: DirtyLogRunOptio
   const specs = roleSpecs(c);
   const started = performance.now();
 
-  if (o.driver === 'deterministic') {
-    const roles: Role[] = specs.map((s) => buildRole(s, setupVm, onEvent));
-    const collector = roles[roles.length - 1] as GeneratorRole;
-    const scheduler = o.replay ? new ReplayScheduler(o.replay) : new RandomScheduler(Prng.derive(c.seed, 3000));
-    const driver = new DeterministicDriver(roles, scheduler);
-    try {
-      driver.run(() => collector.finished);
-    } catch (e) {
-      if (!(e instanceof DeadlockError)) throw e;
-      result.status = 'stuck';
-      result.errors.push(e.message);
-    }
-    result.steps = driver.stepCount;
-    result.schedule = driver.recorded;
-  } else {
-    const names = specs.map(roleName);
-    const actors: FreeRunActor[] = specs.map((spec, i) => ({
-      name: names[i]!,
-      primary: spec.kind === 'dirty-log-collector',
-      data: {
-        layout, bugs: c.bugs, spec, burst: o.burst,
-        crashAfterSteps: o.crash?.role === names[i] ? o.crash.afterSteps : undefined,
-      },
-    }));
-    const outcome = await runFreeRun(actors, {
-      watchdogMs: o.watchdogMs,
-      onEvent: (_actor, e) => onEvent(e as DirtyLogEvent),
-      onTick: o.onTick ? (p) => o.onTick!(p, names) : undefined,
-    });
-    if (outcome.status === 'watchdog') { result.status = 'stuck'; result.errors.push(outcome.report); }
-    else if (outcome.status === 'crashed') { result.status = 'crashed'; result.errors.push(`${outcome.role} crashed: ${outcome.message}`); }
-  }
+  const run = await runRoles({
+    driver: o.driver, specs, primary: 'dirty-log-collector', vm: setupVm, layoutOf: () => layout, bugs: c.bugs, seed: c.seed,
+    onEvent: (e) => onEvent(e as DirtyLogEvent), watchdogMs: o.watchdogMs, burst: o.burst, onTick: o.onTick, replay: o.replay, crash: o.crash,
+  });
+  if (run.status !== 'done') result.status = run.status;
+  result.errors.push(...run.errors);
+  result.steps = run.steps;
+  result.schedule = run.schedule;
   if (result.status === 'passed' && result.iterations.length < c.iterations) {
     result.status = 'failed';
     result.errors.push(`the collector stopped after ${result.iterations.length} of ${c.iterations} iterations`);

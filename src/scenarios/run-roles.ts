@@ -1,0 +1,78 @@
+import { DeadlockError, DeterministicDriver, RandomScheduler, ReplayScheduler } from '../drivers/deterministic.ts';
+import { type FreeRunActor, runFreeRun } from '../drivers/free-run.ts';
+import type { GeneratorRole, Role } from '../drivers/role.ts';
+import type { VmLayout } from '../host/layout.ts';
+import type { Vm } from '../host/vm.ts';
+import { Prng } from '../util/prng.ts';
+import { type RoleSpec, buildRole, roleName } from './roles.ts';
+
+export type Driver = 'free' | 'deterministic';
+
+export interface RunRolesOptions {
+  driver: Driver;
+  specs: RoleSpec[];
+  /** The run ends when this role finishes. */
+  primary: RoleSpec['kind'];
+  /** Deterministic: the one Vm view every role shares. Free-run: each worker builds its own. */
+  vm: Vm;
+  /** Free-run: the layout a role's worker maps (a destination has its own). */
+  layoutOf: (spec: RoleSpec) => VmLayout;
+  bugs: string[];
+  seed: number;
+  onEvent: (e: unknown) => void;
+  watchdogMs: number;
+  burst: number;
+  onTick?: (progress: number[], names: string[]) => void;
+  replay?: Uint8Array;
+  crash?: { role: string; afterSteps: number };
+  /** Deterministic: receives the driver before it runs (step clocks read its step count). */
+  onDriver?: (d: DeterministicDriver) => void;
+}
+
+export interface RunRolesOutcome {
+  /** done: the primary role finished; stuck: watchdog or deadlock; crashed: a worker threw. */
+  status: 'done' | 'stuck' | 'crashed';
+  errors: string[];
+  steps?: number;
+  schedule?: Uint8Array;
+}
+
+/** Runs a set of roles under either driver until the primary role finishes. */
+export async function runRoles(o: RunRolesOptions): Promise<RunRolesOutcome> {
+  if (o.driver === 'deterministic') {
+    const roles: Role[] = o.specs.map((s) => buildRole(s, o.vm, o.onEvent as (e: never) => void));
+    const primary = roles[o.specs.findIndex((s) => s.kind === o.primary)] as GeneratorRole;
+    const scheduler = o.replay ? new ReplayScheduler(o.replay) : new RandomScheduler(Prng.derive(o.seed, 3000));
+    const driver = new DeterministicDriver(roles, scheduler);
+    o.onDriver?.(driver);
+    const out: RunRolesOutcome = { status: 'done', errors: [] };
+    try {
+      driver.run(() => primary.finished);
+    } catch (e) {
+      if (!(e instanceof DeadlockError)) throw e;
+      out.status = 'stuck';
+      out.errors.push(e.message);
+    }
+    out.steps = driver.stepCount;
+    out.schedule = driver.recorded;
+    return out;
+  }
+  const names = o.specs.map(roleName);
+  const actors: FreeRunActor[] = o.specs.map((spec, i) => ({
+    name: names[i]!,
+    primary: spec.kind === o.primary,
+    transfer: 'port' in spec && spec.port ? [spec.port] : [],
+    data: {
+      layout: o.layoutOf(spec), bugs: o.bugs, spec, burst: o.burst,
+      crashAfterSteps: o.crash?.role === names[i] ? o.crash.afterSteps : undefined,
+    },
+  }));
+  const outcome = await runFreeRun(actors, {
+    watchdogMs: o.watchdogMs,
+    onEvent: (_actor, e) => o.onEvent(e),
+    onTick: o.onTick ? (p) => o.onTick!(p, names) : undefined,
+  });
+  if (outcome.status === 'watchdog') return { status: 'stuck', errors: [outcome.report] };
+  if (outcome.status === 'crashed') return { status: 'crashed', errors: [`${outcome.role} crashed: ${outcome.message}`] };
+  return { status: 'done', errors: [] };
+}
