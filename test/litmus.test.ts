@@ -69,7 +69,8 @@ describe('injected bugs make the examples that show them fail', () => {
 
   it('every catalogued kernel or userspace bug is caught by some example', () => {
     const specs = files.map((f) => loadLitmus(join(DIR, f)));
-    for (const bug of CATALOG.map((b) => b.name)) {
+    // Migration-thread bugs live in the migration engine, which litmus files do not run.
+    for (const bug of CATALOG.filter((b) => b.commands.includes('dirty-log-test')).map((b) => b.name)) {
       if (bug === 'ring-full-exit-unhandled') continue; // the litmus file is the VMM: it handles exits itself
       const caught = specs.filter((s) => !runLitmus(s, { bugs: [bug] }).passed);
       expect(caught.length, `no example catches ${bug}`).toBeGreaterThan(0);

@@ -6,7 +6,11 @@ import { createVmLayout } from '../src/host/layout.ts';
 import { DestState } from '../src/migration/channel.ts';
 import { Destination } from '../src/migration/destination.ts';
 import { encodeHeader, encodePages } from '../src/migration/stream.ts';
-import { type MigrationScenario, runMigration } from '../src/scenarios/migration.ts';
+import { type MigrationScenario, migrationVmConfig, runMigration } from '../src/scenarios/migration.ts';
+import { vmFor } from '../src/scenarios/roles.ts';
+import { runRoles } from '../src/scenarios/run-roles.ts';
+import { DEST_WORDS } from '../src/migration/channel.ts';
+import { GlobalWord } from '../src/host/layout.ts';
 import { LEGACY } from './helpers.ts';
 
 function scenario(o: Partial<MigrationScenario> = {}): MigrationScenario {
@@ -48,6 +52,43 @@ describe('pre-copy migration to an in-process destination', () => {
     const r = await runMigration(scenario({ params: { ...scenario().params, downtimeLimitMs: 0.001, policy: 'fail', maxIterations: 3 } }), DET);
     expect(r.status).toBe('failed');
     expect(r.reason).toMatch(/^did not converge in 3 passes \(expected downtime [\d.]+ ms > limit 0.001 ms\)$/);
+  });
+
+  it('completion waits for registered host actors to pause before the final sync', async () => {
+    // Regression: the migration thread asked host writers to pause but did not wait, so a
+    // write already decided could land after the final sync (seen once in free-run).
+    // A registered host actor that never pauses must hold the migration there.
+    const s = scenario({ hostWriteEvery: 0, workload: { ...DEFAULT_WORKLOAD, name: 'hotset', hotFraction: 0.02, hotShare: 1 } });
+    const layout = createVmLayout(migrationVmConfig(s));
+    const vm = vmFor(layout, []);
+    vm.populate();
+    Atomics.store(vm.global, GlobalWord.HOST_ACTORS, 1); // registered, RUNNING, and never pausing
+    const queue: Uint8Array[] = [];
+    const destWords = new SharedArrayBuffer(DEST_WORDS * 4);
+    const target = createVmLayout(migrationVmConfig(s));
+    let driver: { stepCount: number } | null = null;
+    const run = await runRoles({
+      driver: 'deterministic', primary: 'migration', vm, layoutOf: () => layout, bugs: [], seed: 1, onEvent: () => {}, watchdogMs: 1000, burst: 1,
+      specs: [
+        { kind: 'vcpu', index: 0, workload: s.workload, seed: 1 }, { kind: 'vcpu', index: 1, workload: s.workload, seed: 1 },
+        { kind: 'migration', params: { ...s.params, downtimeLimitMs: 5, maxIterations: 30 }, bugs: [], destWords, queue, clockSteps: () => driver?.stepCount ?? 0 },
+        { kind: 'destination', layout: target, destWords, queue },
+      ],
+      onDriver: (d) => { driver = d; },
+    });
+    expect(run.status).toBe('stuck');
+    expect(run.errors[0]).toMatch(/migration waits for host actors to pause/);
+    expect(run.errors[0]).toMatch(/vcpu0 is stopped/);
+  });
+
+  it('host writes during migration all reach the destination', async () => {
+    for (const seed of [1, 2, 3, 4, 5, 6]) {
+      const r = await runMigration(scenario({
+        seed, hostWriteEvery: 2, workload: { ...DEFAULT_WORKLOAD, name: 'hotset', hotFraction: 0.02, hotShare: 1 },
+        params: { ...scenario().params, downtimeLimitMs: 5, maxIterations: 30 },
+      }), DET);
+      expect(r.status, `seed ${seed}: ${r.mismatchCount} lost`).toBe('passed');
+    }
   });
 
   it('the stamp oracle catches writes lost by skip-tlb-shootdown, naming page and writers', async () => {

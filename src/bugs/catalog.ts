@@ -17,7 +17,11 @@ export interface CatalogEntry {
   needsHostWrites?: boolean;
   /** What catches it. */
   detectedBy: string;
+  /** The commands whose scenario exercises it. */
+  commands: ('dirty-log-test' | 'migrate')[];
 }
+
+const BOTH: CatalogEntry['commands'] = ['dirty-log-test', 'migrate'];
 
 /** The bug catalog: named, injectable protocol mistakes (ARCHITECTURE.md, principle 6). */
 export const CATALOG: readonly CatalogEntry[] = [
@@ -28,6 +32,7 @@ export const CATALOG: readonly CatalogEntry[] = [
     reference: 'KVM kvm_flush_remote_tlbs after write-protecting (virt/kvm/kvm_main.c, kvm_vm_ioctl_reset_dirty_pages); Documentation/virt/kvm/api.rst',
     modes: ['dirty-ring', 'dirty-log', 'clear-log'],
     detectedBy: 'dirty_log_test oracle: a clean page holds the current iteration',
+    commands: BOTH,
   },
   {
     name: 'ring-full-ignored',
@@ -36,6 +41,7 @@ export const CATALOG: readonly CatalogEntry[] = [
     reference: 'virt/kvm/dirty_ring.c kvm_dirty_ring_soft_full / KVM_REQ_DIRTY_RING_SOFT_FULL; the WARN_ON in kvm_dirty_ring_push',
     modes: ['dirty-ring'],
     detectedBy: 'dirty_log_test oracle: a clean page holds the current iteration',
+    commands: BOTH,
   },
   {
     name: 'harvest-skips-entry',
@@ -44,6 +50,7 @@ export const CATALOG: readonly CatalogEntry[] = [
     reference: 'QEMU kvm_dirty_ring_reap_one and the selftest dirty_ring_collect_one: harvest in order, never skip',
     modes: ['dirty-ring'],
     detectedBy: 'dirty_log_test oracle: a clean page holds the current iteration',
+    commands: BOTH,
   },
   {
     name: 'clear-without-protect',
@@ -52,6 +59,7 @@ export const CATALOG: readonly CatalogEntry[] = [
     reference: 'KVM kvm_clear_dirty_log_protect -> kvm_arch_mmu_enable_log_dirty_pt_masked (virt/kvm/kvm_main.c)',
     modes: ['clear-log'],
     detectedBy: 'dirty_log_test oracle: a clean page holds the current iteration',
+    commands: BOTH,
   },
   {
     name: 'untracked-host-write',
@@ -61,6 +69,7 @@ export const CATALOG: readonly CatalogEntry[] = [
     modes: ['dirty-log', 'clear-log', 'dirty-ring'],
     needsHostWrites: true,
     detectedBy: 'dirty_log_test oracle: a clean page holds the current iteration',
+    commands: BOTH,
   },
   {
     name: 'no-backup-bitmap',
@@ -70,6 +79,7 @@ export const CATALOG: readonly CatalogEntry[] = [
     modes: ['dirty-ring'],
     needsHostWrites: true,
     detectedBy: 'dirty_log_test oracle: a clean page holds the current iteration; KVM warning counter',
+    commands: BOTH,
   },
   {
     name: 'ring-full-exit-unhandled',
@@ -78,6 +88,34 @@ export const CATALOG: readonly CatalogEntry[] = [
     reference: 'QEMU kvm_cpu_exec: KVM_EXIT_DIRTY_RING_FULL -> kvm_dirty_ring_reap',
     modes: ['dirty-ring'],
     detectedBy: 'the watchdog (free-run) or deadlock detection (deterministic)',
+    commands: ['dirty-log-test'],
+  },
+  {
+    name: 'copy-before-reset',
+    wrong: 'The migration thread copies the harvested pages before KVM_RESET_DIRTY_RINGS re-protects them.',
+    effect: 'A write between the copy and the reset goes through a still-writable SPTE, is never logged, and is never sent.',
+    reference: 'REFERENCE.md 2, the ordering rule; QEMU migration_bitmap_sync -> kvm_dirty_ring_reap before ram_save_iterate copies',
+    modes: ['dirty-ring'],
+    detectedBy: 'stamp oracle: a destination page differs from its source page',
+    commands: ['migrate'],
+  },
+  {
+    name: 'copy-before-clear',
+    wrong: 'With manual protect, the migration thread copies a 64-page chunk before KVM_CLEAR_DIRTY_LOG re-protects it.',
+    effect: 'A write between the copy and the clear is dropped with the cleared bit and never sent.',
+    reference: 'QEMU migration_clear_memory_region_dirty_bitmap: clear each chunk just before sending it',
+    modes: ['clear-log'],
+    detectedBy: 'stamp oracle: a destination page differs from its source page',
+    commands: ['migrate'],
+  },
+  {
+    name: 'skip-final-sync',
+    wrong: 'Completion stops the vCPUs and sends what is left without a final sync of the dirty log.',
+    effect: 'Pages dirtied after the last sync (and host writes in the backup bitmap) never reach the destination.',
+    reference: 'QEMU ram_save_complete -> migration_bitmap_sync_precopy(last_stage); KVM api.rst: collect the backup bitmap last',
+    modes: ['dirty-ring', 'dirty-log', 'clear-log'],
+    detectedBy: 'stamp oracle: a destination page differs from its source page',
+    commands: ['migrate'],
   },
 ];
 

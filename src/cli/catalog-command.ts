@@ -11,7 +11,7 @@ export function catalogCommand(json: boolean): number {
     console.log(`  effect:    ${b.effect}`);
     console.log(`  caught by: ${b.detectedBy}`);
     console.log(`  reference: ${b.reference}`);
-    console.log(`  try:       vmemlab dirty-log-test --inject ${b.name}${b.modes[0] !== 'dirty-ring' ? ` --mode ${b.modes[0]}` : ''} --driver deterministic`);
+    for (const c of b.commands) console.log(`  try:       vmemlab ${c} --inject ${b.name} --driver deterministic`);
     console.log('');
   }
   return 0;

@@ -1,15 +1,14 @@
-import { type TrackingMode, findBug } from '../bugs/catalog.ts';
-import { checkRingSize } from '../host/dirty-ring.ts';
 import { PAGE_SIZE } from '../host/constants.ts';
 import { DEFAULT_WORKLOAD, parseWorkloadName } from '../guest/workload.ts';
 import { describeViolation } from '../oracles/dirty-log-verify.ts';
 import type { DirtyLogEvent, DirtyLogTestConfig } from '../scenarios/dirty-log-test.ts';
 import { type Driver, type DirtyLogRunResult, runDirtyLogTest } from '../scenarios/run-dirty-log-test.ts';
 import { UserError } from '../util/errors.ts';
-import { formatSize, parseSize } from '../util/size.ts';
+import { formatSize } from '../util/size.ts';
+import { bugsAndMode, fraction, int, memory, positive, ringSize } from './flags.ts';
 import { Progress } from './progress.ts';
 
-export const MODES: readonly TrackingMode[] = ['dirty-log', 'clear-log', 'dirty-ring'];
+export { MODES } from './flags.ts';
 
 /** The options as commander hands them over (strings, or defaults). */
 export interface DirtyLogTestFlags {
@@ -41,40 +40,13 @@ export const DIRTY_LOG_TEST_DEFAULTS = {
   watchdog: '10', burst: '256',
 } as const;
 
-function int(flag: string, text: string, min: number, max = Number.MAX_SAFE_INTEGER): number {
-  const n = Number(text);
-  if (!/^\s*\d+\s*$/.test(text) || !Number.isSafeInteger(n) || n < min || n > max) {
-    throw new UserError(`${flag}: '${text}' is not a whole number from ${min} to ${max}`);
-  }
-  return n;
-}
-
-function fraction(flag: string, text: string): number {
-  const n = Number(text);
-  if (text.trim() === '' || !Number.isFinite(n) || n <= 0 || n > 1) throw new UserError(`${flag}: '${text}' is not a fraction in (0, 1]`);
-  return n;
-}
-
 /** Turns flags into a validated configuration; every mistake names the flag and the value. */
 export function dirtyLogTestConfig(f: DirtyLogTestFlags): { config: DirtyLogTestConfig; driver: Driver; watchdogMs: number; burst: number } {
-  const bugs = f.inject.map((name) => findBug(name, '--inject'));
-  let mode: TrackingMode;
-  if (f.mode !== undefined) {
-    if (!(MODES as readonly string[]).includes(f.mode)) throw new UserError(`--mode: unknown mode '${f.mode}' (one of: ${MODES.join(', ')})`);
-    mode = f.mode as TrackingMode;
-  } else {
-    mode = bugs[0]?.modes[0] ?? 'dirty-ring';
-  }
-  for (const b of bugs) {
-    if (!b.modes.includes(mode)) throw new UserError(`--inject ${b.name}: this bug does not occur with --mode ${mode} (it needs ${b.modes.join(' or ')})`);
-  }
-  const memoryBytes = parseSize(f.memory, '--memory');
-  if (memoryBytes % PAGE_SIZE !== 0 || memoryBytes === 0) throw new UserError(`--memory: '${f.memory}' is not a whole, non-zero number of 4 KiB pages`);
+  const { bugs, mode } = bugsAndMode('dirty-log-test', f.inject, '--mode', f.mode);
+  const memoryBytes = memory('--memory', f.memory);
   const slots = int('--slots', f.slots, 1, 32767);
   if (memoryBytes / PAGE_SIZE < slots) throw new UserError(`--slots: ${slots} slots do not fit in ${f.memory} (${memoryBytes / PAGE_SIZE} pages)`);
-  const ringEntries = int('--ring-size', f.ringSize, 1);
-  const ringError = checkRingSize(ringEntries);
-  if (ringError) throw new UserError(`--ring-size: ${ringError}`);
+  const ringEntries = ringSize('--ring-size', f.ringSize);
   const driver = f.driver;
   if (driver !== 'free' && driver !== 'deterministic') throw new UserError(`--driver: unknown driver '${driver}' (free or deterministic)`);
   const vcpus = int('--vcpus', f.vcpus, 1, 64);
@@ -98,9 +70,7 @@ export function dirtyLogTestConfig(f: DirtyLogTestFlags): { config: DirtyLogTest
     opsPerIteration: f.writes !== undefined ? int('--writes', f.writes, 1) : defaultWrites,
     hostWriteEvery,
   };
-  const watchdog = Number(f.watchdog);
-  if (!Number.isFinite(watchdog) || watchdog <= 0) throw new UserError(`--watchdog: '${f.watchdog}' is not a positive number of seconds`);
-  return { config, driver, watchdogMs: watchdog * 1000, burst: int('--burst', f.burst, 1, 1 << 20) };
+  return { config, driver, watchdogMs: positive('--watchdog', f.watchdog, 'seconds') * 1000, burst: int('--burst', f.burst, 1, 1 << 20) };
 }
 
 export function describeConfig(c: DirtyLogTestConfig, driver: Driver): string {

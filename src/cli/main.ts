@@ -1,6 +1,7 @@
 import { Command, CommanderError, Option } from 'commander';
 import { UserError } from '../util/errors.ts';
 import { catalogCommand } from './catalog-command.ts';
+import { MIGRATE_DEFAULTS as M, type MigrateFlags } from './migrate-command.ts';
 import { DIRTY_LOG_TEST_DEFAULTS as D, type DirtyLogTestFlags, MODES, dirtyLogTestCommand } from './dirty-log-test-command.ts';
 
 const collect = (value: string, previous: string[]): string[] => [...previous, value];
@@ -42,6 +43,35 @@ export function buildProgram(setExit: (code: number) => void): Command {
   addDirtyLogTestOptions(program.command('run')
     .description('run the default job: a multi-vCPU dirty_log_test with ring tracking, verified (flags override the defaults)'))
     .action(async (flags: DirtyLogTestFlags) => setExit(await dirtyLogTestCommand(flags)));
+
+  program.command('migrate')
+    .description('pre-copy live migration of a running, writing VM to an in-process destination, verified page by page')
+    .addOption(new Option('--tracking <mode>', `dirty tracking: ${MODES.join(', ')} (default: dirty-ring, or the injected bug's mode)`))
+    .option('--vcpus <n>', 'vCPUs, each its own worker thread under --driver free', M.vcpus)
+    .option('--memory <size>', 'guest memory, e.g. 1GiB', M.memory)
+    .option('--slots <n>', 'memslots', M.slots)
+    .option('--ring-size <entries>', 'dirty ring entries per vCPU', M.ringSize)
+    .option('--workload <name>', 'guest workload: random, sweep, hotset, perf', M.workload)
+    .option('--hot-fraction <f>', 'hotset: fraction of pages that are hot', M.hotFraction)
+    .option('--hot-share <f>', 'hotset: share of writes to hot pages', M.hotShare)
+    .option('--write-percent <p>', 'perf: percentage of operations that write', M.writePercent)
+    .option('--host-write-every <n>', 'one host write (no vCPU) per n guest writes; 0 for none', M.hostWriteEvery)
+    .option('--bandwidth <size>', 'max-bandwidth per second, e.g. 128MiB, or unlimited', M.bandwidth)
+    .option('--downtime-limit <ms>', 'switch over when the expected downtime is below this', M.downtimeLimit)
+    .option('--max-iterations <n>', 'passes before the policy applies', M.maxIterations)
+    .option('--timeout <seconds>', 'time before the policy applies', M.timeout)
+    .option('--policy <policy>', 'at the limits without convergence: fail or force', M.policy)
+    .option('--warmup <ops>', 'guest writes before migration starts (default: one per page)')
+    .option('--driver <driver>', 'free (worker threads) or deterministic (one thread, seeded)', M.driver)
+    .option('--seed <n>', 'seed for workloads and the scheduler', M.seed)
+    .option('--inject <bug>', 'inject a catalogued bug (repeatable)', collect, [] as string[])
+    .option('--watchdog <seconds>', 'stop when no actor progresses for this long', M.watchdog)
+    .option('--burst <n>', 'free-run: guest operations between a vCPU\'s step boundaries', M.burst)
+    .option('--json', 'print one JSON document instead of text')
+    .action(async (flags: MigrateFlags) => {
+      const { migrateCommand } = await import('./migrate-command.ts');
+      setExit(await migrateCommand(flags));
+    });
 
   program.command('catalog')
     .description('list the bug catalog: each injectable protocol mistake, what it breaks, where it comes from')

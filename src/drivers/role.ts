@@ -33,6 +33,8 @@ export const enum WaitCode {
   BANDWIDTH = 8,
   /** The destination waits for the source to send. */
   SOURCE = 9,
+  /** The VMM waits for host actors (device emulation) to pause. */
+  HOST_PAUSED = 10,
 }
 
 export interface Wait {
@@ -72,6 +74,7 @@ export function describeWait(code: number, arg: number, arg2: number, roleNames:
     case WaitCode.DESTINATION: return arg === 0 ? 'waits for the destination to apply what was sent (flow control)' : 'waits for the destination to complete';
     case WaitCode.BANDWIDTH: return `waits ${arg} ms for the next bandwidth window`;
     case WaitCode.SOURCE: return 'waits for the migration stream';
+    case WaitCode.HOST_PAUSED: return 'waits for host actors to pause';
     case WaitCode.NONE: return 'is not waiting (busy or finished)';
   }
   return `waits for code ${code} (${arg}, ${arg2}); roles: ${roleNames.join(', ')}`;

@@ -75,6 +75,8 @@ export const GlobalWord = {
   HOST_PAUSE: 4 * LINE_WORDS,
   /** HostActorState of the host writer. Written by the host writer. */
   HOST_STATE: 5 * LINE_WORDS,
+  /** Host actors that honour HOST_PAUSE (each registers when it starts). */
+  HOST_ACTORS: 5 * LINE_WORDS + 1,
 } as const;
 const GLOBAL_WORDS = 6 * LINE_WORDS;
 

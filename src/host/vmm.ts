@@ -1,4 +1,4 @@
-import { type HostActorState, GlobalWord, VcpuRequest, VcpuRunState, VcpuWord } from './layout.ts';
+import { HostActorState, GlobalWord, VcpuRequest, VcpuRunState, VcpuWord } from './layout.ts';
 import type { Vm } from './vm.ts';
 
 /**
@@ -67,6 +67,14 @@ export class VmmControl {
   pauseHost(): void { Atomics.store(this.g, GlobalWord.HOST_PAUSE, 1); }
   resumeHost(): void { Atomics.store(this.g, GlobalWord.HOST_PAUSE, 0); Atomics.notify(this.g, GlobalWord.HOST_PAUSE); }
   hostState(): HostActorState { return Atomics.load(this.g, GlobalWord.HOST_STATE); }
+
+  /**
+   * After pauseHost(): true once no host actor can write any more. An actor that
+   * registers later sees the pause before its first write.
+   */
+  hostPaused(): boolean {
+    return Atomics.load(this.g, GlobalWord.HOST_ACTORS) === 0 || this.hostState() === HostActorState.PAUSED;
+  }
 
   setIteration(it: number): void { Atomics.store(this.g, GlobalWord.ITERATION, it); }
 }

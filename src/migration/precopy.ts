@@ -282,6 +282,7 @@ export function* precopy(
   vmm.pauseHost();
   yield undefined;
   for (let v = 0; v < vmm.vcpus; v++) while (!vmm.isQuiescent(v)) yield waitFor(WaitCode.VCPU_STOPPED, v);
+  while (!vmm.hostPaused()) yield waitFor(WaitCode.HOST_PAUSED);
   if (!bugs.skipFinalSync) yield* syncLog(true);
   yield* sendDirty(false);
   send(encodeComplete(normal, zero, crc));

@@ -2,7 +2,7 @@ import { type TrackingMode, injectedBugs } from '../bugs/catalog.ts';
 import { KVM_EXIT_DIRTY_RING_FULL, KVM_EXIT_MMIO, PAGE_SIZE } from '../host/constants.ts';
 import { PageBitmap } from '../host/dirty-bitmap.ts';
 import { DirtyLogSync, type SyncResult } from '../host/dirty-log-sync.ts';
-import { GlobalWord, HostActorState, type MemslotConfig, type VmConfig, VcpuWord } from '../host/layout.ts';
+import { GlobalWord, type MemslotConfig, type VmConfig, VcpuWord } from '../host/layout.ts';
 import type { Vm } from '../host/vm.ts';
 import { VmmControl } from '../host/vmm.ts';
 import { type Steps, WaitCode, waitFor } from '../drivers/role.ts';
@@ -149,7 +149,7 @@ export function* dirtyLogCollector(vm: Vm, c: DirtyLogTestConfig, report: (e: Di
       while (!vmm.isQuiescent(v)) yield waitFor(WaitCode.VCPU_STOPPED, v);
     }
     if (mmioExit()) return;
-    while (c.hostWriteEvery > 0 && vmm.hostState() !== HostActorState.PAUSED) yield waitFor(WaitCode.PAUSED);
+    while (!vmm.hostPaused()) yield waitFor(WaitCode.HOST_PAUSED);
     yield* collect(reported, true);
     reported.orWords(first.words);
 

@@ -16,6 +16,7 @@ export function* hostWriter(vm: Vm, vmm: VmmControl, every: number, prng: Prng, 
   const slots = vm.memory.slots;
   let seq = 0;
   let nextAt = every;
+  Atomics.add(g, GlobalWord.HOST_ACTORS, 1); // the VMM waits for registered actors to pause
   for (;;) {
     const pause = Atomics.load(g, GlobalWord.HOST_PAUSE);
     if (pause !== 0) {
@@ -38,6 +39,9 @@ export function* hostWriter(vm: Vm, vmm: VmmControl, every: number, prng: Prng, 
       continue;
     }
     nextAt = ops + every;
+    // Deciding to write and writing are separate steps: the VMM may pause host actors in
+    // between, and must then wait for this write before it reads the log for the last time.
+    yield undefined;
     const slot = slots[prng.below(slots.length)]!;
     const page = prng.below(slot.pages);
     const iteration = Atomics.load(g, GlobalWord.ITERATION);

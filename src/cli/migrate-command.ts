@@ -1,0 +1,111 @@
+import { PAGE_SIZE } from '../host/constants.ts';
+import { DEFAULT_WORKLOAD, parseWorkloadName } from '../guest/workload.ts';
+import type { ConvergencePolicy, MigrationInfo, PassStats } from '../migration/precopy.ts';
+import { describeMismatch } from '../oracles/stamp-oracle.ts';
+import { type MigrationRunResult, type MigrationScenario, runMigration } from '../scenarios/migration.ts';
+import type { Driver } from '../scenarios/run-roles.ts';
+import { UserError } from '../util/errors.ts';
+import { formatSize, parseSize } from '../util/size.ts';
+import { bugsAndMode, fraction, int, memory, positive, ringSize } from './flags.ts';
+import { Progress } from './progress.ts';
+
+export interface MigrateFlags {
+  tracking?: string; vcpus: string; memory: string; slots: string; ringSize: string; workload: string;
+  hotFraction: string; hotShare: string; writePercent: string; hostWriteEvery: string; bandwidth: string;
+  downtimeLimit: string; maxIterations: string; timeout: string; policy: string; warmup?: string;
+  driver: string; seed: string; inject: string[]; json?: boolean; watchdog: string; burst: string;
+}
+
+export const MIGRATE_DEFAULTS = {
+  vcpus: '2', memory: '256MiB', slots: '1', ringSize: '4096', workload: 'hotset', hotFraction: '0.02', hotShare: '1',
+  writePercent: '100', hostWriteEvery: '64', bandwidth: '128MiB', downtimeLimit: '300', maxIterations: '30', timeout: '60',
+  policy: 'fail', driver: 'free', seed: '1', watchdog: '10', burst: '256',
+} as const;
+
+export function migrationScenario(f: MigrateFlags): { scenario: MigrationScenario; driver: Driver; watchdogMs: number; burst: number } {
+  const { bugs, mode } = bugsAndMode('migrate', f.inject, '--tracking', f.tracking);
+  const memoryBytes = memory('--memory', f.memory);
+  const driver = f.driver;
+  if (driver !== 'free' && driver !== 'deterministic') throw new UserError(`--driver: unknown driver '${driver}' (free or deterministic)`);
+  if (f.policy !== 'fail' && f.policy !== 'force') throw new UserError(`--policy: unknown policy '${f.policy}' (fail or force)`);
+  const bandwidth = f.bandwidth === 'unlimited' ? 0 : parseSize(f.bandwidth, '--bandwidth');
+  const pages = memoryBytes / PAGE_SIZE;
+  const slots = int('--slots', f.slots, 1, 32767);
+  if (pages < slots) throw new UserError(`--slots: ${slots} slots do not fit in ${f.memory} (${pages} pages)`);
+  const scenario: MigrationScenario = {
+    tracking: mode, vcpus: int('--vcpus', f.vcpus, 1, 64), memoryBytes, slots, ringEntries: ringSize('--ring-size', f.ringSize),
+    workload: {
+      ...DEFAULT_WORKLOAD, name: parseWorkloadName(f.workload, '--workload'), hotFraction: fraction('--hot-fraction', f.hotFraction),
+      hotShare: fraction('--hot-share', f.hotShare), writePercent: int('--write-percent', f.writePercent, 0, 100),
+    },
+    seed: int('--seed', f.seed, 0, 0xffffffff),
+    bugs: bugs.map((b) => b.name),
+    hostWriteEvery: int('--host-write-every', f.hostWriteEvery, 0),
+    params: {
+      bandwidth,
+      downtimeLimitMs: positive('--downtime-limit', f.downtimeLimit, 'milliseconds'),
+      maxIterations: int('--max-iterations', f.maxIterations, 1),
+      timeoutMs: positive('--timeout', f.timeout, 'seconds') * 1000,
+      policy: f.policy as ConvergencePolicy,
+      batchPages: 256,
+      warmupOps: f.warmup !== undefined ? int('--warmup', f.warmup, 0) : driver === 'deterministic' ? Math.min(pages * 2, 20000) : pages,
+    },
+  };
+  return { scenario, driver, watchdogMs: positive('--watchdog', f.watchdog, 'seconds') * 1000, burst: int('--burst', f.burst, 1, 1 << 20) };
+}
+
+const mib = (b: number): string => `${(b / 2 ** 20).toFixed(1)} MiB`;
+
+/** A summary in the words of QEMU's `info migrate`. */
+export function formatInfo(i: MigrationInfo): string[] {
+  return [
+    `Migration status: ${i.status}`,
+    `total time: ${i.totalTimeMs.toFixed(1)} ms`,
+    `setup: ${i.setupTimeMs.toFixed(1)} ms`,
+    `expected downtime: ${i.expectedDowntimeMs.toFixed(2)} ms`,
+    `downtime: ${i.downtimeMs.toFixed(2)} ms`,
+    `transferred ram: ${mib(i.transferredBytes)}`,
+    `throughput: ${i.throughputMbps.toFixed(1)} mbps`,
+    `remaining ram: ${mib(i.remainingBytes)}`,
+    `total ram: ${mib(i.totalBytes)}`,
+    `duplicate: ${i.zeroPages} pages`,
+    `normal: ${i.normalPages} pages`,
+    `pages-per-second: ${Math.round(i.pagesPerSecond)}`,
+    `dirty pages rate: ${Math.round(i.dirtyPagesRate)} pages/s`,
+    `dirty sync count: ${i.dirtySyncCount}`,
+  ];
+}
+
+function passLine(p: PassStats): string {
+  return `Pass ${p.pass}: sent ${p.pagesSent} pages (${p.zeroPages} zero), dirty ${p.dirtyFound}, sync ${p.syncMs.toFixed(2)} ms, ` +
+    `bandwidth ${mib(p.bandwidth)}/s, expected downtime ${p.expectedDowntimeMs.toFixed(2)} ms`;
+}
+
+export async function migrateCommand(f: MigrateFlags): Promise<number> {
+  const { scenario: s, driver, watchdogMs, burst } = migrationScenario(f);
+  const json = f.json === true;
+  const progress = new Progress(json);
+  const out = (line: string): void => { if (!json) { progress.clear(); console.log(line); } };
+  out(`migrate: ${s.tracking}${s.tracking === 'dirty-ring' ? ` (${s.ringEntries} entries)` : ''}, ${s.vcpus} vCPUs, ${formatSize(s.memoryBytes)}, ` +
+    `workload ${s.workload.name}, bandwidth ${s.params.bandwidth ? `${mib(s.params.bandwidth)}/s` : 'unlimited'}, downtime limit ${s.params.downtimeLimitMs} ms, ` +
+    `driver ${driver}, seed ${s.seed}${s.bugs.length ? `, injected: ${s.bugs.join(', ')}` : ''}`);
+  const r: MigrationRunResult = await runMigration(s, {
+    driver, watchdogMs, burst,
+    onEvent: (e) => { if (e.kind === 'pass') out(passLine(e.stats)); },
+    onTick: (p, names) => progress.update(`migrating: ${p[names.indexOf('migration')] ?? 0} steps of the migration thread`),
+  });
+  progress.clear();
+  const code = r.status === 'passed' ? 0 : r.status === 'failed' ? 1 : 3;
+  if (json) {
+    console.log(JSON.stringify({ command: 'migrate', scenario: s, driver, ...r }, null, 2));
+    return code;
+  }
+  if (r.info) for (const line of formatInfo(r.info)) console.log(line);
+  if (r.reason) console.log(`migration failed: ${r.reason}`);
+  for (const m of r.mismatches) console.log(describeMismatch(m));
+  for (const e of r.errors) console.log(e);
+  if (r.status === 'passed') console.log(`PASSED: all ${r.pagesCompared} destination pages equal the source (${r.seconds.toFixed(2)} s)`);
+  else if (r.mismatchCount > 0) console.log(`FAILED: ${r.mismatchCount} of ${r.pagesCompared} pages differ: lost writes (${r.seconds.toFixed(2)} s)`);
+  else console.log(`${r.status === 'failed' ? 'FAILED' : 'STUCK'} (${r.seconds.toFixed(2)} s)`);
+  return code;
+}
