@@ -8,8 +8,10 @@
  * consume a checksum so V8 cannot drop their work.
  */
 import { type Steps } from '../src/drivers/role.ts';
-import { createVmLayout, type DirtyTracking, type MemslotConfig } from '../src/host/layout.ts';
+import { createVmLayout, type DirtyTracking, type MemslotConfig, VcpuWord } from '../src/host/layout.ts';
 import { Vm } from '../src/host/vm.ts';
+import type { Vcpu } from '../src/host/vcpu.ts';
+import { VmmControl } from '../src/host/vmm.ts';
 
 export interface Target {
   /** 'min': the figure must be at least `value`; 'max': at most. */
@@ -125,4 +127,17 @@ export function fmtMs(ms: number): string {
 /** Case name and arguments from the command line: `tsx bench/x.ts <case> [args...]`. */
 export function caseArgs(): string[] {
   return process.argv.slice(2);
+}
+
+/**
+ * The vCPU's fault counter. A vCPU publishes it when it leaves guest mode, so this stops
+ * the vCPU at its next boundary (as the VMM does), reads it, and lets it run again.
+ */
+export function faultCount(vm: Vm, vcpu: Vcpu): number {
+  const vmm = new VmmControl(vm);
+  vmm.requestStop(vcpu.index);
+  vcpu.runBurst(1); // no operation pending between bursts: this burst only stops
+  const faults = vmm.word(vcpu.index, VcpuWord.FAULTS);
+  vmm.release(vcpu.index);
+  return faults;
 }

@@ -64,15 +64,19 @@ export class DirtyRing {
    * Returns kvm_dirty_ring_soft_full() after the push.
    */
   push(slotField: number, offset: number): boolean {
-    const di = Atomics.load(this.idx, this.base + RingIndex.DIRTY);
+    const idx = this.idx;
+    const gfns = this.gfns;
+    const base = this.base;
+    const softLimit = this.softLimit;
+    const di = Atomics.load(idx, base + RingIndex.DIRTY);
     const e = (di & this.mask) * ENTRY_WORDS;
-    if (Atomics.load(this.gfns, e + F) !== 0) Atomics.add(this.idx, this.base + HARD_FULL, 1); // "It should never get full"
-    this.gfns[e + SLOT] = slotField;
-    this.gfns[e + OFF_LO] = offset;
-    this.gfns[e + OFF_HI] = 0;
-    Atomics.store(this.gfns, e + F, KVM_DIRTY_GFN_F_DIRTY);
-    Atomics.store(this.idx, this.base + RingIndex.DIRTY, (di + 1) | 0);
-    return ((di + 1 - Atomics.load(this.idx, this.base + RingIndex.RESET)) | 0) >= this.softLimit;
+    if (Atomics.load(gfns, e + F) !== 0) Atomics.add(idx, base + HARD_FULL, 1); // "It should never get full"
+    gfns[e + SLOT] = slotField;
+    gfns[e + OFF_LO] = offset;
+    gfns[e + OFF_HI] = 0;
+    Atomics.store(gfns, e + F, KVM_DIRTY_GFN_F_DIRTY);
+    Atomics.store(idx, base + RingIndex.DIRTY, (di + 1) | 0);
+    return ((di + 1 - Atomics.load(idx, base + RingIndex.RESET)) | 0) >= softLimit;
   }
 
   /** Entry accessors for userspace (harvest) and for tests. */
@@ -104,18 +108,25 @@ export class DirtyRing {
    * Returns the number of entries reset; `protectCalls` counts the coalesced re-protects.
    */
   reset(protect: (slotField: number, offset: number, lo: number, hi: number) => void): number {
-    let ri = Atomics.load(this.idx, this.base + RingIndex.RESET);
+    // Fields in locals: each Atomics call is an opaque call to the compiler, after which
+    // it would load them again.
+    const gfns = this.gfns;
+    const idx = this.idx;
+    const resetAt = this.base + RingIndex.RESET;
+    const mask = this.mask;
+    const entries = this.entries;
+    let ri = Atomics.load(idx, resetAt);
     let count = 0;
     let curSlot = 0, curOffset = 0, lo = 0, hi = 0;
     let calls = 0;
-    while (count < this.entries) {
-      const e = (ri & this.mask) * ENTRY_WORDS;
-      if ((Atomics.load(this.gfns, e + F) & KVM_DIRTY_GFN_F_RESET) === 0) break;
-      const nextSlot = this.gfns[e + SLOT]! >>> 0;
-      const nextOffset = (this.gfns[e + OFF_LO]! >>> 0) + (this.gfns[e + OFF_HI]! >>> 0) * 4294967296;
-      Atomics.store(this.gfns, e + F, 0);
+    while (count < entries) {
+      const e = (ri & mask) * ENTRY_WORDS;
+      if ((Atomics.load(gfns, e + F) & KVM_DIRTY_GFN_F_RESET) === 0) break;
+      const nextSlot = gfns[e + SLOT]! >>> 0;
+      const nextOffset = (gfns[e + OFF_LO]! >>> 0) + (gfns[e + OFF_HI]! >>> 0) * 4294967296;
+      Atomics.store(gfns, e + F, 0);
       ri = (ri + 1) | 0;
-      Atomics.store(this.idx, this.base + RingIndex.RESET, ri);
+      Atomics.store(idx, resetAt, ri);
       count++;
       if ((lo | hi) !== 0 && nextSlot === curSlot) {
         const delta = nextOffset - curOffset;
@@ -167,11 +178,18 @@ export class DirtyRingHarvester {
    * collected without being recorded.
    */
   harvest(ring: DirtyRing, max: number, onEntry: (slotField: number, offset: number) => void, skipEvery = 0): number {
+    // ring.flagsAt, slotAt, offsetAt and markHarvested, with the entry's position computed once.
+    const gfns = ring.gfns;
+    const mask = ring.mask;
     let fi = this.fetch[ring.vcpu]!;
     let n = 0;
-    while (n < max && ring.flagsAt(fi) === KVM_DIRTY_GFN_F_DIRTY) {
-      if (skipEvery === 0 || (fi + 1) % skipEvery !== 0) onEntry(ring.slotAt(fi), ring.offsetAt(fi));
-      ring.markHarvested(fi);
+    while (n < max) {
+      const e = (fi & mask) * ENTRY_WORDS;
+      if (Atomics.load(gfns, e + F) !== KVM_DIRTY_GFN_F_DIRTY) break;
+      if (skipEvery === 0 || (fi + 1) % skipEvery !== 0) {
+        onEntry(gfns[e + SLOT]! >>> 0, (gfns[e + OFF_LO]! >>> 0) + (gfns[e + OFF_HI]! >>> 0) * 4294967296);
+      }
+      Atomics.store(gfns, e + F, KVM_DIRTY_GFN_F_RESET);
       fi = (fi + 1) | 0;
       n++;
     }

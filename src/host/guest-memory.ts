@@ -20,6 +20,8 @@ export class GuestMemory {
   readonly totalPages: number;
   private readonly byGfn: Memslot[];
   private last: Memslot | undefined;
+  /** slotByField's last answer (ring entries come in runs of one slot). */
+  private lastByField: Memslot | undefined;
 
   constructor(layout: VmLayout) {
     this.slots = layout.slots.map((s, i) => new Memslot(s, i));
@@ -46,7 +48,13 @@ export class GuestMemory {
 
   /** The slot whose kvm_dirty_gfn.slot field is `slotField` (as_id << 16 | id). */
   slotByField(slotField: number): Memslot | undefined {
-    for (const s of this.slots) if (s.slotField === slotField) return s;
+    const last = this.lastByField;
+    if (last !== undefined && last.slotField === slotField) return last;
+    const slots = this.slots;
+    for (let i = 0; i < slots.length; i++) {
+      const s = slots[i]!;
+      if (s.slotField === slotField) return (this.lastByField = s);
+    }
     return undefined;
   }
 

@@ -11,7 +11,10 @@ export const HOST_WRITER_BASE = 0x10000;
 export interface PageStamp { writer: number; seq: number; iteration: number }
 
 const REGION_MASK = REGION_PAGES - 1;
-const PAGE_WORDS = PAGE_SIZE / 4;
+/** A page's index within its region is `page & REGION_PAGE_MASK`. */
+export const REGION_PAGE_MASK = REGION_MASK;
+/** 32-bit words per page. */
+export const PAGE_WORDS = PAGE_SIZE / 4;
 
 /**
  * A memslot: guest RAM backing one range of guest frames, as in KVM's kvm_memory_slot.
@@ -78,6 +81,18 @@ export class Memslot {
     const i = this.wordIndex(page);
     w[i] = value >>> 0;
     w[i + 1] = (value / 4294967296) >>> 0;
+  }
+
+  /** writeU64 then stamp: the vCPU's guest store, the same five word stores in the same order. */
+  writeU64Stamped(page: number, value: number, writer: number, seq: number, iteration: number): void {
+    const w = this.words(page);
+    const i = this.wordIndex(page);
+    w[i] = value >>> 0;
+    // (value / 2^32) >>> 0, without the division when |value| < 2^32 (the result is 0).
+    w[i + 1] = value < 4294967296 && value > -4294967296 ? 0 : (value / 4294967296) >>> 0;
+    w[i + 2] = writer;
+    w[i + 3] = seq;
+    w[i + 4] = iteration;
   }
 
   /**

@@ -22,11 +22,13 @@ export function writeProtectPage(slot: Memslot, page: number): void {
 
 /** Write-protects the pages of `mask` (bit i = page base + i), 32 pages at a time. */
 export function writeProtectMask32(slot: Memslot, base: number, mask: number): void {
-  let m = mask >>> 0;
+  // The same bits, lowest first, in int32 arithmetic (bit 31 is the sign bit).
+  const spte = slot.spte;
+  let m = mask | 0;
   while (m !== 0) {
     const bit = 31 - Math.clz32(m & -m);
-    Atomics.and(slot.spte, base + bit, ~SPTE_WRITABLE & 0xff);
-    m &= m - 1;
+    Atomics.and(spte, base + bit, ~SPTE_WRITABLE & 0xff);
+    m = (m & (m - 1)) | 0;
   }
 }
 

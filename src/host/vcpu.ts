@@ -1,8 +1,8 @@
 import { KVM_EXIT_DIRTY_RING_FULL, KVM_EXIT_MMIO, PAGE_SIZE } from './constants.ts';
 import {
-  GlobalWord, IN_GUEST_MODE, OUTSIDE_GUEST_MODE, VcpuRequest, VcpuRunState, VcpuWord, slotIsReadonly,
+  GlobalWord, IN_GUEST_MODE, OUTSIDE_GUEST_MODE, REGION_PAGES_SHIFT, VcpuRequest, VcpuRunState, VcpuWord, slotIsReadonly,
 } from './layout.ts';
-import type { Memslot } from './memslot.ts';
+import { type Memslot, PAGE_WORDS, REGION_PAGE_MASK } from './memslot.ts';
 import { SPTE_WRITABLE } from './spte.ts';
 import type { Vm } from './vm.ts';
 import { type GuestContext, type GuestOp, OpKind, type Workload } from '../guest/workload.ts';
@@ -23,6 +23,19 @@ export const enum Phase {
 const enum Advance { PROGRESS, RETIRED, BOUNDARY }
 /** What the step boundary decided: run guest code, nothing to do, or a state change (an exit or a stop) that is this step's work. */
 const enum Boundary { RUN, BLOCKED, TRANSITION }
+
+/**
+ * OpKind and the memslot region geometry as constants of this file, so that the hot
+ * paths compare with and shift by immediates whatever the compiler (a const enum or a
+ * constant imported from another module is a property or binding load when each file is
+ * compiled on its own, as tsx does). Checked against the originals when the module loads.
+ */
+const enum K { WRITE64 = 1, STORE8 = 2, INC8 = 3, READ = 4, REGION_SHIFT = 19, REGION_MASK = (1 << 19) - 1, PAGE_WORDS = 1024 }
+if (
+  (K.WRITE64 as number) !== OpKind.WRITE64 || (K.STORE8 as number) !== OpKind.STORE8 || (K.INC8 as number) !== OpKind.INC8
+  || (K.READ as number) !== OpKind.READ || (K.REGION_SHIFT as number) !== REGION_PAGES_SHIFT
+  || (K.REGION_MASK as number) !== REGION_PAGE_MASK || (K.PAGE_WORDS as number) !== PAGE_WORDS
+) throw new Error('vcpu.ts: constants out of step with workload.ts / layout.ts');
 
 /**
  * A vCPU: the thread that loops in KVM_RUN, running a guest workload through the
@@ -89,6 +102,11 @@ export class Vcpu implements Role {
     if (b !== Boundary.RUN) return b === Boundary.BLOCKED ? Step.BLOCKED : Step.PROGRESS;
     let retired = 0;
     while (retired < maxOps) {
+      // Between operations, TLB hits take the fast path; anything else, one phase at a time.
+      if (this.phase === Phase.TRANSLATE && !this.opPending) {
+        retired += this.runTlbHits(maxOps - retired);
+        if (retired >= maxOps) break;
+      }
       const r = this.advance();
       if (r === Advance.RETIRED) retired++;
       else if (r === Advance.BOUNDARY) break;
@@ -198,27 +216,8 @@ export class Vcpu implements Role {
   /** One phase of the current operation. */
   private advance(): Advance {
     switch (this.phase) {
-      case Phase.TRANSLATE: {
-        if (!this.opPending) {
-          this.workload.next(this.op, this.ctx);
-          this.opIteration = this.ctx.iteration;
-          this.opPending = true;
-        }
-        const slot = this.vm.memory.findSlot(this.op.gfn);
-        if (slot === undefined) return this.mmioExit();
-        this.slot = slot;
-        this.page = this.op.gfn - slot.baseGfn;
-        if (this.op.kind === OpKind.READ) {
-          slot.readU64(this.page);
-          return this.retire();
-        }
-        if (this.tlb[slot.firstPage + this.page] === this.tlbGen + 1) {
-          this.phase = Phase.STORE;
-          return Advance.PROGRESS;
-        }
-        this.phase = Phase.WALK;
-        return Advance.PROGRESS;
-      }
+      case Phase.TRANSLATE:
+        return this.translate();
       case Phase.WALK: {
         const slot = this.slot!;
         if ((slot.spte[this.page]! & SPTE_WRITABLE) !== 0) {
@@ -242,21 +241,142 @@ export class Vcpu implements Role {
         this.phase = Phase.WALK; // the fault returns to the guest, which retries the access
         return Advance.PROGRESS;
       }
-      case Phase.STORE: {
-        const slot = this.slot!;
-        const page = this.page;
-        const op = this.op;
-        if (op.kind === OpKind.WRITE64) {
-          slot.writeU64(page, op.value);
-        } else {
-          const bytes = slot.bytes(page);
-          const at = slot.byteOffset(page);
-          bytes[at] = op.kind === OpKind.INC8 ? (bytes[at]! + 1) & 0xff : op.value;
-        }
-        slot.stamp(page, this.index + 1, ++this.seq, this.opIteration);
-        return this.retire();
-      }
+      case Phase.STORE:
+        return this.store();
     }
+  }
+
+  /**
+   * runBurst's fast path: whole operations, TRANSLATE then STORE back to back, for as
+   * long as they are reads or writes that hit the TLB, up to `limit` of them. These are
+   * exactly the actions advance() takes for such operations (a burst has no boundary
+   * between phases); the per-operation bookkeeping lives in locals and is written back
+   * once. The first operation that needs more is left fetched and pending: after a TLB
+   * miss, translated and in phase WALK, as TRANSLATE leaves it; at an address outside
+   * every slot, in phase TRANSLATE, for advance() to take the exit. Returns the
+   * operations retired.
+   */
+  private runTlbHits(limit: number): number {
+    const op = this.op;
+    const ctx = this.ctx;
+    const workload = this.workload;
+    const memory = this.vm.memory;
+    const tlb = this.tlb;
+    const tag = this.tlbGen + 1;
+    const writer = this.index + 1;
+    const iteration = ctx.iteration;
+    let seq = this.seq;
+    let slot = this.slot;
+    let page = this.page;
+    let n = 0;
+    // The slot of the previous operation, for translating without findSlot while the
+    // guest stays in it (findSlot would return it without changing its own cache, which
+    // it set on the lookup that found it): its gfn range, TLB offset, and its RAM view
+    // when the slot is one region.
+    let cur: Memslot | undefined;
+    let curBase = 0;
+    let curEnd = 0;
+    let curTlb = 0;
+    let curWords: Uint32Array | undefined;
+    let missSlot: Memslot | undefined;
+    let missPage = 0;
+    while (n < limit) {
+      workload.next(op, ctx);
+      const gfn = op.gfn;
+      if (!(gfn >= curBase && gfn < curEnd)) {
+        const found = memory.findSlot(gfn);
+        if (found === undefined) { this.opPending = true; break; }
+        cur = found;
+        curBase = found.baseGfn;
+        curEnd = found.endGfn;
+        curTlb = found.firstPage - curBase;
+        curWords = found.u32.length === 1 ? found.u32[0] : undefined;
+      }
+      const s = cur!;
+      const p = gfn - curBase;
+      const kind: number = op.kind;
+      if (kind === K.READ) {
+        s.readU64(p);
+      } else {
+        if (tlb[gfn + curTlb] !== tag) {
+          // A TLB miss: what TRANSLATE does for it, and on to WALK.
+          this.opPending = true;
+          missSlot = s;
+          missPage = p;
+          break;
+        }
+        if (kind === K.WRITE64) {
+          // Memslot.writeU64Stamped, written out so that it is inlined whatever the
+          // compiler's inlining budget: the same five stores in the same order.
+          const w = curWords ?? s.u32[p >>> K.REGION_SHIFT]!;
+          const i = (p & K.REGION_MASK) * K.PAGE_WORDS;
+          const value = op.value;
+          w[i] = value >>> 0;
+          w[i + 1] = value < 4294967296 && value > -4294967296 ? 0 : (value / 4294967296) >>> 0;
+          w[i + 2] = writer;
+          w[i + 3] = ++seq;
+          w[i + 4] = iteration;
+        } else {
+          const bytes = s.bytes(p);
+          const at = s.byteOffset(p);
+          bytes[at] = kind === K.INC8 ? (bytes[at]! + 1) & 0xff : op.value;
+          s.stamp(p, writer, ++seq, iteration);
+        }
+      }
+      slot = s;
+      page = p;
+      n++;
+    }
+    if (limit > 0) this.opIteration = iteration;
+    this.seq = seq;
+    this.ops += n;
+    this.progress += n;
+    if (missSlot !== undefined) {
+      this.slot = missSlot;
+      this.page = missPage;
+      this.phase = Phase.WALK;
+    } else {
+      this.slot = slot;
+      this.page = page;
+    }
+    return n;
+  }
+
+  /** Phase TRANSLATE: fetch the next operation if none is pending, translate, check the TLB. */
+  private translate(): Advance {
+    const op = this.op;
+    if (!this.opPending) {
+      this.workload.next(op, this.ctx);
+      this.opIteration = this.ctx.iteration;
+      this.opPending = true;
+    }
+    const slot = this.vm.memory.findSlot(op.gfn);
+    if (slot === undefined) return this.mmioExit();
+    const page = op.gfn - slot.baseGfn;
+    this.slot = slot;
+    this.page = page;
+    if ((op.kind as number) === K.READ) {
+      slot.readU64(page);
+      return this.retire();
+    }
+    this.phase = this.tlb[slot.firstPage + page] === this.tlbGen + 1 ? Phase.STORE : Phase.WALK;
+    return Advance.PROGRESS;
+  }
+
+  /** Phase STORE: store the data and the stamp; the operation retires. */
+  private store(): Advance {
+    const slot = this.slot!;
+    const page = this.page;
+    const op = this.op;
+    if ((op.kind as number) === K.WRITE64) {
+      slot.writeU64Stamped(page, op.value, this.index + 1, ++this.seq, this.opIteration);
+    } else {
+      const bytes = slot.bytes(page);
+      const at = slot.byteOffset(page);
+      bytes[at] = (op.kind as number) === K.INC8 ? (bytes[at]! + 1) & 0xff : op.value;
+      slot.stamp(page, this.index + 1, ++this.seq, this.opIteration);
+    }
+    return this.retire();
   }
 
   private retire(): Advance {
