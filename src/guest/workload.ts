@@ -63,7 +63,9 @@ export function parseWorkloadName(text: string, where: string): WorkloadName {
 class PageSpace {
   private readonly starts: number[] = [];
   readonly pages: number;
+  readonly single: boolean;
   constructor(private readonly ranges: GuestRange[]) {
+    this.single = ranges.length === 1;
     let n = 0;
     for (const r of ranges) { this.starts.push(n); n += r.pages; }
     this.pages = n;
@@ -78,10 +80,17 @@ class PageSpace {
 
 /** dirty_log_test's guest: the current iteration into the first 8 bytes of random pages. */
 export class RandomWorkload implements Workload {
-  constructor(private readonly space: PageSpace, private readonly prng: Prng) {}
+  private readonly pages: number;
+  /** The first gfn when the guest has one range (the common case, kept off the PageSpace path). */
+  private readonly base: number;
+  constructor(private readonly space: PageSpace, private readonly prng: Prng) {
+    this.pages = space.pages;
+    this.base = space.single ? space.gfn(0) : -1;
+  }
   next(op: GuestOp, ctx: GuestContext): void {
+    const i = this.prng.below(this.pages);
     op.kind = OpKind.WRITE64;
-    op.gfn = this.space.gfn(this.prng.below(this.space.pages));
+    op.gfn = this.base >= 0 ? this.base + i : this.space.gfn(i);
     op.value = ctx.iteration;
   }
 }
