@@ -6,27 +6,35 @@ import { DIRTY_LOG_TEST_DEFAULTS as D, type DirtyLogTestFlags, MODES, dirtyLogTe
 
 const collect = (value: string, previous: string[]): string[] => [...previous, value];
 
-function addDirtyLogTestOptions(cmd: Command): Command {
+/** Defaults of the options both guest-running commands share. */
+type GuestDefaults = Record<'vcpus' | 'memory' | 'slots' | 'ringSize' | 'workload' | 'hotFraction' | 'hotShare' | 'writePercent' | 'hostWriteEvery' | 'driver' | 'seed' | 'watchdog' | 'burst', string>;
+
+/** The VM, guest, driver and bug options of `dirty-log-test`, `run` and `migrate`. */
+function addGuestOptions(cmd: Command, d: GuestDefaults, modeFlag: '--mode' | '--tracking'): Command {
   return cmd
-    .addOption(new Option('--mode <mode>', `dirty tracking: ${MODES.join(', ')} (default: dirty-ring, or the injected bug's mode)`))
-    .option('--vcpus <n>', 'vCPUs, each its own worker thread under --driver free', D.vcpus)
-    .option('--memory <size>', 'guest memory, e.g. 512MiB, 16GiB', D.memory)
-    .option('--slots <n>', 'memslots to split the memory into', D.slots)
-    .option('--iterations <n>', 'collect-and-verify iterations', D.iterations)
-    .option('--ring-size <entries>', 'dirty ring entries per vCPU (power of two, 256..65536)', D.ringSize)
-    .option('--workload <name>', 'guest workload: random, sweep, hotset, perf', D.workload)
-    .option('--hot-fraction <f>', 'hotset: fraction of pages that are hot', D.hotFraction)
-    .option('--hot-share <f>', 'hotset: share of writes to hot pages', D.hotShare)
-    .option('--write-percent <p>', 'perf: percentage of operations that write', D.writePercent)
-    .option('--random-order', 'perf: visit pages in random order')
-    .option('--writes <n>', 'guest writes per iteration, all vCPUs together (default: depends on memory and driver)')
-    .option('--host-write-every <n>', 'one host write (kvm_write_guest, no vCPU) per n guest writes; 0 for none', D.hostWriteEvery)
-    .option('--driver <driver>', 'free (worker threads) or deterministic (one thread, seeded scheduler)', D.driver)
-    .option('--seed <n>', 'seed for workloads and the scheduler', D.seed)
+    .addOption(new Option(`${modeFlag} <mode>`, `dirty tracking: ${MODES.join(', ')} (default: dirty-ring, or the injected bug's mode)`))
+    .option('--vcpus <n>', 'vCPUs, each its own worker thread under --driver free', d.vcpus)
+    .option('--memory <size>', 'guest memory, e.g. 512MiB, 16GiB', d.memory)
+    .option('--slots <n>', 'memslots to split the memory into', d.slots)
+    .option('--ring-size <entries>', 'dirty ring entries per vCPU (power of two, 256..65536)', d.ringSize)
+    .option('--workload <name>', 'guest workload: random, sweep, hotset, perf', d.workload)
+    .option('--hot-fraction <f>', 'hotset: fraction of pages that are hot', d.hotFraction)
+    .option('--hot-share <f>', 'hotset: share of writes to hot pages', d.hotShare)
+    .option('--write-percent <p>', 'perf: percentage of operations that write', d.writePercent)
+    .option('--host-write-every <n>', 'one host write (kvm_write_guest, no vCPU) per n guest writes; 0 for none', d.hostWriteEvery)
+    .option('--driver <driver>', 'free (worker threads) or deterministic (one thread, seeded scheduler)', d.driver)
+    .option('--seed <n>', 'seed for workloads and the scheduler', d.seed)
     .option('--inject <bug>', 'inject a catalogued bug (repeatable; see vmemlab catalog)', collect, [] as string[])
-    .option('--watchdog <seconds>', 'stop when no actor progresses for this long', D.watchdog)
-    .option('--burst <n>', 'free-run: guest operations between a vCPU\'s step boundaries', D.burst)
+    .option('--watchdog <seconds>', 'stop when no actor progresses for this long', d.watchdog)
+    .option('--burst <n>', 'free-run: guest operations between a vCPU\'s step boundaries', d.burst)
     .option('--json', 'print one JSON document instead of text');
+}
+
+function addDirtyLogTestOptions(cmd: Command): Command {
+  return addGuestOptions(cmd, D, '--mode')
+    .option('--iterations <n>', 'collect-and-verify iterations', D.iterations)
+    .option('--random-order', 'perf: visit pages in random order')
+    .option('--writes <n>', 'guest writes per iteration, all vCPUs together (default: depends on memory and driver)');
 }
 
 export function buildProgram(setExit: (code: number) => void): Command {
@@ -44,30 +52,14 @@ export function buildProgram(setExit: (code: number) => void): Command {
     .description('run the default job: a multi-vCPU dirty_log_test with ring tracking, verified (flags override the defaults)'))
     .action(async (flags: DirtyLogTestFlags) => setExit(await dirtyLogTestCommand(flags)));
 
-  program.command('migrate')
-    .description('pre-copy live migration of a running, writing VM to an in-process destination, verified page by page')
-    .addOption(new Option('--tracking <mode>', `dirty tracking: ${MODES.join(', ')} (default: dirty-ring, or the injected bug's mode)`))
-    .option('--vcpus <n>', 'vCPUs, each its own worker thread under --driver free', M.vcpus)
-    .option('--memory <size>', 'guest memory, e.g. 1GiB', M.memory)
-    .option('--slots <n>', 'memslots', M.slots)
-    .option('--ring-size <entries>', 'dirty ring entries per vCPU', M.ringSize)
-    .option('--workload <name>', 'guest workload: random, sweep, hotset, perf', M.workload)
-    .option('--hot-fraction <f>', 'hotset: fraction of pages that are hot', M.hotFraction)
-    .option('--hot-share <f>', 'hotset: share of writes to hot pages', M.hotShare)
-    .option('--write-percent <p>', 'perf: percentage of operations that write', M.writePercent)
-    .option('--host-write-every <n>', 'one host write (no vCPU) per n guest writes; 0 for none', M.hostWriteEvery)
+  addGuestOptions(program.command('migrate')
+    .description('pre-copy live migration of a running, writing VM to an in-process destination, verified page by page'), M, '--tracking')
     .option('--bandwidth <size>', 'max-bandwidth per second, e.g. 128MiB, or unlimited', M.bandwidth)
     .option('--downtime-limit <ms>', 'switch over when the expected downtime is below this', M.downtimeLimit)
     .option('--max-iterations <n>', 'passes before the policy applies', M.maxIterations)
     .option('--timeout <seconds>', 'time before the policy applies', M.timeout)
     .option('--policy <policy>', 'at the limits without convergence: fail or force', M.policy)
     .option('--warmup <ops>', 'guest writes before migration starts (default: one per page)')
-    .option('--driver <driver>', 'free (worker threads) or deterministic (one thread, seeded)', M.driver)
-    .option('--seed <n>', 'seed for workloads and the scheduler', M.seed)
-    .option('--inject <bug>', 'inject a catalogued bug (repeatable)', collect, [] as string[])
-    .option('--watchdog <seconds>', 'stop when no actor progresses for this long', M.watchdog)
-    .option('--burst <n>', 'free-run: guest operations between a vCPU\'s step boundaries', M.burst)
-    .option('--json', 'print one JSON document instead of text')
     .action(async (flags: MigrateFlags) => {
       const { migrateCommand } = await import('./migrate-command.ts');
       setExit(await migrateCommand(flags));
