@@ -1,4 +1,4 @@
-import { execFileSync, spawnSync } from 'node:child_process';
+import { execFileSync, spawn, spawnSync } from 'node:child_process';
 import { mkdtempSync, readFileSync, readdirSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -100,6 +100,30 @@ describe('vmemlab CLI', () => {
     const out = execFileSync(process.execPath, [BIN, 'run', '--memory', '16MiB', '--iterations', '2'], { encoding: 'utf8', env: { ...process.env, CI: '1' } });
     expect(out).toMatch(/driver free/);
     expect(out).toMatch(/^PASSED: every page verified \(2 iterations/m);
+  });
+
+  it('vmemlab destination and vmemlab migrate --to tcp: migrate between two processes', async () => {
+    const dest = spawn(process.execPath, [BIN, 'destination', '--listen', '127.0.0.1:0'], { stdio: ['ignore', 'pipe', 'pipe'] });
+    let destOut = '';
+    dest.stdout.on('data', (c: Buffer) => { destOut += c.toString(); });
+    const port = await new Promise<number>((resolve, reject) => {
+      dest.stdout.on('data', () => { const m = /listening on 127\.0\.0\.1:(\d+)/.exec(destOut); if (m) resolve(Number(m[1])); });
+      dest.on('exit', () => reject(new Error(`destination exited: ${destOut}`)));
+    });
+    const mig = spawnSync(process.execPath, [BIN, 'migrate', '--to', `tcp:127.0.0.1:${port}`, '--memory', '16MiB'], { encoding: 'utf8', env: { ...process.env, CI: '1' } });
+    const destCode = await new Promise<number | null>((resolve) => dest.on('exit', resolve));
+    expect(mig.status, mig.stdout + mig.stderr).toBe(0);
+    expect(mig.stdout).toMatch(/destination tcp:127\.0\.0\.1:\d+/);
+    expect(mig.stdout).toMatch(/^Migration status: completed$/m);
+    expect(mig.stdout).toMatch(/^PASSED: all 4096 destination pages equal the source/m);
+    expect(destOut).toMatch(/destination: migration completed: \d+ pages/);
+    expect(destCode).toBe(0);
+  });
+
+  it('refuses a non-loopback listen address without --allow-remote', async () => {
+    const r = await cli('destination', '--listen', '192.168.1.5:4444');
+    expect(r.code).toBe(2);
+    expect(r.err).toContain("vmemlab: --listen: '192.168.1.5' is not a loopback address; pass --allow-remote");
   });
 
   it('the bin reports an unknown option without a stack trace, exit 2', () => {

@@ -60,9 +60,21 @@ export function buildProgram(setExit: (code: number) => void): Command {
     .option('--timeout <seconds>', 'time before the policy applies', M.timeout)
     .option('--policy <policy>', 'at the limits without convergence: fail or force', M.policy)
     .option('--warmup <ops>', 'guest writes before migration starts (default: one per page)')
+    .option('--to <target>', 'tcp:HOST:PORT, a `vmemlab destination` process (default: an in-process destination)')
+    .option('--allow-remote', 'allow a --to host that is not a loopback address')
     .action(async (flags: MigrateFlags) => {
       const { migrateCommand } = await import('./migrate-command.ts');
       setExit(await migrateCommand(flags));
+    });
+
+  program.command('destination')
+    .description('receive one migration over TCP (from vmemlab migrate --to tcp:HOST:PORT), then exit')
+    .requiredOption('--listen <host:port>', 'where to listen, e.g. 127.0.0.1:4444 (port 0 picks one)')
+    .option('--allow-remote', 'allow listening on an address that is not loopback')
+    .option('--json', 'print JSON')
+    .action(async (flags: { listen: string; allowRemote?: boolean; json?: boolean }) => {
+      const { destinationCommand } = await import('./destination-command.ts');
+      setExit(await destinationCommand(flags.listen, flags.allowRemote === true, flags.json === true));
     });
 
   program.command('catalog')

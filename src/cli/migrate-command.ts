@@ -7,6 +7,7 @@ import type { Driver } from '../scenarios/run-roles.ts';
 import { UserError } from '../util/errors.ts';
 import { formatSize, parseSize } from '../util/size.ts';
 import { bugsAndMode, fraction, int, memory, positive, ringSize } from './flags.ts';
+import { parseEndpoint } from './destination-command.ts';
 import { Progress } from './progress.ts';
 
 export interface MigrateFlags {
@@ -14,6 +15,7 @@ export interface MigrateFlags {
   hotFraction: string; hotShare: string; writePercent: string; hostWriteEvery: string; bandwidth: string;
   downtimeLimit: string; maxIterations: string; timeout: string; policy: string; warmup?: string;
   driver: string; seed: string; inject: string[]; json?: boolean; watchdog: string; burst: string;
+  to?: string; allowRemote?: boolean;
 }
 
 export const MIGRATE_DEFAULTS = {
@@ -22,7 +24,13 @@ export const MIGRATE_DEFAULTS = {
   policy: 'fail', driver: 'free', seed: '1', watchdog: '10', burst: '256',
 } as const;
 
-export function migrationScenario(f: MigrateFlags): { scenario: MigrationScenario; driver: Driver; watchdogMs: number; burst: number } {
+function target(f: MigrateFlags): { host: string; port: number } | undefined {
+  if (f.to === undefined) return undefined;
+  if (!f.to.startsWith('tcp:')) throw new UserError(`--to: '${f.to}' is not tcp:HOST:PORT`);
+  return parseEndpoint('--to', f.to.slice(4), f.allowRemote === true);
+}
+
+export function migrationScenario(f: MigrateFlags): { scenario: MigrationScenario; driver: Driver; watchdogMs: number; burst: number; to?: { host: string; port: number } } {
   const { bugs, mode } = bugsAndMode('migrate', f.inject, '--tracking', f.tracking);
   const memoryBytes = memory('--memory', f.memory);
   const driver = f.driver;
@@ -51,7 +59,9 @@ export function migrationScenario(f: MigrateFlags): { scenario: MigrationScenari
       warmupOps: f.warmup !== undefined ? int('--warmup', f.warmup, 0) : driver === 'deterministic' ? Math.min(pages * 2, 20000) : pages,
     },
   };
-  return { scenario, driver, watchdogMs: positive('--watchdog', f.watchdog, 'seconds') * 1000, burst: int('--burst', f.burst, 1, 1 << 20) };
+  const to = target(f);
+  if (to && driver !== 'free') throw new UserError(`--to: a TCP destination needs --driver free (the deterministic driver runs on one thread)`);
+  return { scenario, driver, to, watchdogMs: positive('--watchdog', f.watchdog, 'seconds') * 1000, burst: int('--burst', f.burst, 1, 1 << 20) };
 }
 
 const mib = (b: number): string => `${(b / 2 ** 20).toFixed(1)} MiB`;
@@ -82,15 +92,15 @@ function passLine(p: PassStats): string {
 }
 
 export async function migrateCommand(f: MigrateFlags): Promise<number> {
-  const { scenario: s, driver, watchdogMs, burst } = migrationScenario(f);
+  const { scenario: s, driver, watchdogMs, burst, to } = migrationScenario(f);
   const json = f.json === true;
   const progress = new Progress(json);
   const out = (line: string): void => { if (!json) { progress.clear(); console.log(line); } };
   out(`migrate: ${s.tracking}${s.tracking === 'dirty-ring' ? ` (${s.ringEntries} entries)` : ''}, ${s.vcpus} vCPUs, ${formatSize(s.memoryBytes)}, ` +
     `workload ${s.workload.name}, bandwidth ${s.params.bandwidth ? `${mib(s.params.bandwidth)}/s` : 'unlimited'}, downtime limit ${s.params.downtimeLimitMs} ms, ` +
-    `driver ${driver}, seed ${s.seed}${s.bugs.length ? `, injected: ${s.bugs.join(', ')}` : ''}`);
+    `driver ${driver}, destination ${to ? `tcp:${to.host}:${to.port}` : 'in-process'}, seed ${s.seed}${s.bugs.length ? `, injected: ${s.bugs.join(', ')}` : ''}`);
   const r: MigrationRunResult = await runMigration(s, {
-    driver, watchdogMs, burst,
+    driver, watchdogMs, burst, to,
     onEvent: (e) => { if (e.kind === 'pass') out(passLine(e.stats)); },
     onTick: (p, names) => progress.update(`migrating: ${p[names.indexOf('migration')] ?? 0} steps of the migration thread`),
   });

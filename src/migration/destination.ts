@@ -1,7 +1,7 @@
 import { PAGE_SIZE } from '../host/constants.ts';
 import type { GuestMemory } from '../host/guest-memory.ts';
 import { DEST_WORDS, DestState, DestWord } from './channel.ts';
-import { type PageBatch, type StreamRecord, StreamDecoder, StreamError } from './stream.ts';
+import { type PageBatch, type StreamRecord, type StreamSlot, StreamDecoder, StreamError } from './stream.ts';
 
 export interface DestinationStats {
   frames: number;
@@ -23,7 +23,15 @@ export class Destination {
   private appliedBytes = 0;
   private readonly zeroPage = new Uint8Array(PAGE_SIZE);
 
-  constructor(readonly memory: GuestMemory, readonly words: Int32Array = new Int32Array(new SharedArrayBuffer(DEST_WORDS * 4))) {}
+  /**
+   * `memory` is this destination's guest memory; or null, and `createMemory` builds it
+   * from the stream header's slot layout (a destination process that was told nothing).
+   */
+  constructor(
+    public memory: GuestMemory | null,
+    readonly words: Int32Array = new Int32Array(new SharedArrayBuffer(DEST_WORDS * 4)),
+    private readonly createMemory?: (slots: StreamSlot[]) => GuestMemory,
+  ) {}
 
   get state(): DestState { return Atomics.load(this.words, DestWord.STATE); }
 
@@ -58,6 +66,7 @@ export class Destination {
     this.stats.frames++;
     if (!('t' in r)) return this.applyPages(r);
     if (r.t === 'header') {
+      if (this.memory === null) this.memory = this.createMemory!(r.slots);
       for (const s of r.slots) {
         const mine = this.memory.slotByField((s.asId << 16) | s.id);
         if (!mine || mine.baseGfn !== s.baseGfn || mine.pages !== s.pages) {
@@ -76,7 +85,7 @@ export class Destination {
   }
 
   private applyPages(b: PageBatch): void {
-    const slot = this.memory.slotByField(b.slot)!;
+    const slot = this.memory!.slotByField(b.slot)!;
     let at = 0;
     for (let i = 0; i < b.offsets.length; i++) {
       const page = b.offsets[i]!;

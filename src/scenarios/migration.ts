@@ -6,8 +6,10 @@ import { GuestMemory } from '../host/guest-memory.ts';
 import { GlobalWord, type VmConfig, createVmLayout } from '../host/layout.ts';
 import { VmmControl } from '../host/vmm.ts';
 import { DEST_WORDS } from '../migration/channel.ts';
+import { compareDigests, connectDestination } from '../migration/tcp.ts';
 import type { MigrationBugs, MigrationEvent, MigrationInfo, MigrationParams, PassStats } from '../migration/precopy.ts';
 import { type StampMismatch, compareMemory } from '../oracles/stamp-oracle.ts';
+import { UserError } from '../util/errors.ts';
 import { slotLayout } from './dirty-log-test.ts';
 import { type RoleSpec, vmFor } from './roles.ts';
 import { type Driver, runRoles } from './run-roles.ts';
@@ -27,6 +29,8 @@ export interface MigrationScenario {
 
 export interface MigrationRunOptions {
   driver: Driver;
+  /** A destination process reached over TCP (free-run only); default: in-process. */
+  to?: { host: string; port: number };
   watchdogMs: number;
   burst: number;
   onEvent?: (e: MigrationEvent) => void;
@@ -65,6 +69,7 @@ export function migrationBugs(names: readonly string[]): MigrationBugs {
 
 /** Migrates a running, writing VM to an in-process destination and compares memory. */
 export async function runMigration(s: MigrationScenario, o: MigrationRunOptions): Promise<MigrationRunResult> {
+  if (o.to && o.driver !== 'free') throw new UserError('--to tcp:... needs --driver free (the deterministic driver runs everything on one thread)');
   const config = migrationVmConfig(s);
   const source = createVmLayout(config);
   const target = createVmLayout(config);
@@ -90,9 +95,11 @@ export async function runMigration(s: MigrationScenario, o: MigrationRunOptions)
 
   let driver: DeterministicDriver | null = null;
   const queue: Uint8Array[] = [];
-  const ports = o.driver === 'free' ? new MessageChannel() : null;
-  specs.push({ kind: 'migration', params: s.params, bugs: s.bugs, destWords, queue, port: ports?.port1, clockSteps: ports ? undefined : () => driver?.stepCount ?? 0 });
-  specs.push({ kind: 'destination', layout: target, destWords, queue, port: ports?.port2 });
+  const remote = o.to ? connectDestination(o.to.host, o.to.port, new Int32Array(destWords)) : null;
+  const ports = o.driver === 'free' && !remote ? new MessageChannel() : null;
+  const workerPort = remote?.workerPort ?? ports?.port1;
+  specs.push({ kind: 'migration', params: s.params, bugs: s.bugs, destWords, queue, port: workerPort, clockSteps: workerPort ? undefined : () => driver?.stepCount ?? 0 });
+  if (!remote) specs.push({ kind: 'destination', layout: target, destWords, queue, port: ports?.port2 });
   const run = await runRoles({
     driver: o.driver, specs, primary: 'migration', vm, layoutOf: (spec) => (spec.kind === 'destination' ? target : source),
     bugs: s.bugs, seed: s.seed, onEvent: (e) => onEvent(e as MigrationEvent), watchdogMs: o.watchdogMs, burst: o.burst,
@@ -101,6 +108,20 @@ export async function runMigration(s: MigrationScenario, o: MigrationRunOptions)
   if (run.status !== 'done') result.status = run.status;
   result.errors.push(...run.errors);
   result.steps = run.steps;
+  if (remote) {
+    const end = await Promise.race([remote.finished, new Promise<null>((r) => setTimeout(() => r(null), 100))]);
+    remote.close();
+    if (end?.error && result.status === 'passed') { result.status = 'failed'; result.reason = end.error; }
+    if (result.info?.status === 'completed' && end?.digests) {
+      const cmp = compareDigests(new GuestMemory(source), end.digests);
+      result.pagesCompared = cmp.pages;
+      result.mismatchCount = cmp.count;
+      result.mismatches = cmp.mismatches;
+      if (cmp.count > 0) result.status = 'failed';
+    }
+    result.seconds = (performance.now() - started) / 1000;
+    return result;
+  }
   if (result.info?.status === 'completed') {
     const cmp = compareMemory(new GuestMemory(source), new GuestMemory(target));
     result.pagesCompared = cmp.pages;

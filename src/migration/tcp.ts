@@ -1,0 +1,204 @@
+import { crc32 } from 'node:zlib';
+import { type AddressInfo, Socket, createServer } from 'node:net';
+import { MessageChannel, type MessagePort } from 'node:worker_threads';
+import { Packr } from 'msgpackr';
+import { PAGE_SIZE } from '../host/constants.ts';
+import { GuestMemory } from '../host/guest-memory.ts';
+import { createVmLayout } from '../host/layout.ts';
+import type { Memslot, PageStamp } from '../host/memslot.ts';
+import { DestState, DestWord } from './channel.ts';
+import { Destination } from './destination.ts';
+
+/**
+ * The migration stream between processes: the source writes stream frames (stream.ts) to
+ * a TCP connection; the destination answers with its own small frames (u32 BE length,
+ * then a msgpack map): `ack` (bytes applied, in KiB: the source's flow-control credit),
+ * `complete` (with a digest of every page: CRC-32 and the stamp, so
+ * the source can run the stamp oracle without the destination's memory), or `error`.
+ */
+const packr = new Packr({ useRecords: false });
+const ACK_EVERY = 256 * 1024;
+/** Bytes per page in a digest: CRC-32, then the stamp's writer, sequence and iteration. */
+export const DIGEST_BYTES = 16;
+
+export type Reply =
+  | { t: 'ack'; kib: number }
+  | { t: 'complete'; digests: Uint8Array; normal: number; zero: number }
+  | { t: 'error'; message: string };
+
+function replyFrame(r: Reply): Uint8Array {
+  const body = packr.pack(r);
+  const out = new Uint8Array(4 + body.length);
+  new DataView(out.buffer).setUint32(0, body.length);
+  out.set(body, 4);
+  return out;
+}
+
+/** Splits a byte stream into reply frames. */
+class ReplyReader {
+  private buf: Uint8Array = new Uint8Array(0);
+  push(chunk: Uint8Array): Reply[] {
+    const b = new Uint8Array(this.buf.length + chunk.length);
+    b.set(this.buf); b.set(chunk, this.buf.length);
+    const out: Reply[] = [];
+    let at = 0;
+    while (b.length - at >= 4) {
+      const n = new DataView(b.buffer, at).getUint32(0);
+      if (n > 1 << 30) throw new Error(`reply frame of ${n} bytes`);
+      if (b.length - at < 4 + n) break;
+      out.push(packr.unpack(b.subarray(at + 4, at + 4 + n)) as Reply);
+      at += 4 + n;
+    }
+    this.buf = b.subarray(at);
+    return out;
+  }
+}
+
+/** Per-page digests of guest memory, slots in order. */
+export function pageDigests(memory: GuestMemory): Uint8Array {
+  const pages = memory.slots.reduce((n, s) => n + s.pages, 0);
+  const out = new Uint8Array(pages * DIGEST_BYTES);
+  const dv = new DataView(out.buffer);
+  let i = 0;
+  for (const s of memory.slots) {
+    for (let p = 0; p < s.pages; p++, i++) {
+      const off = s.byteOffset(p);
+      const st = s.stampOf(p);
+      dv.setUint32(i * DIGEST_BYTES, crc32(s.bytes(p).subarray(off, off + PAGE_SIZE)));
+      dv.setUint32(i * DIGEST_BYTES + 4, st.writer);
+      dv.setUint32(i * DIGEST_BYTES + 8, st.seq);
+      dv.setUint32(i * DIGEST_BYTES + 12, st.iteration);
+    }
+  }
+  return out;
+}
+
+export interface RemoteMismatch { slot: number; gfn: number; source: PageStamp; destination: PageStamp }
+
+/** The stamp oracle against a remote destination's digests. */
+export function compareDigests(memory: GuestMemory, remote: Uint8Array, max = 16): { pages: number; count: number; mismatches: RemoteMismatch[] } {
+  const local = pageDigests(memory);
+  if (local.length !== remote.length) throw new Error(`the destination reported ${remote.length / DIGEST_BYTES} pages, the source has ${local.length / DIGEST_BYTES}`);
+  const a = new DataView(local.buffer);
+  const b = new DataView(remote.buffer, remote.byteOffset);
+  const mismatches: RemoteMismatch[] = [];
+  let count = 0;
+  let i = 0;
+  for (const s of memory.slots as Memslot[]) {
+    for (let p = 0; p < s.pages; p++, i++) {
+      const o = i * DIGEST_BYTES;
+      if (a.getUint32(o) === b.getUint32(o)) continue;
+      count++;
+      if (mismatches.length < max) {
+        mismatches.push({
+          slot: s.id, gfn: s.baseGfn + p,
+          source: { writer: a.getUint32(o + 4), seq: a.getUint32(o + 8), iteration: a.getUint32(o + 12) },
+          destination: { writer: b.getUint32(o + 4), seq: b.getUint32(o + 8), iteration: b.getUint32(o + 12) },
+        });
+      }
+    }
+  }
+  return { pages: i, count, mismatches };
+}
+
+export interface ServedMigration {
+  status: 'completed' | 'failed';
+  error: string | null;
+  pages: number;
+  normal: number;
+  zero: number;
+  frames: number;
+}
+
+/**
+ * `vmemlab destination`: accepts one migration on host:port, builds guest memory from the
+ * stream's header, applies the stream, answers with acks and, at the end, digests.
+ */
+export async function serveDestination(host: string, port: number): Promise<{ address: AddressInfo; result: Promise<ServedMigration>; close: () => void }> {
+  let settle!: (r: ServedMigration) => void;
+  const result = new Promise<ServedMigration>((r) => { settle = r; });
+  const server = createServer({ noDelay: true }, (socket: Socket) => {
+    server.close(); // one migration per destination
+    const dest = new Destination(null, undefined, (slots) => new GuestMemory(createVmLayout({
+      slots: slots.map((s) => ({ ...s, flags: 0 })), vcpus: 1,
+      tracking: { kind: 'bitmap', manualProtect: false, initiallySet: false },
+    })));
+    let lastAck = 0;
+    let done = false;
+    const finish = (status: ServedMigration['status']): void => {
+      if (done) return;
+      done = true;
+      settle({ status, error: dest.error, pages: dest.stats.normal + dest.stats.zero, normal: dest.stats.normal, zero: dest.stats.zero, frames: dest.stats.frames });
+    };
+    socket.on('data', (chunk: Buffer) => {
+      if (!dest.receive(new Uint8Array(chunk.buffer, chunk.byteOffset, chunk.length))) {
+        socket.end(replyFrame({ t: 'error', message: dest.error ?? 'destination failed' }));
+        finish('failed');
+        return;
+      }
+      const applied = Atomics.load(dest.words, DestWord.APPLIED_KIB) * 1024;
+      if (dest.state === DestState.COMPLETE) {
+        socket.end(replyFrame({ t: 'complete', digests: pageDigests(dest.memory!), normal: dest.stats.normal, zero: dest.stats.zero }));
+        finish('completed');
+      } else if (applied - lastAck >= ACK_EVERY) {
+        lastAck = applied;
+        socket.write(replyFrame({ t: 'ack', kib: applied / 1024 }));
+      }
+    });
+    socket.on('close', () => { dest.end(); finish(dest.state === DestState.COMPLETE ? 'completed' : 'failed'); });
+    socket.on('error', (e) => { dest.fail(`connection: ${e.message}`); finish('failed'); });
+  });
+  await new Promise<void>((resolve, reject) => { server.once('error', reject); server.listen(port, host, resolve); });
+  return { address: server.address() as AddressInfo, result, close: () => server.close() };
+}
+
+export interface SourceBridge {
+  /** Give this to the migration worker: it posts stream frames on it. */
+  workerPort: MessagePort;
+  /** Settles when the destination completed (with its digests) or the connection failed. */
+  finished: Promise<{ digests: Uint8Array | null; error: string | null }>;
+  close: () => void;
+}
+
+/**
+ * The source's end of a TCP migration, on the main thread: frames from the migration
+ * worker go to the socket; the destination's acks become credit in `destWords`, its
+ * completion or failure becomes DestState there (what the migration thread waits on).
+ */
+export function connectDestination(host: string, port: number, destWords: Int32Array): SourceBridge {
+  const { port1, port2 } = new MessageChannel();
+  let settle!: (r: { digests: Uint8Array | null; error: string | null }) => void;
+  const finished = new Promise<{ digests: Uint8Array | null; error: string | null }>((r) => { settle = r; });
+  let done = false;
+  const fail = (message: string): void => {
+    if (done) return;
+    done = true;
+    Atomics.store(destWords, DestWord.STATE, DestState.FAILED);
+    Atomics.notify(destWords, DestWord.STATE);
+    settle({ digests: null, error: message });
+  };
+  const socket = new Socket();
+  socket.setNoDelay(true);
+  socket.connect(port, host);
+  const replies = new ReplyReader();
+  port1.on('message', (frame: Uint8Array) => { if (!done) socket.write(frame); });
+  socket.on('data', (chunk: Buffer) => {
+    for (const r of replies.push(new Uint8Array(chunk.buffer, chunk.byteOffset, chunk.length))) {
+      if (r.t === 'ack') {
+        Atomics.store(destWords, DestWord.APPLIED_KIB, r.kib);
+        Atomics.notify(destWords, DestWord.APPLIED_KIB);
+      } else if (r.t === 'complete') {
+        done = true;
+        Atomics.store(destWords, DestWord.STATE, DestState.COMPLETE);
+        Atomics.notify(destWords, DestWord.STATE);
+        settle({ digests: r.digests, error: null });
+      } else {
+        fail(`the destination failed: ${r.message}`);
+      }
+    }
+  });
+  socket.on('error', (e: Error) => fail(`connection to ${host}:${port}: ${e.message}`));
+  socket.on('close', () => fail(`the connection to ${host}:${port} closed before the migration completed`));
+  return { workerPort: port2, finished, close: () => { port1.close(); socket.destroy(); } };
+}
+
