@@ -1,6 +1,7 @@
 import { Command, CommanderError, Option } from 'commander';
 import { UserError } from '../util/errors.ts';
 import { catalogCommand } from './catalog-command.ts';
+import { loadScenario, readdress } from '../scenarios/scenario-file.ts';
 import { MIGRATE_DEFAULTS as M, type MigrateFlags } from './migrate-command.ts';
 import { DIRTY_LOG_TEST_DEFAULTS as D, type DirtyLogTestFlags, MODES, dirtyLogTestCommand } from './dirty-log-test-command.ts';
 
@@ -37,6 +38,19 @@ function addDirtyLogTestOptions(cmd: Command): Command {
     .option('--writes <n>', 'guest writes per iteration, all vCPUs together (default: depends on memory and driver)');
 }
 
+/** The migration parameters (without defaults on `run`, where a scenario file may set them). */
+function addMigrateOptions(cmd: Command): Command {
+  return cmd
+    .option('--bandwidth <size>', `max-bandwidth per second, e.g. 128MiB, or unlimited (default: ${M.bandwidth})`)
+    .option('--downtime-limit <ms>', `switch over when the expected downtime is below this (default: ${M.downtimeLimit})`)
+    .option('--max-iterations <n>', `passes before the policy applies (default: ${M.maxIterations})`)
+    .option('--timeout <seconds>', `time before the policy applies (default: ${M.timeout})`)
+    .option('--policy <policy>', `at the limits without convergence: fail or force (default: ${M.policy})`)
+    .option('--warmup <ops>', 'guest writes before migration starts (default: one per page)')
+    .option('--to <target>', 'tcp:HOST:PORT, a `vmemlab destination` process (default: an in-process destination)')
+    .option('--allow-remote', 'allow a --to host that is not a loopback address');
+}
+
 export function buildProgram(setExit: (code: number) => void): Command {
   const program = new Command('vmemlab')
     .description('An emulator of a hypervisor\'s memory subsystem: shared guest memory, vCPU worker threads, KVM-faithful dirty tracking.')
@@ -48,20 +62,30 @@ export function buildProgram(setExit: (code: number) => void): Command {
     .description('KVM\'s dirty_log_test: guests write while the host collects the dirty log; every page is verified each iteration'))
     .action(async (flags: DirtyLogTestFlags) => setExit(await dirtyLogTestCommand(flags)));
 
-  addDirtyLogTestOptions(program.command('run')
-    .description('run the default job: a multi-vCPU dirty_log_test with ring tracking, verified (flags override the defaults)'))
-    .action(async (flags: DirtyLogTestFlags) => setExit(await dirtyLogTestCommand(flags)));
+  addMigrateOptions(addDirtyLogTestOptions(program.command('run')
+    .description('run a scenario file (kind: dirty-log-test or migrate); with none, the default job: a multi-vCPU dirty_log_test with ring tracking, verified. Flags override the file')
+    .argument('[scenario]', 'a YAML scenario file (see examples/)')))
+    .action(async (scenario: string | undefined, flags: Record<string, unknown>, cmd: Command) => {
+      if (scenario === undefined) return setExit(await dirtyLogTestCommand(flags as unknown as DirtyLogTestFlags));
+      const file = loadScenario(scenario);
+      const fromCli = (key: string): boolean => cmd.getOptionValueSource(key) === 'cli';
+      const cli = Object.fromEntries(Object.entries(flags).filter(([k]) => fromCli(k)));
+      if (file.kind === 'migrate' && cli['mode'] !== undefined) cli['tracking'] = cli['mode'];
+      const merged = { ...(file.kind === 'migrate' ? M : D), inject: [], ...file.values, ...cli };
+      try {
+        if (file.kind === 'migrate') {
+          const { migrateCommand } = await import('./migrate-command.ts');
+          setExit(await migrateCommand(merged as unknown as MigrateFlags));
+        } else {
+          setExit(await dirtyLogTestCommand(merged as unknown as DirtyLogTestFlags));
+        }
+      } catch (e) {
+        throw e instanceof UserError ? readdress(e, file, (k) => fromCli(k) || (k === 'tracking' && fromCli('mode'))) : e;
+      }
+    });
 
-  addGuestOptions(program.command('migrate')
-    .description('pre-copy live migration of a running, writing VM to an in-process destination, verified page by page'), M, '--tracking')
-    .option('--bandwidth <size>', 'max-bandwidth per second, e.g. 128MiB, or unlimited', M.bandwidth)
-    .option('--downtime-limit <ms>', 'switch over when the expected downtime is below this', M.downtimeLimit)
-    .option('--max-iterations <n>', 'passes before the policy applies', M.maxIterations)
-    .option('--timeout <seconds>', 'time before the policy applies', M.timeout)
-    .option('--policy <policy>', 'at the limits without convergence: fail or force', M.policy)
-    .option('--warmup <ops>', 'guest writes before migration starts (default: one per page)')
-    .option('--to <target>', 'tcp:HOST:PORT, a `vmemlab destination` process (default: an in-process destination)')
-    .option('--allow-remote', 'allow a --to host that is not a loopback address')
+  addMigrateOptions(addGuestOptions(program.command('migrate')
+    .description('pre-copy live migration of a running, writing VM to an in-process destination, verified page by page'), M, '--tracking'))
     .action(async (flags: MigrateFlags) => {
       const { migrateCommand } = await import('./migrate-command.ts');
       setExit(await migrateCommand(flags));

@@ -91,7 +91,8 @@ function passLine(p: PassStats): string {
     `bandwidth ${mib(p.bandwidth)}/s, expected downtime ${p.expectedDowntimeMs.toFixed(2)} ms`;
 }
 
-export async function migrateCommand(f: MigrateFlags): Promise<number> {
+export async function migrateCommand(given: MigrateFlags): Promise<number> {
+  const f: MigrateFlags = { ...MIGRATE_DEFAULTS, ...Object.fromEntries(Object.entries(given).filter(([, v]) => v !== undefined)) } as MigrateFlags;
   const { scenario: s, driver, watchdogMs, burst, to } = migrationScenario(f);
   const json = f.json === true;
   const progress = new Progress(json);

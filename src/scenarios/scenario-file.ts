@@ -1,0 +1,100 @@
+import { readFileSync } from 'node:fs';
+import { parse } from 'yaml';
+import { z } from 'zod';
+import { UserError } from '../util/errors.ts';
+
+/**
+ * Scenario files (YAML): what `vmemlab run FILE` runs. A scenario sets the same settings
+ * as the command's flags; flags given on the command line override the file. Each
+ * setting maps to one flag, so the commands' own validation applies, and its messages
+ * are re-addressed to the file and field.
+ */
+const num = z.union([z.number(), z.string()]).transform(String);
+const Scenario = z.strictObject({
+  kind: z.enum(['dirty-log-test', 'migrate']),
+  description: z.string().optional(),
+  vm: z.strictObject({ memory: num.optional(), vcpus: num.optional(), slots: num.optional() }).optional(),
+  tracking: z.strictObject({ mode: z.string().optional(), ring_size: num.optional() }).optional(),
+  workload: z.strictObject({
+    name: z.string().optional(), hot_fraction: num.optional(), hot_share: num.optional(), write_percent: num.optional(),
+    random_order: z.boolean().optional(),
+  }).optional(),
+  host_writes: z.strictObject({ every: num.optional() }).optional(),
+  test: z.strictObject({ iterations: num.optional(), writes: num.optional() }).optional(),
+  migration: z.strictObject({
+    bandwidth: num.optional(), downtime_limit_ms: num.optional(), max_iterations: num.optional(), timeout_s: num.optional(),
+    policy: z.string().optional(), warmup: num.optional(), to: z.string().optional(),
+  }).optional(),
+  driver: z.string().optional(),
+  seed: num.optional(),
+  inject: z.array(z.string()).optional(),
+  watchdog_s: num.optional(),
+});
+
+/** field path in the file -> [flag, commander option key] */
+const FIELDS: Record<string, [string, string]> = {
+  'vm.memory': ['--memory', 'memory'], 'vm.vcpus': ['--vcpus', 'vcpus'], 'vm.slots': ['--slots', 'slots'],
+  'tracking.ring_size': ['--ring-size', 'ringSize'],
+  'workload.name': ['--workload', 'workload'], 'workload.hot_fraction': ['--hot-fraction', 'hotFraction'],
+  'workload.hot_share': ['--hot-share', 'hotShare'], 'workload.write_percent': ['--write-percent', 'writePercent'],
+  'workload.random_order': ['--random-order', 'randomOrder'],
+  'host_writes.every': ['--host-write-every', 'hostWriteEvery'],
+  'test.iterations': ['--iterations', 'iterations'], 'test.writes': ['--writes', 'writes'],
+  'migration.bandwidth': ['--bandwidth', 'bandwidth'], 'migration.downtime_limit_ms': ['--downtime-limit', 'downtimeLimit'],
+  'migration.max_iterations': ['--max-iterations', 'maxIterations'], 'migration.timeout_s': ['--timeout', 'timeout'],
+  'migration.policy': ['--policy', 'policy'], 'migration.warmup': ['--warmup', 'warmup'], 'migration.to': ['--to', 'to'],
+  driver: ['--driver', 'driver'], seed: ['--seed', 'seed'], inject: ['--inject', 'inject'], watchdog_s: ['--watchdog', 'watchdog'],
+};
+
+export interface ScenarioFile {
+  path: string;
+  kind: 'dirty-log-test' | 'migrate';
+  /** Commander option key -> value, as if given as flags. */
+  values: Record<string, unknown>;
+  /** Flag -> the field it came from, to re-address error messages. */
+  fieldOfFlag: Record<string, string>;
+}
+
+export function loadScenario(path: string): ScenarioFile {
+  let text: string;
+  try { text = readFileSync(path, 'utf8'); } catch (e) { throw new UserError(`${path}: cannot read the scenario (${(e as NodeJS.ErrnoException).code ?? (e as Error).message})`); }
+  let doc: unknown;
+  try { doc = parse(text); } catch (e) { throw new UserError(`${path}: not valid YAML: ${(e as Error).message.split('\n')[0]}`); }
+  const r = Scenario.safeParse(doc);
+  if (!r.success) {
+    throw new UserError(r.error.issues.map((i) => {
+      const where = i.path.length ? i.path.join('.') : '(top level)';
+      const keys = 'keys' in i ? ` '${(i.keys as string[]).join("', '")}'` : '';
+      return `${path}: ${where}:${keys} ${i.message}`;
+    }).join('\n'));
+  }
+  const s = r.data;
+  const values: Record<string, unknown> = {};
+  const fieldOfFlag: Record<string, string> = {};
+  const modeFlag = s.kind === 'migrate' ? ['--tracking', 'tracking'] : ['--mode', 'mode'];
+  const set = (field: string, value: unknown, flag: [string, string] | string[]): void => {
+    if (value === undefined) return;
+    values[flag[1]!] = value;
+    fieldOfFlag[flag[0]!] = field;
+  };
+  set('tracking.mode', s.tracking?.mode, modeFlag);
+  const doc2 = s as unknown as Record<string, unknown>;
+  for (const [field, flag] of Object.entries(FIELDS)) {
+    const [a, b] = field.split('.') as [string, string | undefined];
+    const value = b === undefined ? doc2[a] : (doc2[a] as Record<string, unknown> | undefined)?.[b];
+    set(field, value, flag);
+  }
+  if (s.kind === 'dirty-log-test' && s.migration) throw new UserError(`${path}: migration: only for kind: migrate`);
+  if (s.kind === 'migrate' && s.test) throw new UserError(`${path}: test: only for kind: dirty-log-test`);
+  return { path, kind: s.kind, values, fieldOfFlag };
+}
+
+/** Rewrites "--flag: msg" into "FILE: field: msg" when the flag's value came from the file. */
+export function readdress(e: UserError, file: ScenarioFile, fromCli: (key: string) => boolean): UserError {
+  const m = /^(--[a-z-]+)(.*)$/s.exec(e.message);
+  if (!m) return e;
+  const field = file.fieldOfFlag[m[1]!];
+  const key = field ? FIELDS[field]?.[1] ?? (field === 'tracking.mode' ? (file.kind === 'migrate' ? 'tracking' : 'mode') : undefined) : undefined;
+  if (!field || (key !== undefined && fromCli(key))) return e;
+  return new UserError(`${file.path}: ${field}${m[2]}`);
+}

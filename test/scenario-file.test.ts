@@ -1,0 +1,87 @@
+import { mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { afterEach, describe, expect, it, vi } from 'vitest';
+import { main } from '../src/cli/main.ts';
+
+const EX = (f: string): string => fileURLToPath(new URL(`../examples/${f}`, import.meta.url));
+
+async function cli(...args: string[]): Promise<{ code: number; out: string; err: string }> {
+  const out: string[] = [];
+  const err: string[] = [];
+  vi.spyOn(console, 'log').mockImplementation((...a: unknown[]) => { out.push(a.join(' ')); });
+  vi.spyOn(console, 'error').mockImplementation((...a: unknown[]) => { err.push(a.join(' ')); });
+  const code = await main(args);
+  return { code, out: out.join('\n'), err: err.join('\n') };
+}
+afterEach(() => { vi.restoreAllMocks(); });
+
+function tmpFile(text: string): string {
+  const f = join(mkdtempSync(join(tmpdir(), 'vmemlab-')), 'scenario.yaml');
+  writeFileSync(f, text);
+  return f;
+}
+
+describe('vmemlab run SCENARIO', () => {
+  it('runs a migrate scenario; flags override the file', async () => {
+    const r = await cli('run', EX('migrate-hotset-ring.yaml'), '--memory', '32MiB');
+    expect(r.code, r.out + r.err).toBe(0);
+    expect(r.out).toMatch(/^migrate: dirty-ring \(4096 entries\), 2 vCPUs, 32MiB, workload hotset/m);
+    expect(r.out).toMatch(/^PASSED: all 8192 destination pages equal the source/m);
+  });
+
+  it('runs a dirty-log-test scenario', async () => {
+    const r = await cli('run', EX('dirty-log-test-ring.yaml'), '--memory', '16MiB', '--iterations', '2');
+    expect(r.code, r.out + r.err).toBe(0);
+    expect(r.out).toMatch(/mode dirty-ring \(1024 entries\), 4 vCPUs, 16MiB in 2 slot\(s\)/);
+  });
+
+  it('the shipped bug scenario loses writes, deterministically the same ones', async () => {
+    const a = await cli('run', EX('bug-copy-before-reset.yaml'));
+    const b = await cli('run', EX('bug-copy-before-reset.yaml'));
+    expect(a.code).toBe(1);
+    expect(a.out).toMatch(/^LOST write: slot \d gfn 0x[0-9a-f]+: source last written by/m);
+    expect(a.out.match(/^LOST write.*$/gm)).toEqual(b.out.match(/^LOST write.*$/gm));
+  });
+
+  it('the clear-log example is valid', async () => {
+    const r = await cli('run', EX('migrate-clear-log.yaml'), '--memory', '8MiB', '--driver', 'deterministic', '--bandwidth', '32MiB', '--downtime-limit', '2', '--policy', 'force', '--max-iterations', '4', '--warmup', '2000');
+    expect(r.code, r.out + r.err).toBe(0);
+  });
+
+  it.each([
+    ['kind: migrate\nvm: {memory: 12QB}\n', "scenario.yaml: vm.memory: '12QB' is not a size"],
+    ['kind: migrate\nvm: {vcpus: 0}\n', "scenario.yaml: vm.vcpus: '0' is not a whole number from 1 to 64"],
+    ['kind: migrate\ntracking: {mode: pml}\n', "scenario.yaml: tracking.mode: unknown mode 'pml'"],
+    ['kind: migrate\nworkload: {name: zigzag}\n', "scenario.yaml: workload.name: unknown workload 'zigzag'"],
+    ['kind: migrate\nmigration: {policy: hope}\n', "scenario.yaml: migration.policy: unknown policy 'hope'"],
+    ['kind: migrate\nvm: {memroy: 1GiB}\n', "scenario.yaml: vm: 'memroy' Unrecognized key"],
+    ['kind: teleport\n', 'scenario.yaml: kind:'],
+    ['kind: dirty-log-test\nmigration: {bandwidth: 1MiB}\n', 'scenario.yaml: migration: only for kind: migrate'],
+    ['kind: [unclosed\n', 'scenario.yaml: not valid YAML'],
+  ])('a bad file %j is reported with file, field and value, exit 2', async (text, message) => {
+    const r = await cli('run', tmpFile(text));
+    expect(r.code).toBe(2);
+    expect(r.err).toContain(message);
+    expect(r.err).not.toMatch(/\n\s+at /);
+  });
+
+  it('a bad flag still names the flag, not the file', async () => {
+    const r = await cli('run', EX('migrate-hotset-ring.yaml'), '--vcpus', 'x');
+    expect(r.code).toBe(2);
+    expect(r.err).toContain("vmemlab: --vcpus: 'x' is not a whole number");
+  });
+
+  it('a missing file is a clear error', async () => {
+    const r = await cli('run', '/nonexistent/s.yaml');
+    expect(r.code).toBe(2);
+    expect(r.err).toContain('/nonexistent/s.yaml: cannot read the scenario (ENOENT)');
+  });
+
+  it('every example scenario parses', () => {
+    for (const f of ['migrate-hotset-ring.yaml', 'migrate-clear-log.yaml', 'bug-copy-before-reset.yaml', 'dirty-log-test-ring.yaml']) {
+      expect(readFileSync(EX(f), 'utf8')).toMatch(/^kind: /);
+    }
+  });
+});
