@@ -91,6 +91,28 @@ describe('pre-copy migration to an in-process destination', () => {
     }
   });
 
+  it('auto-converge throttles the vCPUs (20 %, then +10 % steps, up to 99 %) until a guest that never converged does', async () => {
+    const s = scenario({
+      slots: 1, ringEntries: 4096, hostWriteEvery: 0,
+      params: { bandwidth: 32 << 20, downtimeLimitMs: 20, maxIterations: 12, timeoutMs: 1e6, policy: 'fail', batchPages: 64, warmupOps: 4000 },
+    });
+    const plain = await runMigration(s, DET);
+    expect(plain.status).toBe('failed');
+    expect(plain.reason).toMatch(/^did not converge in 12 passes/);
+    const ac = await runMigration({ ...s, params: { ...s.params, policy: 'auto-converge' } }, DET);
+    expect(ac.status, ac.reason ?? '').toBe('passed');
+    const throttles = ac.passes.map((p) => p.throttle);
+    expect(throttles[0]).toBe(0);
+    expect(throttles).toContain(20);
+    for (let i = 1; i < throttles.length; i++) {
+      expect(throttles[i]! - throttles[i - 1]!).toBeGreaterThanOrEqual(0);
+      expect(throttles[i]! - throttles[i - 1]!).toBeLessThanOrEqual(20);
+    }
+    expect(Math.max(...throttles)).toBeLessThanOrEqual(99);
+    expect(ac.info!.throttlePercent).toBeGreaterThan(0);
+    expect(ac.passes.length).toBeGreaterThan(12); // auto-converge is not bound by the iteration limit
+  });
+
   it('the stamp oracle catches writes lost by skip-tlb-shootdown, naming page and writers', async () => {
     const r = await runMigration(scenario({ bugs: ['skip-tlb-shootdown'] }), DET);
     expect(r.status).toBe('failed');

@@ -45,7 +45,7 @@ function addMigrateOptions(cmd: Command): Command {
     .option('--downtime-limit <ms>', `switch over when the expected downtime is below this (default: ${M.downtimeLimit})`)
     .option('--max-iterations <n>', `passes before the policy applies (default: ${M.maxIterations})`)
     .option('--timeout <seconds>', `time before the policy applies (default: ${M.timeout})`)
-    .option('--policy <policy>', `at the limits without convergence: fail or force (default: ${M.policy})`)
+    .option('--policy <policy>', `without convergence: fail or force at the limits, or auto-converge (throttle the vCPUs) (default: ${M.policy})`)
     .option('--warmup <ops>', 'guest writes before migration starts (default: one per page)')
     .option('--to <target>', 'tcp:HOST:PORT, a `vmemlab destination` process (default: an in-process destination)')
     .option('--allow-remote', 'allow a --to host that is not a loopback address');

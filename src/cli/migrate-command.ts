@@ -35,7 +35,7 @@ export function migrationScenario(f: MigrateFlags): { scenario: MigrationScenari
   const memoryBytes = memory('--memory', f.memory);
   const driver = f.driver;
   if (driver !== 'free' && driver !== 'deterministic') throw new UserError(`--driver: unknown driver '${driver}' (free or deterministic)`);
-  if (f.policy !== 'fail' && f.policy !== 'force') throw new UserError(`--policy: unknown policy '${f.policy}' (fail or force)`);
+  if (f.policy !== 'fail' && f.policy !== 'force' && f.policy !== 'auto-converge') throw new UserError(`--policy: unknown policy '${f.policy}' (fail, force or auto-converge)`);
   const bandwidth = f.bandwidth === 'unlimited' ? 0 : parseSize(f.bandwidth, '--bandwidth');
   const pages = memoryBytes / PAGE_SIZE;
   const slots = int('--slots', f.slots, 1, 32767);
@@ -83,12 +83,13 @@ export function formatInfo(i: MigrationInfo): string[] {
     `pages-per-second: ${Math.round(i.pagesPerSecond)}`,
     `dirty pages rate: ${Math.round(i.dirtyPagesRate)} pages/s`,
     `dirty sync count: ${i.dirtySyncCount}`,
+    `cpu throttle percentage: ${i.throttlePercent}`,
   ];
 }
 
 function passLine(p: PassStats): string {
   return `Pass ${p.pass}: sent ${p.pagesSent} pages (${p.zeroPages} zero), dirty ${p.dirtyFound}, sync ${p.syncMs.toFixed(2)} ms, ` +
-    `bandwidth ${mib(p.bandwidth)}/s, expected downtime ${p.expectedDowntimeMs.toFixed(2)} ms`;
+    `bandwidth ${mib(p.bandwidth)}/s, expected downtime ${p.expectedDowntimeMs.toFixed(2)} ms${p.throttle ? `, throttle ${p.throttle} %` : ''}`;
 }
 
 export async function migrateCommand(given: MigrateFlags): Promise<number> {

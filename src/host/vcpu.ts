@@ -69,6 +69,10 @@ export class Vcpu implements Role {
   private exits = 0;
   private ringFullExits = 0;
   private readonly ctx: GuestContext = { iteration: 0 };
+  /** Auto-converge throttle, percent (VcpuRequest.THROTTLE, read at each boundary). */
+  private throttle = 0;
+  private throttleDebt = 0;
+  private readonly sleepWord = new Int32Array(new SharedArrayBuffer(4));
 
   constructor(readonly vm: Vm, readonly index: number, private readonly workload: Workload) {
     this.name = `vcpu${index}`;
@@ -86,6 +90,11 @@ export class Vcpu implements Role {
     if (this.state === VcpuRunState.DONE) return Step.DONE;
     const b = this.boundary();
     if (b === Boundary.BLOCKED) return Step.BLOCKED;
+    if (b === Boundary.RUN && this.throttle > 0) {
+      // Auto-converge: a throttled vCPU spends `throttle` percent of its steps asleep.
+      this.throttleDebt += this.throttle;
+      if (this.throttleDebt >= 100) { this.throttleDebt -= 100; return Step.PROGRESS; }
+    }
     if (b === Boundary.RUN && this.advance() === Advance.RETIRED) Atomics.store(this.words, this.base + VcpuWord.OPS, this.ops);
     return Step.PROGRESS;
   }
@@ -100,6 +109,7 @@ export class Vcpu implements Role {
     if (this.state === VcpuRunState.DONE) return Step.DONE;
     const b = this.boundary();
     if (b !== Boundary.RUN) return b === Boundary.BLOCKED ? Step.BLOCKED : Step.PROGRESS;
+    const throttled = this.throttle > 0 ? performance.now() : 0;
     let retired = 0;
     while (retired < maxOps) {
       // Between operations, TLB hits take the fast path; anything else, one phase at a time.
@@ -112,6 +122,11 @@ export class Vcpu implements Role {
       else if (r === Advance.BOUNDARY) break;
     }
     Atomics.store(this.words, this.base + VcpuWord.OPS, this.ops);
+    if (throttled > 0) {
+      // Auto-converge, as QEMU's cpu_throttle: sleep so that running is (100 - p) % of the time.
+      const ran = performance.now() - throttled;
+      Atomics.wait(this.sleepWord, 0, 0, (ran * this.throttle) / (100 - this.throttle));
+    }
     return Step.PROGRESS;
   }
 
@@ -163,6 +178,7 @@ export class Vcpu implements Role {
       return Boundary.TRANSITION;
     }
     this.ctx.iteration = Atomics.load(this.global, GlobalWord.ITERATION);
+    this.throttle = Math.min(99, Atomics.load(w, b + VcpuRequest.THROTTLE));
     return Boundary.RUN;
   }
 

@@ -76,5 +76,10 @@ export class VmmControl {
     return Atomics.load(this.g, GlobalWord.HOST_ACTORS) === 0 || this.hostState() === HostActorState.PAUSED;
   }
 
+  /** Auto-converge: throttle every vCPU to `percent` (0 to 99). */
+  setThrottle(percent: number): void {
+    for (let v = 0; v < this.vcpus; v++) Atomics.store(this.w, this.vm.vcpuBase(v) + VcpuRequest.THROTTLE, percent);
+  }
+
   setIteration(it: number): void { Atomics.store(this.g, GlobalWord.ITERATION, it); }
 }

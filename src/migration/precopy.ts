@@ -9,7 +9,7 @@ import { DestState, DestWord, type MigrationChannel } from './channel.ts';
 import type { Clock } from './clock.ts';
 import { checksumUpdate, encodeComplete, encodeHeader, encodePages, encodeSync } from './stream.ts';
 
-export type ConvergencePolicy = 'fail' | 'force';
+export type ConvergencePolicy = 'fail' | 'force' | 'auto-converge';
 
 export interface MigrationParams {
   /** max-bandwidth in bytes per second; 0 for unlimited. */
@@ -17,7 +17,11 @@ export interface MigrationParams {
   downtimeLimitMs: number;
   maxIterations: number;
   timeoutMs: number;
-  /** What to do at the iteration or time limit without convergence. */
+  /**
+   * Without convergence: fail or force the switchover at the iteration or time limit; or
+   * auto-converge: throttle the vCPUs (QEMU's cpu-throttle-initial 20 %, +10 % steps,
+   * at most 99 %) and keep going until the time limit.
+   */
   policy: ConvergencePolicy;
   /** Pages per frame. */
   batchPages: number;
@@ -49,6 +53,8 @@ export interface PassStats {
   bandwidth: number;
   expectedDowntimeMs: number;
   ms: number;
+  /** vCPU throttle during the pass, percent. */
+  throttle: number;
 }
 
 export type MigrationEvent =
@@ -74,6 +80,8 @@ export interface MigrationInfo {
   /** Pages dirtied per second, over the last pass. */
   dirtyPagesRate: number;
   dirtySyncCount: number;
+  /** QEMU's cpu-throttle-percentage at the end. */
+  throttlePercent: number;
   passes: PassStats[];
 }
 
@@ -105,6 +113,10 @@ export function* precopy(
   let expectedDowntime = 0;
   let lastDirtyRate = 0;
   let pendingReset = false;
+  let throttle = 0;
+  let dirtyRateHigh = 0;
+  /** Pages newly found dirty by every sync so far (ring-full reaps included). */
+  let foundTotal = 0;
 
   function send(frame: Uint8Array): void {
     crc = checksumUpdate(crc, frame);
@@ -146,7 +158,9 @@ export function* precopy(
       yield* sync.sync(dirty, final, !manualChunks);
     }
     chunkCleared.fill(0);
-    return dirty.count() - before;
+    const found = dirty.count() - before;
+    foundTotal += found;
+    return found;
   }
 
   /** Answers ring-full exits: QEMU reaps into the migration bitmap and re-enters. */
@@ -221,7 +235,7 @@ export function* precopy(
       normalPages: normal, zeroPages: zero,
       throughputMbps: total > 0 ? (transferred * 8) / 1e6 / (total / 1000) : 0,
       pagesPerSecond: total > 0 ? ((normal + zero) * 1000) / total : 0,
-      dirtyPagesRate: lastDirtyRate, dirtySyncCount: sync.syncs, passes,
+      dirtyPagesRate: lastDirtyRate, dirtySyncCount: sync.syncs, throttlePercent: throttle, passes,
     };
   }
 
@@ -247,11 +261,13 @@ export function* precopy(
     pass++;
     const passStart = clock.nowMs();
     const before = transferred;
+    const foundBefore = foundTotal;
     const [sent, sentZero] = yield* sendDirty(true);
     if (pendingReset) { yield* vm.resetDirtyRings(); pendingReset = false; }
     send(encodeSync(pass));
     const syncStart = clock.nowMs();
-    const found = yield* syncLog(false);
+    yield* syncLog(false);
+    const found = foundTotal - foundBefore; // this pass's reaps and its closing sync
     const now = clock.nowMs();
     const ms = Math.max(now - passStart, 1e-3);
     const bandwidth = ((transferred - before) * 1000) / ms;
@@ -260,7 +276,7 @@ export function* precopy(
     const bw = p.bandwidth > 0 ? Math.min(bandwidth, p.bandwidth) : bandwidth;
     expectedDowntime = bw > 0 ? (remaining * 1000) / bw : Infinity;
     const stats: PassStats = {
-      pass, pagesSent: sent + sentZero, zeroPages: sentZero, dirtyFound: found, syncMs: now - syncStart, bandwidth, expectedDowntimeMs: expectedDowntime, ms,
+      pass, pagesSent: sent + sentZero, zeroPages: sentZero, dirtyFound: found, syncMs: now - syncStart, bandwidth, expectedDowntimeMs: expectedDowntime, ms, throttle,
     };
     passes.push(stats);
     report({ kind: 'pass', stats });
@@ -269,9 +285,17 @@ export function* precopy(
       return;
     }
     if (expectedDowntime <= p.downtimeLimitMs) break;
-    if (pass >= p.maxIterations || now - t0 >= p.timeoutMs) {
+    if (p.policy === 'auto-converge' && found * PAGE_SIZE > 0.5 * (transferred - before) && ++dirtyRateHigh >= 2) {
+      // QEMU's mig_throttle_guest_down: dirtying outpaced half the transfer twice.
+      dirtyRateHigh = 0;
+      throttle = throttle === 0 ? 20 : Math.min(99, throttle + 10);
+      vmm.setThrottle(throttle);
+    }
+    const outOfPasses = pass >= p.maxIterations && p.policy !== 'auto-converge';
+    if (outOfPasses || now - t0 >= p.timeoutMs) {
       if (p.policy === 'force') break;
-      report({ kind: 'failed', reason: `did not converge in ${pass} passes (expected downtime ${expectedDowntime.toFixed(1)} ms > limit ${p.downtimeLimitMs} ms)`, info: info('failed', 0) });
+      vmm.setThrottle(0);
+      report({ kind: 'failed', reason: `did not converge in ${pass} passes (expected downtime ${expectedDowntime.toFixed(1)} ms > limit ${p.downtimeLimitMs} ms${throttle ? `, throttle ${throttle} %` : ''})`, info: info('failed', 0) });
       return;
     }
   }
