@@ -122,6 +122,20 @@ describe('pre-copy migration to an in-process destination', () => {
     expect(m.source.seq).not.toBe(m.destination.seq);
   });
 
+  it('cancel ends the migration failed with "cancelled", and a new migration afterwards succeeds', async () => {
+    const never = scenario({ workload: DEFAULT_WORKLOAD, params: { ...scenario().params, bandwidth: 1 << 20, maxIterations: 1000, timeoutMs: 1e9, policy: 'fail', warmupOps: 10_000 } });
+    const ac = new AbortController();
+    setTimeout(() => ac.abort(), 1500);
+    const started = Date.now();
+    const r = await runMigration(never, { ...DET, driver: 'free', cancel: ac.signal });
+    expect(r.status).toBe('failed');
+    expect(r.reason).toBe('cancelled');
+    expect(r.info!.status).toBe('failed');
+    expect(Date.now() - started).toBeLessThan(20_000);
+    const again = await runMigration(scenario({ params: { ...scenario().params, bandwidth: 0, warmupOps: 50_000 } }), { ...DET, driver: 'free' });
+    expect(again.status, `${again.reason ?? ''} ${again.errors.join('; ')}`).toBe('passed');
+  });
+
   it('migrates with real worker threads (free-run) and verifies', async () => {
     const r = await runMigration(scenario({ params: { ...scenario().params, bandwidth: 0, warmupOps: 50_000 } }), { ...DET, driver: 'free' });
     expect(r.status, `${r.reason ?? ''} ${r.errors.join('; ')}`).toBe('passed');

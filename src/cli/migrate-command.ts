@@ -101,11 +101,20 @@ export async function migrateCommand(given: MigrateFlags): Promise<number> {
   out(`migrate: ${s.tracking}${s.tracking === 'dirty-ring' ? ` (${s.ringEntries} entries)` : ''}, ${s.vcpus} vCPUs, ${formatSize(s.memoryBytes)}, ` +
     `workload ${s.workload.name}, bandwidth ${s.params.bandwidth ? `${mib(s.params.bandwidth)}/s` : 'unlimited'}, downtime limit ${s.params.downtimeLimitMs} ms, ` +
     `driver ${driver}, destination ${to ? `tcp:${to.host}:${to.port}` : 'in-process'}, seed ${s.seed}${s.bugs.length ? `, injected: ${s.bugs.join(', ')}` : ''}`);
+  // Ctrl-C cancels the migration (migrate_cancel) and reports it; a second one exits.
+  const cancel = new AbortController();
+  const onSigint = (): void => {
+    if (cancel.signal.aborted) process.exit(130);
+    out('cancelling the migration (Ctrl-C again to exit at once)');
+    cancel.abort();
+  };
+  process.on('SIGINT', onSigint);
   const r: MigrationRunResult = await runMigration(s, {
-    driver, watchdogMs, burst, to,
+    driver, watchdogMs, burst, to, cancel: cancel.signal,
     onEvent: (e) => { if (e.kind === 'pass') out(passLine(e.stats)); },
     onTick: (p, names) => progress.update(`migrating: ${p[names.indexOf('migration')] ?? 0} steps of the migration thread`),
   });
+  process.off('SIGINT', onSigint);
   progress.clear();
   const code = r.status === 'passed' ? 0 : r.status === 'failed' ? 1 : 3;
   if (json) {

@@ -15,7 +15,8 @@ export interface MigrationChannel {
 }
 
 /** Shared words of one migration: applied bytes (in KiB, so 2^31 KiB is the limit) and the destination's state. */
-export const DestWord = { APPLIED_KIB: 0, STATE: 16, ERROR: 17 } as const;
+/** CANCEL is written by the VMM (migrate_cancel); the migration thread checks it between batches. */
+export const DestWord = { APPLIED_KIB: 0, STATE: 16, ERROR: 17, CANCEL: 18 } as const;
 export const enum DestState { RECEIVING = 0, COMPLETE = 1, FAILED = 2 }
 export const DEST_WORDS = 32;
 

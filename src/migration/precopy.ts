@@ -123,14 +123,18 @@ export function* precopy(
     channel.send(frame);
   }
 
+  const cancelled = (): boolean => Atomics.load(destWords, DestWord.CANCEL) !== 0;
+
   function* waitForCredit(limited: boolean): Steps {
     while (!channel.canSend()) {
+      if (cancelled()) return;
       if (Atomics.load(destWords, DestWord.STATE) === DestState.FAILED) return;
       const w = channel.creditWord;
       yield waitFor(WaitCode.DESTINATION, 0, 0, { ...w, value: Atomics.load(w.array, w.index) });
     }
     if (!limited || p.bandwidth <= 0) return;
     for (;;) {
+      if (cancelled()) return;
       const now = clock.nowMs();
       if (now - windowStart >= WINDOW_MS) { windowStart = now; windowBytes = 0; }
       if (windowBytes < (p.bandwidth * WINDOW_MS) / 1000) return;
@@ -186,7 +190,7 @@ export function* precopy(
     const batch: number[] = [];
     let batchSlot: Memslot | null = null;
     const flush = function* (): Steps {
-      if (batch.length === 0 || batchSlot === null) return;
+      if (batch.length === 0 || batchSlot === null || cancelled()) return;
       yield* waitForCredit(limited);
       const s = batchSlot;
       const enc = encodePages(s.slotField, batch, (offset, into, at) => copyPage(s, offset, into, at));
@@ -281,7 +285,14 @@ export function* precopy(
     passes.push(stats);
     report({ kind: 'pass', stats });
     if (Atomics.load(destWords, DestWord.STATE) === DestState.FAILED) {
+      vmm.setThrottle(0);
       report({ kind: 'failed', reason: 'the destination failed', info: info('failed', 0) });
+      return;
+    }
+    if (cancelled()) {
+      // migrate_cancel: the source VM keeps running, unthrottled.
+      vmm.setThrottle(0);
+      report({ kind: 'failed', reason: 'cancelled', info: info('failed', 0) });
       return;
     }
     if (expectedDowntime <= p.downtimeLimitMs) break;

@@ -5,7 +5,7 @@ import type { WorkloadOptions } from '../guest/workload.ts';
 import { GuestMemory } from '../host/guest-memory.ts';
 import { GlobalWord, type VmConfig, createVmLayout } from '../host/layout.ts';
 import { VmmControl } from '../host/vmm.ts';
-import { DEST_WORDS } from '../migration/channel.ts';
+import { DEST_WORDS, DestWord } from '../migration/channel.ts';
 import { compareDigests, connectDestination } from '../migration/tcp.ts';
 import type { MigrationBugs, MigrationEvent, MigrationInfo, MigrationParams, PassStats } from '../migration/precopy.ts';
 import { type StampMismatch, compareMemory } from '../oracles/stamp-oracle.ts';
@@ -29,6 +29,8 @@ export interface MigrationScenario {
 
 export interface MigrationRunOptions {
   driver: Driver;
+  /** Aborting it cancels the migration (QEMU's migrate_cancel): it ends failed, the VM keeps running. */
+  cancel?: AbortSignal;
   /** A destination process reached over TCP (free-run only); default: in-process. */
   to?: { host: string; port: number };
   watchdogMs: number;
@@ -74,6 +76,7 @@ export async function runMigration(s: MigrationScenario, o: MigrationRunOptions)
   const source = createVmLayout(config);
   const target = createVmLayout(config);
   const destWords = new SharedArrayBuffer(DEST_WORDS * 4);
+  o.cancel?.addEventListener('abort', () => Atomics.store(new Int32Array(destWords), DestWord.CANCEL, 1), { once: true });
   const vm = vmFor(source, s.bugs);
   vm.populate();
   vmFor(target, []).populate();
