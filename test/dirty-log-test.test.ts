@@ -54,6 +54,13 @@ describe('dirty_log_test under the deterministic driver', () => {
     }
   }
 
+  it('ring-full-ignored shows KVM\'s own symptom too: pushes into a full ring; clean runs have none', async () => {
+    const bad = await runDirtyLogTest(config({ bugs: ['ring-full-ignored'] }), DET);
+    expect(bad.ringHardFull).toBeGreaterThan(0);
+    const clean = await runDirtyLogTest(config(), DET);
+    expect(clean.ringHardFull).toBe(0);
+  });
+
   it('a bug outside its modes changes nothing (clear-without-protect with the ring)', async () => {
     const r = await runDirtyLogTest(config({ bugs: ['clear-without-protect'] }), DET);
     expect(r.status).toBe('passed');

@@ -109,7 +109,7 @@ export async function dirtyLogTestCommand(f: DirtyLogTestFlags): Promise<number>
     console.log(JSON.stringify({
       command: 'dirty-log-test', config, driver, status: result.status, seconds: result.seconds,
       iterations: result.iterations, violations: result.violations, errors: result.errors,
-      lostHostWrites: result.lostHostWrites, flushes: result.flushes, steps: result.steps,
+      lostHostWrites: result.lostHostWrites, ringHardFull: result.ringHardFull, flushes: result.flushes, steps: result.steps,
     }, null, 2));
     return exitStatus(result);
   }
@@ -117,6 +117,9 @@ export async function dirtyLogTestCommand(f: DirtyLogTestFlags): Promise<number>
   for (const e of result.errors) console.log(e);
   if (result.lostHostWrites > 0) {
     console.log(`KVM warning: ${result.lostHostWrites} host writes with no running vCPU and no backup bitmap were not logged (mark_page_dirty_in_slot)`);
+  }
+  if (result.ringHardFull > 0) {
+    console.log(`KVM warning: ${result.ringHardFull} pushes into a full dirty ring overwrote entries nobody had collected (WARN_ON_ONCE in kvm_dirty_ring_push)`);
   }
   const steps = result.steps !== undefined ? `, ${result.steps} steps` : '';
   const verdict = { passed: 'PASSED: every page verified', failed: 'FAILED', stuck: 'STUCK: the run did not complete', crashed: 'CRASHED: the run did not complete' }[result.status];

@@ -58,9 +58,4 @@ export class GuestMemory {
     return undefined;
   }
 
-  /** Maps a VM-wide page number back to its slot. */
-  slotOfPage(globalPage: number): Memslot {
-    for (const s of this.slots) if (globalPage >= s.firstPage && globalPage < s.firstPage + s.pages) return s;
-    throw new RangeError(`page ${globalPage} is outside guest memory`);
-  }
 }

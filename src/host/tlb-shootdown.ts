@@ -42,10 +42,6 @@ export class TlbShootdown {
   ackWord(i: number): { array: Int32Array; index: number } {
     return { array: this.vcpus, index: i * VCPU_BLOCK_WORDS + VcpuWord.FLUSH_ACK };
   }
-
-  currentGen(): number {
-    return Atomics.load(this.global, GlobalWord.FLUSH_GEN);
-  }
 }
 
 export { IN_GUEST_MODE, OUTSIDE_GUEST_MODE };

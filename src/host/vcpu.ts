@@ -130,11 +130,6 @@ export class Vcpu implements Role {
     return Step.PROGRESS;
   }
 
-  /** Ends the vCPU for good (the VM is torn down). */
-  finish(): void {
-    this.leaveGuest(VcpuRunState.DONE);
-  }
-
   /** The step boundary: resume after exits and stops, acknowledge flushes, take exits. */
   private boundary(): Boundary {
     const w = this.words;

@@ -32,7 +32,7 @@ export type DirtyLogEvent =
   | { kind: 'iteration'; iteration: number; dirty: number; clean: number; writes: number; hostWrites: number; ringFullExits: number; collections: number }
   | { kind: 'violation'; violations: DirtyLogViolation[] }
   | { kind: 'error'; message: string }
-  | { kind: 'done'; iterations: number; lostHostWrites: number; flushes: number };
+  | { kind: 'done'; iterations: number };
 
 export function slotLayout(memoryBytes: number, count: number): MemslotConfig[] {
   const pages = Math.floor(memoryBytes / PAGE_SIZE);
@@ -176,7 +176,7 @@ export function* dirtyLogCollector(vm: Vm, c: DirtyLogTestConfig, report: (e: Di
     opsBase = opsNow;
     yield undefined;
   }
-  report({ kind: 'done', iterations: c.iterations, lostHostWrites: vm.lostHostWrites(), flushes: Atomics.load(vm.global, GlobalWord.FLUSHES) });
+  report({ kind: 'done', iterations: c.iterations });
 }
 
 function sumWord(vmm: VmmControl, word: number): number {

@@ -1,4 +1,4 @@
-import { createVmLayout } from '../host/layout.ts';
+import { GlobalWord, createVmLayout } from '../host/layout.ts';
 import { VmmControl } from '../host/vmm.ts';
 import type { DirtyLogViolation } from '../oracles/dirty-log-verify.ts';
 import { type DirtyLogEvent, type DirtyLogTestConfig, vmConfigFor } from './dirty-log-test.ts';
@@ -29,6 +29,8 @@ export interface DirtyLogRunResult {
   violations: DirtyLogViolation[];
   errors: string[];
   lostHostWrites: number;
+  /** Pushes into a full ring (KVM's WARN_ON_ONCE in kvm_dirty_ring_push). */
+  ringHardFull: number;
   flushes: number;
   seconds: number;
   /** Deterministic driver: steps taken and the schedule that replays them. */
@@ -54,13 +56,12 @@ export async function runDirtyLogTest(c: DirtyLogTestConfig, o: DirtyLogRunOptio
   vmm.pauseHost();
 
   const result: DirtyLogRunResult = {
-    status: 'passed', iterations: [], violations: [], errors: [], lostHostWrites: 0, flushes: 0, seconds: 0,
+    status: 'passed', iterations: [], violations: [], errors: [], lostHostWrites: 0, ringHardFull: 0, flushes: 0, seconds: 0,
   };
   const onEvent = (e: DirtyLogEvent): void => {
     if (e.kind === 'iteration') result.iterations.push(e);
     else if (e.kind === 'violation') { result.violations.push(...e.violations); result.status = 'failed'; }
     else if (e.kind === 'error') { result.errors.push(e.message); result.status = 'failed'; }
-    else { result.lostHostWrites = e.lostHostWrites; result.flushes = e.flushes; }
     o.onEvent?.(e);
   };
   const specs = roleSpecs(c);
@@ -74,6 +75,10 @@ export async function runDirtyLogTest(c: DirtyLogTestConfig, o: DirtyLogRunOptio
   result.errors.push(...run.errors);
   result.steps = run.steps;
   result.schedule = run.schedule;
+  // KVM's own counters, read from shared memory whatever way the run ended.
+  result.lostHostWrites = setupVm.lostHostWrites();
+  result.flushes = Atomics.load(setupVm.global, GlobalWord.FLUSHES);
+  result.ringHardFull = (setupVm.rings ?? []).reduce((n, r) => n + r.hardFullWarnings, 0);
   if (result.status === 'passed' && result.iterations.length < c.iterations) {
     result.status = 'failed';
     result.errors.push(`the collector stopped after ${result.iterations.length} of ${c.iterations} iterations`);
