@@ -221,9 +221,7 @@ export function* precopy(
           // The bug: the chunk is copied first and cleared (re-protected) afterwards.
           yield* flush();
           const chunkStart = page - (page % 64);
-          const bits = new PageBitmap(mem.totalPages);
-          for (let q = chunkStart; q <= page; q++) bits.mark(slot.firstPage + q);
-          yield* sync.clearChunk(slot, chunkStart, bits);
+          yield* vm.clearDirtyLog(slot, chunkStart, page + 1 - chunkStart, WHOLE_CHUNK);
         }
       }
       yield* flush();
@@ -343,3 +341,5 @@ function copyPage(slot: Memslot, page: number, into: Uint8Array, at: number): bo
 }
 
 const ZERO_PAGE = Buffer.alloc(PAGE_SIZE);
+/** A CLEAR bitmap covering a whole 64-page chunk (clearDirtyLog ignores bits past num_pages). */
+const WHOLE_CHUNK = new Uint32Array([0xffffffff, 0xffffffff]);
