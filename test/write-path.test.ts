@@ -1,11 +1,12 @@
 import { describe, expect, it } from 'vitest';
 import { Step, WaitCode } from '../src/drivers/role.ts';
-import { OpKind } from '../src/guest/workload.ts';
+import { DEFAULT_WORKLOAD, OpKind, type WorkloadName, createWorkload } from '../src/guest/workload.ts';
 import { KVM_EXIT_MMIO, KVM_MEM_READONLY } from '../src/host/constants.ts';
-import { VcpuRunState, VcpuWord } from '../src/host/layout.ts';
-import { Phase } from '../src/host/vcpu.ts';
+import { GlobalWord, REGION_PAGES_SHIFT, VcpuRunState, VcpuWord } from '../src/host/layout.ts';
+import { Phase, Vcpu } from '../src/host/vcpu.ts';
+import type { Vm } from '../src/host/vm.ts';
 import { DirtyRingHarvester } from '../src/host/dirty-ring.ts';
-import { LEGACY, RING, complete, makeVm, retire, vcpuWith } from './helpers.ts';
+import { LEGACY, RING, VmmControl, complete, makeVm, retire, vcpuWith } from './helpers.ts';
 
 describe('the write path: TLB, SPTE walk, write-protect fault, store', () => {
   it('takes TRANSLATE -> WALK -> FAULT -> WALK -> STORE on a protected page, then TRANSLATE -> STORE on a TLB hit', () => {
@@ -102,4 +103,53 @@ describe('re-protection is complete only after the TLB shootdown', () => {
     retire(v, 1);
     expect(vm.rings![0]!.used()).toBe(1);
   });
+});
+
+describe('runBurst (the free-run fast paths) does what stepping one phase at a time does', () => {
+  // Two ranges of one slot straddle its 2 GiB region boundary; a hole between the slots
+  // makes MMIO exits. Every first write to a page faults (logging is on).
+  const REGION = 1 << REGION_PAGES_SHIFT;
+  const slots = [
+    { id: 1, asId: 0, baseGfn: 0x100, pages: 64, flags: 0 },
+    { id: 2, asId: 0, baseGfn: 0x100000, pages: REGION + 64, flags: 0 },
+  ];
+  const ranges = [
+    { baseGfn: 0x100, pages: 64 },
+    { baseGfn: 0x200, pages: 4 }, // the hole
+    { baseGfn: 0x100000 + REGION - 48, pages: 96 },
+  ];
+  const OPS = 6000;
+
+  function run(workload: WorkloadName, burst: boolean): { vm: Vm; vcpu: Vcpu } {
+    const vm = makeVm({ slots, tracking: LEGACY });
+    for (const s of vm.memory.slots) complete(vm.enableDirtyLogging(s));
+    Atomics.store(vm.global, GlobalWord.ITERATION, 3);
+    const vcpu = new Vcpu(vm, 0, createWorkload({ ...DEFAULT_WORKLOAD, name: workload }, ranges, 0, 1, 11));
+    const vmm = new VmmControl(vm);
+    for (let guard = 0; vcpu.retired < OPS; guard++) {
+      if (guard > 100 * OPS) throw new Error(`stuck at ${vcpu.retired} operations`);
+      if (vcpu.runState === VcpuRunState.EXITED) vmm.reenter(0);
+      if (burst) vcpu.runBurst(Math.min(37, OPS - vcpu.retired)); else vcpu.step();
+    }
+    return { vm, vcpu };
+  }
+
+  for (const workload of ['random', 'hotset', 'sweep', 'perf'] as const) {
+    it(`${workload}: the same memory, stamps, faults and exits`, () => {
+      const a = run(workload, false);
+      const b = run(workload, true);
+      const word = (r: { vm: Vm }, w: number): number => Atomics.load(r.vm.vcpuWords, w);
+      for (const w of [VcpuWord.FAULTS, VcpuWord.EXITS]) expect(word(b, w), `vCPU word ${w}`).toBe(word(a, w));
+      expect(word(a, VcpuWord.EXITS), 'the hole made MMIO exits').toBeGreaterThan(0);
+      for (const r of ranges) {
+        for (let gfn = r.baseGfn; gfn < r.baseGfn + r.pages; gfn++) {
+          const sa = a.vm.memory.findSlot(gfn);
+          if (sa === undefined) continue;
+          const sb = b.vm.memory.findSlot(gfn)!;
+          const p = gfn - sa.baseGfn;
+          expect([sb.readU64(p), sb.stampOf(p)], `gfn 0x${gfn.toString(16)}`).toEqual([sa.readU64(p), sa.stampOf(p)]);
+        }
+      }
+    });
+  }
 });

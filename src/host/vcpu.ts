@@ -5,7 +5,7 @@ import {
 import { type Memslot, PAGE_WORDS, REGION_PAGE_MASK } from './memslot.ts';
 import { SPTE_WRITABLE } from './spte.ts';
 import type { Vm } from './vm.ts';
-import { type GuestContext, type GuestOp, OpKind, type Workload } from '../guest/workload.ts';
+import { type GuestContext, type GuestOp, OpKind, type Workload, type Write64Workload, isWrite64Workload } from '../guest/workload.ts';
 import { NOT_WAITING, type Role, Step, type Wait, WaitCode, waitFor } from '../drivers/role.ts';
 
 /** Where a vCPU is inside one guest operation. Each phase is one step (a preemption point). */
@@ -19,6 +19,9 @@ export const enum Phase {
   /** Store the data and the stamp; the operation retires. */
   STORE = 3,
 }
+
+/** runWriteHits' RAM view before it has found a region (never written: the gfn range is empty). */
+const NO_RAM: Uint32Array = new Uint32Array(0);
 
 const enum Advance { PROGRESS, RETIRED, BOUNDARY }
 /** What the step boundary decided: run guest code, nothing to do, or a state change (an exit or a stop) that is this step's work. */
@@ -73,6 +76,8 @@ export class Vcpu implements Role {
   private throttle = 0;
   private throttleDebt = 0;
   private readonly sleepWord = new Int32Array(new SharedArrayBuffer(4));
+  /** The workload again when it only writes WRITE64 of the iteration (runWriteHits), else undefined. */
+  private readonly writes: Write64Workload | undefined;
 
   constructor(readonly vm: Vm, readonly index: number, private readonly workload: Workload) {
     this.name = `vcpu${index}`;
@@ -81,6 +86,7 @@ export class Vcpu implements Role {
     this.base = vm.vcpuBase(index);
     this.tlb = new Int32Array(vm.memory.totalPages);
     this.runSeq = Atomics.load(this.words, this.base + VcpuRequest.RUN_SEQ);
+    this.writes = isWrite64Workload(workload) ? workload : undefined;
   }
 
   get runState(): VcpuRunState { return this.state; }
@@ -114,7 +120,7 @@ export class Vcpu implements Role {
     while (retired < maxOps) {
       // Between operations, TLB hits take the fast path; anything else, one phase at a time.
       if (this.phase === Phase.TRANSLATE && !this.opPending) {
-        retired += this.runTlbHits(maxOps - retired);
+        retired += this.writes !== undefined ? this.runWriteHits(maxOps - retired) : this.runTlbHits(maxOps - retired);
         if (retired >= maxOps) break;
       }
       const r = this.advance();
@@ -349,6 +355,78 @@ export class Vcpu implements Role {
     } else {
       this.slot = slot;
       this.page = page;
+    }
+    return n;
+  }
+
+  /**
+   * runTlbHits for a Write64Workload: the same actions, with the operation reduced to its
+   * gfn (kind and value are WRITE64 and the iteration for all of them) and the memory
+   * reduced to one region of one slot at a time, whose gfn range, TLB offset and RAM
+   * view live in locals. Leaves the first operation that needs more fetched and pending
+   * exactly as runTlbHits does.
+   */
+  private runWriteHits(limit: number): number {
+    const source = this.writes!;
+    const memory = this.vm.memory;
+    const tlb = this.tlb;
+    const tag = this.tlbGen + 1;
+    const writer = this.index + 1;
+    const iteration = this.ctx.iteration;
+    const lo = iteration >>> 0;
+    const hi = iteration < 4294967296 && iteration > -4294967296 ? 0 : (iteration / 4294967296) >>> 0;
+    let seq = this.seq;
+    let n = 0;
+    // The region of the previous write: gfns [base, end), RAM view w, TLB index offset.
+    let slot: Memslot | undefined;
+    let base = 0;
+    let end = 0;
+    let tlbOffset = 0;
+    let w = NO_RAM;
+    let gfn = 0;
+    let pending = false;
+    while (n < limit) {
+      gfn = source.nextWriteGfn();
+      if (!(gfn >= base && gfn < end)) {
+        const found = memory.findSlot(gfn);
+        if (found === undefined) { pending = true; slot = undefined; break; }
+        const region = (gfn - found.baseGfn) >>> K.REGION_SHIFT;
+        slot = found;
+        base = found.baseGfn + (region << K.REGION_SHIFT);
+        end = Math.min(found.endGfn, base + (1 << K.REGION_SHIFT));
+        tlbOffset = found.firstPage - found.baseGfn;
+        w = found.u32[region]!;
+      }
+      if (tlb[gfn + tlbOffset] !== tag) { pending = true; break; }
+      const i = (gfn - base) * K.PAGE_WORDS;
+      w[i] = lo;
+      w[i + 1] = hi;
+      w[i + 2] = writer;
+      w[i + 3] = ++seq;
+      w[i + 4] = iteration;
+      n++;
+    }
+    if (limit > 0) this.opIteration = iteration;
+    this.seq = seq;
+    this.ops += n;
+    this.progress += n;
+    if (n > 0 || pending) {
+      const op = this.op;
+      op.kind = OpKind.WRITE64;
+      op.gfn = gfn;
+      op.value = iteration;
+    }
+    if (pending) {
+      this.opPending = true;
+      if (slot !== undefined) {
+        // A TLB miss: translated, on to WALK (as TRANSLATE leaves it).
+        this.slot = slot;
+        this.page = gfn - slot.baseGfn;
+        this.phase = Phase.WALK;
+      }
+    } else if (slot !== undefined) {
+      this.slot = slot;
+      this.page = gfn - slot.baseGfn;
     }
     return n;
   }
