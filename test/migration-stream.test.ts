@@ -1,18 +1,21 @@
 import { Packr } from 'msgpackr';
 import { describe, expect, it } from 'vitest';
+import { GuestMemory } from '../src/host/guest-memory.ts';
+import { REGION_PAGES_SHIFT, createVmLayout } from '../src/host/layout.ts';
+import { Destination } from '../src/migration/destination.ts';
+import { LEGACY } from './helpers.ts';
 import {
   MAX_FRAME, PAGE_ZERO, type PageBatch, StreamDecoder, StreamError, checksumUpdate, encodeComplete, encodeHeader,
-  encodePages, encodeSync,
+  type PageSource, encodePages, encodeSync,
 } from '../src/migration/stream.ts';
 
 const SLOTS = [{ id: 1, asId: 0, baseGfn: 0x100, pages: 64 }];
 const page = (fill: number): Uint8Array => new Uint8Array(4096).fill(fill);
 
-function copyFrom(pages: Map<number, Uint8Array>) {
-  return (offset: number, into: Uint8Array, at: number): boolean => {
-    const p = pages.get(offset)!;
-    into.set(p, at);
-    return p.some((b) => b !== 0);
+function copyFrom(pages: Map<number, Uint8Array>): PageSource {
+  return {
+    isZero: (page) => pages.get(page)!.every((b) => b === 0),
+    copy: (page, count, into, at) => { for (let i = 0; i < count; i++) into.set(pages.get(page + i)!, at + i * 4096); },
   };
 }
 
@@ -74,11 +77,11 @@ describe('migration stream v1', () => {
   it('rejects a truncated frame', () => reject([header, stream()[1]!.subarray(0, 100)], /stream truncated: 100 bytes of an incomplete frame 1/));
   it('rejects a stream without completion', () => reject([header], /without a completion record/));
   it('rejects a page outside every slot', () => {
-    const bad = encodePages(1, [64], (_o, into, at) => { into[at] = 1; return true; });
+    const bad = encodePages(1, [64], copyFrom(new Map([[64, page(1)]])));
     reject([header, bad.frame], /frame 1: page 64 is outside slot 1 \(64 pages\)/);
   });
   it('rejects pages for a slot the header does not have', () => {
-    const bad = encodePages(2, [0], () => true);
+    const bad = encodePages(2, [0], copyFrom(new Map([[0, page(1)]])));
     reject([header, bad.frame], /pages for slot 0:2, which the header does not have/);
   });
   it('rejects an oversize frame without allocating it', () => {
@@ -108,5 +111,24 @@ describe('migration stream v1', () => {
     const rec = d.push(frames.at(-1)!)[0] as { checksum: number };
     const before = frames.slice(0, -1).reduce((c, f) => checksumUpdate(c, f), 0);
     expect(rec.checksum).toBe(before);
+  });
+});
+
+describe('page batches across a 2 GiB region boundary', () => {
+  it('the source copies and the destination writes a run of pages that spans two regions', () => {
+    const pages = (1 << REGION_PAGES_SHIFT) + 4;
+    const layout = (): GuestMemory => new GuestMemory(createVmLayout({ slots: [{ id: 1, asId: 0, baseGfn: 0, pages, flags: 0 }], vcpus: 1, tracking: LEGACY }));
+    const src = layout();
+    const dst = layout();
+    const s = src.slots[0]!;
+    const run = [pages - 7, pages - 6, pages - 5, pages - 4, pages - 3, pages - 2];
+    for (const p of run) s.writeU64(p, p + 1);
+    s.writeU64(pages - 4, 0); // the first page of region 1 is zero: a flag, not payload
+    const b = encodePages(1, run, { isZero: (p) => s.isZeroPage(p), copy: (p, n, into, at) => s.copyPages(p, n, into, at) });
+    expect([b.normal, b.zero]).toEqual([5, 1]);
+    const d = new Destination(dst);
+    expect(d.receive(encodeHeader([{ id: 1, asId: 0, baseGfn: 0, pages }]))).toBe(true);
+    expect(d.receive(b.frame), d.error ?? '').toBe(true);
+    for (const p of run) expect(dst.slots[0]!.readU64(p), `page ${p}`).toBe(p === pages - 4 ? 0 : p + 1);
   });
 });

@@ -157,7 +157,7 @@ describe('the destination', () => {
     mem.slots[0]!.writeU64(5, 99);
     const d = new Destination(mem);
     expect(d.receive(encodeHeader([{ id: 1, asId: 0, baseGfn: 0x100, pages: 64 }]))).toBe(true);
-    const b = encodePages(1, [4, 5], (o, into, at) => { into.fill(o === 4 ? 7 : 0, at, at + 4096); return o === 4; });
+    const b = encodePages(1, [4, 5], { isZero: (o) => o === 5, copy: (o, n, into, at) => { into.fill(7, at, at + n * 4096); } });
     expect(d.receive(b.frame)).toBe(true);
     expect(mem.slots[0]!.bytes(4)[mem.slots[0]!.byteOffset(4)]).toBe(7);
     expect(mem.slots[0]!.readU64(5)).toBe(0);

@@ -11,6 +11,7 @@ export const HOST_WRITER_BASE = 0x10000;
 export interface PageStamp { writer: number; seq: number; iteration: number }
 
 const REGION_MASK = REGION_PAGES - 1;
+const ZERO_PAGE = Buffer.alloc(PAGE_SIZE);
 /** A page's index within its region is `page & REGION_PAGE_MASK`. */
 export const REGION_PAGE_MASK = REGION_MASK;
 /** 32-bit words per page. */
@@ -123,6 +124,24 @@ export class Memslot {
     const off = this.byteOffset(page);
     into.set(this.bytes(page).subarray(off, off + PAGE_SIZE), at);
     return into;
+  }
+
+  /** Copies `count` consecutive pages from `page` on into `into` at `at`, one copy per region. */
+  copyPages(page: number, count: number, into: Uint8Array, at: number): void {
+    while (count > 0) {
+      const n = Math.min(count, REGION_PAGES - (page & REGION_MASK));
+      const off = this.byteOffset(page);
+      into.set(this.bytes(page).subarray(off, off + n * PAGE_SIZE), at);
+      page += n;
+      count -= n;
+      at += n * PAGE_SIZE;
+    }
+  }
+
+  /** True when every byte of the page is zero (reading never commits untouched memory). */
+  isZeroPage(page: number): boolean {
+    const u8 = this.bytes(page);
+    return Buffer.from(u8.buffer, u8.byteOffset + this.byteOffset(page), PAGE_SIZE).equals(ZERO_PAGE);
   }
 
   containsGfn(gfn: number): boolean {

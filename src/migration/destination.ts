@@ -1,7 +1,7 @@
 import { PAGE_SIZE } from '../host/constants.ts';
 import type { GuestMemory } from '../host/guest-memory.ts';
 import { DEST_WORDS, DestState, DestWord } from './channel.ts';
-import { type PageBatch, type StreamRecord, type StreamSlot, StreamDecoder, StreamError } from './stream.ts';
+import { PAGE_NORMAL, type PageBatch, type StreamRecord, type StreamSlot, StreamDecoder, StreamError } from './stream.ts';
 
 export interface DestinationStats {
   frames: number;
@@ -21,7 +21,6 @@ export class Destination {
   readonly stats: DestinationStats = { frames: 0, normal: 0, zero: 0, syncs: 0 };
   error: string | null = null;
   private appliedBytes = 0;
-  private readonly zeroPage = new Uint8Array(PAGE_SIZE);
 
   /**
    * `memory` is this destination's guest memory; or null, and `createMemory` builds it
@@ -84,22 +83,35 @@ export class Destination {
     }
   }
 
+  /**
+   * Writes a batch: each run of consecutive normal pages in one region with one copy; a
+   * zero page only where the destination page is not already zero (untouched memory
+   * stays uncommitted, as a destination that never writes zero pages keeps it).
+   */
   private applyPages(b: PageBatch): void {
     const slot = this.memory!.slotByField(b.slot)!;
+    const { offsets, kinds, payload } = b;
+    const n = offsets.length;
     let at = 0;
-    for (let i = 0; i < b.offsets.length; i++) {
-      const page = b.offsets[i]!;
+    for (let i = 0; i < n;) {
+      const page = offsets[i]!;
       if (page >= slot.pages) throw new StreamError(`page ${page} is outside this destination's slot ${slot.id}`);
       const dst = slot.bytes(page);
       const off = slot.byteOffset(page);
-      if (b.kinds[i] === 0) {
-        dst.set(b.payload.subarray(at, at + PAGE_SIZE), off);
-        at += PAGE_SIZE;
-        this.stats.normal++;
-      } else {
-        dst.set(this.zeroPage, off);
+      if (kinds[i] !== PAGE_NORMAL) {
+        if (!slot.isZeroPage(page)) dst.fill(0, off, off + PAGE_SIZE);
         this.stats.zero++;
+        i++;
+        continue;
       }
+      // The run: following pages that are normal, next in number, and in the same region.
+      let j = i + 1;
+      while (j < n && kinds[j] === PAGE_NORMAL && offsets[j] === page + (j - i) && slot.bytes(offsets[j]!) === dst && offsets[j]! < slot.pages) j++;
+      const bytes = (j - i) * PAGE_SIZE;
+      dst.set(payload.subarray(at, at + bytes), off);
+      at += bytes;
+      this.stats.normal += j - i;
+      i = j;
     }
   }
 }

@@ -7,7 +7,7 @@ import { VmmControl } from '../host/vmm.ts';
 import { type Steps, WaitCode, waitFor } from '../drivers/role.ts';
 import { DestState, DestWord, type MigrationChannel } from './channel.ts';
 import type { Clock } from './clock.ts';
-import { checksumUpdate, encodeComplete, encodeHeader, encodePages, encodeSync } from './stream.ts';
+import { type PageSource, checksumUpdate, encodeComplete, encodeHeader, encodePages, encodeSync } from './stream.ts';
 
 export type ConvergencePolicy = 'fail' | 'force' | 'auto-converge';
 
@@ -193,7 +193,7 @@ export function* precopy(
       if (batch.length === 0 || batchSlot === null || cancelled()) return;
       yield* waitForCredit(limited);
       const s = batchSlot;
-      const enc = encodePages(s.slotField, batch, (offset, into, at) => copyPage(s, offset, into, at));
+      const enc = encodePages(s.slotField, batch, pagesOf(s));
       send(enc.frame);
       const bytes = enc.normal * (PAGE_SIZE + PAGE_OVERHEAD) + enc.zero * (PAGE_OVERHEAD + 1);
       windowBytes += bytes;
@@ -332,14 +332,10 @@ export function* precopy(
   report({ kind: 'completed', info: info('completed', clock.nowMs() - stopTime) });
 }
 
-/** Copies one page into the frame; false when it is all zeroes (sent as a flag). */
-function copyPage(slot: Memslot, page: number, into: Uint8Array, at: number): boolean {
-  const off = slot.byteOffset(page);
-  into.set(slot.bytes(page).subarray(off, off + PAGE_SIZE), at);
-  // Checked on the copy, not on guest memory, so the verdict matches the bytes sent.
-  return !Buffer.from(into.buffer, into.byteOffset + at, PAGE_SIZE).equals(ZERO_PAGE);
+/** A slot's guest memory as encodePages reads it. */
+function pagesOf(slot: Memslot): PageSource {
+  return { isZero: (page) => slot.isZeroPage(page), copy: (page, count, into, at) => slot.copyPages(page, count, into, at) };
 }
 
-const ZERO_PAGE = Buffer.alloc(PAGE_SIZE);
 /** A CLEAR bitmap covering a whole 64-page chunk (clearDirtyLog ignores bits past num_pages). */
 const WHOLE_CHUNK = new Uint32Array([0xffffffff, 0xffffffff]);

@@ -62,38 +62,41 @@ export function encodeComplete(normal: number, zero: number, checksum: number): 
   return frame({ t: 'complete', normal, zero, checksum }, 0).buf;
 }
 
+/** Where encodePages reads pages, numbered within one slot. */
+export interface PageSource {
+  /** True when the page is all zeroes (sent as a flag, no payload). */
+  isZero(page: number): boolean;
+  /** Copies `count` consecutive pages, from `page` on, into `into` at `at`. */
+  copy(page: number, count: number, into: Uint8Array, at: number): void;
+}
+
 /**
- * Encodes one batch of pages of one slot. `copyPage(offset, into, at)` copies the page's
- * bytes into the frame and returns false if the page is all zeroes (then sent as a flag,
- * no payload, and the space it took is reused).
+ * Encodes one batch of pages of one slot: zero pages as a flag, the others' bytes as the
+ * payload, each run of consecutive pages by one copy. As QEMU's save_zero_page, the zero
+ * check reads guest memory before the copy; a write in between was logged and the page
+ * is sent again.
  */
-export function encodePages(
-  slot: number, offsets: ArrayLike<number>, copyPage: (offset: number, into: Uint8Array, at: number) => boolean,
-): { frame: Uint8Array; normal: number; zero: number } {
+export function encodePages(slot: number, offsets: ArrayLike<number>, source: PageSource): { frame: Uint8Array; normal: number; zero: number } {
   const count = offsets.length;
   const offs = new Uint32Array(count);
   const kinds = new Uint8Array(count);
-  for (let i = 0; i < count; i++) offs[i] = offsets[i]!;
-  const record = { t: 'pages', slot, offsets: new Uint8Array(offs.buffer), kinds };
-  const { buf, payloadAt } = frame(record, count * PAGE_SIZE);
-  // Which pages are zero is known only while copying, after the record is packed: `kinds`
-  // is the record's last value, a bin of `count` bytes that ends right where the payload
-  // starts, so it is patched in place.
-  const kindsAt = payloadAt - count;
-  let at = payloadAt;
-  let zero = 0;
+  let normal = 0;
   for (let i = 0; i < count; i++) {
-    if (copyPage(offs[i]!, buf, at)) {
-      at += PAGE_SIZE;
-    } else {
-      buf[kindsAt + i] = PAGE_ZERO;
-      zero++;
-    }
+    offs[i] = offsets[i]!;
+    if (source.isZero(offs[i]!)) kinds[i] = PAGE_ZERO;
+    else normal++;
   }
-  const used = at;
-  const dv = new DataView(buf.buffer);
-  dv.setUint32(0, used - 4);
-  return { frame: buf.subarray(0, used), normal: count - zero, zero };
+  const { buf, payloadAt } = frame({ t: 'pages', slot, offsets: new Uint8Array(offs.buffer), kinds }, normal * PAGE_SIZE);
+  let at = payloadAt;
+  for (let i = 0; i < count;) {
+    if (kinds[i] !== PAGE_NORMAL) { i++; continue; }
+    let j = i + 1;
+    while (j < count && kinds[j] === PAGE_NORMAL && offs[j] === offs[i]! + (j - i)) j++;
+    source.copy(offs[i]!, j - i, buf, at);
+    at += (j - i) * PAGE_SIZE;
+    i = j;
+  }
+  return { frame: buf, normal, zero: count - normal };
 }
 
 /** CRC-32 chained over frames: what the completion record's checksum covers. */
