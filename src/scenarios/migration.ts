@@ -4,6 +4,7 @@ import type { DeterministicDriver } from '../drivers/deterministic.ts';
 import type { WorkloadOptions } from '../guest/workload.ts';
 import { GuestMemory } from '../host/guest-memory.ts';
 import { GlobalWord, type VmConfig, createVmLayout } from '../host/layout.ts';
+import type { Vm } from '../host/vm.ts';
 import { VmmControl } from '../host/vmm.ts';
 import { DEST_WORDS, DestWord } from '../migration/channel.ts';
 import { compareDigests, connectDestination } from '../migration/tcp.ts';
@@ -37,6 +38,8 @@ export interface MigrationRunOptions {
   burst: number;
   onEvent?: (e: MigrationEvent) => void;
   onTick?: (progress: number[], names: string[]) => void;
+  /** Called with the source VM before anything runs (benchmarks fill memory or park vCPUs here). */
+  prepare?: (vm: Vm) => void;
 }
 
 export interface MigrationRunResult {
@@ -82,6 +85,7 @@ export async function runMigration(s: MigrationScenario, o: MigrationRunOptions)
   vmFor(target, []).populate();
   Atomics.store(vm.global, GlobalWord.ITERATION, 1);
   new VmmControl(vm).resumeHost();
+  o.prepare?.(vm);
 
   const result: MigrationRunResult = {
     status: 'passed', info: null, passes: [], reason: null, mismatches: [], mismatchCount: 0, pagesCompared: 0, errors: [], seconds: 0,
