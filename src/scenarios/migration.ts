@@ -12,6 +12,7 @@ import { type StampMismatch, compareMemory } from '../oracles/stamp-oracle.ts';
 import { UserError } from '../util/errors.ts';
 import { slotLayout } from './dirty-log-test.ts';
 import { type RoleSpec, vmFor } from './roles.ts';
+import { type DestinationRun, resumeDestination } from './resume.ts';
 import { type Driver, runRoles } from './run-roles.ts';
 
 export interface MigrationScenario {
@@ -37,6 +38,11 @@ export interface MigrationRunOptions {
   burst: number;
   onEvent?: (e: MigrationEvent) => void;
   onTick?: (progress: number[], names: string[]) => void;
+  /**
+   * In-process: once the migration completed, the destination resumes the guest and runs
+   * it until each vCPU retired this many operations, then stops it. Unset: it stays paused.
+   */
+  resumeOps?: number;
 }
 
 export interface MigrationRunResult {
@@ -51,6 +57,8 @@ export interface MigrationRunResult {
   errors: string[];
   seconds: number;
   steps?: number;
+  /** The in-process destination after completion: the sweep-pattern oracle, the resumed guest. */
+  destination?: DestinationRun;
 }
 
 export function migrationVmConfig(s: MigrationScenario): VmConfig {
@@ -134,6 +142,13 @@ export async function runMigration(s: MigrationScenario, o: MigrationRunOptions)
   } else if (result.status === 'passed') {
     result.status = 'failed';
     result.errors.push('the migration thread ended without completing');
+  }
+  if (result.info?.status === 'completed') {
+    // Host writes land on byte 0 of random pages: the sweep pattern holds only without them.
+    const sweepCheck = s.workload.name === 'sweep' && s.hostWriteEvery === 0;
+    const d = await resumeDestination(target, { ...o, workload: s.workload, seed: s.seed, opsPerVcpu: o.resumeOps ?? 0, sweepCheck });
+    result.destination = d;
+    if (d.status !== 'passed' && result.status === 'passed') result.status = d.status;
   }
   result.seconds = (performance.now() - started) / 1000;
   return result;
