@@ -27,11 +27,19 @@ export class Destination {
    * `memory` is this destination's guest memory; or null, and `createMemory` builds it
    * from the stream header's slot layout (a destination process that was told nothing).
    */
+  /**
+   * `fresh`: the memory is all zero and written by nobody else until the migration
+   * completes, so a zero page for a page this destination never wrote needs no access.
+   */
   constructor(
     public memory: GuestMemory | null,
     readonly words: Int32Array = new Int32Array(new SharedArrayBuffer(DEST_WORDS * 4)),
     private readonly createMemory?: (slots: StreamSlot[]) => GuestMemory,
+    private readonly fresh = false,
   ) {}
+
+  /** Fresh memory: pages this destination has written (the others are still zero). */
+  private written: Uint8Array | null = null;
 
   get state(): DestState { return Atomics.load(this.words, DestWord.STATE); }
 
@@ -67,6 +75,7 @@ export class Destination {
     if (!('t' in r)) return this.applyPages(r);
     if (r.t === 'header') {
       if (this.memory === null) this.memory = this.createMemory!(r.slots);
+      if (this.fresh) this.written = new Uint8Array(this.memory.totalPages);
       for (const s of r.slots) {
         const mine = this.memory.slotByField((s.asId << 16) | s.id);
         if (!mine || mine.baseGfn !== s.baseGfn || mine.pages !== s.pages) {
@@ -94,12 +103,21 @@ export class Destination {
       const off = slot.byteOffset(page);
       if (b.kinds[i] === 0) {
         dst.set(b.payload.subarray(at, at + PAGE_SIZE), off);
+        if (this.written) this.written[slot.firstPage + page] = 1;
         at += PAGE_SIZE;
         this.stats.normal++;
       } else {
-        dst.set(this.zeroPage, off);
+        // QEMU's ram_handle_zero: write only if the page is not zero already, so that
+        // untouched destination memory stays uncommitted (and, if fresh, is not even read).
+        const untouched = this.written !== null && this.written[slot.firstPage + page] === 0;
+        if (!untouched && !isZeroPage(slot.words(page), slot.wordIndex(page))) dst.set(this.zeroPage, off);
         this.stats.zero++;
       }
     }
   }
+}
+
+function isZeroPage(words: Uint32Array, at: number): boolean {
+  for (let i = at, end = at + PAGE_SIZE / 4; i < end; i++) if (words[i] !== 0) return false;
+  return true;
 }

@@ -122,7 +122,7 @@ export async function serveDestination(host: string, port: number): Promise<{ ad
     const dest = new Destination(null, undefined, (slots) => new GuestMemory(createVmLayout({
       slots: slots.map((s) => ({ ...s, flags: 0 })), vcpus: 1,
       tracking: { kind: 'bitmap', manualProtect: false, initiallySet: false },
-    })));
+    })), true);
     let lastAck = 0;
     let done = false;
     const finish = (status: ServedMigration['status']): void => {

@@ -69,7 +69,8 @@ export function buildRole(spec: RoleSpec, vm: Vm, report: (e: never) => void): R
       return new GeneratorRole('migration', precopy(vm, channel, words, clock, spec.params, migrationBugs(spec.bugs), report as (e: MigrationEvent) => void, bugs.harvestSkipEvery));
     }
     case 'destination': {
-      const dest = new Destination(new GuestMemory(spec.layout), new Int32Array(spec.destWords));
+      // The destination's memory is created for this migration (runMigration): fresh.
+      const dest = new Destination(new GuestMemory(spec.layout), new Int32Array(spec.destWords), undefined, true);
       return new DestinationRole(dest, spec.port ? new PortSource(spec.port) : new QueueSource(spec.queue!));
     }
     case 'destination-vmm':
