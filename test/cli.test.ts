@@ -146,6 +146,30 @@ describe('vmemlab CLI', () => {
     expect(destCode).toBe(0);
   });
 
+  it('vmemlab destination --resume runs the migrated sweep guest and checks it (migration-test across two processes)', async () => {
+    const dest = spawn(process.execPath, [BIN, 'destination', '--listen', '127.0.0.1:0', '--resume', '--vcpus', '2', '--workload', 'sweep'], { stdio: ['ignore', 'pipe', 'pipe'] });
+    let destOut = '';
+    dest.stdout.on('data', (c: Buffer) => { destOut += c.toString(); });
+    const port = await new Promise<number>((resolve, reject) => {
+      dest.stdout.on('data', () => { const m = /listening on 127\.0\.0\.1:(\d+)/.exec(destOut); if (m) resolve(Number(m[1])); });
+      dest.on('exit', () => reject(new Error(`destination exited: ${destOut}`)));
+    });
+    const mig = spawnSync(process.execPath, [BIN, 'migrate', '--to', `tcp:127.0.0.1:${port}`, '--memory', '16MiB', '--workload', 'sweep'], { encoding: 'utf8', env: { ...process.env, CI: '1' } });
+    const destCode = await new Promise<number | null>((resolve) => dest.on('exit', resolve));
+    expect(mig.status, mig.stdout + mig.stderr).toBe(0);
+    expect(destOut).toMatch(/^destination: sweep pattern at completion: OK \(4096 pages in 2 slice\(s\)/m);
+    expect(destOut).toMatch(/^destination: destination resumed: 2 vCPUs retired \d+ guest operations from the migrated memory, then stopped/m);
+    expect(destOut).toMatch(/^destination: sweep pattern after the resume: OK/m);
+    expect(destOut).toMatch(/^destination: PASSED/m);
+    expect(destCode, destOut).toBe(0);
+  });
+
+  it('destination: the guest options need --resume', async () => {
+    const r = await cli('destination', '--listen', '127.0.0.1:0', '--workload', 'sweep');
+    expect(r.code).toBe(2);
+    expect(r.err).toContain('vmemlab: --workload: only with --resume');
+  });
+
   it('refuses a non-loopback listen address without --allow-remote', async () => {
     const r = await cli('destination', '--listen', '192.168.1.5:4444');
     expect(r.code).toBe(2);

@@ -3,6 +3,7 @@ import { UserError } from '../util/errors.ts';
 import { catalogCommand } from './catalog-command.ts';
 import { type ScenarioFile, loadScenario, readdress } from '../scenarios/scenario-file.ts';
 import { DEFAULT_HOST_WRITE_EVERY, DEFAULT_JOB, MIGRATE_DEFAULTS as M, type MigrateFlags } from './migrate-command.ts';
+import type { DestinationFlags } from './destination-command.ts';
 import { DIRTY_LOG_TEST_DEFAULTS as D, type DirtyLogTestFlags, MODES, dirtyLogTestCommand } from './dirty-log-test-command.ts';
 
 const collect = (value: string, previous: string[]): string[] => [...previous, value];
@@ -112,13 +113,23 @@ export function buildProgram(setExit: (code: number) => void): Command {
     });
 
   program.command('destination')
-    .description('receive one migration over TCP (from vmemlab migrate --to tcp:HOST:PORT), then exit')
+    .description('receive one migration over TCP (from vmemlab migrate --to tcp:HOST:PORT), then exit; with --resume, run the migrated guest first')
     .requiredOption('--listen <host:port>', 'where to listen, e.g. 127.0.0.1:4444 (port 0 picks one)')
     .option('--allow-remote', 'allow listening on an address that is not loopback')
+    .option('--resume', 'after completion, resume the guest on its own vCPUs from the migrated memory, stop it and check it (the guest options below must match the source\'s, as QEMU\'s destination must be started with the source\'s machine options)')
+    .option('--vcpus <n>', `--resume: the guest's vCPUs (default: ${M.vcpus})`)
+    .option('--workload <name>', `--resume: the guest's workload: random, sweep, hotset, perf (default: ${M.workload})`)
+    .option('--hot-fraction <f>', `--resume: hotset: fraction of pages that are hot (default: ${M.hotFraction})`)
+    .option('--hot-share <f>', `--resume: hotset: share of writes to hot pages (default: ${M.hotShare})`)
+    .option('--write-percent <p>', `--resume: perf: percentage of operations that write (default: ${M.writePercent})`)
+    .option('--seed <n>', `--resume: the guest's seed (default: ${M.seed})`)
+    .option('--resume-ops <n>', '--resume: operations each vCPU retires before the guest is stopped (default: 1.5 passes over each vCPU\'s share of memory)')
+    .option('--watchdog <seconds>', `--resume: stop when no actor progresses for this long (default: ${M.watchdog})`)
+    .option('--burst <n>', `--resume: guest operations between a vCPU's step boundaries (default: ${M.burst})`)
     .option('--json', 'print JSON')
-    .action(async (flags: { listen: string; allowRemote?: boolean; json?: boolean }) => {
+    .action(async (flags: DestinationFlags) => {
       const { destinationCommand } = await import('./destination-command.ts');
-      setExit(await destinationCommand(flags.listen, flags.allowRemote === true, flags.json === true));
+      setExit(await destinationCommand(flags));
     });
 
   program.command('catalog')
