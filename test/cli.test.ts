@@ -59,7 +59,12 @@ describe('vmemlab CLI', () => {
     [['run', '--workload', 'zigzag'], "--workload: unknown workload 'zigzag'"],
     [['run', '--mode', 'pml'], "--mode: unknown mode 'pml'"],
     [['run', '--inject', 'nope'], "--inject: unknown bug 'nope'"],
-    [['run', '--inject', 'ring-full-ignored', '--mode', 'dirty-log'], '--inject ring-full-ignored: this bug does not occur with --mode dirty-log'],
+    [['run', '--inject', 'copy-before-clear', '--mode', 'dirty-ring'], '--inject copy-before-clear: this bug does not occur with --mode dirty-ring'],
+    [['dirty-log-test', '--inject', 'ring-full-ignored', '--mode', 'dirty-log'], '--inject ring-full-ignored: this bug does not occur with --mode dirty-log'],
+    [['run', '--iterations', '3'], '--iterations: the default job is a migration; this option is for vmemlab dirty-log-test'],
+    [['run', '--resume-ops', 'lots'], "--resume-ops: 'lots' is not a whole number from 0"],
+    [['migrate', '--workload', 'sweep', '--host-write-every', '8'], '--host-write-every: 8 with --workload sweep: host writes overwrite byte 0 of random pages'],
+    [['migrate', '--to', 'tcp:127.0.0.1:4444', '--resume-ops', '10'], '--resume-ops: a destination process resumes the guest itself (vmemlab destination --resume)'],
     [['run', '--driver', 'fast'], "--driver: unknown driver 'fast'"],
     [['run', '--slots', '0'], "--slots: '0' is not a whole number from 1"],
   ])('bad input %j: one line naming the option and value, exit 2', async (args, message) => {
@@ -96,10 +101,31 @@ describe('vmemlab CLI', () => {
     expect(err.err).toContain('12QB');
   });
 
-  it('the installed bin runs the default job with real worker threads and exits 0', () => {
-    const out = execFileSync(process.execPath, [BIN, 'run', '--memory', '16MiB', '--iterations', '2'], { encoding: 'utf8', env: { ...process.env, CI: '1' } });
-    expect(out).toMatch(/driver free/);
+  it('the installed bin runs the default job, a migration, with real worker threads and exits 0', () => {
+    const out = execFileSync(process.execPath, [BIN, 'run', '--memory', '16MiB'], { encoding: 'utf8', env: { ...process.env, CI: '1' } });
+    expect(out).toMatch(/^migrate: dirty-ring \(4096 entries\), 4 vCPUs, 16MiB, workload hotset, .*driver free, destination in-process/m);
+    expect(out).toMatch(/^Migration status: completed$/m);
+    expect(out).toMatch(/^destination resumed: 4 vCPUs retired \d+ guest operations from the migrated memory, then stopped/m);
+    expect(out).toMatch(/^PASSED: all 4096 destination pages equal the source; the destination resumed the guest \(/m);
+  });
+
+  it('the installed bin still runs dirty_log_test with its defaults', () => {
+    const out = execFileSync(process.execPath, [BIN, 'dirty-log-test', '--memory', '16MiB', '--iterations', '2'], { encoding: 'utf8', env: { ...process.env, CI: '1' } });
+    expect(out).toMatch(/^dirty_log_test: mode dirty-ring \(4096 entries\), 2 vCPUs, 16MiB in 1 slot\(s\), workload random, .*driver free/m);
     expect(out).toMatch(/^PASSED: every page verified \(2 iterations/m);
+  });
+
+  it('migrate --workload sweep: migration-test\'s check at completion and after the destination resumed the guest', async () => {
+    const r = await cli('migrate', '--workload', 'sweep', '--driver', 'deterministic', '--memory', '1MiB', '--vcpus', '2', '--ring-size', '256');
+    expect(r.code, r.out).toBe(0);
+    expect(r.out).toMatch(/^sweep pattern at completion: OK \(256 pages in 2 slice\(s\); the sweep stopped: vcpu0 at (gfn 0x[0-9a-f]+|its slice start), vcpu1 at/m);
+    expect(r.out).toMatch(/^destination resumed: 2 vCPUs retired \d+ guest operations from the migrated memory, then stopped \([\d.]+ s, \d+ steps\)$/m);
+    expect(r.out).toMatch(/^sweep pattern after the resume: OK/m);
+    expect(r.out).toMatch(/^PASSED: all 256 destination pages equal the source; the sweep pattern holds before and after; the destination resumed the guest/m);
+    const paused = await cli('migrate', '--workload', 'sweep', '--driver', 'deterministic', '--memory', '1MiB', '--ring-size', '256', '--resume-ops', '0', '--json');
+    const doc = JSON.parse(paused.out);
+    expect(doc.destination.atCompletion.ok).toBe(true);
+    expect(doc.destination.resumed).toBeNull();
   });
 
   it('vmemlab destination and vmemlab migrate --to tcp: migrate between two processes', async () => {
@@ -118,6 +144,30 @@ describe('vmemlab CLI', () => {
     expect(mig.stdout).toMatch(/^PASSED: all 4096 destination pages equal the source/m);
     expect(destOut).toMatch(/destination: migration completed: \d+ pages/);
     expect(destCode).toBe(0);
+  });
+
+  it('vmemlab destination --resume runs the migrated sweep guest and checks it (migration-test across two processes)', async () => {
+    const dest = spawn(process.execPath, [BIN, 'destination', '--listen', '127.0.0.1:0', '--resume', '--vcpus', '2', '--workload', 'sweep'], { stdio: ['ignore', 'pipe', 'pipe'] });
+    let destOut = '';
+    dest.stdout.on('data', (c: Buffer) => { destOut += c.toString(); });
+    const port = await new Promise<number>((resolve, reject) => {
+      dest.stdout.on('data', () => { const m = /listening on 127\.0\.0\.1:(\d+)/.exec(destOut); if (m) resolve(Number(m[1])); });
+      dest.on('exit', () => reject(new Error(`destination exited: ${destOut}`)));
+    });
+    const mig = spawnSync(process.execPath, [BIN, 'migrate', '--to', `tcp:127.0.0.1:${port}`, '--memory', '16MiB', '--workload', 'sweep'], { encoding: 'utf8', env: { ...process.env, CI: '1' } });
+    const destCode = await new Promise<number | null>((resolve) => dest.on('exit', resolve));
+    expect(mig.status, mig.stdout + mig.stderr).toBe(0);
+    expect(destOut).toMatch(/^destination: sweep pattern at completion: OK \(4096 pages in 2 slice\(s\)/m);
+    expect(destOut).toMatch(/^destination: destination resumed: 2 vCPUs retired \d+ guest operations from the migrated memory, then stopped/m);
+    expect(destOut).toMatch(/^destination: sweep pattern after the resume: OK/m);
+    expect(destOut).toMatch(/^destination: PASSED/m);
+    expect(destCode, destOut).toBe(0);
+  });
+
+  it('destination: the guest options need --resume', async () => {
+    const r = await cli('destination', '--listen', '127.0.0.1:0', '--workload', 'sweep');
+    expect(r.code).toBe(2);
+    expect(r.err).toContain('vmemlab: --workload: only with --resume');
   });
 
   it('refuses a non-loopback listen address without --allow-remote', async () => {

@@ -3,6 +3,7 @@ import { describe, expect, it } from 'vitest';
 import { DEFAULT_WORKLOAD } from '../src/guest/workload.ts';
 import { serveDestination } from '../src/migration/tcp.ts';
 import { type MigrationScenario, runMigration } from '../src/scenarios/migration.ts';
+import { resumeDestination } from '../src/scenarios/resume.ts';
 
 function scenario(o: Partial<MigrationScenario> = {}): MigrationScenario {
   return {
@@ -43,6 +44,22 @@ describe('migration over TCP on loopback', () => {
     const dest = await serveDestination('127.0.0.1', 0);
     const again = await runMigration(scenario(), { ...FREE, to: { host: '127.0.0.1', port: dest.address.port } });
     expect(again.status, `${again.reason ?? ''} ${again.errors.join('; ')}`).toBe('passed');
+  });
+
+  it('the destination process resumes migration-test\'s guest from the migrated memory; the sweep pattern holds before and after', async () => {
+    const dest = await serveDestination('127.0.0.1', 0, 2);
+    // The sweep dirties every page in turn and never converges: force the switchover after 3 passes.
+    const sweep = scenario({ workload: { ...DEFAULT_WORKLOAD, name: 'sweep' }, hostWriteEvery: 0, params: { ...scenario().params, maxIterations: 3 } });
+    const r = await runMigration(sweep, { ...FREE, to: { host: '127.0.0.1', port: dest.address.port } });
+    const served = await dest.result;
+    expect(r.status, `${r.reason ?? ''} ${r.errors.join('; ')}`).toBe('passed');
+    expect(served.status).toBe('completed');
+    const d = await resumeDestination(served.layout!, { workload: sweep.workload, seed: 1, opsPerVcpu: 3072, driver: 'free', watchdogMs: 10_000, burst: 256, sweepCheck: true });
+    expect(d.status, d.errors.join('; ')).toBe('passed');
+    expect(d.atCompletion!.ok).toBe(true);
+    expect(d.atCompletion!.slices).toHaveLength(2);
+    expect(d.afterResume!.ok).toBe(true);
+    expect(d.resumed!.ops).toBeGreaterThanOrEqual(2 * 3072);
   });
 
   it('refuses --to with the deterministic driver', async () => {

@@ -163,4 +163,17 @@ describe('the destination', () => {
     expect(mem.slots[0]!.readU64(5)).toBe(0);
     expect(d.stats).toMatchObject({ normal: 1, zero: 1 });
   });
+
+  it('fresh memory: a zero page over a page it wrote earlier in the stream is written', () => {
+    const layout = createVmLayout({ slots: [{ id: 1, asId: 0, baseGfn: 0x100, pages: 64, flags: 0 }], vcpus: 1, tracking: LEGACY });
+    const mem = new GuestMemory(layout);
+    const d = new Destination(mem, undefined, undefined, true);
+    expect(d.receive(encodeHeader([{ id: 1, asId: 0, baseGfn: 0x100, pages: 64 }]))).toBe(true);
+    expect(d.receive(encodePages(1, [4], { isZero: () => false, copy: (_o, n, into, at) => { into.fill(7, at, at + n * 4096); } }).frame)).toBe(true);
+    expect(mem.slots[0]!.bytes(4)[mem.slots[0]!.byteOffset(4) + 100]).toBe(7);
+    expect(d.receive(encodePages(1, [4, 9], { isZero: () => true, copy: () => { throw new Error('no payload for zero pages'); } }).frame)).toBe(true);
+    expect(mem.slots[0]!.readU64(4)).toBe(0);
+    expect(mem.slots[0]!.readU64(9)).toBe(0);
+    expect(d.stats).toMatchObject({ normal: 1, zero: 2 });
+  });
 });

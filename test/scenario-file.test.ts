@@ -45,6 +45,25 @@ describe('vmemlab run SCENARIO', () => {
     expect(a.out.match(/^LOST write.*$/gm)).toEqual(b.out.match(/^LOST write.*$/gm));
   });
 
+  it('the sweep bug scenario: the sweep-pattern oracle names the lost pages at completion and after the resume', async () => {
+    const r = await cli('run', EX('bug-copy-before-clear-sweep.yaml'));
+    expect(r.code).toBe(1);
+    const lost = [...r.out.matchAll(/^LOST write: slot \d gfn (0x[0-9a-f]+)/gm)].map((m) => m[1]);
+    expect(lost.length).toBeGreaterThan(0);
+    expect(r.out).toMatch(/^sweep pattern at completion: BROKEN: \d+ page\(s\) out of line$/m);
+    expect(r.out).toMatch(/^destination resumed: 4 vCPUs retired \d+ guest operations .*\d+ steps\)$/m); // migration.resume_ops: 48
+    expect(r.out).toMatch(/^sweep pattern after the resume: BROKEN/m);
+    const named = [...r.out.matchAll(/^ {2}SWEEP page out of line: slot \d gfn (0x[0-9a-f]+)/gm)].map((m) => m[1]);
+    expect(new Set(named)).toEqual(new Set(lost));
+  });
+
+  it('the sweep example migrates migration-test\'s guest and resumes it', async () => {
+    const r = await cli('run', EX('migrate-sweep.yaml'), '--memory', '4MiB', '--resume-ops', '3000');
+    expect(r.code, r.out + r.err).toBe(0);
+    expect(r.out).toMatch(/^sweep pattern after the resume: OK/m);
+    expect(r.out).toMatch(/^PASSED: all 1024 destination pages equal the source; the sweep pattern holds before and after/m);
+  });
+
   it('the clear-log example is valid', async () => {
     const r = await cli('run', EX('migrate-clear-log.yaml'), '--memory', '8MiB', '--driver', 'deterministic', '--bandwidth', '32MiB', '--downtime-limit', '2', '--policy', 'force', '--max-iterations', '4', '--warmup', '2000');
     expect(r.code, r.out + r.err).toBe(0);

@@ -1,14 +1,26 @@
 import { Command, CommanderError, Option } from 'commander';
 import { UserError } from '../util/errors.ts';
 import { catalogCommand } from './catalog-command.ts';
-import { loadScenario, readdress } from '../scenarios/scenario-file.ts';
-import { MIGRATE_DEFAULTS as M, type MigrateFlags } from './migrate-command.ts';
+import { type ScenarioFile, loadScenario, readdress } from '../scenarios/scenario-file.ts';
+import { DEFAULT_HOST_WRITE_EVERY, DEFAULT_JOB, MIGRATE_DEFAULTS as M, type MigrateFlags } from './migrate-command.ts';
+import type { DestinationFlags } from './destination-command.ts';
 import { DIRTY_LOG_TEST_DEFAULTS as D, type DirtyLogTestFlags, MODES, dirtyLogTestCommand } from './dirty-log-test-command.ts';
 
 const collect = (value: string, previous: string[]): string[] => [...previous, value];
 
+/** `vmemlab run` with no scenario: the default job, as if it were a scenario file. */
+const DEFAULT_JOB_FILE: ScenarioFile = { path: '(the default job)', kind: 'migrate', values: { ...DEFAULT_JOB }, fieldOfFlag: {} };
+
+/** Options of `run` that only one kind of job reads (commander key -> flag). */
+const DIRTY_LOG_TEST_ONLY: Record<string, string> = { iterations: '--iterations', writes: '--writes', randomOrder: '--random-order' };
+const MIGRATE_ONLY: Record<string, string> = {
+  bandwidth: '--bandwidth', downtimeLimit: '--downtime-limit', maxIterations: '--max-iterations', timeout: '--timeout', policy: '--policy',
+  warmup: '--warmup', to: '--to', allowRemote: '--allow-remote', resumeOps: '--resume-ops',
+};
+
 /** Defaults of the options both guest-running commands share. */
-type GuestDefaults = Record<'vcpus' | 'memory' | 'slots' | 'ringSize' | 'workload' | 'hotFraction' | 'hotShare' | 'writePercent' | 'hostWriteEvery' | 'driver' | 'seed' | 'watchdog' | 'burst', string>;
+type GuestDefaults = Record<'vcpus' | 'memory' | 'slots' | 'ringSize' | 'workload' | 'hotFraction' | 'hotShare' | 'writePercent' | 'driver' | 'seed' | 'watchdog' | 'burst', string>
+  & { hostWriteEvery?: string };
 
 /** The VM, guest, driver and bug options of `dirty-log-test`, `run` and `migrate`. */
 function addGuestOptions(cmd: Command, d: GuestDefaults, modeFlag: '--mode' | '--tracking'): Command {
@@ -22,7 +34,7 @@ function addGuestOptions(cmd: Command, d: GuestDefaults, modeFlag: '--mode' | '-
     .option('--hot-fraction <f>', 'hotset: fraction of pages that are hot', d.hotFraction)
     .option('--hot-share <f>', 'hotset: share of writes to hot pages', d.hotShare)
     .option('--write-percent <p>', 'perf: percentage of operations that write', d.writePercent)
-    .option('--host-write-every <n>', 'one host write (kvm_write_guest, no vCPU) per n guest writes; 0 for none', d.hostWriteEvery)
+    .option('--host-write-every <n>', `one host write (kvm_write_guest, no vCPU) per n guest writes; 0 for none${d.hostWriteEvery === undefined ? ` (default: ${DEFAULT_HOST_WRITE_EVERY}, or 0 with --workload sweep)` : ''}`, d.hostWriteEvery)
     .option('--driver <driver>', 'free (worker threads) or deterministic (one thread, seeded scheduler)', d.driver)
     .option('--seed <n>', 'seed for workloads and the scheduler', d.seed)
     .option('--inject <bug>', 'inject a catalogued bug (repeatable; see vmemlab catalog)', collect, [] as string[])
@@ -48,6 +60,7 @@ function addMigrateOptions(cmd: Command): Command {
     .option('--policy <policy>', `without convergence: fail or force at the limits, or auto-converge (throttle the vCPUs) (default: ${M.policy})`)
     .option('--warmup <ops>', 'guest writes before migration starts (default: one per page)')
     .option('--to <target>', 'tcp:HOST:PORT, a `vmemlab destination` process (default: an in-process destination)')
+    .option('--resume-ops <n>', 'after completion the destination resumes the guest until each vCPU retired n operations, then stops it; 0: it stays paused, as with QEMU\'s -S (default: 1.5 passes over each vCPU\'s share of memory)')
     .option('--allow-remote', 'allow a --to host that is not a loopback address');
 }
 
@@ -63,13 +76,18 @@ export function buildProgram(setExit: (code: number) => void): Command {
     .action(async (flags: DirtyLogTestFlags) => setExit(await dirtyLogTestCommand(flags)));
 
   addMigrateOptions(addDirtyLogTestOptions(program.command('run')
-    .description('run a scenario file (kind: dirty-log-test or migrate); with none, the default job: a multi-vCPU dirty_log_test with ring tracking, verified. Flags override the file')
+    .description('run a scenario file (kind: dirty-log-test or migrate); with none, the default job: a 4-vCPU, 1 GiB guest live-migrated with ring tracking to an in-process destination that then resumes it, verified. Flags override either')
     .argument('[scenario]', 'a YAML scenario file (see examples/)')))
     .action(async (scenario: string | undefined, flags: Record<string, unknown>, cmd: Command) => {
-      if (scenario === undefined) return setExit(await dirtyLogTestCommand(flags as unknown as DirtyLogTestFlags));
-      const file = loadScenario(scenario);
+      const file = scenario === undefined ? DEFAULT_JOB_FILE : loadScenario(scenario);
       const fromCli = (key: string): boolean => cmd.getOptionValueSource(key) === 'cli';
       const cli = Object.fromEntries(Object.entries(flags).filter(([k]) => fromCli(k)));
+      const other = file.kind === 'migrate' ? DIRTY_LOG_TEST_ONLY : MIGRATE_ONLY;
+      const misplaced = Object.keys(other).find((k) => cli[k] !== undefined);
+      if (misplaced !== undefined) {
+        const what = scenario === undefined ? 'the default job is a migration' : `${scenario} is kind: ${file.kind}`;
+        throw new UserError(`${other[misplaced]}: ${what}; this option is for ${file.kind === 'migrate' ? 'vmemlab dirty-log-test' : 'vmemlab migrate'}`);
+      }
       if (file.kind === 'migrate' && cli['mode'] !== undefined) cli['tracking'] = cli['mode'];
       const merged = { ...(file.kind === 'migrate' ? M : D), inject: [], ...file.values, ...cli };
       try {
@@ -80,7 +98,10 @@ export function buildProgram(setExit: (code: number) => void): Command {
           setExit(await dirtyLogTestCommand(merged as unknown as DirtyLogTestFlags));
         }
       } catch (e) {
-        throw e instanceof UserError ? readdress(e, file, (k) => fromCli(k) || (k === 'tracking' && fromCli('mode'))) : e;
+        if (!(e instanceof UserError)) throw e;
+        // The user typed --mode (run's name for it); a migration calls it --tracking.
+        const typed = fromCli('mode') ? new UserError(e.message.replace(/--tracking\b/g, '--mode')) : e;
+        throw readdress(typed, file, (k) => fromCli(k) || (k === 'tracking' && fromCli('mode')));
       }
     });
 
@@ -92,13 +113,23 @@ export function buildProgram(setExit: (code: number) => void): Command {
     });
 
   program.command('destination')
-    .description('receive one migration over TCP (from vmemlab migrate --to tcp:HOST:PORT), then exit')
+    .description('receive one migration over TCP (from vmemlab migrate --to tcp:HOST:PORT), then exit; with --resume, run the migrated guest first')
     .requiredOption('--listen <host:port>', 'where to listen, e.g. 127.0.0.1:4444 (port 0 picks one)')
     .option('--allow-remote', 'allow listening on an address that is not loopback')
+    .option('--resume', 'after completion, resume the guest on its own vCPUs from the migrated memory, stop it and check it (the guest options below must match the source\'s, as QEMU\'s destination must be started with the source\'s machine options)')
+    .option('--vcpus <n>', `--resume: the guest's vCPUs (default: ${M.vcpus})`)
+    .option('--workload <name>', `--resume: the guest's workload: random, sweep, hotset, perf (default: ${M.workload})`)
+    .option('--hot-fraction <f>', `--resume: hotset: fraction of pages that are hot (default: ${M.hotFraction})`)
+    .option('--hot-share <f>', `--resume: hotset: share of writes to hot pages (default: ${M.hotShare})`)
+    .option('--write-percent <p>', `--resume: perf: percentage of operations that write (default: ${M.writePercent})`)
+    .option('--seed <n>', `--resume: the guest's seed (default: ${M.seed})`)
+    .option('--resume-ops <n>', '--resume: operations each vCPU retires before the guest is stopped (default: 1.5 passes over each vCPU\'s share of memory)')
+    .option('--watchdog <seconds>', `--resume: stop when no actor progresses for this long (default: ${M.watchdog})`)
+    .option('--burst <n>', `--resume: guest operations between a vCPU's step boundaries (default: ${M.burst})`)
     .option('--json', 'print JSON')
-    .action(async (flags: { listen: string; allowRemote?: boolean; json?: boolean }) => {
+    .action(async (flags: DestinationFlags) => {
       const { destinationCommand } = await import('./destination-command.ts');
-      setExit(await destinationCommand(flags.listen, flags.allowRemote === true, flags.json === true));
+      setExit(await destinationCommand(flags));
     });
 
   program.command('catalog')

@@ -2,6 +2,8 @@ import { PAGE_SIZE } from '../host/constants.ts';
 import { DEFAULT_WORKLOAD, parseWorkloadName } from '../guest/workload.ts';
 import type { ConvergencePolicy, MigrationInfo, PassStats } from '../migration/precopy.ts';
 import { describeMismatch } from '../oracles/stamp-oracle.ts';
+import { describeSweepCheck } from '../oracles/sweep-pattern.ts';
+import type { DestinationRun } from '../scenarios/resume.ts';
 import { type MigrationRunResult, type MigrationScenario, runMigration } from '../scenarios/migration.ts';
 import type { Driver } from '../scenarios/run-roles.ts';
 import { UserError } from '../util/errors.ts';
@@ -12,15 +14,15 @@ import { Progress } from './progress.ts';
 
 export interface MigrateFlags {
   tracking?: string; vcpus: string; memory: string; slots: string; ringSize: string; workload: string;
-  hotFraction: string; hotShare: string; writePercent: string; hostWriteEvery: string; bandwidth: string;
+  hotFraction: string; hotShare: string; writePercent: string; hostWriteEvery?: string; bandwidth: string;
   downtimeLimit: string; maxIterations: string; timeout: string; policy: string; warmup?: string;
   driver: string; seed: string; inject: string[]; json?: boolean; watchdog: string; burst: string;
-  to?: string; allowRemote?: boolean;
+  to?: string; allowRemote?: boolean; resumeOps?: string;
 }
 
 export const MIGRATE_DEFAULTS = {
   vcpus: '2', memory: '256MiB', slots: '1', ringSize: '4096', workload: 'hotset', hotFraction: '0.02', hotShare: '1',
-  writePercent: '100', hostWriteEvery: '64', bandwidth: '128MiB', downtimeLimit: '300', maxIterations: '30', timeout: '60',
+  writePercent: '100', bandwidth: '128MiB', downtimeLimit: '300', maxIterations: '30', timeout: '60',
   policy: 'fail', driver: 'free', seed: '1', watchdog: '10', burst: '256',
 } as const;
 
@@ -30,7 +32,18 @@ function target(f: MigrateFlags): { host: string; port: number } | undefined {
   return parseEndpoint('--to', f.to.slice(4), f.allowRemote === true);
 }
 
-export function migrationScenario(f: MigrateFlags): { scenario: MigrationScenario; driver: Driver; watchdogMs: number; burst: number; to?: { host: string; port: number } } {
+/**
+ * `vmemlab run` with no scenario: a 4-vCPU, 1 GiB guest writing a 2 % hot set, migrated
+ * with the dirty ring to an in-process destination that resumes it; the rest as `migrate`.
+ */
+export const DEFAULT_JOB = { vcpus: '4', memory: '1GiB', workload: 'hotset', tracking: 'dirty-ring' } as const;
+
+/** Host writes by default, except with migration-test's sweep: they land on byte 0 of random pages, which its check reads. */
+export const DEFAULT_HOST_WRITE_EVERY = '64';
+
+export function migrationScenario(f: MigrateFlags): {
+  scenario: MigrationScenario; driver: Driver; watchdogMs: number; burst: number; to?: { host: string; port: number }; resumeOps?: number;
+} {
   const { bugs, mode } = bugsAndMode('migrate', f.inject, '--tracking', f.tracking);
   const memoryBytes = memory('--memory', f.memory);
   const driver = f.driver;
@@ -48,7 +61,7 @@ export function migrationScenario(f: MigrateFlags): { scenario: MigrationScenari
     },
     seed: int('--seed', f.seed, 0, 0xffffffff),
     bugs: bugs.map((b) => b.name),
-    hostWriteEvery: int('--host-write-every', f.hostWriteEvery, 0),
+    hostWriteEvery: f.hostWriteEvery === undefined ? (f.workload === 'sweep' ? 0 : Number(DEFAULT_HOST_WRITE_EVERY)) : int('--host-write-every', f.hostWriteEvery, 0),
     params: {
       bandwidth,
       downtimeLimitMs: positive('--downtime-limit', f.downtimeLimit, 'milliseconds'),
@@ -59,9 +72,16 @@ export function migrationScenario(f: MigrateFlags): { scenario: MigrationScenari
       warmupOps: f.warmup !== undefined ? int('--warmup', f.warmup, 0) : driver === 'deterministic' ? Math.min(pages * 2, 20000) : pages,
     },
   };
+  if (scenario.workload.name === 'sweep' && scenario.hostWriteEvery > 0) {
+    throw new UserError(`--host-write-every: ${f.hostWriteEvery} with --workload sweep: host writes overwrite byte 0 of random pages, which breaks the sweep pattern the destination is checked by; use 0`);
+  }
   const to = target(f);
   if (to && driver !== 'free') throw new UserError(`--to: a TCP destination needs --driver free (the deterministic driver runs on one thread)`);
-  return { scenario, driver, to, watchdogMs: positive('--watchdog', f.watchdog, 'seconds') * 1000, burst: int('--burst', f.burst, 1, 1 << 20) };
+  if (to && f.resumeOps !== undefined) throw new UserError(`--resume-ops: a destination process resumes the guest itself (vmemlab destination --resume)`);
+  // By default the resumed guest runs 1.5 passes over each vCPU's share of memory: every
+  // page is written again, and a sweep crosses the end of its slice and moves its edge.
+  const resumeOps = to ? undefined : f.resumeOps !== undefined ? int('--resume-ops', f.resumeOps, 0) : Math.ceil((1.5 * pages) / scenario.vcpus);
+  return { scenario, driver, to, resumeOps, watchdogMs: positive('--watchdog', f.watchdog, 'seconds') * 1000, burst: int('--burst', f.burst, 1, 1 << 20) };
 }
 
 const mib = (b: number): string => `${(b / 2 ** 20).toFixed(1)} MiB`;
@@ -94,7 +114,7 @@ function passLine(p: PassStats): string {
 
 export async function migrateCommand(given: MigrateFlags): Promise<number> {
   const f: MigrateFlags = { ...MIGRATE_DEFAULTS, ...Object.fromEntries(Object.entries(given).filter(([, v]) => v !== undefined)) } as MigrateFlags;
-  const { scenario: s, driver, watchdogMs, burst, to } = migrationScenario(f);
+  const { scenario: s, driver, watchdogMs, burst, to, resumeOps } = migrationScenario(f);
   const json = f.json === true;
   const progress = new Progress(json);
   const out = (line: string): void => { if (!json) { progress.clear(); console.log(line); } };
@@ -110,7 +130,7 @@ export async function migrateCommand(given: MigrateFlags): Promise<number> {
   };
   process.on('SIGINT', onSigint);
   const r: MigrationRunResult = await runMigration(s, {
-    driver, watchdogMs, burst, to, cancel: cancel.signal,
+    driver, watchdogMs, burst, to, resumeOps, cancel: cancel.signal,
     onEvent: (e) => { if (e.kind === 'pass') out(passLine(e.stats)); },
     onTick: (p, names) => progress.update(`migrating: ${p[names.indexOf('migration')] ?? 0} steps of the migration thread`),
   });
@@ -124,9 +144,29 @@ export async function migrateCommand(given: MigrateFlags): Promise<number> {
   if (r.info) for (const line of formatInfo(r.info)) console.log(line);
   if (r.reason) console.log(`migration failed: ${r.reason}`);
   for (const m of r.mismatches) console.log(describeMismatch(m));
+  const d = r.destination;
+  if (d) for (const line of describeDestination(d)) console.log(line);
   for (const e of r.errors) console.log(e);
-  if (r.status === 'passed') console.log(`PASSED: all ${r.pagesCompared} destination pages equal the source (${r.seconds.toFixed(2)} s)`);
-  else if (r.mismatchCount > 0) console.log(`FAILED: ${r.mismatchCount} of ${r.pagesCompared} pages differ: lost writes (${r.seconds.toFixed(2)} s)`);
-  else console.log(`${r.status === 'failed' ? 'FAILED' : 'STUCK'} (${r.seconds.toFixed(2)} s)`);
+  const secs = `(${r.seconds.toFixed(2)} s)`;
+  const broken = d?.afterResume?.ok === false ? d.afterResume : d?.atCompletion?.ok === false ? d.atCompletion : null;
+  if (r.status === 'passed') {
+    const also = `${d?.atCompletion ? '; the sweep pattern holds' : ''}${d?.resumed ? `${d.atCompletion ? ' before and after' : ''}; the destination resumed the guest` : ''}`;
+    console.log(`PASSED: all ${r.pagesCompared} destination pages equal the source${also} ${secs}`);
+  } else if (r.mismatchCount > 0) console.log(`FAILED: ${r.mismatchCount} of ${r.pagesCompared} pages differ: lost writes ${secs}`);
+  else if (broken) console.log(`FAILED: the destination's sweep pattern is broken (${broken.outOfLine} pages out of line) ${secs}`);
+  else console.log(`${r.status === 'failed' ? 'FAILED' : 'STUCK'} ${secs}`);
   return code;
+}
+
+/** The destination after completion: the sweep oracle before and after the resume, and the resumed run. */
+export function describeDestination(d: DestinationRun): string[] {
+  const lines: string[] = [];
+  if (d.atCompletion) lines.push(...describeSweepCheck(d.atCompletion, 'at completion'));
+  if (d.resumed) {
+    const steps = d.resumed.steps !== undefined ? `, ${d.resumed.steps} steps` : '';
+    lines.push(`destination resumed: ${d.resumed.vcpus} vCPUs retired ${d.resumed.ops} guest operations from the migrated memory, then stopped (${d.resumed.seconds.toFixed(2)} s${steps})`);
+  }
+  if (d.afterResume) lines.push(...describeSweepCheck(d.afterResume, 'after the resume'));
+  lines.push(...d.errors);
+  return lines;
 }

@@ -26,11 +26,19 @@ export class Destination {
    * `memory` is this destination's guest memory; or null, and `createMemory` builds it
    * from the stream header's slot layout (a destination process that was told nothing).
    */
+  /**
+   * `fresh`: the memory is all zero and written by nobody else until the migration
+   * completes, so a zero page for a page this destination never wrote needs no access.
+   */
   constructor(
     public memory: GuestMemory | null,
     readonly words: Int32Array = new Int32Array(new SharedArrayBuffer(DEST_WORDS * 4)),
     private readonly createMemory?: (slots: StreamSlot[]) => GuestMemory,
+    private readonly fresh = false,
   ) {}
+
+  /** Fresh memory: pages this destination has written (the others are still zero). */
+  private written: Uint8Array | null = null;
 
   get state(): DestState { return Atomics.load(this.words, DestWord.STATE); }
 
@@ -66,6 +74,7 @@ export class Destination {
     if (!('t' in r)) return this.applyPages(r);
     if (r.t === 'header') {
       if (this.memory === null) this.memory = this.createMemory!(r.slots);
+      if (this.fresh) this.written = new Uint8Array(this.memory.totalPages);
       for (const s of r.slots) {
         const mine = this.memory.slotByField((s.asId << 16) | s.id);
         if (!mine || mine.baseGfn !== s.baseGfn || mine.pages !== s.pages) {
@@ -99,7 +108,10 @@ export class Destination {
       const dst = slot.bytes(page);
       const off = slot.byteOffset(page);
       if (kinds[i] !== PAGE_NORMAL) {
-        if (!slot.isZeroPage(page)) dst.fill(0, off, off + PAGE_SIZE);
+        // QEMU's ram_handle_zero: write only if the page is not zero already, so that
+        // untouched destination memory stays uncommitted (and, if fresh, is not even read).
+        const untouched = this.written !== null && this.written[slot.firstPage + page] === 0;
+        if (!untouched && !slot.isZeroPage(page)) dst.fill(0, off, off + PAGE_SIZE);
         this.stats.zero++;
         i++;
         continue;
@@ -109,9 +121,11 @@ export class Destination {
       while (j < n && kinds[j] === PAGE_NORMAL && offsets[j] === page + (j - i) && slot.bytes(offsets[j]!) === dst && offsets[j]! < slot.pages) j++;
       const bytes = (j - i) * PAGE_SIZE;
       dst.set(payload.subarray(at, at + bytes), off);
+      this.written?.fill(1, slot.firstPage + page, slot.firstPage + page + (j - i));
       at += bytes;
       this.stats.normal += j - i;
       i = j;
     }
   }
 }
+

@@ -4,7 +4,7 @@ import { MessageChannel, type MessagePort } from 'node:worker_threads';
 import { Packr } from 'msgpackr';
 import { PAGE_SIZE } from '../host/constants.ts';
 import { GuestMemory } from '../host/guest-memory.ts';
-import { createVmLayout } from '../host/layout.ts';
+import { type VmLayout, createVmLayout } from '../host/layout.ts';
 import type { Memslot, PageStamp } from '../host/memslot.ts';
 import { DestState, DestWord } from './channel.ts';
 import { Destination } from './destination.ts';
@@ -103,6 +103,8 @@ export function compareDigests(memory: GuestMemory, remote: Uint8Array, max = 16
 
 export interface ServedMigration {
   status: 'completed' | 'failed';
+  /** The destination's memory (to resume the guest on), once the header built it. */
+  layout: VmLayout | null;
   error: string | null;
   pages: number;
   normal: number;
@@ -112,23 +114,25 @@ export interface ServedMigration {
 
 /**
  * `vmemlab destination`: accepts one migration on host:port, builds guest memory from the
- * stream's header, applies the stream, answers with acks and, at the end, digests.
+ * stream's header (with `vcpus` vCPUs, to resume the guest on), applies the stream,
+ * answers with acks and, at the end, digests.
  */
-export async function serveDestination(host: string, port: number): Promise<{ address: AddressInfo; result: Promise<ServedMigration>; close: () => void }> {
+export async function serveDestination(host: string, port: number, vcpus = 1): Promise<{ address: AddressInfo; result: Promise<ServedMigration>; close: () => void }> {
   let settle!: (r: ServedMigration) => void;
   const result = new Promise<ServedMigration>((r) => { settle = r; });
   const server = createServer({ noDelay: true }, (socket: Socket) => {
     server.close(); // one migration per destination
-    const dest = new Destination(null, undefined, (slots) => new GuestMemory(createVmLayout({
-      slots: slots.map((s) => ({ ...s, flags: 0 })), vcpus: 1,
+    let layout: VmLayout | null = null;
+    const dest = new Destination(null, undefined, (slots) => new GuestMemory(layout = createVmLayout({
+      slots: slots.map((s) => ({ ...s, flags: 0 })), vcpus,
       tracking: { kind: 'bitmap', manualProtect: false, initiallySet: false },
-    })));
+    })), true);
     let lastAck = 0;
     let done = false;
     const finish = (status: ServedMigration['status']): void => {
       if (done) return;
       done = true;
-      settle({ status, error: dest.error, pages: dest.stats.normal + dest.stats.zero, normal: dest.stats.normal, zero: dest.stats.zero, frames: dest.stats.frames });
+      settle({ status, layout, error: dest.error, pages: dest.stats.normal + dest.stats.zero, normal: dest.stats.normal, zero: dest.stats.zero, frames: dest.stats.frames });
     };
     socket.on('data', (chunk: Buffer) => {
       if (!dest.receive(new Uint8Array(chunk.buffer, chunk.byteOffset, chunk.length))) {

@@ -13,6 +13,7 @@ import { type StampMismatch, compareMemory } from '../oracles/stamp-oracle.ts';
 import { UserError } from '../util/errors.ts';
 import { slotLayout } from './dirty-log-test.ts';
 import { type RoleSpec, vmFor } from './roles.ts';
+import { type DestinationRun, resumeDestination } from './resume.ts';
 import { type Driver, runRoles } from './run-roles.ts';
 
 export interface MigrationScenario {
@@ -40,6 +41,11 @@ export interface MigrationRunOptions {
   onTick?: (progress: number[], names: string[]) => void;
   /** Called with the source VM before anything runs (benchmarks fill memory or park vCPUs here). */
   prepare?: (vm: Vm) => void;
+  /**
+   * In-process: once the migration completed, the destination resumes the guest and runs
+   * it until each vCPU retired this many operations, then stops it. Unset: it stays paused.
+   */
+  resumeOps?: number;
 }
 
 export interface MigrationRunResult {
@@ -54,6 +60,8 @@ export interface MigrationRunResult {
   errors: string[];
   seconds: number;
   steps?: number;
+  /** The in-process destination after completion: the sweep-pattern oracle, the resumed guest. */
+  destination?: DestinationRun;
 }
 
 export function migrationVmConfig(s: MigrationScenario): VmConfig {
@@ -138,6 +146,13 @@ export async function runMigration(s: MigrationScenario, o: MigrationRunOptions)
   } else if (result.status === 'passed') {
     result.status = 'failed';
     result.errors.push('the migration thread ended without completing');
+  }
+  if (result.info?.status === 'completed') {
+    // Host writes land on byte 0 of random pages: the sweep pattern holds only without them.
+    const sweepCheck = s.workload.name === 'sweep' && s.hostWriteEvery === 0;
+    const d = await resumeDestination(target, { ...o, workload: s.workload, seed: s.seed, opsPerVcpu: o.resumeOps ?? 0, sweepCheck });
+    result.destination = d;
+    if (d.status !== 'passed' && result.status === 'passed') result.status = d.status;
   }
   result.seconds = (performance.now() - started) / 1000;
   return result;

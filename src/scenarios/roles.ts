@@ -1,6 +1,7 @@
 import { injectedBugs } from '../bugs/catalog.ts';
 import { GeneratorRole, type Role } from '../drivers/role.ts';
 import { createWorkload, type WorkloadOptions } from '../guest/workload.ts';
+import { resumeWorkload } from '../guest/resume.ts';
 import { Vcpu } from '../host/vcpu.ts';
 import type { VmLayout } from '../host/layout.ts';
 import { Vm } from '../host/vm.ts';
@@ -14,17 +15,21 @@ import { PortChannel, QueueChannel } from '../migration/channel.ts';
 import { StepClock, WALL_CLOCK } from '../migration/clock.ts';
 import { Destination } from '../migration/destination.ts';
 import { DestinationRole, PortSource, QueueSource } from '../migration/destination-role.ts';
+import { runResumedGuest } from '../migration/incoming.ts';
 import { type MigrationEvent, type MigrationParams, precopy } from '../migration/precopy.ts';
 import { migrationBugs } from './migration.ts';
 
 /** A role described as plain data, so a worker thread can build it from its workerData. */
 export type RoleSpec =
-  | { kind: 'vcpu'; index: number; workload: WorkloadOptions; seed: number }
+  /** `resume`: a destination's vCPU, continuing the workload from the migrated memory. */
+  | { kind: 'vcpu'; index: number; workload: WorkloadOptions; seed: number; resume?: boolean }
   /** The migration thread: frames go to `queue` (same thread, step clock) or `port` (another thread, wall clock). */
   | { kind: 'migration'; params: MigrationParams; bugs: string[]; destWords: SharedArrayBuffer; queue?: Uint8Array[]; clockSteps?: () => number; port?: MessagePort }
   | { kind: 'destination'; layout: VmLayout; destWords: SharedArrayBuffer; queue?: Uint8Array[]; port?: MessagePort }
   | { kind: 'dirty-log-collector'; config: DirtyLogTestConfig }
-  | { kind: 'host-writer'; every: number; seed: number };
+  | { kind: 'host-writer'; every: number; seed: number }
+  /** The destination's VMM once it resumed the guest: runs it for a while, then stops it. */
+  | { kind: 'destination-vmm'; opsPerVcpu: number };
 
 export function roleName(spec: RoleSpec): string {
   switch (spec.kind) {
@@ -33,6 +38,7 @@ export function roleName(spec: RoleSpec): string {
     case 'host-writer': return 'host-writer';
     case 'migration': return 'migration';
     case 'destination': return 'destination';
+    case 'destination-vmm': return 'destination-vmm';
   }
 }
 
@@ -46,7 +52,10 @@ export function buildRole(spec: RoleSpec, vm: Vm, report: (e: never) => void): R
     case 'vcpu': {
       const ranges = vm.memory.slots.map((s) => ({ baseGfn: s.baseGfn, pages: s.pages }));
       const vcpus = vm.layout.config.vcpus;
-      return new Vcpu(vm, spec.index, createWorkload(spec.workload, ranges, spec.index, vcpus, spec.seed));
+      const workload = spec.resume
+        ? resumeWorkload(spec.workload, vm.memory, spec.index, vcpus, spec.seed)
+        : createWorkload(spec.workload, ranges, spec.index, vcpus, spec.seed);
+      return new Vcpu(vm, spec.index, workload);
     }
     case 'dirty-log-collector':
       return new GeneratorRole('collector', dirtyLogCollector(vm, spec.config, report as (e: DirtyLogEvent) => void));
@@ -60,8 +69,11 @@ export function buildRole(spec: RoleSpec, vm: Vm, report: (e: never) => void): R
       return new GeneratorRole('migration', precopy(vm, channel, words, clock, spec.params, migrationBugs(spec.bugs), report as (e: MigrationEvent) => void, bugs.harvestSkipEvery));
     }
     case 'destination': {
-      const dest = new Destination(new GuestMemory(spec.layout), new Int32Array(spec.destWords));
+      // The destination's memory is created for this migration (runMigration): fresh.
+      const dest = new Destination(new GuestMemory(spec.layout), new Int32Array(spec.destWords), undefined, true);
       return new DestinationRole(dest, spec.port ? new PortSource(spec.port) : new QueueSource(spec.queue!));
     }
+    case 'destination-vmm':
+      return new GeneratorRole('destination-vmm', runResumedGuest(vm, spec.opsPerVcpu));
   }
 }
