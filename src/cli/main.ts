@@ -47,6 +47,8 @@ function addMigrateOptions(cmd: Command): Command {
     .option('--timeout <seconds>', `time before the policy applies (default: ${M.timeout})`)
     .option('--policy <policy>', `without convergence: fail or force at the limits, or auto-converge (throttle the vCPUs) (default: ${M.policy})`)
     .option('--warmup <ops>', 'guest writes before migration starts (default: one per page)')
+    .option('--batch-pages <n>', `pages per stream frame (default: ${M.batchPages})`)
+    .option('--no-page-history', 'do not record each page\'s dirty-tracking events for the lost-write report')
     .option('--to <target>', 'tcp:HOST:PORT, a `vmemlab destination` process (default: an in-process destination)')
     .option('--allow-remote', 'allow a --to host that is not a loopback address');
 }
@@ -71,7 +73,8 @@ export function buildProgram(setExit: (code: number) => void): Command {
       const fromCli = (key: string): boolean => cmd.getOptionValueSource(key) === 'cli';
       const cli = Object.fromEntries(Object.entries(flags).filter(([k]) => fromCli(k)));
       if (file.kind === 'migrate' && cli['mode'] !== undefined) cli['tracking'] = cli['mode'];
-      const merged = { ...(file.kind === 'migrate' ? M : D), inject: [], ...file.values, ...cli };
+      // A migrate scenario takes its defaults in migrateCommand (after the injected bugs' demonstration settings).
+      const merged = { ...(file.kind === 'migrate' ? {} : D), inject: [], ...file.values, ...cli };
       try {
         if (file.kind === 'migrate') {
           const { migrateCommand } = await import('./migrate-command.ts');
@@ -86,9 +89,11 @@ export function buildProgram(setExit: (code: number) => void): Command {
 
   addMigrateOptions(addGuestOptions(program.command('migrate')
     .description('pre-copy live migration of a running, writing VM to an in-process destination, verified page by page'), M, '--tracking'))
-    .action(async (flags: MigrateFlags) => {
+    .action(async (flags: Record<string, unknown>, cmd: Command) => {
       const { migrateCommand } = await import('./migrate-command.ts');
-      setExit(await migrateCommand(flags));
+      // Only what was given: defaults come after the injected bugs' demonstration settings.
+      const given = Object.fromEntries(Object.entries(flags).filter(([k]) => cmd.getOptionValueSource(k) !== 'default'));
+      setExit(await migrateCommand(given as Partial<MigrateFlags>));
     });
 
   program.command('destination')
