@@ -63,7 +63,6 @@ describe('vmemlab CLI', () => {
     [['dirty-log-test', '--inject', 'ring-full-ignored', '--mode', 'dirty-log'], '--inject ring-full-ignored: this bug does not occur with --mode dirty-log'],
     [['run', '--iterations', '3'], '--iterations: the default job is a migration; this option is for vmemlab dirty-log-test'],
     [['run', '--resume-ops', 'lots'], "--resume-ops: 'lots' is not a whole number from 0"],
-    [['migrate', '--workload', 'sweep', '--host-write-every', '8'], '--host-write-every: 8 with --workload sweep: host writes overwrite byte 0 of random pages'],
     [['migrate', '--to', 'tcp:127.0.0.1:4444', '--resume-ops', '10'], '--resume-ops: a destination process resumes the guest itself (vmemlab destination --resume)'],
     [['run', '--driver', 'fast'], "--driver: unknown driver 'fast'"],
     [['run', '--slots', '0'], "--slots: '0' is not a whole number from 1"],

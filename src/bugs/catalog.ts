@@ -19,7 +19,30 @@ export interface CatalogEntry {
   detectedBy: string;
   /** The commands whose scenario exercises it. */
   commands: ('dirty-log-test' | 'migrate')[];
+  /**
+   * Defaults `vmemlab migrate --inject NAME` takes (flags still override them): a
+   * scenario in which the write the bug loses is not written again before completion,
+   * so the stamp oracle sees it on every seed of the deterministic driver.
+   */
+  migrateDemo?: MigrateDemo;
 }
+
+/** Migrate options (commander keys, flag text) a demonstration sets. */
+export type MigrateDemo = Partial<Record<'workload' | 'memory' | 'slots' | 'vcpus' | 'ringSize' | 'bandwidth' | 'batchPages' | 'hostWriteEvery' | 'downtimeLimit' | 'maxIterations' | 'policy', string>>;
+
+/**
+ * migration-test's sweep on a small guest with four vCPUs: every write after the last
+ * sync goes to a page not written since it was last sent, and a page is written again
+ * only one whole sweep later, after the migration ended. Unlimited bandwidth keeps the
+ * copy ahead of the sweep; 4-page frames spread each 64-page chunk's copy over many steps;
+ * two slots make the last sync two GETs, with vCPUs running in between.
+ */
+const SWEEP_DEMO: MigrateDemo = { workload: 'sweep', memory: '8MiB', slots: '2', vcpus: '4', bandwidth: 'unlimited', batchPages: '4', hostWriteEvery: '32' };
+/**
+ * Random writes over 32 MiB with a small ring: enough dirty pages between syncs to fill a
+ * 256-entry ring, and few enough that a page lost in one pass is rarely written again.
+ */
+const RANDOM_DEMO: MigrateDemo = { workload: 'random', memory: '32MiB', ringSize: '256', bandwidth: '256MiB', hostWriteEvery: '32' };
 
 const BOTH: CatalogEntry['commands'] = ['dirty-log-test', 'migrate'];
 
@@ -33,6 +56,7 @@ export const CATALOG: readonly CatalogEntry[] = [
     modes: ['dirty-ring', 'dirty-log', 'clear-log'],
     detectedBy: 'dirty_log_test oracle: a clean page holds the current iteration',
     commands: BOTH,
+    migrateDemo: SWEEP_DEMO,
   },
   {
     name: 'ring-full-ignored',
@@ -42,6 +66,7 @@ export const CATALOG: readonly CatalogEntry[] = [
     modes: ['dirty-ring'],
     detectedBy: 'dirty_log_test oracle: a clean page holds the current iteration',
     commands: BOTH,
+    migrateDemo: RANDOM_DEMO,
   },
   {
     name: 'harvest-skips-entry',
@@ -51,6 +76,7 @@ export const CATALOG: readonly CatalogEntry[] = [
     modes: ['dirty-ring'],
     detectedBy: 'dirty_log_test oracle: a clean page holds the current iteration',
     commands: BOTH,
+    migrateDemo: SWEEP_DEMO,
   },
   {
     name: 'clear-without-protect',
@@ -60,6 +86,7 @@ export const CATALOG: readonly CatalogEntry[] = [
     modes: ['clear-log'],
     detectedBy: 'dirty_log_test oracle: a clean page holds the current iteration',
     commands: BOTH,
+    migrateDemo: RANDOM_DEMO,
   },
   {
     name: 'untracked-host-write',
@@ -70,6 +97,7 @@ export const CATALOG: readonly CatalogEntry[] = [
     needsHostWrites: true,
     detectedBy: 'dirty_log_test oracle: a clean page holds the current iteration',
     commands: BOTH,
+    migrateDemo: SWEEP_DEMO,
   },
   {
     name: 'no-backup-bitmap',
@@ -80,6 +108,7 @@ export const CATALOG: readonly CatalogEntry[] = [
     needsHostWrites: true,
     detectedBy: 'dirty_log_test oracle: a clean page holds the current iteration; KVM warning counter',
     commands: BOTH,
+    migrateDemo: SWEEP_DEMO,
   },
   {
     name: 'ring-full-exit-unhandled',
@@ -98,6 +127,10 @@ export const CATALOG: readonly CatalogEntry[] = [
     modes: ['dirty-ring'],
     detectedBy: 'stamp oracle: a destination page differs from its source page',
     commands: ['migrate'],
+    // A guest dirtying everything, switched over by force after two passes: in the last
+    // pass most copied pages are written again before the deferred reset, and the VM
+    // stops before they are written (and logged) once more.
+    migrateDemo: { workload: 'random', memory: '8MiB', bandwidth: '32MiB', downtimeLimit: '50', policy: 'force', maxIterations: '2', hostWriteEvery: '32' },
   },
   {
     name: 'copy-before-clear',
@@ -107,6 +140,7 @@ export const CATALOG: readonly CatalogEntry[] = [
     modes: ['clear-log'],
     detectedBy: 'stamp oracle: a destination page differs from its source page',
     commands: ['migrate'],
+    migrateDemo: SWEEP_DEMO,
   },
   {
     name: 'skip-final-sync',
@@ -116,6 +150,7 @@ export const CATALOG: readonly CatalogEntry[] = [
     modes: ['dirty-ring', 'dirty-log', 'clear-log'],
     detectedBy: 'stamp oracle: a destination page differs from its source page',
     commands: ['migrate'],
+    migrateDemo: SWEEP_DEMO,
   },
 ];
 

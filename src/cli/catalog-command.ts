@@ -1,4 +1,9 @@
-import { CATALOG } from '../bugs/catalog.ts';
+import { CATALOG, type MigrateDemo } from '../bugs/catalog.ts';
+
+/** The demonstration settings as the flags they stand for. */
+export function demoFlags(d: MigrateDemo): string {
+  return Object.entries(d).map(([k, v]) => `--${k.replace(/[A-Z]/g, (c) => `-${c.toLowerCase()}`)} ${v}`).join(' ');
+}
 
 export function catalogCommand(json: boolean): number {
   if (json) {
@@ -12,6 +17,7 @@ export function catalogCommand(json: boolean): number {
     console.log(`  caught by: ${b.detectedBy}`);
     console.log(`  reference: ${b.reference}`);
     for (const c of b.commands) console.log(`  try:       vmemlab ${c} --inject ${b.name} --driver deterministic`);
+    if (b.migrateDemo && b.commands.includes('migrate')) console.log(`  migrate defaults with it: ${demoFlags(b.migrateDemo)}`);
     console.log('');
   }
   return 0;

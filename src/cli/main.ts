@@ -59,6 +59,8 @@ function addMigrateOptions(cmd: Command): Command {
     .option('--timeout <seconds>', `time before the policy applies (default: ${M.timeout})`)
     .option('--policy <policy>', `without convergence: fail or force at the limits, or auto-converge (throttle the vCPUs) (default: ${M.policy})`)
     .option('--warmup <ops>', 'guest writes before migration starts (default: one per page)')
+    .option('--batch-pages <n>', `pages per stream frame (default: ${M.batchPages})`)
+    .option('--no-page-history', 'do not record each page\'s dirty-tracking events for the lost-write report')
     .option('--to <target>', 'tcp:HOST:PORT, a `vmemlab destination` process (default: an in-process destination)')
     .option('--resume-ops <n>', 'after completion the destination resumes the guest until each vCPU retired n operations, then stops it; 0: it stays paused, as with QEMU\'s -S (default: 1.5 passes over each vCPU\'s share of memory)')
     .option('--allow-remote', 'allow a --to host that is not a loopback address');
@@ -89,7 +91,8 @@ export function buildProgram(setExit: (code: number) => void): Command {
         throw new UserError(`${other[misplaced]}: ${what}; this option is for ${file.kind === 'migrate' ? 'vmemlab dirty-log-test' : 'vmemlab migrate'}`);
       }
       if (file.kind === 'migrate' && cli['mode'] !== undefined) cli['tracking'] = cli['mode'];
-      const merged = { ...(file.kind === 'migrate' ? M : D), inject: [], ...file.values, ...cli };
+      // A migrate scenario takes its defaults in migrateCommand (after the injected bugs' demonstration settings).
+      const merged = { ...(file.kind === 'migrate' ? {} : D), inject: [], ...file.values, ...cli };
       try {
         if (file.kind === 'migrate') {
           const { migrateCommand } = await import('./migrate-command.ts');
@@ -107,9 +110,11 @@ export function buildProgram(setExit: (code: number) => void): Command {
 
   addMigrateOptions(addGuestOptions(program.command('migrate')
     .description('pre-copy live migration of a running, writing VM to an in-process destination, verified page by page'), M, '--tracking'))
-    .action(async (flags: MigrateFlags) => {
+    .action(async (flags: Record<string, unknown>, cmd: Command) => {
       const { migrateCommand } = await import('./migrate-command.ts');
-      setExit(await migrateCommand(flags));
+      // Only what was given: defaults come after the injected bugs' demonstration settings.
+      const given = Object.fromEntries(Object.entries(flags).filter(([k]) => cmd.getOptionValueSource(k) !== 'default'));
+      setExit(await migrateCommand(given as Partial<MigrateFlags>));
     });
 
   program.command('destination')

@@ -1,3 +1,4 @@
+import { CATALOG } from '../bugs/catalog.ts';
 import { PAGE_SIZE } from '../host/constants.ts';
 import { DEFAULT_WORKLOAD, parseWorkloadName } from '../guest/workload.ts';
 import type { ConvergencePolicy, MigrationInfo, PassStats } from '../migration/precopy.ts';
@@ -17,14 +18,24 @@ export interface MigrateFlags {
   hotFraction: string; hotShare: string; writePercent: string; hostWriteEvery?: string; bandwidth: string;
   downtimeLimit: string; maxIterations: string; timeout: string; policy: string; warmup?: string;
   driver: string; seed: string; inject: string[]; json?: boolean; watchdog: string; burst: string;
-  to?: string; allowRemote?: boolean; resumeOps?: string;
+  to?: string; allowRemote?: boolean; resumeOps?: string; batchPages: string; pageHistory?: boolean;
 }
 
 export const MIGRATE_DEFAULTS = {
   vcpus: '2', memory: '256MiB', slots: '1', ringSize: '4096', workload: 'hotset', hotFraction: '0.02', hotShare: '1',
   writePercent: '100', bandwidth: '128MiB', downtimeLimit: '300', maxIterations: '30', timeout: '60',
-  policy: 'fail', driver: 'free', seed: '1', watchdog: '10', burst: '256',
+  policy: 'fail', driver: 'free', seed: '1', watchdog: '10', burst: '256', batchPages: '256',
 } as const;
+
+/**
+ * The flags a migration runs with: what was given, else the injected bugs' demonstration
+ * settings (the first bug's win), else the command's defaults.
+ */
+export function migrateFlags(given: Partial<MigrateFlags>): MigrateFlags {
+  const defined = Object.fromEntries(Object.entries(given).filter(([, v]) => v !== undefined));
+  const demos = (given.inject ?? []).map((n) => CATALOG.find((b) => b.name === n)?.migrateDemo ?? {}).reverse();
+  return { ...MIGRATE_DEFAULTS, inject: [], ...Object.assign({}, ...demos), ...defined } as MigrateFlags;
+}
 
 function target(f: MigrateFlags): { host: string; port: number } | undefined {
   if (f.to === undefined) return undefined;
@@ -62,19 +73,17 @@ export function migrationScenario(f: MigrateFlags): {
     seed: int('--seed', f.seed, 0, 0xffffffff),
     bugs: bugs.map((b) => b.name),
     hostWriteEvery: f.hostWriteEvery === undefined ? (f.workload === 'sweep' ? 0 : Number(DEFAULT_HOST_WRITE_EVERY)) : int('--host-write-every', f.hostWriteEvery, 0),
+    pageHistory: f.pageHistory !== false,
     params: {
       bandwidth,
       downtimeLimitMs: positive('--downtime-limit', f.downtimeLimit, 'milliseconds'),
       maxIterations: int('--max-iterations', f.maxIterations, 1),
       timeoutMs: positive('--timeout', f.timeout, 'seconds') * 1000,
       policy: f.policy as ConvergencePolicy,
-      batchPages: 256,
+      batchPages: int('--batch-pages', f.batchPages, 1, 65536),
       warmupOps: f.warmup !== undefined ? int('--warmup', f.warmup, 0) : driver === 'deterministic' ? Math.min(pages * 2, 20000) : pages,
     },
   };
-  if (scenario.workload.name === 'sweep' && scenario.hostWriteEvery > 0) {
-    throw new UserError(`--host-write-every: ${f.hostWriteEvery} with --workload sweep: host writes overwrite byte 0 of random pages, which breaks the sweep pattern the destination is checked by; use 0`);
-  }
   const to = target(f);
   if (to && driver !== 'free') throw new UserError(`--to: a TCP destination needs --driver free (the deterministic driver runs on one thread)`);
   if (to && f.resumeOps !== undefined) throw new UserError(`--resume-ops: a destination process resumes the guest itself (vmemlab destination --resume)`);
@@ -112,8 +121,8 @@ function passLine(p: PassStats): string {
     `bandwidth ${mib(p.bandwidth)}/s, expected downtime ${p.expectedDowntimeMs.toFixed(2)} ms${p.throttle ? `, throttle ${p.throttle} %` : ''}`;
 }
 
-export async function migrateCommand(given: MigrateFlags): Promise<number> {
-  const f: MigrateFlags = { ...MIGRATE_DEFAULTS, ...Object.fromEntries(Object.entries(given).filter(([, v]) => v !== undefined)) } as MigrateFlags;
+export async function migrateCommand(given: Partial<MigrateFlags>): Promise<number> {
+  const f = migrateFlags(given);
   const { scenario: s, driver, watchdogMs, burst, to, resumeOps } = migrationScenario(f);
   const json = f.json === true;
   const progress = new Progress(json);

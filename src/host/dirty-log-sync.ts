@@ -3,6 +3,7 @@ import { DirtyRingHarvester } from './dirty-ring.ts';
 import type { Memslot } from './memslot.ts';
 import type { Vm } from './vm.ts';
 import type { Steps } from '../drivers/role.ts';
+import { PageEvent } from '../oracles/page-history.ts';
 
 export interface SyncResult {
   /** Ring entries harvested, and reset by KVM_RESET_DIRTY_RINGS (they must be equal). */
@@ -38,12 +39,8 @@ export class DirtyLogSync {
     const mem = vm.memory;
     if (vm.rings && this.harvester) {
       let harvested = 0;
-      const record = (slotField: number, offset: number): void => {
-        const slot = mem.slotByField(slotField);
-        if (slot !== undefined && offset < slot.pages) into.mark(slot.firstPage + offset);
-      };
       for (const ring of vm.rings) {
-        harvested += this.harvester.harvest(ring, ring.entries, record, this.harvestSkipEvery);
+        harvested += this.harvester.harvest(ring, ring.entries, this.recorder(into, ring.vcpu), this.harvestSkipEvery);
         yield undefined;
       }
       const reset: number = yield* vm.resetDirtyRings();
@@ -60,15 +57,34 @@ export class DirtyLogSync {
     return { harvested: 0, reset: 0 };
   }
 
+  /** The harvest callback for vCPU `vcpu`'s ring: records each entry's page in `into` (and its history). */
+  recorder(into: PageBitmap, vcpu: number): (slotField: number, offset: number) => void {
+    const mem = this.vm.memory;
+    const h = this.vm.history;
+    return (slotField, offset) => {
+      const slot = mem.slotByField(slotField);
+      if (slot === undefined || offset >= slot.pages) return;
+      into.mark(slot.firstPage + offset);
+      if (h !== null) h.record(slot.firstPage + offset, PageEvent.HARVESTED, vcpu);
+    };
+  }
+
   /**
    * KVM_CLEAR_DIRTY_LOG for the 64-page chunk holding `page` (slot-relative), with the
    * bits `dirty` (VM-wide) has there: QEMU's per-chunk clear just before sending.
    */
   *clearChunk(slot: Memslot, page: number, dirty: PageBitmap): Steps<number> {
-    const first = page - (page % 64);
-    const num = Math.min(64, slot.pages - first);
-    const g = slot.firstPage + first; // 64-aligned in the VM-wide numbering
-    const bits = new Uint32Array([dirty.words[g >>> 5]!, dirty.words[(g >>> 5) + 1] ?? 0]);
-    return yield* this.vm.clearDirtyLog(slot, first, num, bits);
+    const c = chunkOf(slot, page, dirty);
+    return yield* this.vm.clearDirtyLog(slot, c.first, c.num, c.bits);
   }
+}
+
+/** A 64-page CLEAR range: its slot-relative first page, length, and the bits to clear. */
+export interface ClearChunk { slot: Memslot; first: number; num: number; bits: Uint32Array }
+
+/** The 64-page chunk holding `page` (slot-relative), with the bits `dirty` (VM-wide) has set there now. */
+export function chunkOf(slot: Memslot, page: number, dirty: PageBitmap): ClearChunk {
+  const first = page - (page % 64);
+  const g = slot.firstPage + first; // 64-aligned in the VM-wide numbering
+  return { slot, first, num: Math.min(64, slot.pages - first), bits: new Uint32Array([dirty.words[g >>> 5]!, dirty.words[(g >>> 5) + 1] ?? 0]) };
 }

@@ -1,6 +1,7 @@
 import {
   KVM_DIRTY_GFN_SIZE, KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, PAGE_SIZE,
 } from './constants.ts';
+import { createPageHistoryBuffer } from '../oracles/page-history.ts';
 
 /**
  * One layout descriptor for all shared state (ARCHITECTURE.md, principle 1). It holds
@@ -33,6 +34,8 @@ export interface VmConfig {
   slots: MemslotConfig[];
   vcpus: number;
   tracking: DirtyTracking;
+  /** Keep per-page last-event records for the stamp oracle (oracles/page-history.ts); off by default. */
+  pageHistory?: boolean;
 }
 
 export interface MemslotLayout extends MemslotConfig {
@@ -57,6 +60,8 @@ export interface VmLayout {
   slotFlags: SharedArrayBuffer;
   /** Per-vCPU rings of struct kvm_dirty_gfn, plus their kernel indexes. */
   rings: { entries: number; gfns: SharedArrayBuffer[]; indexes: SharedArrayBuffer } | null;
+  /** Per-page history records, when VmConfig.pageHistory is on. */
+  pageHistory: SharedArrayBuffer | null;
 }
 
 /** Words of `global`, each on its own line. */
@@ -181,6 +186,7 @@ export function createVmLayout(config: VmConfig): VmLayout {
     global: new SharedArrayBuffer(GLOBAL_WORDS * 4),
     vcpus: new SharedArrayBuffer(Math.max(1, config.vcpus) * VCPU_BLOCK_WORDS * 4),
     rings,
+    pageHistory: config.pageHistory ? createPageHistoryBuffer(firstPage) : null,
   };
 }
 

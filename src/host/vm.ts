@@ -11,6 +11,9 @@ import type { Memslot, PageStamp } from './memslot.ts';
 import { makeSpteWritable, mapSlotWritable, writeProtectMask32, writeProtectSlot } from './spte.ts';
 import { TlbShootdown } from './tlb-shootdown.ts';
 import { KvmError } from '../util/errors.ts';
+import {
+  HARVEST_BITMAP, HostWriteLog, LogSink, PageEvent, PageHistory, ProtectBy,
+} from '../oracles/page-history.ts';
 import { type Steps, WaitCode, waitFor } from '../drivers/role.ts';
 
 /** Kernel bugs a Vm can be built with (see src/bugs/catalog.ts). */
@@ -36,6 +39,8 @@ export class Vm {
   readonly bitmaps: SharedDirtyBitmap[];
   readonly rings: DirtyRing[] | null;
   readonly tracking: DirtyTracking;
+  /** Per-page event records for the stamp oracle, or null (off: nothing is recorded). */
+  readonly history: PageHistory | null;
 
   constructor(readonly layout: VmLayout, readonly bugs: KernelBugs = {}) {
     this.memory = new GuestMemory(layout);
@@ -48,6 +53,7 @@ export class Vm {
     this.rings = layout.rings
       ? Array.from({ length: layout.config.vcpus }, (_, i) => new DirtyRing(layout, i))
       : null;
+    this.history = layout.pageHistory ? new PageHistory(layout.pageHistory) : null;
   }
 
   /** Maps every slot: pages start present and writable unless the slot is read-only. */
@@ -84,6 +90,7 @@ export class Vm {
       return;
     }
     writeProtectSlot(slot);
+    if (this.history) for (let p = 0; p < slot.pages; p++) this.history.record(slot.firstPage + p, PageEvent.PROTECTED, ProtectBy.ENABLE_LOGGING);
     yield undefined;
     yield* this.flushRemoteTlbs();
   }
@@ -100,17 +107,24 @@ export class Vm {
    */
   markPageDirtyInSlot(slot: Memslot, page: number, vcpu: number): boolean {
     if (!slotLogsDirtyPages(this.flags(slot))) return false;
+    const h = this.history;
     if (this.rings !== null) {
       if (vcpu >= 0) {
         const ring = this.rings[vcpu]!;
         const softFull = ring.push(slot.slotField, page);
+        if (h !== null) h.record(slot.firstPage + page, PageEvent.LOGGED, (LogSink.RING << 16) | (vcpu + 1));
         return softFull && !this.bugs.ringFullIgnored;
       }
-      if (this.hasBackupBitmap) this.bitmaps[slot.index]!.mark(page);
-      else Atomics.add(this.global, GlobalWord.LOST_HOST_WRITES, 1);
+      if (this.hasBackupBitmap) {
+        this.bitmaps[slot.index]!.mark(page);
+        if (h !== null) h.record(slot.firstPage + page, PageEvent.LOGGED, LogSink.BITMAP << 16);
+      } else {
+        Atomics.add(this.global, GlobalWord.LOST_HOST_WRITES, 1);
+      }
       return false;
     }
     this.bitmaps[slot.index]!.mark(page);
+    if (h !== null) h.record(slot.firstPage + page, PageEvent.LOGGED, (LogSink.BITMAP << 16) | (vcpu + 1));
     return false;
   }
 
@@ -137,6 +151,12 @@ export class Vm {
     slot.stamp(page, stamp.writer, stamp.seq, stamp.iteration);
     Atomics.add(this.global, GlobalWord.HOST_WRITES, 1);
     if (!this.bugs.untrackedHostWrite) this.markPageDirtyInSlot(slot, page, vcpu);
+    if (this.history !== null) {
+      const how = this.bugs.untrackedHostWrite || !slotLogsDirtyPages(this.flags(slot)) ? HostWriteLog.UNTRACKED
+        : this.rings !== null && vcpu >= 0 ? HostWriteLog.RING
+        : this.rings === null || this.hasBackupBitmap ? HostWriteLog.BITMAP : HostWriteLog.DROPPED;
+      this.history.record(slot.firstPage + page, PageEvent.HOST_WRITE, how);
+    }
   }
 
   /** kvm_flush_remote_tlbs: complete only when every vCPU in guest mode has acknowledged. */
@@ -169,15 +189,27 @@ export class Vm {
   *getDirtyLog(slot: Memslot, out: Uint32Array = new Uint32Array(slot.dirtyBitmap.length)): Steps<Uint32Array> {
     this.checkBitmapIoctl('KVM_GET_DIRTY_LOG', slot);
     const words = slot.dirtyBitmap;
+    const h = this.history;
     if (this.manualProtect) {
-      for (let w = 0; w < words.length; w++) out[w] = Atomics.load(words, w);
+      for (let w = 0; w < words.length; w++) {
+        out[w] = Atomics.load(words, w);
+        if (h !== null && out[w] !== 0) h.recordMask(slot.firstPage + w * 32, out[w]!, 0, PageEvent.HARVESTED, HARVEST_BITMAP);
+      }
+      yield undefined; // the copy takes time: vCPUs run on while userspace reads it
       return out;
     }
     let flush = false;
     for (let w = 0; w < words.length; w++) {
       const mask = Atomics.load(words, w) === 0 ? 0 : Atomics.exchange(words, w, 0) >>> 0;
       out[w] = mask;
-      if (mask !== 0) { writeProtectMask32(slot, w * 32, mask); flush = true; }
+      if (mask !== 0) {
+        writeProtectMask32(slot, w * 32, mask);
+        flush = true;
+        if (h !== null) {
+          h.recordMask(slot.firstPage + w * 32, mask, 0, PageEvent.HARVESTED, HARVEST_BITMAP);
+          h.recordMask(slot.firstPage + w * 32, mask, 0, PageEvent.PROTECTED, ProtectBy.GET_DIRTY_LOG);
+        }
+      }
     }
     yield undefined;
     if (flush) yield* this.flushRemoteTlbs();
@@ -218,7 +250,10 @@ export class Vm {
       mask >>>= 0;
       if (mask === 0) continue;
       cleared += popcount32(mask);
-      if (!this.bugs.clearWithoutProtect) writeProtectMask32(slot, w * 32, mask);
+      if (!this.bugs.clearWithoutProtect) {
+        writeProtectMask32(slot, w * 32, mask);
+        this.history?.recordMask(slot.firstPage + w * 32, mask, 0, PageEvent.PROTECTED, ProtectBy.CLEAR_DIRTY_LOG);
+      }
     }
     yield undefined;
     if (cleared > 0) yield* this.flushRemoteTlbs();
@@ -251,6 +286,7 @@ export class Vm {
     if (!slotLogsDirtyPages(this.flags(slot))) return;
     writeProtectMask32(slot, offset, lo);
     if (hi !== 0) writeProtectMask32(slot, offset + 32, hi);
+    this.history?.recordMask(slot.firstPage + offset, lo, hi, PageEvent.PROTECTED, ProtectBy.RESET_DIRTY_RINGS);
   };
 
   lostHostWrites(): number {

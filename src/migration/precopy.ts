@@ -1,12 +1,13 @@
 import { PAGE_SIZE, KVM_EXIT_DIRTY_RING_FULL } from '../host/constants.ts';
 import { PageBitmap } from '../host/dirty-bitmap.ts';
-import { DirtyLogSync } from '../host/dirty-log-sync.ts';
+import { type ClearChunk, DirtyLogSync, chunkOf } from '../host/dirty-log-sync.ts';
 import type { Memslot } from '../host/memslot.ts';
 import type { Vm } from '../host/vm.ts';
 import { VmmControl } from '../host/vmm.ts';
 import { type Steps, WaitCode, waitFor } from '../drivers/role.ts';
 import { DestState, DestWord, type MigrationChannel } from './channel.ts';
 import type { Clock } from './clock.ts';
+import { COPY_COMPLETION, PageEvent } from '../oracles/page-history.ts';
 import { type PageSource, checksumUpdate, encodeComplete, encodeHeader, encodePages, encodeSync } from './stream.ts';
 
 export type ConvergencePolicy = 'fail' | 'force' | 'auto-converge';
@@ -103,6 +104,9 @@ export function* precopy(
   const dirty = new PageBitmap(mem.totalPages);
   const chunkCleared = new Uint8Array(Math.ceil(mem.totalPages / 64));
   const manualChunks = vm.manualProtect;
+  const history = vm.history;
+  /** The pass copying now (the page history's COPIED detail), COPY_COMPLETION at the end. */
+  let copyStage = 0;
   let crc = 0;
   let normal = 0;
   let zero = 0;
@@ -150,12 +154,7 @@ export function* precopy(
     if (bugs.copyBeforeReset && vm.rings && !final) {
       // The bug: harvest now, reset (re-protect) only after the pages were copied.
       const h = sync.harvester!;
-      for (const ring of vm.rings) {
-        h.harvest(ring, ring.entries, (slotField, offset) => {
-          const s = mem.slotByField(slotField);
-          if (s !== undefined && offset < s.pages) dirty.mark(s.firstPage + offset);
-        });
-      }
+      for (const ring of vm.rings) h.harvest(ring, ring.entries, sync.recorder(dirty, ring.vcpu), harvestSkipEvery);
       pendingReset = true;
       yield undefined;
     } else {
@@ -193,6 +192,7 @@ export function* precopy(
       if (batch.length === 0 || batchSlot === null || cancelled()) return;
       yield* waitForCredit(limited);
       const s = batchSlot;
+      if (history) for (const offset of batch) history.record(s.firstPage + offset, PageEvent.COPIED, copyStage);
       const enc = encodePages(s.slotField, batch, pagesOf(s));
       send(enc.frame);
       const bytes = enc.normal * (PAGE_SIZE + PAGE_OVERHEAD) + enc.zero * (PAGE_OVERHEAD + 1);
@@ -203,27 +203,38 @@ export function* precopy(
       yield undefined;
       if (limited) yield* serviceRingFull();
     };
+    /** copy-before-clear: the chunk whose CLEAR waits until its pages were copied. */
+    let unclearedChunk: ClearChunk | null = null;
+    const clearAfterCopy = function* (): Steps {
+      if (unclearedChunk === null) return;
+      const c = unclearedChunk;
+      unclearedChunk = null;
+      // The bug: the chunk's pages are copied first, cleared (re-protected) afterwards.
+      yield* flush();
+      yield* vm.clearDirtyLog(c.slot, c.first, c.num, c.bits);
+    };
     for (const slot of mem.slots) {
       for (let page = 0; page < slot.pages; page++) {
         const g = slot.firstPage + page;
         if ((g & 31) === 0 && dirty.words[g >>> 5] === 0) { page += 31; continue; } // a clean word: skip 32 pages
         if (!dirty.isDirty(g)) continue;
-        if (manualChunks && !chunkCleared[g >>> 6] && !bugs.copyBeforeClear) {
-          // QEMU clears each 64-page chunk just before sending it (then copies).
-          yield* flush();
-          yield* sync.clearChunk(slot, page, dirty);
+        if (manualChunks && !chunkCleared[g >>> 6]) {
           chunkCleared[g >>> 6] = 1;
+          if (bugs.copyBeforeClear) {
+            // The same CLEAR as below (the bits this pass sends), issued once the chunk was copied.
+            yield* clearAfterCopy();
+            unclearedChunk = chunkOf(slot, page, dirty);
+          } else {
+            // QEMU clears each 64-page chunk just before sending it (then copies).
+            yield* flush();
+            yield* sync.clearChunk(slot, page, dirty);
+          }
         }
         if (batchSlot !== slot || batch.length >= p.batchPages) { yield* flush(); batchSlot = slot; }
         batch.push(page);
         dirty.words[g >>> 5]! &= ~(1 << (g & 31));
-        if (manualChunks && bugs.copyBeforeClear && ((page + 1) % 64 === 0 || page + 1 === slot.pages)) {
-          // The bug: the chunk is copied first and cleared (re-protected) afterwards.
-          yield* flush();
-          const chunkStart = page - (page % 64);
-          yield* vm.clearDirtyLog(slot, chunkStart, page + 1 - chunkStart, WHOLE_CHUNK);
-        }
       }
+      yield* clearAfterCopy();
       yield* flush();
     }
     return [sentNormal, sentZero];
@@ -264,6 +275,7 @@ export function* precopy(
     const passStart = clock.nowMs();
     const before = transferred;
     const foundBefore = foundTotal;
+    copyStage = pass;
     const [sent, sentZero] = yield* sendDirty(true);
     if (pendingReset) { yield* vm.resetDirtyRings(); pendingReset = false; }
     send(encodeSync(pass));
@@ -317,6 +329,7 @@ export function* precopy(
   for (let v = 0; v < vmm.vcpus; v++) while (!vmm.isQuiescent(v)) yield waitFor(WaitCode.VCPU_STOPPED, v);
   while (!vmm.hostPaused()) yield waitFor(WaitCode.HOST_PAUSED);
   if (!bugs.skipFinalSync) yield* syncLog(true);
+  copyStage = COPY_COMPLETION;
   yield* sendDirty(false);
   send(encodeComplete(normal, zero, crc));
   yield undefined;
@@ -337,5 +350,3 @@ function pagesOf(slot: Memslot): PageSource {
   return { isZero: (page) => slot.isZeroPage(page), copy: (page, count, into, at) => slot.copyPages(page, count, into, at) };
 }
 
-/** A CLEAR bitmap covering a whole 64-page chunk (clearDirtyLog ignores bits past num_pages). */
-const WHOLE_CHUNK = new Uint32Array([0xffffffff, 0xffffffff]);

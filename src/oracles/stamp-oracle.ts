@@ -1,12 +1,15 @@
 import { PAGE_SIZE } from '../host/constants.ts';
 import type { GuestMemory } from '../host/guest-memory.ts';
 import { type PageStamp, describeWriter } from '../host/memslot.ts';
+import { type PageHistory, type PageHistoryEvent, describeHistory } from './page-history.ts';
 
 export interface StampMismatch {
   slot: number;
   gfn: number;
   source: PageStamp;
   destination: PageStamp;
+  /** The page's last dirty-tracking events on the source, oldest first (when page history is on). */
+  history?: PageHistoryEvent[];
 }
 
 /**
@@ -34,7 +37,14 @@ export function compareMemory(source: GuestMemory, destination: GuestMemory, max
   return { pages, mismatches, count };
 }
 
+/** Adds each mismatched page's history (from the source VM's records) to the report. */
+export function withHistory<M extends Omit<StampMismatch, 'history'>>(mismatches: M[], source: GuestMemory, history: PageHistory | null): (M & { history?: PageHistoryEvent[] })[] {
+  if (history === null) return mismatches;
+  return mismatches.map((m) => ({ ...m, history: history.readGfn(source, m.slot, m.gfn) }));
+}
+
 export function describeMismatch(m: StampMismatch): string {
   const side = (st: PageStamp): string => st.writer === 0 ? 'never written' : `${describeWriter(st.writer)} seq ${st.seq} (iteration ${st.iteration})`;
-  return `LOST write: slot ${m.slot} gfn 0x${m.gfn.toString(16)}: source last written by ${side(m.source)}, destination holds ${side(m.destination)}`;
+  const line = `LOST write: slot ${m.slot} gfn 0x${m.gfn.toString(16)}: source last written by ${side(m.source)}, destination holds ${side(m.destination)}`;
+  return m.history ? `${line}\n  page history: ${describeHistory(m.history)}` : line;
 }

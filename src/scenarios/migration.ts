@@ -9,7 +9,7 @@ import { VmmControl } from '../host/vmm.ts';
 import { DEST_WORDS, DestWord } from '../migration/channel.ts';
 import { compareDigests, connectDestination } from '../migration/tcp.ts';
 import type { MigrationBugs, MigrationEvent, MigrationInfo, MigrationParams, PassStats } from '../migration/precopy.ts';
-import { type StampMismatch, compareMemory } from '../oracles/stamp-oracle.ts';
+import { type StampMismatch, compareMemory, withHistory } from '../oracles/stamp-oracle.ts';
 import { UserError } from '../util/errors.ts';
 import { slotLayout } from './dirty-log-test.ts';
 import { type RoleSpec, vmFor } from './roles.ts';
@@ -27,6 +27,8 @@ export interface MigrationScenario {
   bugs: string[];
   hostWriteEvery: number;
   params: MigrationParams;
+  /** Record each source page's dirty-tracking events for the mismatch report (default on). */
+  pageHistory?: boolean;
 }
 
 export interface MigrationRunOptions {
@@ -69,7 +71,7 @@ export function migrationVmConfig(s: MigrationScenario): VmConfig {
   const tracking: VmConfig['tracking'] = s.tracking === 'dirty-ring'
     ? { kind: 'ring', entries: s.ringEntries, withBitmap: s.hostWriteEvery > 0 && !bugs.noBackupBitmap }
     : { kind: 'bitmap', manualProtect: s.tracking === 'clear-log', initiallySet: false };
-  return { slots: slotLayout(s.memoryBytes, s.slots), vcpus: s.vcpus, tracking };
+  return { slots: slotLayout(s.memoryBytes, s.slots), vcpus: s.vcpus, tracking, pageHistory: s.pageHistory !== false };
 }
 
 export function migrationBugs(names: readonly string[]): MigrationBugs {
@@ -85,11 +87,13 @@ export async function runMigration(s: MigrationScenario, o: MigrationRunOptions)
   if (o.to && o.driver !== 'free') throw new UserError('--to tcp:... needs --driver free (the deterministic driver runs everything on one thread)');
   const config = migrationVmConfig(s);
   const source = createVmLayout(config);
-  const target = createVmLayout(config);
+  const target = createVmLayout({ ...config, pageHistory: false });
   const destWords = new SharedArrayBuffer(DEST_WORDS * 4);
   o.cancel?.addEventListener('abort', () => Atomics.store(new Int32Array(destWords), DestWord.CANCEL, 1), { once: true });
   const vm = vmFor(source, s.bugs);
   vm.populate();
+  let driver: DeterministicDriver | null = null;
+  if (o.driver === 'deterministic') vm.history?.useStepClock(() => driver?.stepCount ?? 0);
   vmFor(target, []).populate();
   Atomics.store(vm.global, GlobalWord.ITERATION, 1);
   new VmmControl(vm).resumeHost();
@@ -108,7 +112,6 @@ export async function runMigration(s: MigrationScenario, o: MigrationRunOptions)
   if (s.hostWriteEvery > 0) specs.push({ kind: 'host-writer', every: s.hostWriteEvery, seed: s.seed });
   const started = performance.now();
 
-  let driver: DeterministicDriver | null = null;
   const queue: Uint8Array[] = [];
   const remote = o.to ? connectDestination(o.to.host, o.to.port, new Int32Array(destWords)) : null;
   const ports = o.driver === 'free' && !remote ? new MessageChannel() : null;
@@ -131,7 +134,7 @@ export async function runMigration(s: MigrationScenario, o: MigrationRunOptions)
       const cmp = compareDigests(new GuestMemory(source), end.digests);
       result.pagesCompared = cmp.pages;
       result.mismatchCount = cmp.count;
-      result.mismatches = cmp.mismatches;
+      result.mismatches = withHistory(cmp.mismatches, new GuestMemory(source), vm.history);
       if (cmp.count > 0) result.status = 'failed';
     }
     result.seconds = (performance.now() - started) / 1000;
@@ -140,7 +143,7 @@ export async function runMigration(s: MigrationScenario, o: MigrationRunOptions)
   if (result.info?.status === 'completed') {
     const cmp = compareMemory(new GuestMemory(source), new GuestMemory(target));
     result.pagesCompared = cmp.pages;
-    result.mismatches = cmp.mismatches;
+    result.mismatches = withHistory(cmp.mismatches, new GuestMemory(source), vm.history);
     result.mismatchCount = cmp.count;
     if (cmp.count > 0) result.status = 'failed';
   } else if (result.status === 'passed') {

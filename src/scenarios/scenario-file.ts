@@ -24,6 +24,7 @@ const Scenario = z.strictObject({
   migration: z.strictObject({
     bandwidth: num.optional(), downtime_limit_ms: num.optional(), max_iterations: num.optional(), timeout_s: num.optional(),
     policy: z.string().optional(), warmup: num.optional(), to: z.string().optional(), resume_ops: num.optional(),
+    batch_pages: num.optional(), page_history: z.boolean().optional(),
   }).optional(),
   driver: z.string().optional(),
   seed: num.optional(),
@@ -44,6 +45,7 @@ const FIELDS: Record<string, [string, string]> = {
   'migration.max_iterations': ['--max-iterations', 'maxIterations'], 'migration.timeout_s': ['--timeout', 'timeout'],
   'migration.policy': ['--policy', 'policy'], 'migration.warmup': ['--warmup', 'warmup'], 'migration.to': ['--to', 'to'],
   'migration.resume_ops': ['--resume-ops', 'resumeOps'],
+  'migration.batch_pages': ['--batch-pages', 'batchPages'], 'migration.page_history': ['--no-page-history', 'pageHistory'],
   driver: ['--driver', 'driver'], seed: ['--seed', 'seed'], inject: ['--inject', 'inject'], watchdog_s: ['--watchdog', 'watchdog'],
 };
 
