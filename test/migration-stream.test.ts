@@ -21,12 +21,13 @@ function copyFrom(pages: Map<number, Uint8Array>): PageSource {
 
 function frameOf(record: object, payload = new Uint8Array(0)): Uint8Array {
   const head = new Packr({ useRecords: false }).pack(record);
-  const buf = new Uint8Array(8 + head.length + payload.length);
+  const at = (8 + head.length + 7) & ~7; // the record padded to 8 bytes from the frame's start
+  const buf = new Uint8Array(at + payload.length);
   const dv = new DataView(buf.buffer);
-  dv.setUint32(0, 4 + head.length + payload.length);
+  dv.setUint32(0, at - 4 + payload.length);
   dv.setUint32(4, head.length);
   buf.set(head, 8);
-  buf.set(payload, 8 + head.length);
+  buf.set(payload, at);
   return buf;
 }
 
@@ -71,9 +72,9 @@ describe('migration stream v1', () => {
   };
 
   it('rejects a stream that does not start with a header', () => reject([encodeSync(1)], /frame 0: the stream must start with a header, got 'sync'/));
-  it('rejects a bad magic', () => reject([frameOf({ t: 'header', magic: 'qemu', version: 1, pageSize: 4096, slots: [] })], /not a vmemlab migration stream/));
-  it('rejects an unsupported version', () => reject([frameOf({ t: 'header', magic: 'vmemlab-migration', version: 9, pageSize: 4096, slots: [] })], /stream version 9 is not supported \(this vmemlab reads version 1\)/));
-  it('rejects another page size', () => reject([frameOf({ t: 'header', magic: 'vmemlab-migration', version: 1, pageSize: 65536, slots: [] })], /page size 65536/));
+  it('rejects a bad magic', () => reject([frameOf({ t: 'header', magic: 'qemu', version: 2, pageSize: 4096, slots: [] })], /not a vmemlab migration stream/));
+  it('rejects an unsupported version', () => reject([frameOf({ t: 'header', magic: 'vmemlab-migration', version: 9, pageSize: 4096, slots: [] })], /stream version 9 is not supported \(this vmemlab reads version 2\)/));
+  it('rejects another page size', () => reject([frameOf({ t: 'header', magic: 'vmemlab-migration', version: 2, pageSize: 65536, slots: [] })], /page size 65536/));
   it('rejects a truncated frame', () => reject([header, stream()[1]!.subarray(0, 100)], /stream truncated: 100 bytes of an incomplete frame 1/));
   it('rejects a stream without completion', () => reject([header], /without a completion record/));
   it('rejects a page outside every slot', () => {
@@ -88,6 +89,24 @@ describe('migration stream v1', () => {
     const huge = new Uint8Array(8);
     new DataView(huge.buffer).setUint32(0, MAX_FRAME + 1);
     reject([header, huge], /frame 1: length 67108865 exceeds the limit/);
+  });
+  it('pads the record so that every page payload starts 8-byte aligned in its frame', () => {
+    for (const n of [1, 3, 17, 200]) {
+      const b = encodePages(1, Array.from({ length: n }, (_, i) => i), copyFrom(new Map(Array.from({ length: n }, (_, i) => [i, page(i + 1)]))));
+      const r = new DataView(b.frame.buffer, b.frame.byteOffset).getUint32(4);
+      const at = b.frame.length - n * 4096;
+      expect(at % 8, `${n} pages`).toBe(0);
+      expect(at - (8 + r)).toBeLessThan(8);
+      expect(b.frame[at]).toBe(1);
+    }
+  });
+  it('rejects a frame whose padding after the record runs past its end', () => {
+    // A sync record whose end is not 8-aligned, in a frame cut right after the record.
+    const f = [1, 300, 70000].map((pass) => frameOf({ t: 'sync', pass })).find((x) => (8 + new DataView(x.buffer).getUint32(4)) % 8 !== 0)!;
+    expect(f, 'a record length that needs padding').toBeDefined();
+    const cut = f.slice(0, 8 + new DataView(f.buffer).getUint32(4));
+    new DataView(cut.buffer).setUint32(0, cut.length - 4);
+    reject([header, cut], /the padding after the record runs past the frame/);
   });
   it('rejects a payload that does not match the normal pages', () => {
     const rec = { t: 'pages', slot: 1, offsets: new Uint8Array(new Uint32Array([1, 2]).buffer), kinds: new Uint8Array([0, 0]) };

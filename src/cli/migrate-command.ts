@@ -80,7 +80,7 @@ export function migrationScenario(f: MigrateFlags): {
       maxIterations: int('--max-iterations', f.maxIterations, 1),
       timeoutMs: positive('--timeout', f.timeout, 'seconds') * 1000,
       policy: f.policy as ConvergencePolicy,
-      batchPages: int('--batch-pages', f.batchPages, 1, 65536),
+      batchPages: int('--batch-pages', f.batchPages, 1, 1024), // 4 MiB frames: within the stream ring's RING_MAX_FRAME
       warmupOps: f.warmup !== undefined ? int('--warmup', f.warmup, 0) : driver === 'deterministic' ? Math.min(pages * 2, 20000) : pages,
     },
   };

@@ -140,6 +140,10 @@ export class Memslot {
 
   /** True when every byte of the page is zero (reading never commits untouched memory). */
   isZeroPage(page: number): boolean {
+    // Written pages are told apart by their first words (the stamp is at bytes 8-19).
+    const w = this.words(page);
+    const i = this.wordIndex(page);
+    if ((w[i]! | w[i + 1]! | w[i + 2]! | w[i + 3]! | w[i + 4]!) !== 0) return false;
     const u8 = this.bytes(page);
     return Buffer.from(u8.buffer, u8.byteOffset + this.byteOffset(page), PAGE_SIZE).equals(ZERO_PAGE);
   }

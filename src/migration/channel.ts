@@ -12,6 +12,8 @@ export interface MigrationChannel {
   /** Where to park while out of credit: the destination's applied-bytes word. */
   readonly creditWord: { array: Int32Array; index: number };
   readonly bytesSent: number;
+  /** Space for an `n`-byte frame where it will be delivered from (null: none now), so it is built in place. */
+  alloc?(n: number): Uint8Array | null;
 }
 
 /** Shared words of one migration: applied bytes (in KiB, so 2^31 KiB is the limit) and the destination's state. */

@@ -1,4 +1,3 @@
-import { type MessagePort, receiveMessageOnPort } from 'node:worker_threads';
 import { NOT_WAITING, type Role, Step, type Wait, WaitCode, waitFor } from '../drivers/role.ts';
 import { DestState } from './channel.ts';
 import type { Destination } from './destination.ts';
@@ -6,19 +5,15 @@ import type { Destination } from './destination.ts';
 /** Where the destination gets frames from, without blocking. */
 export interface FrameSource {
   next(): Uint8Array | undefined;
+  /** The frame from next() has been applied (its memory may be reused). */
+  release?(): void;
+  /** A word to park on while there is no frame. */
+  readonly parkWord?: { array: Int32Array; index: number; value: number };
 }
 
 export class QueueSource implements FrameSource {
   constructor(private readonly queue: Uint8Array[]) {}
   next(): Uint8Array | undefined { return this.queue.shift(); }
-}
-
-/** Frames posted by the migration thread on another thread, received synchronously. */
-export class PortSource implements FrameSource {
-  constructor(private readonly port: MessagePort) {}
-  next(): Uint8Array | undefined {
-    return receiveMessageOnPort(this.port)?.message as Uint8Array | undefined;
-  }
 }
 
 /** The in-process destination as a role: each step applies one frame. */
@@ -34,10 +29,11 @@ export class DestinationRole implements Role {
     if (s !== DestState.RECEIVING) return Step.DONE;
     const frame = this.source.next();
     if (frame === undefined) {
-      this.wait = waitFor(WaitCode.SOURCE);
+      this.wait = waitFor(WaitCode.SOURCE, 0, 0, this.source.parkWord);
       return Step.BLOCKED;
     }
     this.dest.receive(frame);
+    this.source.release?.();
     this.progress++;
     return Step.PROGRESS;
   }

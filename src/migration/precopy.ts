@@ -122,6 +122,9 @@ export function* precopy(
   /** Pages newly found dirty by every sync so far (ring-full reaps included). */
   let foundTotal = 0;
 
+  /** Frames built where the channel delivers them from, when it can (the stream ring). */
+  const inPlace = channel.alloc ? (n: number): Uint8Array => channel.alloc!(n) ?? new Uint8Array(n) : undefined;
+
   function send(frame: Uint8Array): void {
     crc = checksumUpdate(crc, frame);
     channel.send(frame);
@@ -193,7 +196,7 @@ export function* precopy(
       yield* waitForCredit(limited);
       const s = batchSlot;
       if (history) for (const offset of batch) history.record(s.firstPage + offset, PageEvent.COPIED, copyStage);
-      const enc = encodePages(s.slotField, batch, pagesOf(s));
+      const enc = encodePages(s.slotField, batch, pagesOf(s), inPlace);
       send(enc.frame);
       const bytes = enc.normal * (PAGE_SIZE + PAGE_OVERHEAD) + enc.zero * (PAGE_OVERHEAD + 1);
       windowBytes += bytes;

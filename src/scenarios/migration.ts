@@ -1,4 +1,3 @@
-import { MessageChannel } from 'node:worker_threads';
 import { type TrackingMode, injectedBugs } from '../bugs/catalog.ts';
 import type { DeterministicDriver } from '../drivers/deterministic.ts';
 import type { WorkloadOptions } from '../guest/workload.ts';
@@ -7,6 +6,7 @@ import { GlobalWord, type VmConfig, createVmLayout } from '../host/layout.ts';
 import type { Vm } from '../host/vm.ts';
 import { VmmControl } from '../host/vmm.ts';
 import { DEST_WORDS, DestWord } from '../migration/channel.ts';
+import { createStreamRing } from '../migration/stream-ring.ts';
 import { compareDigests, connectDestination } from '../migration/tcp.ts';
 import type { MigrationBugs, MigrationEvent, MigrationInfo, MigrationParams, PassStats } from '../migration/precopy.ts';
 import { type StampMismatch, compareMemory, withHistory } from '../oracles/stamp-oracle.ts';
@@ -114,10 +114,10 @@ export async function runMigration(s: MigrationScenario, o: MigrationRunOptions)
 
   const queue: Uint8Array[] = [];
   const remote = o.to ? connectDestination(o.to.host, o.to.port, new Int32Array(destWords)) : null;
-  const ports = o.driver === 'free' && !remote ? new MessageChannel() : null;
-  const workerPort = remote?.workerPort ?? ports?.port1;
-  specs.push({ kind: 'migration', params: s.params, bugs: s.bugs, destWords, queue, port: workerPort, clockSteps: workerPort ? undefined : () => driver?.stepCount ?? 0 });
-  if (!remote) specs.push({ kind: 'destination', layout: target, destWords, queue, port: ports?.port2 });
+  const ring = o.driver === 'free' && !remote ? createStreamRing() : undefined;
+  const workerPort = remote?.workerPort;
+  specs.push({ kind: 'migration', params: s.params, bugs: s.bugs, destWords, queue, port: workerPort, ring, clockSteps: o.driver === 'free' ? undefined : () => driver?.stepCount ?? 0 });
+  if (!remote) specs.push({ kind: 'destination', layout: target, destWords, queue, ring });
   const run = await runRoles({
     driver: o.driver, specs, primary: 'migration', vm, layoutOf: (spec) => (spec.kind === 'destination' ? target : source),
     bugs: s.bugs, seed: s.seed, onEvent: (e) => onEvent(e as MigrationEvent), watchdogMs: o.watchdogMs, burst: o.burst,

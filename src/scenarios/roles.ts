@@ -14,7 +14,8 @@ import { GuestMemory } from '../host/guest-memory.ts';
 import { PortChannel, QueueChannel } from '../migration/channel.ts';
 import { StepClock, WALL_CLOCK } from '../migration/clock.ts';
 import { Destination } from '../migration/destination.ts';
-import { DestinationRole, PortSource, QueueSource } from '../migration/destination-role.ts';
+import { DestinationRole, QueueSource } from '../migration/destination-role.ts';
+import { RingChannel, RingSource } from '../migration/stream-ring.ts';
 import { runResumedGuest } from '../migration/incoming.ts';
 import { type MigrationEvent, type MigrationParams, precopy } from '../migration/precopy.ts';
 import { migrationBugs } from './migration.ts';
@@ -23,9 +24,9 @@ import { migrationBugs } from './migration.ts';
 export type RoleSpec =
   /** `resume`: a destination's vCPU, continuing the workload from the migrated memory. */
   | { kind: 'vcpu'; index: number; workload: WorkloadOptions; seed: number; resume?: boolean }
-  /** The migration thread: frames go to `queue` (same thread, step clock) or `port` (another thread, wall clock). */
-  | { kind: 'migration'; params: MigrationParams; bugs: string[]; destWords: SharedArrayBuffer; queue?: Uint8Array[]; clockSteps?: () => number; port?: MessagePort }
-  | { kind: 'destination'; layout: VmLayout; destWords: SharedArrayBuffer; queue?: Uint8Array[]; port?: MessagePort }
+  /** The migration thread: frames go to `queue` (same thread, step clock), `ring` (the in-process destination on another thread) or `port` (the TCP bridge). */
+  | { kind: 'migration'; params: MigrationParams; bugs: string[]; destWords: SharedArrayBuffer; queue?: Uint8Array[]; clockSteps?: () => number; port?: MessagePort; ring?: SharedArrayBuffer }
+  | { kind: 'destination'; layout: VmLayout; destWords: SharedArrayBuffer; queue?: Uint8Array[]; ring?: SharedArrayBuffer }
   | { kind: 'dirty-log-collector'; config: DirtyLogTestConfig }
   | { kind: 'host-writer'; every: number; seed: number }
   /** The destination's VMM once it resumed the guest: runs it for a while, then stops it. */
@@ -63,7 +64,7 @@ export function buildRole(spec: RoleSpec, vm: Vm, report: (e: never) => void): R
       return new GeneratorRole('host-writer', hostWriter(vm, new VmmControl(vm), spec.every, new Prng(Prng.derive(spec.seed, 2000))));
     case 'migration': {
       const words = new Int32Array(spec.destWords);
-      const channel = spec.port ? new PortChannel(words, spec.port) : new QueueChannel(words, spec.queue!);
+      const channel = spec.ring ? new RingChannel(spec.ring, words) : spec.port ? new PortChannel(words, spec.port) : new QueueChannel(words, spec.queue!);
       const clock = spec.clockSteps ? new StepClock(spec.clockSteps) : WALL_CLOCK;
       const bugs = injectedBugs(spec.bugs);
       return new GeneratorRole('migration', precopy(vm, channel, words, clock, spec.params, migrationBugs(spec.bugs), report as (e: MigrationEvent) => void, bugs.harvestSkipEvery));
@@ -71,7 +72,7 @@ export function buildRole(spec: RoleSpec, vm: Vm, report: (e: never) => void): R
     case 'destination': {
       // The destination's memory is created for this migration (runMigration): fresh.
       const dest = new Destination(new GuestMemory(spec.layout), new Int32Array(spec.destWords), undefined, true);
-      return new DestinationRole(dest, spec.port ? new PortSource(spec.port) : new QueueSource(spec.queue!));
+      return new DestinationRole(dest, spec.ring ? new RingSource(spec.ring) : new QueueSource(spec.queue!));
     }
     case 'destination-vmm':
       return new GeneratorRole('destination-vmm', runResumedGuest(vm, spec.opsPerVcpu));
