@@ -19,6 +19,13 @@ function copyFrom(pages: Map<number, Uint8Array>): PageSource {
   };
 }
 
+function concatAll(parts: Uint8Array[]): Uint8Array {
+  const out = new Uint8Array(parts.reduce((n, p) => n + p.length, 0));
+  let at = 0;
+  for (const p of parts) { out.set(p, at); at += p.length; }
+  return out;
+}
+
 function frameOf(record: object, payload = new Uint8Array(0)): Uint8Array {
   const head = new Packr({ useRecords: false }).pack(record);
   const at = (8 + head.length + 7) & ~7; // the record padded to 8 bytes from the frame's start
@@ -62,6 +69,19 @@ describe('migration stream v1', () => {
     expect(n).toBe(4);
     expect(d.done).toBe(true);
   });
+
+  for (const size of [3, 997, 5000]) {
+    it(`decodes the stream cut into ${size}-byte chunks across frame boundaries, payload intact`, () => {
+      const whole = concatAll(stream());
+      const d = new StreamDecoder();
+      const recs = [];
+      for (let at = 0; at < whole.length; at += size) recs.push(...d.push(whole.slice(at, at + size)));
+      d.end();
+      expect(recs.map((r) => ('t' in r ? r.t : 'batch'))).toEqual(['header', 'batch', 'sync', 'complete']);
+      const batch = recs[1] as PageBatch;
+      expect([batch.payload[0], batch.payload[4095], batch.payload[4096], batch.payload[8191]]).toEqual([7, 7, 9, 9]);
+    });
+  }
 
   const header = encodeHeader(SLOTS);
   const reject = (frames: Uint8Array[], message: RegExp): void => {

@@ -127,6 +127,9 @@ export function checksumUpdate(crc: number, bytes: Uint8Array): number {
 export class StreamDecoder {
   private buf: Uint8Array = new Uint8Array(0);
   private offset = 0;
+  /** Chunks after `buf` while its first frame is incomplete, and their bytes. */
+  private parts: Uint8Array[] = [];
+  private partBytes = 0;
   private frames = 0;
   private header: Extract<StreamRecord, { t: 'header' }> | null = null;
   private completed = false;
@@ -137,8 +140,24 @@ export class StreamDecoder {
 
   /** Feeds bytes; returns the records (and page batches) now complete. */
   push(chunk: Uint8Array): (StreamRecord | PageBatch)[] {
-    this.buf = this.buf.length === this.offset ? chunk : concat(this.buf.subarray(this.offset), chunk);
-    this.offset = 0;
+    if (this.buf.length === this.offset && this.parts.length === 0) {
+      this.buf = chunk;
+      this.offset = 0;
+    } else {
+      // The rest of a frame that began in an earlier chunk: gather the pieces and join
+      // them once the frame is whole (a frame over many socket reads is copied once).
+      this.parts.push(chunk);
+      this.partBytes += chunk.length;
+      const have = this.buf.length - this.offset;
+      if (have >= 4) {
+        const n = new DataView(this.buf.buffer, this.buf.byteOffset + this.offset).getUint32(0);
+        if (n <= MAX_FRAME && have + this.partBytes < 4 + n) return [];
+      }
+      this.buf = concat(this.buf.subarray(this.offset), ...this.parts);
+      this.offset = 0;
+      this.parts = [];
+      this.partBytes = 0;
+    }
     const out: (StreamRecord | PageBatch)[] = [];
     for (;;) {
       const avail = this.buf.length - this.offset;
@@ -159,6 +178,7 @@ export class StreamDecoder {
 
   /** The stream ended: anything left over is a truncated frame. */
   end(): void {
+    if (this.parts.length > 0) { this.buf = concat(this.buf.subarray(this.offset), ...this.parts); this.offset = 0; this.parts = []; }
     if (this.buf.length > this.offset) throw new StreamError(`stream truncated: ${this.buf.length - this.offset} bytes of an incomplete frame ${this.frames}`);
     if (!this.completed) throw new StreamError(`stream ended after ${this.frames} frames without a completion record`);
   }
@@ -224,9 +244,9 @@ export class StreamDecoder {
   }
 }
 
-function concat(a: Uint8Array, b: Uint8Array): Uint8Array {
-  const c = new Uint8Array(a.length + b.length);
-  c.set(a, 0);
-  c.set(b, a.length);
+function concat(...parts: Uint8Array[]): Uint8Array {
+  const c = new Uint8Array(parts.reduce((n, p) => n + p.length, 0));
+  let at = 0;
+  for (const p of parts) { c.set(p, at); at += p.length; }
   return c;
 }

@@ -13,8 +13,10 @@ import { Destination } from './destination.ts';
  * The migration stream between processes: the source writes stream frames (stream.ts) to
  * a TCP connection; the destination answers with its own small frames (u32 BE length,
  * then a msgpack map): `ack` (bytes applied, in KiB: the source's flow-control credit),
- * `complete` (with a digest of every page: CRC-32 and the stamp, so
- * the source can run the stamp oracle without the destination's memory), or `error`.
+ * `complete` (the stream is applied: the migration is over), then `digests` (a digest of
+ * every page: CRC-32 and the stamp, so the source can run the stamp oracle without the
+ * destination's memory; computed after `complete`, outside the migration's time), or
+ * `error`.
  */
 const packr = new Packr({ useRecords: false });
 const ACK_EVERY = 256 * 1024;
@@ -23,7 +25,8 @@ export const DIGEST_BYTES = 16;
 
 export type Reply =
   | { t: 'ack'; kib: number }
-  | { t: 'complete'; digests: Uint8Array; normal: number; zero: number }
+  | { t: 'complete'; normal: number; zero: number }
+  | { t: 'digests'; digests: Uint8Array }
   | { t: 'error'; message: string };
 
 function replyFrame(r: Reply): Uint8Array {
@@ -142,7 +145,8 @@ export async function serveDestination(host: string, port: number, vcpus = 1): P
       }
       const applied = Atomics.load(dest.words, DestWord.APPLIED_KIB) * 1024;
       if (dest.state === DestState.COMPLETE) {
-        socket.end(replyFrame({ t: 'complete', digests: pageDigests(dest.memory!), normal: dest.stats.normal, zero: dest.stats.zero }));
+        socket.write(replyFrame({ t: 'complete', normal: dest.stats.normal, zero: dest.stats.zero }));
+        socket.end(replyFrame({ t: 'digests', digests: pageDigests(dest.memory!) }));
         finish('completed');
       } else if (applied - lastAck >= ACK_EVERY) {
         lastAck = applied;
@@ -174,11 +178,15 @@ export function connectDestination(host: string, port: number, destWords: Int32A
   let settle!: (r: { digests: Uint8Array | null; error: string | null }) => void;
   const finished = new Promise<{ digests: Uint8Array | null; error: string | null }>((r) => { settle = r; });
   let done = false;
+  /** The destination said `complete`: the migration is over, whatever happens to the digests. */
+  let completed = false;
   const fail = (message: string): void => {
     if (done) return;
     done = true;
-    Atomics.store(destWords, DestWord.STATE, DestState.FAILED);
-    Atomics.notify(destWords, DestWord.STATE);
+    if (!completed) {
+      Atomics.store(destWords, DestWord.STATE, DestState.FAILED);
+      Atomics.notify(destWords, DestWord.STATE);
+    }
     settle({ digests: null, error: message });
   };
   const socket = new Socket();
@@ -192,9 +200,11 @@ export function connectDestination(host: string, port: number, destWords: Int32A
         Atomics.store(destWords, DestWord.APPLIED_KIB, r.kib);
         Atomics.notify(destWords, DestWord.APPLIED_KIB);
       } else if (r.t === 'complete') {
-        done = true;
+        completed = true;
         Atomics.store(destWords, DestWord.STATE, DestState.COMPLETE);
         Atomics.notify(destWords, DestWord.STATE);
+      } else if (r.t === 'digests') {
+        done = true;
         settle({ digests: r.digests, error: null });
       } else {
         fail(`the destination failed: ${r.message}`);
@@ -202,7 +212,9 @@ export function connectDestination(host: string, port: number, destWords: Int32A
     }
   });
   socket.on('error', (e: Error) => fail(`connection to ${host}:${port}: ${e.message}`));
-  socket.on('close', () => fail(`the connection to ${host}:${port} closed before the migration completed`));
+  socket.on('close', () => fail(completed
+    ? `the connection to ${host}:${port} closed before the destination sent its page digests`
+    : `the connection to ${host}:${port} closed before the migration completed`));
   return { workerPort: port2, finished, close: () => { port1.close(); socket.destroy(); } };
 }
 

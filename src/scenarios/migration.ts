@@ -127,10 +127,19 @@ export async function runMigration(s: MigrationScenario, o: MigrationRunOptions)
   result.errors.push(...run.errors);
   result.steps = run.steps;
   if (remote) {
-    const end = await Promise.race([remote.finished, new Promise<null>((r) => setTimeout(() => r(null), 100))]);
+    // After a completed migration the destination digests its memory for the oracle (as
+    // long as it takes to read it); otherwise whatever it said has arrived by now.
+    const completed = result.info?.status === 'completed';
+    let timer: NodeJS.Timeout | undefined;
+    const end = await Promise.race([remote.finished, new Promise<null>((r) => { timer = setTimeout(() => r(null), completed ? o.watchdogMs : 100); })]);
+    clearTimeout(timer);
     remote.close();
     if (end?.error && result.status === 'passed') { result.status = 'failed'; result.reason = end.error; }
-    if (result.info?.status === 'completed' && end?.digests) {
+    if (completed && end === null && result.status === 'passed') {
+      result.status = 'stuck';
+      result.errors.push(`the destination sent no page digests within ${o.watchdogMs / 1000} s of completing: nothing was verified`);
+    }
+    if (completed && end?.digests) {
       const cmp = compareDigests(new GuestMemory(source), end.digests);
       result.pagesCompared = cmp.pages;
       result.mismatchCount = cmp.count;
