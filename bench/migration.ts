@@ -8,7 +8,7 @@
  *                                        vs a plain socket carrying the same bytes
  *   tsx bench/migration.ts convergence   total time, downtime, passes against the guest's
  *                                        dirty rate, per tracking mode, and auto-converge
- *   tsx bench/migration.ts scale         a 64 GiB guest with a 256 MiB working set, migrated
+ *   tsx bench/migration.ts scale         a 64 GiB guest with a 64 MiB working set, migrated
  *                                        and verified; peak memory of the process
  *
  * "Idle guest": the vCPUs are parked by a stop request before they run, and every page of
@@ -236,18 +236,21 @@ function peakRss(): number {
 async function scale(): Promise<Figure[]> {
   const GiB = 1 << 30;
   const memoryBytes = Number(process.env.SCALE_GIB ?? 64) * GiB;
-  const workingSet = 256 * MiB;
+  const workingSet = 64 * MiB;
+  // A guest rewriting its working set as fast as a vCPU thread can never converges under
+  // 300 ms on its own; the switchover is forced after a few passes (QEMU's
+  // migrate_start_postcopy or a raised downtime limit would do as much).
   const s = scenario({
     memoryBytes, vcpus: 2,
     workload: { ...DEFAULT_WORKLOAD, name: 'hotset', hotFraction: workingSet / memoryBytes, hotShare: 1 },
-    params: { bandwidth: 0, warmupOps: 2 * (workingSet / PAGE_SIZE), timeoutMs: 600_000 },
+    params: { bandwidth: 0, warmupOps: 2 * (workingSet / PAGE_SIZE), timeoutMs: 600_000, maxIterations: 5, policy: 'force' },
   });
   const r = await runMigration(s, { driver: 'free', watchdogMs: 120_000, burst: 256 });
-  if (r.status !== 'passed') throw new Error(`64 GiB migration ${r.status}: ${r.reason ?? ''} ${r.errors.join('; ')}`);
+  if (r.status !== 'passed') throw new Error(`${memoryBytes / GiB} GiB migration ${r.status}: ${r.reason ?? ''} ${r.errors.join('; ')}`);
   const i = r.info!;
   const peak = peakRss();
   return [{
-    id: 'migration/scale/64GiB', what: 'a 64 GiB guest (2 vCPUs, 256 MiB hot set, ring) migrated in-process and verified page by page, on a 24 GiB machine',
+    id: `migration/scale/${memoryBytes / GiB}GiB`, what: `a ${memoryBytes / GiB} GiB guest (2 vCPUs, 64 MiB hot set, ring) migrated in-process and verified page by page, on a 24 GiB machine`,
     figure: `peak RSS ${(peak / GiB).toFixed(2)} GiB`, value: peak / GiB, target: { kind: 'max', value: 24, text: '< the 24 GiB of RAM' },
     detail: `completed and verified (${r.pagesCompared} pages compared) in ${(i.totalTimeMs / 1000).toFixed(1)} s of migration, ${r.seconds.toFixed(1)} s with set-up and the check; `
       + `downtime ${i.downtimeMs.toFixed(0)} ms, ${r.passes.length} passes, ${i.normalPages} normal and ${i.zeroPages} zero pages, transferred ${(i.transferredBytes / MiB).toFixed(0)} MiB; `

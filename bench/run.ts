@@ -10,6 +10,8 @@
  *   npm run bench -- --only write      cases whose id contains "write" (comma-separated
  *                                      list allowed); rewrites BENCHMARKS.md only with --write
  *   npm run bench -- --no-write        do not rewrite BENCHMARKS.md
+ *   npm run bench -- --scale           also the 64 GiB migration (minutes; 64 GiB of address
+ *                                      space per side, only the working set committed)
  *   npm run bench -- --detection       also bench/free-run-detection.ts (catalogued bugs
  *                                      caught under free-run; minutes, not seconds)
  *   npm run bench -- --strict          exit 1 when a target is missed
@@ -54,8 +56,15 @@ const CASES: Case[] = [
   { id: 'deterministic/vcpus', file: 'deterministic.ts', args: ['vcpus'] },
   { id: 'free-run/steady', file: 'free-run.ts', args: ['steady'] },
   { id: 'free-run/collect', file: 'free-run.ts', args: ['collect'] },
+  { id: 'migration/throughput', file: 'migration.ts', args: ['throughput'] },
+  { id: 'migration/tcp', file: 'migration.ts', args: ['tcp'] },
+  { id: 'migration/convergence', file: 'migration.ts', args: ['convergence'] },
 ];
-const DETECTION: Case = { id: 'free-run-detection', file: 'free-run-detection.ts', args: [] };
+const DETECTION: Case[] = [
+  { id: 'free-run-detection', file: 'free-run-detection.ts', args: [] },
+  { id: 'free-run-detection/migrate', file: 'free-run-detection.ts', args: ['10', 'migrate'] },
+];
+const SCALE: Case = { id: 'migration/scale/64GiB', file: 'migration.ts', args: ['scale'] };
 
 /** The exact command, as typed through npm. */
 const COMMAND = `npm run bench${process.argv.length > 2 ? ` -- ${process.argv.slice(2).join(' ')}` : ''}`;
@@ -302,7 +311,7 @@ const METHOD = [
 const started = new Date();
 const t0 = performance.now();
 const only = option('--only')?.split(',').filter(Boolean);
-const cases = [...CASES, ...(flag('--detection') ? [DETECTION] : [])].filter((c) => !only || only.some((o) => c.id.includes(o)));
+const cases = [...CASES, ...(flag('--detection') ? DETECTION : []), ...(flag('--scale') ? [SCALE] : [])].filter((c) => !only || only.some((o) => c.id.includes(o)));
 const outcomes: Outcome[] = [];
 let quietBudget = QUIET_BUDGET_MS;
 for (const c of cases) {
