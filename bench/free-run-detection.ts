@@ -44,7 +44,6 @@ if (which === 'migrate') {
         // The bug's demonstration scenario, with the bug injected or not (same settings).
         const flags = { ...migrateFlags({ inject: [bug.name], seed: String(seed) }), inject };
         const { scenario, watchdogMs, burst } = migrationScenario({ ...flags, tracking: bug.modes[0] });
-        scenario.bugs = inject;
         what = `${scenario.workload.name}, ${scenario.memoryBytes >> 20} MiB, ${scenario.vcpus} vCPUs, ${scenario.tracking}`;
         const r = await runMigration(scenario, { driver: 'free', watchdogMs, burst, resumeOps: 0 });
         seconds += r.seconds;

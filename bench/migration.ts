@@ -136,6 +136,10 @@ async function rawSocket(source: Uint8Array[], bytes: number, store: boolean): P
   process.env['WANT'] = String(bytes);
   process.env['STORE'] = store ? '1' : '0';
   const { proc, port } = await child(SINK);
+  try { return await sendAll(source, bytes, port); } finally { proc.kill(); }
+}
+
+async function sendAll(source: Uint8Array[], bytes: number, port: number): Promise<number> {
   const sock = new Socket();
   sock.setNoDelay(true);
   const t0 = performance.now();
@@ -155,7 +159,6 @@ async function rawSocket(source: Uint8Array[], bytes: number, store: boolean): P
   await done;
   const seconds = (performance.now() - t0) / 1000;
   sock.destroy();
-  proc.kill();
   return bytes / seconds;
 }
 
@@ -169,9 +172,9 @@ async function tcp(): Promise<Figure[]> {
   const ratios: number[] = [];
   for (let i = 0; i <= REPS; i++) {
     const { proc, port } = await child(DESTINATION);
-    const r = await migrate(s, { host: '127.0.0.1', port }, keep);
-    proc.kill();
-    // Both sides carry the same bytes: the migration's stream (page data and records).
+    let r: MigrationRunResult;
+    try { r = await migrate(s, { host: '127.0.0.1', port }, keep); } finally { proc.kill(); }
+    // Both sides carry the stream's size as QEMU accounts it (4096 + 8 bytes per normal page).
     const bytes = r.info!.transferredBytes;
     const migRate = bytes / (r.info!.totalTimeMs / 1000);
     await settle();

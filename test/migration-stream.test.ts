@@ -47,7 +47,7 @@ function stream(): Uint8Array[] {
   return [...frames, encodeComplete(2, 1, crc)];
 }
 
-describe('migration stream v1', () => {
+describe('migration stream v2', () => {
   it('round-trips header, a page batch with a zero page sent without payload, sync and completion', () => {
     const d = new StreamDecoder();
     const recs = stream().flatMap((f) => d.push(f));

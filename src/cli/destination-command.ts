@@ -1,6 +1,8 @@
 import { DEFAULT_WORKLOAD, parseWorkloadName } from '../guest/workload.ts';
+import { GuestMemory } from '../host/guest-memory.ts';
+import { hasHostWrites } from '../oracles/sweep-pattern.ts';
 import { serveDestination } from '../migration/tcp.ts';
-import { type DestinationRun, resumeDestination } from '../scenarios/resume.ts';
+import { type DestinationRun, defaultResumeOps, resumeDestination } from '../scenarios/resume.ts';
 import { UserError } from '../util/errors.ts';
 import { fraction, int, positive } from './flags.ts';
 import { MIGRATE_DEFAULTS, describeDestination } from './migrate-command.ts';
@@ -62,8 +64,9 @@ export async function destinationCommand(f: DestinationFlags): Promise<number> {
   if (r.status === 'completed' && f.resume && layout) {
     const pages = layout.totalPages;
     run = await resumeDestination(layout, {
-      workload, seed, opsPerVcpu: resumeOps ?? Math.ceil((1.5 * pages) / vcpus), driver: 'free', watchdogMs, burst,
-      sweepCheck: workload.name === 'sweep',
+      workload, seed, opsPerVcpu: resumeOps ?? defaultResumeOps(pages, vcpus), driver: 'free', watchdogMs, burst,
+      // The source's host writes (if it had any) land on byte 0: then there is no pattern to check.
+      sweepCheck: workload.name === 'sweep' && !hasHostWrites(new GuestMemory(layout)),
     });
   }
   const ok = r.status === 'completed' && (run === null || run.status === 'passed');

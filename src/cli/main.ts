@@ -15,7 +15,8 @@ const DEFAULT_JOB_FILE: ScenarioFile = { path: '(the default job)', kind: 'migra
 const DIRTY_LOG_TEST_ONLY: Record<string, string> = { iterations: '--iterations', writes: '--writes', randomOrder: '--random-order' };
 const MIGRATE_ONLY: Record<string, string> = {
   bandwidth: '--bandwidth', downtimeLimit: '--downtime-limit', maxIterations: '--max-iterations', timeout: '--timeout', policy: '--policy',
-  warmup: '--warmup', to: '--to', allowRemote: '--allow-remote', resumeOps: '--resume-ops',
+  warmup: '--warmup', to: '--to', allowRemote: '--allow-remote', resumeOps: '--resume-ops', batchPages: '--batch-pages',
+  pageHistory: '--no-page-history',
 };
 
 /** Defaults of the options both guest-running commands share. */

@@ -4,7 +4,7 @@ import { DEFAULT_WORKLOAD, parseWorkloadName } from '../guest/workload.ts';
 import type { ConvergencePolicy, MigrationInfo, PassStats } from '../migration/precopy.ts';
 import { describeMismatch } from '../oracles/stamp-oracle.ts';
 import { describeSweepCheck } from '../oracles/sweep-pattern.ts';
-import type { DestinationRun } from '../scenarios/resume.ts';
+import { type DestinationRun, defaultResumeOps } from '../scenarios/resume.ts';
 import { type MigrationRunResult, type MigrationScenario, runMigration } from '../scenarios/migration.ts';
 import type { Driver } from '../scenarios/run-roles.ts';
 import { UserError } from '../util/errors.ts';
@@ -87,9 +87,7 @@ export function migrationScenario(f: MigrateFlags): {
   const to = target(f);
   if (to && driver !== 'free') throw new UserError(`--to: a TCP destination needs --driver free (the deterministic driver runs on one thread)`);
   if (to && f.resumeOps !== undefined) throw new UserError(`--resume-ops: a destination process resumes the guest itself (vmemlab destination --resume)`);
-  // By default the resumed guest runs 1.5 passes over each vCPU's share of memory: every
-  // page is written again, and a sweep crosses the end of its slice and moves its edge.
-  const resumeOps = to ? undefined : f.resumeOps !== undefined ? int('--resume-ops', f.resumeOps, 0) : Math.ceil((1.5 * pages) / scenario.vcpus);
+  const resumeOps = to ? undefined : f.resumeOps !== undefined ? int('--resume-ops', f.resumeOps, 0) : defaultResumeOps(pages, scenario.vcpus);
   return { scenario, driver, to, resumeOps, watchdogMs: positive('--watchdog', f.watchdog, 'seconds') * 1000, burst: int('--burst', f.burst, 1, 1 << 20) };
 }
 

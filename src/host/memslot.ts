@@ -33,6 +33,8 @@ export class Memslot {
   readonly firstPage: number;
   readonly u32: Uint32Array[];
   readonly u8: Uint8Array[];
+  /** Buffer views of the regions, for memcmp without a view per page (isZeroPage). */
+  private readonly buffers: Buffer[];
   readonly spte: Uint8Array;
   readonly dirtyBitmap: Int32Array;
 
@@ -47,6 +49,7 @@ export class Memslot {
     this.firstPage = layout.firstPage;
     this.u32 = layout.regions.map((r) => new Uint32Array(r));
     this.u8 = layout.regions.map((r) => new Uint8Array(r));
+    this.buffers = layout.regions.map((r) => Buffer.from(r));
     this.spte = new Uint8Array(layout.spte);
     this.dirtyBitmap = new Int32Array(layout.dirtyBitmap);
   }
@@ -119,13 +122,6 @@ export class Memslot {
     return this.words(page)[this.wordIndex(page) + 4]!;
   }
 
-  /** A copy of one page's bytes (what a migration would send). */
-  copyPage(page: number, into: Uint8Array = new Uint8Array(PAGE_SIZE), at = 0): Uint8Array {
-    const off = this.byteOffset(page);
-    into.set(this.bytes(page).subarray(off, off + PAGE_SIZE), at);
-    return into;
-  }
-
   /** Copies `count` consecutive pages from `page` on into `into` at `at`, one copy per region. */
   copyPages(page: number, count: number, into: Uint8Array, at: number): void {
     while (count > 0) {
@@ -144,8 +140,8 @@ export class Memslot {
     const w = this.words(page);
     const i = this.wordIndex(page);
     if ((w[i]! | w[i + 1]! | w[i + 2]! | w[i + 3]! | w[i + 4]!) !== 0) return false;
-    const u8 = this.bytes(page);
-    return Buffer.from(u8.buffer, u8.byteOffset + this.byteOffset(page), PAGE_SIZE).equals(ZERO_PAGE);
+    const off = this.byteOffset(page);
+    return this.buffers[page >>> REGION_PAGES_SHIFT]!.compare(ZERO_PAGE, 0, PAGE_SIZE, off, off + PAGE_SIZE) === 0;
   }
 
   containsGfn(gfn: number): boolean {

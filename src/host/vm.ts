@@ -90,7 +90,7 @@ export class Vm {
       return;
     }
     writeProtectSlot(slot);
-    if (this.history) for (let p = 0; p < slot.pages; p++) this.history.record(slot.firstPage + p, PageEvent.PROTECTED, ProtectBy.ENABLE_LOGGING);
+    this.history?.recordRange(slot.firstPage, slot.pages, PageEvent.PROTECTED, ProtectBy.ENABLE_LOGGING);
     yield undefined;
     yield* this.flushRemoteTlbs();
   }

@@ -1,15 +1,15 @@
 import type { MessagePort } from 'node:worker_threads';
 
 /**
- * The migration thread's end of the stream. Sending never blocks: the sender checks
- * `canSend()` first, which applies back-pressure by credit: bytes sent but not yet
- * applied by the destination may not exceed the window. The destination publishes the
- * bytes it has applied in a shared word, so credit works across threads.
+ * The migration thread's end of the stream. The sender checks `canSend()` before a page
+ * batch, which applies back-pressure by credit: bytes sent but not yet consumed by the
+ * destination may not exceed the window, published in a shared word so that credit
+ * works across threads. Then sending a batch never blocks.
  */
 export interface MigrationChannel {
   send(frame: Uint8Array): void;
   canSend(): boolean;
-  /** Where to park while out of credit: the destination's applied-bytes word. */
+  /** Where to park while out of credit: the destination's applied-bytes word, or the stream ring's read count. */
   readonly creditWord: { array: Int32Array; index: number };
   readonly bytesSent: number;
   /** Space for an `n`-byte frame where it will be delivered from (null: none now), so it is built in place. */
@@ -47,7 +47,7 @@ export class QueueChannel extends CreditChannel {
   protected deliver(frame: Uint8Array): void { this.queue.push(frame); }
 }
 
-/** To a destination worker through a MessagePort; the frame's buffer is transferred, not copied. */
+/** To the main thread's TCP bridge (tcp.ts) through a MessagePort; the frame's buffer is transferred, not copied. */
 export class PortChannel extends CreditChannel {
   constructor(words: Int32Array, private readonly port: MessagePort) { super(words); }
   protected deliver(frame: Uint8Array): void {

@@ -25,8 +25,6 @@ export class Destination {
   /**
    * `memory` is this destination's guest memory; or null, and `createMemory` builds it
    * from the stream header's slot layout (a destination process that was told nothing).
-   */
-  /**
    * `fresh`: the memory is all zero and written by nobody else until the migration
    * completes, so a zero page for a page this destination never wrote needs no access.
    */

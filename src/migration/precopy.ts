@@ -133,11 +133,13 @@ export function* precopy(
   const cancelled = (): boolean => Atomics.load(destWords, DestWord.CANCEL) !== 0;
 
   function* waitForCredit(limited: boolean): Steps {
-    while (!channel.canSend()) {
+    const w = channel.creditWord;
+    for (;;) {
+      const seen = Atomics.load(w.array, w.index); // read before the check: a later change wakes us
+      if (channel.canSend()) break;
       if (cancelled()) return;
       if (Atomics.load(destWords, DestWord.STATE) === DestState.FAILED) return;
-      const w = channel.creditWord;
-      yield waitFor(WaitCode.DESTINATION, 0, 0, { ...w, value: Atomics.load(w.array, w.index) });
+      yield waitFor(WaitCode.DESTINATION, 0, 0, { ...w, value: seen });
     }
     if (!limited || p.bandwidth <= 0) return;
     for (;;) {
@@ -195,7 +197,7 @@ export function* precopy(
       if (batch.length === 0 || batchSlot === null || cancelled()) return;
       yield* waitForCredit(limited);
       const s = batchSlot;
-      if (history) for (const offset of batch) history.record(s.firstPage + offset, PageEvent.COPIED, copyStage);
+      history?.recordEach(s.firstPage, batch, PageEvent.COPIED, copyStage);
       const enc = encodePages(s.slotField, batch, pagesOf(s), inPlace);
       send(enc.frame);
       const bytes = enc.normal * (PAGE_SIZE + PAGE_OVERHEAD) + enc.zero * (PAGE_OVERHEAD + 1);

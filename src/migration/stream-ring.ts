@@ -35,8 +35,8 @@ export class RingChannel implements MigrationChannel {
   private readonly words: Int32Array;
   private readonly data: Uint8Array;
   private readonly view: DataView;
-  /** The frame handed out by alloc() and not yet sent: [counter, bytes taken]. */
-  private reserved: { at: number; taken: number } | null = null;
+  /** Ring bytes the frame handed out by alloc() and not yet sent takes (with its wrap), or -1. */
+  private reserved = -1;
 
   constructor(ring: SharedArrayBuffer, private readonly destWords: Int32Array) {
     this.words = new Int32Array(ring, 0, CONTROL_BYTES / 4);
@@ -62,26 +62,30 @@ export class RingChannel implements MigrationChannel {
     const skip = pos + need > RING_BYTES ? RING_BYTES - pos : 0;
     if (skip + need > this.free()) return null;
     if (skip > 0) this.view.setUint32(pos, WRAP);
-    this.reserved = { at: (w + skip) >>> 0, taken: skip + need };
+    this.reserved = skip + need;
     const start = (w + skip) & MASK;
     return this.data.subarray(start, start + n);
   }
 
+  /**
+   * Publishes a frame. One built by alloc() is in place already; another (header, sync,
+   * completion: small) is copied in, and if the ring is full this waits for the reader,
+   * as a socket write blocks: bounded by the destination failing or a cancel.
+   */
   send(frame: Uint8Array): void {
-    if (this.reserved === null || frame.buffer !== this.data.buffer) {
-      // A frame built elsewhere (header, sync, completion): copy it in, waiting for room.
-      let into = this.alloc(frame.length);
-      while (into === null) {
-        if (Atomics.load(this.destWords, DestWord.STATE) === DestState.FAILED) return;
-        Atomics.wait(this.words, READ, Atomics.load(this.words, READ), 10);
-        into = this.alloc(frame.length);
+    if (this.reserved < 0 || frame.buffer !== this.data.buffer) {
+      for (;;) {
+        const read = Atomics.load(this.words, READ);
+        const into = this.alloc(frame.length);
+        if (into !== null) { into.set(frame); break; }
+        if (Atomics.load(this.destWords, DestWord.STATE) === DestState.FAILED || Atomics.load(this.destWords, DestWord.CANCEL) !== 0) return;
+        Atomics.wait(this.words, READ, read, 10);
       }
-      into.set(frame);
     }
-    const r = this.reserved!;
-    this.reserved = null;
+    const taken = this.reserved;
+    this.reserved = -1;
     this.bytesSent += frame.length;
-    Atomics.store(this.words, WRITE, (Atomics.load(this.words, WRITE) + r.taken) | 0);
+    Atomics.store(this.words, WRITE, (Atomics.load(this.words, WRITE) + taken) | 0);
     Atomics.notify(this.words, WRITE);
   }
 }
@@ -92,6 +96,8 @@ export class RingSource implements FrameSource {
   private readonly data: Uint8Array;
   private readonly view: DataView;
   private taken = 0;
+  /** The WRITE count next() last found the ring empty at: where to park (a later frame changes it). */
+  private seenWrite = 0;
 
   constructor(ring: SharedArrayBuffer) {
     this.words = new Int32Array(ring, 0, CONTROL_BYTES / 4);
@@ -101,17 +107,19 @@ export class RingSource implements FrameSource {
 
   /** Where to park while the ring is empty. */
   get parkWord(): { array: Int32Array; index: number; value: number } {
-    return { array: this.words, index: WRITE, value: Atomics.load(this.words, WRITE) };
+    return { array: this.words, index: WRITE, value: this.seenWrite };
   }
 
   next(): Uint8Array | undefined {
     for (;;) {
       const r = Atomics.load(this.words, READ) >>> 0;
-      if (r === Atomics.load(this.words, WRITE) >>> 0) return undefined;
+      const w = Atomics.load(this.words, WRITE);
+      if (r === w >>> 0) { this.seenWrite = w; return undefined; }
       const pos = r & MASK;
       const n = this.view.getUint32(pos);
       if (n === WRAP) {
         Atomics.store(this.words, READ, (r + RING_BYTES - pos) | 0);
+        Atomics.notify(this.words, READ);
         continue;
       }
       this.taken = align8(4 + n);

@@ -153,10 +153,7 @@ export class StreamDecoder {
         const n = new DataView(this.buf.buffer, this.buf.byteOffset + this.offset).getUint32(0);
         if (n <= MAX_FRAME && have + this.partBytes < 4 + n) return [];
       }
-      this.buf = concat(this.buf.subarray(this.offset), ...this.parts);
-      this.offset = 0;
-      this.parts = [];
-      this.partBytes = 0;
+      this.join();
     }
     const out: (StreamRecord | PageBatch)[] = [];
     for (;;) {
@@ -178,9 +175,17 @@ export class StreamDecoder {
 
   /** The stream ended: anything left over is a truncated frame. */
   end(): void {
-    if (this.parts.length > 0) { this.buf = concat(this.buf.subarray(this.offset), ...this.parts); this.offset = 0; this.parts = []; }
+    if (this.parts.length > 0) this.join();
     if (this.buf.length > this.offset) throw new StreamError(`stream truncated: ${this.buf.length - this.offset} bytes of an incomplete frame ${this.frames}`);
     if (!this.completed) throw new StreamError(`stream ended after ${this.frames} frames without a completion record`);
+  }
+
+  /** The unread bytes and the gathered chunks, as one buffer. */
+  private join(): void {
+    this.buf = concat(this.buf.subarray(this.offset), ...this.parts);
+    this.offset = 0;
+    this.parts = [];
+    this.partBytes = 0;
   }
 
   private decodeFrame(body: Uint8Array): StreamRecord | PageBatch {

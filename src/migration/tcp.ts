@@ -145,8 +145,10 @@ export async function serveDestination(host: string, port: number, vcpus = 1): P
       }
       const applied = Atomics.load(dest.words, DestWord.APPLIED_KIB) * 1024;
       if (dest.state === DestState.COMPLETE) {
-        socket.write(replyFrame({ t: 'complete', normal: dest.stats.normal, zero: dest.stats.zero }));
-        socket.end(replyFrame({ t: 'digests', digests: pageDigests(dest.memory!) }));
+        // complete goes out now; the digests (a read of all memory) once it has been written.
+        socket.write(replyFrame({ t: 'complete', normal: dest.stats.normal, zero: dest.stats.zero }), () => {
+          socket.end(replyFrame({ t: 'digests', digests: pageDigests(dest.memory!) }));
+        });
         finish('completed');
       } else if (applied - lastAck >= ACK_EVERY) {
         lastAck = applied;

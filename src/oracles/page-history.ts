@@ -79,8 +79,28 @@ export class PageHistory {
 
   /** `page` is VM-wide (Memslot.firstPage + page). Last writer wins: it is a record of the latest event. */
   record(page: number, event: PageEvent, detail: number): void {
+    this.put(page, event, detail, this.now());
+  }
+
+  /** The same event for each of `pages`, VM-wide `first + pages[i]`, at one time (one ioctl, one batch). */
+  recordEach(first: number, pages: ArrayLike<number>, event: PageEvent, detail: number): void {
+    const t = this.now();
+    for (let i = 0; i < pages.length; i++) this.put(first + pages[i]!, event, detail, t);
+  }
+
+  /** The same event for `count` consecutive pages from VM-wide `page`, at one time. */
+  recordRange(page: number, count: number, event: PageEvent, detail: number): void {
+    const t = this.now();
+    for (let p = page; p < page + count; p++) this.put(p, event, detail, t);
+  }
+
+  private now(): number {
+    return Math.min(this.clock(), 0xfffffffd) + 1;
+  }
+
+  private put(page: number, event: PageEvent, detail: number, t: number): void {
     const i = HEADER_WORDS + page * WORDS_PER_PAGE + event * 2;
-    this.words[i] = Math.min(this.clock(), 0xfffffffd) + 1;
+    this.words[i] = t;
     this.details[i + 1] = detail;
   }
 

@@ -1,5 +1,5 @@
 import type { GuestMemory } from '../host/guest-memory.ts';
-import { type Memslot, type PageStamp, describeWriter } from '../host/memslot.ts';
+import { HOST_WRITER_BASE, type Memslot, type PageStamp, describeWriter } from '../host/memslot.ts';
 
 /**
  * The sweep-pattern oracle: migration-test's check on the destination
@@ -124,6 +124,15 @@ export function sweepPosition(bytes: Uint8Array): number {
 }
 
 /** Runs the check on guest memory swept by `vcpus` vCPUs, reporting up to `max` pages. */
+/**
+ * True when some page's stamp names a host writer: the VMM wrote guest memory (host
+ * writes store into byte 0), so the sweep pattern cannot hold and is not checked.
+ */
+export function hasHostWrites(memory: GuestMemory): boolean {
+  for (const s of memory.slots) for (let p = 0; p < s.pages; p++) if (s.stampOf(p).writer >= HOST_WRITER_BASE) return true;
+  return false;
+}
+
 export function checkSweepPattern(memory: GuestMemory, vcpus: number, max = 10): SweepCheck {
   const { bytes, at } = pageBytes(memory);
   const gfnOf = (i: number): number => { const [s, p] = at(i); return s.baseGfn + p; };

@@ -143,7 +143,7 @@ export async function runMigration(s: MigrationScenario, o: MigrationRunOptions)
       const cmp = compareDigests(new GuestMemory(source), end.digests);
       result.pagesCompared = cmp.pages;
       result.mismatchCount = cmp.count;
-      result.mismatches = withHistory(cmp.mismatches, new GuestMemory(source), vm.history);
+      result.mismatches = withHistory(cmp.mismatches, vm.memory, vm.history);
       if (cmp.count > 0) result.status = 'failed';
     }
     result.seconds = (performance.now() - started) / 1000;
@@ -152,7 +152,7 @@ export async function runMigration(s: MigrationScenario, o: MigrationRunOptions)
   if (result.info?.status === 'completed') {
     const cmp = compareMemory(new GuestMemory(source), new GuestMemory(target));
     result.pagesCompared = cmp.pages;
-    result.mismatches = withHistory(cmp.mismatches, new GuestMemory(source), vm.history);
+    result.mismatches = withHistory(cmp.mismatches, vm.memory, vm.history);
     result.mismatchCount = cmp.count;
     if (cmp.count > 0) result.status = 'failed';
   } else if (result.status === 'passed') {

@@ -5,6 +5,11 @@ import { type SweepCheck, checkSweepPattern } from '../oracles/sweep-pattern.ts'
 import { type RoleSpec, vmFor } from './roles.ts';
 import { type Driver, runRoles } from './run-roles.ts';
 
+/** How long a resumed guest runs by default: 1.5 passes over each vCPU's share of memory (every page written again, and a sweep crosses the end of its slice). */
+export function defaultResumeOps(pages: number, vcpus: number): number {
+  return Math.ceil((1.5 * pages) / vcpus);
+}
+
 export interface ResumeOptions {
   workload: WorkloadOptions;
   seed: number;
