@@ -36,7 +36,7 @@ async function settle(): Promise<void> {
   collect();
   await new Promise((r) => setTimeout(r, 200));
 }
-const REPS = 3;
+const REPS = 5;
 const MiB = 1 << 20;
 
 function scenario(o: Omit<Partial<MigrationScenario>, 'params'> & { params?: Partial<MigrationScenario['params']> }): MigrationScenario {
@@ -92,6 +92,7 @@ async function throughput(): Promise<Figure[]> {
     mig.push(ramRate(r));
     raw.push(rawRate);
     ratios.push(ramRate(r) / rawRate);
+    if (process.env['BENCH_VERBOSE']) console.error(`migration ${(ramRate(r) / MiB).toFixed(0)} MiB/s (${r.info!.totalTimeMs.toFixed(0)} ms, setup ${r.info!.setupTimeMs.toFixed(0)} ms, downtime ${r.info!.downtimeMs.toFixed(0)} ms) vs copy ${(rawRate / MiB).toFixed(0)} MiB/s`);
   }
   const ratio = median(ratios);
   return [{

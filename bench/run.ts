@@ -56,7 +56,7 @@ const CASES: Case[] = [
   { id: 'deterministic/vcpus', file: 'deterministic.ts', args: ['vcpus'] },
   { id: 'free-run/steady', file: 'free-run.ts', args: ['steady'] },
   { id: 'free-run/collect', file: 'free-run.ts', args: ['collect'] },
-  { id: 'migration/throughput', file: 'migration.ts', args: ['throughput'] },
+  { id: 'migration/throughput', file: 'migration.ts', args: ['throughput'], processes: 3 },
   { id: 'migration/tcp', file: 'migration.ts', args: ['tcp'] },
   { id: 'migration/convergence', file: 'migration.ts', args: ['convergence'] },
 ];
