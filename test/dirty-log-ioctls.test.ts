@@ -1,3 +1,4 @@
+import { HOST_WRITER_BASE } from '../src/host/memslot.ts';
 import { describe, expect, it } from 'vitest';
 import { EINVAL, ENXIO, KVM_MEM_LOG_DIRTY_PAGES } from '../src/host/constants.ts';
 import { spteWritable } from '../src/host/spte.ts';
@@ -105,7 +106,7 @@ describe('KVM_CLEAR_DIRTY_LOG (manual protect)', () => {
 });
 
 describe('kvm_write_guest and mark_page_dirty_in_slot', () => {
-  const stamp = { writer: 0x10000, seq: 1, iteration: 1 };
+  const stamp = { writer: HOST_WRITER_BASE, seq: 1, iteration: 1 };
 
   it('goes to the running vCPU\'s ring in vCPU context', () => {
     const vm = makeVm({ tracking: RING(), vcpus: 2 });

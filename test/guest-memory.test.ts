@@ -1,7 +1,9 @@
 import { describe, expect, it } from 'vitest';
 import { type Bitmap, NO_BITMAP, PageBitmap, SharedDirtyBitmap } from '../src/host/dirty-bitmap.ts';
 import { GuestMemory } from '../src/host/guest-memory.ts';
+import { PAGE_SIZE } from '../src/host/constants.ts';
 import { REGION_PAGES, createVmLayout } from '../src/host/layout.ts';
+import { HOST_WRITER_BASE, MAX_STAMP_ITERATION, describeWriter } from '../src/host/memslot.ts';
 import { LEGACY } from './helpers.ts';
 
 describe('guest memory', () => {
@@ -68,5 +70,21 @@ describe('SharedDirtyBitmap.setAll (INITIALLY_SET)', () => {
     const words = new Int32Array(new SharedArrayBuffer(16));
     new SharedDirtyBitmap(words, 70).setAll();
     expect(Array.from(words, (w) => w >>> 0)).toEqual([0xffffffff, 0xffffffff, 0x3f, 0]);
+  });
+});
+
+describe('the page stamp', () => {
+  it('keeps writer, sequence and iteration apart in bytes 8-15, next to the workload\'s bytes 0-7', () => {
+    const mem = new GuestMemory(createVmLayout({ slots: [{ id: 1, asId: 0, baseGfn: 0, pages: 4, flags: 0 }], vcpus: 1, tracking: { kind: 'bitmap', manualProtect: false, initiallySet: false } }));
+    const s = mem.slots[0]!;
+    s.writeU64Stamped(1, 2 ** 40 + 5, HOST_WRITER_BASE + 7, 0xfffffffe, MAX_STAMP_ITERATION);
+    expect(s.readU64(1)).toBe(2 ** 40 + 5);
+    expect(s.stampOf(1)).toEqual({ writer: HOST_WRITER_BASE + 7, seq: 0xfffffffe, iteration: MAX_STAMP_ITERATION });
+    expect(s.stampIteration(1)).toBe(MAX_STAMP_ITERATION);
+    expect(describeWriter(s.stampOf(1).writer)).toBe('host writer 7');
+    s.stamp(1, 3, 9, 2);
+    expect([s.stampOf(1), s.readU64(1)]).toEqual([{ writer: 3, seq: 9, iteration: 2 }, 2 ** 40 + 5]);
+    const b = s.bytes(1);
+    expect(Array.from(b.subarray(s.byteOffset(1) + 16, s.byteOffset(1) + PAGE_SIZE)).every((x) => x === 0), 'nothing past byte 15').toBe(true);
   });
 });

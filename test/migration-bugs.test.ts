@@ -1,3 +1,4 @@
+import { HOST_WRITER_BASE } from '../src/host/memslot.ts';
 import { describe, expect, it } from 'vitest';
 import { CATALOG } from '../src/bugs/catalog.ts';
 import { migrateFlags, migrationScenario } from '../src/cli/migrate-command.ts';
@@ -81,7 +82,7 @@ describe('page history in the lost-write report', () => {
     const r = await runMigration(demo('untracked-host-write', 'dirty-ring', 1), DET);
     const h = r.mismatches[0]!.history!;
     expect(h.at(-1)).toMatchObject({ event: 'host-write', detail: 'kvm_write_guest without mark_page_dirty_in_slot' });
-    expect(r.mismatches[0]!.source.writer).toBeGreaterThanOrEqual(0x10000);
+    expect(r.mismatches[0]!.source.writer).toBeGreaterThanOrEqual(HOST_WRITER_BASE);
   });
 
   it('is measured in microseconds since the run started without the step clock, and can be switched off', async () => {

@@ -1,4 +1,5 @@
 import { PAGE_SIZE } from '../host/constants.ts';
+import { MAX_STAMP_ITERATION } from '../host/memslot.ts';
 import { DEFAULT_WORKLOAD, parseWorkloadName } from '../guest/workload.ts';
 import { describeViolation } from '../oracles/dirty-log-verify.ts';
 import type { DirtyLogEvent, DirtyLogTestConfig } from '../scenarios/dirty-log-test.ts';
@@ -57,7 +58,7 @@ export function dirtyLogTestConfig(f: DirtyLogTestFlags): { config: DirtyLogTest
   const defaultWrites = driver === 'deterministic' ? Math.min(4096, pages * 2) : Math.max(20000, Math.min(200000, pages));
   const config: DirtyLogTestConfig = {
     mode, vcpus, memoryBytes, slots, ringEntries,
-    iterations: int('--iterations', f.iterations, 1, 1_000_000),
+    iterations: int('--iterations', f.iterations, 1, MAX_STAMP_ITERATION), // the page stamp holds 16 bits of it
     workload: {
       name: parseWorkloadName(f.workload, '--workload'),
       hotFraction: fraction('--hot-fraction', f.hotFraction),

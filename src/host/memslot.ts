@@ -1,12 +1,23 @@
 import { PAGE_SIZE } from './constants.ts';
 import { REGION_PAGES, REGION_PAGES_SHIFT, type MemslotLayout, slotFieldOf } from './layout.ts';
 
-/** Byte offsets inside a page that vmemlab itself uses (the stamp, for the oracles). */
+/**
+ * The stamp, for the oracles: bytes 8-15 of every page, next to the workload's bytes 0-7.
+ * One little-endian u32 holds the writer (low 16 bits) and the guest iteration (high 16
+ * bits), the next the writer's sequence number: two stores on the guest's write path.
+ */
 export const STAMP_WRITER_OFFSET = 8;
+export const STAMP_ITERATION_OFFSET = 10;
 export const STAMP_SEQ_OFFSET = 12;
-export const STAMP_ITERATION_OFFSET = 16;
-/** Writer ids in stamps: vCPU i stamps i + 1; host writers stamp HOST_WRITER_BASE + n. */
-export const HOST_WRITER_BASE = 0x10000;
+/** Writer ids in stamps (16 bits): vCPU i stamps i + 1; host writers stamp HOST_WRITER_BASE + n. */
+export const HOST_WRITER_BASE = 0x8000;
+/** The largest iteration a stamp holds. */
+export const MAX_STAMP_ITERATION = 0xffff;
+
+/** The stamp's first word: writer and iteration. */
+export function stampWord(writer: number, iteration: number): number {
+  return (writer | (iteration << 16)) >>> 0;
+}
 
 export interface PageStamp { writer: number; seq: number; iteration: number }
 
@@ -94,9 +105,8 @@ export class Memslot {
     w[i] = value >>> 0;
     // (value / 2^32) >>> 0, without the division when |value| < 2^32 (the result is 0).
     w[i + 1] = value < 4294967296 && value > -4294967296 ? 0 : (value / 4294967296) >>> 0;
-    w[i + 2] = writer;
+    w[i + 2] = stampWord(writer, iteration);
     w[i + 3] = seq;
-    w[i + 4] = iteration;
   }
 
   /**
@@ -106,20 +116,20 @@ export class Memslot {
   stamp(page: number, writer: number, seq: number, iteration: number): void {
     const w = this.words(page);
     const i = this.wordIndex(page);
-    w[i + 2] = writer;
+    w[i + 2] = stampWord(writer, iteration);
     w[i + 3] = seq;
-    w[i + 4] = iteration;
   }
 
   stampOf(page: number): PageStamp {
     const w = this.words(page);
     const i = this.wordIndex(page);
-    return { writer: w[i + 2]!, seq: w[i + 3]!, iteration: w[i + 4]! };
+    const wi = w[i + 2]!;
+    return { writer: wi & 0xffff, seq: w[i + 3]!, iteration: wi >>> 16 };
   }
 
   /** The iteration in the page's stamp: what the dirty_log_test oracle checks. */
   stampIteration(page: number): number {
-    return this.words(page)[this.wordIndex(page) + 4]!;
+    return this.words(page)[this.wordIndex(page) + 2]! >>> 16;
   }
 
   /** Copies `count` consecutive pages from `page` on into `into` at `at`, one copy per region. */
@@ -136,10 +146,10 @@ export class Memslot {
 
   /** True when every byte of the page is zero (reading never commits untouched memory). */
   isZeroPage(page: number): boolean {
-    // Written pages are told apart by their first words (the stamp is at bytes 8-19).
+    // Written pages are told apart by their first words (the stamp is at bytes 8-15).
     const w = this.words(page);
     const i = this.wordIndex(page);
-    if ((w[i]! | w[i + 1]! | w[i + 2]! | w[i + 3]! | w[i + 4]!) !== 0) return false;
+    if ((w[i]! | w[i + 1]! | w[i + 2]! | w[i + 3]!) !== 0) return false;
     const off = this.byteOffset(page);
     return this.buffers[page >>> REGION_PAGES_SHIFT]!.compare(ZERO_PAGE, 0, PAGE_SIZE, off, off + PAGE_SIZE) === 0;
   }

@@ -2,7 +2,7 @@ import { KVM_EXIT_DIRTY_RING_FULL, KVM_EXIT_MMIO, PAGE_SIZE } from './constants.
 import {
   GlobalWord, IN_GUEST_MODE, OUTSIDE_GUEST_MODE, REGION_PAGES_SHIFT, VcpuRequest, VcpuRunState, VcpuWord, slotIsReadonly,
 } from './layout.ts';
-import { type Memslot, PAGE_WORDS, REGION_PAGE_MASK } from './memslot.ts';
+import { type Memslot, PAGE_WORDS, REGION_PAGE_MASK, stampWord } from './memslot.ts';
 import { SPTE_WRITABLE } from './spte.ts';
 import type { Vm } from './vm.ts';
 import { type GuestContext, type GuestOp, OpKind, type Workload, type Write64Workload, isWrite64Workload } from '../guest/workload.ts';
@@ -282,6 +282,7 @@ export class Vcpu implements Role {
     const tag = this.tlbGen + 1;
     const writer = this.index + 1;
     const iteration = ctx.iteration;
+    const stamp = stampWord(writer, iteration);
     let seq = this.seq;
     let slot = this.slot;
     let page = this.page;
@@ -324,15 +325,14 @@ export class Vcpu implements Role {
         }
         if (kind === K.WRITE64) {
           // Memslot.writeU64Stamped, written out so that it is inlined whatever the
-          // compiler's inlining budget: the same five stores in the same order.
+          // compiler's inlining budget: the same four stores in the same order.
           const w = curWords ?? s.u32[p >>> K.REGION_SHIFT]!;
           const i = (p & K.REGION_MASK) * K.PAGE_WORDS;
           const value = op.value;
           w[i] = value >>> 0;
           w[i + 1] = value < 4294967296 && value > -4294967296 ? 0 : (value / 4294967296) >>> 0;
-          w[i + 2] = writer;
+          w[i + 2] = stamp;
           w[i + 3] = ++seq;
-          w[i + 4] = iteration;
         } else {
           const bytes = s.bytes(p);
           const at = s.byteOffset(p);
@@ -371,8 +371,8 @@ export class Vcpu implements Role {
     const memory = this.vm.memory;
     const tlb = this.tlb;
     const tag = this.tlbGen + 1;
-    const writer = this.index + 1;
     const iteration = this.ctx.iteration;
+    const stamp = stampWord(this.index + 1, iteration);
     const lo = iteration >>> 0;
     const hi = iteration < 4294967296 && iteration > -4294967296 ? 0 : (iteration / 4294967296) >>> 0;
     let seq = this.seq;
@@ -401,9 +401,8 @@ export class Vcpu implements Role {
       const i = (gfn - base) * K.PAGE_WORDS;
       w[i] = lo;
       w[i + 1] = hi;
-      w[i + 2] = writer;
+      w[i + 2] = stamp;
       w[i + 3] = ++seq;
-      w[i + 4] = iteration;
       n++;
     }
     if (limit > 0) this.opIteration = iteration;
