@@ -126,7 +126,6 @@ export class DirtyRing {
       const nextOffset = (gfns[e + OFF_LO]! >>> 0) + (gfns[e + OFF_HI]! >>> 0) * 4294967296;
       Atomics.store(gfns, e + F, 0);
       ri = (ri + 1) | 0;
-      Atomics.store(idx, resetAt, ri);
       count++;
       if ((lo | hi) !== 0 && nextSlot === curSlot) {
         const delta = nextOffset - curOffset;
@@ -147,6 +146,9 @@ export class DirtyRing {
       curSlot = nextSlot; curOffset = nextOffset; lo = 1; hi = 0;
     }
     if ((lo | hi) !== 0) { protect(curSlot, curOffset, lo >>> 0, hi >>> 0); calls++; }
+    // The entries go back to the vCPU at once, after every one of them was invalidated
+    // (KVM bumps reset_index per entry under the same rule: invalid before reusable).
+    Atomics.store(idx, resetAt, ri);
     this.protectCalls = calls;
     return count;
   }
