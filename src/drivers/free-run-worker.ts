@@ -29,10 +29,14 @@ export function runRoleWorker(data: RoleWorkerData, post: (m: WorkerMessage) => 
   post({ type: 'done' });
 }
 
+/** How long a blocked role re-checks before it parks. */
+const SPIN_MS = 0.05;
+
 export function runFreeLoop(role: Role, actors: Int32Array, actor: number, burst: number, crashAfterSteps = -1): void {
   const base = actorBase(actor);
   const idle = new Int32Array(new SharedArrayBuffer(4));
   let spins = 0;
+  let spinStart = 0;
   let steps = 0;
   for (;;) {
     if (Atomics.load(actors, ActorWord.SHUTDOWN) !== 0) return;
@@ -52,7 +56,10 @@ export function runFreeLoop(role: Role, actors: Int32Array, actor: number, burst
     Atomics.store(actors, base + ActorWord.WAIT_CODE, w.code);
     Atomics.store(actors, base + ActorWord.WAIT_ARG, w.arg);
     Atomics.store(actors, base + ActorWord.WAIT_ARG2, w.arg2);
-    if (spins++ < 32) continue;
+    // Spin a little before parking: a futex wake-up tends to pull the woken thread onto
+    // the waker's core (wake-affine), which serialises a producer and its consumer.
+    if (spins++ === 0) spinStart = performance.now();
+    if (spins < 32 || performance.now() - spinStart < SPIN_MS) continue;
     // Park on the word the role waits for (woken by its writer), re-checking every 1 ms;
     // roles that wait on a condition with no single word sleep 0.2 ms.
     if (w.park) Atomics.wait(w.park.array, w.park.index, w.park.value, 1);
