@@ -1,5 +1,5 @@
 import type { GuestMemory } from '../host/guest-memory.ts';
-import { sweepPosition } from '../oracles/sweep-pattern.ts';
+import { sweepPosition, sweepSlices } from '../oracles/sweep-pattern.ts';
 import { Prng } from '../util/prng.ts';
 import { type GuestContext, type GuestOp, OpKind, type Workload, type WorkloadOptions, createWorkload } from './workload.ts';
 
@@ -20,9 +20,7 @@ export function resumeWorkload(
   if (o.name !== 'sweep') return createWorkload(o, ranges, vcpu, vcpus, Prng.derive(seed, RESUME_STREAM));
   const w = createWorkload(o, ranges, vcpu, vcpus, seed);
   // The slice as createWorkload cuts it; its pages' gfns in order come from the workload itself.
-  const pages = ranges.reduce((n, r) => n + r.pages, 0);
-  const slice = Math.floor(pages / vcpus);
-  const count = Math.max(1, vcpu === vcpus - 1 ? pages - vcpu * slice : slice);
+  const { count } = sweepSlices(ranges.reduce((n, r) => n + r.pages, 0), vcpus)[vcpu]!;
   const op: GuestOp = { kind: OpKind.STORE8, gfn: 0, value: 0 };
   const ctx: GuestContext = { iteration: 0 };
   const gfns = new Float64Array(count);
