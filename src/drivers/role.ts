@@ -35,6 +35,14 @@ export const enum WaitCode {
   SOURCE = 9,
   /** The VMM waits for host actors (device emulation) to pause. */
   HOST_PAUSED = 10,
+  /** An IOTLB invalidation waits for device `arg` to acknowledge generation `arg2`. */
+  IOTLB_ACK = 11,
+  /** Waits for the IOMMU domain lock (held by `arg` - 1; 0: nobody any more). */
+  IOMMU_LOCK = 12,
+  /** A device waits for the IOMMU service to answer its request. */
+  IOMMU_REPLY = 13,
+  /** The IOMMU service waits for requests. */
+  IOMMU_REQUEST = 14,
 }
 
 export interface Wait {
@@ -75,12 +83,17 @@ export function describeWait(code: number, arg: number, arg2: number, roleNames:
     case WaitCode.BANDWIDTH: return `waits ${arg} ms for the next bandwidth window`;
     case WaitCode.SOURCE: return 'waits for the migration stream';
     case WaitCode.HOST_PAUSED: return 'waits for host actors to pause';
+    case WaitCode.IOTLB_ACK: return `waits for device ${arg} to acknowledge IOTLB invalidation generation ${arg2}`;
+    case WaitCode.IOMMU_LOCK: return `waits for the IOMMU domain lock${arg > 0 ? ` (held by ${lockHolderName(arg - 1)})` : ''}`;
+    case WaitCode.IOMMU_REPLY: return `waits for the IOMMU service to answer its ${arg === 1 ? 'map' : 'unmap'} request`;
+    case WaitCode.IOMMU_REQUEST: return 'waits for map/unmap requests';
     case WaitCode.NONE: return 'is not waiting (busy or finished)';
   }
   return `waits for code ${code} (${arg}, ${arg2}); roles: ${roleNames.join(', ')}`;
 }
 
 import { EXIT_REASON_NAMES } from '../host/constants.ts';
+import { lockHolderName } from '../host/iommu/domain-lock.ts';
 function exitName(reason: number): string {
   return EXIT_REASON_NAMES[reason] ?? `exit ${reason}`;
 }

@@ -46,4 +46,6 @@ export const EXIT_REASON_NAMES: Record<number, string> = {
 export const ENOENT = 2;
 export const ENXIO = 6;
 export const EINVAL = 22;
+export const EBUSY = 16;
+export const EEXIST = 17;
 export const ENOSPC = 28;

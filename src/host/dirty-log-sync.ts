@@ -4,6 +4,7 @@ import type { Memslot } from './memslot.ts';
 import type { Vm } from './vm.ts';
 import type { Steps } from '../drivers/role.ts';
 import { PageEvent } from '../oracles/page-history.ts';
+import { DmaDirtySync } from './iommu/dma-dirty-sync.ts';
 
 export interface SyncResult {
   /** Ring entries harvested, and reset by KVM_RESET_DIRTY_RINGS (they must be equal). */
@@ -21,17 +22,20 @@ export interface SyncResult {
  */
 export class DirtyLogSync {
   readonly harvester: DirtyRingHarvester | null;
+  /** DMA dirty sources read with KVM's log at every sync, when the VM has an IOMMU. */
+  readonly dma: DmaDirtySync | null;
   private readonly scratch: Uint32Array[];
   syncs = 0;
 
   constructor(readonly vm: Vm, private readonly harvestSkipEvery = 0) {
     this.harvester = vm.rings ? new DirtyRingHarvester(vm.rings.length) : null;
+    this.dma = vm.iommu ? new DmaDirtySync(vm.iommu) : null;
     this.scratch = vm.memory.slots.map((s) => new Uint32Array(s.dirtyBitmap.length));
   }
 
   /**
-   * One sync into `into`. `final`: the VM is stopped, also collect the ring's backup
-   * bitmap. `clearNow`: with manual protect, CLEAR what GET returned (whole slot).
+   * One sync into `into`: KVM's log, then the DMA sources. `final`: the VM is stopped,
+   * also collect the ring's backup bitmap (last). `clearNow`: with manual protect, CLEAR what GET returned (whole slot).
    */
   *sync(into: PageBitmap, final: boolean, clearNow = true): Steps<SyncResult> {
     this.syncs++;
@@ -44,6 +48,7 @@ export class DirtyLogSync {
         yield undefined;
       }
       const reset: number = yield* vm.resetDirtyRings();
+      if (this.dma) yield* this.dma.sync(into);
       if (final && vm.hasBackupBitmap) {
         for (const slot of mem.slots) into.orWords(yield* vm.getDirtyLog(slot, this.scratch[slot.index]), slot.firstPage);
       }
@@ -54,6 +59,7 @@ export class DirtyLogSync {
       if (vm.manualProtect && clearNow) yield* vm.clearDirtyLog(slot, 0, slot.pages, bitmap);
       into.orWords(bitmap, slot.firstPage);
     }
+    if (this.dma) yield* this.dma.sync(into);
     return { harvested: 0, reset: 0 };
   }
 

@@ -2,6 +2,7 @@ import {
   KVM_DIRTY_GFN_SIZE, KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, PAGE_SIZE,
 } from './constants.ts';
 import { createPageHistoryBuffer } from '../oracles/page-history.ts';
+import { type IommuConfig, type IommuLayout, createIommuLayout } from './iommu/iommu-layout.ts';
 
 /**
  * One layout descriptor for all shared state (ARCHITECTURE.md, principle 1). It holds
@@ -9,8 +10,8 @@ import { createPageHistoryBuffer } from '../oracles/page-history.ts';
  * descriptor in its workerData and builds its typed-array views from it.
  */
 
-/** Words are Int32; each independently written group sits on its own 64-byte line. */
-export const LINE_WORDS = 16;
+import { LINE_WORDS } from './cache-line.ts';
+export { LINE_WORDS };
 /** Guest RAM is split into regions of at most 2 GiB so guests over 4 GiB work. */
 export const REGION_PAGES_SHIFT = 19;
 export const REGION_PAGES = 1 << REGION_PAGES_SHIFT; // 2 GiB / 4 KiB
@@ -36,6 +37,8 @@ export interface VmConfig {
   tracking: DirtyTracking;
   /** Keep per-page last-event records for the stamp oracle (oracles/page-history.ts); off by default. */
   pageHistory?: boolean;
+  /** An IOMMU with devices behind it (src/host/iommu). */
+  iommu?: IommuConfig;
 }
 
 export interface MemslotLayout extends MemslotConfig {
@@ -62,6 +65,7 @@ export interface VmLayout {
   rings: { entries: number; gfns: SharedArrayBuffer[]; indexes: SharedArrayBuffer } | null;
   /** Per-page history records, when VmConfig.pageHistory is on. */
   pageHistory: SharedArrayBuffer | null;
+  iommu: IommuLayout | null;
 }
 
 /** Words of `global`, each on its own line. */
@@ -78,14 +82,12 @@ export const GlobalWord = {
   FLUSHES: 3 * LINE_WORDS,
   /** Non-zero: host-side writers (device emulation) must pause. Written by the VMM. */
   HOST_PAUSE: 4 * LINE_WORDS,
-  /** HostActorState of the host writer. Written by the host writer. */
-  HOST_STATE: 5 * LINE_WORDS,
+  /** Host actors paused now (host-actor.ts). Written by the host actors. */
+  HOST_PAUSED: 5 * LINE_WORDS,
   /** Host actors that honour HOST_PAUSE (each registers when it starts). */
   HOST_ACTORS: 5 * LINE_WORDS + 1,
 } as const;
 const GLOBAL_WORDS = 6 * LINE_WORDS;
-
-export const enum HostActorState { RUNNING = 0, PAUSED = 1 }
 
 /** Words a vCPU writes (first line of its block). */
 export const VcpuWord = {
@@ -187,6 +189,7 @@ export function createVmLayout(config: VmConfig): VmLayout {
     vcpus: new SharedArrayBuffer(Math.max(1, config.vcpus) * VCPU_BLOCK_WORDS * 4),
     rings,
     pageHistory: config.pageHistory ? createPageHistoryBuffer(firstPage) : null,
+    iommu: config.iommu ? createIommuLayout(config.iommu, firstPage) : null,
   };
 }
 

@@ -9,8 +9,9 @@ import { REGION_PAGES, REGION_PAGES_SHIFT, type MemslotLayout, slotFieldOf } fro
 export const STAMP_WRITER_OFFSET = 8;
 export const STAMP_ITERATION_OFFSET = 10;
 export const STAMP_SEQ_OFFSET = 12;
-/** Writer ids in stamps (16 bits): vCPU i stamps i + 1; host writers stamp HOST_WRITER_BASE + n. */
+/** Writer ids in stamps (16 bits): vCPU i stamps i + 1; devices DEVICE_WRITER_BASE + n; host writers HOST_WRITER_BASE + n. */
 export const HOST_WRITER_BASE = 0x8000;
+export const DEVICE_WRITER_BASE = 0x4000;
 /** The largest iteration a stamp holds. */
 export const MAX_STAMP_ITERATION = 0xffff;
 
@@ -162,5 +163,6 @@ export class Memslot {
 export function describeWriter(writer: number): string {
   if (writer === 0) return 'nobody';
   if (writer >= HOST_WRITER_BASE) return `host writer ${writer - HOST_WRITER_BASE}`;
+  if (writer >= DEVICE_WRITER_BASE) return `device ${writer - DEVICE_WRITER_BASE}`;
   return `vcpu${writer - 1}`;
 }

@@ -10,6 +10,7 @@ import {
 import type { Memslot, PageStamp } from './memslot.ts';
 import { makeSpteWritable, mapSlotWritable, writeProtectMask32, writeProtectSlot } from './spte.ts';
 import { TlbShootdown } from './tlb-shootdown.ts';
+import { Iommu } from './iommu/iommu.ts';
 import { KvmError } from '../util/errors.ts';
 import {
   HARVEST_BITMAP, HostWriteLog, LogSink, PageEvent, PageHistory, ProtectBy,
@@ -22,6 +23,14 @@ export interface KernelBugs {
   ringFullIgnored?: boolean;
   clearWithoutProtect?: boolean;
   untrackedHostWrite?: boolean;
+  /** IOMMU: unmap returns without invalidating device IOTLBs. */
+  staleIotlbAfterUnmap?: boolean;
+  /** IOMMU: read-only pins mark pages dirty (today's vfio_pin_pages). */
+  readPinDirties?: boolean;
+  /** Devices: a DMA write no dirty source records (vfio_dma_rw without marking, a device log that misses it). */
+  untrackedDma?: boolean;
+  /** Devices: the mdev's vendor driver passes GPAs to vfio_dma_rw, which takes IOVAs. */
+  gpaAsIova?: boolean;
 }
 
 /**
@@ -41,6 +50,8 @@ export class Vm {
   readonly tracking: DirtyTracking;
   /** Per-page event records for the stamp oracle, or null (off: nothing is recorded). */
   readonly history: PageHistory | null;
+  /** The IOMMU with its devices' shared state, when the VM has one. */
+  readonly iommu: Iommu | null;
 
   constructor(readonly layout: VmLayout, readonly bugs: KernelBugs = {}) {
     this.memory = new GuestMemory(layout);
@@ -54,6 +65,7 @@ export class Vm {
       ? Array.from({ length: layout.config.vcpus }, (_, i) => new DirtyRing(layout, i))
       : null;
     this.history = layout.pageHistory ? new PageHistory(layout.pageHistory) : null;
+    this.iommu = layout.iommu ? new Iommu(layout.iommu, this.memory, bugs) : null;
   }
 
   /** Maps every slot: pages start present and writable unless the slot is read-only. */

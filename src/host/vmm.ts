@@ -1,4 +1,4 @@
-import { HostActorState, GlobalWord, VcpuRequest, VcpuRunState, VcpuWord } from './layout.ts';
+import { GlobalWord, VcpuRequest, VcpuRunState, VcpuWord } from './layout.ts';
 import type { Vm } from './vm.ts';
 
 /**
@@ -66,14 +66,13 @@ export class VmmControl {
 
   pauseHost(): void { Atomics.store(this.g, GlobalWord.HOST_PAUSE, 1); }
   resumeHost(): void { Atomics.store(this.g, GlobalWord.HOST_PAUSE, 0); Atomics.notify(this.g, GlobalWord.HOST_PAUSE); }
-  hostState(): HostActorState { return Atomics.load(this.g, GlobalWord.HOST_STATE); }
 
   /**
    * After pauseHost(): true once no host actor can write any more. An actor that
    * registers later sees the pause before its first write.
    */
   hostPaused(): boolean {
-    return Atomics.load(this.g, GlobalWord.HOST_ACTORS) === 0 || this.hostState() === HostActorState.PAUSED;
+    return Atomics.load(this.g, GlobalWord.HOST_PAUSED) >= Atomics.load(this.g, GlobalWord.HOST_ACTORS);
   }
 
   /** Auto-converge: throttle every vCPU to `percent` (0 to 99). */

@@ -8,6 +8,7 @@ import { type Steps, WaitCode, waitFor } from '../drivers/role.ts';
 import { DestState, DestWord, type MigrationChannel } from './channel.ts';
 import type { Clock } from './clock.ts';
 import { COPY_COMPLETION, PageEvent } from '../oracles/page-history.ts';
+import type { DmaSourceStats } from '../host/iommu/dma-dirty-sync.ts';
 import { type PageSource, checksumUpdate, encodeComplete, encodeHeader, encodePages, encodeSync } from './stream.ts';
 
 export type ConvergencePolicy = 'fail' | 'force' | 'auto-converge';
@@ -84,6 +85,8 @@ export interface MigrationInfo {
   /** QEMU's cpu-throttle-percentage at the end. */
   throttlePercent: number;
   passes: PassStats[];
+  /** What each DMA dirty source reported (VMs with an IOMMU). */
+  dmaSources: DmaSourceStats[];
 }
 
 /**
@@ -162,6 +165,7 @@ export function* precopy(
       for (const ring of vm.rings) h.harvest(ring, ring.entries, sync.recorder(dirty, ring.vcpu), harvestSkipEvery);
       pendingReset = true;
       yield undefined;
+      if (sync.dma) yield* sync.dma.sync(dirty);
     } else {
       yield* sync.sync(dirty, final, !manualChunks);
     }
@@ -254,6 +258,7 @@ export function* precopy(
       throughputMbps: total > 0 ? (transferred * 8) / 1e6 / (total / 1000) : 0,
       pagesPerSecond: total > 0 ? ((normal + zero) * 1000) / total : 0,
       dirtyPagesRate: lastDirtyRate, dirtySyncCount: sync.syncs, throttlePercent: throttle, passes,
+      dmaSources: sync.dma?.stats() ?? [],
     };
   }
 
@@ -270,6 +275,7 @@ export function* precopy(
   send(encodeHeader(mem.slots.map((s) => ({ id: s.id, asId: s.asId, baseGfn: s.baseGfn, pages: s.pages }))));
   for (const slot of mem.slots) for (let page = 0; page < slot.pages; page++) dirty.mark(slot.firstPage + page);
   for (const slot of mem.slots) yield* vm.enableDirtyLogging(slot);
+  sync.dma?.start();
   yield* syncLog(false);
   const setupTimeMs = clock.nowMs() - t0;
 
@@ -302,6 +308,11 @@ export function* precopy(
     if (Atomics.load(destWords, DestWord.STATE) === DestState.FAILED) {
       vmm.setThrottle(0);
       report({ kind: 'failed', reason: 'the destination failed', info: info('failed', 0) });
+      return;
+    }
+    if (vm.iommu?.oracle.faultStopped()) {
+      vmm.setThrottle(0);
+      report({ kind: 'failed', reason: 'a device faulted and the run stops on device faults', info: info('failed', 0) });
       return;
     }
     if (cancelled()) {

@@ -1,4 +1,5 @@
-import { GlobalWord, HostActorState } from '../host/layout.ts';
+import { GlobalWord } from '../host/layout.ts';
+import { HostActor } from '../host/host-actor.ts';
 import { HOST_WRITER_BASE } from '../host/memslot.ts';
 import type { Vm } from '../host/vm.ts';
 import type { VmmControl } from '../host/vmm.ts';
@@ -8,31 +9,17 @@ import type { Prng } from '../util/prng.ts';
 /**
  * Host-side writes into guest memory with no running vCPU (kvm_write_guest from device
  * emulation or a paravirt clock update in a VMM thread): one write of the current
- * iteration into a random page every `every` guest operations. Paused by the VMM with a
- * Dekker hand-off (HOST_PAUSE / HOST_STATE) while the VM is stopped.
+ * iteration into a random page every `every` guest operations. Paused by the VMM while
+ * the VM is stopped (host-actor.ts).
  */
 export function* hostWriter(vm: Vm, vmm: VmmControl, every: number, prng: Prng, id = 0): Steps {
   const g = vm.global;
   const slots = vm.memory.slots;
+  const actor = new HostActor(g);
   let seq = 0;
   let nextAt = every;
-  Atomics.add(g, GlobalWord.HOST_ACTORS, 1); // the VMM waits for registered actors to pause
   for (;;) {
-    const pause = Atomics.load(g, GlobalWord.HOST_PAUSE);
-    if (pause !== 0) {
-      if (Atomics.load(g, GlobalWord.HOST_STATE) !== HostActorState.PAUSED) {
-        Atomics.store(g, GlobalWord.HOST_STATE, HostActorState.PAUSED);
-        Atomics.notify(g, GlobalWord.HOST_STATE);
-        yield undefined; // a state change: this step's work (a blocked step changes nothing)
-        continue;
-      }
-      yield waitFor(WaitCode.PAUSED, 0, 0, { array: g, index: GlobalWord.HOST_PAUSE, value: pause });
-      continue;
-    }
-    if (Atomics.load(g, GlobalWord.HOST_STATE) !== HostActorState.RUNNING) {
-      Atomics.store(g, GlobalWord.HOST_STATE, HostActorState.RUNNING);
-      if (Atomics.load(g, GlobalWord.HOST_PAUSE) !== 0) continue; // re-check: the VMM may have paused us meanwhile
-    }
+    yield* actor.gate();
     const ops = vmm.totalOps();
     if (ops < nextAt) {
       yield waitFor(WaitCode.GUEST_OPS, nextAt, ops);

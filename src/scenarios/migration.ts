@@ -13,6 +13,8 @@ import { type StampMismatch, compareMemory, withHistory } from '../oracles/stamp
 import { UserError } from '../util/errors.ts';
 import { slotLayout } from './dirty-log-test.ts';
 import { type RoleSpec, vmFor } from './roles.ts';
+import { type DeviceSetup, type DmaReport, NO_DEVICES, attachDevices, dmaReport, iommuConfigFor } from './devices.ts';
+import type { IommuServiceEvent } from '../host/iommu/iommu-service.ts';
 import { type DestinationRun, resumeDestination } from './resume.ts';
 import { type Driver, runRoles } from './run-roles.ts';
 
@@ -29,6 +31,8 @@ export interface MigrationScenario {
   params: MigrationParams;
   /** Record each source page's dirty-tracking events for the mismatch report (default on). */
   pageHistory?: boolean;
+  /** The IOMMU and the devices doing DMA (none by default). */
+  devices?: DeviceSetup;
 }
 
 export interface MigrationRunOptions {
@@ -64,14 +68,22 @@ export interface MigrationRunResult {
   steps?: number;
   /** The in-process destination after completion: the sweep-pattern oracle, the resumed guest. */
   destination?: DestinationRun;
+  /** IOMMU and device statistics, device faults and stale-IOTLB DMAs (scenarios with devices). */
+  dma?: DmaReport;
 }
 
 export function migrationVmConfig(s: MigrationScenario): VmConfig {
   const bugs = injectedBugs(s.bugs);
+  const devices = s.devices ?? NO_DEVICES;
+  // Writes by KVM with no running vCPU (host writer, GVT-g) need the ring's backup bitmap.
+  const hostWrites = s.hostWriteEvery > 0 || devices.devices.some((d) => d.kind === 'gvt');
   const tracking: VmConfig['tracking'] = s.tracking === 'dirty-ring'
-    ? { kind: 'ring', entries: s.ringEntries, withBitmap: s.hostWriteEvery > 0 && !bugs.noBackupBitmap }
+    ? { kind: 'ring', entries: s.ringEntries, withBitmap: hostWrites && !bugs.noBackupBitmap }
     : { kind: 'bitmap', manualProtect: s.tracking === 'clear-log', initiallySet: false };
-  return { slots: slotLayout(s.memoryBytes, s.slots), vcpus: s.vcpus, tracking, pageHistory: s.pageHistory !== false };
+  const slots = slotLayout(s.memoryBytes, s.slots);
+  const config: VmConfig = { slots, vcpus: s.vcpus, tracking, pageHistory: s.pageHistory !== false };
+  const iommu = iommuConfigFor(devices, slots);
+  return iommu ? { ...config, iommu } : config;
 }
 
 export function migrationBugs(names: readonly string[]): MigrationBugs {
@@ -92,6 +104,8 @@ export async function runMigration(s: MigrationScenario, o: MigrationRunOptions)
   o.cancel?.addEventListener('abort', () => Atomics.store(new Int32Array(destWords), DestWord.CANCEL, 1), { once: true });
   const vm = vmFor(source, s.bugs);
   vm.populate();
+  const devices = s.devices ?? NO_DEVICES;
+  attachDevices(vm, devices, s.seed);
   let driver: DeterministicDriver | null = null;
   if (o.driver === 'deterministic') vm.history?.useStepClock(() => driver?.stepCount ?? 0);
   vmFor(target, []).populate();
@@ -102,7 +116,8 @@ export async function runMigration(s: MigrationScenario, o: MigrationRunOptions)
   const result: MigrationRunResult = {
     status: 'passed', info: null, passes: [], reason: null, mismatches: [], mismatchCount: 0, pagesCompared: 0, errors: [], seconds: 0,
   };
-  const onEvent = (e: MigrationEvent): void => {
+  const onEvent = (e: MigrationEvent | IommuServiceEvent): void => {
+    if (e.kind === 'iommu-error') { result.errors.push(`device ${e.device}: ${e.detail}`); return; }
     if (e.kind === 'pass') result.passes.push(e.stats);
     else { result.info = e.info; if (e.kind === 'failed') { result.status = 'failed'; result.reason = e.reason; } }
     o.onEvent?.(e);
@@ -110,6 +125,8 @@ export async function runMigration(s: MigrationScenario, o: MigrationRunOptions)
   const specs: RoleSpec[] = [];
   for (let i = 0; i < s.vcpus; i++) specs.push({ kind: 'vcpu', index: i, workload: s.workload, seed: s.seed });
   if (s.hostWriteEvery > 0) specs.push({ kind: 'host-writer', every: s.hostWriteEvery, seed: s.seed });
+  devices.devices.forEach((_, index) => specs.push({ kind: 'device', index, setup: devices, seed: s.seed }));
+  if (vm.iommu) specs.push({ kind: 'iommu-service' });
   const started = performance.now();
 
   const queue: Uint8Array[] = [];
@@ -120,12 +137,17 @@ export async function runMigration(s: MigrationScenario, o: MigrationRunOptions)
   if (!remote) specs.push({ kind: 'destination', layout: target, destWords, queue, ring });
   const run = await runRoles({
     driver: o.driver, specs, primary: 'migration', vm, layoutOf: (spec) => (spec.kind === 'destination' ? target : source),
-    bugs: s.bugs, seed: s.seed, onEvent: (e) => onEvent(e as MigrationEvent), watchdogMs: o.watchdogMs, burst: o.burst,
+    bugs: s.bugs, seed: s.seed, onEvent: (e) => onEvent(e as MigrationEvent | IommuServiceEvent), watchdogMs: o.watchdogMs, burst: o.burst,
     onTick: o.onTick, onDriver: (d) => { driver = d; },
   });
   if (run.status !== 'done') result.status = run.status;
   result.errors.push(...run.errors);
   result.steps = run.steps;
+  const dma = dmaReport(vm, devices);
+  if (dma) {
+    result.dma = dma;
+    if ((dma.faults > 0 || dma.staleIotlb > 0) && result.status === 'passed') result.status = 'failed';
+  }
   if (remote) {
     // After a completed migration the destination digests its memory for the oracle (as
     // long as it takes to read it); otherwise whatever it said has arrived by now.
@@ -161,7 +183,7 @@ export async function runMigration(s: MigrationScenario, o: MigrationRunOptions)
   }
   if (result.info?.status === 'completed') {
     // Host writes land on byte 0 of random pages: the sweep pattern holds only without them.
-    const sweepCheck = s.workload.name === 'sweep' && s.hostWriteEvery === 0;
+    const sweepCheck = s.workload.name === 'sweep' && s.hostWriteEvery === 0 && devices.devices.length === 0;
     const d = await resumeDestination(target, { ...o, workload: s.workload, seed: s.seed, opsPerVcpu: o.resumeOps ?? 0, sweepCheck });
     result.destination = d;
     if (d.status !== 'passed' && result.status === 'passed') result.status = d.status;

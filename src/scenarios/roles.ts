@@ -19,6 +19,11 @@ import { RingChannel, RingSource } from '../migration/stream-ring.ts';
 import { runResumedGuest } from '../migration/incoming.ts';
 import { type MigrationEvent, type MigrationParams, precopy } from '../migration/precopy.ts';
 import { migrationBugs } from './migration.ts';
+import { type DeviceSetup, deviceWindow } from './devices.ts';
+import { DmaEngine } from '../host/devices/dma-engine.ts';
+import { Mdev } from '../host/devices/mdev.ts';
+import { gvtDevice } from '../host/devices/gvt.ts';
+import { type IommuServiceEvent, iommuService } from '../host/iommu/iommu-service.ts';
 
 /** A role described as plain data, so a worker thread can build it from its workerData. */
 export type RoleSpec =
@@ -30,7 +35,10 @@ export type RoleSpec =
   | { kind: 'dirty-log-collector'; config: DirtyLogTestConfig }
   | { kind: 'host-writer'; every: number; seed: number }
   /** The destination's VMM once it resumed the guest: runs it for a while, then stops it. */
-  | { kind: 'destination-vmm'; opsPerVcpu: number };
+  | { kind: 'destination-vmm'; opsPerVcpu: number }
+  /** A device backend (src/host/devices); `setup` is the scenario's whole device list. */
+  | { kind: 'device'; index: number; setup: DeviceSetup; seed: number }
+  | { kind: 'iommu-service' };
 
 export function roleName(spec: RoleSpec): string {
   switch (spec.kind) {
@@ -40,6 +48,8 @@ export function roleName(spec: RoleSpec): string {
     case 'migration': return 'migration';
     case 'destination': return 'destination';
     case 'destination-vmm': return 'destination-vmm';
+    case 'device': return `device${spec.index}`;
+    case 'iommu-service': return 'iommu-service';
   }
 }
 
@@ -76,5 +86,15 @@ export function buildRole(spec: RoleSpec, vm: Vm, report: (e: never) => void): R
     }
     case 'destination-vmm':
       return new GeneratorRole('destination-vmm', runResumedGuest(vm, spec.opsPerVcpu));
+    case 'device': {
+      const config = spec.setup.devices[spec.index]!;
+      const name = `device${spec.index}`;
+      if (config.kind === 'gvt') return new GeneratorRole(name, gvtDevice(vm, spec.index, config, spec.seed));
+      const window = deviceWindow(spec.setup, spec.index, vm)!;
+      const device = config.kind === 'mdev' ? new Mdev(vm, spec.index, config, spec.seed, window) : new DmaEngine(vm, spec.index, config, spec.seed, window);
+      return new GeneratorRole(name, device.run());
+    }
+    case 'iommu-service':
+      return new GeneratorRole('iommu-service', iommuService(vm, report as (e: IommuServiceEvent) => void));
   }
 }

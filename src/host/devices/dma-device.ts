@@ -1,0 +1,192 @@
+import { GlobalWord } from '../layout.ts';
+import { HostActor } from '../host-actor.ts';
+import type { Vm } from '../vm.ts';
+import { VmmControl } from '../vmm.ts';
+import { VFIO_DMA_MAP_FLAG_READ, VFIO_DMA_MAP_FLAG_WRITE } from '../iommu/constants.ts';
+import type { Iommu } from '../iommu/iommu.ts';
+import { DMA_ACTIVE, DMA_QUIESCED, DeviceWord, IommuWord, MailboxOp, MailboxWord, deviceBase } from '../iommu/iommu-layout.ts';
+import { type Steps, WaitCode, waitFor } from '../../drivers/role.ts';
+import { DmaRecordKind } from '../../oracles/dma-oracle.ts';
+import { BufferPages, type IovaWindow } from './dma-buffers.ts';
+import { DEVICE_WRITER_BASE, type DeviceConfig } from './device-config.ts';
+
+export const enum BufferState { MAPPED, UNMAPPING, MAPPING, FREE }
+
+/** One buffer: its index, its IOVA page (fixed: the driver recycles it) and the guest page behind it now. */
+export interface Buffer { index: number; iova: number; gfn: number; state: BufferState }
+
+/**
+ * What the IOVA devices share: the guest driver's side (buffers in a window of IOVAs,
+ * unmapped and mapped again through the IOMMU service's mailbox, one request at a time,
+ * while DMA to the other buffers goes on) and the device's (a DMA operation per `every`
+ * guest operations, acknowledging IOTLB invalidations at each step boundary, stamping
+ * every page it writes like vCPUs do). Kinds differ in how one DMA reaches memory.
+ */
+export abstract class DmaDevice {
+  readonly words: Int32Array;
+  readonly base: number;
+  readonly iommu: Iommu;
+  readonly buffers: Buffer[];
+  readonly pages: BufferPages;
+  readonly writer: number;
+  private seq = 0;
+  /** The IOTLB invalidation generation last acknowledged. */
+  private acked = 0;
+  private pending: { op: MailboxOp; buffer: Buffer } | null = null;
+  ops = 0;
+
+  constructor(
+    readonly vm: Vm, readonly index: number, readonly config: DeviceConfig, seed: number, readonly window: IovaWindow,
+  ) {
+    if (vm.iommu === null) throw new Error(`device ${index} (${config.kind}) needs an IOMMU`);
+    this.iommu = vm.iommu;
+    this.words = this.iommu.words;
+    this.base = deviceBase(index);
+    this.writer = DEVICE_WRITER_BASE + index;
+    this.pages = new BufferPages(config, index, seed, vm.memory);
+    this.buffers = this.pages.initial().map((gfn, index) => ({ index, iova: config.identity ? gfn : window.base + index, gfn, state: BufferState.MAPPED }));
+  }
+
+  /** The IOVA no buffer ever uses (stray DMAs go there). */
+  get strayIova(): number { return this.window.base + this.config.buffers; }
+
+  /** One DMA operation on a mapped buffer. */
+  protected abstract dma(b: Buffer, write: boolean): Steps;
+  /** A DMA to an IOVA nothing maps. */
+  protected abstract stray(): void;
+  /** After a buffer was mapped (mdev: pin it). */
+  protected *afterMap(_b: Buffer): Steps { /* nothing by default */ }
+  /** Before a buffer is unmapped (mdev: unpin it). */
+  protected *beforeUnmap(_b: Buffer): Steps { /* nothing by default */ }
+  /** Drops cached translations (an IOTLB invalidation, or the device quiescing). */
+  protected dropTranslations(): void { /* no cache by default */ }
+  /** Publishes counters kept in the device (IOTLB hits and misses). */
+  protected publish(): void { /* nothing by default */ }
+
+  /** Stores the iteration and the stamp into guest frame `gfn`, as a vCPU's write does. */
+  protected store(gfn: number): void {
+    const slot = this.vm.memory.findSlot(gfn);
+    if (slot === undefined) return;
+    const page = gfn - slot.baseGfn;
+    const iteration = Atomics.load(this.vm.global, GlobalWord.ITERATION);
+    slot.writeU64Stamped(page, iteration, this.writer, ++this.seq, iteration);
+    Atomics.add(this.words, this.base + DeviceWord.DMA_WRITES, 1);
+  }
+
+  protected load(gfn: number): void {
+    const slot = this.vm.memory.findSlot(gfn);
+    if (slot !== undefined) slot.readU64(gfn - slot.baseGfn);
+    Atomics.add(this.words, this.base + DeviceWord.DMA_READS, 1);
+  }
+
+  protected fault(kind: DmaRecordKind, iova: number, write: boolean, cachedGfn = -1): void {
+    this.iommu.oracle.report(kind, this.index, iova, write, cachedGfn, this.iommu.table.gfn(iova));
+  }
+
+  /** The step boundary: acknowledge an IOTLB invalidation. Returns true when that changed state. */
+  private acknowledge(): boolean {
+    const gen = Atomics.load(this.words, IommuWord.INV_GEN);
+    if (gen === this.acked) return false;
+    this.dropTranslations();
+    this.acked = gen;
+    Atomics.store(this.words, this.base + DeviceWord.INV_ACK, gen);
+    Atomics.notify(this.words, this.base + DeviceWord.INV_ACK);
+    return true;
+  }
+
+  private request(op: MailboxOp, b: Buffer): void {
+    const w = this.words;
+    const at = this.base;
+    w[at + MailboxWord.OP] = op;
+    w[at + MailboxWord.IOVA] = b.iova;
+    w[at + MailboxWord.PAGES] = 1;
+    w[at + MailboxWord.GFN] = b.gfn;
+    w[at + MailboxWord.PROT] = VFIO_DMA_MAP_FLAG_READ | VFIO_DMA_MAP_FLAG_WRITE;
+    Atomics.add(w, at + MailboxWord.REQ_SEQ, 1);
+    Atomics.add(w, IommuWord.DOORBELL, 1);
+    Atomics.notify(w, IommuWord.DOORBELL);
+    this.pending = { op, buffer: b };
+  }
+
+  private replied(): boolean {
+    return Atomics.load(this.words, this.base + MailboxWord.RESP_SEQ) === Atomics.load(this.words, this.base + MailboxWord.REQ_SEQ);
+  }
+
+  /** The device role: runs until the run ends. */
+  *run(): Steps {
+    const w = this.words;
+    const vmm = new VmmControl(this.vm);
+    const c = this.config;
+    const actor = new HostActor(this.vm.global, {
+      // A paused device holds no translations: invalidations need not wait for it.
+      quiesce: () => { this.dropTranslations(); Atomics.store(w, this.base + DeviceWord.MODE, DMA_QUIESCED); },
+      resume: () => { Atomics.store(w, this.base + DeviceWord.MODE, DMA_ACTIVE); this.acknowledge(); },
+    });
+    Atomics.store(w, this.base + DeviceWord.MODE, DMA_ACTIVE);
+    this.acknowledge();
+    for (const b of this.buffers) yield* this.afterMap(b);
+    let nextAt = c.every;
+    for (;;) {
+      yield* actor.gate();
+      if (this.acknowledge()) { yield undefined; continue; }
+      if (this.pending !== null && this.replied()) {
+        yield* this.onReply(this.pending.op, this.pending.buffer, w[this.base + MailboxWord.RESULT]!);
+        continue;
+      }
+      const ops = vmm.totalOps();
+      if (ops < nextAt) {
+        this.publish();
+        yield waitFor(WaitCode.GUEST_OPS, nextAt, ops);
+        continue;
+      }
+      nextAt = ops + c.every;
+      this.ops++;
+      Atomics.store(w, this.base + DeviceWord.OPS, this.ops);
+      if (c.remapEvery > 0 && !c.identity && this.ops % c.remapEvery === 0 && this.pending === null) {
+        const b = this.pickMapped();
+        if (b !== null) {
+          yield* this.beforeUnmap(b);
+          b.state = BufferState.UNMAPPING;
+          this.request(MailboxOp.UNMAP, b);
+          yield undefined;
+          continue;
+        }
+      }
+      if (c.strayEvery > 0 && this.ops % c.strayEvery === 0) {
+        this.stray();
+        yield undefined;
+        continue;
+      }
+      const b = this.pickMapped();
+      if (b === null) { yield undefined; continue; }
+      yield* this.dma(b, this.pages.prng.below(100) < c.writePercent);
+    }
+  }
+
+  private *onReply(op: MailboxOp, b: Buffer, result: number): Steps {
+    this.pending = null;
+    if (op === MailboxOp.UNMAP) {
+      // The IOVA is free again: the driver maps it to another page (IOVA reuse, as guest IOVA allocators do).
+      b.state = BufferState.FREE;
+      if (result < 0) { yield undefined; return; }
+      b.gfn = this.pages.next();
+      b.state = BufferState.MAPPING;
+      this.request(MailboxOp.MAP, b);
+      yield undefined;
+      return;
+    }
+    b.state = result === 0 ? BufferState.MAPPED : BufferState.FREE;
+    yield undefined;
+    if (b.state === BufferState.MAPPED) yield* this.afterMap(b);
+  }
+
+  private pickMapped(): Buffer | null {
+    const n = this.buffers.length;
+    const start = this.pages.prng.below(n);
+    for (let i = 0; i < n; i++) {
+      const b = this.buffers[(start + i) % n]!;
+      if (b.state === BufferState.MAPPED) return b;
+    }
+    return null;
+  }
+}

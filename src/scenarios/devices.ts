@@ -1,0 +1,127 @@
+import { PAGE_SIZE } from '../host/constants.ts';
+import { type DeviceConfig, usesIommu } from '../host/devices/device-config.ts';
+import { BufferPages, type IovaWindow, gfnEnd, iovaWindows } from '../host/devices/dma-buffers.ts';
+import { VFIO_DMA_MAP_FLAG_READ, VFIO_DMA_MAP_FLAG_WRITE, VFIO_DEFAULT_DMA_ENTRY_LIMIT } from '../host/iommu/constants.ts';
+import { LockHolder } from '../host/iommu/domain-lock.ts';
+import type { IommuStats } from '../host/iommu/iommu.ts';
+import { DeviceWord, type DmaTracking, type IommuBackendKind, type IommuConfig, IommuWord, deviceBase } from '../host/iommu/iommu-layout.ts';
+import type { Vm } from '../host/vm.ts';
+import { type DmaRecord } from '../oracles/dma-oracle.ts';
+import { UserError } from '../util/errors.ts';
+
+/** The IOMMU and devices of a scenario. */
+export interface DeviceSetup {
+  backend: IommuBackendKind;
+  dmaEntryLimit: number;
+  /** Stop the run at the first device fault (otherwise count and go on; either way the run fails). */
+  stopOnFault: boolean;
+  devices: DeviceConfig[];
+}
+
+export const NO_DEVICES: DeviceSetup = { backend: 'type1', dmaEntryLimit: VFIO_DEFAULT_DMA_ENTRY_LIMIT, stopOnFault: false, devices: [] };
+
+export function dmaTrackingOf(d: DeviceConfig): DmaTracking {
+  return d.kind === 'gvt' ? 'kvm' : d.kind === 'mdev' ? 'iommu' : d.tracking;
+}
+
+/** The VM's IOMMU configuration, or undefined when the scenario has no devices. */
+export function iommuConfigFor(setup: DeviceSetup, slots: readonly { baseGfn: number; pages: number }[]): IommuConfig | undefined {
+  if (setup.devices.length === 0) return undefined;
+  return {
+    backend: setup.backend, dmaEntryLimit: setup.dmaEntryLimit, devices: setup.devices.length,
+    iovaPages: iovaWindows(setup.devices, gfnEnd(slots)).iovaPages, tracking: setup.devices.map(dmaTrackingOf),
+  };
+}
+
+/** Checks what the backends cannot do, naming the device. */
+export function checkDeviceSetup(setup: DeviceSetup, where: string): void {
+  setup.devices.forEach((d, i) => {
+    if (d.kind === 'mdev' && setup.backend !== 'type1') {
+      throw new UserError(`${where}: device ${i} (mdev) pins pages through VFIO type1's emulated IOMMU; use the type1 backend`);
+    }
+  });
+}
+
+/**
+ * What the VMM does before the guest runs: declare the container's dirty scope (pinned
+ * when every device in it pins, as mdevs do), and map each IOVA device's initial buffers
+ * (one VFIO_IOMMU_MAP_DMA of 4 KiB each). A map the IOMMU refuses (dma_entry_limit) is
+ * the user's configuration error.
+ */
+export function attachDevices(vm: Vm, setup: DeviceSetup, seed: number): void {
+  const iommu = vm.iommu;
+  if (iommu === null) return;
+  const onIommu = setup.devices.filter((d) => usesIommu(d.kind));
+  Atomics.store(iommu.words, IommuWord.PINNED_SCOPE, onIommu.length > 0 && onIommu.every((d) => d.kind === 'mdev') ? 1 : 0);
+  Atomics.store(iommu.words, IommuWord.STOP_ON_FAULT, setup.stopOnFault ? 1 : 0);
+  const { windows } = iovaWindows(setup.devices, gfnEnd(vm.memory.slots));
+  const rw = VFIO_DMA_MAP_FLAG_READ | VFIO_DMA_MAP_FLAG_WRITE;
+  if (!iommu.lock.tryAcquire(LockHolder.VMM)) throw new Error('the IOMMU lock is taken before the VM runs');
+  try {
+    if (onIommu.some((d) => d.identity)) {
+      for (const s of vm.memory.slots) {
+        const r = iommu.mapDma(s.baseGfn * PAGE_SIZE, s.pages * PAGE_SIZE, s.baseGfn * PAGE_SIZE, rw);
+        if (r.ret < 0) throw new UserError(`guest RAM, slot ${s.id}: ${r.detail}`);
+      }
+    }
+    setup.devices.forEach((d, i) => {
+      const w = windows[i];
+      if (w == null || d.identity) return;
+      new BufferPages(d, i, seed, vm.memory).initial().forEach((gfn, b) => {
+        const r = iommu.mapDma((w.base + b) * PAGE_SIZE, PAGE_SIZE, gfn * PAGE_SIZE, rw);
+        if (r.ret < 0) throw new UserError(`device ${i} (${d.kind}), buffer ${b}: ${r.detail}`);
+      });
+    });
+  } finally {
+    iommu.lock.release();
+  }
+}
+
+export function deviceWindow(setup: DeviceSetup, index: number, vm: Vm): IovaWindow | null {
+  return iovaWindows(setup.devices, gfnEnd(vm.memory.slots)).windows[index] ?? null;
+}
+
+export interface DeviceStats {
+  device: number;
+  kind: string;
+  tracking: DmaTracking;
+  operations: number;
+  dmaWrites: number;
+  dmaReads: number;
+  iotlbHits: number;
+  iotlbMisses: number;
+  pins: number;
+  dmaRw: number;
+  faults: number;
+  staleIotlb: number;
+  /** Pages reported through its DMA logging. */
+  loggedPagesReported: number;
+}
+
+/** The run's IOMMU and device statistics and oracle records. */
+export interface DmaReport {
+  iommu: IommuStats;
+  devices: DeviceStats[];
+  /** Device faults and stale-IOTLB DMAs, in the order recorded (the first 64). */
+  records: DmaRecord[];
+  faults: number;
+  staleIotlb: number;
+}
+
+export function dmaReport(vm: Vm, setup: DeviceSetup): DmaReport | null {
+  const iommu = vm.iommu;
+  if (iommu === null) return null;
+  const w = iommu.words;
+  const devices = setup.devices.map((d, i): DeviceStats => {
+    const at = (k: number): number => Atomics.load(w, deviceBase(i) + k);
+    return {
+      device: i, kind: d.kind, tracking: dmaTrackingOf(d), operations: at(DeviceWord.OPS), dmaWrites: at(DeviceWord.DMA_WRITES), dmaReads: at(DeviceWord.DMA_READS),
+      iotlbHits: at(DeviceWord.IOTLB_HITS), iotlbMisses: at(DeviceWord.IOTLB_MISSES), pins: at(DeviceWord.PINS), dmaRw: at(DeviceWord.DMA_RW),
+      faults: at(DeviceWord.FAULTS), staleIotlb: at(DeviceWord.STALE), loggedPagesReported: at(DeviceWord.LOG_REPORTED),
+    };
+  });
+  return {
+    iommu: iommu.stats(), devices, records: iommu.oracle.records(),
+    faults: devices.reduce((s, d) => s + d.faults, 0), staleIotlb: devices.reduce((s, d) => s + d.staleIotlb, 0),
+  };
+}
