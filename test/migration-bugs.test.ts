@@ -18,15 +18,24 @@ function demo(bug: string, mode: string, seed: number, withBug = true) {
 
 const at = (h: PageHistoryEvent[], e: PageEventName): number => h.find((x) => x.event === e)?.at ?? -1;
 
-describe('every migrate bug of the catalog is caught by the stamp oracle with its demonstration settings', () => {
-  for (const bug of CATALOG.filter((b) => b.commands.includes('migrate'))) {
+/** What catches each bug: the stamp oracle (lost writes) unless the DMA oracle is named. */
+function caught(bug: string, r: Awaited<ReturnType<typeof runMigration>>): number {
+  if (bug === 'stale-iotlb-after-unmap') return r.dma?.staleIotlb ?? 0;
+  if (bug === 'gpa-as-iova') return r.dma?.faults ?? 0;
+  return r.mismatchCount;
+}
+
+describe('every migrate bug of the catalog is caught with its demonstration settings', () => {
+  for (const bug of CATALOG.filter((b) => b.commands.includes('migrate') && !b.costOnly)) {
     for (const mode of bug.modes) {
-      it(`${bug.name} (${mode}): lost writes on every seed; the same scenario without the bug verifies`, async () => {
-        for (const seed of SEEDS) {
+      // A device's bug does not depend on KVM's tracking mode: its other modes run two seeds.
+      const seeds = bug.devices && mode !== bug.modes[0] ? SEEDS.slice(0, 2) : SEEDS;
+      it(`${bug.name} (${mode}): caught on seeds ${seeds[0]}-${seeds.at(-1)}; the same scenario without the bug verifies`, async () => {
+        for (const seed of seeds) {
           const r = await runMigration(demo(bug.name, mode, seed), DET);
           expect(r.status, `seed ${seed}: ${r.reason ?? ''} ${r.errors.join('; ')}`).toBe('failed');
           expect(r.info?.status, `seed ${seed}: the migration itself completed`).toBe('completed');
-          expect(r.mismatchCount, `seed ${seed}`).toBeGreaterThan(0);
+          expect(caught(bug.name, r), `seed ${seed}`).toBeGreaterThan(0);
           const clean = await runMigration(demo(bug.name, mode, seed, false), DET);
           expect(clean.status, `seed ${seed} without the bug: ${clean.reason ?? ''} ${clean.mismatchCount} lost`).toBe('passed');
         }

@@ -1,4 +1,4 @@
-import { mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, readFileSync, readdirSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -102,5 +102,48 @@ describe('vmemlab run SCENARIO', () => {
     for (const f of ['migrate-hotset-ring.yaml', 'migrate-clear-log.yaml', 'bug-copy-before-reset.yaml', 'dirty-log-test-ring.yaml']) {
       expect(readFileSync(EX(f), 'utf8')).toMatch(/^kind: /);
     }
+  });
+});
+
+describe('devices in scenario files and flags', () => {
+  it('every shipped devices-*.yaml example runs and says what its devices did', async () => {
+    const files = readdirSync(fileURLToPath(new URL('../examples/', import.meta.url))).filter((f) => /^devices-.*\.yaml$/.test(f));
+    expect(files.length).toBeGreaterThanOrEqual(5);
+    for (const f of files) {
+      // Smaller and unlimited, to keep the suite short; the files' own sizes are what `vmemlab run` uses.
+      const r = await cli('run', EX(f), '--memory', '16MiB', '--bandwidth', 'unlimited', '--max-iterations', '3');
+      expect(r.err, f).toBe('');
+      expect(r.out, f).toMatch(/^device 0 \((dma-engine|mdev|gvt), tracked by .*\): \d+ operations, [1-9]\d* DMA writes/m);
+      if (f === 'devices-faults.yaml') {
+        expect(r.code, f).toBe(1);
+        expect(r.out).toMatch(/^DEVICE FAULT: device 0 write to IOVA 0x[0-9a-f]+, which nothing maps \(\d+ times\)$/m);
+      } else if (f !== 'devices-type1-no-pinned-scope.yaml') {
+        expect(r.code, `${f}\n${r.out}`).toBe(0);
+        expect(r.out).toMatch(/^IOMMU (type1|iommufd)/m);
+      }
+    }
+  });
+
+  it('a bad device entry is named by file, entry and key', async () => {
+    const bad = tmpFile('kind: migrate\ndevices:\n  - {kind: mdev, buffers: lots}\n');
+    const r = await cli('run', bad);
+    expect(r.code).toBe(2);
+    expect(r.err).toBe(`vmemlab: ${bad}: devices: device 0 'mdev:buffers=lots': buffers: 'lots' is not a whole number from 1 to 1048576`);
+    const kind = tmpFile('kind: migrate\ndevices:\n  - {kind: nic}\n');
+    expect((await cli('run', kind)).err).toMatch(/devices: device 0 'nic': unknown kind 'nic' \(one of: dma-engine, mdev, gvt\)$/);
+    const backend = tmpFile('kind: migrate\niommu: {backend: amd-vi}\ndevices:\n  - {kind: mdev}\n');
+    expect((await cli('run', backend)).err).toBe(`vmemlab: ${backend}: iommu.backend: unknown backend 'amd-vi' (type1 or iommufd)`);
+    const dlt = tmpFile('kind: dirty-log-test\ndevices:\n  - {kind: mdev}\n');
+    expect((await cli('run', dlt)).err).toBe(`vmemlab: ${dlt}: devices: only for kind: migrate`);
+  });
+
+  it('flags: unknown options, an mdev on iommufd, a device bug without its device, and dma_entry_limit exhaustion are user errors', async () => {
+    expect((await cli('migrate', '--device', 'dma-engine:speed=9')).err).toMatch(/^vmemlab: --device: device 0 'dma-engine:speed=9': unknown option 'speed' \(one of: every, buffers/);
+    expect((await cli('migrate', '--device', 'mdev', '--iommu', 'iommufd')).err).toMatch(/device 0 \(mdev\) pins pages through VFIO type1's emulated IOMMU; use the type1 backend/);
+    expect((await cli('migrate', '--device', 'gvt:tracking=device')).err).toMatch(/tracking=device: only a dma-engine logs its own DMA/);
+    expect((await cli('migrate', '--inject', 'gpa-as-iova', '--device', 'gvt')).err).toBe('vmemlab: --inject gpa-as-iova: this bug lives in a device (mdev); add one, e.g. --device mdev');
+    const r = await cli('migrate', '--memory', '8MiB', '--device', 'dma-engine:buffers=40', '--dma-entry-limit', '32');
+    expect(r.code).toBe(2);
+    expect(r.err).toBe('vmemlab: device 0 (dma-engine), buffer 32: VFIO_IOMMU_MAP_DMA: ENOSPC: the container holds 32 mappings, its dma_entry_limit');
   });
 });

@@ -1,4 +1,5 @@
 import type { KernelBugs } from '../host/vm.ts';
+import type { DeviceKind } from '../host/devices/device-config.ts';
 import { UserError } from '../util/errors.ts';
 
 export type TrackingMode = 'dirty-log' | 'clear-log' | 'dirty-ring';
@@ -15,6 +16,10 @@ export interface CatalogEntry {
   modes: TrackingMode[];
   /** Needs host writes (kvm_write_guest without a vCPU) to show. */
   needsHostWrites?: boolean;
+  /** Lives in a device of one of these kinds: the scenario needs one. */
+  devices?: DeviceKind[];
+  /** Not a correctness bug: it costs (extra pages sent), and the oracles stay clean. */
+  costOnly?: boolean;
   /** What catches it. */
   detectedBy: string;
   /** The commands whose scenario exercises it. */
@@ -28,7 +33,8 @@ export interface CatalogEntry {
 }
 
 /** Migrate options (commander keys, flag text) a demonstration sets. */
-export type MigrateDemo = Partial<Record<'workload' | 'memory' | 'slots' | 'vcpus' | 'ringSize' | 'bandwidth' | 'batchPages' | 'hostWriteEvery' | 'downtimeLimit' | 'maxIterations' | 'policy', string>>;
+export type MigrateDemo = Partial<Record<'workload' | 'memory' | 'slots' | 'vcpus' | 'ringSize' | 'bandwidth' | 'batchPages' | 'hostWriteEvery' | 'downtimeLimit' | 'maxIterations' | 'policy' | 'iommu', string>>
+  & { device?: string[] };
 
 /**
  * migration-test's sweep on a small guest with four vCPUs: every write after the last
@@ -43,6 +49,13 @@ const SWEEP_DEMO: MigrateDemo = { workload: 'sweep', memory: '8MiB', slots: '2',
  * 256-entry ring, and few enough that a page lost in one pass is rarely written again.
  */
 const RANDOM_DEMO: MigrateDemo = { workload: 'random', memory: '32MiB', ringSize: '256', bandwidth: '256MiB', hostWriteEvery: '32' };
+
+/**
+ * A guest writing only its hot set, with one mdev doing DMA to random pages: the pages
+ * the device writes are mostly never written by a vCPU, so a DMA write no source
+ * reports stays lost. 4-page frames spread the copy over many steps, with DMA between.
+ */
+const DMA_DEMO: MigrateDemo = { workload: 'hotset', memory: '16MiB', hostWriteEvery: '0', batchPages: '4', device: ['mdev:every=4'] };
 
 const BOTH: CatalogEntry['commands'] = ['dirty-log-test', 'migrate'];
 
@@ -151,6 +164,51 @@ export const CATALOG: readonly CatalogEntry[] = [
     detectedBy: 'stamp oracle: a destination page differs from its source page',
     commands: ['migrate'],
     migrateDemo: SWEEP_DEMO,
+  },
+  {
+    name: 'untracked-dma',
+    wrong: 'A device writes guest memory on a path no dirty source records: the mdev\'s vfio_dma_rw writes without marking the page in the container\'s dirty bitmap, or a device with DMA logging does not log the write.',
+    effect: 'Migration never learns the page changed; the destination keeps the old contents.',
+    reference: 'drivers/vfio/vfio_iommu_type1.c vfio_iommu_type1_dma_rw_chunk (bitmap_set of the written pages while dirty tracking is on); VFIO_DEVICE_FEATURE_DMA_LOGGING_REPORT',
+    modes: ['dirty-ring', 'dirty-log', 'clear-log'],
+    devices: ['mdev', 'dma-engine'],
+    detectedBy: 'stamp oracle: a destination page differs from its source page (its last writer is the device)',
+    commands: ['migrate'],
+    migrateDemo: DMA_DEMO,
+  },
+  {
+    name: 'stale-iotlb-after-unmap',
+    wrong: 'The IOMMU unmap returns without invalidating the device IOTLBs (no invalidation descriptor and wait, no VHOST_IOTLB_INVALIDATE).',
+    effect: 'The driver maps the freed IOVA to another page; the device still translates it to the old page and DMAs there: data lands in memory the device no longer owns.',
+    reference: 'iommu_unmap -> iommu_iotlb_sync (drivers/iommu/iommu.c); VT-d device-IOTLB invalidation with a wait descriptor; vhost VHOST_IOTLB_INVALIDATE',
+    modes: ['dirty-ring', 'dirty-log', 'clear-log'],
+    devices: ['dma-engine'],
+    detectedBy: 'DMA oracle: a DMA through a cached translation after its unmap returned',
+    commands: ['migrate'],
+    migrateDemo: { ...DMA_DEMO, device: ['dma-engine:every=4,remap-every=4'] },
+  },
+  {
+    name: 'gpa-as-iova',
+    wrong: 'The mdev\'s vendor driver hands vfio_dma_rw the buffer\'s guest physical address where it takes an IOVA (GPA/IOVA confusion).',
+    effect: 'With a guest IOMMU the IOVA space is not the GPA space: the access faults (nothing is mapped there) or lands in another buffer.',
+    reference: 'drm/i915/gvt kvmgt: GPA vs IOVA in the DMA paths (kvmgt_rw_gpa, intel_gvt_dma_map_guest_page); vfio_dma_rw takes an IOVA',
+    modes: ['dirty-ring', 'dirty-log', 'clear-log'],
+    devices: ['mdev'],
+    detectedBy: 'DMA oracle: device faults on IOVAs nothing maps',
+    commands: ['migrate'],
+    migrateDemo: DMA_DEMO,
+  },
+  {
+    name: 'read-pin-dirties',
+    wrong: 'Pins do not tell reads from writes (today\'s vfio_pin_pages): a page the device only reads is reported dirty while pinned, as the seeds\' separate read and write pins would avoid.',
+    effect: 'Not a correctness bug: every read-pinned page is sent again in every pass, so migration sends more and converges later.',
+    reference: 'drivers/vfio/vfio_iommu_type1.c vfio_iommu_type1_pin_pages (marks pinned pages dirty); REFERENCE.md 6',
+    modes: ['dirty-ring', 'dirty-log', 'clear-log'],
+    devices: ['mdev'],
+    costOnly: true,
+    detectedBy: 'nothing (correct, only costly): compare pages reported by VFIO_IOMMU_DIRTY_PAGES and pages sent with and without it (npm run bench -- --only iommu/migration)',
+    commands: ['migrate'],
+    migrateDemo: DMA_DEMO,
   },
 ];
 

@@ -2,7 +2,8 @@ import { CATALOG, type MigrateDemo } from '../bugs/catalog.ts';
 
 /** The demonstration settings as the flags they stand for. */
 export function demoFlags(d: MigrateDemo): string {
-  return Object.entries(d).map(([k, v]) => `--${k.replace(/[A-Z]/g, (c) => `-${c.toLowerCase()}`)} ${v}`).join(' ');
+  const flag = (k: string): string => `--${k.replace(/[A-Z]/g, (c) => `-${c.toLowerCase()}`)}`;
+  return Object.entries(d).flatMap(([k, v]) => (Array.isArray(v) ? v : [v]).map((x) => `${flag(k)} ${x}`)).join(' ');
 }
 
 export function catalogCommand(json: boolean): number {

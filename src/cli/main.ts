@@ -1,12 +1,15 @@
 import { Command, CommanderError, Option } from 'commander';
 import { UserError } from '../util/errors.ts';
+import { DEVICE_KEYS } from './device-flags.ts';
+import { DEVICE_KINDS } from '../host/devices/device-config.ts';
+import { VFIO_DEFAULT_DMA_ENTRY_LIMIT } from '../host/iommu/constants.ts';
 import { catalogCommand } from './catalog-command.ts';
 import { type ScenarioFile, loadScenario, readdress } from '../scenarios/scenario-file.ts';
 import { DEFAULT_HOST_WRITE_EVERY, DEFAULT_JOB, MIGRATE_DEFAULTS as M, type MigrateFlags } from './migrate-command.ts';
 import type { DestinationFlags } from './destination-command.ts';
 import { DIRTY_LOG_TEST_DEFAULTS as D, type DirtyLogTestFlags, MODES, dirtyLogTestCommand } from './dirty-log-test-command.ts';
 
-const collect = (value: string, previous: string[]): string[] => [...previous, value];
+const collect = (value: string, previous: string[] | undefined): string[] => [...(previous ?? []), value];
 
 /** `vmemlab run` with no scenario: the default job, as if it were a scenario file. */
 const DEFAULT_JOB_FILE: ScenarioFile = { path: '(the default job)', kind: 'migrate', values: { ...DEFAULT_JOB }, fieldOfFlag: {} };
@@ -16,7 +19,7 @@ const DIRTY_LOG_TEST_ONLY: Record<string, string> = { iterations: '--iterations'
 const MIGRATE_ONLY: Record<string, string> = {
   bandwidth: '--bandwidth', downtimeLimit: '--downtime-limit', maxIterations: '--max-iterations', timeout: '--timeout', policy: '--policy',
   warmup: '--warmup', to: '--to', allowRemote: '--allow-remote', resumeOps: '--resume-ops', batchPages: '--batch-pages',
-  pageHistory: '--no-page-history',
+  pageHistory: '--no-page-history', device: '--device', iommu: '--iommu', dmaEntryLimit: '--dma-entry-limit', onDeviceFault: '--on-device-fault',
 };
 
 /** Defaults of the options both guest-running commands share. */
@@ -64,7 +67,11 @@ function addMigrateOptions(cmd: Command): Command {
     .option('--no-page-history', 'do not record each page\'s dirty-tracking events for the lost-write report')
     .option('--to <target>', 'tcp:HOST:PORT, a `vmemlab destination` process (default: an in-process destination)')
     .option('--resume-ops <n>', 'after completion the destination resumes the guest until each vCPU retired n operations, then stops it; 0: it stays paused, as with QEMU\'s -S (default: 1.5 passes over each vCPU\'s share of memory)')
-    .option('--allow-remote', 'allow a --to host that is not a loopback address');
+    .option('--allow-remote', 'allow a --to host that is not a loopback address')
+    .option('--device <spec>', `a device doing DMA (repeatable): KIND[:key=value,...]; kinds ${DEVICE_KINDS.join(', ')}; keys ${DEVICE_KEYS.join(', ')} (see docs/iommu.md)`, collect)
+    .option('--iommu <backend>', 'the IOMMU backend the devices sit behind: type1 (VFIO type1 container) or iommufd (default: type1)')
+    .option('--dma-entry-limit <n>', `type1's dma_entry_limit: mappings per container (default: ${VFIO_DEFAULT_DMA_ENTRY_LIMIT})`)
+    .option('--on-device-fault <action>', 'continue (count device faults, the run fails at the end) or stop (the migration stops at the first) (default: continue)');
 }
 
 export function buildProgram(setExit: (code: number) => void): Command {

@@ -12,6 +12,10 @@ import { formatSize, parseSize } from '../util/size.ts';
 import { bugsAndMode, fraction, int, memory, positive, ringSize } from './flags.ts';
 import { parseEndpoint } from './destination-command.ts';
 import { Progress } from './progress.ts';
+import { deviceSetup } from './device-flags.ts';
+import { describeDmaRecord } from '../oracles/dma-oracle.ts';
+import type { DmaReport } from '../scenarios/devices.ts';
+import type { DmaSourceStats } from '../host/iommu/dma-dirty-sync.ts';
 
 export interface MigrateFlags {
   tracking?: string; vcpus: string; memory: string; slots: string; ringSize: string; workload: string;
@@ -19,6 +23,7 @@ export interface MigrateFlags {
   downtimeLimit: string; maxIterations: string; timeout: string; policy: string; warmup?: string;
   driver: string; seed: string; inject: string[]; json?: boolean; watchdog: string; burst: string;
   to?: string; allowRemote?: boolean; resumeOps?: string; batchPages: string; pageHistory?: boolean;
+  device?: string[]; iommu?: string; dmaEntryLimit?: string; onDeviceFault?: string;
 }
 
 export const MIGRATE_DEFAULTS = {
@@ -74,6 +79,7 @@ export function migrationScenario(f: MigrateFlags): {
     bugs: bugs.map((b) => b.name),
     hostWriteEvery: f.hostWriteEvery === undefined ? (f.workload === 'sweep' ? 0 : Number(DEFAULT_HOST_WRITE_EVERY)) : int('--host-write-every', f.hostWriteEvery, 0),
     pageHistory: f.pageHistory !== false,
+    devices: deviceSetup(f),
     params: {
       bandwidth,
       downtimeLimitMs: positive('--downtime-limit', f.downtimeLimit, 'milliseconds'),
@@ -84,6 +90,12 @@ export function migrationScenario(f: MigrateFlags): {
       warmupOps: f.warmup !== undefined ? int('--warmup', f.warmup, 0) : driver === 'deterministic' ? Math.min(pages * 2, 20000) : pages,
     },
   };
+  for (const b of bugs) {
+    const kinds = b.devices ?? [];
+    if (kinds.length > 0 && !scenario.devices!.devices.some((d) => kinds.includes(d.kind))) {
+      throw new UserError(`--inject ${b.name}: this bug lives in a device (${kinds.join(' or ')}); add one, e.g. --device ${kinds[0]}`);
+    }
+  }
   const to = target(f);
   if (to && driver !== 'free') throw new UserError(`--to: a TCP destination needs --driver free (the deterministic driver runs on one thread)`);
   if (to && f.resumeOps !== undefined) throw new UserError(`--resume-ops: a destination process resumes the guest itself (vmemlab destination --resume)`);
@@ -149,6 +161,7 @@ export async function migrateCommand(given: Partial<MigrateFlags>): Promise<numb
     return code;
   }
   if (r.info) for (const line of formatInfo(r.info)) console.log(line);
+  if (r.dma) for (const line of describeDma(r.dma, r.info?.dmaSources ?? [])) console.log(line);
   if (r.reason) console.log(`migration failed: ${r.reason}`);
   for (const m of r.mismatches) console.log(describeMismatch(m));
   const d = r.destination;
@@ -160,9 +173,40 @@ export async function migrateCommand(given: Partial<MigrateFlags>): Promise<numb
     const also = `${d?.atCompletion ? '; the sweep pattern holds' : ''}${d?.resumed ? `${d.atCompletion ? ' before and after' : ''}; the destination resumed the guest` : ''}`;
     console.log(`PASSED: all ${r.pagesCompared} destination pages equal the source${also} ${secs}`);
   } else if (r.mismatchCount > 0) console.log(`FAILED: ${r.mismatchCount} of ${r.pagesCompared} pages differ: lost writes ${secs}`);
+  else if (r.dma && (r.dma.faults > 0 || r.dma.staleIotlb > 0)) {
+    const what = [r.dma.faults > 0 ? `${r.dma.faults} device faults` : '', r.dma.staleIotlb > 0 ? `${r.dma.staleIotlb} DMAs through stale IOTLB entries` : ''].filter(Boolean);
+    console.log(`FAILED: ${what.join(', ')} ${secs}`);
+  }
   else if (broken) console.log(`FAILED: the destination's sweep pattern is broken (${broken.outOfLine} pages out of line) ${secs}`);
   else console.log(`${r.status === 'failed' ? 'FAILED' : 'STUCK'} ${secs}`);
   return code;
+}
+
+/** IOMMU and device statistics, what each DMA dirty source reported, and the DMA oracle's records. */
+export function describeDma(d: DmaReport, sources: DmaSourceStats[]): string[] {
+  const i = d.iommu;
+  const lines = [
+    `IOMMU ${i.backend}${i.dmaEntryLimit !== null ? ` (dma_entry_limit ${i.dmaEntryLimit})` : ''}: ${i.maps} maps, ${i.unmaps} unmaps, ${i.mapErrors + i.unmapErrors} failed, ` +
+      `${i.entries} mappings now (${i.pagesMapped} pages), ${i.iotlbInvalidations} IOTLB invalidations`,
+  ];
+  for (const v of d.devices) {
+    const tlb = v.iotlbHits + v.iotlbMisses > 0 ? `, IOTLB ${v.iotlbHits} hits / ${v.iotlbMisses} misses` : '';
+    const pins = v.kind === 'mdev' ? `, ${v.pins} pins, ${v.dmaRw} dma_rw` : '';
+    const tracked = v.tracking === 'kvm' ? "KVM's dirty log" : v.tracking === 'device' ? 'its own DMA logging' : 'the IOMMU';
+    lines.push(`device ${v.device} (${v.kind}, tracked by ${tracked}): ${v.operations} operations, ${v.dmaWrites} DMA writes, ${v.dmaReads} reads${pins}${tlb}, ${v.faults} faults, ${v.staleIotlb} stale-IOTLB DMAs`);
+  }
+  for (const s of sources) lines.push(`dirty pages reported by ${s.source}: ${s.pagesReported} in ${s.syncs} syncs`);
+  // The records, in order, each distinct one once with how often it was recorded.
+  const seen = new Map<string, number>();
+  for (const rec of d.records) { const t = describeDmaRecord(rec); seen.set(t, (seen.get(t) ?? 0) + 1); }
+  let shown = 0;
+  for (const [text, n] of seen) {
+    if (shown++ === 16) break;
+    lines.push(n > 1 ? `${text} (${n} times)` : text);
+  }
+  const total = d.faults + d.staleIotlb;
+  if (total > d.records.length) lines.push(`(${total} DMA oracle events in all; the first ${d.records.length} were kept)`);
+  return lines;
 }
 
 /** The destination after completion: the sweep oracle before and after the resume, and the resumed run. */

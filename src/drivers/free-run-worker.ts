@@ -25,7 +25,10 @@ export function runRoleWorker(data: RoleWorkerData, post: (m: WorkerMessage) => 
   const vm = vmFor(data.layout, data.bugs);
   const role = buildRole(data.spec, vm, (event) => post({ type: 'event', event }));
   post({ type: 'ready' });
-  runFreeLoop(role, new Int32Array(data.actors), data.actor, data.burst, data.crashAfterSteps);
+  const actors = new Int32Array(data.actors);
+  // Wait until every role's thread is up (the driver starts them together), or shutdown.
+  while (Atomics.load(actors, ActorWord.START) === 0 && Atomics.load(actors, ActorWord.SHUTDOWN) === 0) Atomics.wait(actors, ActorWord.START, 0, 50);
+  runFreeLoop(role, actors, data.actor, data.burst, data.crashAfterSteps);
   post({ type: 'done' });
 }
 

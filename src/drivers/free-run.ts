@@ -8,7 +8,7 @@ import { spawnWorker } from './spawn.ts';
 const STARTUP_MS = 30_000;
 
 /** Per-actor words the watchdog and progress display read; one line per actor. */
-export const ActorWord = { PROGRESS: 0, WAIT_CODE: 1, WAIT_ARG: 2, WAIT_ARG2: 3, STATUS: 4, SHUTDOWN: 0 } as const;
+export const ActorWord = { PROGRESS: 0, WAIT_CODE: 1, WAIT_ARG: 2, WAIT_ARG2: 3, STATUS: 4, SHUTDOWN: 0, START: 1 } as const;
 export function actorBase(actor: number): number {
   return (actor + 1) * LINE_WORDS; // line 0 holds SHUTDOWN
 }
@@ -65,7 +65,12 @@ export async function runFreeRun(actors: FreeRunActor[], opts: FreeRunOptions): 
       w.on('message', (m: WorkerMessage) => {
         if (m.type === 'ready') {
           online[i] = true;
-          if (online.every(Boolean)) lastChange = Date.now(); // the watchdog's clock starts now
+          if (online.every(Boolean)) {
+            // Every role starts together: a migration must not finish before a device's thread is up.
+            lastChange = Date.now(); // the watchdog's clock starts now
+            Atomics.store(words, ActorWord.START, 1);
+            Atomics.notify(words, ActorWord.START);
+          }
         } else if (m.type === 'event') opts.onEvent(a.name, m.event);
         else if (m.type === 'done' && a.primary) finish({ status: 'done' });
       });

@@ -26,6 +26,8 @@ const Scenario = z.strictObject({
     policy: z.string().optional(), warmup: num.optional(), to: z.string().optional(), resume_ops: num.optional(),
     batch_pages: num.optional(), page_history: z.boolean().optional(),
   }).optional(),
+  iommu: z.strictObject({ backend: z.string().optional(), dma_entry_limit: num.optional(), on_fault: z.string().optional() }).optional(),
+  devices: z.array(z.looseObject({ kind: z.string() })).optional(),
   driver: z.string().optional(),
   seed: num.optional(),
   inject: z.array(z.string()).optional(),
@@ -46,6 +48,7 @@ const FIELDS: Record<string, [string, string]> = {
   'migration.policy': ['--policy', 'policy'], 'migration.warmup': ['--warmup', 'warmup'], 'migration.to': ['--to', 'to'],
   'migration.resume_ops': ['--resume-ops', 'resumeOps'],
   'migration.batch_pages': ['--batch-pages', 'batchPages'], 'migration.page_history': ['--no-page-history', 'pageHistory'],
+  'iommu.backend': ['--iommu', 'iommu'], 'iommu.dma_entry_limit': ['--dma-entry-limit', 'dmaEntryLimit'], 'iommu.on_fault': ['--on-device-fault', 'onDeviceFault'],
   driver: ['--driver', 'driver'], seed: ['--seed', 'seed'], inject: ['--inject', 'inject'], watchdog_s: ['--watchdog', 'watchdog'],
 };
 
@@ -87,9 +90,23 @@ export function loadScenario(path: string): ScenarioFile {
     const value = b === undefined ? doc2[a] : (doc2[a] as Record<string, unknown> | undefined)?.[b];
     set(field, value, flag);
   }
+  if (s.devices) {
+    if (s.kind !== 'migrate') throw new UserError(`${path}: devices: only for kind: migrate`);
+    set('devices', s.devices.map((d, i) => deviceSpec(d, `${path}: devices.${i}`)), ['--device', 'device']);
+  }
+  if (s.kind === 'dirty-log-test' && s.iommu) throw new UserError(`${path}: iommu: only for kind: migrate`);
   if (s.kind === 'dirty-log-test' && s.migration) throw new UserError(`${path}: migration: only for kind: migrate`);
   if (s.kind === 'migrate' && s.test) throw new UserError(`${path}: test: only for kind: dirty-log-test`);
   return { path, kind: s.kind, values, fieldOfFlag };
+}
+
+/** A device entry as the `--device KIND:key=value,...` text it stands for (snake_case keys become the flag's kebab-case). */
+function deviceSpec(d: { kind: string } & Record<string, unknown>, where: string): string {
+  const opts = Object.entries(d).filter(([k]) => k !== 'kind').map(([k, v]) => {
+    if (typeof v !== 'string' && typeof v !== 'number' && typeof v !== 'boolean') throw new UserError(`${where}.${k}: expected a number, word or true/false`);
+    return `${k.replace(/_/g, '-')}=${String(v)}`;
+  });
+  return opts.length ? `${d.kind}:${opts.join(',')}` : d.kind;
 }
 
 /** Rewrites "--flag: msg" into "FILE: field: msg" when the flag's value came from the file. */
