@@ -7,6 +7,7 @@ import { IotlbInvalidation } from './iotlb-invalidation.ts';
 import { VFIO_DMA_MAP_FLAG_READ, VFIO_DMA_MAP_FLAG_WRITE } from './constants.ts';
 import { type Steps } from '../../drivers/role.ts';
 import { DmaOracle } from '../../oracles/dma-oracle.ts';
+import { errnoName } from '../../util/errors.ts';
 
 /** Mistakes the IOMMU side can be built with (src/bugs/catalog.ts). */
 export interface IommuBugs {
@@ -19,7 +20,8 @@ export interface IommuBugs {
 /** What an ioctl returned: 0 or a count on success, -errno on failure, with the reason. */
 export interface IoctlResult { ret: number; detail: string }
 const ok = (ret: number): IoctlResult => ({ ret, detail: '' });
-const fail = (errno: number, detail: string): IoctlResult => ({ ret: -errno, detail });
+/** A failure's detail names the ioctl and the errno, as KvmError's message does: `IOCTL: ENAME: why`. */
+const fail = (errno: number, ioctl: string, why: string): IoctlResult => ({ ret: -errno, detail: `${ioctl}: ${errnoName(errno)}: ${why}` });
 
 /** Pin counts: write pins in the low half of the word, read pins in the high half. */
 const READ_PIN = 1 << 16;
@@ -95,23 +97,23 @@ export class Iommu {
 
   private checkMap(name: string, iova: number, size: number, gpa: number, flags: number): IoctlResult | null {
     const hex = (n: number): string => `0x${n.toString(16)}`;
-    if ((flags & (VFIO_DMA_MAP_FLAG_READ | VFIO_DMA_MAP_FLAG_WRITE)) === 0 || (flags & ~3) !== 0) return fail(EINVAL, `${name}: flags ${hex(flags)}: neither READ nor WRITE, or unknown bits`);
+    if ((flags & (VFIO_DMA_MAP_FLAG_READ | VFIO_DMA_MAP_FLAG_WRITE)) === 0 || (flags & ~3) !== 0) return fail(EINVAL, name, `flags ${hex(flags)}: neither READ nor WRITE, or unknown bits`);
     for (const [what, v] of [['iova', iova], ['size', size], ['vaddr', gpa]] as const) {
-      if (!Number.isSafeInteger(v) || v < 0 || v % PAGE_SIZE !== 0) return fail(EINVAL, `${name}: ${what} ${typeof v === 'number' ? hex(v) : v} is not a multiple of the ${PAGE_SIZE}-byte IOMMU page size`);
+      if (!Number.isSafeInteger(v) || v < 0 || v % PAGE_SIZE !== 0) return fail(EINVAL, name, `${what} ${typeof v === 'number' ? hex(v) : v} is not a multiple of the ${PAGE_SIZE}-byte IOMMU page size`);
     }
-    if (size === 0) return fail(EINVAL, `${name}: size 0`);
+    if (size === 0) return fail(EINVAL, name, `size 0`);
     const first = iova / PAGE_SIZE;
     const pages = size / PAGE_SIZE;
-    if (first + pages > this.table.pages) return fail(EINVAL, `${name}: iova ${hex(iova)} + size ${hex(size)} passes the end of the IOVA aperture (${hex(this.table.pages * PAGE_SIZE)})`);
+    if (first + pages > this.table.pages) return fail(EINVAL, name, `iova ${hex(iova)} + size ${hex(size)} passes the end of the IOVA aperture (${hex(this.table.pages * PAGE_SIZE)})`);
     const gfn = gpa / PAGE_SIZE;
     for (let i = 0; i < pages; i++) {
-      if (this.vmPage(gfn + i) < 0) return fail(EINVAL, `${name}: vaddr ${hex(gpa + i * PAGE_SIZE)} is not guest RAM (no memslot)`);
+      if (this.vmPage(gfn + i) < 0) return fail(EINVAL, name, `vaddr ${hex(gpa + i * PAGE_SIZE)} is not guest RAM (no memslot)`);
     }
     for (let i = 0; i < pages; i++) {
-      if (this.table.gfn(first + i) >= 0) return fail(EEXIST, `${name}: iova ${hex(iova)} size ${hex(size)} overlaps the mapping at ${hex((first + i) * PAGE_SIZE)}`);
+      if (this.table.gfn(first + i) >= 0) return fail(EEXIST, name, `iova ${hex(iova)} size ${hex(size)} overlaps the mapping at ${hex((first + i) * PAGE_SIZE)}`);
     }
     if (this.backend === 'type1' && Atomics.load(this.words, IommuWord.ENTRIES) >= this.layout.config.dmaEntryLimit) {
-      return fail(ENOSPC, `${name}: the container holds ${this.layout.config.dmaEntryLimit} mappings, its dma_entry_limit`);
+      return fail(ENOSPC, name, `the container holds ${this.layout.config.dmaEntryLimit} mappings, its dma_entry_limit`);
     }
     return null;
   }
@@ -127,7 +129,7 @@ export class Iommu {
     const hex = (n: number): string => `0x${n.toString(16)}`;
     if (!Number.isSafeInteger(iova) || !Number.isSafeInteger(size) || iova < 0 || size <= 0 || iova % PAGE_SIZE !== 0 || size % PAGE_SIZE !== 0) {
       Atomics.add(this.words, IommuWord.UNMAP_ERRORS, 1);
-      return fail(EINVAL, `${name}: iova ${hex(iova)} size ${hex(size)}: not ${PAGE_SIZE}-byte aligned, or empty`);
+      return fail(EINVAL, name, `iova ${hex(iova)} size ${hex(size)}: not ${PAGE_SIZE}-byte aligned, or empty`);
     }
     const first = iova / PAGE_SIZE;
     const last = Math.min(first + size / PAGE_SIZE, this.table.pages);
@@ -139,7 +141,7 @@ export class Iommu {
     if (splits) {
       this.lock.release();
       Atomics.add(this.words, IommuWord.UNMAP_ERRORS, 1);
-      return fail(EINVAL, `${name}: iova ${hex(iova)} size ${hex(size)} would split a mapping`);
+      return fail(EINVAL, name, `iova ${hex(iova)} size ${hex(size)} would split a mapping`);
     }
     let pages = 0;
     let entries = 0;
@@ -153,7 +155,7 @@ export class Iommu {
     if (pages === 0) {
       if (this.backend === 'type1') return ok(0); // type1 unmaps nothing and says size 0
       Atomics.add(this.words, IommuWord.UNMAP_ERRORS, 1);
-      return fail(ENOENT, `${name}: nothing is mapped at iova ${hex(iova)} size ${hex(size)}`);
+      return fail(ENOENT, name, `nothing is mapped at iova ${hex(iova)} size ${hex(size)}`);
     }
     yield undefined;
     if (!this.bugs.staleIotlbAfterUnmap) yield* this.invalidation.invalidateAll();
