@@ -286,7 +286,7 @@ describe('iommufd HWPT dirty bits', () => {
     const dev = activeEngine(vm);
     map(iommu, IOVA, 5);
     map(iommu, IOVA + 1, 6);
-    if (tracking) iommu.hwptSetDirtyTracking(true);
+    if (tracking) drive(iommu.hwptSetDirtyTracking(true), [dev.role]);
     const get = (noClear = false, others: Role[] = [dev.role]) => query((m) => iommu.hwptGetDirtyBitmap(m, noClear), others);
     const dirty = (iova: number): boolean => (iommu.table.flags(iova) & IoPte.DIRTY) !== 0;
     return { vm, iommu, ...dev, get, dirty };
@@ -415,7 +415,7 @@ describe('unmap during dirty tracking', () => {
     ['type1, no pinned scope: every unmapped page, written or not', 'type1', 'iommu', false, (_vm, i) => { i.type1StartDirtyTracking(); return []; }, [3, 4]],
     ['type1, pinned scope: the dma_rw-written page', 'type1', 'iommu', true, (vm, i) => { i.type1StartDirtyTracking(); drive(mdev(vm).dmaRw(IOVA, true)); return []; }, [3]],
     ['type1, pinned scope: a write-pinned page (unpinned before the unmap)', 'type1', 'iommu', true, (_vm, i) => { i.type1StartDirtyTracking(); i.pinPage(IOVA, true); i.unpinPage(IOVA, true); return []; }, [3]],
-    ['iommufd HWPT: the page the device wrote', 'iommufd', 'iommu', false, (vm, i) => { i.hwptSetDirtyTracking(true); const d = activeEngine(vm); d.e.access(IOVA, true); return [d.role]; }, [3]],
+    ['iommufd HWPT: the page the device wrote', 'iommufd', 'iommu', false, (vm, i) => { const d = activeEngine(vm); drive(i.hwptSetDirtyTracking(true), [d.role]); d.e.access(IOVA, true); return [d.role]; }, [3]],
     ['device DMA logging: the page the device wrote', 'type1', 'device', false, (vm, i) => { i.dmaLoggingStart(0); const d = activeEngine(vm, 'device'); d.e.access(IOVA, true); return [d.role]; }, [3]],
   ];
   it.each(cases)('%s ends up in takeUnmapDirty', (_name, backend, tracking, pinned, dirtyIt, expected) => {
@@ -435,7 +435,7 @@ describe('unmap during dirty tracking', () => {
     const { vm, iommu } = iommuVm({ backend: 'iommufd' });
     const { e, role } = activeEngine(vm);
     map(iommu, IOVA, 3);
-    iommu.hwptSetDirtyTracking(true);
+    drive(iommu.hwptSetDirtyTracking(true), [role]);
     e.access(IOVA, false);
     const gen = iommu.unmapDma(IOVA * P, P);
     while (gen.next().value === undefined) { /* to the IOTLB_ACK wait */ }
@@ -541,5 +541,20 @@ describe('attachDevices', () => {
     const b = vmFor(fd);
     attachDevices(b, fd, 1);
     expect(b.iommu!.stats().entries).toBe(9);
+  });
+});
+
+describe('enabling HWPT dirty tracking', () => {
+  it('flushes the device IOTLBs: an entry cached as already dirty before the enable does not hide the next write', () => {
+    const { vm, iommu } = iommuVm({ backend: 'iommufd' });
+    const { e, role } = activeEngine(vm);
+    map(iommu, IOVA, 5);
+    drive(iommu.hwptSetDirtyTracking(true), [role]);
+    e.access(IOVA, true); // caches the entry as dirty
+    drive(iommu.hwptSetDirtyTracking(false));
+    const { waits } = drive(iommu.hwptSetDirtyTracking(true), [role]);
+    expect(waits.some((w) => w.code === WaitCode.IOTLB_ACK), 'the enable waited for the device to drop its IOTLB').toBe(true);
+    e.access(IOVA, true);
+    expect(iommu.table.flags(IOVA) & IoPte.DIRTY, 'the write after the enable set the dirty bit').not.toBe(0);
   });
 });

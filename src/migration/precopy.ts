@@ -275,7 +275,7 @@ export function* precopy(
   send(encodeHeader(mem.slots.map((s) => ({ id: s.id, asId: s.asId, baseGfn: s.baseGfn, pages: s.pages }))));
   for (const slot of mem.slots) for (let page = 0; page < slot.pages; page++) dirty.mark(slot.firstPage + page);
   for (const slot of mem.slots) yield* vm.enableDirtyLogging(slot);
-  sync.dma?.start();
+  if (sync.dma) yield* sync.dma.start();
   yield* syncLog(false);
   const setupTimeMs = clock.nowMs() - t0;
 

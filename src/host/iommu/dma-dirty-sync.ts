@@ -6,7 +6,7 @@ import type { Steps } from '../../drivers/role.ts';
 /** One DMA dirty source as the migration reads it: QEMU's VFIO listener's log_sync. */
 interface DmaSource {
   readonly name: string;
-  start(): void;
+  start(): Steps;
   stop(): void;
   read(mark: (vmPage: number) => void): Steps<number>;
 }
@@ -36,7 +36,7 @@ export class DmaDirtySync {
       if (iommu.backend === 'type1') {
         this.sources.push({
           name: 'VFIO_IOMMU_DIRTY_PAGES (type1)',
-          start: () => iommu.type1StartDirtyTracking(),
+          *start() { iommu.type1StartDirtyTracking(); },
           stop: () => iommu.type1StopDirtyTracking(),
           read: (mark) => iommu.type1GetDirtyBitmap(mark),
         });
@@ -44,7 +44,7 @@ export class DmaDirtySync {
         this.sources.push({
           name: 'IOMMU_HWPT_GET_DIRTY_BITMAP (iommufd)',
           start: () => iommu.hwptSetDirtyTracking(true),
-          stop: () => iommu.hwptSetDirtyTracking(false),
+          stop: () => { iommu.hwptSetDirtyTracking(false).next(); },
           read: (mark) => iommu.hwptGetDirtyBitmap(mark, false),
         });
       }
@@ -53,20 +53,21 @@ export class DmaDirtySync {
       if (how !== 'device') return;
       this.sources.push({
         name: `VFIO_DEVICE_FEATURE_DMA_LOGGING_REPORT (device ${d})`,
-        start: () => iommu.dmaLoggingStart(d),
+        *start() { iommu.dmaLoggingStart(d); },
         stop: () => iommu.dmaLoggingStop(d),
         read: (mark) => iommu.dmaLoggingReport(d, mark),
       });
     });
     this.sources.push({
       name: 'dirty bits of unmapped ranges',
-      start: () => {}, stop: () => {},
+      *start() { /* collected by the unmaps */ }, stop: () => {},
       *read(mark) { const n = iommu.takeUnmapDirty(mark); yield undefined; return n; },
     });
     for (const s of this.sources) this.counts.push({ source: s.name, syncs: 0, pagesReported: 0 });
   }
 
-  start(): void { for (const s of this.sources) s.start(); }
+  /** Starts every source (VFIO_IOMMU_DIRTY_PAGES START, SET_DIRTY_TRACKING, DMA_LOGGING_START). */
+  *start(): Steps { for (const s of this.sources) yield* s.start(); }
   stop(): void { for (const s of this.sources) s.stop(); }
 
   /** Reads every source into `into` (VM-wide pages). */

@@ -281,10 +281,14 @@ export class Iommu {
     return n;
   }
 
-  /** IOMMU_HWPT_SET_DIRTY_TRACKING: enabling starts from clean dirty bits. */
-  hwptSetDirtyTracking(enable: boolean): void {
+  /**
+   * IOMMU_HWPT_SET_DIRTY_TRACKING. Enabling starts from clean dirty bits and flushes the
+   * device IOTLBs, so no cached entry still believes its IOPTE is dirty.
+   */
+  *hwptSetDirtyTracking(enable: boolean): Steps {
     if (enable) for (let i = 0; i < this.table.pages; i++) this.table.and(i, ~IoPte.DIRTY);
     Atomics.store(this.words, IommuWord.HWPT_TRACKING, enable ? 1 : 0);
+    if (enable) yield* this.invalidation.invalidateAll();
   }
 
   /**
