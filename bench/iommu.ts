@@ -8,8 +8,9 @@
  *   tsx bench/iommu.ts translate      DmaEngine.access (warm IOTLB) and DeviceIotlb.lookup
  *                                     vs a plain Int32Array lookup over the same IOVAs
  *   tsx bench/iommu.ts migration      a 256 MiB guest with one device, per DMA tracking
- *                                     mode, free-run, in-process destination; and the
- *                                     mdev with and without the read-pin-dirties bug
+ *                                     mode, free-run, in-process destination
+ *   tsx bench/iommu.ts read-pin-dirties  the mdev migration with and without the
+ *                                     read-pin-dirties bug: the extra pages it sends
  *   tsx bench/iommu.ts entry-limit    4 KiB mappings into a type1 container until ENOSPC;
  *                                     a 16 GiB guest with the limit raised; iommufd
  */
@@ -26,6 +27,7 @@ import { type IommuBackendKind, type IommuConfig, IommuWord, MailboxOp, MailboxW
 import type { Iommu } from '../src/host/iommu/iommu.ts';
 import { type DirtyTracking, createVmLayout, type VmLayout } from '../src/host/layout.ts';
 import { Vm } from '../src/host/vm.ts';
+import { VmmControl } from '../src/host/vmm.ts';
 import { actorBase, ActorWord } from '../src/drivers/free-run.ts';
 import type { RoleWorkerData, WorkerMessage } from '../src/drivers/free-run-worker.ts';
 import { spawnWorker } from '../src/drivers/spawn.ts';
@@ -347,7 +349,6 @@ const ROWS: Row[] = [
   { id: 'iommufd-hwpt', what: 'iommufd, dma-engine, HWPT dirty bits', backend: 'iommufd', device: device('dma-engine') },
   { id: 'device-logging', what: 'type1, dma-engine with device DMA logging', backend: 'type1', device: device('dma-engine', { tracking: 'device' }) },
   { id: 'gvt', what: 'gvt device (writes by GPA: KVM\'s log only)', backend: 'type1', device: device('gvt') },
-  { id: 'type1-mdev/read-pin-dirties', what: 'type1, mdev, with the read-pin-dirties bug', backend: 'type1', device: device('mdev'), bugs: ['read-pin-dirties'] },
 ];
 
 function pagesSent(r: MigrationRunResult): number {
@@ -360,51 +361,77 @@ function outcome(r: MigrationRunResult): string {
   return `did not converge after ${r.passes.length} passes (${(i.totalTimeMs / 1000).toFixed(1)} s, ${pagesSent(r)} pages sent)`;
 }
 
-async function migration(): Promise<Figure[]> {
-  const figures: Figure[] = [];
-  const results = new Map<string, MigrationRunResult>();
-  for (const row of ROWS) {
-    await settle();
-    const setup: DeviceSetup = { backend: row.backend, dmaEntryLimit: VFIO_DEFAULT_DMA_ENTRY_LIMIT, stopOnFault: false, devices: [row.device] };
-    const r = await runMigration(scenario(setup, row.bugs), { driver: 'free', watchdogMs: 30_000, burst: 256 });
-    const i = r.info;
-    if (i === null || r.status === 'stuck' || r.status === 'crashed') throw new Error(`${row.id}: ${r.status} ${r.reason ?? ''} ${r.errors.join('; ')}`);
-    results.set(row.id, r);
-    const d = r.dma!.devices[0]!;
-    const io = r.dma!.iommu;
-    const sources = i.dmaSources.map((s) => `${s.source} ${s.pagesReported} pages in ${s.syncs} syncs`).join('; ');
-    log(`${row.id}: ${outcome(r)}; ${sources}`);
-    figures.push({
+interface RowRun { r: MigrationRunResult; figure: Figure }
+
+async function runRow(row: Row): Promise<RowRun> {
+  await settle();
+  const setup: DeviceSetup = { backend: row.backend, dmaEntryLimit: VFIO_DEFAULT_DMA_ENTRY_LIMIT, stopOnFault: false, devices: [row.device] };
+  let source: Vm | null = null;
+  const r = await runMigration(scenario(setup, row.bugs), { driver: 'free', watchdogMs: 30_000, burst: 256, prepare: (vm) => { source = vm; } });
+  const guestOps = new VmmControl(source!).totalOps();
+  const i = r.info;
+  if (i === null || r.status === 'stuck' || r.status === 'crashed') throw new Error(`${row.id}: ${r.status} ${r.reason ?? ''} ${r.errors.join('; ')}`);
+  const d = r.dma!.devices[0]!;
+  const io = r.dma!.iommu;
+  const sources = i.dmaSources.map((s) => `${s.source} ${s.pagesReported} pages in ${s.syncs} syncs`).join('; ');
+  log(`${row.id}: ${outcome(r)}; ${sources}; guest ${guestOps} ops, device ${d.operations} ops`);
+  return {
+    r,
+    figure: {
       id: `iommu/migration/${row.id}`,
       what: `migration, 256 MiB guest, 2 vCPUs, 8 MiB hot set, dirty ring, 128 MiB/s, downtime limit 300 ms, at most 8 passes, policy fail; ${row.what}`,
       figure: outcome(r), value: i.status === 'completed' ? i.totalTimeMs : NaN,
       detail: `status ${r.status}${r.reason ? ` (${r.reason})` : ''}; total ${i.totalTimeMs.toFixed(0)} ms, downtime ${i.downtimeMs.toFixed(0)} ms, expected downtime ${i.expectedDowntimeMs.toFixed(0)} ms; `
         + `pages sent ${i.normalPages} normal + ${i.zeroPages} zero, transferred ${(i.transferredBytes / MiB).toFixed(0)} MiB; `
         + `DMA sources: ${sources || 'none'}; `
-        + `device ${d.kind} (tracking ${d.tracking}): ${d.operations} operations, ${d.dmaWrites} DMA writes, ${d.dmaReads} reads, ${d.pins} pins, ${d.dmaRw} dma_rw, IOTLB ${d.iotlbHits} hits ${d.iotlbMisses} misses, ${d.faults} faults, ${d.staleIotlb} stale; `
+        + `guest ${(guestOps / 1e6).toFixed(1)} M operations (warm-up included); device ${d.kind} (tracking ${d.tracking}): ${d.operations} operations (one per ${Math.round(guestOps / Math.max(1, d.operations))} guest operations; configured: every ${row.device.every}), `
+        + `${d.dmaWrites} DMA writes, ${d.dmaReads} reads, ${d.pins} pins, ${d.dmaRw} dma_rw, IOTLB ${d.iotlbHits} hits ${d.iotlbMisses} misses, ${d.faults} faults, ${d.staleIotlb} stale; `
         + `IOMMU ${io.maps} maps, ${io.unmaps} unmaps, ${io.iotlbInvalidations} IOTLB invalidations; `
         + `passes (sent/dirty found): ${r.passes.map((p) => `${p.pagesSent}/${p.dirtyFound}`).join(' ')}${r.errors.length ? `; errors: ${r.errors.join('; ')}` : ''}`,
-    });
-  }
-  const clean = results.get('type1-mdev')!;
-  const buggy = results.get('type1-mdev/read-pin-dirties')!;
-  const type1 = (r: MigrationRunResult): { pages: number; syncs: number } => {
-    const s = r.info!.dmaSources.find((x) => x.source.includes('(type1)'));
-    return { pages: s?.pagesReported ?? 0, syncs: s?.syncs ?? 0 };
+    },
   };
-  const tc = type1(clean);
-  const tb = type1(buggy);
-  const extra = pagesSent(buggy) - pagesSent(clean);
-  const perSync = tb.pages / Math.max(1, tb.syncs) - tc.pages / Math.max(1, tc.syncs);
-  figures.push({
-    id: 'iommu/migration/read-pin-dirties',
-    what: 'extra pages the read-pin-dirties bug makes an mdev migration send (read pins reported dirty)',
-    figure: `${extra >= 0 ? '+' : ''}${extra} pages sent; +${perSync.toFixed(1)} pages per type1 query`, value: extra,
-    detail: `the same scenario as iommu/migration/type1-mdev: without the bug ${pagesSent(clean)} pages sent in ${clean.passes.length} passes, type1 reported ${tc.pages} pages in ${tc.syncs} queries; `
-      + `with it ${pagesSent(buggy)} pages in ${buggy.passes.length} passes, type1 reported ${tb.pages} pages in ${tb.syncs} queries. `
-      + 'The pages-sent difference also carries the two runs\' timing noise (guest and device progress differ from run to run); the per-query difference is the read-pinned buffers the bug adds to every report',
-  });
+}
+
+async function migration(): Promise<Figure[]> {
+  const figures: Figure[] = [];
+  for (const row of ROWS) figures.push((await runRow(row)).figure);
   return figures;
+}
+
+const PIN_PAIRS = 3;
+
+/** The mdev migration with and without read-pin-dirties, in alternating pairs: the extra pages the bug sends. */
+async function readPinDirties(): Promise<Figure[]> {
+  const mdev = ROWS.find((x) => x.id === 'type1-mdev')!;
+  const bug: Row = { ...mdev, id: 'type1-mdev/read-pin-dirties', what: `${mdev.what}, with the read-pin-dirties bug`, bugs: ['read-pin-dirties'] };
+  const type1 = (r: MigrationRunResult): { pages: number; syncs: number } => {
+    const x = r.info!.dmaSources.find((s) => s.source.includes('(type1)'));
+    return { pages: x?.pagesReported ?? 0, syncs: x?.syncs ?? 0 };
+  };
+  const extra: number[] = [];
+  const perQuery: number[] = [];
+  const runs: string[] = [];
+  for (let i = 0; i < PIN_PAIRS; i++) {
+    const clean = (await runRow(mdev)).r;
+    const buggy = (await runRow(bug)).r;
+    for (const [name, r] of [['without', clean], ['with', buggy]] as const) {
+      if (r.status !== 'passed') throw new Error(`mdev ${name} read-pin-dirties: ${r.status} ${r.reason ?? ''} ${r.errors.join('; ')}`);
+    }
+    const tc = type1(clean);
+    const tb = type1(buggy);
+    extra.push(pagesSent(buggy) - pagesSent(clean));
+    perQuery.push(tb.pages / Math.max(1, tb.syncs) - tc.pages / Math.max(1, tc.syncs));
+    runs.push(`${pagesSent(clean)} -> ${pagesSent(buggy)} pages sent, type1 ${tc.pages}/${tc.syncs} -> ${tb.pages}/${tb.syncs} pages/queries`);
+  }
+  const e = median(extra);
+  const q = median(perQuery);
+  return [{
+    id: 'iommu/read-pin-dirties',
+    what: 'extra pages the read-pin-dirties bug makes an mdev migration send (read pins reported dirty)',
+    figure: `${e >= 0 ? '+' : ''}${e} pages sent; ${q >= 0 ? '+' : ''}${q.toFixed(1)} pages per type1 query`, value: e,
+    detail: `the scenario of iommu/migration/type1-mdev without and with the bug, ${PIN_PAIRS} alternating pairs, medians of the paired differences (pairs: ${runs.join('; ')}). `
+      + 'The pages-sent difference carries the runs\' timing noise (guest and device progress differ from run to run); the per-query difference is the read-pinned buffers the bug adds to every type1 report',
+  }];
 }
 
 // ---------------------------------------------------------------------------------------
@@ -466,8 +493,8 @@ function entryLimit(): Figure[] {
 // ---------------------------------------------------------------------------------------
 
 const [which = 'map-unmap'] = caseArgs();
-const run = { 'map-unmap': mapUnmap, translate, migration, 'entry-limit': entryLimit }[which];
-if (run === undefined) throw new Error(`unknown case '${which}' (map-unmap, translate, migration, entry-limit)`);
+const run = { 'map-unmap': mapUnmap, translate, migration, 'read-pin-dirties': readPinDirties, 'entry-limit': entryLimit }[which];
+if (run === undefined) throw new Error(`unknown case '${which}' (map-unmap, translate, migration, read-pin-dirties, entry-limit)`);
 emit(await run());
 log(`sink ${sinkValue()}`);
 process.exit(0);

@@ -62,6 +62,7 @@ const CASES: Case[] = [
   { id: 'iommu/map-unmap', file: 'iommu.ts', args: ['map-unmap'] },
   { id: 'iommu/translate', file: 'iommu.ts', args: ['translate'], processes: 3 },
   { id: 'iommu/migration', file: 'iommu.ts', args: ['migration'] },
+  { id: 'iommu/read-pin-dirties', file: 'iommu.ts', args: ['read-pin-dirties'] },
   { id: 'iommu/entry-limit', file: 'iommu.ts', args: ['entry-limit'] },
 ];
 const DETECTION: Case[] = [
@@ -315,8 +316,9 @@ const METHOD = [
   '  `DmaEngine.access` and `DeviceIotlb.lookup` over a working set that fits the IOTLB',
   '  against a plain Int32Array lookup of the same IOVAs (paired repeats); migration of a',
   '  256 MiB guest with one device under each DMA tracking mode (free-run, in-process',
-  '  destination), with the pages each DMA dirty source reported; 4 KiB mappings into a',
-  '  type1 container until `dma_entry_limit` says ENOSPC, and the same pages under iommufd.',
+  '  destination), with the pages each DMA dirty source reported, and the mdev case with',
+  '  and without read-pin-dirties in alternating pairs; 4 KiB mappings into a type1',
+  '  container until `dma_entry_limit` says ENOSPC, and the same pages under iommufd.',
 ];
 
 const started = new Date();
