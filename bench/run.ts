@@ -59,6 +59,11 @@ const CASES: Case[] = [
   { id: 'migration/throughput', file: 'migration.ts', args: ['throughput'], processes: 3 },
   { id: 'migration/tcp', file: 'migration.ts', args: ['tcp'] },
   { id: 'migration/convergence', file: 'migration.ts', args: ['convergence'] },
+  { id: 'iommu/map-unmap', file: 'iommu.ts', args: ['map-unmap'] },
+  { id: 'iommu/translate', file: 'iommu.ts', args: ['translate'], processes: 3 },
+  { id: 'iommu/migration', file: 'iommu.ts', args: ['migration'] },
+  { id: 'iommu/read-pin-dirties', file: 'iommu.ts', args: ['read-pin-dirties'] },
+  { id: 'iommu/entry-limit', file: 'iommu.ts', args: ['entry-limit'] },
 ];
 const DETECTION: Case[] = [
   { id: 'free-run-detection', file: 'free-run-detection.ts', args: [] },
@@ -306,6 +311,14 @@ const METHOD = [
   '- Free-run: vCPU roles on worker threads run by the free-run driver\'s own loop',
   '  (`runFreeLoop`), throughput read from the vCPUs\' published OPS words in timed windows',
   '  that alternate between 1 and 2 running vCPUs.',
+  '- IOMMU: map + unmap of one 4 KiB page, called in-process per backend and as mailbox',
+  '  round trips to the iommu-service role on its own worker thread (the free-run loop);',
+  '  `DmaEngine.access` and `DeviceIotlb.lookup` over a working set that fits the IOTLB',
+  '  against a plain Int32Array lookup of the same IOVAs (paired repeats); migration of a',
+  '  256 MiB guest with one device under each DMA tracking mode (free-run, in-process',
+  '  destination), with the pages each DMA dirty source reported, and the mdev case with',
+  '  and without read-pin-dirties in alternating pairs; 4 KiB mappings into a type1',
+  '  container until `dma_entry_limit` says ENOSPC, and the same pages under iommufd.',
 ];
 
 const started = new Date();
