@@ -119,7 +119,7 @@ export abstract class DmaDevice {
     const c = this.config;
     const actor = new HostActor(this.vm.global, {
       // A paused device holds no translations: invalidations need not wait for it.
-      quiesce: () => { this.dropTranslations(); Atomics.store(w, this.base + DeviceWord.MODE, DMA_QUIESCED); },
+      quiesce: () => { this.publish(); this.dropTranslations(); Atomics.store(w, this.base + DeviceWord.MODE, DMA_QUIESCED); },
       resume: () => { Atomics.store(w, this.base + DeviceWord.MODE, DMA_ACTIVE); this.acknowledge(); },
     });
     Atomics.store(w, this.base + DeviceWord.MODE, DMA_ACTIVE);
@@ -139,9 +139,12 @@ export abstract class DmaDevice {
         yield waitFor(WaitCode.GUEST_OPS, nextAt, ops);
         continue;
       }
-      nextAt = ops + c.every;
+      // One operation per `every` guest operations, counted from the last one due: the
+      // guest publishes its count in bursts, and a device that slept catches up.
+      nextAt += c.every;
       this.ops++;
       Atomics.store(w, this.base + DeviceWord.OPS, this.ops);
+      if ((this.ops & 31) === 0) this.publish();
       if (c.remapEvery > 0 && !c.identity && this.ops % c.remapEvery === 0 && this.pending === null) {
         const b = this.pickMapped();
         if (b !== null) {

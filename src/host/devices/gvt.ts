@@ -31,7 +31,7 @@ export function* gvtDevice(vm: Vm, index: number, config: DeviceConfig, seed: nu
       yield waitFor(WaitCode.GUEST_OPS, nextAt, ops);
       continue;
     }
-    nextAt = ops + config.every;
+    nextAt += config.every; // from the last one due: a device that slept catches up (dma-device.ts)
     // Deciding and writing are separate steps, as for the host writer: a pause may come between.
     yield undefined;
     const gfn = pages.next();
