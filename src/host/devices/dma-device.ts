@@ -60,8 +60,15 @@ export abstract class DmaDevice {
   protected *beforeUnmap(_b: Buffer): Steps { /* nothing by default */ }
   /** Drops cached translations (an IOTLB invalidation, or the device quiescing). */
   protected dropTranslations(): void { /* no cache by default */ }
-  /** Publishes counters kept in the device (IOTLB hits and misses). */
-  protected publish(): void { /* nothing by default */ }
+  /** DMA reads and writes done (kept here, published to the shared counters now and then). */
+  writes = 0;
+  reads = 0;
+
+  /** Publishes the counters kept in the device (a shared atomic add per DMA would cost more than the DMA). */
+  protected publish(): void {
+    Atomics.store(this.words, this.base + DeviceWord.DMA_WRITES, this.writes);
+    Atomics.store(this.words, this.base + DeviceWord.DMA_READS, this.reads);
+  }
 
   /** Stores the iteration and the stamp into guest frame `gfn`, as a vCPU's write does. */
   protected store(gfn: number): void {
@@ -70,13 +77,13 @@ export abstract class DmaDevice {
     const page = gfn - slot.baseGfn;
     const iteration = Atomics.load(this.vm.global, GlobalWord.ITERATION);
     slot.writeU64Stamped(page, iteration, this.writer, ++this.seq, iteration);
-    Atomics.add(this.words, this.base + DeviceWord.DMA_WRITES, 1);
+    this.writes++;
   }
 
   protected load(gfn: number): void {
     const slot = this.vm.memory.findSlot(gfn);
     if (slot !== undefined) slot.readU64(gfn - slot.baseGfn);
-    Atomics.add(this.words, this.base + DeviceWord.DMA_READS, 1);
+    this.reads++;
   }
 
   protected fault(kind: DmaRecordKind, iova: number, write: boolean, cachedGfn = -1): void {

@@ -30,6 +30,7 @@ export class DmaEngine extends DmaDevice {
   protected override dropTranslations(): void { this.iotlb.invalidateAll(); }
 
   protected override publish(): void {
+    super.publish();
     Atomics.store(this.words, this.base + DeviceWord.IOTLB_HITS, this.iotlb.hits);
     Atomics.store(this.words, this.base + DeviceWord.IOTLB_MISSES, this.iotlb.misses);
   }
