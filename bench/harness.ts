@@ -7,6 +7,8 @@
  * target; medians over repeats, after warm-up repeats that are thrown away; both sides
  * consume a checksum so V8 cannot drop their work.
  */
+import { setFlagsFromString } from 'node:v8';
+import { runInNewContext } from 'node:vm';
 import { type Steps } from '../src/drivers/role.ts';
 import { createVmLayout, type DirtyTracking, type MemslotConfig, VcpuWord } from '../src/host/layout.ts';
 import { Vm } from '../src/host/vm.ts';
@@ -140,4 +142,26 @@ export function faultCount(vm: Vm, vcpu: Vcpu): number {
   const faults = vmm.word(vcpu.index, VcpuWord.FAULTS);
   vmm.release(vcpu.index);
   return faults;
+}
+
+let gc: (() => void) | null = null;
+/**
+ * Frees the last run's guest memory before the next timed run (unmapping it meanwhile
+ * stalls page faults). Workers' isolates drop their references to guest memory some
+ * time after they end: collect until the resident size stops falling (at most 5 s).
+ */
+export async function settle(): Promise<void> {
+  if (gc === null) {
+    setFlagsFromString('--expose-gc');
+    gc = runInNewContext('gc') as () => void;
+  }
+  let last = Infinity;
+  for (let i = 0; i < 50; i++) {
+    gc();
+    await new Promise((r) => setTimeout(r, 100));
+    const rss = process.memoryUsage.rss();
+    if (rss > last - (16 << 20)) break;
+    last = rss;
+  }
+  if (process.env['BENCH_VERBOSE']) console.error(`settled at ${(process.memoryUsage.rss() / (1 << 20)).toFixed(0)} MiB resident`);
 }

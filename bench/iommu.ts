@@ -15,8 +15,6 @@
  *                                     a 16 GiB guest with the limit raised; iommufd
  */
 import type { Worker } from 'node:worker_threads';
-import { setFlagsFromString } from 'node:v8';
-import { runInNewContext } from 'node:vm';
 import { DEFAULT_WORKLOAD } from '../src/guest/workload.ts';
 import { ENOSPC, PAGE_SIZE } from '../src/host/constants.ts';
 import { DEVICE_DEFAULTS, type DeviceConfig, type DeviceKind } from '../src/host/devices/device-config.ts';
@@ -36,7 +34,7 @@ import { slotLayout } from '../src/scenarios/dirty-log-test.ts';
 import { type DeviceSetup, attachDevices, deviceWindow, iommuConfigFor } from '../src/scenarios/devices.ts';
 import { type MigrationRunResult, type MigrationScenario, runMigration } from '../src/scenarios/migration.ts';
 import { Prng } from '../src/util/prng.ts';
-import { type Figure, type Sample, alternate, caseArgs, consume, drive, emit, median, mps, sinkValue } from './harness.ts';
+import { type Figure, type Sample, alternate, caseArgs, consume, drive, emit, median, mps, sinkValue, settle } from './harness.ts';
 
 const MiB = 1 << 20;
 const GiB = 1 << 30;
@@ -309,20 +307,6 @@ function translate(): Figure[] {
 
 // ---------------------------------------------------------------------------------------
 // migration
-
-setFlagsFromString('--expose-gc');
-const collect = runInNewContext('gc') as () => void;
-/** Frees the last run's guest memory before the next run (as bench/migration.ts does). */
-async function settle(): Promise<void> {
-  let last = Infinity;
-  for (let i = 0; i < 50; i++) {
-    collect();
-    await new Promise((r) => setTimeout(r, 100));
-    const rss = process.memoryUsage.rss();
-    if (rss > last - (16 << 20)) break;
-    last = rss;
-  }
-}
 
 const M_MEMORY = 256 * MiB;
 const M_HOT = 8 * MiB;

@@ -18,33 +18,15 @@
 import { type ChildProcess, spawn } from 'node:child_process';
 import { type AddressInfo, Socket, createServer } from 'node:net';
 import { fileURLToPath } from 'node:url';
-import { setFlagsFromString } from 'node:v8';
-import { runInNewContext } from 'node:vm';
 import { DEFAULT_WORKLOAD } from '../src/guest/workload.ts';
 import { PAGE_SIZE } from '../src/host/constants.ts';
 import { VmmControl } from '../src/host/vmm.ts';
 import type { Vm } from '../src/host/vm.ts';
 import { type MigrationRunResult, type MigrationScenario, runMigration } from '../src/scenarios/migration.ts';
 import type { TrackingMode } from '../src/bugs/catalog.ts';
-import { type Figure, caseArgs, emit, median } from './harness.ts';
+import { type Figure, caseArgs, emit, median, settle } from './harness.ts';
 
 const root = fileURLToPath(new URL('..', import.meta.url));
-setFlagsFromString('--expose-gc');
-const collect = runInNewContext('gc') as () => void;
-/** Frees the last run's guest memory before the next timed run: unmapping it meanwhile stalls page faults. */
-async function settle(): Promise<void> {
-  // Workers' isolates drop their references to guest memory some time after they end;
-  // wait until the resident size stops falling (at most 5 s).
-  let last = Infinity;
-  for (let i = 0; i < 50; i++) {
-    collect();
-    await new Promise((r) => setTimeout(r, 100));
-    const rss = process.memoryUsage.rss();
-    if (rss > last - (16 << 20)) break;
-    last = rss;
-  }
-  if (process.env['BENCH_VERBOSE']) console.error(`settled at ${(process.memoryUsage.rss() / MiB).toFixed(0)} MiB resident`);
-}
 const REPS = 5;
 const MiB = 1 << 20;
 

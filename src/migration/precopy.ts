@@ -133,6 +133,12 @@ export function* precopy(
     channel.send(frame);
   }
 
+  /** The migration ends: DMA dirty tracking stops (QEMU's log_global_stop), then the outcome is reported. */
+  const end = (e: MigrationEvent): void => {
+    sync.dma?.stop();
+    report(e);
+  };
+
   const cancelled = (): boolean => Atomics.load(destWords, DestWord.CANCEL) !== 0;
 
   function* waitForCredit(limited: boolean): Steps {
@@ -307,18 +313,18 @@ export function* precopy(
     report({ kind: 'pass', stats });
     if (Atomics.load(destWords, DestWord.STATE) === DestState.FAILED) {
       vmm.setThrottle(0);
-      report({ kind: 'failed', reason: 'the destination failed', info: info('failed', 0) });
+      end({ kind: 'failed', reason: 'the destination failed', info: info('failed', 0) });
       return;
     }
     if (vm.iommu?.oracle.faultStopped()) {
       vmm.setThrottle(0);
-      report({ kind: 'failed', reason: 'a device faulted and the run stops on device faults', info: info('failed', 0) });
+      end({ kind: 'failed', reason: 'a device faulted and the run stops on device faults', info: info('failed', 0) });
       return;
     }
     if (cancelled()) {
       // migrate_cancel: the source VM keeps running, unthrottled.
       vmm.setThrottle(0);
-      report({ kind: 'failed', reason: 'cancelled', info: info('failed', 0) });
+      end({ kind: 'failed', reason: 'cancelled', info: info('failed', 0) });
       return;
     }
     if (expectedDowntime <= p.downtimeLimitMs) break;
@@ -332,7 +338,7 @@ export function* precopy(
     if (outOfPasses || now - t0 >= p.timeoutMs) {
       if (p.policy === 'force') break;
       vmm.setThrottle(0);
-      report({ kind: 'failed', reason: `did not converge in ${pass} passes (expected downtime ${expectedDowntime.toFixed(1)} ms > limit ${p.downtimeLimitMs} ms${throttle ? `, throttle ${throttle} %` : ''})`, info: info('failed', 0) });
+      end({ kind: 'failed', reason: `did not converge in ${pass} passes (expected downtime ${expectedDowntime.toFixed(1)} ms > limit ${p.downtimeLimitMs} ms${throttle ? `, throttle ${throttle} %` : ''})`, info: info('failed', 0) });
       return;
     }
   }
@@ -353,12 +359,12 @@ export function* precopy(
     const st = Atomics.load(destWords, DestWord.STATE);
     if (st === DestState.COMPLETE) break;
     if (st === DestState.FAILED) {
-      report({ kind: 'failed', reason: 'the destination failed', info: info('failed', 0) });
+      end({ kind: 'failed', reason: 'the destination failed', info: info('failed', 0) });
       return;
     }
     yield waitFor(WaitCode.DESTINATION, 1, 0, { array: destWords, index: DestWord.STATE, value: st });
   }
-  report({ kind: 'completed', info: info('completed', clock.nowMs() - stopTime) });
+  end({ kind: 'completed', info: info('completed', clock.nowMs() - stopTime) });
 }
 
 /** A slot's guest memory as encodePages reads it. */

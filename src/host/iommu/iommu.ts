@@ -1,4 +1,4 @@
-import { EEXIST, EINVAL, ENOENT, ENOSPC, PAGE_SHIFT, PAGE_SIZE } from '../constants.ts';
+import { EEXIST, EINVAL, ENOENT, ENOSPC, PAGE_SIZE } from '../constants.ts';
 import type { GuestMemory } from '../guest-memory.ts';
 import { DomainLock, LockHolder } from './domain-lock.ts';
 import { IOPTE_HEAD, IOPTE_PRESENT, IoPageTable } from './io-page-table.ts';
@@ -188,19 +188,7 @@ export class Iommu {
 
   /** Takes the pages unmapped dirty since the last call (VM-wide page numbers). */
   takeUnmapDirty(report: (vmPage: number) => void): number {
-    let n = 0;
-    const u = this.unmapDirty;
-    for (let w = 0; w < u.length; w++) {
-      if (Atomics.load(u, w) === 0) continue;
-      let m = Atomics.exchange(u, w, 0);
-      while (m !== 0) {
-        const bit = 31 - Math.clz32(m & -m);
-        report(w * 32 + bit);
-        n++;
-        m &= m - 1;
-      }
-    }
-    return n;
+    return drainBits(this.unmapDirty, report);
   }
 
   // ---- pins and dma_rw (mediated devices behind the emulated IOMMU; call with the lock held) ----
@@ -263,17 +251,10 @@ export class Iommu {
         if (p >= 0) { report(p); n++; }
       }
     } else {
-      const bits = this.type1Dirty;
-      for (let w = 0; w < bits.length; w++) {
-        if (Atomics.load(bits, w) === 0) continue;
-        let m = Atomics.exchange(bits, w, 0);
-        while (m !== 0) {
-          const iova = w * 32 + (31 - Math.clz32(m & -m));
-          m &= m - 1;
-          const p = this.vmPage(t.gfn(iova));
-          if (p >= 0) { report(p); n++; }
-        }
-      }
+      drainBits(this.type1Dirty, (iova) => {
+        const p = this.vmPage(t.gfn(iova));
+        if (p >= 0) { report(p); n++; }
+      });
       for (let i = 0; i < t.pages; i++) if (this.pinnedDirty(i)) this.markType1(i);
     }
     this.lock.release();
@@ -325,18 +306,11 @@ export class Iommu {
   /** VFIO_DEVICE_FEATURE_DMA_LOGGING_REPORT: the pages device `d` wrote since the last report (the report clears them). */
   *dmaLoggingReport(d: number, report: (vmPage: number) => void): Steps<number> {
     yield* this.lock.acquire(LockHolder.MIGRATION);
-    const log = this.deviceLogs[d]!;
     let n = 0;
-    for (let w = 0; w < log.length; w++) {
-      if (Atomics.load(log, w) === 0) continue;
-      let m = Atomics.exchange(log, w, 0);
-      while (m !== 0) {
-        const iova = w * 32 + (31 - Math.clz32(m & -m));
-        m &= m - 1;
-        const p = this.vmPage(this.table.gfn(iova));
-        if (p >= 0) { report(p); n++; }
-      }
-    }
+    drainBits(this.deviceLogs[d]!, (iova) => {
+      const p = this.vmPage(this.table.gfn(iova));
+      if (p >= 0) { report(p); n++; }
+    });
     this.lock.release();
     Atomics.add(this.words, deviceBase(d) + DeviceWord.LOG_REPORTED, n);
     yield undefined;
@@ -361,4 +335,17 @@ export interface IommuStats {
   dmaEntryLimit: number | null;
 }
 
-export const iovaOf = (page: number): number => page * (1 << PAGE_SHIFT);
+/** Takes every set bit of a shared bitmap (an atomic exchange per non-zero word), lowest first; returns how many. */
+function drainBits(bits: Int32Array, each: (index: number) => void): number {
+  let n = 0;
+  for (let w = 0; w < bits.length; w++) {
+    if (Atomics.load(bits, w) === 0) continue;
+    let m = Atomics.exchange(bits, w, 0);
+    while (m !== 0) {
+      each(w * 32 + (31 - Math.clz32(m & -m)));
+      m &= m - 1;
+      n++;
+    }
+  }
+  return n;
+}
