@@ -1,5 +1,6 @@
 import { Command, CommanderError, Option } from 'commander';
 import { UserError } from '../util/errors.ts';
+import { VMEMLAB_VERSION } from '../version.ts';
 import { DEVICE_KEYS } from './device-flags.ts';
 import { DEVICE_KINDS } from '../host/devices/device-config.ts';
 import { VFIO_DEFAULT_DMA_ENTRY_LIMIT } from '../host/iommu/constants.ts';
@@ -77,7 +78,7 @@ function addMigrateOptions(cmd: Command): Command {
 export function buildProgram(setExit: (code: number) => void): Command {
   const program = new Command('vmemlab')
     .description('An emulator of a hypervisor\'s memory subsystem: shared guest memory, vCPU worker threads, KVM-faithful dirty tracking.')
-    .version('0.1.0')
+    .version(VMEMLAB_VERSION)
     .exitOverride()
     .configureOutput({ outputError: (text, write) => write(text) });
 

@@ -160,26 +160,33 @@ export async function migrateCommand(given: Partial<MigrateFlags>): Promise<numb
     console.log(JSON.stringify({ command: 'migrate', scenario: s, driver, ...r }, null, 2));
     return code;
   }
-  if (r.info) for (const line of formatInfo(r.info)) console.log(line);
-  if (r.dma) for (const line of describeDma(r.dma, r.info?.dmaSources ?? [])) console.log(line);
-  if (r.reason) console.log(`migration failed: ${r.reason}`);
-  for (const m of r.mismatches) console.log(describeMismatch(m));
+  for (const line of describeResult(r)) console.log(line);
+  return code;
+}
+
+/** A migration's report after it ran: `info migrate`, devices, lost writes with their history, the destination, the verdict. */
+export function describeResult(r: MigrationRunResult): string[] {
+  const lines: string[] = [];
+  if (r.info) lines.push(...formatInfo(r.info));
+  if (r.dma) lines.push(...describeDma(r.dma, r.info?.dmaSources ?? []));
+  if (r.reason) lines.push(`migration failed: ${r.reason}`);
+  for (const m of r.mismatches) lines.push(describeMismatch(m));
   const d = r.destination;
-  if (d) for (const line of describeDestination(d)) console.log(line);
-  for (const e of r.errors) console.log(e);
+  if (d) lines.push(...describeDestination(d));
+  for (const e of r.errors) lines.push(e);
   const secs = `(${r.seconds.toFixed(2)} s)`;
   const broken = d?.afterResume?.ok === false ? d.afterResume : d?.atCompletion?.ok === false ? d.atCompletion : null;
   if (r.status === 'passed') {
     const also = `${d?.atCompletion ? '; the sweep pattern holds' : ''}${d?.resumed ? `${d.atCompletion ? ' before and after' : ''}; the destination resumed the guest` : ''}`;
-    console.log(`PASSED: all ${r.pagesCompared} destination pages equal the source${also} ${secs}`);
-  } else if (r.mismatchCount > 0) console.log(`FAILED: ${r.mismatchCount} of ${r.pagesCompared} pages differ: lost writes ${secs}`);
+    lines.push(`PASSED: all ${r.pagesCompared} destination pages equal the source${also} ${secs}`);
+  } else if (r.mismatchCount > 0) lines.push(`FAILED: ${r.mismatchCount} of ${r.pagesCompared} pages differ: lost writes ${secs}`);
   else if (r.dma && (r.dma.faults > 0 || r.dma.staleIotlb > 0)) {
     const what = [r.dma.faults > 0 ? `${r.dma.faults} device faults` : '', r.dma.staleIotlb > 0 ? `${r.dma.staleIotlb} DMAs through stale IOTLB entries` : ''].filter(Boolean);
-    console.log(`FAILED: ${what.join(', ')} ${secs}`);
+    lines.push(`FAILED: ${what.join(', ')} ${secs}`);
   }
-  else if (broken) console.log(`FAILED: the destination's sweep pattern is broken (${broken.outOfLine} pages out of line) ${secs}`);
-  else console.log(`${r.status === 'failed' ? 'FAILED' : 'STUCK'} ${secs}`);
-  return code;
+  else if (broken) lines.push(`FAILED: the destination's sweep pattern is broken (${broken.outOfLine} pages out of line) ${secs}`);
+  else lines.push(`${r.status === 'failed' ? 'FAILED' : 'STUCK'} ${secs}`);
+  return lines;
 }
 
 /** IOMMU and device statistics, what each DMA dirty source reported, and the DMA oracle's records. */

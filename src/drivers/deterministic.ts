@@ -16,11 +16,16 @@ export class RandomScheduler implements Scheduler {
   }
 }
 
-/** Follows a recorded schedule exactly (role indices, one per step). */
+/**
+ * Follows a recorded schedule exactly (role indices, one per step). Past its end it
+ * stops the run, or hands over to `then` (shrinking replays shortened schedules and lets
+ * a seeded scheduler finish the run).
+ */
 export class ReplayScheduler implements Scheduler {
-  constructor(private readonly schedule: ArrayLike<number>) {}
-  pick(_runnable: readonly number[], stepNo: number): number {
-    return stepNo < this.schedule.length ? this.schedule[stepNo]! : -1;
+  constructor(private readonly schedule: ArrayLike<number>, private readonly then?: Scheduler) {}
+  pick(runnable: readonly number[], stepNo: number): number {
+    if (stepNo < this.schedule.length) return this.schedule[stepNo]!;
+    return this.then ? this.then.pick(runnable, stepNo) : -1;
   }
 }
 
@@ -44,6 +49,9 @@ export interface DeterministicResult {
 export class DeterministicDriver {
   private schedule = new Uint8Array(1 << 16);
   private steps = 0;
+
+  /** Called after every step with its number and the role that took it (tracers, explanations). */
+  onStep: ((stepNo: number, role: number) => void) | null = null;
 
   constructor(readonly roles: Role[], private readonly scheduler: Scheduler) {
     if (roles.length > 255) throw new Error('at most 255 roles');
@@ -73,6 +81,7 @@ export class DeterministicDriver {
       if (r < 0) break;
       this.record(r);
       const s = this.roles[r]!.step();
+      this.onStep?.(this.steps - 1, r);
       if (s === Step.PROGRESS) { blocked.fill(0); rechecked = false; }
       else if (s === Step.BLOCKED) blocked[r] = 1;
       else if (!done[r]) { done[r] = 1; live--; blocked.fill(0); }

@@ -7,7 +7,7 @@ import { type Transferable, Worker } from 'node:worker_threads';
  */
 export function spawnWorker(entry: string, workerData: unknown, transferList: Transferable[] = []): Worker {
   const here = import.meta.url;
-  if (here.endsWith('.ts')) {
+  if (new URL(here).pathname.endsWith('.ts')) { // sources (a loader may add a query to the URL)
     const ts = new URL(`../../workers/${entry}.ts`, here).href;
     return new Worker(new URL('../../workers/ts-bootstrap.mjs', here), { workerData: { entry: ts, data: workerData }, transferList });
   }

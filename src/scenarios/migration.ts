@@ -17,6 +17,7 @@ import { type DeviceSetup, type DmaReport, NO_DEVICES, attachDevices, dmaReport,
 import type { IommuServiceEvent } from '../host/iommu/iommu-service.ts';
 import { type DestinationRun, resumeDestination } from './resume.ts';
 import { type Driver, runRoles } from './run-roles.ts';
+import type { Strategy } from '../drivers/strategy.ts';
 
 export interface MigrationScenario {
   tracking: TrackingMode;
@@ -47,6 +48,13 @@ export interface MigrationRunOptions {
   onTick?: (progress: number[], names: string[]) => void;
   /** Called with the source VM before anything runs (benchmarks fill memory or park vCPUs here). */
   prepare?: (vm: Vm) => void;
+  /** Deterministic: the scheduling strategy (default random), or a recorded schedule to replay. */
+  strategy?: Strategy;
+  replay?: Uint8Array;
+  /** With `replay`: once the schedule ends the strategy finishes the run (shrinking); otherwise the run stops there. */
+  replayThenStrategy?: boolean;
+  /** Deterministic: called after every step of the migration run with its number, the role's name and the source VM (tracers). */
+  onStep?: (stepNo: number, role: string, vm: Vm) => void;
   /**
    * In-process: once the migration completed, the destination resumes the guest and runs
    * it until each vCPU retired this many operations, then stops it. Unset: it stays paused.
@@ -66,6 +74,8 @@ export interface MigrationRunResult {
   errors: string[];
   seconds: number;
   steps?: number;
+  /** Deterministic: the schedule the run took (role index per step); replaying it reproduces the run. */
+  schedule?: Uint8Array;
   /** The in-process destination after completion: the sweep-pattern oracle, the resumed guest. */
   destination?: DestinationRun;
   /** IOMMU and device statistics, device faults and stale-IOTLB DMAs (scenarios with devices). */
@@ -138,11 +148,13 @@ export async function runMigration(s: MigrationScenario, o: MigrationRunOptions)
   const run = await runRoles({
     driver: o.driver, specs, primary: 'migration', vm, layoutOf: (spec) => (spec.kind === 'destination' ? target : source),
     bugs: s.bugs, seed: s.seed, onEvent: (e) => onEvent(e as MigrationEvent | IommuServiceEvent), watchdogMs: o.watchdogMs, burst: o.burst,
-    onTick: o.onTick, onDriver: (d) => { driver = d; },
+    onTick: o.onTick, onDriver: (d) => { driver = d; }, strategy: o.strategy, replay: o.replay, replayThenStrategy: o.replayThenStrategy,
+    onStep: o.onStep ? (n, role) => o.onStep!(n, role, vm) : undefined,
   });
   if (run.status !== 'done') result.status = run.status;
   result.errors.push(...run.errors);
   result.steps = run.steps;
+  result.schedule = run.schedule;
   const dma = dmaReport(vm, devices);
   if (dma) {
     result.dma = dma;

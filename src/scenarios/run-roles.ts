@@ -1,9 +1,9 @@
-import { DeadlockError, DeterministicDriver, RandomScheduler, ReplayScheduler } from '../drivers/deterministic.ts';
+import { DeadlockError, DeterministicDriver } from '../drivers/deterministic.ts';
+import { type Strategy, schedulerFor } from '../drivers/strategy.ts';
 import { type FreeRunActor, runFreeRun } from '../drivers/free-run.ts';
 import type { GeneratorRole, Role } from '../drivers/role.ts';
 import type { VmLayout } from '../host/layout.ts';
 import type { Vm } from '../host/vm.ts';
-import { Prng } from '../util/prng.ts';
 import { type RoleSpec, buildRole, roleName } from './roles.ts';
 
 export type Driver = 'free' | 'deterministic';
@@ -24,6 +24,12 @@ export interface RunRolesOptions {
   burst: number;
   onTick?: (progress: number[], names: string[]) => void;
   replay?: Uint8Array;
+  /** Deterministic: how the scheduler picks (default random). */
+  strategy?: Strategy;
+  /** Deterministic with `replay`: once the schedule ends, the strategy finishes the run (instead of stopping it). */
+  replayThenStrategy?: boolean;
+  /** Deterministic: called after every step with its number and the role's name. */
+  onStep?: (stepNo: number, role: string) => void;
   crash?: { role: string; afterSteps: number };
   /** Deterministic: receives the driver before it runs (step clocks read its step count). */
   onDriver?: (d: DeterministicDriver) => void;
@@ -42,8 +48,12 @@ export async function runRoles(o: RunRolesOptions): Promise<RunRolesOutcome> {
   if (o.driver === 'deterministic') {
     const roles: Role[] = o.specs.map((s) => buildRole(s, o.vm, o.onEvent as (e: never) => void));
     const primary = roles[o.specs.findIndex((s) => s.kind === o.primary)] as GeneratorRole;
-    const scheduler = o.replay ? new ReplayScheduler(o.replay) : new RandomScheduler(Prng.derive(o.seed, 3000));
+    const scheduler = schedulerFor(o.strategy ?? 'random', o.seed, roles.length, o.replay, o.replayThenStrategy);
     const driver = new DeterministicDriver(roles, scheduler);
+    if (o.onStep) {
+      const onStep = o.onStep;
+      driver.onStep = (n, r) => onStep(n, roles[r]!.name);
+    }
     o.onDriver?.(driver);
     const out: RunRolesOutcome = { status: 'done', errors: [] };
     try {

@@ -1,0 +1,43 @@
+import type { Strategy } from '../drivers/strategy.ts';
+import { type MigrationScenario, runMigration } from '../scenarios/migration.ts';
+import { type Failure, failureOf, fingerprint } from './failure.ts';
+
+/** One run of a hunt: a scenario with one seed, under a strategy of the deterministic driver or under free-run. */
+export interface HuntTask {
+  scenario: MigrationScenario;
+  strategy: Strategy | 'free';
+  seed: number;
+  watchdogMs: number;
+  burst: number;
+  /** Deterministic: replay this schedule instead (vmemlab replay, shrinking). */
+  replay?: Uint8Array;
+}
+
+export interface HuntRun {
+  seed: number;
+  strategy: Strategy | 'free';
+  failure: Failure | null;
+  /** Deterministic: steps the run took. */
+  steps: number | null;
+  seconds: number;
+  fingerprint: string;
+  /** Deterministic failures: the schedule that replays them. */
+  schedule: Uint8Array | null;
+}
+
+/** Runs one task (on a pool worker, or in-process). */
+export async function runHuntTask(t: HuntTask): Promise<HuntRun> {
+  const strategy = t.strategy === 'free' ? undefined : t.strategy;
+  const free = strategy === undefined;
+  const r = await runMigration({ ...t.scenario, seed: t.seed }, {
+    driver: free ? 'free' : 'deterministic', strategy, replay: t.replay,
+    watchdogMs: t.watchdogMs, burst: t.burst, resumeOps: 0,
+  });
+  const failure = failureOf(r);
+  return {
+    seed: t.seed, strategy: t.strategy, failure, steps: r.steps ?? null, seconds: r.seconds, fingerprint: fingerprint(r),
+    schedule: failure !== null && !free ? r.schedule ?? null : null,
+  };
+}
+
+export default runHuntTask;
