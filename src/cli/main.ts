@@ -8,6 +8,7 @@ import { catalogCommand } from './catalog-command.ts';
 import { type ScenarioFile, loadScenario, readdress } from '../scenarios/scenario-file.ts';
 import { DEFAULT_HOST_WRITE_EVERY, DEFAULT_JOB, MIGRATE_DEFAULTS as M, type MigrateFlags } from './migrate-command.ts';
 import type { DestinationFlags } from './destination-command.ts';
+import { DEFAULT_HUNT_JOB, HUNT_DEFAULTS, type HuntFlags } from './hunt-command.ts';
 import { DIRTY_LOG_TEST_DEFAULTS as D, type DirtyLogTestFlags, MODES, dirtyLogTestCommand } from './dirty-log-test-command.ts';
 
 const collect = (value: string, previous: string[] | undefined): string[] => [...(previous ?? []), value];
@@ -144,6 +145,53 @@ export function buildProgram(setExit: (code: number) => void): Command {
     .action(async (flags: DestinationFlags) => {
       const { destinationCommand } = await import('./destination-command.ts');
       setExit(await destinationCommand(flags));
+    });
+
+  addMigrateOptions(addGuestOptions(program.command('hunt')
+    .description('run many seeds of a migrate scenario under the deterministic driver\'s strategies and under free-run, in parallel; failing runs leave replay files. With no scenario: a 2-vCPU, 16 MiB guest like the default job (or, with --inject, the bug\'s demonstration scenario)')
+    .argument('[scenario]', 'a YAML scenario file of kind migrate'), M, '--tracking'))
+    .option('--seeds <n>', 'seeds 1..n per strategy', HUNT_DEFAULTS.seeds)
+    .option('--strategy <list>', 'comma-separated: random (uniform), pct (priorities, few deep preemptions), free (worker threads)', HUNT_DEFAULTS.strategy)
+    .option('--out <dir>', 'where replay files and the run records (JSON lines) go', HUNT_DEFAULTS.out)
+    .option('--all', 'run every seed (detection rates); otherwise each strategy stops at its first failure')
+    .option('--shard <i/n>', 'run only this shard of the seeds (seed s belongs to shard ((s - 1) mod n) + 1); combine shards with vmemlab merge', HUNT_DEFAULTS.shard)
+    .option('--workers <n>', 'runs in parallel (default: the cores)')
+    .action(async (scenario: string | undefined, flags: Record<string, unknown>, cmd: Command) => {
+      const fromCli = (key: string): boolean => cmd.getOptionValueSource(key) === 'cli';
+      for (const [key, flag] of [['driver', '--driver'], ['seed', '--seed'], ['resumeOps', '--resume-ops'], ['to', '--to']] as const) {
+        if (fromCli(key)) throw new UserError(`${flag}: not for hunt (it runs seeds 1..N of each --strategy, in-process)`);
+      }
+      const file = scenario === undefined ? null : loadScenario(scenario);
+      if (file && file.kind !== 'migrate') throw new UserError(`${scenario}: hunt takes a scenario of kind: migrate (this one is ${file.kind})`);
+      const huntKeys = ['seeds', 'strategy', 'out', 'all', 'shard', 'workers', 'json', 'watchdog'];
+      const cli = Object.fromEntries(Object.entries(flags).filter(([k]) => fromCli(k) && !huntKeys.includes(k)));
+      const inject = (flags['inject'] as string[] | undefined) ?? [];
+      const base = file ? file.values : inject.length ? {} : DEFAULT_HUNT_JOB;
+      const { huntCommand } = await import('./hunt-command.ts');
+      try {
+        setExit(await huntCommand({ ...base, ...cli, inject: [...((base as { inject?: string[] }).inject ?? []), ...inject] } as Partial<MigrateFlags>, flags as unknown as HuntFlags, scenario));
+      } catch (e) {
+        if (!(e instanceof UserError) || !file) throw e;
+        throw readdress(e, file, fromCli);
+      }
+    });
+
+  program.command('replay')
+    .description('run a replay file again: a deterministic one reproduces its failure exactly (exit 1), or says it differs (exit 3)')
+    .argument('<file>', 'a .vmreplay file written by vmemlab hunt or vmemlab shrink')
+    .option('--json', 'print JSON')
+    .action(async (file: string, flags: { json?: boolean }) => {
+      const { replayCommand } = await import('./hunt-command.ts');
+      setExit(await replayCommand(file, flags.json === true));
+    });
+
+  program.command('merge')
+    .description('combine the JSON lines of a hunt\'s shards (vmemlab hunt --shard i/n --out DIR) into one report')
+    .argument('<files...>', 'hunt-*.jsonl files')
+    .option('--json', 'print JSON')
+    .action(async (files: string[], flags: { json?: boolean }) => {
+      const { mergeCommand } = await import('./hunt-command.ts');
+      setExit(mergeCommand(files, flags.json === true));
     });
 
   program.command('catalog')

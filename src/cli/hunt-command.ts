@@ -1,0 +1,155 @@
+import { readFileSync } from 'node:fs';
+import { availableParallelism } from 'node:os';
+import { STRATEGIES } from '../drivers/strategy.ts';
+import { type HuntLine, type HuntReport, type HuntStrategy, type Shard, type StrategyReport, hunt, summarize } from '../hunt/hunt.ts';
+import { readReplayFile } from '../hunt/replay-file.ts';
+import { replayRun } from '../hunt/replay.ts';
+import type { MigrationScenario } from '../scenarios/migration.ts';
+import { UserError } from '../util/errors.ts';
+import { formatSize } from '../util/size.ts';
+import { int } from './flags.ts';
+import { type MigrateFlags, describeResult, migrateFlags, migrationScenario } from './migrate-command.ts';
+import { Progress } from './progress.ts';
+
+export interface HuntFlags { seeds: string; strategy: string; out: string; all?: boolean; shrink?: boolean; shard: string; workers?: string; json?: boolean; watchdog: string }
+
+export const HUNT_DEFAULTS = { seeds: '16', strategy: 'random,pct,free', out: 'vmemlab-hunt', shard: '1/1', watchdog: '10' } as const;
+
+/**
+ * `vmemlab hunt` with no scenario (and no --inject): the default job's guest scaled down
+ * to 2 vCPUs and 16 MiB, so that each deterministic run takes well under a second.
+ */
+export const DEFAULT_HUNT_JOB = { vcpus: '2', memory: '16MiB', workload: 'hotset', tracking: 'dirty-ring' } as const;
+
+export function parseShard(text: string): Shard {
+  const m = /^(\d+)\/(\d+)$/.exec(text.trim());
+  const index = m ? Number(m[1]) : NaN;
+  const count = m ? Number(m[2]) : NaN;
+  if (!m || count < 1 || index < 1 || index > count) throw new UserError(`--shard: '${text}' is not i/n with 1 <= i <= n (e.g. 2/4)`);
+  return { index, count };
+}
+
+export function parseStrategies(text: string): HuntStrategy[] {
+  const all: readonly string[] = [...STRATEGIES, 'free'];
+  const list = text.split(',').map((s) => s.trim()).filter(Boolean);
+  if (list.length === 0) throw new UserError(`--strategy: empty (one or more of: ${all.join(', ')})`);
+  for (const s of list) if (!all.includes(s)) throw new UserError(`--strategy: unknown strategy '${s}' (one or more of: ${all.join(', ')}, comma-separated)`);
+  return [...new Set(list)] as HuntStrategy[];
+}
+
+export function describeScenario(s: MigrationScenario): string {
+  const devices = s.devices?.devices.length ? `, devices ${s.devices.devices.map((d) => d.kind).join('+')}` : '';
+  return `${s.tracking}, ${s.vcpus} vCPUs, ${formatSize(s.memoryBytes)}, workload ${s.workload.name}${devices}${s.bugs.length ? `, injected: ${s.bugs.join(', ')}` : ''}`;
+}
+
+function strategyLines(r: StrategyReport, all: boolean): string[] {
+  const pct = r.runs ? Math.round(r.detectionRate * 100) : 0;
+  const name = r.strategy.padEnd(7);
+  const head = `${name}${String(r.runs).padStart(4)} runs, ${r.failures} failed${all ? ` (${pct} %)` : ''}`;
+  const f = r.firstDetection;
+  if (f === null) return [`${head}: nothing found`];
+  const steps = f.steps !== null ? `, ${f.steps} steps` : '';
+  const lines = [`${head}; first: seed ${f.seed} after ${f.runs} run(s)${steps}, ${f.seconds.toFixed(2)} s: ${f.summary}`];
+  if (f.replay) lines.push(`        replay: vmemlab replay ${f.replay}`);
+  return lines;
+}
+
+export function describeHunt(report: HuntReport): string[] {
+  const lines = report.strategies.flatMap((r) => strategyLines(r, report.all));
+  if (!report.all && report.strategies.some((r) => r.failures > 0)) lines.push('(each strategy stopped at its first failure; --all runs every seed and gives detection rates)');
+  return lines;
+}
+
+export async function huntCommand(given: Partial<MigrateFlags>, h: HuntFlags, file: string | undefined): Promise<number> {
+  const f = migrateFlags(given);
+  const { scenario, watchdogMs, burst } = migrationScenario({ ...f, driver: 'deterministic' });
+  const strategies = parseStrategies(h.strategy);
+  const seeds = int('--seeds', h.seeds, 1, 1_000_000);
+  const shard = parseShard(h.shard);
+  const workers = h.workers === undefined ? availableParallelism() : int('--workers', h.workers, 1, 256);
+  const json = h.json === true;
+  const progress = new Progress(json);
+  if (!json) {
+    console.log(`hunt: ${file ?? (given.inject?.length ? 'the injected bug\'s demonstration scenario' : 'the default scenario')}: ${describeScenario(scenario)}; seeds 1-${seeds}` +
+      `${shard.count > 1 ? ` (shard ${shard.index}/${shard.count})` : ''}, strategies ${strategies.join(', ')}, ${workers} worker(s)`);
+  }
+  const started = performance.now();
+  let found = 0;
+  const { report } = await hunt({
+    scenario, strategies, seeds, shard, all: h.all === true, workers, outDir: h.out, watchdogMs, burst,
+    onRun: (r, done, total) => {
+      if (r?.failure) found++;
+      const width = 20;
+      const bar = '#'.repeat(Math.round((done / total) * width)).padEnd(width, '.');
+      progress.update(`hunting [${bar}] ${done}/${total} runs, ${found} failed${r ? ` (last: ${r.strategy} seed ${r.seed})` : ''}`);
+    },
+  });
+  progress.clear();
+  const seconds = (performance.now() - started) / 1000;
+  const failed = report.strategies.some((r) => r.failures > 0);
+  if (json) console.log(JSON.stringify({ command: 'hunt', scenario, seconds, ...report }, null, 2));
+  else {
+    for (const line of describeHunt(report)) console.log(line);
+    console.log(`${failed ? 'FOUND' : 'CLEAN'}: ${report.strategies.reduce((n, r) => n + r.runs, 0)} runs in ${seconds.toFixed(1)} s${h.out ? `; run records in ${h.out}/` : ''}`);
+  }
+  return failed ? 1 : 0;
+}
+
+/** `vmemlab replay FILE`: runs it again; deterministic files must reproduce exactly. */
+export async function replayCommand(path: string, json: boolean): Promise<number> {
+  const f = readReplayFile(path);
+  const o = await replayRun(f);
+  if (json) {
+    console.log(JSON.stringify({ command: 'replay', file: path, strategy: f.strategy, seed: f.seed, failure: f.failure, reproduced: o.reproduced, exact: o.exact, result: o.result }, null, 2));
+  } else {
+    console.log(`replay: ${path}: ${describeScenario(f.scenario)}; seed ${f.seed}, ${f.strategy === 'free' ? 'free-run' : `deterministic (${f.strategy}), ${f.schedule!.length} steps`}; recorded: ${f.failure.summary}`);
+    for (const line of describeResult(o.result)) console.log(line);
+    if (f.schedule !== null) {
+      console.log(o.exact ? `REPRODUCED exactly: the same ${o.result.steps} steps, lost pages, stamps and DMA records as recorded`
+        : 'NOT REPRODUCED: the replay differs from the recording (a different vmemlab build, or a bug in replay)');
+    } else {
+      console.log(o.reproduced ? 'failed again under free-run (real threads interleave differently each time: this is not an exact replay)'
+        : 'did not fail this time under free-run; hunt the same scenario under the deterministic driver to pin it down (README, Hunting)');
+    }
+  }
+  if (f.schedule !== null) return o.exact ? 1 : 3;
+  return o.reproduced ? 1 : 0;
+}
+
+/** `vmemlab merge FILES...`: one report from shards' JSON lines; the shards must be of one hunt and cover it once. */
+export function mergeCommand(files: string[], json: boolean): number {
+  const lines: HuntLine[] = [];
+  let header: Extract<HuntLine, { type: 'hunt' }> | null = null;
+  const shards: Shard[] = [];
+  for (const path of files) {
+    let text: string;
+    try { text = readFileSync(path, 'utf8'); } catch (e) { throw new UserError(`${path}: cannot read (${(e as NodeJS.ErrnoException).code ?? (e as Error).message})`); }
+    text.split('\n').forEach((raw, i) => {
+      if (raw.trim() === '') return;
+      let l: HuntLine;
+      try { l = JSON.parse(raw) as HuntLine; } catch { throw new UserError(`${path}:${i + 1}: not JSON`); }
+      if (l.type === 'hunt') {
+        const key = (x: Extract<HuntLine, { type: 'hunt' }>): string => JSON.stringify([x.scenario, x.strategies, x.seeds, x.all, x.shard.count]);
+        if (header !== null && key(header) !== key(l)) throw new UserError(`${path}: from another hunt (scenario, strategies, seeds, --all or shard count differ from ${files[0]})`);
+        header = l;
+        if (shards.some((s) => s.index === l.shard.index)) throw new UserError(`${path}: shard ${l.shard.index}/${l.shard.count} given twice`);
+        shards.push(l.shard);
+      } else if (l.type === 'run') lines.push(l);
+      else throw new UserError(`${path}:${i + 1}: unknown line type`);
+    });
+  }
+  if (header === null) throw new UserError(`${files.join(', ')}: no hunt header line (these are not vmemlab hunt JSON lines)`);
+  const h: Extract<HuntLine, { type: 'hunt' }> = header;
+  const missing = Array.from({ length: h.shard.count }, (_, i) => i + 1).filter((i) => !shards.some((s) => s.index === i));
+  const report: HuntReport = {
+    seeds: h.seeds, shards: shards.sort((a, b) => a.index - b.index), all: h.all, strategies: summarize(lines, h.strategies, h.all),
+    replayFiles: lines.flatMap((l) => (l.type === 'run' && l.replay ? [l.replay] : [])).sort(),
+  };
+  if (json) console.log(JSON.stringify({ command: 'merge', scenario: h.scenario, missingShards: missing, ...report }, null, 2));
+  else {
+    console.log(`merge: ${shards.length} of ${h.shard.count} shards of a hunt over seeds 1-${h.seeds}: ${describeScenario(h.scenario)}`);
+    if (missing.length) console.log(`missing shards: ${missing.map((i) => `${i}/${h.shard.count}`).join(', ')} (totals cover the others only)`);
+    for (const line of describeHunt(report)) console.log(line);
+  }
+  return report.strategies.some((r) => r.failures > 0) ? 1 : 0;
+}
