@@ -81,6 +81,19 @@ describe('vmemlab CLI', () => {
     expect(r.out).toMatch(/reference: .*CVE-2021-4095/);
     const j = await cli('catalog', '--json');
     expect(JSON.parse(j.out).map((b: { name: string }) => b.name)).toContain('harvest-skips-entry');
+    expect(r.out.match(/^ {2}demo: {6}vmemlab (hunt|dirty-log-test) --inject [a-z-]+ /gm)?.length).toBe(JSON.parse(j.out).length);
+  });
+
+  it('catalog --measure measures each bug\'s detection now: every correctness bug is caught on seed 1 by some strategy', async () => {
+    const r = await cli('catalog', '--measure', '1', '--json');
+    expect(r.code).toBe(0);
+    const bugs = JSON.parse(r.out) as { name: string; costOnly?: boolean; detection: { strategy: string; caught: number; runs: number }[] | null }[];
+    for (const b of bugs) {
+      if (b.costOnly) { expect(b.detection, b.name).toBeNull(); continue; }
+      expect(b.detection!.map((d) => d.strategy), b.name).toEqual(['random', 'pct']);
+      expect(b.detection!.every((d) => d.runs === 1), b.name).toBe(true);
+      expect(Math.max(...b.detection!.map((d) => d.caught)), `${b.name} caught on seed 1`).toBe(1);
+    }
   });
 
   it('litmus runs the shipped examples (exit 0), fails them with a bug injected (exit 1), rejects a bad file (exit 2)', async () => {

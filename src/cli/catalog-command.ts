@@ -1,4 +1,8 @@
+import { availableParallelism } from 'node:os';
 import { CATALOG, type MigrateDemo } from '../bugs/catalog.ts';
+import { type Detection, demoCommand, measureDetection } from '../hunt/detection.ts';
+import { Progress } from './progress.ts';
+import { HuntPool } from '../hunt/pool.ts';
 
 /** The demonstration settings as the flags they stand for. */
 export function demoFlags(d: MigrateDemo): string {
@@ -6,9 +10,32 @@ export function demoFlags(d: MigrateDemo): string {
   return Object.entries(d).flatMap(([k, v]) => (Array.isArray(v) ? v : [v]).map((x) => `${flag(k)} ${x}`)).join(' ');
 }
 
-export function catalogCommand(json: boolean): number {
+function rates(d: Detection[]): string {
+  return d.map((x) => `${x.strategy} ${x.caught}/${x.runs}${x.medianSteps !== null ? ` (median ${x.medianSteps} steps)` : ''}`).join(', ');
+}
+
+/**
+ * `vmemlab catalog`: every bug, what it breaks, where it comes from, and the command that
+ * shows it; with --measure, its detection rate over seeds 1..n under each deterministic
+ * strategy, measured now.
+ */
+export async function catalogCommand(json: boolean, measure: number | null = null): Promise<number> {
+  const measured = new Map<string, Detection[]>();
+  if (measure !== null) {
+    const progress = new Progress(json);
+    const pool = new HuntPool(availableParallelism());
+    try {
+      for (const [i, b] of CATALOG.entries()) {
+        progress.update(`measuring ${b.name} (${i + 1}/${CATALOG.length})`);
+        if (!b.costOnly) measured.set(b.name, await measureDetection(b, measure, ['random', 'pct'], pool));
+      }
+    } finally {
+      await pool.close();
+    }
+    progress.clear();
+  }
   if (json) {
-    console.log(JSON.stringify(CATALOG, null, 2));
+    console.log(JSON.stringify(CATALOG.map((b) => ({ ...b, demo: demoCommand(b), detection: measured.get(b.name) ?? null })), null, 2));
     return 0;
   }
   for (const b of CATALOG) {
@@ -17,9 +44,13 @@ export function catalogCommand(json: boolean): number {
     console.log(`  effect:    ${b.effect}`);
     console.log(`  caught by: ${b.detectedBy}`);
     console.log(`  reference: ${b.reference}`);
-    for (const c of b.commands) console.log(`  try:       vmemlab ${c} --inject ${b.name} --driver deterministic`);
-    if (b.migrateDemo && b.commands.includes('migrate')) console.log(`  migrate defaults with it: ${demoFlags(b.migrateDemo)}`);
+    console.log(`  demo:      ${demoCommand(b)}`);
+    if (b.migrateDemo && b.commands.includes('migrate')) console.log(`  its scenario (migrate --inject ${b.name} uses it): ${demoFlags(b.migrateDemo)}`);
+    const d = measured.get(b.name);
+    if (d) console.log(`  detection: ${rates(d)}, deterministic, seeds 1-${measure}`);
+    else if (b.costOnly) console.log('  detection: none (a cost, not a correctness bug)');
     console.log('');
   }
+  if (measure === null) console.log('Detection rates: vmemlab catalog --measure [seeds] measures them now (about a minute); BENCHMARKS.md has the last full figures, free-run included.');
   return 0;
 }

@@ -2,6 +2,7 @@ import { Command, CommanderError, Option } from 'commander';
 import { UserError } from '../util/errors.ts';
 import { VMEMLAB_VERSION } from '../version.ts';
 import { DEVICE_KEYS } from './device-flags.ts';
+import { int } from './flags.ts';
 import { DEVICE_KINDS } from '../host/devices/device-config.ts';
 import { VFIO_DEFAULT_DMA_ENTRY_LIMIT } from '../host/iommu/constants.ts';
 import { catalogCommand } from './catalog-command.ts';
@@ -195,9 +196,13 @@ export function buildProgram(setExit: (code: number) => void): Command {
     });
 
   program.command('catalog')
-    .description('list the bug catalog: each injectable protocol mistake, what it breaks, where it comes from')
+    .description('list the bug catalog: each injectable protocol mistake, what it breaks, where it comes from, the command that shows it')
+    .option('--measure [seeds]', 'also measure each bug\'s detection rate now, over seeds 1..n (default 8) under the random and pct strategies')
     .option('--json', 'print JSON')
-    .action((flags: { json?: boolean }) => setExit(catalogCommand(flags.json === true)));
+    .action(async (flags: { json?: boolean; measure?: string | true }) => {
+      const measure = flags.measure === undefined ? null : flags.measure === true ? 8 : int('--measure', flags.measure, 1, 10_000);
+      setExit(await catalogCommand(flags.json === true, measure));
+    });
 
   program.command('litmus')
     .description('run litmus files (YAML: actors, an explicit interleaving, expectations) under the deterministic driver')

@@ -27,6 +27,8 @@ export interface HuntOptions {
   /** Run every seed; otherwise each strategy stops at its first failure. */
   all: boolean;
   workers: number;
+  /** A pool to run on (kept open: several hunts in a row share one); otherwise the hunt makes and closes its own. */
+  pool?: HuntPool;
   /** Replay files and JSON lines go here (created on demand); none when undefined. */
   outDir?: string;
   watchdogMs: number;
@@ -111,7 +113,7 @@ export async function hunt(o: HuntOptions): Promise<{ report: HuntReport; lines:
   };
   emit(header);
   const replayFiles: string[] = [];
-  const pool = new HuntPool(o.workers);
+  const pool = o.pool ?? new HuntPool(o.workers);
   const total = seeds.length * o.strategies.length;
   let done = 0;
   try {
@@ -151,7 +153,7 @@ export async function hunt(o: HuntOptions): Promise<{ report: HuntReport; lines:
       await Promise.all(tasks);
     }
   } finally {
-    await pool.close();
+    if (!o.pool) await pool.close();
   }
   const report: HuntReport = { seeds: o.seeds, shards: [o.shard], all: o.all, strategies: summarize(lines, o.strategies, o.all), replayFiles: replayFiles.sort() };
   return { report, lines };

@@ -6,6 +6,7 @@ import { type RoleSpec, vmFor } from './roles.ts';
 import { type Driver, runRoles } from './run-roles.ts';
 
 export type { Driver };
+import type { Strategy } from '../drivers/strategy.ts';
 
 export interface DirtyLogRunOptions {
   driver: Driver;
@@ -16,6 +17,8 @@ export interface DirtyLogRunOptions {
   onTick?: (progress: number[], names: string[]) => void;
   /** Deterministic: replay this schedule instead of drawing one from the seed. */
   replay?: Uint8Array;
+  /** Deterministic: the scheduling strategy (default random). */
+  strategy?: Strategy;
   /** Tests: make this role's worker throw after some steps. */
   crash?: { role: string; afterSteps: number };
 }
@@ -69,7 +72,7 @@ export async function runDirtyLogTest(c: DirtyLogTestConfig, o: DirtyLogRunOptio
 
   const run = await runRoles({
     driver: o.driver, specs, primary: 'dirty-log-collector', vm: setupVm, layoutOf: () => layout, bugs: c.bugs, seed: c.seed,
-    onEvent: (e) => onEvent(e as DirtyLogEvent), watchdogMs: o.watchdogMs, burst: o.burst, onTick: o.onTick, replay: o.replay, crash: o.crash,
+    onEvent: (e) => onEvent(e as DirtyLogEvent), watchdogMs: o.watchdogMs, burst: o.burst, onTick: o.onTick, replay: o.replay, strategy: o.strategy, crash: o.crash,
   });
   if (run.status !== 'done') result.status = run.status;
   result.errors.push(...run.errors);

@@ -1,0 +1,47 @@
+import { type CatalogEntry } from '../bugs/catalog.ts';
+import { dirtyLogTestConfig, DIRTY_LOG_TEST_DEFAULTS } from '../cli/dirty-log-test-command.ts';
+import { migrateFlags, migrationScenario } from '../cli/migrate-command.ts';
+import type { Strategy } from '../drivers/strategy.ts';
+import { runDirtyLogTest } from '../scenarios/run-dirty-log-test.ts';
+import { type HuntStrategy, hunt } from './hunt.ts';
+import type { HuntPool } from './pool.ts';
+
+export interface Detection {
+  strategy: HuntStrategy;
+  caught: number;
+  runs: number;
+  /** Median steps of the runs that caught it (deterministic strategies). */
+  medianSteps: number | null;
+}
+
+/** The one-line command that demonstrates a catalogued bug. */
+export function demoCommand(b: CatalogEntry, seeds = 8): string {
+  if (b.commands.includes('migrate')) return `vmemlab hunt --inject ${b.name} --seeds ${seeds} --strategy random,pct`;
+  return `vmemlab dirty-log-test --inject ${b.name} --driver deterministic --memory 16MiB --ring-size 256`;
+}
+
+/**
+ * How often a bug is caught over seeds 1..n with its demonstration scenario: a hunt with
+ * every seed (migrate bugs), or dirty_log_test runs (bugs only it shows).
+ */
+export async function measureDetection(b: CatalogEntry, seeds: number, strategies: HuntStrategy[], pool: HuntPool): Promise<Detection[]> {
+  if (b.commands.includes('migrate')) {
+    const { scenario, watchdogMs, burst } = migrationScenario(migrateFlags({ inject: [b.name], driver: 'deterministic' }));
+    const { report } = await hunt({ scenario, strategies, seeds, shard: { index: 1, count: 1 }, all: true, workers: pool.workers, pool, watchdogMs, burst });
+    return report.strategies.map((r) => ({ strategy: r.strategy, caught: r.failures, runs: r.runs, medianSteps: r.medianStepsToDetection }));
+  }
+  const out: Detection[] = [];
+  for (const strategy of strategies) {
+    let caught = 0;
+    const steps: number[] = [];
+    for (let seed = 1; seed <= seeds; seed++) {
+      const free = strategy === 'free';
+      const { config, watchdogMs, burst } = dirtyLogTestConfig({ ...DIRTY_LOG_TEST_DEFAULTS, memory: '16MiB', ringSize: '256', inject: [b.name], driver: free ? 'free' : 'deterministic', seed: String(seed) });
+      const r = await runDirtyLogTest(config, { driver: free ? 'free' : 'deterministic', strategy: free ? undefined : strategy as Strategy, watchdogMs: free ? watchdogMs : 2000, burst });
+      if (r.status !== 'passed') { caught++; if (r.steps !== undefined) steps.push(r.steps); }
+    }
+    steps.sort((x, y) => x - y);
+    out.push({ strategy, caught, runs: seeds, medianSteps: steps.length ? steps[Math.floor((steps.length - 1) / 2)]! : null });
+  }
+  return out;
+}
