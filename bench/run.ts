@@ -64,8 +64,10 @@ const CASES: Case[] = [
   { id: 'iommu/migration', file: 'iommu.ts', args: ['migration'] },
   { id: 'iommu/read-pin-dirties', file: 'iommu.ts', args: ['read-pin-dirties'] },
   { id: 'iommu/entry-limit', file: 'iommu.ts', args: ['entry-limit'] },
+  { id: 'hunt/throughput', file: 'hunt.ts', args: ['throughput'] },
 ];
 const DETECTION: Case[] = [
+  { id: 'hunt/detection', file: 'hunt.ts', args: ['detection'] },
   { id: 'free-run-detection', file: 'free-run-detection.ts', args: [] },
   { id: 'free-run-detection/migrate', file: 'free-run-detection.ts', args: ['10', 'migrate'] },
 ];
@@ -319,6 +321,11 @@ const METHOD = [
   '  destination), with the pages each DMA dirty source reported, and the mdev case with',
   '  and without read-pin-dirties in alternating pairs; 4 KiB mappings into a type1',
   '  container until `dma_entry_limit` says ENOSPC, and the same pages under iommufd.',
+  '- Hunting: seeds per second of `hunt` on a warm piscina pool (deterministic, random',
+  '  strategy, the default hunt scenario) with 1 and 2 workers; with `--detection`, every',
+  '  catalogued bug\'s demonstration scenario over seeds 1-16 under the random and pct',
+  '  strategies (caught, and median steps of the catching runs), and free-run hunts of it',
+  '  for 10 seconds.',
 ];
 
 const started = new Date();
