@@ -110,6 +110,17 @@ export class PageHistory {
     for (let m = hi >>> 0; m !== 0; m &= m - 1) this.record(page + 32 + 31 - Math.clz32(m & -m), event, detail);
   }
 
+  /**
+   * A page's raw event times into `out` (one per PageEvent, 0: never), with no allocation:
+   * for observers that compare them after every step (src/hunt/explain.ts) and call read()
+   * only when one changed.
+   */
+  times(page: number, out: Uint32Array): Uint32Array {
+    const at = HEADER_WORDS + page * WORDS_PER_PAGE;
+    for (let e = 0; e < EVENTS; e++) out[e] = Atomics.load(this.words, at + e * 2);
+    return out;
+  }
+
   /** A page's last events, oldest first. */
   read(page: number): PageHistoryEvent[] {
     const out: PageHistoryEvent[] = [];
