@@ -4,6 +4,7 @@ import { STRATEGIES } from '../drivers/strategy.ts';
 import { type HuntLine, type HuntReport, type HuntStrategy, type Shard, type StrategyReport, hunt, summarize } from '../hunt/hunt.ts';
 import { readReplayFile } from '../hunt/replay-file.ts';
 import { replayRun } from '../hunt/replay.ts';
+import { describeExplanation, explainReplay } from '../hunt/explain.ts';
 import type { MigrationScenario } from '../scenarios/migration.ts';
 import { UserError } from '../util/errors.ts';
 import { formatSize } from '../util/size.ts';
@@ -104,6 +105,11 @@ export async function replayCommand(path: string, json: boolean): Promise<number
   } else {
     console.log(`replay: ${path}: ${describeScenario(f.scenario)}; seed ${f.seed}, ${f.strategy === 'free' ? 'free-run' : `deterministic (${f.strategy}), ${f.schedule!.length} steps`}; recorded: ${f.failure.summary}`);
     for (const line of describeResult(o.result)) console.log(line);
+    if (f.schedule !== null && o.exact) {
+      console.log('');
+      for (const line of describeExplanation(await explainReplay(f))) console.log(line);
+      console.log('');
+    }
     if (f.schedule !== null) {
       console.log(o.exact ? `REPRODUCED exactly: the same ${o.result.steps} steps, lost pages, stamps and DMA records as recorded`
         : 'NOT REPRODUCED: the replay differs from the recording (a different vmemlab build, or a bug in replay)');
