@@ -116,6 +116,12 @@ describe('replay files and the commands', () => {
     expect(r.code).toBe(1);
     expect(r.out).toMatch(/^LOST write: slot \d gfn 0x[0-9a-f]+/m);
     expect(r.out).toMatch(/^REPRODUCED exactly: the same \d+ steps/m);
+    expect(r.out).toMatch(/^explaining: lost write: slot \d gfn 0x[0-9a-f]+/m);
+    const e = await cli('explain', replay);
+    expect(e.code).toBe(0);
+    expect(e.out).toMatch(/but no remote TLB flush followed/);
+    expect(e.out).toMatch(/^conclusion: no later log reported gfn 0x[0-9a-f]+; the destination holds seq \d+ from vcpu\d, the source seq \d+ from vcpu\d$/m);
+    expect((await cli('explain', replay, '--subject', 'tlb')).err).toBe("vmemlab: --subject: 'tlb' is not auto, lost-write or dma");
   });
 
   it('bad hunt input is a one-line error naming the flag', async () => {

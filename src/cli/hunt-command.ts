@@ -122,6 +122,15 @@ export async function replayCommand(path: string, json: boolean): Promise<number
   return o.reproduced ? 1 : 0;
 }
 
+/** `vmemlab explain FILE`: the causal chain of the file's failure. */
+export async function explainCommand(path: string, subject: string, json: boolean): Promise<number> {
+  if (subject !== 'auto' && subject !== 'lost-write' && subject !== 'dma') throw new UserError(`--subject: '${subject}' is not auto, lost-write or dma`);
+  const e = await explainReplay(readReplayFile(path), { subject });
+  if (json) console.log(JSON.stringify({ command: 'explain', file: path, ...e }, null, 2));
+  else for (const line of describeExplanation(e)) console.log(line);
+  return e.steps.length > 0 ? 0 : 1;
+}
+
 /** `vmemlab merge FILES...`: one report from shards' JSON lines; the shards must be of one hunt and cover it once. */
 export function mergeCommand(files: string[], json: boolean): number {
   const lines: HuntLine[] = [];

@@ -186,6 +186,16 @@ export function buildProgram(setExit: (code: number) => void): Command {
       setExit(await replayCommand(file, flags.json === true));
     });
 
+  program.command('explain')
+    .description('the causal chain of a deterministic replay file\'s failure, step by step, in protocol words')
+    .argument('<file>', 'a .vmreplay file of a deterministic run')
+    .option('--subject <what>', 'auto (a DMA oracle record if there is one, else the first lost page), lost-write or dma', 'auto')
+    .option('--json', 'print JSON')
+    .action(async (file: string, flags: { json?: boolean; subject: string }) => {
+      const { explainCommand } = await import('./hunt-command.ts');
+      setExit(await explainCommand(file, flags.subject, flags.json === true));
+    });
+
   program.command('merge')
     .description('combine the JSON lines of a hunt\'s shards (vmemlab hunt --shard i/n --out DIR) into one report')
     .argument('<files...>', 'hunt-*.jsonl files')
