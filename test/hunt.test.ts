@@ -122,6 +122,15 @@ describe('replay files and the commands', () => {
     expect(e.out).toMatch(/but no remote TLB flush followed/);
     expect(e.out).toMatch(/^conclusion: no later log reported gfn 0x[0-9a-f]+; the destination holds seq \d+ from vcpu\d, the source seq \d+ from vcpu\d$/m);
     expect((await cli('explain', replay, '--subject', 'tlb')).err).toBe("vmemlab: --subject: 'tlb' is not auto, lost-write or dma");
+    const sh = await cli('shrink', replay);
+    expect(sh.code, sh.out + sh.err).toBe(0);
+    const min = replay.replace(/\.vmreplay$/, '.min.vmreplay');
+    expect(sh.out).toContain(`minimal replay: ${min}`);
+    const steps = /^steps: (\d+) -> (\d+)$/m.exec(sh.out)!;
+    expect(Number(steps[2])).toBeLessThan(Number(steps[1]) / 10);
+    const again = await cli('replay', min);
+    expect(again.code).toBe(1);
+    expect(again.out).toMatch(new RegExp(`^REPRODUCED exactly: the same ${steps[2]} steps`, 'm'));
   });
 
   it('bad hunt input is a one-line error naming the flag', async () => {

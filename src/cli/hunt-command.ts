@@ -5,6 +5,8 @@ import { type HuntLine, type HuntReport, type HuntStrategy, type Shard, type Str
 import { readReplayFile } from '../hunt/replay-file.ts';
 import { replayRun } from '../hunt/replay.ts';
 import { describeExplanation, explainReplay } from '../hunt/explain.ts';
+import { describeShrink, shrink } from '../hunt/shrink.ts';
+import { writeReplayFile } from '../hunt/replay-file.ts';
 import type { MigrationScenario } from '../scenarios/migration.ts';
 import { UserError } from '../util/errors.ts';
 import { formatSize } from '../util/size.ts';
@@ -86,11 +88,29 @@ export async function huntCommand(given: Partial<MigrateFlags>, h: HuntFlags, fi
     },
   });
   progress.clear();
+  const shrunk: { strategy: string; file: string; lines: string[] }[] = [];
+  if (h.shrink) {
+    // Each strategy's first detection, shrunk (deterministic ones: free-run files cannot be).
+    for (const r of report.strategies) {
+      const file = r.firstDetection?.replay;
+      if (!file || r.strategy === 'free') continue;
+      progress.update(`shrinking ${file}`);
+      const res = await shrink(readReplayFile(file));
+      const out = minimalPath(file);
+      writeReplayFile(out, res.file);
+      shrunk.push({ strategy: r.strategy, file: out, lines: describeShrink(res) });
+    }
+    progress.clear();
+  }
   const seconds = (performance.now() - started) / 1000;
   const failed = report.strategies.some((r) => r.failures > 0);
-  if (json) console.log(JSON.stringify({ command: 'hunt', scenario, seconds, ...report }, null, 2));
+  if (json) console.log(JSON.stringify({ command: 'hunt', scenario, seconds, ...report, shrunk }, null, 2));
   else {
     for (const line of describeHunt(report)) console.log(line);
+    for (const x of shrunk) {
+      console.log(`${x.strategy}: shrunk to ${x.file}`);
+      for (const line of x.lines) console.log(`  ${line}`);
+    }
     console.log(`${failed ? 'FOUND' : 'CLEAN'}: ${report.strategies.reduce((n, r) => n + r.runs, 0)} runs in ${seconds.toFixed(1)} s${h.out ? `; run records in ${h.out}/` : ''}`);
   }
   return failed ? 1 : 0;
@@ -120,6 +140,30 @@ export async function replayCommand(path: string, json: boolean): Promise<number
   }
   if (f.schedule !== null) return o.exact ? 1 : 3;
   return o.reproduced ? 1 : 0;
+}
+
+/** Where a shrunk replay goes by default: next to the file, `.min` before the extension. */
+export function minimalPath(path: string): string {
+  return path.endsWith('.vmreplay') ? `${path.slice(0, -'.vmreplay'.length)}.min.vmreplay` : `${path}.min.vmreplay`;
+}
+
+/** `vmemlab shrink FILE`: the smallest scenario and schedule that still fail the same way, written as a replay file. */
+export async function shrinkCommand(path: string, o: { out?: string; maxRuns?: string; json?: boolean }): Promise<number> {
+  const f = readReplayFile(path);
+  const maxRuns = o.maxRuns === undefined ? undefined : int('--max-runs', o.maxRuns, 1, 1_000_000);
+  const progress = new Progress(o.json === true);
+  const r = await shrink(f, { maxRuns, onProgress: (t) => progress.update(`shrinking: ${t}`) });
+  progress.clear();
+  const out = o.out ?? minimalPath(path);
+  writeReplayFile(out, r.file);
+  if (o.json) console.log(JSON.stringify({ command: 'shrink', file: path, out, before: r.before, after: r.after, runs: r.runs, seconds: r.seconds, changes: r.changes, failure: r.file.failure }, null, 2));
+  else {
+    console.log(`shrink: ${path}: ${f.failure.summary}`);
+    for (const line of r.changes) console.log(`  accepted: ${line}`);
+    for (const line of describeShrink(r)) console.log(line);
+    console.log(`minimal replay: ${out} (${r.file.failure.summary}); vmemlab replay ${out}`);
+  }
+  return 0;
 }
 
 /** `vmemlab explain FILE`: the causal chain of the file's failure. */

@@ -157,6 +157,7 @@ export function buildProgram(setExit: (code: number) => void): Command {
     .option('--all', 'run every seed (detection rates); otherwise each strategy stops at its first failure')
     .option('--shard <i/n>', 'run only this shard of the seeds (seed s belongs to shard ((s - 1) mod n) + 1); combine shards with vmemlab merge', HUNT_DEFAULTS.shard)
     .option('--workers <n>', 'runs in parallel (default: the cores)')
+    .option('--shrink', 'shrink each deterministic strategy\'s first failure and write its minimal replay file (.min.vmreplay)')
     .action(async (scenario: string | undefined, flags: Record<string, unknown>, cmd: Command) => {
       const fromCli = (key: string): boolean => cmd.getOptionValueSource(key) === 'cli';
       for (const [key, flag] of [['driver', '--driver'], ['seed', '--seed'], ['resumeOps', '--resume-ops'], ['to', '--to']] as const) {
@@ -164,7 +165,7 @@ export function buildProgram(setExit: (code: number) => void): Command {
       }
       const file = scenario === undefined ? null : loadScenario(scenario);
       if (file && file.kind !== 'migrate') throw new UserError(`${scenario}: hunt takes a scenario of kind: migrate (this one is ${file.kind})`);
-      const huntKeys = ['seeds', 'strategy', 'out', 'all', 'shard', 'workers', 'json', 'watchdog'];
+      const huntKeys = ['seeds', 'strategy', 'out', 'all', 'shard', 'workers', 'json', 'watchdog', 'shrink'];
       const cli = Object.fromEntries(Object.entries(flags).filter(([k]) => fromCli(k) && !huntKeys.includes(k)));
       const inject = (flags['inject'] as string[] | undefined) ?? [];
       const base = file ? file.values : inject.length ? {} : DEFAULT_HUNT_JOB;
@@ -184,6 +185,17 @@ export function buildProgram(setExit: (code: number) => void): Command {
     .action(async (file: string, flags: { json?: boolean }) => {
       const { replayCommand } = await import('./hunt-command.ts');
       setExit(await replayCommand(file, flags.json === true));
+    });
+
+  program.command('shrink')
+    .description('shrink a deterministic replay file: fewer vCPUs, pages, operations and steps while the same failure still occurs; writes the minimal replay file')
+    .argument('<file>', 'a .vmreplay file of a deterministic run')
+    .option('--out <file>', 'where the minimal replay goes (default: FILE with .min before .vmreplay)')
+    .option('--max-runs <n>', 'bound on the runs tried (default 400)')
+    .option('--json', 'print JSON')
+    .action(async (file: string, flags: { out?: string; maxRuns?: string; json?: boolean }) => {
+      const { shrinkCommand } = await import('./hunt-command.ts');
+      setExit(await shrinkCommand(file, flags));
     });
 
   program.command('explain')
