@@ -3,6 +3,9 @@
  *
  *   tsx bench/hunt.ts throughput   seeds per second of `hunt` (deterministic, random) with
  *                                  1 and 2 workers, on the default hunt scenario
+ *   tsx bench/hunt.ts shrink       for every catalogued migrate bug: its first failing seed
+ *                                  (random strategy), shrunk: steps, actors and pages of the
+ *                                  minimal replay
  *   tsx bench/hunt.ts detection    for every catalogued bug: detection rate over seeds
  *                                  1-16 and median steps of the runs that caught it, per
  *                                  deterministic strategy; free-run detection in 10-second
@@ -14,6 +17,9 @@ import { migrateFlags, migrationScenario } from '../src/cli/migrate-command.ts';
 import { type Detection, measureDetection } from '../src/hunt/detection.ts';
 import { runHuntTask } from '../src/hunt/hunt-run.ts';
 import { hunt } from '../src/hunt/hunt.ts';
+import type { ReplayFile } from '../src/hunt/replay-file.ts';
+import { shrink } from '../src/hunt/shrink.ts';
+import { VMEMLAB_VERSION } from '../src/version.ts';
 import { HuntPool } from '../src/hunt/pool.ts';
 import { type Figure, caseArgs, emit, median } from './harness.ts';
 
@@ -89,6 +95,34 @@ async function detection(): Promise<Figure[]> {
   return figures;
 }
 
+async function shrinking(): Promise<Figure[]> {
+  const figures: Figure[] = [];
+  for (const b of CATALOG) {
+    if (b.costOnly || !b.commands.includes('migrate')) continue;
+    const { scenario, watchdogMs, burst } = migrationScenario(migrateFlags({ inject: [b.name], driver: 'deterministic' }));
+    let run = null;
+    for (let seed = 1; seed <= 8 && run === null; seed++) {
+      const r = await runHuntTask({ scenario, strategy: 'random', seed, watchdogMs, burst });
+      if (r.failure !== null) run = r;
+    }
+    if (run === null) throw new Error(`${b.name}: no failure on seeds 1-8`);
+    const file: ReplayFile = {
+      format: 'vmemlab-replay', formatVersion: 1, vmemlabVersion: VMEMLAB_VERSION, command: 'migrate', scenario: { ...scenario, seed: run.seed },
+      driver: 'deterministic', strategy: 'random', seed: run.seed, schedule: run.schedule, failure: run.failure!, fingerprint: run.fingerprint, created: new Date().toISOString(),
+    };
+    const res = await shrink(file);
+    const { before: x, after: y } = res;
+    figures.push({
+      id: `hunt/shrink/${b.name}`,
+      what: `the minimal replay of ${b.name} (random strategy, seed ${run.seed}, shrunk by vmemlab shrink): steps, actors, pages`,
+      figure: `${y.steps} steps, ${y.actors} actors, ${y.pages} pages`, value: y.steps,
+      detail: `from ${x.steps} steps, ${x.actors} actors (${x.vcpus} vCPUs), ${x.pages} pages to ${y.steps} steps, ${y.actors} actors (${y.vcpus} vCPUs), ${y.pages} pages; `
+        + `${res.runs} runs in ${res.seconds.toFixed(1)} s; failure kept: ${res.file.failure.kind}; accepted: ${res.changes.join('; ') || 'nothing'}`,
+    });
+  }
+  return figures;
+}
+
 const [which] = caseArgs();
-emit(which === 'detection' ? await detection() : await throughput());
+emit(which === 'detection' ? await detection() : which === 'shrink' ? await shrinking() : await throughput());
 process.exit(0);

@@ -65,6 +65,7 @@ const CASES: Case[] = [
   { id: 'iommu/read-pin-dirties', file: 'iommu.ts', args: ['read-pin-dirties'] },
   { id: 'iommu/entry-limit', file: 'iommu.ts', args: ['entry-limit'] },
   { id: 'hunt/throughput', file: 'hunt.ts', args: ['throughput'] },
+  { id: 'hunt/shrink', file: 'hunt.ts', args: ['shrink'] },
 ];
 const DETECTION: Case[] = [
   { id: 'hunt/detection', file: 'hunt.ts', args: ['detection'] },
@@ -325,7 +326,8 @@ const METHOD = [
   '  strategy, the default hunt scenario) with 1 and 2 workers; with `--detection`, every',
   '  catalogued bug\'s demonstration scenario over seeds 1-16 under the random and pct',
   '  strategies (caught, and median steps of the catching runs), and free-run hunts of it',
-  '  for 10 seconds.',
+  '  for 10 seconds; each migrate bug\'s first failing seed (random) shrunk by `shrink()`:',
+  '  steps, actors and pages of the minimal replay.',
 ];
 
 const started = new Date();
