@@ -22,6 +22,7 @@ const at = (h: PageHistoryEvent[], e: PageEventName): number => h.find((x) => x.
 function caught(bug: string, r: Awaited<ReturnType<typeof runMigration>>): number {
   if (bug === 'stale-iotlb-after-unmap') return r.dma?.staleIotlb ?? 0;
   if (bug === 'gpa-as-iova') return r.dma?.faults ?? 0;
+  if (bug === 'ring-full-exit-unhandled') return /^the guest stalled/.test(r.reason ?? '') ? 1 : 0;
   return r.mismatchCount;
 }
 

@@ -129,8 +129,11 @@ export const CATALOG: readonly CatalogEntry[] = [
     effect: 'The vCPU re-exits on every KVM_RUN and the guest stops making progress.',
     reference: 'QEMU kvm_cpu_exec: KVM_EXIT_DIRTY_RING_FULL -> kvm_dirty_ring_reap',
     modes: ['dirty-ring'],
-    detectedBy: 'the watchdog (free-run) or deadlock detection (deterministic)',
-    commands: ['dirty-log-test'],
+    detectedBy: 'dirty_log_test: the watchdog (free-run) or deadlock detection (deterministic); migrate: the guest-progress check (a vCPU in the same ring-full exit across frames of a pass)',
+    commands: BOTH,
+    // A 256-entry ring fills early in the first pass over 16 MiB; 4-page frames give the
+    // guest-progress check many frames in which the vCPUs sit in the same exit.
+    migrateDemo: { workload: 'random', memory: '16MiB', ringSize: '256', hostWriteEvery: '0', batchPages: '4' },
   },
   {
     name: 'copy-before-reset',

@@ -85,6 +85,16 @@ export async function explainReplay(f: ReplayFile, o: ExplainOptions = {}): Prom
     checkSame(print, second);
     return narrateLostWrite(tracer, lost, first, note);
   }
+  if (first.status === 'stuck' && first.errors[0]) {
+    // A deadlock: the driver's report says, role by role, what each waits for.
+    const [head, ...waits] = first.errors[0].split('\n');
+    const at = Number(/at step (\d+)/.exec(head ?? '')?.[1] ?? first.steps ?? 0);
+    const steps = waits.map((l) => l.trim()).filter(Boolean).map((l) => {
+      const [actor, ...rest] = l.split(' ');
+      return { step: at, actor: actor!, text: `${actor} ${rest.join(' ')}` };
+    });
+    return { subject: f.failure.summary, steps, conclusion: `${note}no role can make progress at step ${at}: each waits for another (${head})` };
+  }
   const ended = { passed: 'passed', failed: 'failed', stuck: 'got stuck', crashed: 'crashed' }[first.status];
   const what = first.status === 'passed' ? 'the replay passed: nothing to explain'
     : `no ${want === 'dma' ? 'DMA record' : want === 'lost-write' ? 'lost page' : 'lost page or DMA record'} to explain: the run ${ended}${first.reason ? ` (${first.reason})` : ''}${first.errors[0] ? `: ${first.errors[0].split('\n')[0]}` : ''}`;

@@ -1,7 +1,7 @@
 import type { MigrationRunResult } from '../scenarios/migration.ts';
 
 /** What went wrong in a run, in one word: what the hunt counts and shrinking preserves. */
-export type FailureKind = 'lost-writes' | 'device-fault' | 'stale-iotlb' | 'sweep-broken' | 'migration-failed' | 'stuck' | 'crashed';
+export type FailureKind = 'lost-writes' | 'device-fault' | 'stale-iotlb' | 'sweep-broken' | 'guest-stalled' | 'migration-failed' | 'stuck' | 'crashed';
 
 export interface Failure {
   kind: FailureKind;
@@ -23,6 +23,7 @@ export function failureOf(r: MigrationRunResult): Failure | null {
   }
   const d = r.destination;
   if (d && (d.atCompletion?.ok === false || d.afterResume?.ok === false)) return { kind: 'sweep-broken', summary: 'the destination\'s sweep pattern is broken' };
+  if (r.reason?.startsWith('the guest stalled')) return { kind: 'guest-stalled', summary: r.reason };
   return { kind: 'migration-failed', summary: r.reason ?? r.errors[0] ?? 'the migration failed' };
 }
 

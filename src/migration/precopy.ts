@@ -4,6 +4,7 @@ import { type ClearChunk, DirtyLogSync, chunkOf } from '../host/dirty-log-sync.t
 import type { Memslot } from '../host/memslot.ts';
 import type { Vm } from '../host/vm.ts';
 import { VmmControl } from '../host/vmm.ts';
+import { VcpuWord } from '../host/layout.ts';
 import { type Steps, WaitCode, waitFor } from '../drivers/role.ts';
 import { DestState, DestWord, type MigrationChannel } from './channel.ts';
 import type { Clock } from './clock.ts';
@@ -38,6 +39,8 @@ export interface MigrationBugs {
   copyBeforeClear: boolean;
   /** Completion without the final sync of the dirty log. */
   skipFinalSync: boolean;
+  /** The VMM never reaps on a KVM_EXIT_DIRTY_RING_FULL exit (the vCPU stays in it). */
+  ringFullExitUnhandled?: boolean;
 }
 
 /** QEMU counts a page's header with it: 8 bytes of address and flags. */
@@ -87,6 +90,14 @@ export interface MigrationInfo {
   passes: PassStats[];
   /** What each DMA dirty source reported (VMs with an IOMMU). */
   dmaSources: DmaSourceStats[];
+  /** Guest operations each vCPU retired from the start of the migration to the stop (the guest's progress while it migrated). */
+  guestOps: number[];
+  /**
+   * vCPUs found in the same KVM_EXIT_DIRTY_RING_FULL after two frames of a pass: the
+   * VMM answers ring-full exits after every frame, so such a vCPU was never re-entered
+   * and the guest stalled.
+   */
+  stalledVcpus: number[];
 }
 
 /**
@@ -183,6 +194,7 @@ export function* precopy(
 
   /** Answers ring-full exits: QEMU reaps into the migration bitmap and re-enters. */
   function* serviceRingFull(): Steps {
+    if (bugs.ringFullExitUnhandled) return;
     let any = false;
     for (let v = 0; v < vmm.vcpus; v++) {
       if (vmm.parkedExit(v) !== KVM_EXIT_DIRTY_RING_FULL) continue;
@@ -216,7 +228,7 @@ export function* precopy(
       normal += enc.normal; zero += enc.zero; sentNormal += enc.normal; sentZero += enc.zero;
       batch.length = 0;
       yield undefined;
-      if (limited) yield* serviceRingFull();
+      if (limited) { yield* serviceRingFull(); checkProgress(); }
     };
     /** copy-before-clear: the chunk whose CLEAR waits until its pages were copied. */
     let unclearedChunk: ClearChunk | null = null;
@@ -265,6 +277,8 @@ export function* precopy(
       pagesPerSecond: total > 0 ? ((normal + zero) * 1000) / total : 0,
       dirtyPagesRate: lastDirtyRate, dirtySyncCount: sync.syncs, throttlePercent: throttle, passes,
       dmaSources: sync.dma?.stats() ?? [],
+      guestOps: opsAtStart.map((n, v) => (opsAtStop[v] ?? vmm.word(v, VcpuWord.OPS)) - n),
+      stalledVcpus: [...stalled].sort((a, b) => a - b),
     };
   }
 
@@ -276,6 +290,20 @@ export function* precopy(
     yield waitFor(WaitCode.GUEST_OPS, p.warmupOps, ops);
   }
   const t0 = clock.nowMs();
+  const opsAtStart = Array.from({ length: vmm.vcpus }, (_, v) => vmm.word(v, VcpuWord.OPS));
+  const opsAtStop: number[] = [];
+  /** Per vCPU: its exit count if it sat in a ring-full exit after the last frame, else -1. */
+  const parkedAfterFrame = new Array<number>(vmm.vcpus).fill(-1);
+  const stalled = new Set<number>();
+  /** The guest-progress check, after each frame of a pass (which answers ring-full exits): still in the same exit two frames on means never answered. */
+  const checkProgress = (): void => {
+    for (let v = 0; v < vmm.vcpus; v++) {
+      const parked = vmm.parkedExit(v) === KVM_EXIT_DIRTY_RING_FULL;
+      const exits = parked ? vmm.word(v, VcpuWord.EXITS) : -1;
+      if (parked && parkedAfterFrame[v] === exits) stalled.add(v);
+      parkedAfterFrame[v] = exits;
+    }
+  };
 
   // Setup.
   send(encodeHeader(mem.slots.map((s) => ({ id: s.id, asId: s.asId, baseGfn: s.baseGfn, pages: s.pages }))));
@@ -299,6 +327,7 @@ export function* precopy(
     const syncStart = clock.nowMs();
     yield* syncLog(false);
     const found = foundTotal - foundBefore; // this pass's reaps and its closing sync
+
     const now = clock.nowMs();
     const ms = Math.max(now - passStart, 1e-3);
     const bandwidth = ((transferred - before) * 1000) / ms;
@@ -349,6 +378,7 @@ export function* precopy(
   vmm.pauseHost();
   yield undefined;
   for (let v = 0; v < vmm.vcpus; v++) while (!vmm.isQuiescent(v)) yield waitFor(WaitCode.VCPU_STOPPED, v);
+  for (let v = 0; v < vmm.vcpus; v++) opsAtStop.push(vmm.word(v, VcpuWord.OPS));
   while (!vmm.hostPaused()) yield waitFor(WaitCode.HOST_PAUSED);
   if (!bugs.skipFinalSync) yield* syncLog(true);
   copyStage = COPY_COMPLETION;

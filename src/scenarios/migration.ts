@@ -101,6 +101,7 @@ export function migrationBugs(names: readonly string[]): MigrationBugs {
     copyBeforeReset: names.includes('copy-before-reset'),
     copyBeforeClear: names.includes('copy-before-clear'),
     skipFinalSync: names.includes('skip-final-sync'),
+    ringFullExitUnhandled: names.includes('ring-full-exit-unhandled'),
   };
 }
 
@@ -182,6 +183,11 @@ export async function runMigration(s: MigrationScenario, o: MigrationRunOptions)
     }
     result.seconds = (performance.now() - started) / 1000;
     return result;
+  }
+  const stalled = result.info?.stalledVcpus ?? [];
+  if (stalled.length > 0 && result.status === 'passed') {
+    result.status = 'failed';
+    result.reason = `the guest stalled: ${stalled.map((v) => `vcpu${v}`).join(', ')} sat in the same KVM_EXIT_DIRTY_RING_FULL across frames of a pass: the VMM never answered it`;
   }
   if (result.info?.status === 'completed') {
     const cmp = compareMemory(new GuestMemory(source), new GuestMemory(target));
