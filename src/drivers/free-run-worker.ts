@@ -27,7 +27,7 @@ export function runRoleWorker(data: RoleWorkerData, post: (m: WorkerMessage) => 
   post({ type: 'ready' });
   const actors = new Int32Array(data.actors);
   // Wait until every role's thread is up (the driver starts them together), or shutdown.
-  while (Atomics.load(actors, ActorWord.START) === 0 && Atomics.load(actors, ActorWord.SHUTDOWN) === 0) Atomics.wait(actors, ActorWord.START, 0, 50);
+  while (Atomics.load(actors, ActorWord.START) === 0 && Atomics.load(actors, ActorWord.SHUTDOWN) === 0) Atomics.wait(actors, ActorWord.START, 0, 1);
   runFreeLoop(role, actors, data.actor, data.burst, data.crashAfterSteps);
   post({ type: 'done' });
 }

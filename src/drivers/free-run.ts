@@ -68,8 +68,10 @@ export async function runFreeRun(actors: FreeRunActor[], opts: FreeRunOptions): 
           if (online.every(Boolean)) {
             // Every role starts together: a migration must not finish before a device's thread is up.
             lastChange = Date.now(); // the watchdog's clock starts now
+            // No notify: a futex wake-up pulls the woken threads onto this thread's core
+            // (wake-affine), and threads that start together on one core stay together
+            // for a while. The workers poll the word instead (every 1 ms).
             Atomics.store(words, ActorWord.START, 1);
-            Atomics.notify(words, ActorWord.START);
           }
         } else if (m.type === 'event') opts.onEvent(a.name, m.event);
         else if (m.type === 'done' && a.primary) finish({ status: 'done' });

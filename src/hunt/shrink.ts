@@ -150,9 +150,21 @@ function reducers(f: ReplayFile): ((s: MigrationScenario) => Candidate[])[] {
       const pages = Math.floor(s.memoryBytes / PAGE_SIZE);
       const unit = SHRINK_MIN_PAGES_PER_SLOT * s.slots;
       const floor = unit;
-      return [floor, Math.floor(pages / 2 / unit) * unit]
-        .filter((p, i, a) => p >= floor && p < pages && a.indexOf(p) === i)
-        .map((p) => ({ what: `guest memory ${pages} -> ${p} pages`, scenario: { ...s, memoryBytes: p * PAGE_SIZE } }));
+      const sizes = [floor, Math.floor(pages / 2 / unit) * unit].filter((p, i, a) => p >= floor && p < pages && a.indexOf(p) === i);
+      // Each size also with frames shrunk in proportion: a pass then takes as many frames
+      // (and steps, in which the guest writes between syncs) as before; bugs that need many
+      // dirty pages between two syncs (a ring wrapping) shrink only that way.
+      return sizes.flatMap((p) => {
+        const batch = Math.max(1, Math.floor((s.params.batchPages * p) / pages));
+        const smaller = { ...s, memoryBytes: p * PAGE_SIZE };
+        const out: Candidate[] = [{ what: `guest memory ${pages} -> ${p} pages`, scenario: smaller }];
+        if (batch !== s.params.batchPages) out.push({ what: `guest memory ${pages} -> ${p} pages, ${s.params.batchPages} -> ${batch} pages per frame`, scenario: withParams(smaller, { batchPages: batch }) });
+        // And with the bandwidth in proportion: a pass then lasts as long (in the step
+        // clock's time) as before, with as many guest writes in it.
+        const bw = Math.floor((s.params.bandwidth * p) / pages);
+        if (s.params.bandwidth > 0 && bw > 0) out.push({ what: `guest memory ${pages} -> ${p} pages, bandwidth ${s.params.bandwidth} -> ${bw} bytes/s`, scenario: withParams(smaller, { batchPages: batch, bandwidth: bw }) });
+        return out;
+      });
     },
     // Host writes: none when no injected bug needs them, else fewer; for a bug that needs
     // them, fewer or more often only when the run gets shorter for it (more often, the bug
@@ -192,6 +204,11 @@ function reducers(f: ReplayFile): ((s: MigrationScenario) => Candidate[])[] {
     (s) => [0, Math.floor(s.params.warmupOps / 4), Math.floor(s.params.warmupOps / 2), Math.floor(s.params.warmupOps * 3 / 4)]
       .filter((w, i, a) => w < s.params.warmupOps && a.indexOf(w) === i)
       .map((w) => ({ what: `warm-up ${s.params.warmupOps} -> ${w} operations`, scenario: withParams(s, { warmupOps: w }) })),
+    // The bandwidth limit: unlimited, or doubled, when that makes the run shorter (under
+    // the step clock a pass that used up its 100 ms window idles until the next one).
+    (s) => s.params.bandwidth <= 0 ? [] : [0, s.params.bandwidth * 4].map((bw) => ({
+      what: `bandwidth ${s.params.bandwidth} -> ${bw === 0 ? 'unlimited' : `${bw} bytes/s`}`, scenario: withParams(s, { bandwidth: bw }), fewerSteps: true,
+    })),
     // Pre-copy passes.
     (s) => halves(s.params.maxIterations, 1).map((n) => ({ what: `passes at most ${s.params.maxIterations} -> ${n}`, scenario: withParams(s, { maxIterations: n }) })),
     // Device buffers and what the devices do besides DMA to them.

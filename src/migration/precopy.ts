@@ -93,7 +93,7 @@ export interface MigrationInfo {
   /** Guest operations each vCPU retired from the start of the migration to the stop (the guest's progress while it migrated). */
   guestOps: number[];
   /**
-   * vCPUs found in the same KVM_EXIT_DIRTY_RING_FULL after two frames of a pass: the
+   * vCPUs found in the same KVM_EXIT_DIRTY_RING_FULL 16 frames apart in a pass: the
    * VMM answers ring-full exits after every frame, so such a vCPU was never re-entered
    * and the guest stalled.
    */
@@ -228,7 +228,10 @@ export function* precopy(
       normal += enc.normal; zero += enc.zero; sentNormal += enc.normal; sentZero += enc.zero;
       batch.length = 0;
       yield undefined;
-      if (limited) { yield* serviceRingFull(); checkProgress(); }
+      if (limited) {
+        yield* serviceRingFull();
+        if ((++frames & 15) === 0) checkProgress();
+      }
     };
     /** copy-before-clear: the chunk whose CLEAR waits until its pages were copied. */
     let unclearedChunk: ClearChunk | null = null;
@@ -295,7 +298,8 @@ export function* precopy(
   /** Per vCPU: its exit count if it sat in a ring-full exit after the last frame, else -1. */
   const parkedAfterFrame = new Array<number>(vmm.vcpus).fill(-1);
   const stalled = new Set<number>();
-  /** The guest-progress check, after each frame of a pass (which answers ring-full exits): still in the same exit two frames on means never answered. */
+  let frames = 0;
+  /** The guest-progress check, every 16th frame of a pass (each frame answers ring-full exits): still in the same exit 16 frames on means never answered. */
   const checkProgress = (): void => {
     for (let v = 0; v < vmm.vcpus; v++) {
       const parked = vmm.parkedExit(v) === KVM_EXIT_DIRTY_RING_FULL;
