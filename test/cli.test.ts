@@ -3,27 +3,12 @@ import { mkdtempSync, readFileSync, readdirSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { afterEach, describe, expect, it, vi } from 'vitest';
-import { main } from '../src/cli/main.ts';
+import { describe, expect, it } from 'vitest';
+import { cli } from './cli-helper.ts';
 
 const BIN = fileURLToPath(new URL('../bin/vmemlab.mjs', import.meta.url));
 
-/** Runs the CLI in-process and captures what it prints. */
-async function cli(...args: string[]): Promise<{ code: number; out: string; err: string }> {
-  const out: string[] = [];
-  const err: string[] = [];
-  vi.spyOn(console, 'log').mockImplementation((...a: unknown[]) => { out.push(a.join(' ')); });
-  vi.spyOn(console, 'error').mockImplementation((...a: unknown[]) => { err.push(a.join(' ')); });
-  const stderrWrite = vi.spyOn(process.stderr, 'write').mockImplementation((s: string | Uint8Array) => { err.push(String(s)); return true; });
-  try {
-    const code = await main(args);
-    return { code, out: out.join('\n'), err: err.join('') };
-  } finally {
-    stderrWrite.mockRestore();
-  }
-}
 
-afterEach(() => { vi.restoreAllMocks(); });
 
 describe('vmemlab CLI', () => {
   it('dirty-log-test prints selftest-style iteration lines and exits 0 when verified', async () => {

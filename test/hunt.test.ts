@@ -2,8 +2,8 @@ import { mkdtempSync, readFileSync, readdirSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Packr } from 'msgpackr';
-import { afterEach, describe, expect, it, vi } from 'vitest';
-import { main } from '../src/cli/main.ts';
+import { describe, expect, it } from 'vitest';
+import { cli } from './cli-helper.ts';
 import { migrateFlags, migrationScenario } from '../src/cli/migrate-command.ts';
 import { PctScheduler } from '../src/drivers/pct-scheduler.ts';
 import { type HuntLine, hunt, shardSeeds, summarize } from '../src/hunt/hunt.ts';
@@ -15,15 +15,6 @@ const tmp = (): string => mkdtempSync(join(tmpdir(), 'vmemlab-hunt-'));
 const demo = (bug: string) => migrationScenario(migrateFlags({ inject: [bug], driver: 'deterministic' })).scenario;
 const BASE = { shard: { index: 1, count: 1 }, workers: 2, watchdogMs: 10_000, burst: 256 };
 
-async function cli(...args: string[]): Promise<{ code: number; out: string; err: string }> {
-  const out: string[] = [];
-  const err: string[] = [];
-  vi.spyOn(console, 'log').mockImplementation((...a: unknown[]) => { out.push(a.join(' ')); });
-  vi.spyOn(console, 'error').mockImplementation((...a: unknown[]) => { err.push(a.join(' ')); });
-  const code = await main(args);
-  return { code, out: out.join('\n'), err: err.join('\n') };
-}
-afterEach(() => { vi.restoreAllMocks(); });
 
 describe('the PCT-style scheduler', () => {
   it('runs the highest-priority runnable role, the same for the same seed, and changes priorities at most depth - 1 times per window', () => {

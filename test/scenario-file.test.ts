@@ -2,20 +2,11 @@ import { mkdtempSync, readFileSync, readdirSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { afterEach, describe, expect, it, vi } from 'vitest';
-import { main } from '../src/cli/main.ts';
+import { describe, expect, it } from 'vitest';
+import { cli } from './cli-helper.ts';
 
 const EX = (f: string): string => fileURLToPath(new URL(`../examples/${f}`, import.meta.url));
 
-async function cli(...args: string[]): Promise<{ code: number; out: string; err: string }> {
-  const out: string[] = [];
-  const err: string[] = [];
-  vi.spyOn(console, 'log').mockImplementation((...a: unknown[]) => { out.push(a.join(' ')); });
-  vi.spyOn(console, 'error').mockImplementation((...a: unknown[]) => { err.push(a.join(' ')); });
-  const code = await main(args);
-  return { code, out: out.join('\n'), err: err.join('\n') };
-}
-afterEach(() => { vi.restoreAllMocks(); });
 
 function tmpFile(text: string): string {
   const f = join(mkdtempSync(join(tmpdir(), 'vmemlab-')), 'scenario.yaml');
