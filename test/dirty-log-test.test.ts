@@ -41,6 +41,7 @@ describe('dirty_log_test under the deterministic driver', () => {
       it(`${bug.name} is caught in ${mode} on every seed of the fixed set`, async () => {
         for (const seed of SEEDS) {
           const r = await runDirtyLogTest(config({ mode, seed, bugs: [bug.name] }), DET);
+          expect(r.injections[0]!.acted, `seed ${seed}: the bug acted`).toBeGreaterThan(0);
           if (bug.name === 'ring-full-exit-unhandled') {
             expect(r.status, `seed ${seed}`).toBe('stuck');
             expect(r.errors[0]).toMatch(/vcpu\d sits in exit KVM_EXIT_DIRTY_RING_FULL/);
@@ -61,9 +62,10 @@ describe('dirty_log_test under the deterministic driver', () => {
     expect(clean.ringHardFull).toBe(0);
   });
 
-  it('a bug outside its modes changes nothing (clear-without-protect with the ring)', async () => {
+  it('a bug outside its modes changes nothing (clear-without-protect with the ring), and the run says it never acted', async () => {
     const r = await runDirtyLogTest(config({ bugs: ['clear-without-protect'] }), DET);
     expect(r.status).toBe('passed');
+    expect(r.injections).toEqual([{ bug: 'clear-without-protect', acted: 0, idle: 'no KVM_CLEAR_DIRTY_LOG cleared a dirty bit' }]);
   });
 
   it('names the lost page, its value, the iteration and the last writer', async () => {

@@ -101,7 +101,7 @@ describe('replay files and the commands', () => {
     const out = tmp();
     const h = await cli('hunt', '--inject', 'skip-tlb-shootdown', '--seeds', '2', '--strategy', 'random', '--out', out);
     expect(h.code, h.out + h.err).toBe(1);
-    expect(h.out).toMatch(/^random +1 runs, 1 failed; first: seed 1 after 1 run\(s\), \d+ steps/m);
+    expect(h.out).toMatch(/^random +1 runs, 1 failed, the bug acted in 1; first: seed 1 after 1 run\(s\), \d+ steps/m);
     const replay = /vmemlab replay (\S+)/.exec(h.out)![1]!;
     const r = await cli('replay', replay);
     expect(r.code).toBe(1);

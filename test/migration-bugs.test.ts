@@ -37,6 +37,8 @@ describe('every migrate bug of the catalog is caught with its demonstration sett
           expect(r.status, `seed ${seed}: ${r.reason ?? ''} ${r.errors.join('; ')}`).toBe('failed');
           expect(r.info?.status, `seed ${seed}: the migration itself completed`).toBe('completed');
           expect(caught(bug.name, r), `seed ${seed}`).toBeGreaterThan(0);
+          expect(r.injections, `seed ${seed}: the bug acted`).toEqual([expect.objectContaining({ bug: bug.name, idle: null })]);
+          expect(r.injections[0]!.acted).toBeGreaterThan(0);
           const clean = await runMigration(demo(bug.name, mode, seed, false), DET);
           expect(clean.status, `seed ${seed} without the bug: ${clean.reason ?? ''} ${clean.mismatchCount} lost`).toBe('passed');
         }

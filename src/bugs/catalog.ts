@@ -1,11 +1,12 @@
 import type { KernelBugs } from '../host/vm.ts';
 import type { DeviceKind } from '../host/devices/device-config.ts';
 import { UserError } from '../util/errors.ts';
+import type { BugName } from '../host/injections.ts';
 
 export type TrackingMode = 'dirty-log' | 'clear-log' | 'dirty-ring';
 
 export interface CatalogEntry {
-  name: string;
+  name: BugName;
   /** What the code does wrong, in protocol words. */
   wrong: string;
   /** What goes wrong because of it. */
@@ -30,7 +31,20 @@ export interface CatalogEntry {
    * so the stamp oracle sees it on every seed of the deterministic driver.
    */
   migrateDemo?: MigrateDemo;
+  /** Defaults `vmemlab dirty-log-test --inject NAME` takes (flags still override them). */
+  dirtyLogTestDemo?: DirtyLogTestDemo;
+  /** Why a run can pass with the bug injected: what never happened, so the bug never acted. */
+  neverActed: string;
 }
+
+/** dirty-log-test options (commander keys, flag text) a demonstration sets. */
+export type DirtyLogTestDemo = Partial<Record<'memory' | 'ringSize' | 'vcpus' | 'hostWriteEvery' | 'writes', string>>;
+
+/**
+ * 16 MiB of random writes with a 256-entry ring: the ring fills many times per
+ * iteration (20000 writes), and the bitmap modes see thousands of pages per collection.
+ */
+const DIRTY_LOG_TEST_DEMO: DirtyLogTestDemo = { memory: '16MiB', ringSize: '256' };
 
 /** Migrate options (commander keys, flag text) a demonstration sets. */
 export type MigrateDemo = Partial<Record<'workload' | 'memory' | 'slots' | 'vcpus' | 'ringSize' | 'bandwidth' | 'batchPages' | 'hostWriteEvery' | 'downtimeLimit' | 'maxIterations' | 'policy' | 'iommu', string>>
@@ -70,6 +84,8 @@ export const CATALOG: readonly CatalogEntry[] = [
     detectedBy: 'dirty_log_test oracle: a clean page holds the current iteration',
     commands: BOTH,
     migrateDemo: SWEEP_DEMO,
+    neverActed: 'no re-protection (GET, CLEAR or ring reset) needed a remote TLB flush while a vCPU was in guest mode',
+    dirtyLogTestDemo: DIRTY_LOG_TEST_DEMO,
   },
   {
     name: 'ring-full-ignored',
@@ -80,6 +96,8 @@ export const CATALOG: readonly CatalogEntry[] = [
     detectedBy: 'dirty_log_test oracle: a clean page holds the current iteration',
     commands: BOTH,
     migrateDemo: RANDOM_DEMO,
+    neverActed: 'no ring reached its soft limit',
+    dirtyLogTestDemo: DIRTY_LOG_TEST_DEMO,
   },
   {
     name: 'harvest-skips-entry',
@@ -90,6 +108,8 @@ export const CATALOG: readonly CatalogEntry[] = [
     detectedBy: 'dirty_log_test oracle: a clean page holds the current iteration',
     commands: BOTH,
     migrateDemo: SWEEP_DEMO,
+    neverActed: 'no ring had 16 entries harvested (it drops every 16th)',
+    dirtyLogTestDemo: DIRTY_LOG_TEST_DEMO,
   },
   {
     name: 'clear-without-protect',
@@ -100,6 +120,8 @@ export const CATALOG: readonly CatalogEntry[] = [
     detectedBy: 'dirty_log_test oracle: a clean page holds the current iteration',
     commands: BOTH,
     migrateDemo: RANDOM_DEMO,
+    neverActed: 'no KVM_CLEAR_DIRTY_LOG cleared a dirty bit',
+    dirtyLogTestDemo: DIRTY_LOG_TEST_DEMO,
   },
   {
     name: 'untracked-host-write',
@@ -111,6 +133,8 @@ export const CATALOG: readonly CatalogEntry[] = [
     detectedBy: 'dirty_log_test oracle: a clean page holds the current iteration',
     commands: BOTH,
     migrateDemo: SWEEP_DEMO,
+    neverActed: 'no host write (kvm_write_guest with no vCPU) landed in a slot that logs dirty pages',
+    dirtyLogTestDemo: DIRTY_LOG_TEST_DEMO,
   },
   {
     name: 'no-backup-bitmap',
@@ -122,6 +146,8 @@ export const CATALOG: readonly CatalogEntry[] = [
     detectedBy: 'dirty_log_test oracle: a clean page holds the current iteration; KVM warning counter',
     commands: BOTH,
     migrateDemo: SWEEP_DEMO,
+    neverActed: 'no host write (kvm_write_guest with no vCPU) landed in a slot that logs dirty pages',
+    dirtyLogTestDemo: DIRTY_LOG_TEST_DEMO,
   },
   {
     name: 'ring-full-exit-unhandled',
@@ -134,6 +160,8 @@ export const CATALOG: readonly CatalogEntry[] = [
     // A 256-entry ring fills early in the first pass over 16 MiB; 4-page frames give the
     // guest-progress check many frames in which the vCPUs sit in the same exit.
     migrateDemo: { workload: 'random', memory: '16MiB', ringSize: '256', hostWriteEvery: '0', batchPages: '4' },
+    neverActed: 'no vCPU exited with KVM_EXIT_DIRTY_RING_FULL',
+    dirtyLogTestDemo: DIRTY_LOG_TEST_DEMO,
   },
   {
     name: 'copy-before-reset',
@@ -147,6 +175,7 @@ export const CATALOG: readonly CatalogEntry[] = [
     // pass most copied pages are written again before the deferred reset, and the VM
     // stops before they are written (and logged) once more.
     migrateDemo: { workload: 'random', memory: '8MiB', bandwidth: '32MiB', downtimeLimit: '50', policy: 'force', maxIterations: '2', hostWriteEvery: '32' },
+    neverActed: 'no pass copied harvested pages before their deferred KVM_RESET_DIRTY_RINGS',
   },
   {
     name: 'copy-before-clear',
@@ -157,6 +186,7 @@ export const CATALOG: readonly CatalogEntry[] = [
     detectedBy: 'stamp oracle: a destination page differs from its source page',
     commands: ['migrate'],
     migrateDemo: SWEEP_DEMO,
+    neverActed: 'no 64-page chunk was copied before a KVM_CLEAR_DIRTY_LOG that cleared dirty bits',
   },
   {
     name: 'skip-final-sync',
@@ -167,6 +197,7 @@ export const CATALOG: readonly CatalogEntry[] = [
     detectedBy: 'stamp oracle: a destination page differs from its source page',
     commands: ['migrate'],
     migrateDemo: SWEEP_DEMO,
+    neverActed: 'the migration never reached completion',
   },
   {
     name: 'untracked-dma',
@@ -178,6 +209,7 @@ export const CATALOG: readonly CatalogEntry[] = [
     detectedBy: 'stamp oracle: a destination page differs from its source page (its last writer is the device)',
     commands: ['migrate'],
     migrateDemo: DMA_DEMO,
+    neverActed: 'no device wrote by DMA while a DMA dirty source was tracking',
   },
   {
     name: 'stale-iotlb-after-unmap',
@@ -189,6 +221,7 @@ export const CATALOG: readonly CatalogEntry[] = [
     detectedBy: 'DMA oracle: a DMA through a cached translation after its unmap returned',
     commands: ['migrate'],
     migrateDemo: { ...DMA_DEMO, device: ['dma-engine:every=4,remap-every=4'] },
+    neverActed: 'no IOMMU unmap happened (the guest driver never recycled an IOVA)',
   },
   {
     name: 'gpa-as-iova',
@@ -200,6 +233,7 @@ export const CATALOG: readonly CatalogEntry[] = [
     detectedBy: 'DMA oracle: device faults on IOVAs nothing maps',
     commands: ['migrate'],
     migrateDemo: DMA_DEMO,
+    neverActed: 'the mdev never used vfio_dma_rw on a buffer whose IOVA differs from its GPA',
   },
   {
     name: 'read-pin-dirties',
@@ -212,10 +246,11 @@ export const CATALOG: readonly CatalogEntry[] = [
     detectedBy: 'nothing (correct, only costly): compare pages reported by VFIO_IOMMU_DIRTY_PAGES and pages sent with and without it (npm run bench -- --only iommu/migration)',
     commands: ['migrate'],
     migrateDemo: DMA_DEMO,
+    neverActed: 'no read-only pin was taken while type1 dirty tracking was on',
   },
 ];
 
-export type BugName = (typeof CATALOG)[number]['name'];
+export type { BugName };
 
 export function findBug(name: string, where: string): CatalogEntry {
   const e = CATALOG.find((b) => b.name === name);

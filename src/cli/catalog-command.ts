@@ -1,17 +1,12 @@
 import { availableParallelism } from 'node:os';
-import { CATALOG, type MigrateDemo } from '../bugs/catalog.ts';
+import { CATALOG } from '../bugs/catalog.ts';
+import { demoFlags } from '../bugs/acted.ts';
 import { type Detection, demoCommand, measureDetection } from '../hunt/detection.ts';
 import { Progress } from './progress.ts';
 import { HuntPool } from '../hunt/pool.ts';
 
-/** The demonstration settings as the flags they stand for. */
-export function demoFlags(d: MigrateDemo): string {
-  const flag = (k: string): string => `--${k.replace(/[A-Z]/g, (c) => `-${c.toLowerCase()}`)}`;
-  return Object.entries(d).flatMap(([k, v]) => (Array.isArray(v) ? v : [v]).map((x) => `${flag(k)} ${x}`)).join(' ');
-}
-
 function rates(d: Detection[]): string {
-  return d.map((x) => `${x.strategy} ${x.caught}/${x.runs}${x.medianSteps !== null ? ` (median ${x.medianSteps} steps)` : ''}`).join(', ');
+  return d.map((x) => `${x.strategy} ${x.caught}/${x.acted}/${x.runs}${x.medianSteps !== null ? ` (median ${x.medianSteps} steps)` : ''}`).join(', ');
 }
 
 /**
@@ -47,7 +42,7 @@ export async function catalogCommand(json: boolean, measure: number | null = nul
     console.log(`  demo:      ${demoCommand(b)}`);
     if (b.migrateDemo && b.commands.includes('migrate')) console.log(`  its scenario (migrate --inject ${b.name} uses it): ${demoFlags(b.migrateDemo)}`);
     const d = measured.get(b.name);
-    if (d) console.log(`  detection: ${rates(d)}, deterministic, seeds 1-${measure}`);
+    if (d) console.log(`  detection: ${rates(d)} (caught / the bug acted / runs), deterministic, seeds 1-${measure}`);
     else if (b.costOnly) console.log('  detection: none (a cost, not a correctness bug)');
     console.log('');
   }

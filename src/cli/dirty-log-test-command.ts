@@ -1,4 +1,5 @@
 import { PAGE_SIZE } from '../host/constants.ts';
+import { CATALOG } from '../bugs/catalog.ts';
 import { MAX_STAMP_ITERATION } from '../host/memslot.ts';
 import { DEFAULT_WORKLOAD, parseWorkloadName } from '../guest/workload.ts';
 import { describeViolation } from '../oracles/dirty-log-verify.ts';
@@ -6,8 +7,12 @@ import type { DirtyLogEvent, DirtyLogTestConfig } from '../scenarios/dirty-log-t
 import { type Driver, type DirtyLogRunResult, runDirtyLogTest } from '../scenarios/run-dirty-log-test.ts';
 import { UserError } from '../util/errors.ts';
 import { formatSize } from '../util/size.ts';
-import { bugsAndMode, fraction, int, memory, positive, ringSize } from './flags.ts';
+import { MAX_OP_RATE, bugsAndMode, dirtyRate, fraction, int, memory, positive, ringSize } from './flags.ts';
 import { Progress } from './progress.ts';
+import { describeIdleBugs } from '../bugs/acted.ts';
+import { dirtyLogOutcome } from '../scenarios/outcome.ts';
+import { type Expected, checkExpectation } from './expectation.ts';
+import { describeVcpuRates } from './vcpu-rates.ts';
 
 export { MODES } from './flags.ts';
 
@@ -32,6 +37,8 @@ export interface DirtyLogTestFlags {
   json?: boolean;
   watchdog: string;
   burst: string;
+  dirtyLimit?: string;
+  opRate?: string;
 }
 
 export const DIRTY_LOG_TEST_DEFAULTS = {
@@ -40,6 +47,16 @@ export const DIRTY_LOG_TEST_DEFAULTS = {
   writePercent: String(DEFAULT_WORKLOAD.writePercent), hostWriteEvery: '64', driver: 'free', seed: '1',
   watchdog: '10', burst: '256',
 } as const;
+
+/**
+ * The flags a dirty_log_test runs with: what was given, else the injected bugs'
+ * demonstration settings (the first bug's win), else the command's defaults.
+ */
+export function dirtyLogTestFlags(given: Partial<DirtyLogTestFlags>): DirtyLogTestFlags {
+  const defined = Object.fromEntries(Object.entries(given).filter(([, v]) => v !== undefined));
+  const demos = (given.inject ?? []).map((n) => CATALOG.find((b) => b.name === n)?.dirtyLogTestDemo ?? {}).reverse();
+  return { ...DIRTY_LOG_TEST_DEFAULTS, inject: [], ...Object.assign({}, ...demos), ...defined } as DirtyLogTestFlags;
+}
 
 /** Turns flags into a validated configuration; every mistake names the flag and the value. */
 export function dirtyLogTestConfig(f: DirtyLogTestFlags): { config: DirtyLogTestConfig; driver: Driver; watchdogMs: number; burst: number } {
@@ -65,7 +82,9 @@ export function dirtyLogTestConfig(f: DirtyLogTestFlags): { config: DirtyLogTest
       hotShare: fraction('--hot-share', f.hotShare),
       writePercent: int('--write-percent', f.writePercent, 0, 100),
       randomOrder: f.randomOrder === true,
+      opRate: f.opRate !== undefined ? int('--op-rate', f.opRate, 1, MAX_OP_RATE) : 0,
     },
+    dirtyLimit: f.dirtyLimit !== undefined ? dirtyRate('--dirty-limit', f.dirtyLimit) : 0,
     seed: int('--seed', f.seed, 0, 0xffffffff),
     bugs: bugs.map((b) => b.name),
     opsPerIteration: f.writes !== undefined ? int('--writes', f.writes, 1) : defaultWrites,
@@ -91,7 +110,8 @@ export function exitStatus(r: DirtyLogRunResult): number {
   return r.status === 'passed' ? 0 : r.status === 'failed' ? 1 : 3;
 }
 
-export async function dirtyLogTestCommand(f: DirtyLogTestFlags): Promise<number> {
+export async function dirtyLogTestCommand(given: Partial<DirtyLogTestFlags>, expected?: Expected): Promise<number> {
+  const f = dirtyLogTestFlags(given);
   const { config, driver, watchdogMs, burst } = dirtyLogTestConfig(f);
   const json = f.json === true;
   const progress = new Progress(json);
@@ -106,11 +126,13 @@ export async function dirtyLogTestCommand(f: DirtyLogTestFlags): Promise<number>
     },
   });
   progress.clear();
+  const expectation = expected ? checkExpectation(expected, dirtyLogOutcome(result)) : undefined;
   if (json) {
     console.log(JSON.stringify({
       command: 'dirty-log-test', config, driver, status: result.status, seconds: result.seconds,
       iterations: result.iterations, violations: result.violations, errors: result.errors,
       lostHostWrites: result.lostHostWrites, ringHardFull: result.ringHardFull, flushes: result.flushes, steps: result.steps,
+      injections: result.injections, vcpus: result.vcpus, expectation,
     }, null, 2));
     return exitStatus(result);
   }
@@ -122,12 +144,19 @@ export async function dirtyLogTestCommand(f: DirtyLogTestFlags): Promise<number>
   if (result.ringHardFull > 0) {
     console.log(`KVM warning: ${result.ringHardFull} pushes into a full dirty ring overwrote entries nobody had collected (WARN_ON_ONCE in kvm_dirty_ring_push)`);
   }
+  if (config.dirtyLimit || config.workload.opRate) for (const line of describeVcpuRates(result.vcpus, driver === 'deterministic' ? 'on the step clock' : 'over the run')) console.log(line);
   const steps = result.steps !== undefined ? `, ${result.steps} steps` : '';
-  const verdict = { passed: 'PASSED: every page verified', failed: 'FAILED', stuck: 'STUCK: the run did not complete', crashed: 'CRASHED: the run did not complete' }[result.status];
+  const idle = describeIdleBugs(result.injections, 'dirty-log-test');
+  if (idle && result.status !== 'passed') console.log(`note: ${idle}`);
+  const verdict = {
+    passed: idle ? `PASSED, but ${idle}. Every page verified` : 'PASSED: every page verified',
+    failed: 'FAILED', stuck: 'STUCK: the run did not complete', crashed: 'CRASHED: the run did not complete',
+  }[result.status];
   console.log(`${verdict} (${result.iterations.length} iterations, ${result.seconds.toFixed(2)} s${steps})`);
   if (result.status !== 'passed' && driver === 'deterministic') {
     console.log(`replay exactly: vmemlab dirty-log-test --driver deterministic --seed ${config.seed} --mode ${config.mode} (with the same other options)`);
   }
+  if (expectation) console.log(expectation.line);
   return exitStatus(result);
 }
 

@@ -27,6 +27,34 @@ export function positive(flag: string, text: string, unit: string): number {
   return n;
 }
 
+/** The most pages per second a dirty limit may name: more than any vCPU here can dirty. */
+export const MAX_DIRTY_RATE = 10_000_000;
+/** The most guest operations per second an operation rate may name: more than a vCPU here retires. */
+export const MAX_OP_RATE = 100_000_000;
+
+/**
+ * A dirty page rate: pages per second (`1000`), or a size per second as QEMU writes its
+ * dirty limits (`1MB/s`, `4MiB/s`; MB is 2^20 bytes, as in QEMU's dirtylimit). Returns
+ * 4 KiB pages per second, at least 1.
+ */
+export function dirtyRate(flag: string, text: string | number): number {
+  const t = String(text).trim();
+  const sized = /^(.*\S)\s*\/\s*s$/i.exec(t);
+  let pages: number;
+  if (sized) {
+    const bytes = Number.isFinite(Number(sized[1])) ? NaN : parseSizeOr(sized[1]!);
+    pages = bytes / PAGE_SIZE;
+  } else pages = t === '' ? NaN : Number(t);
+  if (!Number.isFinite(pages) || pages < 1 || pages > MAX_DIRTY_RATE) {
+    throw new UserError(`${flag}: '${text}' is not a dirty page rate from 1 to ${MAX_DIRTY_RATE} pages per second (write pages per second, or a size per second like 1MB/s)`);
+  }
+  return Math.round(pages);
+}
+
+function parseSizeOr(text: string): number {
+  try { return parseSize(text, ''); } catch { return NaN; }
+}
+
 export function memory(flag: string, text: string): number {
   const bytes = parseSize(text, flag);
   if (bytes % PAGE_SIZE !== 0 || bytes === 0) throw new UserError(`${flag}: '${text}' is not a whole, non-zero number of 4 KiB pages`);

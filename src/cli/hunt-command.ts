@@ -22,7 +22,7 @@ export const HUNT_DEFAULTS = { seeds: '16', strategy: 'random,pct,free', out: 'v
  * `vmemlab hunt` with no scenario (and no --inject): the default job's guest scaled down
  * to 2 vCPUs and 16 MiB, so that each deterministic run takes well under a second.
  */
-export const DEFAULT_HUNT_JOB = { vcpus: '2', memory: '16MiB', workload: 'hotset', tracking: 'dirty-ring' } as const;
+export const DEFAULT_HUNT_JOB = { vcpus: '2', memory: '16MiB', workload: 'hotset', tracking: 'dirty-ring', hostWriteEvery: '64' } as const;
 
 export function parseShard(text: string): Shard {
   const m = /^(\d+)\/(\d+)$/.exec(text.trim());
@@ -48,7 +48,8 @@ export function describeScenario(s: MigrationScenario): string {
 function strategyLines(r: StrategyReport, all: boolean): string[] {
   const pct = r.runs ? Math.round(r.detectionRate * 100) : 0;
   const name = r.strategy.padEnd(7);
-  const head = `${name}${String(r.runs).padStart(4)} runs, ${r.failures} failed${all ? ` (${pct} %)` : ''}`;
+  const acted = r.acted === null ? '' : `, the bug acted in ${r.acted}`;
+  const head = `${name}${String(r.runs).padStart(4)} runs, ${r.failures} failed${all ? ` (${pct} %)` : ''}${acted}`;
   const f = r.firstDetection;
   if (f === null) return [`${head}: nothing found`];
   const steps = f.steps !== null ? `, ${f.steps} steps` : '';

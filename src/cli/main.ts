@@ -23,6 +23,7 @@ const MIGRATE_ONLY: Record<string, string> = {
   bandwidth: '--bandwidth', downtimeLimit: '--downtime-limit', maxIterations: '--max-iterations', timeout: '--timeout', policy: '--policy',
   warmup: '--warmup', to: '--to', allowRemote: '--allow-remote', resumeOps: '--resume-ops', batchPages: '--batch-pages',
   pageHistory: '--no-page-history', device: '--device', iommu: '--iommu', dmaEntryLimit: '--dma-entry-limit', onDeviceFault: '--on-device-fault',
+  vcpuDirtyLimit: '--vcpu-dirty-limit',
 };
 
 /** Defaults of the options both guest-running commands share. */
@@ -41,12 +42,14 @@ function addGuestOptions(cmd: Command, d: GuestDefaults, modeFlag: '--mode' | '-
     .option('--hot-fraction <f>', 'hotset: fraction of pages that are hot', d.hotFraction)
     .option('--hot-share <f>', 'hotset: share of writes to hot pages', d.hotShare)
     .option('--write-percent <p>', 'perf: percentage of operations that write', d.writePercent)
-    .option('--host-write-every <n>', `one host write (kvm_write_guest, no vCPU) per n guest writes; 0 for none${d.hostWriteEvery === undefined ? ` (default: ${DEFAULT_HOST_WRITE_EVERY}, or 0 with --workload sweep)` : ''}`, d.hostWriteEvery)
+    .option('--host-write-every <n>', `one host write (kvm_write_guest, no vCPU) per n guest writes; 0 for none${d.hostWriteEvery === undefined ? ` (default: ${DEFAULT_HOST_WRITE_EVERY})` : ''}`, d.hostWriteEvery)
     .option('--driver <driver>', 'free (worker threads) or deterministic (one thread, seeded scheduler)', d.driver)
     .option('--seed <n>', 'seed for workloads and the scheduler', d.seed)
     .option('--inject <bug>', 'inject a catalogued bug (repeatable; see vmemlab catalog)', collect, [] as string[])
     .option('--watchdog <seconds>', 'stop when no actor progresses for this long', d.watchdog)
     .option('--burst <n>', 'free-run: guest operations between a vCPU\'s step boundaries', d.burst)
+    .option('--dirty-limit <rate>', 'hold each vCPU to this dirty page rate from the start (QEMU\'s set-vcpu-dirty-limit): pages per second, or a size per second like 1MB/s; the vCPU sleeps outside guest mode when ahead')
+    .option('--op-rate <n>', 'guest operations per second each vCPU runs at most (the guest is that busy; default: as fast as it can)')
     .option('--json', 'print one JSON document instead of text');
 }
 
@@ -64,7 +67,8 @@ function addMigrateOptions(cmd: Command): Command {
     .option('--downtime-limit <ms>', `switch over when the expected downtime is below this (default: ${M.downtimeLimit})`)
     .option('--max-iterations <n>', `passes before the policy applies (default: ${M.maxIterations})`)
     .option('--timeout <seconds>', `time before the policy applies (default: ${M.timeout})`)
-    .option('--policy <policy>', `without convergence: fail or force at the limits, or auto-converge (throttle the vCPUs) (default: ${M.policy})`)
+    .option('--policy <policy>', `without convergence: fail or force at the limits; auto-converge (throttle the vCPUs' CPU time) or dirty-limit (hold each vCPU to --vcpu-dirty-limit; needs the dirty ring), both until --timeout (default: ${M.policy})`)
+    .option('--vcpu-dirty-limit <rate>', 'the dirty-limit policy\'s quota per vCPU (QEMU\'s vcpu-dirty-limit): pages per second, or a size per second (default: 1MB/s, as QEMU)')
     .option('--warmup <ops>', 'guest writes before migration starts (default: one per page)')
     .option('--batch-pages <n>', `pages per stream frame (default: ${M.batchPages})`)
     .option('--no-page-history', 'do not record each page\'s dirty-tracking events for the lost-write report')
@@ -86,7 +90,11 @@ export function buildProgram(setExit: (code: number) => void): Command {
 
   addDirtyLogTestOptions(program.command('dirty-log-test')
     .description('KVM\'s dirty_log_test: guests write while the host collects the dirty log; every page is verified each iteration'))
-    .action(async (flags: DirtyLogTestFlags) => setExit(await dirtyLogTestCommand(flags)));
+    .action(async (flags: Record<string, unknown>, cmd: Command) => {
+      // Only what was given: defaults come after the injected bugs' demonstration settings.
+      const given = Object.fromEntries(Object.entries(flags).filter(([k]) => cmd.getOptionValueSource(k) !== 'default'));
+      setExit(await dirtyLogTestCommand(given as Partial<DirtyLogTestFlags>));
+    });
 
   addMigrateOptions(addDirtyLogTestOptions(program.command('run')
     .description('run a scenario file (kind: dirty-log-test or migrate); with none, the default job: a 4-vCPU, 1 GiB guest live-migrated with ring tracking to an in-process destination that then resumes it, verified. Flags override either')
@@ -103,13 +111,15 @@ export function buildProgram(setExit: (code: number) => void): Command {
       }
       if (file.kind === 'migrate' && cli['mode'] !== undefined) cli['tracking'] = cli['mode'];
       // A migrate scenario takes its defaults in migrateCommand (after the injected bugs' demonstration settings).
-      const merged = { ...(file.kind === 'migrate' ? {} : D), inject: [], ...file.values, ...cli };
+      // Either kind takes its defaults in its command (after the injected bugs' demonstration settings).
+      const merged = { inject: [], ...file.values, ...cli };
+      const expected = file.expect ? { file: file.path, outcome: file.expect } : undefined;
       try {
         if (file.kind === 'migrate') {
           const { migrateCommand } = await import('./migrate-command.ts');
-          setExit(await migrateCommand(merged as unknown as MigrateFlags));
+          setExit(await migrateCommand(merged as unknown as MigrateFlags, expected));
         } else {
-          setExit(await dirtyLogTestCommand(merged as unknown as DirtyLogTestFlags));
+          setExit(await dirtyLogTestCommand(merged as unknown as DirtyLogTestFlags, expected));
         }
       } catch (e) {
         if (!(e instanceof UserError)) throw e;

@@ -1,7 +1,7 @@
 import { CATALOG } from '../bugs/catalog.ts';
 import { PAGE_SIZE } from '../host/constants.ts';
 import { DEFAULT_WORKLOAD, parseWorkloadName } from '../guest/workload.ts';
-import type { ConvergencePolicy, MigrationInfo, PassStats } from '../migration/precopy.ts';
+import { type ConvergencePolicy, DEFAULT_VCPU_DIRTY_LIMIT, type MigrationInfo, type PassStats } from '../migration/precopy.ts';
 import { describeMismatch } from '../oracles/stamp-oracle.ts';
 import { describeSweepCheck } from '../oracles/sweep-pattern.ts';
 import { type DestinationRun, defaultResumeOps } from '../scenarios/resume.ts';
@@ -9,13 +9,17 @@ import { type MigrationRunResult, type MigrationScenario, runMigration } from '.
 import type { Driver } from '../scenarios/run-roles.ts';
 import { UserError } from '../util/errors.ts';
 import { formatSize, parseSize } from '../util/size.ts';
-import { bugsAndMode, fraction, int, memory, positive, ringSize } from './flags.ts';
+import { MAX_OP_RATE, bugsAndMode, dirtyRate, fraction, int, memory, positive, ringSize } from './flags.ts';
 import { parseEndpoint } from './destination-command.ts';
 import { Progress } from './progress.ts';
 import { deviceSetup } from './device-flags.ts';
 import { describeDmaRecord } from '../oracles/dma-oracle.ts';
 import type { DmaReport } from '../scenarios/devices.ts';
 import type { DmaSourceStats } from '../host/iommu/dma-dirty-sync.ts';
+import { describeVcpuRates } from './vcpu-rates.ts';
+import { describeIdleBugs } from '../bugs/acted.ts';
+import { migrationOutcome } from '../scenarios/outcome.ts';
+import { type Expected, checkExpectation } from './expectation.ts';
 
 export interface MigrateFlags {
   tracking?: string; vcpus: string; memory: string; slots: string; ringSize: string; workload: string;
@@ -24,7 +28,10 @@ export interface MigrateFlags {
   driver: string; seed: string; inject: string[]; json?: boolean; watchdog: string; burst: string;
   to?: string; allowRemote?: boolean; resumeOps?: string; batchPages: string; pageHistory?: boolean;
   device?: string[]; iommu?: string; dmaEntryLimit?: string; onDeviceFault?: string;
+  dirtyLimit?: string; opRate?: string; vcpuDirtyLimit?: string;
 }
+
+export const POLICIES: readonly ConvergencePolicy[] = ['fail', 'force', 'auto-converge', 'dirty-limit'];
 
 export const MIGRATE_DEFAULTS = {
   vcpus: '2', memory: '256MiB', slots: '1', ringSize: '4096', workload: 'hotset', hotFraction: '0.02', hotShare: '1',
@@ -49,13 +56,20 @@ function target(f: MigrateFlags): { host: string; port: number } | undefined {
 }
 
 /**
- * `vmemlab run` with no scenario: a 4-vCPU, 1 GiB guest writing a 2 % hot set, migrated
- * with the dirty ring to an in-process destination that resumes it; the rest as `migrate`.
+ * `vmemlab run` with no scenario: a 4-vCPU, 1 GiB guest writing a 2 % hot set, each vCPU
+ * held to QEMU's default vcpu-dirty-limit (1 MB/s), migrated with the dirty ring to an
+ * in-process destination that resumes it; the rest as `migrate`. Held to 1 MB/s per vCPU
+ * the guest dirties a sixteenth of what even a busy 2-core machine sends, so it converges
+ * and completes within its downtime limit whatever the machine.
  */
-export const DEFAULT_JOB = { vcpus: '4', memory: '1GiB', workload: 'hotset', tracking: 'dirty-ring' } as const;
+export const DEFAULT_JOB = { vcpus: '4', memory: '1GiB', workload: 'hotset', tracking: 'dirty-ring', dirtyLimit: '1MB/s' } as const;
 
-/** Host writes by default, except with migration-test's sweep: they land on byte 0 of random pages, which its check reads. */
-export const DEFAULT_HOST_WRITE_EVERY = '64';
+/**
+ * No host writes by default: KVM writes guest memory with no running vCPU only for rare
+ * things (arm64's ITS tables), and each such write waits in the ring's backup bitmap for
+ * the final sync. --host-write-every turns them on (examples/backup-bitmap-downtime.yaml).
+ */
+export const DEFAULT_HOST_WRITE_EVERY = '0';
 
 export function migrationScenario(f: MigrateFlags): {
   scenario: MigrationScenario; driver: Driver; watchdogMs: number; burst: number; to?: { host: string; port: number }; resumeOps?: number;
@@ -64,7 +78,10 @@ export function migrationScenario(f: MigrateFlags): {
   const memoryBytes = memory('--memory', f.memory);
   const driver = f.driver;
   if (driver !== 'free' && driver !== 'deterministic') throw new UserError(`--driver: unknown driver '${driver}' (free or deterministic)`);
-  if (f.policy !== 'fail' && f.policy !== 'force' && f.policy !== 'auto-converge') throw new UserError(`--policy: unknown policy '${f.policy}' (fail, force or auto-converge)`);
+  if (!(POLICIES as readonly string[]).includes(f.policy)) throw new UserError(`--policy: unknown policy '${f.policy}' (one of: ${POLICIES.join(', ')})`);
+  // QEMU's migrate_caps_check: the dirty-limit capability needs KVM's dirty ring.
+  if (f.policy === 'dirty-limit' && mode !== 'dirty-ring') throw new UserError(`--policy: dirty-limit needs the dirty ring (QEMU's dirty-limit capability requires dirty-ring-size), not --tracking ${mode}`);
+  if (f.vcpuDirtyLimit !== undefined && f.policy !== 'dirty-limit') throw new UserError(`--vcpu-dirty-limit: '${f.vcpuDirtyLimit}' is the dirty-limit policy's quota; it needs --policy dirty-limit (for a limit from the start: --dirty-limit)`);
   const bandwidth = f.bandwidth === 'unlimited' ? 0 : parseSize(f.bandwidth, '--bandwidth');
   const pages = memoryBytes / PAGE_SIZE;
   const slots = int('--slots', f.slots, 1, 32767);
@@ -74,10 +91,12 @@ export function migrationScenario(f: MigrateFlags): {
     workload: {
       ...DEFAULT_WORKLOAD, name: parseWorkloadName(f.workload, '--workload'), hotFraction: fraction('--hot-fraction', f.hotFraction),
       hotShare: fraction('--hot-share', f.hotShare), writePercent: int('--write-percent', f.writePercent, 0, 100),
+      opRate: f.opRate !== undefined ? int('--op-rate', f.opRate, 1, MAX_OP_RATE) : 0,
     },
+    dirtyLimit: f.dirtyLimit !== undefined ? dirtyRate('--dirty-limit', f.dirtyLimit) : 0,
     seed: int('--seed', f.seed, 0, 0xffffffff),
     bugs: bugs.map((b) => b.name),
-    hostWriteEvery: f.hostWriteEvery === undefined ? (f.workload === 'sweep' ? 0 : Number(DEFAULT_HOST_WRITE_EVERY)) : int('--host-write-every', f.hostWriteEvery, 0),
+    hostWriteEvery: f.hostWriteEvery === undefined ? Number(DEFAULT_HOST_WRITE_EVERY) : int('--host-write-every', f.hostWriteEvery, 0),
     pageHistory: f.pageHistory !== false,
     devices: deviceSetup(f),
     params: {
@@ -86,6 +105,7 @@ export function migrationScenario(f: MigrateFlags): {
       maxIterations: int('--max-iterations', f.maxIterations, 1),
       timeoutMs: positive('--timeout', f.timeout, 'seconds') * 1000,
       policy: f.policy as ConvergencePolicy,
+      vcpuDirtyLimit: f.vcpuDirtyLimit !== undefined ? dirtyRate('--vcpu-dirty-limit', f.vcpuDirtyLimit) : DEFAULT_VCPU_DIRTY_LIMIT,
       batchPages: int('--batch-pages', f.batchPages, 1, 1024), // 4 MiB frames: within the stream ring's RING_MAX_FRAME
       warmupOps: f.warmup !== undefined ? int('--warmup', f.warmup, 0) : driver === 'deterministic' ? Math.min(pages * 2, 20000) : pages,
     },
@@ -123,15 +143,19 @@ export function formatInfo(i: MigrationInfo): string[] {
     `dirty pages rate: ${Math.round(i.dirtyPagesRate)} pages/s`,
     `dirty sync count: ${i.dirtySyncCount}`,
     `cpu throttle percentage: ${i.throttlePercent}`,
+    ...(i.dirtyLimit ? [`dirty limit: ${i.dirtyLimit} pages/s per vCPU (the dirty-limit policy engaged)`] : []),
+    ...describeVcpuRates(i.vcpus, 'while it migrated'),
+    ...(i.downtimeExceeded ? [i.downtimeExceeded] : []),
   ];
 }
 
 function passLine(p: PassStats): string {
   return `Pass ${p.pass}: sent ${p.pagesSent} pages (${p.zeroPages} zero), dirty ${p.dirtyFound}, sync ${p.syncMs.toFixed(2)} ms, ` +
-    `bandwidth ${mib(p.bandwidth)}/s, expected downtime ${p.expectedDowntimeMs.toFixed(2)} ms${p.throttle ? `, throttle ${p.throttle} %` : ''}`;
+    `bandwidth ${mib(p.bandwidth)}/s, expected downtime ${p.expectedDowntimeMs.toFixed(2)} ms${p.throttle ? `, throttle ${p.throttle} %` : ''}` +
+    `${p.dirtyLimit ? `, dirty limit ${p.dirtyLimit} pages/s per vCPU` : ''}`;
 }
 
-export async function migrateCommand(given: Partial<MigrateFlags>): Promise<number> {
+export async function migrateCommand(given: Partial<MigrateFlags>, expected?: Expected): Promise<number> {
   const f = migrateFlags(given);
   const { scenario: s, driver, watchdogMs, burst, to, resumeOps } = migrationScenario(f);
   const json = f.json === true;
@@ -156,11 +180,13 @@ export async function migrateCommand(given: Partial<MigrateFlags>): Promise<numb
   process.off('SIGINT', onSigint);
   progress.clear();
   const code = r.status === 'passed' ? 0 : r.status === 'failed' ? 1 : 3;
+  const expectation = expected ? checkExpectation(expected, migrationOutcome(r)) : undefined;
   if (json) {
-    console.log(JSON.stringify({ command: 'migrate', scenario: s, driver, ...r }, null, 2));
+    console.log(JSON.stringify({ command: 'migrate', scenario: s, driver, ...r, expectation }, null, 2));
     return code;
   }
   for (const line of describeResult(r)) console.log(line);
+  if (expectation) console.log(expectation.line);
   return code;
 }
 
@@ -176,9 +202,11 @@ export function describeResult(r: MigrationRunResult): string[] {
   for (const e of r.errors) lines.push(e);
   const secs = `(${r.seconds.toFixed(2)} s)`;
   const broken = d?.afterResume?.ok === false ? d.afterResume : d?.atCompletion?.ok === false ? d.atCompletion : null;
+  const idle = describeIdleBugs(r.injections, 'migrate');
+  if (idle && r.status !== 'passed') lines.push(`note: ${idle}`);
   if (r.status === 'passed') {
     const also = `${d?.atCompletion ? '; the sweep pattern holds' : ''}${d?.resumed ? `${d.atCompletion ? ' before and after' : ''}; the destination resumed the guest` : ''}`;
-    lines.push(`PASSED: all ${r.pagesCompared} destination pages equal the source${also} ${secs}`);
+    lines.push(`${idle ? `PASSED, but ${idle}. ` : 'PASSED: '}all ${r.pagesCompared} destination pages equal the source${also} ${secs}`);
   } else if (r.mismatchCount > 0) lines.push(`FAILED: ${r.mismatchCount} of ${r.pagesCompared} pages differ: lost writes ${secs}`);
   else if (r.dma && (r.dma.faults > 0 || r.dma.staleIotlb > 0)) {
     const what = [r.dma.faults > 0 ? `${r.dma.faults} device faults` : '', r.dma.staleIotlb > 0 ? `${r.dma.staleIotlb} DMAs through stale IOTLB entries` : ''].filter(Boolean);

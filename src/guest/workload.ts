@@ -61,6 +61,8 @@ export interface WorkloadOptions {
   writePercent: number;
   /** perf: visit pages in random order instead of sequentially. */
   randomOrder: boolean;
+  /** Operations per second each vCPU runs at most (the guest is that busy); 0: as fast as it can. */
+  opRate?: number;
 }
 
 export const DEFAULT_WORKLOAD: WorkloadOptions = {

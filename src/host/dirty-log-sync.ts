@@ -6,6 +6,14 @@ import type { Steps } from '../drivers/role.ts';
 import { PageEvent } from '../oracles/page-history.ts';
 import { DmaDirtySync } from './iommu/dma-dirty-sync.ts';
 
+/** Called with each source's name and the pages it newly added to the bitmap (a sync's breakdown). */
+export type SourceTally = (source: string, newPages: number) => void;
+
+/** Names of KVM's sources in a tally. */
+export const KVM_RINGS = 'the vCPUs\' dirty rings';
+export const KVM_BACKUP_BITMAP = 'the ring\'s backup bitmap';
+export const KVM_DIRTY_BITMAP = 'KVM_GET_DIRTY_LOG';
+
 export interface SyncResult {
   /** Ring entries harvested, and reset by KVM_RESET_DIRTY_RINGS (they must be equal). */
   harvested: number;
@@ -28,7 +36,7 @@ export class DirtyLogSync {
   syncs = 0;
 
   constructor(readonly vm: Vm, private readonly harvestSkipEvery = 0) {
-    this.harvester = vm.rings ? new DirtyRingHarvester(vm.rings.length) : null;
+    this.harvester = vm.rings ? new DirtyRingHarvester(vm.rings.length, vm.acts) : null;
     this.dma = vm.iommu ? new DmaDirtySync(vm.iommu) : null;
     this.scratch = vm.memory.slots.map((s) => new Uint32Array(s.dirtyBitmap.length));
   }
@@ -37,10 +45,17 @@ export class DirtyLogSync {
    * One sync into `into`: KVM's log, then the DMA sources. `final`: the VM is stopped,
    * also collect the ring's backup bitmap (last). `clearNow`: with manual protect, CLEAR what GET returned (whole slot).
    */
-  *sync(into: PageBitmap, final: boolean, clearNow = true): Steps<SyncResult> {
+  *sync(into: PageBitmap, final: boolean, clearNow = true, tally?: SourceTally): Steps<SyncResult> {
     this.syncs++;
     const vm = this.vm;
     const mem = vm.memory;
+    let before = tally ? into.count() : 0;
+    const counted = (source: string): void => {
+      if (!tally) return;
+      const now = into.count();
+      tally(source, now - before);
+      before = now;
+    };
     if (vm.rings && this.harvester) {
       let harvested = 0;
       for (const ring of vm.rings) {
@@ -48,9 +63,12 @@ export class DirtyLogSync {
         yield undefined;
       }
       const reset: number = yield* vm.resetDirtyRings();
-      if (this.dma) yield* this.dma.sync(into);
+      counted(KVM_RINGS);
+      if (this.dma) yield* this.dma.sync(into, tally);
+      if (tally) before = into.count();
       if (final && vm.hasBackupBitmap) {
         for (const slot of mem.slots) into.orWords(yield* vm.getDirtyLog(slot, this.scratch[slot.index]), slot.firstPage);
+        counted(KVM_BACKUP_BITMAP);
       }
       return { harvested, reset };
     }
@@ -59,7 +77,8 @@ export class DirtyLogSync {
       if (vm.manualProtect && clearNow) yield* vm.clearDirtyLog(slot, 0, slot.pages, bitmap);
       into.orWords(bitmap, slot.firstPage);
     }
-    if (this.dma) yield* this.dma.sync(into);
+    counted(KVM_DIRTY_BITMAP);
+    if (this.dma) yield* this.dma.sync(into, tally);
     return { harvested: 0, reset: 0 };
   }
 

@@ -3,12 +3,15 @@ import {
   KVM_DIRTY_RING_MIN_ENTRIES, KVM_DIRTY_RING_RSVD_ENTRIES,
 } from './constants.ts';
 import { RING_INDEX_WORDS, RingIndex, type VmLayout } from './layout.ts';
+import { Acted, type InjectionCounters } from './injections.ts';
 
 /** Words of one struct kvm_dirty_gfn in the Int32 view: flags, slot, offset (lo, hi). */
 const F = 0, SLOT = 1, OFF_LO = 2, OFF_HI = 3;
 const ENTRY_WORDS = KVM_DIRTY_GFN_SIZE / 4;
 /** Counter of pushes into a hard-full ring (KVM's WARN_ON_ONCE), on the dirty-index line. */
 const HARD_FULL = RingIndex.DIRTY + 1;
+/** The most entries the ring ever held at once (published by the vCPU as it grows). */
+const MAX_USED = RingIndex.DIRTY + 2;
 
 /** The ring size rules of KVM_CAP_DIRTY_LOG_RING; returns an error text or null. */
 export function checkRingSize(entries: number): string | null {
@@ -48,6 +51,10 @@ export class DirtyRing {
   get dirtyIndex(): number { return Atomics.load(this.idx, this.base + RingIndex.DIRTY); }
   get resetIndex(): number { return Atomics.load(this.idx, this.base + RingIndex.RESET); }
   get hardFullWarnings(): number { return Atomics.load(this.idx, this.base + HARD_FULL); }
+  /** The most entries in use at once so far (dirty_index - reset_index after a push). */
+  get maxUsed(): number { return Atomics.load(this.idx, this.base + MAX_USED); }
+  /** The pushing vCPU's copy of maxUsed: it alone pushes, so only a new maximum is published. */
+  private maxSeen = 0;
 
   used(): number {
     return (this.dirtyIndex - this.resetIndex) | 0;
@@ -76,7 +83,9 @@ export class DirtyRing {
     gfns[e + OFF_HI] = 0;
     Atomics.store(gfns, e + F, KVM_DIRTY_GFN_F_DIRTY);
     Atomics.store(idx, base + RingIndex.DIRTY, (di + 1) | 0);
-    return ((di + 1 - Atomics.load(idx, base + RingIndex.RESET)) | 0) >= softLimit;
+    const used = (di + 1 - Atomics.load(idx, base + RingIndex.RESET)) | 0;
+    if (used > this.maxSeen) { this.maxSeen = used; Atomics.store(idx, base + MAX_USED, used); }
+    return used >= softLimit;
   }
 
   /** Entry accessors for userspace (harvest) and for tests. */
@@ -169,7 +178,8 @@ function fls64(lo: number, hi: number): number {
 export class DirtyRingHarvester {
   readonly fetch: number[];
 
-  constructor(rings: number) {
+  /** `skipped` counts the entries harvest-skips-entry dropped (its "acted" counter). */
+  constructor(rings: number, private readonly skipped?: InjectionCounters) {
     this.fetch = new Array<number>(rings).fill(0);
   }
 
@@ -190,6 +200,8 @@ export class DirtyRingHarvester {
       if (Atomics.load(gfns, e + F) !== KVM_DIRTY_GFN_F_DIRTY) break;
       if (skipEvery === 0 || (fi + 1) % skipEvery !== 0) {
         onEntry(gfns[e + SLOT]! >>> 0, (gfns[e + OFF_LO]! >>> 0) + (gfns[e + OFF_HI]! >>> 0) * 4294967296);
+      } else {
+        this.skipped?.acted(Acted.HARVEST_SKIPS_ENTRY);
       }
       Atomics.store(gfns, e + F, KVM_DIRTY_GFN_F_RESET);
       fi = (fi + 1) | 0;

@@ -3,6 +3,7 @@ import {
 } from './constants.ts';
 import { createPageHistoryBuffer } from '../oracles/page-history.ts';
 import { type IommuConfig, type IommuLayout, createIommuLayout } from './iommu/iommu-layout.ts';
+import { INJECTION_WORDS } from './injections.ts';
 
 /**
  * One layout descriptor for all shared state (ARCHITECTURE.md, principle 1). It holds
@@ -66,6 +67,8 @@ export interface VmLayout {
   /** Per-page history records, when VmConfig.pageHistory is on. */
   pageHistory: SharedArrayBuffer | null;
   iommu: IommuLayout | null;
+  /** How often each injected bug acted (injections.ts). */
+  injections: SharedArrayBuffer;
 }
 
 /** Words of `global`, each on its own line. */
@@ -116,6 +119,8 @@ export const VcpuWord = {
   MMIO_GPA_HI: 11,
   /** The RUN_SEQ value current when the vCPU last exited: it stays parked until RUN_SEQ differs. */
   EXIT_RUN_SEQ: 12,
+  /** Microseconds spent paced outside guest mode (dirty limit, guest operation rate, throttle). */
+  PACED_US: 13,
 } as const;
 
 /** Words the VMM writes (second line of the block). */
@@ -126,6 +131,8 @@ export const VcpuRequest = {
   RUN_SEQ: LINE_WORDS + 1,
   /** Guest throttle (auto-converge), percent. */
   THROTTLE: LINE_WORDS + 2,
+  /** Dirty page rate limit, pages per second; 0: none (QEMU's set-vcpu-dirty-limit). */
+  DIRTY_LIMIT: LINE_WORDS + 3,
 } as const;
 export const VCPU_BLOCK_WORDS = 2 * LINE_WORDS;
 
@@ -190,6 +197,7 @@ export function createVmLayout(config: VmConfig): VmLayout {
     rings,
     pageHistory: config.pageHistory ? createPageHistoryBuffer(firstPage) : null,
     iommu: config.iommu ? createIommuLayout(config.iommu, firstPage) : null,
+    injections: new SharedArrayBuffer(INJECTION_WORDS * 4),
   };
 }
 

@@ -38,6 +38,14 @@ export class TlbShootdown {
     return -1;
   }
 
+  /** Some vCPU is in guest mode (and may hold translations a flush would drop). */
+  anyInGuestMode(): boolean {
+    for (let i = 0; i < this.nVcpus; i++) {
+      if (Atomics.load(this.vcpus, i * VCPU_BLOCK_WORDS + VcpuWord.MODE) !== OUTSIDE_GUEST_MODE) return true;
+    }
+    return false;
+  }
+
   /** Where to park while waiting for vCPU `i` to acknowledge (its ack word). */
   ackWord(i: number): { array: Int32Array; index: number } {
     return { array: this.vcpus, index: i * VCPU_BLOCK_WORDS + VcpuWord.FLUSH_ACK };

@@ -7,6 +7,8 @@ import { SPTE_WRITABLE } from './spte.ts';
 import type { Vm } from './vm.ts';
 import { type GuestContext, type GuestOp, OpKind, type Workload, type Write64Workload, isWrite64Workload } from '../guest/workload.ts';
 import { NOT_WAITING, type Role, Step, type Wait, WaitCode, waitFor } from '../drivers/role.ts';
+import { type Clock, WALL_CLOCK } from '../drivers/clock.ts';
+import { type TokenBucket, bucketFor } from '../util/token-bucket.ts';
 
 /** Where a vCPU is inside one guest operation. Each phase is one step (a preemption point). */
 export const enum Phase {
@@ -23,7 +25,8 @@ export const enum Phase {
 /** runWriteHits' RAM view before it has found a region (never written: the gfn range is empty). */
 const NO_RAM: Uint32Array = new Uint32Array(0);
 
-const enum Advance { PROGRESS, RETIRED, BOUNDARY }
+/** PACED: a write-protect fault waits for the dirty limit (nothing was done). */
+const enum Advance { PROGRESS, RETIRED, BOUNDARY, PACED }
 /** What the step boundary decided: run guest code, nothing to do, or a state change (an exit or a stop) that is this step's work. */
 const enum Boundary { RUN, BLOCKED, TRANSITION }
 
@@ -39,6 +42,17 @@ if (
   || (K.READ as number) !== OpKind.READ || (K.REGION_SHIFT as number) !== REGION_PAGES_SHIFT
   || (K.REGION_MASK as number) !== REGION_PAGE_MASK || (K.PAGE_WORDS as number) !== PAGE_WORDS
 ) throw new Error('vcpu.ts: constants out of step with workload.ts / layout.ts');
+
+/** Pacing of a vCPU: the clock it paces by, and the guest's own operation rate. */
+export interface VcpuPacing {
+  /** The wall clock under free-run, the step clock under the deterministic driver. */
+  clock?: Clock;
+  /** Guest operations per second (the guest is that busy); 0 or unset: as fast as it can. */
+  opRate?: number;
+}
+
+/** A paced vCPU sleeps at most this long at a time, so it sees stop requests soon. */
+const MAX_PACE_MS = 5;
 
 /**
  * A vCPU: the thread that loops in KVM_RUN, running a guest workload through the
@@ -76,10 +90,21 @@ export class Vcpu implements Role {
   private throttle = 0;
   private throttleDebt = 0;
   private readonly sleepWord = new Int32Array(new SharedArrayBuffer(4));
+  private readonly clock: Clock;
+  /** The guest's operation rate (VcpuPacing.opRate), or null. */
+  private readonly opBucket: TokenBucket | null;
+  /** The dirty limit in force (VcpuRequest.DIRTY_LIMIT, read at each boundary) and its bucket. */
+  private dirtyLimit = 0;
+  private dirtyBucket: TokenBucket | null = null;
+  /** Free-run: how long the last PACED result asks the vCPU to sleep. */
+  private paceMs = 0;
+  /** The pending write waits at its fault for the dirty limit. */
+  private pacedAtFault = false;
+  private pacedUs = 0;
   /** The workload again when it only writes WRITE64 of the iteration (runWriteHits), else undefined. */
   private readonly writes: Write64Workload | undefined;
 
-  constructor(readonly vm: Vm, readonly index: number, private readonly workload: Workload) {
+  constructor(readonly vm: Vm, readonly index: number, private readonly workload: Workload, pacing: VcpuPacing = {}) {
     this.name = `vcpu${index}`;
     this.words = vm.vcpuWords;
     this.global = vm.global;
@@ -87,6 +112,8 @@ export class Vcpu implements Role {
     this.tlb = new Int32Array(vm.memory.totalPages);
     this.runSeq = Atomics.load(this.words, this.base + VcpuRequest.RUN_SEQ);
     this.writes = isWrite64Workload(workload) ? workload : undefined;
+    this.clock = pacing.clock ?? WALL_CLOCK;
+    this.opBucket = pacing.opRate !== undefined && pacing.opRate > 0 ? bucketFor(pacing.opRate, this.clock.nowMs()) : null;
   }
 
   get runState(): VcpuRunState { return this.state; }
@@ -96,12 +123,20 @@ export class Vcpu implements Role {
     if (this.state === VcpuRunState.DONE) return Step.DONE;
     const b = this.boundary();
     if (b === Boundary.BLOCKED) return Step.BLOCKED;
-    if (b === Boundary.RUN && this.throttle > 0) {
+    if (b !== Boundary.RUN) return Step.PROGRESS;
+    if (this.throttle > 0) {
       // Auto-converge: a throttled vCPU spends `throttle` percent of its steps asleep.
       this.throttleDebt += this.throttle;
       if (this.throttleDebt >= 100) { this.throttleDebt -= 100; return Step.PROGRESS; }
     }
-    if (b === Boundary.RUN && this.advance() === Advance.RETIRED) Atomics.store(this.words, this.base + VcpuWord.OPS, this.ops);
+    // Paced: an idle step, as time passes only with steps (the step clock).
+    if (this.opBucket !== null && !this.opPending && this.opBucket.available(this.clock.nowMs()) < 1) return Step.PROGRESS;
+    const faults = this.faults;
+    const r = this.advance();
+    if (r === Advance.RETIRED) {
+      this.opBucket?.take(1);
+      Atomics.store(this.words, this.base + VcpuWord.OPS, this.ops);
+    } else if (this.faults !== faults) Atomics.store(this.words, this.base + VcpuWord.FAULTS, this.faults);
     return Step.PROGRESS;
   }
 
@@ -116,7 +151,15 @@ export class Vcpu implements Role {
     const b = this.boundary();
     if (b !== Boundary.RUN) return b === Boundary.BLOCKED ? Step.BLOCKED : Step.PROGRESS;
     const throttled = this.throttle > 0 ? performance.now() : 0;
+    const ops = this.opBucket;
+    if (ops !== null) {
+      // The guest's operation rate: as many operations as the bucket holds, else sleep.
+      const avail = Math.floor(ops.available(this.clock.nowMs()));
+      if (avail < 1) { this.pause(ops.msUntil(1)); return Step.PROGRESS; }
+      if (avail < maxOps) maxOps = avail;
+    }
     let retired = 0;
+    this.paceMs = 0;
     while (retired < maxOps) {
       // Between operations, TLB hits take the fast path; anything else, one phase at a time.
       if (this.phase === Phase.TRANSLATE && !this.opPending) {
@@ -125,15 +168,34 @@ export class Vcpu implements Role {
       }
       const r = this.advance();
       if (r === Advance.RETIRED) retired++;
-      else if (r === Advance.BOUNDARY) break;
+      else if (r === Advance.BOUNDARY || r === Advance.PACED) break;
     }
+    ops?.take(retired);
     Atomics.store(this.words, this.base + VcpuWord.OPS, this.ops);
+    Atomics.store(this.words, this.base + VcpuWord.FAULTS, this.faults);
     if (throttled > 0) {
-      // Auto-converge, as QEMU's cpu_throttle: sleep so that running is (100 - p) % of the time.
+      // Auto-converge, as QEMU's cpu_throttle_thread: sleep so that running is (100 - p) % of the time.
       const ran = performance.now() - throttled;
-      Atomics.wait(this.sleepWord, 0, 0, (ran * this.throttle) / (100 - this.throttle));
+      this.pause((ran * this.throttle) / (100 - this.throttle));
     }
+    if (this.paceMs > 0) this.pause(this.paceMs);
     return Step.PROGRESS;
+  }
+
+  /**
+   * Free-run: the vCPU thread sleeps outside guest mode (QEMU's dirty limit and
+   * cpu_throttle sleep in the vCPU thread, out of KVM_RUN), so remote TLB flushes do not
+   * wait for it. The next boundary re-enters: mode first, then the flush generation.
+   */
+  private pause(ms: number): void {
+    const t = Math.min(ms, MAX_PACE_MS);
+    if (!(t > 0)) return;
+    Atomics.store(this.words, this.base + VcpuWord.MODE, OUTSIDE_GUEST_MODE);
+    const start = performance.now();
+    Atomics.wait(this.sleepWord, 0, 0, t);
+    this.pacedUs += (performance.now() - start) * 1000;
+    Atomics.store(this.words, this.base + VcpuWord.PACED_US, this.pacedUs | 0);
+    Atomics.store(this.words, this.base + VcpuWord.MODE, IN_GUEST_MODE);
   }
 
   /** The step boundary: resume after exits and stops, acknowledge flushes, take exits. */
@@ -171,15 +233,24 @@ export class Vcpu implements Role {
       this.exitToVmm(KVM_EXIT_DIRTY_RING_FULL);
       return Boundary.TRANSITION;
     }
-    if (!this.opPending && Atomics.load(w, b + VcpuRequest.STOP) !== 0) {
+    // A vCPU paced at a write-protect fault is out of KVM_RUN (QEMU's vCPU thread sleeps
+    // there), so it stops like one in an exit: its write has not retired.
+    if ((!this.opPending || this.pacedAtFault) && Atomics.load(w, b + VcpuRequest.STOP) !== 0) {
       this.publish();
-      Atomics.store(w, b + VcpuWord.PENDING_PAGE, -1);
+      const pending = this.opPending && this.slot !== undefined;
+      Atomics.store(w, b + VcpuWord.PENDING_PAGE, pending ? this.slot!.firstPage + this.page : -1);
+      Atomics.store(w, b + VcpuWord.PENDING_ITERATION, this.opIteration);
       this.leaveGuest(VcpuRunState.STOPPED);
       this.wait = waitFor(WaitCode.VCPU_RELEASE);
       return Boundary.TRANSITION;
     }
     this.ctx.iteration = Atomics.load(this.global, GlobalWord.ITERATION);
     this.throttle = Math.min(99, Atomics.load(w, b + VcpuRequest.THROTTLE));
+    const limit = Atomics.load(w, b + VcpuRequest.DIRTY_LIMIT);
+    if (limit !== this.dirtyLimit) {
+      this.dirtyLimit = limit;
+      this.dirtyBucket = limit > 0 ? bucketFor(limit, this.clock.nowMs()) : null;
+    }
     return Boundary.RUN;
   }
 
@@ -248,6 +319,14 @@ export class Vcpu implements Role {
         return Advance.PROGRESS;
       }
       case Phase.FAULT: {
+        const limit = this.dirtyBucket;
+        if (limit !== null && !limit.tryTake(this.clock)) {
+          // The dirty limit: this write would dirty a page beyond the quota; wait for it.
+          this.paceMs = limit.msUntil(1);
+          this.pacedAtFault = true;
+          return Advance.PACED;
+        }
+        this.pacedAtFault = false;
         this.faults++;
         const slot = this.slot!;
         if (this.vm.handleWriteFault(this.index, slot, this.page)) {

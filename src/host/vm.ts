@@ -11,6 +11,7 @@ import type { Memslot, PageStamp } from './memslot.ts';
 import { makeSpteWritable, mapSlotWritable, writeProtectMask32, writeProtectSlot } from './spte.ts';
 import { TlbShootdown } from './tlb-shootdown.ts';
 import { Iommu } from './iommu/iommu.ts';
+import { Acted, InjectionCounters } from './injections.ts';
 import { KvmError } from '../util/errors.ts';
 import {
   HARVEST_BITMAP, HostWriteLog, LogSink, PageEvent, PageHistory, ProtectBy,
@@ -52,6 +53,8 @@ export class Vm {
   readonly history: PageHistory | null;
   /** The IOMMU with its devices' shared state, when the VM has one. */
   readonly iommu: Iommu | null;
+  /** How often each injected bug acted, counted where it acts. */
+  readonly acts: InjectionCounters;
 
   constructor(readonly layout: VmLayout, readonly bugs: KernelBugs = {}) {
     this.memory = new GuestMemory(layout);
@@ -65,7 +68,8 @@ export class Vm {
       ? Array.from({ length: layout.config.vcpus }, (_, i) => new DirtyRing(layout, i))
       : null;
     this.history = layout.pageHistory ? new PageHistory(layout.pageHistory) : null;
-    this.iommu = layout.iommu ? new Iommu(layout.iommu, this.memory, bugs) : null;
+    this.acts = new InjectionCounters(layout.injections);
+    this.iommu = layout.iommu ? new Iommu(layout.iommu, this.memory, bugs, this.acts) : null;
   }
 
   /** Maps every slot: pages start present and writable unless the slot is read-only. */
@@ -125,13 +129,15 @@ export class Vm {
         const ring = this.rings[vcpu]!;
         const softFull = ring.push(slot.slotField, page);
         if (h !== null) h.record(slot.firstPage + page, PageEvent.LOGGED, (LogSink.RING << 16) | (vcpu + 1));
-        return softFull && !this.bugs.ringFullIgnored;
+        if (softFull && this.bugs.ringFullIgnored) { this.acts.acted(Acted.RING_FULL_IGNORED); return false; }
+        return softFull;
       }
       if (this.hasBackupBitmap) {
         this.bitmaps[slot.index]!.mark(page);
         if (h !== null) h.record(slot.firstPage + page, PageEvent.LOGGED, LogSink.BITMAP << 16);
       } else {
         Atomics.add(this.global, GlobalWord.LOST_HOST_WRITES, 1);
+        this.acts.acted(Acted.NO_BACKUP_BITMAP);
       }
       return false;
     }
@@ -163,6 +169,7 @@ export class Vm {
     slot.stamp(page, stamp.writer, stamp.seq, stamp.iteration);
     Atomics.add(this.global, GlobalWord.HOST_WRITES, 1);
     if (!this.bugs.untrackedHostWrite) this.markPageDirtyInSlot(slot, page, vcpu);
+    else if (slotLogsDirtyPages(this.flags(slot))) this.acts.acted(Acted.UNTRACKED_HOST_WRITE);
     if (this.history !== null) {
       const how = this.bugs.untrackedHostWrite || !slotLogsDirtyPages(this.flags(slot)) ? HostWriteLog.UNTRACKED
         : this.rings !== null && vcpu >= 0 ? HostWriteLog.RING
@@ -173,7 +180,10 @@ export class Vm {
 
   /** kvm_flush_remote_tlbs: complete only when every vCPU in guest mode has acknowledged. */
   *flushRemoteTlbs(): Steps {
-    if (this.bugs.skipTlbShootdown) return;
+    if (this.bugs.skipTlbShootdown) {
+      if (this.shootdown.anyInGuestMode()) this.acts.acted(Acted.SKIP_TLB_SHOOTDOWN);
+      return;
+    }
     const gen = this.shootdown.begin();
     yield undefined;
     for (;;) {
@@ -265,6 +275,8 @@ export class Vm {
       if (!this.bugs.clearWithoutProtect) {
         writeProtectMask32(slot, w * 32, mask);
         this.history?.recordMask(slot.firstPage + w * 32, mask, 0, PageEvent.PROTECTED, ProtectBy.CLEAR_DIRTY_LOG);
+      } else {
+        this.acts.acted(Acted.CLEAR_WITHOUT_PROTECT, popcount32(mask));
       }
     }
     yield undefined;

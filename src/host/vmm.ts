@@ -1,4 +1,6 @@
 import { GlobalWord, VcpuRequest, VcpuRunState, VcpuWord } from './layout.ts';
+import { KVM_EXIT_DIRTY_RING_FULL } from './constants.ts';
+import { Acted } from './injections.ts';
 import type { Vm } from './vm.ts';
 
 /**
@@ -78,6 +80,33 @@ export class VmmControl {
   /** Auto-converge: throttle every vCPU to `percent` (0 to 99). */
   setThrottle(percent: number): void {
     for (let v = 0; v < this.vcpus; v++) Atomics.store(this.w, this.vm.vcpuBase(v) + VcpuRequest.THROTTLE, percent);
+  }
+
+  /**
+   * QEMU's set-vcpu-dirty-limit (system/dirtylimit.c): vCPU `v` (or every vCPU) may
+   * dirty at most `pagesPerSecond` pages per second; 0 cancels the limit. The vCPU
+   * sleeps outside guest mode whenever it is ahead, as QEMU's vCPU thread does after a
+   * KVM_EXIT_DIRTY_RING_FULL.
+   */
+  setDirtyLimit(pagesPerSecond: number, v = -1): void {
+    for (let i = 0; i < this.vcpus; i++) {
+      if (v < 0 || i === v) Atomics.store(this.w, this.vm.vcpuBase(i) + VcpuRequest.DIRTY_LIMIT, Math.round(pagesPerSecond));
+    }
+  }
+
+  /**
+   * ring-full-exit-unhandled: the VMM leaves every KVM_EXIT_DIRTY_RING_FULL unanswered;
+   * each such exit counts once as the bug acting (`seen`: per vCPU, the exit count last
+   * counted).
+   */
+  ignoreRingFullExits(seen: number[]): void {
+    for (let v = 0; v < this.vcpus; v++) {
+      if (this.parkedExit(v) !== KVM_EXIT_DIRTY_RING_FULL) continue;
+      const exits = this.word(v, VcpuWord.EXITS);
+      if (seen[v] === exits) continue;
+      seen[v] = exits;
+      this.vm.acts.acted(Acted.RING_FULL_EXIT_UNHANDLED);
+    }
   }
 
   setIteration(it: number): void { Atomics.store(this.g, GlobalWord.ITERATION, it); }

@@ -1,5 +1,5 @@
 import { type CatalogEntry } from '../bugs/catalog.ts';
-import { dirtyLogTestConfig, DIRTY_LOG_TEST_DEFAULTS } from '../cli/dirty-log-test-command.ts';
+import { dirtyLogTestConfig, dirtyLogTestFlags } from '../cli/dirty-log-test-command.ts';
 import { migrateFlags, migrationScenario } from '../cli/migrate-command.ts';
 import type { Strategy } from '../drivers/strategy.ts';
 import { runDirtyLogTest } from '../scenarios/run-dirty-log-test.ts';
@@ -9,6 +9,8 @@ import type { HuntPool } from './pool.ts';
 export interface Detection {
   strategy: HuntStrategy;
   caught: number;
+  /** Runs in which the bug acted: detection is caught / acted / runs. */
+  acted: number;
   runs: number;
   /** Median steps of the runs that caught it (deterministic strategies). */
   medianSteps: number | null;
@@ -17,7 +19,7 @@ export interface Detection {
 /** The one-line command that demonstrates a catalogued bug. */
 export function demoCommand(b: CatalogEntry, seeds = 8): string {
   if (b.commands.includes('migrate')) return `vmemlab hunt --inject ${b.name} --seeds ${seeds} --strategy random,pct`;
-  return `vmemlab dirty-log-test --inject ${b.name} --driver deterministic --memory 16MiB --ring-size 256`;
+  return `vmemlab dirty-log-test --inject ${b.name} --driver deterministic`;
 }
 
 /**
@@ -28,20 +30,22 @@ export async function measureDetection(b: CatalogEntry, seeds: number, strategie
   if (b.commands.includes('migrate')) {
     const { scenario, watchdogMs, burst } = migrationScenario(migrateFlags({ inject: [b.name], driver: 'deterministic' }));
     const { report } = await hunt({ scenario, strategies, seeds, shard: { index: 1, count: 1 }, all: true, workers: pool.workers, pool, watchdogMs, burst });
-    return report.strategies.map((r) => ({ strategy: r.strategy, caught: r.failures, runs: r.runs, medianSteps: r.medianStepsToDetection }));
+    return report.strategies.map((r) => ({ strategy: r.strategy, caught: r.failures, acted: r.acted ?? 0, runs: r.runs, medianSteps: r.medianStepsToDetection }));
   }
   const out: Detection[] = [];
   for (const strategy of strategies) {
     let caught = 0;
+    let acted = 0;
     const steps: number[] = [];
     for (let seed = 1; seed <= seeds; seed++) {
       const free = strategy === 'free';
-      const { config, watchdogMs, burst } = dirtyLogTestConfig({ ...DIRTY_LOG_TEST_DEFAULTS, memory: '16MiB', ringSize: '256', inject: [b.name], driver: free ? 'free' : 'deterministic', seed: String(seed) });
+      const { config, watchdogMs, burst } = dirtyLogTestConfig(dirtyLogTestFlags({ inject: [b.name], driver: free ? 'free' : 'deterministic', seed: String(seed) }));
       const r = await runDirtyLogTest(config, { driver: free ? 'free' : 'deterministic', strategy: free ? undefined : strategy as Strategy, watchdogMs: free ? watchdogMs : 2000, burst });
       if (r.status !== 'passed') { caught++; if (r.steps !== undefined) steps.push(r.steps); }
+      if (r.injections.some((x) => x.acted > 0)) acted++;
     }
     steps.sort((x, y) => x - y);
-    out.push({ strategy, caught, runs: seeds, medianSteps: steps.length ? steps[Math.floor((steps.length - 1) / 2)]! : null });
+    out.push({ strategy, caught, acted, runs: seeds, medianSteps: steps.length ? steps[Math.floor((steps.length - 1) / 2)]! : null });
   }
   return out;
 }

@@ -23,6 +23,8 @@ export interface HuntRun {
   fingerprint: string;
   /** Deterministic failures: the schedule that replays them. */
   schedule: Uint8Array | null;
+  /** Whether an injected bug acted in the run (null: none injected). */
+  acted: boolean | null;
 }
 
 /** Runs one task (on a pool worker, or in-process). */
@@ -37,6 +39,7 @@ export async function runHuntTask(t: HuntTask): Promise<HuntRun> {
   return {
     seed: t.seed, strategy: t.strategy, failure, steps: r.steps ?? null, seconds: r.seconds, fingerprint: fingerprint(r),
     schedule: failure !== null && !free ? r.schedule ?? null : null,
+    acted: r.injections.length ? r.injections.some((x) => x.acted > 0) : null,
   };
 }
 

@@ -39,7 +39,7 @@ export interface HuntOptions {
 
 /** One line of a shard's JSON lines file. */
 export type HuntLine =
-  | { type: 'run'; strategy: HuntStrategy; seed: number; failure: FailureKind | null; summary: string | null; steps: number | null; seconds: number; replay: string | null }
+  | { type: 'run'; strategy: HuntStrategy; seed: number; failure: FailureKind | null; summary: string | null; steps: number | null; seconds: number; replay: string | null; acted?: boolean | null }
   | { type: 'hunt'; scenario: MigrationScenario; strategies: HuntStrategy[]; seeds: number; shard: Shard; all: boolean };
 
 export interface StrategyReport {
@@ -47,6 +47,8 @@ export interface StrategyReport {
   /** Runs counted: every seed with --all, else the seeds up to the first failure. */
   runs: number;
   failures: number;
+  /** Runs in which an injected bug acted (null: none injected): detection is failures / acted / runs. */
+  acted: number | null;
   /** failures / runs. */
   detectionRate: number;
   kinds: Partial<Record<FailureKind, number>>;
@@ -79,8 +81,9 @@ export function summarize(lines: HuntLine[], strategies: HuntStrategy[], all: bo
     for (const r of failing) kinds[r.failure!] = (kinds[r.failure!] ?? 0) + 1;
     const upTo = first === null ? [] : runs.filter((r) => r.seed <= first.seed);
     const steps = failing.map((r) => r.steps).filter((s): s is number => s !== null).sort((a, b) => a - b);
+    const acted = counted.some((r) => r.acted === true || r.acted === false) ? counted.filter((r) => r.acted === true).length : null;
     return {
-      strategy, runs: counted.length, failures: failing.length, detectionRate: counted.length ? failing.length / counted.length : 0, kinds,
+      strategy, runs: counted.length, failures: failing.length, acted, detectionRate: counted.length ? failing.length / counted.length : 0, kinds,
       firstDetection: first === null ? null : {
         seed: first.seed, runs: upTo.length,
         steps: first.steps === null ? null : upTo.reduce((n, r) => n + (r.steps ?? 0), 0),
@@ -147,7 +150,7 @@ export async function hunt(o: HuntOptions): Promise<{ report: HuntReport; lines:
             replayFiles.push(replay);
           }
         }
-        emit({ type: 'run', strategy, seed, failure: r.failure?.kind ?? null, summary: r.failure?.summary ?? null, steps: r.steps, seconds: r.seconds, replay });
+        emit({ type: 'run', strategy, seed, failure: r.failure?.kind ?? null, summary: r.failure?.summary ?? null, steps: r.steps, seconds: r.seconds, replay, acted: r.acted });
         o.onRun?.(r, done, total);
       });
       await Promise.all(tasks);

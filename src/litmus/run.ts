@@ -99,7 +99,7 @@ class LitmusRun {
     this.hostIndex = this.vcpus.length;
     this.driver = new DeterministicDriver([...this.vcpus, this.host], new ReplayScheduler(new Uint8Array(0)));
     this.roleNames = [...this.vcpus.map((v) => v.name), 'host'];
-    this.harvester = this.vm.rings ? new DirtyRingHarvester(this.vm.rings.length) : null;
+    this.harvester = this.vm.rings ? new DirtyRingHarvester(this.vm.rings.length, this.vm.acts) : null;
     this.harvestSkipEvery = injected.harvestSkipEvery;
     this.records = [...spec.vcpuOps.map((ops) => ops.map(newRecord)), spec.hostOps.map(newRecord)];
     this.next = this.records.map(() => 0);

@@ -1,18 +1,24 @@
 import { PAGE_SIZE, KVM_EXIT_DIRTY_RING_FULL } from '../host/constants.ts';
 import { PageBitmap } from '../host/dirty-bitmap.ts';
-import { type ClearChunk, DirtyLogSync, chunkOf } from '../host/dirty-log-sync.ts';
+import { type ClearChunk, DirtyLogSync, type SourceTally, chunkOf } from '../host/dirty-log-sync.ts';
+import { Acted } from '../host/injections.ts';
+import { type VcpuRate, dirtyLimits, vcpuCounters, vcpuRates } from '../host/vcpu-stats.ts';
+import { type CompletionStats, explainDowntime } from './downtime.ts';
 import type { Memslot } from '../host/memslot.ts';
 import type { Vm } from '../host/vm.ts';
 import { VmmControl } from '../host/vmm.ts';
 import { VcpuWord } from '../host/layout.ts';
 import { type Steps, WaitCode, waitFor } from '../drivers/role.ts';
 import { DestState, DestWord, type MigrationChannel } from './channel.ts';
-import type { Clock } from './clock.ts';
+import type { Clock } from '../drivers/clock.ts';
 import { COPY_COMPLETION, PageEvent } from '../oracles/page-history.ts';
 import type { DmaSourceStats } from '../host/iommu/dma-dirty-sync.ts';
 import { type PageSource, checksumUpdate, encodeComplete, encodeHeader, encodePages, encodeSync } from './stream.ts';
 
-export type ConvergencePolicy = 'fail' | 'force' | 'auto-converge';
+export type ConvergencePolicy = 'fail' | 'force' | 'auto-converge' | 'dirty-limit';
+
+/** QEMU's default vcpu-dirty-limit: 1 MB/s (DEFAULT_MIGRATE_VCPU_DIRTY_LIMIT), in 4 KiB pages per second. */
+export const DEFAULT_VCPU_DIRTY_LIMIT = 256;
 
 export interface MigrationParams {
   /** max-bandwidth in bytes per second; 0 for unlimited. */
@@ -23,9 +29,12 @@ export interface MigrationParams {
   /**
    * Without convergence: fail or force the switchover at the iteration or time limit; or
    * auto-converge: throttle the vCPUs (QEMU's cpu-throttle-initial 20 %, +10 % steps,
-   * at most 99 %) and keep going until the time limit.
+   * at most 99 %) and keep going until the time limit; or dirty-limit: hold every vCPU
+   * to `vcpuDirtyLimit` (QEMU's dirty-limit capability) and keep going.
    */
   policy: ConvergencePolicy;
+  /** dirty-limit: each vCPU's quota, pages dirtied per second (QEMU's vcpu-dirty-limit, there in MB/s). */
+  vcpuDirtyLimit?: number;
   /** Pages per frame. */
   batchPages: number;
   /** Guest operations to let run before migration starts (QEMU's tests let the guest warm up too). */
@@ -60,6 +69,8 @@ export interface PassStats {
   ms: number;
   /** vCPU throttle during the pass, percent. */
   throttle: number;
+  /** The dirty-limit policy's quota during the pass (pages/s per vCPU), 0 when not engaged. */
+  dirtyLimit: number;
 }
 
 export type MigrationEvent =
@@ -87,6 +98,15 @@ export interface MigrationInfo {
   dirtySyncCount: number;
   /** QEMU's cpu-throttle-percentage at the end. */
   throttlePercent: number;
+  /** The dirty-limit policy's quota once it engaged (pages/s per vCPU), else 0. */
+  dirtyLimit: number;
+  downtimeLimitMs: number;
+  /** Each vCPU's achieved operation and dirty page rates from the start of the migration to the stop. */
+  vcpus: VcpuRate[];
+  /** The completion (stop, final sync, last pass, destination) when the migration got that far. */
+  completion: CompletionStats | null;
+  /** Why the downtime exceeded the limit, in protocol words; null when it did not. */
+  downtimeExceeded: string | null;
   passes: PassStats[];
   /** What each DMA dirty source reported (VMs with an IOMMU). */
   dmaSources: DmaSourceStats[];
@@ -135,6 +155,9 @@ export function* precopy(
   let dirtyRateHigh = 0;
   /** Pages newly found dirty by every sync so far (ring-full reaps included). */
   let foundTotal = 0;
+  const ignoredExits: number[] = [];
+  /** copy-before-reset: pages copied since the harvest whose reset is still deferred. */
+  let copiedBeforeReset = 0;
 
   /** Frames built where the channel delivers them from, when it can (the stream ring). */
   const inPlace = channel.alloc ? (n: number): Uint8Array => channel.alloc!(n) ?? new Uint8Array(n) : undefined;
@@ -165,8 +188,15 @@ export function* precopy(
     for (;;) {
       if (cancelled()) return;
       const now = clock.nowMs();
-      if (now - windowStart >= WINDOW_MS) { windowStart = now; windowBytes = 0; }
-      if (windowBytes < (p.bandwidth * WINDOW_MS) / 1000) return;
+      const budget = (p.bandwidth * WINDOW_MS) / 1000;
+      if (now - windowStart >= WINDOW_MS) {
+        // What a frame sent beyond a window's budget is owed by the next windows, so a
+        // limit below one frame per window still holds on average.
+        const windows = Math.floor((now - windowStart) / WINDOW_MS);
+        windowStart += windows * WINDOW_MS;
+        windowBytes = Math.max(0, windowBytes - windows * budget);
+      }
+      if (windowBytes < budget) return;
       yield* serviceRingFull();
       // Virtual time advances only with steps: idling is a step of its own.
       yield clock.virtual ? undefined : waitFor(WaitCode.BANDWIDTH, Math.ceil(windowStart + WINDOW_MS - now));
@@ -174,7 +204,7 @@ export function* precopy(
   }
 
   /** Pulls KVM's log into `dirty`. With copy-before-reset the ring reset is deferred. */
-  function* syncLog(final: boolean): Steps<number> {
+  function* syncLog(final: boolean, tally?: SourceTally): Steps<number> {
     const before = dirty.count();
     if (bugs.copyBeforeReset && vm.rings && !final) {
       // The bug: harvest now, reset (re-protect) only after the pages were copied.
@@ -184,7 +214,7 @@ export function* precopy(
       yield undefined;
       if (sync.dma) yield* sync.dma.sync(dirty);
     } else {
-      yield* sync.sync(dirty, final, !manualChunks);
+      yield* sync.sync(dirty, final, !manualChunks, tally);
     }
     chunkCleared.fill(0);
     const found = dirty.count() - before;
@@ -192,16 +222,25 @@ export function* precopy(
     return found;
   }
 
+  /** copy-before-reset: the reset the bug deferred until after the copy. */
+  function* resetDeferred(): Steps {
+    if (!pendingReset) return;
+    if (copiedBeforeReset > 0) vm.acts.acted(Acted.COPY_BEFORE_RESET);
+    copiedBeforeReset = 0;
+    yield* vm.resetDirtyRings();
+    pendingReset = false;
+  }
+
   /** Answers ring-full exits: QEMU reaps into the migration bitmap and re-enters. */
   function* serviceRingFull(): Steps {
-    if (bugs.ringFullExitUnhandled) return;
+    if (bugs.ringFullExitUnhandled) { vmm.ignoreRingFullExits(ignoredExits); return; }
     let any = false;
     for (let v = 0; v < vmm.vcpus; v++) {
       if (vmm.parkedExit(v) !== KVM_EXIT_DIRTY_RING_FULL) continue;
       if (!any) {
-        if (pendingReset) { yield* vm.resetDirtyRings(); pendingReset = false; }
+        yield* resetDeferred();
         yield* syncLog(false);
-        if (pendingReset) { yield* vm.resetDirtyRings(); pendingReset = false; }
+        yield* resetDeferred();
         any = true;
       }
       vmm.reenter(v);
@@ -226,6 +265,7 @@ export function* precopy(
       windowBytes += bytes;
       transferred += bytes;
       normal += enc.normal; zero += enc.zero; sentNormal += enc.normal; sentZero += enc.zero;
+      if (pendingReset) copiedBeforeReset += enc.normal + enc.zero;
       batch.length = 0;
       yield undefined;
       if (limited) {
@@ -241,7 +281,7 @@ export function* precopy(
       unclearedChunk = null;
       // The bug: the chunk's pages are copied first, cleared (re-protected) afterwards.
       yield* flush();
-      yield* vm.clearDirtyLog(c.slot, c.first, c.num, c.bits);
+      if ((yield* vm.clearDirtyLog(c.slot, c.first, c.num, c.bits)) > 0) vm.acts.acted(Acted.COPY_BEFORE_CLEAR);
     };
     for (const slot of mem.slots) {
       for (let page = 0; page < slot.pages; page++) {
@@ -272,13 +312,18 @@ export function* precopy(
 
   function info(status: MigrationInfo['status'], downtimeMs: number): MigrationInfo {
     const total = clock.nowMs() - t0;
+    const end = countersAtStop ?? vcpuCounters(vmm);
     return {
       status, totalTimeMs: total, setupTimeMs, expectedDowntimeMs: expectedDowntime, downtimeMs,
       transferredBytes: transferred, remainingBytes: dirty.count() * PAGE_SIZE, totalBytes: mem.slots.reduce((s, x) => s + x.pages, 0) * PAGE_SIZE,
       normalPages: normal, zeroPages: zero,
       throughputMbps: total > 0 ? (transferred * 8) / 1e6 / (total / 1000) : 0,
       pagesPerSecond: total > 0 ? ((normal + zero) * 1000) / total : 0,
-      dirtyPagesRate: lastDirtyRate, dirtySyncCount: sync.syncs, throttlePercent: throttle, passes,
+      dirtyPagesRate: lastDirtyRate, dirtySyncCount: sync.syncs, throttlePercent: throttle, dirtyLimit: dirtyLimitApplied, passes,
+      downtimeLimitMs: p.downtimeLimitMs,
+      vcpus: vcpuRates(countersAtStart, end, (stopTime ?? clock.nowMs()) - t0, limitsAtStop ?? dirtyLimits(vmm)),
+      completion,
+      downtimeExceeded: status === 'completed' ? explainDowntime(downtimeMs, p.downtimeLimitMs, expectedDowntime, completion) : null,
       dmaSources: sync.dma?.stats() ?? [],
       guestOps: opsAtStart.map((n, v) => (opsAtStop[v] ?? vmm.word(v, VcpuWord.OPS)) - n),
       stalledVcpus: [...stalled].sort((a, b) => a - b),
@@ -295,6 +340,20 @@ export function* precopy(
   const t0 = clock.nowMs();
   const opsAtStart = Array.from({ length: vmm.vcpus }, (_, v) => vmm.word(v, VcpuWord.OPS));
   const opsAtStop: number[] = [];
+  const countersAtStart = vcpuCounters(vmm);
+  let countersAtStop: ReturnType<typeof vcpuCounters> | null = null;
+  let limitsAtStop: number[] | null = null;
+  /** When countersAtStop was taken (the rates' interval ends there). */
+  let stopTime: number | null = null;
+  let completion: CompletionStats | null = null;
+  /** The dirty limits in force before the migration (set-vcpu-dirty-limit), restored at its end. */
+  const standingLimits = dirtyLimits(vmm);
+  let dirtyLimitApplied = 0;
+  /** The migration ends on the source: auto-converge's throttle and the dirty-limit policy's quota go. */
+  const unthrottle = (): void => {
+    vmm.setThrottle(0);
+    standingLimits.forEach((l, v) => vmm.setDirtyLimit(l, v));
+  };
   /** Per vCPU: its exit count if it sat in a ring-full exit after the last frame, else -1. */
   const parkedAfterFrame = new Array<number>(vmm.vcpus).fill(-1);
   const stalled = new Set<number>();
@@ -326,7 +385,7 @@ export function* precopy(
     const foundBefore = foundTotal;
     copyStage = pass;
     const [sent, sentZero] = yield* sendDirty(true);
-    if (pendingReset) { yield* vm.resetDirtyRings(); pendingReset = false; }
+    yield* resetDeferred();
     send(encodeSync(pass));
     const syncStart = clock.nowMs();
     yield* syncLog(false);
@@ -341,53 +400,74 @@ export function* precopy(
     expectedDowntime = bw > 0 ? (remaining * 1000) / bw : Infinity;
     const stats: PassStats = {
       pass, pagesSent: sent + sentZero, zeroPages: sentZero, dirtyFound: found, syncMs: now - syncStart, bandwidth, expectedDowntimeMs: expectedDowntime, ms, throttle,
+      dirtyLimit: dirtyLimitApplied,
     };
     passes.push(stats);
     report({ kind: 'pass', stats });
     if (Atomics.load(destWords, DestWord.STATE) === DestState.FAILED) {
-      vmm.setThrottle(0);
+      unthrottle();
       end({ kind: 'failed', reason: 'the destination failed', info: info('failed', 0) });
       return;
     }
     if (vm.iommu?.oracle.faultStopped()) {
-      vmm.setThrottle(0);
+      unthrottle();
       end({ kind: 'failed', reason: 'a device faulted and the run stops on device faults', info: info('failed', 0) });
       return;
     }
     if (cancelled()) {
       // migrate_cancel: the source VM keeps running, unthrottled.
-      vmm.setThrottle(0);
+      unthrottle();
       end({ kind: 'failed', reason: 'cancelled', info: info('failed', 0) });
       return;
     }
     if (expectedDowntime <= p.downtimeLimitMs) break;
-    if (p.policy === 'auto-converge' && found * PAGE_SIZE > 0.5 * (transferred - before) && ++dirtyRateHigh >= 2) {
-      // QEMU's mig_throttle_guest_down: dirtying outpaced half the transfer twice.
+    const throttles = p.policy === 'auto-converge' || p.policy === 'dirty-limit';
+    if (throttles && found * PAGE_SIZE > 0.5 * (transferred - before) && ++dirtyRateHigh >= 2) {
+      // QEMU's migration_trigger_throttle: dirtying outpaced half the transfer twice.
       dirtyRateHigh = 0;
-      throttle = throttle === 0 ? 20 : Math.min(99, throttle + 10);
-      vmm.setThrottle(throttle);
+      if (p.policy === 'auto-converge') {
+        // mig_throttle_guest_down
+        throttle = throttle === 0 ? 20 : Math.min(99, throttle + 10);
+        vmm.setThrottle(throttle);
+      } else if (dirtyLimitApplied === 0) {
+        // migration_dirty_limit_guest: every vCPU gets the vcpu-dirty-limit quota, once.
+        dirtyLimitApplied = p.vcpuDirtyLimit ?? DEFAULT_VCPU_DIRTY_LIMIT;
+        vmm.setDirtyLimit(dirtyLimitApplied);
+      }
     }
-    const outOfPasses = pass >= p.maxIterations && p.policy !== 'auto-converge';
+    const outOfPasses = pass >= p.maxIterations && !throttles;
     if (outOfPasses || now - t0 >= p.timeoutMs) {
       if (p.policy === 'force') break;
-      vmm.setThrottle(0);
-      end({ kind: 'failed', reason: `did not converge in ${pass} passes (expected downtime ${expectedDowntime.toFixed(1)} ms > limit ${p.downtimeLimitMs} ms${throttle ? `, throttle ${throttle} %` : ''})`, info: info('failed', 0) });
+      unthrottle();
+      const held = throttle ? `, throttle ${throttle} %` : dirtyLimitApplied ? `, dirty limit ${dirtyLimitApplied} pages/s per vCPU` : '';
+      end({ kind: 'failed', reason: `did not converge in ${pass} passes (expected downtime ${expectedDowntime.toFixed(1)} ms > limit ${p.downtimeLimitMs} ms${held})`, info: info('failed', 0) });
       return;
     }
   }
 
   // Complete: stop the VM, final sync, send the rest, wait for the destination.
-  const stopTime = clock.nowMs();
+  const stoppingAt = clock.nowMs();
   for (let v = 0; v < vmm.vcpus; v++) vmm.requestStop(v);
   vmm.pauseHost();
   yield undefined;
   for (let v = 0; v < vmm.vcpus; v++) while (!vmm.isQuiescent(v)) yield waitFor(WaitCode.VCPU_STOPPED, v);
   for (let v = 0; v < vmm.vcpus; v++) opsAtStop.push(vmm.word(v, VcpuWord.OPS));
+  countersAtStop = vcpuCounters(vmm);
+  stopTime = clock.nowMs();
+  limitsAtStop = dirtyLimits(vmm);
+  unthrottle();
   while (!vmm.hostPaused()) yield waitFor(WaitCode.HOST_PAUSED);
-  if (!bugs.skipFinalSync) yield* syncLog(true);
+  const stoppedAt = clock.nowMs();
+  const estimatedPages = dirty.count();
+  const finalSync: CompletionStats['finalSync'] = [];
+  if (!bugs.skipFinalSync) yield* syncLog(true, (source, pages) => finalSync.push({ source, pages }));
+  else vm.acts.acted(Acted.SKIP_FINAL_SYNC);
+  const syncedAt = clock.nowMs();
+  const pagesLeft = dirty.count();
   copyStage = COPY_COMPLETION;
   yield* sendDirty(false);
   send(encodeComplete(normal, zero, crc));
+  const sentAt = clock.nowMs();
   yield undefined;
   for (;;) {
     const st = Atomics.load(destWords, DestWord.STATE);
@@ -398,7 +478,12 @@ export function* precopy(
     }
     yield waitFor(WaitCode.DESTINATION, 1, 0, { array: destWords, index: DestWord.STATE, value: st });
   }
-  end({ kind: 'completed', info: info('completed', clock.nowMs() - stopTime) });
+  const doneAt = clock.nowMs();
+  completion = {
+    estimatedPages, finalSync, pagesSent: pagesLeft,
+    stopMs: stoppedAt - stoppingAt, syncMs: syncedAt - stoppedAt, sendMs: sentAt - syncedAt, destinationMs: doneAt - sentAt,
+  };
+  end({ kind: 'completed', info: info('completed', doneAt - stoppingAt) });
 }
 
 /** A slot's guest memory as encodePages reads it. */

@@ -25,6 +25,8 @@ export interface DirtyLogTestConfig {
   opsPerIteration: number;
   /** One host write (no running vCPU) per this many guest operations; 0 for none. */
   hostWriteEvery: number;
+  /** Each vCPU's dirty page rate limit, pages per second (QEMU's set-vcpu-dirty-limit); 0 or unset for none. */
+  dirtyLimit?: number;
 }
 
 /** Events the collector reports, as plain data (they cross threads). */
@@ -69,6 +71,7 @@ export function* dirtyLogCollector(vm: Vm, c: DirtyLogTestConfig, report: (e: Di
   const first = new PageBitmap(mem.totalPages);
   const sync = new DirtyLogSync(vm, bugs.harvestSkipEvery);
   let collections = 0;
+  const ignored: number[] = [];
 
   function* collect(into: PageBitmap, final: boolean): Steps {
     collections++;
@@ -94,7 +97,8 @@ export function* dirtyLogCollector(vm: Vm, c: DirtyLogTestConfig, report: (e: Di
     if (mmioExit()) return false;
     const full: number[] = [];
     for (let v = 0; v < c.vcpus; v++) if (vmm.parkedExit(v) === KVM_EXIT_DIRTY_RING_FULL) full.push(v);
-    if (full.length > 0 && !bugs.ringFullExitUnhandled) {
+    if (bugs.ringFullExitUnhandled) vmm.ignoreRingFullExits(ignored);
+    else if (full.length > 0) {
       yield* collect(into, false);
       for (const v of full) vmm.reenter(v);
       yield undefined;
@@ -155,7 +159,8 @@ export function* dirtyLogCollector(vm: Vm, c: DirtyLogTestConfig, report: (e: Di
 
     const unretired = new Set<number>();
     for (let v = 0; v < c.vcpus; v++) {
-      const page = vmm.parkedExit(v) >= 0 ? vmm.word(v, VcpuWord.PENDING_PAGE) : -1;
+      // A vCPU parked in an exit, or stopped while paced at a fault, has a write that has not retired.
+      const page = vmm.word(v, VcpuWord.PENDING_PAGE);
       if (page >= 0) unretired.add(page);
     }
     const result = verifyDirtyLog(mem, reported, it, {

@@ -1,4 +1,5 @@
 import { type TrackingMode, injectedBugs } from '../bugs/catalog.ts';
+import { type InjectionReport, injectionReport } from '../bugs/acted.ts';
 import type { DeterministicDriver } from '../drivers/deterministic.ts';
 import type { WorkloadOptions } from '../guest/workload.ts';
 import { GuestMemory } from '../host/guest-memory.ts';
@@ -34,6 +35,8 @@ export interface MigrationScenario {
   pageHistory?: boolean;
   /** The IOMMU and the devices doing DMA (none by default). */
   devices?: DeviceSetup;
+  /** Each vCPU's dirty page rate limit from the start, pages per second (QEMU's set-vcpu-dirty-limit); 0 or unset for none. */
+  dirtyLimit?: number;
 }
 
 export interface MigrationRunOptions {
@@ -80,6 +83,8 @@ export interface MigrationRunResult {
   destination?: DestinationRun;
   /** IOMMU and device statistics, device faults and stale-IOTLB DMAs (scenarios with devices). */
   dma?: DmaReport;
+  /** How often each injected bug acted (a run where one never acted says so). */
+  injections: InjectionReport[];
 }
 
 export function migrationVmConfig(s: MigrationScenario): VmConfig {
@@ -121,11 +126,13 @@ export async function runMigration(s: MigrationScenario, o: MigrationRunOptions)
   if (o.driver === 'deterministic') vm.history?.useStepClock(() => driver?.stepCount ?? 0);
   vmFor(target, []).populate();
   Atomics.store(vm.global, GlobalWord.ITERATION, 1);
-  new VmmControl(vm).resumeHost();
+  const vmm = new VmmControl(vm);
+  vmm.resumeHost();
+  if (s.dirtyLimit) vmm.setDirtyLimit(s.dirtyLimit);
   o.prepare?.(vm);
 
   const result: MigrationRunResult = {
-    status: 'passed', info: null, passes: [], reason: null, mismatches: [], mismatchCount: 0, pagesCompared: 0, errors: [], seconds: 0,
+    status: 'passed', info: null, passes: [], reason: null, mismatches: [], mismatchCount: 0, pagesCompared: 0, errors: [], seconds: 0, injections: [],
   };
   const onEvent = (e: MigrationEvent | IommuServiceEvent): void => {
     if (e.kind === 'iommu-error') { result.errors.push(`device ${e.device}: ${e.detail}`); return; }
@@ -156,6 +163,7 @@ export async function runMigration(s: MigrationScenario, o: MigrationRunOptions)
   result.errors.push(...run.errors);
   result.steps = run.steps;
   result.schedule = run.schedule;
+  result.injections = injectionReport(vm, s.bugs);
   const dma = dmaReport(vm, devices);
   if (dma) {
     result.dma = dma;

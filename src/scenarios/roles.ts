@@ -12,7 +12,7 @@ import { hostWriter } from './host-writer.ts';
 import type { MessagePort } from 'node:worker_threads';
 import { GuestMemory } from '../host/guest-memory.ts';
 import { PortChannel, QueueChannel } from '../migration/channel.ts';
-import { StepClock, WALL_CLOCK } from '../migration/clock.ts';
+import { StepClock, WALL_CLOCK } from '../drivers/clock.ts';
 import { Destination } from '../migration/destination.ts';
 import { DestinationRole, QueueSource } from '../migration/destination-role.ts';
 import { RingChannel, RingSource } from '../migration/stream-ring.ts';
@@ -28,7 +28,7 @@ import { type IommuServiceEvent, iommuService } from '../host/iommu/iommu-servic
 /** A role described as plain data, so a worker thread can build it from its workerData. */
 export type RoleSpec =
   /** `resume`: a destination's vCPU, continuing the workload from the migrated memory. */
-  | { kind: 'vcpu'; index: number; workload: WorkloadOptions; seed: number; resume?: boolean }
+  | { kind: 'vcpu'; index: number; workload: WorkloadOptions; seed: number; resume?: boolean; clockSteps?: () => number }
   /** The migration thread: frames go to `queue` (same thread, step clock), `ring` (the in-process destination on another thread) or `port` (the TCP bridge). */
   | { kind: 'migration'; params: MigrationParams; bugs: string[]; destWords: SharedArrayBuffer; queue?: Uint8Array[]; clockSteps?: () => number; port?: MessagePort; ring?: SharedArrayBuffer }
   | { kind: 'destination'; layout: VmLayout; destWords: SharedArrayBuffer; queue?: Uint8Array[]; ring?: SharedArrayBuffer }
@@ -66,7 +66,8 @@ export function buildRole(spec: RoleSpec, vm: Vm, report: (e: never) => void): R
       const workload = spec.resume
         ? resumeWorkload(spec.workload, vm.memory, spec.index, vcpus, spec.seed)
         : createWorkload(spec.workload, ranges, spec.index, vcpus, spec.seed);
-      return new Vcpu(vm, spec.index, workload);
+      const clock = spec.clockSteps ? new StepClock(spec.clockSteps) : WALL_CLOCK;
+      return new Vcpu(vm, spec.index, workload, { clock, opRate: spec.workload.opRate });
     }
     case 'dirty-log-collector':
       return new GeneratorRole('collector', dirtyLogCollector(vm, spec.config, report as (e: DirtyLogEvent) => void));

@@ -1,6 +1,8 @@
 import { GlobalWord, createVmLayout } from '../host/layout.ts';
 import { VmmControl } from '../host/vmm.ts';
 import type { DirtyLogViolation } from '../oracles/dirty-log-verify.ts';
+import { type InjectionReport, injectionReport } from '../bugs/acted.ts';
+import { type VcpuRate, dirtyLimits, vcpuCounters, vcpuRates } from '../host/vcpu-stats.ts';
 import { type DirtyLogEvent, type DirtyLogTestConfig, vmConfigFor } from './dirty-log-test.ts';
 import { type RoleSpec, vmFor } from './roles.ts';
 import { type Driver, runRoles } from './run-roles.ts';
@@ -39,6 +41,10 @@ export interface DirtyLogRunResult {
   /** Deterministic driver: steps taken and the schedule that replays them. */
   steps?: number;
   schedule?: Uint8Array;
+  /** How often each injected bug acted. */
+  injections: InjectionReport[];
+  /** Each vCPU's achieved operation and dirty page rates over the run (step-clock seconds under the deterministic driver). */
+  vcpus: VcpuRate[];
 }
 
 export function roleSpecs(c: DirtyLogTestConfig): RoleSpec[] {
@@ -60,6 +66,7 @@ export async function runDirtyLogTest(c: DirtyLogTestConfig, o: DirtyLogRunOptio
 
   const result: DirtyLogRunResult = {
     status: 'passed', iterations: [], violations: [], errors: [], lostHostWrites: 0, ringHardFull: 0, flushes: 0, seconds: 0,
+    injections: [], vcpus: [],
   };
   const onEvent = (e: DirtyLogEvent): void => {
     if (e.kind === 'iteration') result.iterations.push(e);
@@ -67,6 +74,8 @@ export async function runDirtyLogTest(c: DirtyLogTestConfig, o: DirtyLogRunOptio
     else if (e.kind === 'error') { result.errors.push(e.message); result.status = 'failed'; }
     o.onEvent?.(e);
   };
+  if (c.dirtyLimit) vmm.setDirtyLimit(c.dirtyLimit);
+  const countersAtStart = vcpuCounters(vmm);
   const specs = roleSpecs(c);
   const started = performance.now();
 
@@ -82,6 +91,9 @@ export async function runDirtyLogTest(c: DirtyLogTestConfig, o: DirtyLogRunOptio
   result.lostHostWrites = setupVm.lostHostWrites();
   result.flushes = Atomics.load(setupVm.global, GlobalWord.FLUSHES);
   result.ringHardFull = (setupVm.rings ?? []).reduce((n, r) => n + r.hardFullWarnings, 0);
+  result.injections = injectionReport(setupVm, c.bugs);
+  const ms = o.driver === 'deterministic' ? (run.steps ?? 0) / 1000 : performance.now() - started;
+  result.vcpus = vcpuRates(countersAtStart, vcpuCounters(vmm), ms, dirtyLimits(vmm));
   if (result.status === 'passed' && result.iterations.length < c.iterations) {
     result.status = 'failed';
     result.errors.push(`the collector stopped after ${result.iterations.length} of ${c.iterations} iterations`);

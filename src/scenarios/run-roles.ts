@@ -46,10 +46,14 @@ export interface RunRolesOutcome {
 /** Runs a set of roles under either driver until the primary role finishes. */
 export async function runRoles(o: RunRolesOptions): Promise<RunRolesOutcome> {
   if (o.driver === 'deterministic') {
-    const roles: Role[] = o.specs.map((s) => buildRole(s, o.vm, o.onEvent as (e: never) => void));
+    // vCPUs pace themselves (dirty limit, operation rate) by the step clock.
+    let driver: DeterministicDriver | null = null;
+    const clockSteps = (): number => driver?.stepCount ?? 0;
+    const specs = o.specs.map((s) => (s.kind === 'vcpu' ? { ...s, clockSteps } : s));
+    const roles: Role[] = specs.map((s) => buildRole(s, o.vm, o.onEvent as (e: never) => void));
     const primary = roles[o.specs.findIndex((s) => s.kind === o.primary)] as GeneratorRole;
     const scheduler = schedulerFor(o.strategy ?? 'random', o.seed, roles.length, o.replay, o.replayThenStrategy);
-    const driver = new DeterministicDriver(roles, scheduler);
+    driver = new DeterministicDriver(roles, scheduler);
     if (o.onStep) {
       const onStep = o.onStep;
       driver.onStep = (n, r) => onStep(n, roles[r]!.name);

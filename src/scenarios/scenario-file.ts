@@ -2,6 +2,7 @@ import { readFileSync } from 'node:fs';
 import { parse } from 'yaml';
 import { z } from 'zod';
 import { UserError } from '../util/errors.ts';
+import { FACTS, type Outcome, type OutcomeFact, VERDICTS } from './outcome.ts';
 
 /**
  * Scenario files (YAML): what `vmemlab run FILE` runs. A scenario sets the same settings
@@ -13,18 +14,18 @@ const num = z.union([z.number(), z.string()]).transform(String);
 const Scenario = z.strictObject({
   kind: z.enum(['dirty-log-test', 'migrate']),
   description: z.string().optional(),
-  vm: z.strictObject({ memory: num.optional(), vcpus: num.optional(), slots: num.optional() }).optional(),
+  vm: z.strictObject({ memory: num.optional(), vcpus: num.optional(), slots: num.optional(), dirty_limit: num.optional() }).optional(),
   tracking: z.strictObject({ mode: z.string().optional(), ring_size: num.optional() }).optional(),
   workload: z.strictObject({
     name: z.string().optional(), hot_fraction: num.optional(), hot_share: num.optional(), write_percent: num.optional(),
-    random_order: z.boolean().optional(),
+    random_order: z.boolean().optional(), op_rate: num.optional(),
   }).optional(),
   host_writes: z.strictObject({ every: num.optional() }).optional(),
   test: z.strictObject({ iterations: num.optional(), writes: num.optional() }).optional(),
   migration: z.strictObject({
     bandwidth: num.optional(), downtime_limit_ms: num.optional(), max_iterations: num.optional(), timeout_s: num.optional(),
     policy: z.string().optional(), warmup: num.optional(), to: z.string().optional(), resume_ops: num.optional(),
-    batch_pages: num.optional(), page_history: z.boolean().optional(),
+    batch_pages: num.optional(), page_history: z.boolean().optional(), vcpu_dirty_limit: num.optional(),
   }).optional(),
   iommu: z.strictObject({ backend: z.string().optional(), dma_entry_limit: num.optional(), on_fault: z.string().optional() }).optional(),
   devices: z.array(z.looseObject({ kind: z.string() })).optional(),
@@ -32,11 +33,14 @@ const Scenario = z.strictObject({
   seed: num.optional(),
   inject: z.array(z.string()).optional(),
   watchdog_s: num.optional(),
+  /** What a run of this scenario ends with: a verdict, then facts (outcome.ts). */
+  expect: z.union([z.string(), z.array(z.string())]).optional(),
 });
 
 /** field path in the file -> [flag, commander option key] */
 const FIELDS: Record<string, [string, string]> = {
-  'vm.memory': ['--memory', 'memory'], 'vm.vcpus': ['--vcpus', 'vcpus'], 'vm.slots': ['--slots', 'slots'],
+  'vm.memory': ['--memory', 'memory'], 'vm.vcpus': ['--vcpus', 'vcpus'], 'vm.slots': ['--slots', 'slots'], 'vm.dirty_limit': ['--dirty-limit', 'dirtyLimit'],
+  'workload.op_rate': ['--op-rate', 'opRate'], 'migration.vcpu_dirty_limit': ['--vcpu-dirty-limit', 'vcpuDirtyLimit'],
   'tracking.ring_size': ['--ring-size', 'ringSize'],
   'workload.name': ['--workload', 'workload'], 'workload.hot_fraction': ['--hot-fraction', 'hotFraction'],
   'workload.hot_share': ['--hot-share', 'hotShare'], 'workload.write_percent': ['--write-percent', 'writePercent'],
@@ -59,6 +63,8 @@ export interface ScenarioFile {
   values: Record<string, unknown>;
   /** Flag -> the field it came from, to re-address error messages. */
   fieldOfFlag: Record<string, string>;
+  /** What the scenario says a run of it ends with. */
+  expect?: Outcome;
 }
 
 export function loadScenario(path: string): ScenarioFile {
@@ -97,7 +103,18 @@ export function loadScenario(path: string): ScenarioFile {
   if (s.kind === 'dirty-log-test' && s.iommu) throw new UserError(`${path}: iommu: only for kind: migrate`);
   if (s.kind === 'dirty-log-test' && s.migration) throw new UserError(`${path}: migration: only for kind: migrate`);
   if (s.kind === 'migrate' && s.test) throw new UserError(`${path}: test: only for kind: dirty-log-test`);
-  return { path, kind: s.kind, values, fieldOfFlag };
+  const expect = s.expect === undefined ? undefined : expectation(s.expect, `${path}: expect`);
+  return { path, kind: s.kind, values, fieldOfFlag, expect };
+}
+
+/** `expect: VERDICT` or `expect: [VERDICT, FACT, ...]`. */
+function expectation(e: string | string[], where: string): Outcome {
+  const items = Array.isArray(e) ? e : [e];
+  const verdicts = items.filter((x) => (VERDICTS as readonly string[]).includes(x));
+  const unknown = items.filter((x) => !(VERDICTS as readonly string[]).includes(x) && !(FACTS as readonly string[]).includes(x));
+  if (unknown.length > 0) throw new UserError(`${where}: unknown outcome '${unknown[0]}' (verdicts: ${VERDICTS.join(', ')}; facts: ${FACTS.join(', ')})`);
+  if (verdicts.length !== 1) throw new UserError(`${where}: '${items.join(', ')}' must name exactly one verdict (${VERDICTS.join(', ')})`);
+  return { verdict: verdicts[0] as Outcome['verdict'], facts: items.filter((x) => (FACTS as readonly string[]).includes(x)) as OutcomeFact[] };
 }
 
 /** A device entry as the `--device KIND:key=value,...` text it stands for (snake_case keys become the flag's kebab-case). */

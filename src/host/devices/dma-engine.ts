@@ -1,4 +1,5 @@
 import { IOPTE_PRESENT } from '../iommu/io-page-table.ts';
+import { Acted } from '../injections.ts';
 import { DeviceIotlb } from '../iommu/device-iotlb.ts';
 import { DeviceWord, IoPte, IommuWord } from '../iommu/iommu-layout.ts';
 import type { Vm } from '../vm.ts';
@@ -63,8 +64,9 @@ export class DmaEngine extends DmaDevice {
       tlb.setDirtyCached(iova);
     }
     this.store(gfn);
-    if (this.config.tracking === 'device' && !this.vm.bugs.untrackedDma && Atomics.load(this.words, this.base + DeviceWord.LOGGING) !== 0) {
-      Atomics.or(this.deviceLog, iova >>> 5, 1 << (iova & 31));
+    if (this.config.tracking === 'device' && Atomics.load(this.words, this.base + DeviceWord.LOGGING) !== 0) {
+      if (!this.vm.bugs.untrackedDma) Atomics.or(this.deviceLog, iova >>> 5, 1 << (iova & 31));
+      else this.vm.acts.acted(Acted.UNTRACKED_DMA);
     }
   }
 }

@@ -1,4 +1,5 @@
 import { LockHolder } from '../iommu/domain-lock.ts';
+import { Acted } from '../injections.ts';
 import { IOPTE_PRESENT } from '../iommu/io-page-table.ts';
 import { DeviceWord, IoPte } from '../iommu/iommu-layout.ts';
 import type { Vm } from '../vm.ts';
@@ -63,6 +64,7 @@ export class Mdev extends DmaDevice {
     }
     if (access !== MdevAccess.DMA_RW) { yield undefined; return; } // its pin is still to come
     // gpa-as-iova: the vendor driver hands vfio_dma_rw the buffer's GPA where it takes an IOVA.
+    if (this.vm.bugs.gpaAsIova && b.gfn !== b.iova) this.vm.acts.acted(Acted.GPA_AS_IOVA);
     yield* this.dmaRw(this.vm.bugs.gpaAsIova ? b.gfn : b.iova, write);
   }
 
@@ -93,6 +95,7 @@ export class Mdev extends DmaDevice {
     if (write) {
       this.store(gfn);
       if (!this.vm.bugs.untrackedDma) iommu.markType1(iova);
+      else if (iommu.type1Tracking) this.vm.acts.acted(Acted.UNTRACKED_DMA);
     } else this.load(gfn);
     iommu.lock.release();
     yield undefined;

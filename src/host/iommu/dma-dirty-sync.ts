@@ -70,13 +70,15 @@ export class DmaDirtySync {
   *start(): Steps { for (const s of this.sources) yield* s.start(); }
   stop(): void { for (const s of this.sources) s.stop(); }
 
-  /** Reads every source into `into` (VM-wide pages). */
-  *sync(into: PageBitmap): Steps {
+  /** Reads every source into `into` (VM-wide pages); `tally` learns what each newly added. */
+  *sync(into: PageBitmap, tally?: (source: string, newPages: number) => void): Steps {
     const mark = (p: number): void => into.mark(p);
     for (let i = 0; i < this.sources.length; i++) {
+      const before = tally ? into.count() : 0;
       const n: number = yield* this.sources[i]!.read(mark);
       this.counts[i]!.syncs++;
       this.counts[i]!.pagesReported += n;
+      tally?.(this.sources[i]!.name, into.count() - before);
     }
   }
 

@@ -1,4 +1,5 @@
 import { EEXIST, EINVAL, ENOENT, ENOSPC, PAGE_SIZE } from '../constants.ts';
+import { Acted, type InjectionCounters } from '../injections.ts';
 import type { GuestMemory } from '../guest-memory.ts';
 import { DomainLock, LockHolder } from './domain-lock.ts';
 import { IOPTE_HEAD, IOPTE_PRESENT, IoPageTable } from './io-page-table.ts';
@@ -52,7 +53,7 @@ export class Iommu {
   readonly deviceLogs: Int32Array[];
   private readonly unmapDirty: Int32Array;
 
-  constructor(readonly layout: IommuLayout, readonly memory: GuestMemory, readonly bugs: IommuBugs = {}) {
+  constructor(readonly layout: IommuLayout, readonly memory: GuestMemory, readonly bugs: IommuBugs = {}, private readonly acts?: InjectionCounters) {
     this.backend = layout.config.backend;
     this.table = new IoPageTable(layout.iopte, layout.config.iovaPages);
     this.words = new Int32Array(layout.words);
@@ -159,6 +160,7 @@ export class Iommu {
     }
     yield undefined;
     if (!this.bugs.staleIotlbAfterUnmap) yield* this.invalidation.invalidateAll();
+    else this.acts?.acted(Acted.STALE_IOTLB_AFTER_UNMAP);
     yield* this.lock.acquire(holder);
     for (let p = first; p < last; p++) {
       if (t.gfn(p) < 0 || (t.flags(p) & IOPTE_PRESENT) !== 0) continue;
@@ -202,13 +204,19 @@ export class Iommu {
     if (!t.inRange(iova) || !t.present(iova)) return -EINVAL;
     if (write && (t.flags(iova) & IoPte.WRITE) === 0) return -EINVAL;
     Atomics.add(this.pins, iova, write ? 1 : READ_PIN);
-    if (write || this.bugs.readPinDirties) this.markType1(iova);
+    if (write || this.bugs.readPinDirties) {
+      if (!write && Atomics.load(this.words, IommuWord.TYPE1_TRACKING) !== 0) this.acts?.acted(Acted.READ_PIN_DIRTIES);
+      this.markType1(iova);
+    }
     return t.gfn(iova);
   }
 
   unpinPage(iova: number, write: boolean): void {
     Atomics.sub(this.pins, iova, write ? 1 : READ_PIN);
   }
+
+  /** VFIO_IOMMU_DIRTY_PAGES tracking is on. */
+  get type1Tracking(): boolean { return Atomics.load(this.words, IommuWord.TYPE1_TRACKING) !== 0; }
 
   /** Marks an IOVA page in type1's dirty bitmap while its tracking is on (pins, dma_rw writes). */
   markType1(iova: number): void {

@@ -1,0 +1,46 @@
+import { LINE_WORDS } from './cache-line.ts';
+
+/**
+ * Every injectable bug (src/bugs/catalog.ts describes each), in the order of its "acted"
+ * counter: each injection site counts how often the bug actually changed what happened
+ * (a flush skipped, a push past the soft limit, an entry dropped, ...), so that a run
+ * in which it never acted is not reported as if the bug had been tried.
+ */
+export const INJECTABLE_BUGS = [
+  'skip-tlb-shootdown', 'ring-full-ignored', 'harvest-skips-entry', 'clear-without-protect', 'untracked-host-write',
+  'no-backup-bitmap', 'ring-full-exit-unhandled', 'copy-before-reset', 'copy-before-clear', 'skip-final-sync',
+  'untracked-dma', 'stale-iotlb-after-unmap', 'gpa-as-iova', 'read-pin-dirties',
+] as const;
+export type BugName = (typeof INJECTABLE_BUGS)[number];
+
+/** Counter index of each bug: its position in INJECTABLE_BUGS. */
+export const enum Acted {
+  SKIP_TLB_SHOOTDOWN = 0, RING_FULL_IGNORED, HARVEST_SKIPS_ENTRY, CLEAR_WITHOUT_PROTECT, UNTRACKED_HOST_WRITE,
+  NO_BACKUP_BITMAP, RING_FULL_EXIT_UNHANDLED, COPY_BEFORE_RESET, COPY_BEFORE_CLEAR, SKIP_FINAL_SYNC,
+  UNTRACKED_DMA, STALE_IOTLB_AFTER_UNMAP, GPA_AS_IOVA, READ_PIN_DIRTIES,
+}
+if (INJECTABLE_BUGS.indexOf('read-pin-dirties') !== (Acted.READ_PIN_DIRTIES as number)) throw new Error('injections.ts: Acted out of step with INJECTABLE_BUGS');
+
+/** One line of counters (the sites are rare paths: contention does not matter). */
+export const INJECTION_WORDS = LINE_WORDS;
+
+export function isBugName(name: string): name is BugName {
+  return (INJECTABLE_BUGS as readonly string[]).includes(name);
+}
+
+/** The run-wide "acted" counters, shared by every thread of a VM. */
+export class InjectionCounters {
+  private readonly words: Int32Array;
+
+  constructor(buffer: SharedArrayBuffer) {
+    this.words = new Int32Array(buffer);
+  }
+
+  acted(bug: Acted, times = 1): void {
+    Atomics.add(this.words, bug, times);
+  }
+
+  count(name: BugName): number {
+    return Atomics.load(this.words, INJECTABLE_BUGS.indexOf(name));
+  }
+}
