@@ -165,3 +165,17 @@ export async function settle(): Promise<void> {
   }
   if (process.env['BENCH_VERBOSE']) console.error(`settled at ${(process.memoryUsage.rss() / (1 << 20)).toFixed(0)} MiB resident`);
 }
+
+/**
+ * Runs `fn` with a CPU-burning process beside it (a busy loop in another Node process),
+ * as a neighbour that keeps one core busy would.
+ */
+export async function withBurner<T>(fn: () => Promise<T>): Promise<T> {
+  const { spawn } = await import('node:child_process');
+  const burner = spawn(process.execPath, ['-e', 'for (;;) {}'], { stdio: 'ignore' });
+  try {
+    return await fn();
+  } finally {
+    burner.kill('SIGKILL');
+  }
+}

@@ -14,6 +14,8 @@
  *                                      space per side, only the working set committed)
  *   npm run bench -- --detection       also bench/free-run-detection.ts (catalogued bugs
  *                                      caught under free-run; minutes, not seconds)
+ *   npm run bench -- --examples [N]    also every shipped example N times (default 20), alone and
+ *                                      beside a CPU burner, against its own expect: (a long run)
  *   npm run bench -- --strict          exit 1 when a target is missed
  *   npm run bench -- --no-quiet-wait   do not wait (up to 15 s per case, 60 s in all)
  *                                      for other processes to leave the machine idle
@@ -59,6 +61,9 @@ const CASES: Case[] = [
   { id: 'migration/throughput', file: 'migration.ts', args: ['throughput'], processes: 3 },
   { id: 'migration/tcp', file: 'migration.ts', args: ['tcp'] },
   { id: 'migration/convergence', file: 'migration.ts', args: ['convergence'] },
+  { id: 'pacing/limits', file: 'pacing.ts', args: ['limits'] },
+  { id: 'pacing/convergence', file: 'pacing.ts', args: ['convergence'] },
+  { id: 'pacing/policies', file: 'pacing.ts', args: ['policies'] },
   { id: 'iommu/map-unmap', file: 'iommu.ts', args: ['map-unmap'] },
   { id: 'iommu/translate', file: 'iommu.ts', args: ['translate'], processes: 3 },
   { id: 'iommu/migration', file: 'iommu.ts', args: ['migration'] },
@@ -73,6 +78,11 @@ const DETECTION: Case[] = [
   { id: 'free-run-detection/migrate', file: 'free-run-detection.ts', args: ['10', 'migrate'] },
 ];
 const SCALE: Case = { id: 'migration/scale/64GiB', file: 'migration.ts', args: ['scale'] };
+/** --examples [N]: every shipped example N times (default 20), alone and beside a CPU burner. */
+const EXAMPLES = (runs: string): Case[] => [
+  { id: 'examples', file: 'examples.ts', args: [runs] },
+  { id: 'examples/burn', file: 'examples.ts', args: [runs, 'burn'] },
+];
 
 /** The exact command, as typed through npm. */
 const COMMAND = `npm run bench${process.argv.length > 2 ? ` -- ${process.argv.slice(2).join(' ')}` : ''}`;
@@ -162,7 +172,7 @@ function runOnce(c: Case): Outcome {
   const t0 = performance.now();
   const before = cpuTicks();
   const r = spawnSync(process.execPath, ['--import', 'tsx', `bench/${c.file}`, ...c.args], {
-    cwd: root, encoding: 'utf8', maxBuffer: 64 << 20, timeout: 10 * 60_000,
+    cwd: root, encoding: 'utf8', maxBuffer: 64 << 20, timeout: (c.file === 'examples.ts' ? 120 : 10) * 60_000,
   });
   const seconds = (performance.now() - t0) / 1000;
   const after = cpuTicks();
@@ -333,7 +343,9 @@ const METHOD = [
 const started = new Date();
 const t0 = performance.now();
 const only = option('--only')?.split(',').filter(Boolean);
-const cases = [...CASES, ...(flag('--detection') ? DETECTION : []), ...(flag('--scale') ? [SCALE] : [])].filter((c) => !only || only.some((o) => c.id.includes(o)));
+const examplesRuns = flag('--examples') ? (/^\d+$/.test(option('--examples') ?? '') ? option('--examples')! : '20') : null;
+const cases = [...CASES, ...(flag('--detection') ? DETECTION : []), ...(flag('--scale') ? [SCALE] : []), ...(examplesRuns ? EXAMPLES(examplesRuns) : [])]
+  .filter((c) => !only || only.some((o) => c.id.includes(o)));
 const outcomes: Outcome[] = [];
 let quietBudget = QUIET_BUDGET_MS;
 for (const c of cases) {

@@ -9,6 +9,7 @@ import { type Steps, WaitCode, waitFor } from '../drivers/role.ts';
 import { type DirtyLogViolation, verifyDirtyLog } from '../oracles/dirty-log-verify.ts';
 import type { WorkloadOptions } from '../guest/workload.ts';
 import { Prng } from '../util/prng.ts';
+import { type Clock, WALL_CLOCK } from '../drivers/clock.ts';
 
 export interface DirtyLogTestConfig {
   mode: TrackingMode;
@@ -31,7 +32,7 @@ export interface DirtyLogTestConfig {
 
 /** Events the collector reports, as plain data (they cross threads). */
 export type DirtyLogEvent =
-  | { kind: 'iteration'; iteration: number; dirty: number; clean: number; writes: number; hostWrites: number; ringFullExits: number; collections: number }
+  | { kind: 'iteration'; iteration: number; dirty: number; clean: number; writes: number; hostWrites: number; ringFullExits: number; collections: number; ms: number; dirtied: number }
   | { kind: 'violation'; violations: DirtyLogViolation[] }
   | { kind: 'error'; message: string }
   | { kind: 'done'; iterations: number };
@@ -62,7 +63,7 @@ export function vmConfigFor(c: DirtyLogTestConfig): VmConfig {
  * collect once at a random moment while they run (and, with the ring, whenever a vCPU
  * exits with KVM_EXIT_DIRTY_RING_FULL), stop them, collect again, verify every page.
  */
-export function* dirtyLogCollector(vm: Vm, c: DirtyLogTestConfig, report: (e: DirtyLogEvent) => void): Steps {
+export function* dirtyLogCollector(vm: Vm, c: DirtyLogTestConfig, report: (e: DirtyLogEvent) => void, clock: Clock = WALL_CLOCK): Steps {
   const vmm = new VmmControl(vm);
   const mem = vm.memory;
   const bugs = injectedBugs(c.bugs);
@@ -119,12 +120,14 @@ export function* dirtyLogCollector(vm: Vm, c: DirtyLogTestConfig, report: (e: Di
     first.clear();
     const hostWritesBefore = Atomics.load(vm.global, GlobalWord.HOST_WRITES);
     const ringFullBefore = sumWord(vmm, VcpuWord.RING_FULL_EXITS);
+    const dirtiedBefore = sumWord(vmm, VcpuWord.FAULTS);
     const collectionsBefore = collections;
     for (let v = 0; v < c.vcpus; v++) {
       vmm.release(v);
       if (vmm.parkedExit(v) >= 0) vmm.reenter(v);
     }
     vmm.resumeHost();
+    const released = clock.nowMs();
     yield undefined;
 
     const target = opsBase + c.opsPerIteration;
@@ -152,6 +155,7 @@ export function* dirtyLogCollector(vm: Vm, c: DirtyLogTestConfig, report: (e: Di
     for (let v = 0; v < c.vcpus; v++) {
       while (!vmm.isQuiescent(v)) yield waitFor(WaitCode.VCPU_STOPPED, v);
     }
+    const ranMs = clock.nowMs() - released;
     if (mmioExit()) return;
     while (!vmm.hostPaused()) yield waitFor(WaitCode.HOST_PAUSED);
     yield* collect(reported, true);
@@ -171,7 +175,7 @@ export function* dirtyLogCollector(vm: Vm, c: DirtyLogTestConfig, report: (e: Di
       kind: 'iteration', iteration: it, dirty: result.dirty, clean: result.clean, writes: opsNow - opsBase,
       hostWrites: Atomics.load(vm.global, GlobalWord.HOST_WRITES) - hostWritesBefore,
       ringFullExits: sumWord(vmm, VcpuWord.RING_FULL_EXITS) - ringFullBefore,
-      collections: collections - collectionsBefore,
+      collections: collections - collectionsBefore, ms: ranMs, dirtied: sumWord(vmm, VcpuWord.FAULTS) - dirtiedBefore,
     });
     if (result.violations.length > 0) {
       report({ kind: 'violation', violations: result.violations });

@@ -32,7 +32,7 @@ export type RoleSpec =
   /** The migration thread: frames go to `queue` (same thread, step clock), `ring` (the in-process destination on another thread) or `port` (the TCP bridge). */
   | { kind: 'migration'; params: MigrationParams; bugs: string[]; destWords: SharedArrayBuffer; queue?: Uint8Array[]; clockSteps?: () => number; port?: MessagePort; ring?: SharedArrayBuffer }
   | { kind: 'destination'; layout: VmLayout; destWords: SharedArrayBuffer; queue?: Uint8Array[]; ring?: SharedArrayBuffer }
-  | { kind: 'dirty-log-collector'; config: DirtyLogTestConfig }
+  | { kind: 'dirty-log-collector'; config: DirtyLogTestConfig; clockSteps?: () => number }
   | { kind: 'host-writer'; every: number; seed: number }
   /** The destination's VMM once it resumed the guest: runs it for a while, then stops it. */
   | { kind: 'destination-vmm'; opsPerVcpu: number }
@@ -70,7 +70,7 @@ export function buildRole(spec: RoleSpec, vm: Vm, report: (e: never) => void): R
       return new Vcpu(vm, spec.index, workload, { clock, opRate: spec.workload.opRate });
     }
     case 'dirty-log-collector':
-      return new GeneratorRole('collector', dirtyLogCollector(vm, spec.config, report as (e: DirtyLogEvent) => void));
+      return new GeneratorRole('collector', dirtyLogCollector(vm, spec.config, report as (e: DirtyLogEvent) => void, spec.clockSteps ? new StepClock(spec.clockSteps) : WALL_CLOCK));
     case 'host-writer':
       return new GeneratorRole('host-writer', hostWriter(vm, new VmmControl(vm), spec.every, new Prng(Prng.derive(spec.seed, 2000))));
     case 'migration': {

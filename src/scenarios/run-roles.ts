@@ -46,10 +46,10 @@ export interface RunRolesOutcome {
 /** Runs a set of roles under either driver until the primary role finishes. */
 export async function runRoles(o: RunRolesOptions): Promise<RunRolesOutcome> {
   if (o.driver === 'deterministic') {
-    // vCPUs pace themselves (dirty limit, operation rate) by the step clock.
+    // vCPUs pace themselves (dirty limit, operation rate) and the collector times iterations by the step clock.
     let driver: DeterministicDriver | null = null;
     const clockSteps = (): number => driver?.stepCount ?? 0;
-    const specs = o.specs.map((s) => (s.kind === 'vcpu' ? { ...s, clockSteps } : s));
+    const specs = o.specs.map((s) => (s.kind === 'vcpu' || s.kind === 'dirty-log-collector' ? { ...s, clockSteps } : s));
     const roles: Role[] = specs.map((s) => buildRole(s, o.vm, o.onEvent as (e: never) => void));
     const primary = roles[o.specs.findIndex((s) => s.kind === o.primary)] as GeneratorRole;
     const scheduler = schedulerFor(o.strategy ?? 'random', o.seed, roles.length, o.replay, o.replayThenStrategy);
