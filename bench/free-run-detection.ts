@@ -15,7 +15,7 @@ import { CATALOG } from '../src/bugs/catalog.ts';
 import { DEFAULT_WORKLOAD } from '../src/guest/workload.ts';
 import type { DirtyLogTestConfig } from '../src/scenarios/dirty-log-test.ts';
 import { runDirtyLogTest } from '../src/scenarios/run-dirty-log-test.ts';
-import { migrateFlags, migrationScenario } from '../src/cli/migrate-command.ts';
+import { migrationSetup } from '../src/scenarios/settings.ts';
 import { runMigration } from '../src/scenarios/migration.ts';
 import { type Figure, caseArgs, emit } from './harness.ts';
 
@@ -43,8 +43,9 @@ if (which === 'migrate') {
     for (let seed = 1; seed <= runs; seed++) {
       for (const inject of [[bug.name], []]) {
         // The bug's demonstration scenario, with the bug injected or not (same settings).
-        const flags = { ...migrateFlags({ inject: [bug.name], seed: String(seed) }), inject };
-        const { scenario, watchdogMs, burst } = migrationScenario({ ...flags, tracking: bug.modes[0] });
+        const demo = migrationSetup({ inject: [bug.name], seed, tracking: bug.modes[0] });
+        const { watchdogMs, burst } = demo;
+        const scenario = { ...demo.scenario, bugs: inject };
         what = `${scenario.workload.name}, ${scenario.memoryBytes >> 20} MiB, ${scenario.vcpus} vCPUs, ${scenario.tracking}`;
         const r = await runMigration(scenario, { driver: 'free', watchdogMs, burst, resumeOps: 0 });
         seconds += r.seconds;

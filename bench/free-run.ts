@@ -21,8 +21,8 @@
 import { Worker } from 'node:worker_threads';
 import { cpus } from 'node:os';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { ActorWord } from '../src/drivers/free-run.ts';
-import type { Steps } from '../src/drivers/role.ts';
+import { ActorWord } from '../src/drivers/actor-words.ts';
+import type { Steps } from '../src/roles/role.ts';
 import { KVM_EXIT_DIRTY_RING_FULL } from '../src/host/constants.ts';
 import { DirtyRingHarvester } from '../src/host/dirty-ring.ts';
 import { LINE_WORDS, VcpuRunState, VcpuWord } from '../src/host/layout.ts';

@@ -9,7 +9,7 @@
  */
 import { setFlagsFromString } from 'node:v8';
 import { runInNewContext } from 'node:vm';
-import { type Steps } from '../src/drivers/role.ts';
+import { type Steps } from '../src/roles/role.ts';
 import { createVmLayout, type DirtyTracking, type MemslotConfig, VcpuWord } from '../src/host/layout.ts';
 import { Vm } from '../src/host/vm.ts';
 import type { Vcpu } from '../src/host/vcpu.ts';

@@ -12,8 +12,8 @@
  *                                  hunts
  */
 import { CATALOG } from '../src/bugs/catalog.ts';
-import { DEFAULT_HUNT_JOB } from '../src/cli/hunt-command.ts';
-import { migrateFlags, migrationScenario } from '../src/cli/migrate-command.ts';
+import { DEFAULT_HUNT_JOB } from '../src/scenarios/jobs.ts';
+import { migrationSetup } from '../src/scenarios/settings.ts';
 import { type Detection, measureDetection } from '../src/hunt/detection.ts';
 import { runHuntTask } from '../src/hunt/hunt-run.ts';
 import { hunt } from '../src/hunt/hunt.ts';
@@ -27,7 +27,7 @@ const SEEDS = 16;
 const FREE_SECONDS = 10;
 
 async function throughput(): Promise<Figure[]> {
-  const { scenario, watchdogMs, burst } = migrationScenario(migrateFlags({ ...DEFAULT_HUNT_JOB, driver: 'deterministic' }));
+  const { scenario, watchdogMs, burst } = migrationSetup({ ...DEFAULT_HUNT_JOB, driver: 'deterministic' });
   const figures: Figure[] = [];
   const rates: number[] = [];
   for (const workers of [1, 2]) {
@@ -46,7 +46,7 @@ async function throughput(): Promise<Figure[]> {
       rates.push(rate);
       figures.push({
         id: `hunt/throughput/${workers}-worker${workers > 1 ? 's' : ''}`,
-        what: `hunt seeds per second, ${workers} worker${workers > 1 ? 's' : ''} (deterministic, random strategy, the default hunt scenario: ${DEFAULT_HUNT_JOB.vcpus} vCPUs, ${DEFAULT_HUNT_JOB.memory}, ${DEFAULT_HUNT_JOB.workload}, dirty ring)`,
+        what: `hunt seeds per second, ${workers} worker${workers > 1 ? 's' : ''} (deterministic, random strategy, the default hunt scenario: ${String(DEFAULT_HUNT_JOB.vcpus)} vCPUs, ${String(DEFAULT_HUNT_JOB.memoryBytes)}, ${String(DEFAULT_HUNT_JOB.workload)}, dirty ring)`,
         figure: `${rate.toFixed(1)} seeds/s`, value: rate,
         detail: `12 seeds per hunt on a warm pool, median of 3 hunts (${reps.map((r) => r.toFixed(1)).join(', ')} seeds/s)${workers > 1 ? `; ${(rate / rates[0]!).toFixed(2)}x one worker` : ''}`,
       });
@@ -59,7 +59,7 @@ async function throughput(): Promise<Figure[]> {
 
 /** Free-run hunts of one bug's demonstration scenario for `seconds`: runs and catches. */
 async function freeRun(bug: string, seconds: number): Promise<{ caught: number; runs: number }> {
-  const { scenario, watchdogMs, burst } = migrationScenario(migrateFlags({ inject: [bug], driver: 'deterministic' }));
+  const { scenario, watchdogMs, burst } = migrationSetup({ inject: [bug], driver: 'deterministic' });
   let caught = 0;
   let runs = 0;
   const end = performance.now() + seconds * 1000;
@@ -99,7 +99,7 @@ async function shrinking(): Promise<Figure[]> {
   const figures: Figure[] = [];
   for (const b of CATALOG) {
     if (b.costOnly || !b.commands.includes('migrate')) continue;
-    const { scenario, watchdogMs, burst } = migrationScenario(migrateFlags({ inject: [b.name], driver: 'deterministic' }));
+    const { scenario, watchdogMs, burst } = migrationSetup({ inject: [b.name], driver: 'deterministic' });
     let run = null;
     for (let seed = 1; seed <= 8 && run === null; seed++) {
       const r = await runHuntTask({ scenario, strategy: 'random', seed, watchdogMs, burst });

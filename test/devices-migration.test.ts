@@ -1,5 +1,5 @@
 import { describe, expect, it } from 'vitest';
-import { migrateFlags, migrationScenario } from '../src/cli/migrate-command.ts';
+import { migrationSetup } from '../src/scenarios/settings.ts';
 import { DEVICE_WRITER_BASE } from '../src/host/memslot.ts';
 import { type MigrationRunResult, type MigrationScenario, runMigration } from '../src/scenarios/migration.ts';
 
@@ -11,7 +11,7 @@ const DET = { driver: 'deterministic' as const, watchdogMs: 5000, burst: 256 };
 const FREE = { driver: 'free' as const, watchdogMs: 10_000, burst: 256 };
 
 function scenario(flags: Record<string, unknown>): MigrationScenario {
-  return migrationScenario(migrateFlags({ memory: '8MiB', workload: 'hotset', batchPages: '32', ...flags })).scenario;
+  return migrationSetup({ memoryBytes: '8MiB', workload: 'hotset', batchPages: '32', ...flags }).scenario;
 }
 
 function why(r: MigrationRunResult): string {
@@ -31,7 +31,7 @@ describe('a guest with a device migrates verified under each DMA tracking mode',
   for (const m of MODES) {
     it(`${m.name}: deterministic seeds 1-3 and one free run verify; the device wrote during the run`, async () => {
       for (const seed of [1, 2, 3]) {
-        const r = await runMigration(scenario({ device: [m.device], iommu: m.iommu, driver: 'deterministic', seed: String(seed) }), DET);
+        const r = await runMigration(scenario({ devices: [m.device], iommu: m.iommu, driver: 'deterministic', seed: String(seed) }), DET);
         expect(r.status, `seed ${seed}: ${why(r)}`).toBe('passed');
         expect(r.dma!.devices[0]!.dmaWrites, 'the device wrote guest memory').toBeGreaterThan(0);
         if (m.device.startsWith('gvt')) continue;
@@ -39,21 +39,21 @@ describe('a guest with a device migrates verified under each DMA tracking mode',
         expect(reported, `pages reported by ${m.source}`).toBeGreaterThan(0);
       }
       // Free-run verifies; whether it converges depends on the machine, so the switchover is forced.
-      const r = await runMigration(scenario({ device: [m.device], iommu: m.iommu, driver: 'free', policy: 'force', maxIterations: '4' }), FREE);
+      const r = await runMigration(scenario({ devices: [m.device], iommu: m.iommu, driver: 'free', policy: 'force', maxIterations: '4' }), FREE);
       expect(r.status, why(r)).toBe('passed');
       expect(r.pagesCompared).toBe(2048);
     });
   }
 
   it('every page a device wrote last is compared like any other: device stamps reach the destination', async () => {
-    const r = await runMigration(scenario({ device: ['mdev:every=2', 'dma-engine:every=2'], driver: 'deterministic' }), DET);
+    const r = await runMigration(scenario({ devices: ['mdev:every=2', 'dma-engine:every=2'], driver: 'deterministic' }), DET);
     expect(r.status, why(r)).toBe('passed');
     expect(r.dma!.devices.map((d) => d.dmaWrites).every((n) => n > 0)).toBe(true);
     expect(DEVICE_WRITER_BASE).toBe(0x4000);
   });
 
   it('type1 without a pinned scope reports every mapped page on every sync, so the passes never shrink', async () => {
-    const r = await runMigration(scenario({ device: ['dma-engine:identity'], driver: 'deterministic', downtimeLimit: '1', maxIterations: '3', policy: 'fail' }), DET);
+    const r = await runMigration(scenario({ devices: ['dma-engine:identity'], driver: 'deterministic', downtimeLimitMs: '1', maxIterations: '3', policy: 'fail' }), DET);
     expect(r.status).toBe('failed');
     expect(r.reason).toMatch(/did not converge in 3 passes/);
     const type1 = r.info!.dmaSources.find((s) => /VFIO_IOMMU_DIRTY_PAGES/.test(s.source))!;
@@ -62,7 +62,7 @@ describe('a guest with a device migrates verified under each DMA tracking mode',
   });
 
   it('read-pin-dirties is only a cost: more pages reported and sent, memory still verified', async () => {
-    const base = scenario({ device: ['mdev:every=4'], driver: 'deterministic' });
+    const base = scenario({ devices: ['mdev:every=4'], driver: 'deterministic' });
     const clean = await runMigration(base, DET);
     const costly = await runMigration({ ...base, bugs: ['read-pin-dirties'] }, DET);
     expect(clean.status, why(clean)).toBe('passed');
@@ -74,7 +74,7 @@ describe('a guest with a device migrates verified under each DMA tracking mode',
 
 describe('device faults are reported, never a crash or a hang', () => {
   it('on-device-fault continue: the DMA to an unmapped IOVA is recorded, the migration completes and memory verifies, the run fails', async () => {
-    const r = await runMigration(scenario({ device: ['dma-engine:every=4,stray-every=10'], driver: 'deterministic' }), DET);
+    const r = await runMigration(scenario({ devices: ['dma-engine:every=4,stray-every=10'], driver: 'deterministic' }), DET);
     expect(r.info?.status).toBe('completed');
     expect(r.mismatchCount).toBe(0);
     expect(r.status).toBe('failed');
@@ -84,7 +84,7 @@ describe('device faults are reported, never a crash or a hang', () => {
 
   it('on-device-fault stop: the migration stops at the next pass boundary with the reason (both drivers)', async () => {
     for (const [driver, o] of [['deterministic', DET], ['free', FREE]] as const) {
-      const r = await runMigration(scenario({ device: ['dma-engine:every=2,stray-every=3'], onDeviceFault: 'stop', driver, bandwidth: '32MiB' }), o);
+      const r = await runMigration(scenario({ devices: ['dma-engine:every=2,stray-every=3'], onDeviceFault: 'stop', driver, bandwidth: '32MiB' }), o);
       expect(r.status, `${driver}: ${why(r)}`).toBe('failed');
       expect(r.reason, driver).toMatch(/a device faulted/);
     }

@@ -2,7 +2,7 @@ import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { migrateFlags, migrationScenario } from '../src/cli/migrate-command.ts';
+import { migrationSetup } from '../src/scenarios/settings.ts';
 import { describeWriter } from '../src/host/memslot.ts';
 import { type Explanation, describeExplanation, explainReplay } from '../src/hunt/explain.ts';
 import { failureOf, fingerprint } from '../src/hunt/failure.ts';
@@ -13,7 +13,7 @@ import { VMEMLAB_VERSION } from '../src/version.ts';
 
 /** `vmemlab migrate --inject BUG --driver deterministic --seed SEED`, failed, as an in-memory replay file. */
 async function replayOf(bug: string, seed = 1): Promise<{ file: ReplayFile; result: MigrationRunResult }> {
-  const { scenario } = migrationScenario(migrateFlags({ inject: [bug], driver: 'deterministic', seed: String(seed) }));
+  const { scenario } = migrationSetup({ inject: [bug], driver: 'deterministic', seed: String(seed) });
   const result = await runMigration(scenario, { driver: 'deterministic', watchdogMs: 10_000, burst: 256, resumeOps: 0 });
   const failure = failureOf(result);
   if (failure === null) throw new Error(`${bug} seed ${seed}: the run passed`);

@@ -1,6 +1,6 @@
 import { DeterministicDriver, ReplayScheduler } from '../src/drivers/deterministic.ts';
-import { type Role, Step, type Steps } from '../src/drivers/role.ts';
-import { type GuestOp, OpKind, type Workload } from '../src/guest/workload.ts';
+import { type Role, Step, type Steps } from '../src/roles/role.ts';
+import { type GuestOp, OpKind, type Workload } from '../src/host/guest-op.ts';
 import { type DirtyTracking, type MemslotConfig, createVmLayout } from '../src/host/layout.ts';
 import { Vcpu } from '../src/host/vcpu.ts';
 import { type KernelBugs, Vm } from '../src/host/vm.ts';

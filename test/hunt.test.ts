@@ -4,7 +4,7 @@ import { join } from 'node:path';
 import { Packr } from 'msgpackr';
 import { describe, expect, it } from 'vitest';
 import { cli } from './cli-helper.ts';
-import { migrateFlags, migrationScenario } from '../src/cli/migrate-command.ts';
+import { migrationSetup } from '../src/scenarios/settings.ts';
 import { PctScheduler } from '../src/drivers/pct-scheduler.ts';
 import { type HuntLine, hunt, shardSeeds, summarize } from '../src/hunt/hunt.ts';
 import { readReplayFile } from '../src/hunt/replay-file.ts';
@@ -12,7 +12,7 @@ import { replayRun } from '../src/hunt/replay.ts';
 import { VMEMLAB_VERSION } from '../src/version.ts';
 
 const tmp = (): string => mkdtempSync(join(tmpdir(), 'vmemlab-hunt-'));
-const demo = (bug: string) => migrationScenario(migrateFlags({ inject: [bug], driver: 'deterministic' })).scenario;
+const demo = (bug: string) => migrationSetup({ inject: [bug], driver: 'deterministic' }).scenario;
 const BASE = { shard: { index: 1, count: 1 }, workers: 2, watchdogMs: 10_000, burst: 256 };
 
 
@@ -61,7 +61,7 @@ describe('vmemlab hunt', () => {
   });
 
   it('a clean scenario hunts clean under every strategy, free-run included', async () => {
-    const scenario = migrationScenario(migrateFlags({ vcpus: '2', memory: '8MiB', workload: 'hotset' })).scenario;
+    const scenario = migrationSetup({ vcpus: '2', memoryBytes: '8MiB', workload: 'hotset' }).scenario;
     const { report } = await hunt({ ...BASE, scenario, strategies: ['random', 'pct', 'free'], seeds: 2, all: true });
     for (const r of report.strategies) expect(r, r.strategy).toMatchObject({ runs: 2, failures: 0, firstDetection: null });
   });

@@ -2,7 +2,8 @@ import { describe, expect, it } from 'vitest';
 import { CATALOG } from '../src/bugs/catalog.ts';
 import { INJECTABLE_BUGS } from '../src/host/injections.ts';
 import { hunt } from '../src/hunt/hunt.ts';
-import { migrateFlags, migrationScenario } from '../src/cli/migrate-command.ts';
+import { migrationSetup } from '../src/scenarios/settings.ts';
+import { DEMOS } from '../src/scenarios/demos.ts';
 import { cli } from './cli-helper.ts';
 
 /** Verdicts that say what they could not see: an injected bug that never acted is reported as such. */
@@ -10,7 +11,7 @@ describe('injected bugs count how often they acted', () => {
   it('every catalogued bug has an "acted" counter and a reason for never acting, and nothing else has one', () => {
     expect([...INJECTABLE_BUGS].sort()).toEqual(CATALOG.map((b) => b.name).sort());
     for (const b of CATALOG) expect(b.neverActed.length, b.name).toBeGreaterThan(10);
-    for (const b of CATALOG.filter((x) => x.commands.includes('dirty-log-test'))) expect(b.dirtyLogTestDemo, b.name).toBeDefined();
+    for (const b of CATALOG.filter((x) => x.commands.includes('dirty-log-test'))) expect(DEMOS[b.name].dirtyLogTest, b.name).toBeDefined();
   });
 
   it('dirty-log-test with ring-full-ignored and a ring that never fills: "PASSED, but ring-full-ignored never acted", with the ring\'s use and the demonstration', async () => {
@@ -40,13 +41,13 @@ describe('injected bugs count how often they acted', () => {
   });
 
   it('hunt reports detection as detected / acted / runs', async () => {
-    const scenario = migrationScenario(migrateFlags({ inject: ['ring-full-ignored'], ringSize: '65536', memory: '1MiB', driver: 'deterministic' })).scenario;
+    const scenario = migrationSetup({ inject: ['ring-full-ignored'], ringEntries: '65536', memoryBytes: '1MiB', driver: 'deterministic' }).scenario;
     const { report } = await hunt({ scenario, strategies: ['random'], seeds: 2, all: true, shard: { index: 1, count: 1 }, workers: 1, watchdogMs: 10_000, burst: 256 });
     expect(report.strategies[0]).toMatchObject({ runs: 2, failures: 0, acted: 0 });
-    const demo = migrationScenario(migrateFlags({ inject: ['harvest-skips-entry'], driver: 'deterministic' })).scenario;
+    const demo = migrationSetup({ inject: ['harvest-skips-entry'], driver: 'deterministic' }).scenario;
     const caught = await hunt({ scenario: demo, strategies: ['random'], seeds: 2, all: true, shard: { index: 1, count: 1 }, workers: 1, watchdogMs: 10_000, burst: 256 });
     expect(caught.report.strategies[0]).toMatchObject({ runs: 2, failures: 2, acted: 2 });
-    const clean = migrationScenario(migrateFlags({ memory: '1MiB', driver: 'deterministic' })).scenario;
+    const clean = migrationSetup({ memoryBytes: '1MiB', driver: 'deterministic' }).scenario;
     const none = await hunt({ scenario: clean, strategies: ['random'], seeds: 1, all: true, shard: { index: 1, count: 1 }, workers: 1, watchdogMs: 10_000, burst: 256 });
     expect(none.report.strategies[0]!.acted, 'nothing injected').toBeNull();
   });

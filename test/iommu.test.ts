@@ -1,6 +1,6 @@
 import { describe, expect, it } from 'vitest';
 import { DeterministicDriver, RandomScheduler } from '../src/drivers/deterministic.ts';
-import { GeneratorRole, type Role, Step, type Steps, type Wait, WaitCode } from '../src/drivers/role.ts';
+import { GeneratorRole, type Role, Step, type Steps, type Wait, WaitCode } from '../src/roles/role.ts';
 import { EEXIST, EINVAL, ENOENT, ENOSPC, PAGE_SIZE } from '../src/host/constants.ts';
 import { DEVICE_DEFAULTS, type DeviceConfig } from '../src/host/devices/device-config.ts';
 import { DmaEngine } from '../src/host/devices/dma-engine.ts';
@@ -189,7 +189,7 @@ describe('device IOTLB invalidation on unmap', () => {
     expect(drive(gen).value.ret).toBe(P);
     expect(iommu.table.gfn(IOVA)).toBe(-1);
     expect(e.iotlb.lookup(IOVA), 'the device dropped its translation').toBe(-1);
-    expect(iommu.oracle.records()).toEqual([]);
+    expect(iommu.dmaRecords.records()).toEqual([]);
   });
 
   it('a quiesced device does not hold the unmap up', () => {
@@ -212,7 +212,7 @@ describe('device IOTLB invalidation on unmap', () => {
     expect(r.value.ret).toBe(P);
     expect(r.waits, 'no invalidation wait').toEqual([]);
     e.access(IOVA, true);
-    expect(iommu.oracle.records()).toEqual([{ kind: 'stale-iotlb', device: 0, iova: IOVA * P, write: true, cachedGfn: BASE + 5, currentGfn: -1 }]);
+    expect(iommu.dmaRecords.records()).toEqual([{ kind: 'stale-iotlb', device: 0, iova: IOVA * P, write: true, cachedGfn: BASE + 5, currentGfn: -1 }]);
     expect(word(iommu, 0, DeviceWord.STALE)).toBe(1);
     expect(word(iommu, 0, DeviceWord.FAULTS), 'a stale DMA is not a fault').toBe(0);
   });
@@ -224,7 +224,7 @@ describe('device IOTLB invalidation on unmap', () => {
     e.access(IOVA, false);
     expect(unmap(iommu, IOVA, 1, [role]).value.ret).toBe(P);
     e.access(IOVA, true);
-    expect(iommu.oracle.records().map((x) => x.kind)).toEqual(['unmapped-iova']);
+    expect(iommu.dmaRecords.records().map((x) => x.kind)).toEqual(['unmapped-iova']);
     expect(word(iommu, 0, DeviceWord.STALE)).toBe(0);
   });
 
@@ -237,7 +237,7 @@ describe('device IOTLB invalidation on unmap', () => {
     while (gen.next().value === undefined) { /* to the IOTLB_ACK wait */ }
     e.access(IOVA, true);
     expect(e.writes, 'the write went through').toBe(1);
-    expect(iommu.oracle.count()).toBe(0);
+    expect(iommu.dmaRecords.count()).toBe(0);
     expect(drive(gen, [role]).value.ret).toBe(P);
   });
 });
@@ -248,11 +248,11 @@ describe('device faults (DMA oracle)', () => {
     const { e } = activeEngine(vm, 'iommu', 1);
     map(iommu, IOVA, 5);
     expect(() => e.access(IOVA + 1, true)).not.toThrow();
-    expect(iommu.oracle.records()).toEqual([{ kind: 'unmapped-iova', device: 1, iova: (IOVA + 1) * P, write: true, cachedGfn: -1, currentGfn: -1 }]);
+    expect(iommu.dmaRecords.records()).toEqual([{ kind: 'unmapped-iova', device: 1, iova: (IOVA + 1) * P, write: true, cachedGfn: -1, currentGfn: -1 }]);
     expect(word(iommu, 1, DeviceWord.FAULTS)).toBe(1);
     expect(e.writes).toBe(0);
     expect(allZero(vm), 'guest memory untouched').toBe(true);
-    expect(iommu.oracle.faultStopped(), 'STOP_ON_FAULT is off').toBe(false);
+    expect(iommu.dmaRecords.faultStopped(), 'STOP_ON_FAULT is off').toBe(false);
   });
 
   it('a write to a read-only mapping is a write-to-read-only fault; nothing is written', () => {
@@ -260,7 +260,7 @@ describe('device faults (DMA oracle)', () => {
     const { e } = activeEngine(vm);
     map(iommu, IOVA, 5, 1, VFIO_DMA_MAP_FLAG_READ);
     e.access(IOVA, true);
-    expect(iommu.oracle.records().map((r) => [r.kind, r.currentGfn])).toEqual([['write-to-read-only', BASE + 5]]);
+    expect(iommu.dmaRecords.records().map((r) => [r.kind, r.currentGfn])).toEqual([['write-to-read-only', BASE + 5]]);
     expect(allZero(vm)).toBe(true);
   });
 
@@ -268,13 +268,13 @@ describe('device faults (DMA oracle)', () => {
     const { vm, iommu } = iommuVm();
     Atomics.store(iommu.words, IommuWord.STOP_ON_FAULT, 1);
     activeEngine(vm).e.access(IOVA, false);
-    expect(iommu.oracle.faultStopped()).toBe(true);
+    expect(iommu.dmaRecords.faultStopped()).toBe(true);
   });
 
   it('an mdev\'s vfio_dma_rw to an unmapped IOVA faults under the lock and releases it', () => {
     const { vm, iommu } = iommuVm();
     drive(mdev(vm).dmaRw(IOVA, true));
-    expect(iommu.oracle.records().map((r) => r.kind)).toEqual(['unmapped-iova']);
+    expect(iommu.dmaRecords.records().map((r) => r.kind)).toEqual(['unmapped-iova']);
     expect(Atomics.load(iommu.words, IommuWord.LOCK), 'domain lock released').toBe(0);
     expect(allZero(vm)).toBe(true);
   });

@@ -1,8 +1,8 @@
 import { HOST_WRITER_BASE } from '../src/host/memslot.ts';
 import { describe, expect, it } from 'vitest';
 import { CATALOG } from '../src/bugs/catalog.ts';
-import { migrateFlags, migrationScenario } from '../src/cli/migrate-command.ts';
-import { PageEvent, type PageEventName, PageHistory, type PageHistoryEvent, createPageHistoryBuffer } from '../src/oracles/page-history.ts';
+import { migrationSetup } from '../src/scenarios/settings.ts';
+import { PageEvent, type PageEventName, PageHistory, type PageHistoryEvent, createPageHistoryBuffer } from '../src/host/page-history.ts';
 import { describeMismatch } from '../src/oracles/stamp-oracle.ts';
 import { runMigration } from '../src/scenarios/migration.ts';
 
@@ -12,7 +12,7 @@ const DET = { driver: 'deterministic' as const, watchdogMs: 5000, burst: 256 };
 
 /** The scenario `vmemlab migrate --inject BUG --tracking MODE --driver deterministic --seed N` runs. */
 function demo(bug: string, mode: string, seed: number, withBug = true) {
-  const { scenario } = migrationScenario(migrateFlags({ inject: [bug], tracking: mode, driver: 'deterministic', seed: String(seed) }));
+  const { scenario } = migrationSetup({ inject: [bug], tracking: mode, driver: 'deterministic', seed: String(seed) });
   return withBug ? scenario : { ...scenario, bugs: [] };
 }
 

@@ -101,9 +101,9 @@ describe('devices in scenario files and flags', () => {
     const bad = tmpFile('kind: migrate\ndevices:\n  - {kind: mdev, buffers: lots}\n');
     const r = await cli('run', bad);
     expect(r.code).toBe(2);
-    expect(r.err).toBe(`vmemlab: ${bad}: devices: device 0 'mdev:buffers=lots': buffers: 'lots' is not a whole number from 1 to 1048576`);
+    expect(r.err).toBe(`vmemlab: ${bad}: devices.0.buffers: 'lots' is not a whole number from 1 to 1048576`);
     const kind = tmpFile('kind: migrate\ndevices:\n  - {kind: nic}\n');
-    expect((await cli('run', kind)).err).toMatch(/devices: device 0 'nic': unknown kind 'nic' \(one of: dma-engine, mdev, gvt\)$/);
+    expect((await cli('run', kind)).err).toMatch(/: devices\.0\.kind: unknown kind 'nic' \(one of: dma-engine, mdev, gvt\)$/);
     const backend = tmpFile('kind: migrate\niommu: {backend: amd-vi}\ndevices:\n  - {kind: mdev}\n');
     expect((await cli('run', backend)).err).toBe(`vmemlab: ${backend}: iommu.backend: unknown backend 'amd-vi' (type1 or iommufd)`);
     const dlt = tmpFile('kind: dirty-log-test\ndevices:\n  - {kind: mdev}\n');

@@ -2,7 +2,7 @@ import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
-import { migrateFlags, migrationScenario } from '../src/cli/migrate-command.ts';
+import { migrationSetup } from '../src/scenarios/settings.ts';
 import { PAGE_SIZE } from '../src/host/constants.ts';
 import { failureOf } from '../src/hunt/failure.ts';
 import { runHuntTask } from '../src/hunt/hunt-run.ts';
@@ -14,7 +14,7 @@ import { VMEMLAB_VERSION } from '../src/version.ts';
 
 /** The replay file a deterministic hunt (strategy random) writes for a bug's demonstration, seed 1. */
 async function huntedReplay(bug: string): Promise<ReplayFile> {
-  const { scenario } = migrationScenario(migrateFlags({ inject: [bug], driver: 'deterministic', seed: '1' }));
+  const { scenario } = migrationSetup({ inject: [bug], driver: 'deterministic', seed: '1' });
   const r = await runHuntTask({ scenario, strategy: 'random', seed: 1, watchdogMs: 10_000, burst: 256 });
   expect(r.failure, `${bug} fails on seed 1`).not.toBeNull();
   return {

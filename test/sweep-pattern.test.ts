@@ -1,5 +1,6 @@
 import { describe, expect, it } from 'vitest';
-import { type GuestOp, DEFAULT_WORKLOAD, OpKind } from '../src/guest/workload.ts';
+import { DEFAULT_WORKLOAD } from '../src/guest/workload.ts';
+import { type GuestOp, OpKind } from '../src/host/guest-op.ts';
 import { resumeWorkload } from '../src/guest/resume.ts';
 import { GuestMemory } from '../src/host/guest-memory.ts';
 import { type MemslotConfig, type VmLayout, createVmLayout } from '../src/host/layout.ts';

@@ -1,6 +1,7 @@
 import { describe, expect, it } from 'vitest';
-import { Step, WaitCode } from '../src/drivers/role.ts';
-import { DEFAULT_WORKLOAD, OpKind, type WorkloadName, createWorkload } from '../src/guest/workload.ts';
+import { Step, WaitCode } from '../src/roles/role.ts';
+import { DEFAULT_WORKLOAD, type WorkloadName, createWorkload } from '../src/guest/workload.ts';
+import { OpKind } from '../src/host/guest-op.ts';
 import { KVM_EXIT_MMIO, KVM_MEM_READONLY } from '../src/host/constants.ts';
 import { GlobalWord, REGION_PAGES_SHIFT, VcpuRunState, VcpuWord } from '../src/host/layout.ts';
 import { Phase, Vcpu } from '../src/host/vcpu.ts';

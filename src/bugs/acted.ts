@@ -1,6 +1,6 @@
 import { INJECTABLE_BUGS, isBugName } from '../host/injections.ts';
 import type { Vm } from '../host/vm.ts';
-import { CATALOG, type DirtyLogTestDemo, type MigrateDemo } from './catalog.ts';
+import { CATALOG } from './catalog.ts';
 
 /** What one injected bug did in a run: how often it acted, and if never, why not. */
 export interface InjectionReport {
@@ -31,26 +31,4 @@ function idleReason(vm: Vm, bug: (typeof INJECTABLE_BUGS)[number]): string {
 /** The injected bugs that never acted. */
 export function idleBugs(r: readonly InjectionReport[]): InjectionReport[] {
   return r.filter((x) => x.acted === 0);
-}
-
-/** A demonstration's settings as the flags they stand for. */
-export function demoFlags(d: MigrateDemo | DirtyLogTestDemo): string {
-  const flag = (k: string): string => `--${k.replace(/[A-Z]/g, (c) => `-${c.toLowerCase()}`)}`;
-  return Object.entries(d).flatMap(([k, v]) => (Array.isArray(v) ? v : [v]).map((x) => `${flag(k)} ${String(x)}`)).join(' ');
-}
-
-/**
- * The verdict's qualifier when injected bugs never acted: "ring-full-ignored never acted:
- * no ring reached its soft limit (...); its demonstration: vmemlab ...". Null when every
- * injected bug acted.
- */
-export function describeIdleBugs(r: readonly InjectionReport[], command: 'dirty-log-test' | 'migrate'): string | null {
-  const idle = idleBugs(r);
-  if (idle.length === 0) return null;
-  return idle.map((x) => {
-    const e = CATALOG.find((b) => b.name === x.bug);
-    const demo = command === 'migrate' ? e?.migrateDemo : e?.dirtyLogTestDemo;
-    const how = demo ? `; its demonstration settings: vmemlab ${command} --inject ${x.bug} ${demoFlags(demo)}` : '';
-    return `${x.bug} never acted: ${x.idle}${how}`;
-  }).join('; ');
 }

@@ -1,4 +1,3 @@
-import type { KernelBugs } from '../host/vm.ts';
 import type { DeviceKind } from '../host/devices/device-config.ts';
 import { UserError } from '../util/errors.ts';
 import type { BugName } from '../host/injections.ts';
@@ -25,51 +24,9 @@ export interface CatalogEntry {
   detectedBy: string;
   /** The commands whose scenario exercises it. */
   commands: ('dirty-log-test' | 'migrate')[];
-  /**
-   * Defaults `vmemlab migrate --inject NAME` takes (flags still override them): a
-   * scenario in which the write the bug loses is not written again before completion,
-   * so the stamp oracle sees it on every seed of the deterministic driver.
-   */
-  migrateDemo?: MigrateDemo;
-  /** Defaults `vmemlab dirty-log-test --inject NAME` takes (flags still override them). */
-  dirtyLogTestDemo?: DirtyLogTestDemo;
   /** Why a run can pass with the bug injected: what never happened, so the bug never acted. */
   neverActed: string;
 }
-
-/** dirty-log-test options (commander keys, flag text) a demonstration sets. */
-export type DirtyLogTestDemo = Partial<Record<'memory' | 'ringSize' | 'vcpus' | 'hostWriteEvery' | 'writes', string>>;
-
-/**
- * 16 MiB of random writes with a 256-entry ring: the ring fills many times per
- * iteration (20000 writes), and the bitmap modes see thousands of pages per collection.
- */
-const DIRTY_LOG_TEST_DEMO: DirtyLogTestDemo = { memory: '16MiB', ringSize: '256' };
-
-/** Migrate options (commander keys, flag text) a demonstration sets. */
-export type MigrateDemo = Partial<Record<'workload' | 'memory' | 'slots' | 'vcpus' | 'ringSize' | 'bandwidth' | 'batchPages' | 'hostWriteEvery' | 'downtimeLimit' | 'maxIterations' | 'policy' | 'iommu', string>>
-  & { device?: string[] };
-
-/**
- * migration-test's sweep on a small guest with four vCPUs: every write after the last
- * sync goes to a page not written since it was last sent, and a page is written again
- * only one whole sweep later, after the migration ended. Unlimited bandwidth keeps the
- * copy ahead of the sweep; 4-page frames spread each 64-page chunk's copy over many steps;
- * two slots make the last sync two GETs, with vCPUs running in between.
- */
-const SWEEP_DEMO: MigrateDemo = { workload: 'sweep', memory: '8MiB', slots: '2', vcpus: '4', bandwidth: 'unlimited', batchPages: '4', hostWriteEvery: '32' };
-/**
- * Random writes over 32 MiB with a small ring: enough dirty pages between syncs to fill a
- * 256-entry ring, and few enough that a page lost in one pass is rarely written again.
- */
-const RANDOM_DEMO: MigrateDemo = { workload: 'random', memory: '32MiB', ringSize: '256', bandwidth: '256MiB', hostWriteEvery: '32' };
-
-/**
- * A guest writing only its hot set, with one mdev doing DMA to random pages: the pages
- * the device writes are mostly never written by a vCPU, so a DMA write no source
- * reports stays lost. 4-page frames spread the copy over many steps, with DMA between.
- */
-const DMA_DEMO: MigrateDemo = { workload: 'hotset', memory: '16MiB', hostWriteEvery: '0', batchPages: '4', device: ['mdev:every=4'] };
 
 const BOTH: CatalogEntry['commands'] = ['dirty-log-test', 'migrate'];
 
@@ -83,9 +40,7 @@ export const CATALOG: readonly CatalogEntry[] = [
     modes: ['dirty-ring', 'dirty-log', 'clear-log'],
     detectedBy: 'dirty_log_test oracle: a clean page holds the current iteration',
     commands: BOTH,
-    migrateDemo: SWEEP_DEMO,
     neverActed: 'no re-protection (GET, CLEAR or ring reset) needed a remote TLB flush while a vCPU was in guest mode',
-    dirtyLogTestDemo: DIRTY_LOG_TEST_DEMO,
   },
   {
     name: 'ring-full-ignored',
@@ -95,9 +50,7 @@ export const CATALOG: readonly CatalogEntry[] = [
     modes: ['dirty-ring'],
     detectedBy: 'dirty_log_test oracle: a clean page holds the current iteration',
     commands: BOTH,
-    migrateDemo: RANDOM_DEMO,
     neverActed: 'no ring reached its soft limit',
-    dirtyLogTestDemo: DIRTY_LOG_TEST_DEMO,
   },
   {
     name: 'harvest-skips-entry',
@@ -107,9 +60,7 @@ export const CATALOG: readonly CatalogEntry[] = [
     modes: ['dirty-ring'],
     detectedBy: 'dirty_log_test oracle: a clean page holds the current iteration',
     commands: BOTH,
-    migrateDemo: SWEEP_DEMO,
     neverActed: 'no ring had 16 entries harvested (it drops every 16th)',
-    dirtyLogTestDemo: DIRTY_LOG_TEST_DEMO,
   },
   {
     name: 'clear-without-protect',
@@ -119,9 +70,7 @@ export const CATALOG: readonly CatalogEntry[] = [
     modes: ['clear-log'],
     detectedBy: 'dirty_log_test oracle: a clean page holds the current iteration',
     commands: BOTH,
-    migrateDemo: RANDOM_DEMO,
     neverActed: 'no KVM_CLEAR_DIRTY_LOG cleared a dirty bit',
-    dirtyLogTestDemo: DIRTY_LOG_TEST_DEMO,
   },
   {
     name: 'untracked-host-write',
@@ -132,9 +81,7 @@ export const CATALOG: readonly CatalogEntry[] = [
     needsHostWrites: true,
     detectedBy: 'dirty_log_test oracle: a clean page holds the current iteration',
     commands: BOTH,
-    migrateDemo: SWEEP_DEMO,
     neverActed: 'no host write (kvm_write_guest with no vCPU) landed in a slot that logs dirty pages',
-    dirtyLogTestDemo: DIRTY_LOG_TEST_DEMO,
   },
   {
     name: 'no-backup-bitmap',
@@ -145,9 +92,7 @@ export const CATALOG: readonly CatalogEntry[] = [
     needsHostWrites: true,
     detectedBy: 'dirty_log_test oracle: a clean page holds the current iteration; KVM warning counter',
     commands: BOTH,
-    migrateDemo: SWEEP_DEMO,
     neverActed: 'no host write (kvm_write_guest with no vCPU) landed in a slot that logs dirty pages',
-    dirtyLogTestDemo: DIRTY_LOG_TEST_DEMO,
   },
   {
     name: 'ring-full-exit-unhandled',
@@ -157,11 +102,7 @@ export const CATALOG: readonly CatalogEntry[] = [
     modes: ['dirty-ring'],
     detectedBy: 'dirty_log_test: the watchdog (free-run) or deadlock detection (deterministic); migrate: the guest-progress check (a vCPU in the same ring-full exit across frames of a pass)',
     commands: BOTH,
-    // A 256-entry ring fills early in the first pass over 16 MiB; 4-page frames give the
-    // guest-progress check many frames in which the vCPUs sit in the same exit.
-    migrateDemo: { workload: 'random', memory: '16MiB', ringSize: '256', hostWriteEvery: '0', batchPages: '4' },
     neverActed: 'no vCPU exited with KVM_EXIT_DIRTY_RING_FULL',
-    dirtyLogTestDemo: DIRTY_LOG_TEST_DEMO,
   },
   {
     name: 'copy-before-reset',
@@ -171,10 +112,6 @@ export const CATALOG: readonly CatalogEntry[] = [
     modes: ['dirty-ring'],
     detectedBy: 'stamp oracle: a destination page differs from its source page',
     commands: ['migrate'],
-    // A guest dirtying everything, switched over by force after two passes: in the last
-    // pass most copied pages are written again before the deferred reset, and the VM
-    // stops before they are written (and logged) once more.
-    migrateDemo: { workload: 'random', memory: '8MiB', bandwidth: '32MiB', downtimeLimit: '50', policy: 'force', maxIterations: '2', hostWriteEvery: '32' },
     neverActed: 'no pass copied harvested pages before their deferred KVM_RESET_DIRTY_RINGS',
   },
   {
@@ -185,7 +122,6 @@ export const CATALOG: readonly CatalogEntry[] = [
     modes: ['clear-log'],
     detectedBy: 'stamp oracle: a destination page differs from its source page',
     commands: ['migrate'],
-    migrateDemo: SWEEP_DEMO,
     neverActed: 'no 64-page chunk was copied before a KVM_CLEAR_DIRTY_LOG that cleared dirty bits',
   },
   {
@@ -196,7 +132,6 @@ export const CATALOG: readonly CatalogEntry[] = [
     modes: ['dirty-ring', 'dirty-log', 'clear-log'],
     detectedBy: 'stamp oracle: a destination page differs from its source page',
     commands: ['migrate'],
-    migrateDemo: SWEEP_DEMO,
     neverActed: 'the migration never reached completion',
   },
   {
@@ -208,7 +143,6 @@ export const CATALOG: readonly CatalogEntry[] = [
     devices: ['mdev', 'dma-engine'],
     detectedBy: 'stamp oracle: a destination page differs from its source page (its last writer is the device)',
     commands: ['migrate'],
-    migrateDemo: DMA_DEMO,
     neverActed: 'no device wrote by DMA while a DMA dirty source was tracking',
   },
   {
@@ -220,7 +154,6 @@ export const CATALOG: readonly CatalogEntry[] = [
     devices: ['dma-engine'],
     detectedBy: 'DMA oracle: a DMA through a cached translation after its unmap returned',
     commands: ['migrate'],
-    migrateDemo: { ...DMA_DEMO, device: ['dma-engine:every=4,remap-every=4'] },
     neverActed: 'no IOMMU unmap happened (the guest driver never recycled an IOVA)',
   },
   {
@@ -232,7 +165,6 @@ export const CATALOG: readonly CatalogEntry[] = [
     devices: ['mdev'],
     detectedBy: 'DMA oracle: device faults on IOVAs nothing maps',
     commands: ['migrate'],
-    migrateDemo: DMA_DEMO,
     neverActed: 'the mdev never used vfio_dma_rw on a buffer whose IOVA differs from its GPA',
   },
   {
@@ -245,7 +177,6 @@ export const CATALOG: readonly CatalogEntry[] = [
     costOnly: true,
     detectedBy: 'nothing (correct, only costly): compare pages reported by VFIO_IOMMU_DIRTY_PAGES and pages sent with and without it (npm run bench -- --only iommu/migration)',
     commands: ['migrate'],
-    migrateDemo: DMA_DEMO,
     neverActed: 'no read-only pin was taken while type1 dirty tracking was on',
   },
 ];
@@ -256,34 +187,4 @@ export function findBug(name: string, where: string): CatalogEntry {
   const e = CATALOG.find((b) => b.name === name);
   if (!e) throw new UserError(`${where}: unknown bug '${name}' (see 'vmemlab catalog'; one of: ${CATALOG.map((b) => b.name).join(', ')})`);
   return e;
-}
-
-/** The injected bugs as the pieces of code that honour them see them. */
-export interface InjectedBugs {
-  kernel: KernelBugs;
-  /** Userspace harvest drops every Nth entry (0: never). */
-  harvestSkipEvery: number;
-  /** The VMM leaves out the backup bitmap. */
-  noBackupBitmap: boolean;
-  /** The VMM ignores ring-full exits. */
-  ringFullExitUnhandled: boolean;
-}
-
-export function injectedBugs(names: readonly string[]): InjectedBugs {
-  const has = (n: string): boolean => names.includes(n);
-  return {
-    kernel: {
-      skipTlbShootdown: has('skip-tlb-shootdown'),
-      ringFullIgnored: has('ring-full-ignored'),
-      clearWithoutProtect: has('clear-without-protect'),
-      untrackedHostWrite: has('untracked-host-write'),
-      staleIotlbAfterUnmap: has('stale-iotlb-after-unmap'),
-      readPinDirties: has('read-pin-dirties'),
-      untrackedDma: has('untracked-dma'),
-      gpaAsIova: has('gpa-as-iova'),
-    },
-    harvestSkipEvery: has('harvest-skips-entry') ? 16 : 0,
-    noBackupBitmap: has('no-backup-bitmap'),
-    ringFullExitUnhandled: has('ring-full-exit-unhandled'),
-  };
 }

@@ -1,6 +1,7 @@
 import { availableParallelism } from 'node:os';
 import { CATALOG } from '../bugs/catalog.ts';
-import { demoFlags } from '../bugs/acted.ts';
+import { demoFlags } from '../scenarios/options.ts';
+import { DEMOS } from '../scenarios/demos.ts';
 import { type Detection, demoCommand, measureDetection } from '../hunt/detection.ts';
 import { Progress } from './progress.ts';
 import { HuntPool } from '../hunt/pool.ts';
@@ -40,7 +41,8 @@ export async function catalogCommand(json: boolean, measure: number | null = nul
     console.log(`  caught by: ${b.detectedBy}`);
     console.log(`  reference: ${b.reference}`);
     console.log(`  demo:      ${demoCommand(b)}`);
-    if (b.migrateDemo && b.commands.includes('migrate')) console.log(`  its scenario (migrate --inject ${b.name} uses it): ${demoFlags(b.migrateDemo)}`);
+    const demo = DEMOS[b.name].migrate;
+    if (demo && b.commands.includes('migrate')) console.log(`  its scenario (migrate --inject ${b.name} uses it): ${demoFlags(demo, 'migrate')}`);
     const d = measured.get(b.name);
     if (d) console.log(`  detection: ${rates(d)} (caught / the bug acted / runs), deterministic, seeds 1-${measure}`);
     else if (b.costOnly) console.log('  detection: none (a cost, not a correctness bug)');

@@ -1,25 +1,13 @@
-import { DEFAULT_WORKLOAD, parseWorkloadName } from '../guest/workload.ts';
+import { DEFAULT_WORKLOAD } from '../guest/workload.ts';
 import { GuestMemory } from '../host/guest-memory.ts';
 import { hasHostWrites } from '../oracles/sweep-pattern.ts';
 import { serveDestination } from '../migration/tcp.ts';
 import { type DestinationRun, defaultResumeOps, resumeDestination } from '../scenarios/resume.ts';
+import type { SettingKey } from '../scenarios/options.ts';
+import { flagLayer, resolve } from '../scenarios/settings.ts';
 import { UserError } from '../util/errors.ts';
-import { fraction, int, positive } from './flags.ts';
-import { MIGRATE_DEFAULTS, describeDestination } from './migrate-command.ts';
-
-const LOOPBACK = /^(127\.\d+\.\d+\.\d+|localhost|::1|\[::1\])$/;
-
-/** Parses HOST:PORT (IPv6 in brackets); a non-loopback host needs `allowRemote`. */
-export function parseEndpoint(flag: string, text: string, allowRemote: boolean): { host: string; port: number } {
-  const m = /^(\[[^\]]+\]|[^:]+):(\d+)$/.exec(text);
-  const port = m ? Number(m[2]) : NaN;
-  if (!m || port > 65535) throw new UserError(`${flag}: '${text}' is not HOST:PORT (e.g. 127.0.0.1:4444)`);
-  const host = m[1]!.replace(/^\[|\]$/g, '');
-  if (!allowRemote && !LOOPBACK.test(m[1]!)) {
-    throw new UserError(`${flag}: '${host}' is not a loopback address; pass --allow-remote to use another network`);
-  }
-  return { host, port };
-}
+import { describeDestination } from './migrate-command.ts';
+import { parseEndpoint } from '../util/endpoint.ts';
 
 export interface DestinationFlags {
   listen: string; allowRemote?: boolean; json?: boolean;
@@ -28,10 +16,14 @@ export interface DestinationFlags {
   seed?: string; resumeOps?: string; watchdog?: string; burst?: string;
 }
 
-const GUEST_FLAGS: [keyof DestinationFlags, string][] = [
-  ['vcpus', '--vcpus'], ['workload', '--workload'], ['hotFraction', '--hot-fraction'], ['hotShare', '--hot-share'],
-  ['writePercent', '--write-percent'], ['seed', '--seed'], ['resumeOps', '--resume-ops'], ['watchdog', '--watchdog'], ['burst', '--burst'],
+/** The guest options --resume takes: commander key, and the scenario setting it is (options.ts). */
+const GUEST_FLAGS: [keyof DestinationFlags, SettingKey][] = [
+  ['vcpus', 'vcpus'], ['workload', 'workload'], ['hotFraction', 'hotFraction'], ['hotShare', 'hotShare'],
+  ['writePercent', 'writePercent'], ['seed', 'seed'], ['resumeOps', 'resumeOps'], ['watchdog', 'watchdogMs'], ['burst', 'burst'],
 ];
+
+/** The guest a destination resumes by default: a migration's (the source's defaults). */
+export const DESTINATION_DEFAULTS = resolve('migrate', []).s;
 
 /**
  * `vmemlab destination --listen HOST:PORT`: receives one migration, then exits; with
@@ -42,19 +34,12 @@ const GUEST_FLAGS: [keyof DestinationFlags, string][] = [
 export async function destinationCommand(f: DestinationFlags): Promise<number> {
   const json = f.json === true;
   const { host, port } = parseEndpoint('--listen', f.listen, f.allowRemote === true);
-  const given = GUEST_FLAGS.find(([k]) => f[k] !== undefined);
-  if (!f.resume && given) throw new UserError(`${given[1]}: only with --resume (it describes the guest the destination resumes)`);
-  const d = MIGRATE_DEFAULTS;
-  const vcpus = int('--vcpus', f.vcpus ?? d.vcpus, 1, 64);
-  const workload = {
-    ...DEFAULT_WORKLOAD, name: parseWorkloadName(f.workload ?? d.workload, '--workload'),
-    hotFraction: fraction('--hot-fraction', f.hotFraction ?? d.hotFraction), hotShare: fraction('--hot-share', f.hotShare ?? d.hotShare),
-    writePercent: int('--write-percent', f.writePercent ?? d.writePercent, 0, 100),
-  };
-  const seed = int('--seed', f.seed ?? d.seed, 0, 0xffffffff);
-  const resumeOps = f.resumeOps !== undefined ? int('--resume-ops', f.resumeOps, 0) : undefined;
-  const watchdogMs = positive('--watchdog', f.watchdog ?? d.watchdog, 'seconds') * 1000;
-  const burst = int('--burst', f.burst ?? d.burst, 1, 1 << 20);
+  const typed = GUEST_FLAGS.filter(([k]) => f[k] !== undefined);
+  if (!f.resume && typed.length > 0) throw new UserError(`--${typed[0]![0].replace(/[A-Z]/g, (c) => `-${c.toLowerCase()}`)}: only with --resume (it describes the guest the destination resumes)`);
+  const { s } = resolve('migrate', [flagLayer('migrate', Object.fromEntries(typed.map(([k, key]) => [key, f[k]])))]);
+  const vcpus = s.vcpus;
+  const workload = { ...DEFAULT_WORKLOAD, name: s.workload, hotFraction: s.hotFraction, hotShare: s.hotShare, writePercent: s.writePercent };
+  const { seed, resumeOps, watchdogMs, burst } = s;
 
   const served = await serveDestination(host, port, f.resume ? vcpus : 1);
   if (!json) console.log(`destination: listening on ${served.address.address}:${served.address.port}`);

@@ -1,97 +1,13 @@
-import { PAGE_SIZE } from '../host/constants.ts';
-import { CATALOG } from '../bugs/catalog.ts';
-import { MAX_STAMP_ITERATION } from '../host/memslot.ts';
-import { DEFAULT_WORKLOAD, parseWorkloadName } from '../guest/workload.ts';
-import { describeViolation } from '../oracles/dirty-log-verify.ts';
 import type { DirtyLogEvent, DirtyLogTestConfig } from '../scenarios/dirty-log-test.ts';
 import { type Driver, type DirtyLogRunResult, runDirtyLogTest } from '../scenarios/run-dirty-log-test.ts';
-import { UserError } from '../util/errors.ts';
+import { type Resolved, buildDirtyLogTest } from '../scenarios/settings.ts';
+import { describeViolation } from '../oracles/dirty-log-verify.ts';
 import { formatSize } from '../util/size.ts';
-import { MAX_OP_RATE, bugsAndMode, dirtyRate, fraction, int, memory, positive, ringSize } from './flags.ts';
 import { Progress } from './progress.ts';
-import { describeIdleBugs } from '../bugs/acted.ts';
+import { describeIdleBugs } from '../scenarios/demos.ts';
 import { dirtyLogOutcome } from '../scenarios/outcome.ts';
 import { type Expected, checkExpectation } from './expectation.ts';
 import { describeVcpuRates } from './vcpu-rates.ts';
-
-export { MODES } from './flags.ts';
-
-/** The options as commander hands them over (strings, or defaults). */
-export interface DirtyLogTestFlags {
-  mode?: string;
-  vcpus: string;
-  memory: string;
-  slots: string;
-  iterations: string;
-  ringSize: string;
-  workload: string;
-  hotFraction: string;
-  hotShare: string;
-  writePercent: string;
-  randomOrder?: boolean;
-  writes?: string;
-  hostWriteEvery: string;
-  driver: string;
-  seed: string;
-  inject: string[];
-  json?: boolean;
-  watchdog: string;
-  burst: string;
-  dirtyLimit?: string;
-  opRate?: string;
-}
-
-export const DIRTY_LOG_TEST_DEFAULTS = {
-  vcpus: '2', memory: '256MiB', slots: '1', iterations: '6', ringSize: '4096', workload: 'random',
-  hotFraction: String(DEFAULT_WORKLOAD.hotFraction), hotShare: String(DEFAULT_WORKLOAD.hotShare),
-  writePercent: String(DEFAULT_WORKLOAD.writePercent), hostWriteEvery: '64', driver: 'free', seed: '1',
-  watchdog: '10', burst: '256',
-} as const;
-
-/**
- * The flags a dirty_log_test runs with: what was given, else the injected bugs'
- * demonstration settings (the first bug's win), else the command's defaults.
- */
-export function dirtyLogTestFlags(given: Partial<DirtyLogTestFlags>): DirtyLogTestFlags {
-  const defined = Object.fromEntries(Object.entries(given).filter(([, v]) => v !== undefined));
-  const demos = (given.inject ?? []).map((n) => CATALOG.find((b) => b.name === n)?.dirtyLogTestDemo ?? {}).reverse();
-  return { ...DIRTY_LOG_TEST_DEFAULTS, inject: [], ...Object.assign({}, ...demos), ...defined } as DirtyLogTestFlags;
-}
-
-/** Turns flags into a validated configuration; every mistake names the flag and the value. */
-export function dirtyLogTestConfig(f: DirtyLogTestFlags): { config: DirtyLogTestConfig; driver: Driver; watchdogMs: number; burst: number } {
-  const { bugs, mode } = bugsAndMode('dirty-log-test', f.inject, '--mode', f.mode);
-  const memoryBytes = memory('--memory', f.memory);
-  const slots = int('--slots', f.slots, 1, 32767);
-  if (memoryBytes / PAGE_SIZE < slots) throw new UserError(`--slots: ${slots} slots do not fit in ${f.memory} (${memoryBytes / PAGE_SIZE} pages)`);
-  const ringEntries = ringSize('--ring-size', f.ringSize);
-  const driver = f.driver;
-  if (driver !== 'free' && driver !== 'deterministic') throw new UserError(`--driver: unknown driver '${driver}' (free or deterministic)`);
-  const vcpus = int('--vcpus', f.vcpus, 1, 64);
-  const hostWriteEvery = int('--host-write-every', f.hostWriteEvery, 0);
-  const needsHost = bugs.find((b) => b.needsHostWrites);
-  if (needsHost && hostWriteEvery === 0) throw new UserError(`--inject ${needsHost.name}: needs host writes; --host-write-every must not be 0`);
-  const pages = memoryBytes / PAGE_SIZE;
-  const defaultWrites = driver === 'deterministic' ? Math.min(4096, pages * 2) : Math.max(20000, Math.min(200000, pages));
-  const config: DirtyLogTestConfig = {
-    mode, vcpus, memoryBytes, slots, ringEntries,
-    iterations: int('--iterations', f.iterations, 1, MAX_STAMP_ITERATION), // the page stamp holds 16 bits of it
-    workload: {
-      name: parseWorkloadName(f.workload, '--workload'),
-      hotFraction: fraction('--hot-fraction', f.hotFraction),
-      hotShare: fraction('--hot-share', f.hotShare),
-      writePercent: int('--write-percent', f.writePercent, 0, 100),
-      randomOrder: f.randomOrder === true,
-      opRate: f.opRate !== undefined ? int('--op-rate', f.opRate, 1, MAX_OP_RATE) : 0,
-    },
-    dirtyLimit: f.dirtyLimit !== undefined ? dirtyRate('--dirty-limit', f.dirtyLimit) : 0,
-    seed: int('--seed', f.seed, 0, 0xffffffff),
-    bugs: bugs.map((b) => b.name),
-    opsPerIteration: f.writes !== undefined ? int('--writes', f.writes, 1) : defaultWrites,
-    hostWriteEvery,
-  };
-  return { config, driver, watchdogMs: positive('--watchdog', f.watchdog, 'seconds') * 1000, burst: int('--burst', f.burst, 1, 1 << 20) };
-}
 
 export function describeConfig(c: DirtyLogTestConfig, driver: Driver): string {
   const tracking = c.mode === 'dirty-ring' ? `dirty-ring (${c.ringEntries} entries)` : c.mode;
@@ -110,10 +26,8 @@ export function exitStatus(r: DirtyLogRunResult): number {
   return r.status === 'passed' ? 0 : r.status === 'failed' ? 1 : 3;
 }
 
-export async function dirtyLogTestCommand(given: Partial<DirtyLogTestFlags>, expected?: Expected): Promise<number> {
-  const f = dirtyLogTestFlags(given);
-  const { config, driver, watchdogMs, burst } = dirtyLogTestConfig(f);
-  const json = f.json === true;
+export async function dirtyLogTestCommand(settings: Resolved, json: boolean, expected?: Expected): Promise<number> {
+  const { config, driver, watchdogMs, burst } = buildDirtyLogTest(settings);
   const progress = new Progress(json);
   const out = (line: string): void => { if (!json) { progress.clear(); console.log(line); } };
   out(describeConfig(config, driver));

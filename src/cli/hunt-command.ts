@@ -10,19 +10,14 @@ import { writeReplayFile } from '../hunt/replay-file.ts';
 import type { MigrationScenario } from '../scenarios/migration.ts';
 import { UserError } from '../util/errors.ts';
 import { formatSize } from '../util/size.ts';
-import { int } from './flags.ts';
-import { type MigrateFlags, describeResult, migrateFlags, migrationScenario } from './migrate-command.ts';
+import { wholeNumber } from '../scenarios/options.ts';
+import { type Resolved, buildMigration } from '../scenarios/settings.ts';
+import { describeResult } from './migrate-command.ts';
 import { Progress } from './progress.ts';
 
-export interface HuntFlags { seeds: string; strategy: string; out: string; all?: boolean; shrink?: boolean; shard: string; workers?: string; json?: boolean; watchdog: string }
+export interface HuntFlags { seeds: string; strategy: string; out: string; all?: boolean; shrink?: boolean; shard: string; workers?: string; json?: boolean }
 
-export const HUNT_DEFAULTS = { seeds: '16', strategy: 'random,pct,free', out: 'vmemlab-hunt', shard: '1/1', watchdog: '10' } as const;
-
-/**
- * `vmemlab hunt` with no scenario (and no --inject): the default job's guest scaled down
- * to 2 vCPUs and 16 MiB, so that each deterministic run takes well under a second.
- */
-export const DEFAULT_HUNT_JOB = { vcpus: '2', memory: '16MiB', workload: 'hotset', tracking: 'dirty-ring', hostWriteEvery: '64' } as const;
+export const HUNT_DEFAULTS = { seeds: '16', strategy: 'random,pct,free', out: 'vmemlab-hunt', shard: '1/1' } as const;
 
 export function parseShard(text: string): Shard {
   const m = /^(\d+)\/(\d+)$/.exec(text.trim());
@@ -64,17 +59,17 @@ export function describeHunt(report: HuntReport): string[] {
   return lines;
 }
 
-export async function huntCommand(given: Partial<MigrateFlags>, h: HuntFlags, file: string | undefined): Promise<number> {
-  const f = migrateFlags(given);
-  const { scenario, watchdogMs, burst } = migrationScenario({ ...f, driver: 'deterministic' });
+export async function huntCommand(settings: Resolved, h: HuntFlags, file: string | undefined): Promise<number> {
+  // Built as for the deterministic driver (its warm-up); the free strategy runs the same scenario on threads.
+  const { scenario, watchdogMs, burst } = buildMigration({ ...settings, s: { ...settings.s, driver: 'deterministic' } });
   const strategies = parseStrategies(h.strategy);
-  const seeds = int('--seeds', h.seeds, 1, 1_000_000);
+  const seeds = wholeNumber(h.seeds, '--seeds', 1, 1_000_000);
   const shard = parseShard(h.shard);
-  const workers = h.workers === undefined ? availableParallelism() : int('--workers', h.workers, 1, 256);
+  const workers = h.workers === undefined ? availableParallelism() : wholeNumber(h.workers, '--workers', 1, 256);
   const json = h.json === true;
   const progress = new Progress(json);
   if (!json) {
-    console.log(`hunt: ${file ?? (given.inject?.length ? 'the injected bug\'s demonstration scenario' : 'the default scenario')}: ${describeScenario(scenario)}; seeds 1-${seeds}` +
+    console.log(`hunt: ${file ?? (settings.s.inject.length ? 'the injected bug\'s demonstration scenario' : 'the default scenario')}: ${describeScenario(scenario)}; seeds 1-${seeds}` +
       `${shard.count > 1 ? ` (shard ${shard.index}/${shard.count})` : ''}, strategies ${strategies.join(', ')}, ${workers} worker(s)`);
   }
   const started = performance.now();
@@ -151,7 +146,7 @@ export function minimalPath(path: string): string {
 /** `vmemlab shrink FILE`: the smallest scenario and schedule that still fail the same way, written as a replay file. */
 export async function shrinkCommand(path: string, o: { out?: string; maxRuns?: string; json?: boolean }): Promise<number> {
   const f = readReplayFile(path);
-  const maxRuns = o.maxRuns === undefined ? undefined : int('--max-runs', o.maxRuns, 1, 1_000_000);
+  const maxRuns = o.maxRuns === undefined ? undefined : wholeNumber(o.maxRuns, '--max-runs', 1, 1_000_000);
   const progress = new Progress(o.json === true);
   const r = await shrink(f, { maxRuns, onProgress: (t) => progress.update(`shrinking: ${t}`) });
   progress.clear();

@@ -1,5 +1,6 @@
 import { Prng } from '../util/prng.ts';
-import { type Role, Step, describeWait } from './role.ts';
+import { type Role, Step } from '../roles/role.ts';
+import { describeWait } from './describe-wait.ts';
 
 /** Picks which role steps next. */
 export interface Scheduler {

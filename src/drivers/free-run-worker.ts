@@ -1,29 +1,15 @@
-import type { VmLayout } from '../host/layout.ts';
-import { type RoleSpec, buildRole, vmFor } from '../scenarios/roles.ts';
-import { ActorWord, actorBase } from './free-run.ts';
-import { type Role, Step } from './role.ts';
+import { ActorWord, type RoleWorkerData, type WorkerMessage, actorBase } from './actor-words.ts';
+import { type Role, Step } from '../roles/role.ts';
 
-export interface RoleWorkerData {
-  layout: VmLayout;
-  bugs: string[];
-  spec: RoleSpec;
-  actors: SharedArrayBuffer;
-  actor: number;
-  /** Guest operations per vCPU burst between step boundaries. */
-  burst: number;
-  /** Tests only: throw after this many steps, to check that a crash fails the run cleanly. */
-  crashAfterSteps?: number;
-}
+/** Builds a worker's role from its data; events it reports go to the VMM thread. */
+export type RoleFactory<Spec = unknown> = (data: RoleWorkerData<Spec>, report: (event: unknown) => void) => Role;
 
-export type WorkerMessage =
-  | { type: 'ready' }
-  | { type: 'event'; event: unknown }
-  | { type: 'done' };
-
-/** Worker side of the free-run driver: build the role, loop its steps, park when blocked. */
-export function runRoleWorker(data: RoleWorkerData, post: (m: WorkerMessage) => void): void {
-  const vm = vmFor(data.layout, data.bugs);
-  const role = buildRole(data.spec, vm, (event) => post({ type: 'event', event }));
+/**
+ * Worker side of the free-run driver: build the role (with the factory the worker entry
+ * hands over: the driver knows no scenarios), loop its steps, park when blocked.
+ */
+export function runRoleWorker<Spec>(data: RoleWorkerData<Spec>, post: (m: WorkerMessage) => void, build: RoleFactory<Spec>): void {
+  const role = build(data, (event) => post({ type: 'event', event }));
   post({ type: 'ready' });
   const actors = new Int32Array(data.actors);
   // Wait until every role's thread is up (the driver starts them together), or shutdown.

@@ -1,17 +1,13 @@
 import type { Transferable, Worker } from 'node:worker_threads';
-import { LINE_WORDS } from '../host/layout.ts';
-import type { RoleWorkerData, WorkerMessage } from './free-run-worker.ts';
-import { describeWait } from './role.ts';
+import { LINE_WORDS } from '../host/cache-line.ts';
+import { ActorWord, type RoleWorkerData, type WorkerMessage, actorBase } from './actor-words.ts';
+import { describeWait } from './describe-wait.ts';
 import { spawnWorker } from './spawn.ts';
 
 /** Worker threads get this long to start before the watchdog gives up on them. */
 const STARTUP_MS = 30_000;
 
-/** Per-actor words the watchdog and progress display read; one line per actor. */
-export const ActorWord = { PROGRESS: 0, WAIT_CODE: 1, WAIT_ARG: 2, WAIT_ARG2: 3, STATUS: 4, SHUTDOWN: 0, START: 1 } as const;
-export function actorBase(actor: number): number {
-  return (actor + 1) * LINE_WORDS; // line 0 holds SHUTDOWN
-}
+
 
 export interface FreeRunActor {
   name: string;

@@ -1,7 +1,8 @@
 import type { GuestMemory } from '../host/guest-memory.ts';
 import { sweepPosition, sweepSlices } from '../oracles/sweep-pattern.ts';
 import { Prng } from '../util/prng.ts';
-import { type GuestContext, type GuestOp, OpKind, type Workload, type WorkloadOptions, createWorkload } from './workload.ts';
+import { type GuestContext, type GuestOp, OpKind, type Workload } from '../host/guest-op.ts';
+import { type WorkloadOptions, createWorkload } from './workload.ts';
 
 /**
  * The guest on a destination that resumes after a migration: the same workload,

@@ -1,5 +1,5 @@
 import { GlobalWord } from './layout.ts';
-import { type Steps, WaitCode, waitFor } from '../drivers/role.ts';
+import { type Steps, WaitCode, waitFor } from '../roles/role.ts';
 
 /**
  * A host-side actor that writes guest memory or changes what devices can reach (device

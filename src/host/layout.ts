@@ -1,7 +1,7 @@
 import {
   KVM_DIRTY_GFN_SIZE, KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, PAGE_SIZE,
 } from './constants.ts';
-import { createPageHistoryBuffer } from '../oracles/page-history.ts';
+import { createPageHistoryBuffer } from './page-history.ts';
 import { type IommuConfig, type IommuLayout, createIommuLayout } from './iommu/iommu-layout.ts';
 import { INJECTION_WORDS } from './injections.ts';
 

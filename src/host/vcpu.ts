@@ -5,9 +5,9 @@ import {
 import { type Memslot, PAGE_WORDS, REGION_PAGE_MASK, stampWord } from './memslot.ts';
 import { SPTE_WRITABLE } from './spte.ts';
 import type { Vm } from './vm.ts';
-import { type GuestContext, type GuestOp, OpKind, type Workload, type Write64Workload, isWrite64Workload } from '../guest/workload.ts';
-import { NOT_WAITING, type Role, Step, type Wait, WaitCode, waitFor } from '../drivers/role.ts';
-import { type Clock, WALL_CLOCK } from '../drivers/clock.ts';
+import { type GuestContext, type GuestOp, OpKind, type Workload, type Write64Workload, isWrite64Workload } from './guest-op.ts';
+import { NOT_WAITING, type Role, Step, type Wait, WaitCode, waitFor } from '../roles/role.ts';
+import { type Clock, WALL_CLOCK } from '../roles/clock.ts';
 import { type TokenBucket, bucketFor } from '../util/token-bucket.ts';
 
 /** Where a vCPU is inside one guest operation. Each phase is one step (a preemption point). */

@@ -15,8 +15,8 @@ import { Acted, InjectionCounters } from './injections.ts';
 import { KvmError } from '../util/errors.ts';
 import {
   HARVEST_BITMAP, HostWriteLog, LogSink, PageEvent, PageHistory, ProtectBy,
-} from '../oracles/page-history.ts';
-import { type Steps, WaitCode, waitFor } from '../drivers/role.ts';
+} from './page-history.ts';
+import { type Steps, WaitCode, waitFor } from '../roles/role.ts';
 
 /** Kernel bugs a Vm can be built with (see src/bugs/catalog.ts). */
 export interface KernelBugs {

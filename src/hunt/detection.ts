@@ -1,6 +1,5 @@
 import { type CatalogEntry } from '../bugs/catalog.ts';
-import { dirtyLogTestConfig, dirtyLogTestFlags } from '../cli/dirty-log-test-command.ts';
-import { migrateFlags, migrationScenario } from '../cli/migrate-command.ts';
+import { dirtyLogTestSetup, migrationSetup } from '../scenarios/settings.ts';
 import type { Strategy } from '../drivers/strategy.ts';
 import { runDirtyLogTest } from '../scenarios/run-dirty-log-test.ts';
 import { type HuntStrategy, hunt } from './hunt.ts';
@@ -28,7 +27,7 @@ export function demoCommand(b: CatalogEntry, seeds = 8): string {
  */
 export async function measureDetection(b: CatalogEntry, seeds: number, strategies: HuntStrategy[], pool: HuntPool): Promise<Detection[]> {
   if (b.commands.includes('migrate')) {
-    const { scenario, watchdogMs, burst } = migrationScenario(migrateFlags({ inject: [b.name], driver: 'deterministic' }));
+    const { scenario, watchdogMs, burst } = migrationSetup({ inject: [b.name], driver: 'deterministic' });
     const { report } = await hunt({ scenario, strategies, seeds, shard: { index: 1, count: 1 }, all: true, workers: pool.workers, pool, watchdogMs, burst });
     return report.strategies.map((r) => ({ strategy: r.strategy, caught: r.failures, acted: r.acted ?? 0, runs: r.runs, medianSteps: r.medianStepsToDetection }));
   }
@@ -39,7 +38,7 @@ export async function measureDetection(b: CatalogEntry, seeds: number, strategie
     const steps: number[] = [];
     for (let seed = 1; seed <= seeds; seed++) {
       const free = strategy === 'free';
-      const { config, watchdogMs, burst } = dirtyLogTestConfig(dirtyLogTestFlags({ inject: [b.name], driver: free ? 'free' : 'deterministic', seed: String(seed) }));
+      const { config, watchdogMs, burst } = dirtyLogTestSetup({ inject: [b.name], driver: free ? 'free' : 'deterministic', seed });
       const r = await runDirtyLogTest(config, { driver: free ? 'free' : 'deterministic', strategy: free ? undefined : strategy as Strategy, watchdogMs: free ? watchdogMs : 2000, burst });
       if (r.status !== 'passed') { caught++; if (r.steps !== undefined) steps.push(r.steps); }
       if (r.injections.some((x) => x.acted > 0)) acted++;

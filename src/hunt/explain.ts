@@ -6,7 +6,7 @@ import { IOPTE_PRESENT } from '../host/iommu/io-page-table.ts';
 import { DeviceWord, IoPte, IommuWord, deviceBase } from '../host/iommu/iommu-layout.ts';
 import type { Vm } from '../host/vm.ts';
 import { type DmaRecord, describeDmaRecord } from '../oracles/dma-oracle.ts';
-import { PAGE_EVENT_NAMES, type PageEventName } from '../oracles/page-history.ts';
+import { PAGE_EVENT_NAMES, type PageEventName } from '../host/page-history.ts';
 import type { StampMismatch } from '../oracles/stamp-oracle.ts';
 import { type MigrationRunResult, runMigration } from '../scenarios/migration.ts';
 import { UserError } from '../util/errors.ts';
@@ -310,7 +310,7 @@ class DmaTracer implements Observer {
     const b = deviceBase(this.record.device);
     this.ack = Atomics.load(iommu.words, b + DeviceWord.INV_ACK);
     this.mode = Atomics.load(iommu.words, b + DeviceWord.MODE);
-    this.count = iommu.oracle.count();
+    this.count = iommu.dmaRecords.count();
     this.iovaAsGfnIsRam = vm.memory.slots.some((x) => this.iova >= x.baseGfn && this.iova < x.endGfn);
     const g = this.record.cachedGfn;
     const s = g >= 0 ? vm.memory.slots.find((x) => g >= x.baseGfn && g < x.endGfn) : undefined;
@@ -358,7 +358,7 @@ class DmaTracer implements Observer {
         return false;
       });
     }
-    const count = iommu.oracle.count();
+    const count = iommu.dmaRecords.count();
     if (count !== this.count) { if (this.count === 0) this.evs.push({ ...at, k: 'record', count }); this.count = count; }
   }
 }

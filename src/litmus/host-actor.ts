@@ -1,4 +1,4 @@
-import { NOT_WAITING, type Role, Step, type Steps, type Wait } from '../drivers/role.ts';
+import { NOT_WAITING, type Role, Step, type Steps, type Wait } from '../roles/role.ts';
 
 /**
  * The host (VMM thread plus the KVM code it calls) as a role that runs one operation at

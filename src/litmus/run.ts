@@ -1,13 +1,15 @@
-import { findBug, injectedBugs } from '../bugs/catalog.ts';
+import { findBug } from '../bugs/catalog.ts';
+import { injectedBugs } from '../bugs/injected.ts';
 import { DeterministicDriver, ReplayScheduler } from '../drivers/deterministic.ts';
-import { Step, type Steps, type Wait, WaitCode, describeWait } from '../drivers/role.ts';
+import { Step, type Steps, type Wait, WaitCode } from '../roles/role.ts';
+import { describeWait } from '../drivers/describe-wait.ts';
 import { EXIT_REASON_NAMES, KVM_DIRTY_GFN_F_DIRTY, KVM_DIRTY_GFN_F_RESET, KVM_EXIT_MMIO } from '../host/constants.ts';
 import { DirtyRingHarvester } from '../host/dirty-ring.ts';
 import { GlobalWord, VcpuRunState, VcpuWord, createVmLayout } from '../host/layout.ts';
 import { HOST_WRITER_BASE, type Memslot } from '../host/memslot.ts';
 import { Phase, Vcpu } from '../host/vcpu.ts';
 import { VmmControl } from '../host/vmm.ts';
-import { OpKind } from '../guest/workload.ts';
+import { OpKind } from '../host/guest-op.ts';
 import { KvmError } from '../util/errors.ts';
 import { type Mismatch, checkFinal, checkOp } from './expectations.ts';
 import { HostActor } from './host-actor.ts';

@@ -1,4 +1,4 @@
-import { type GuestOp, OpKind, type Workload } from '../guest/workload.ts';
+import { type GuestOp, OpKind, type Workload } from '../host/guest-op.ts';
 import type { VcpuOp } from './spec.ts';
 
 /**

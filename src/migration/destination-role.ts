@@ -1,4 +1,4 @@
-import { NOT_WAITING, type Role, Step, type Wait, WaitCode, waitFor } from '../drivers/role.ts';
+import { NOT_WAITING, type Role, Step, type Wait, WaitCode, waitFor } from '../roles/role.ts';
 import { DestState } from './channel.ts';
 import type { Destination } from './destination.ts';
 

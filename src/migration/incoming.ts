@@ -1,4 +1,4 @@
-import { type Steps, WaitCode, waitFor } from '../drivers/role.ts';
+import { type Steps, WaitCode, waitFor } from '../roles/role.ts';
 import { VcpuWord } from '../host/layout.ts';
 import type { Vm } from '../host/vm.ts';
 import { VmmControl } from '../host/vmm.ts';

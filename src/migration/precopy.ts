@@ -8,10 +8,10 @@ import type { Memslot } from '../host/memslot.ts';
 import type { Vm } from '../host/vm.ts';
 import { VmmControl } from '../host/vmm.ts';
 import { VcpuWord } from '../host/layout.ts';
-import { type Steps, WaitCode, waitFor } from '../drivers/role.ts';
+import { type Steps, WaitCode, waitFor } from '../roles/role.ts';
 import { DestState, DestWord, type MigrationChannel } from './channel.ts';
-import type { Clock } from '../drivers/clock.ts';
-import { COPY_COMPLETION, PageEvent } from '../oracles/page-history.ts';
+import type { Clock } from '../roles/clock.ts';
+import { COPY_COMPLETION, PageEvent } from '../host/page-history.ts';
 import type { DmaSourceStats } from '../host/iommu/dma-dirty-sync.ts';
 import { type PageSource, checksumUpdate, encodeComplete, encodeHeader, encodePages, encodeSync } from './stream.ts';
 
@@ -409,7 +409,7 @@ export function* precopy(
       end({ kind: 'failed', reason: 'the destination failed', info: info('failed', 0) });
       return;
     }
-    if (vm.iommu?.oracle.faultStopped()) {
+    if (vm.iommu?.dmaRecords.faultStopped()) {
       unthrottle();
       end({ kind: 'failed', reason: 'a device faulted and the run stops on device faults', info: info('failed', 0) });
       return;

@@ -1,7 +1,7 @@
 import { PAGE_SIZE } from '../host/constants.ts';
 import type { GuestMemory } from '../host/guest-memory.ts';
 import { type PageStamp, describeWriter } from '../host/memslot.ts';
-import { type PageHistory, type PageHistoryEvent, describeHistory } from './page-history.ts';
+import { type PageHistory, type PageHistoryEvent, describeHistory } from '../host/page-history.ts';
 
 export interface StampMismatch {
   slot: number;

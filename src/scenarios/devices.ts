@@ -6,7 +6,7 @@ import { LockHolder } from '../host/iommu/domain-lock.ts';
 import type { IommuStats } from '../host/iommu/iommu.ts';
 import { DeviceWord, type DmaTracking, type IommuBackendKind, type IommuConfig, IommuWord, deviceBase } from '../host/iommu/iommu-layout.ts';
 import type { Vm } from '../host/vm.ts';
-import { type DmaRecord } from '../oracles/dma-oracle.ts';
+import type { DmaRecord } from '../host/iommu/dma-records.ts';
 import { UserError } from '../util/errors.ts';
 
 /** The IOMMU and devices of a scenario. */
@@ -121,7 +121,7 @@ export function dmaReport(vm: Vm, setup: DeviceSetup): DmaReport | null {
     };
   });
   return {
-    iommu: iommu.stats(), devices, records: iommu.oracle.records(),
+    iommu: iommu.stats(), devices, records: iommu.dmaRecords.records(),
     faults: devices.reduce((s, d) => s + d.faults, 0), staleIotlb: devices.reduce((s, d) => s + d.staleIotlb, 0),
   };
 }

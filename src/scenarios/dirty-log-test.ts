@@ -1,15 +1,16 @@
-import { type TrackingMode, injectedBugs } from '../bugs/catalog.ts';
+import type { TrackingMode } from '../bugs/catalog.ts';
+import { injectedBugs } from '../bugs/injected.ts';
 import { KVM_EXIT_DIRTY_RING_FULL, KVM_EXIT_MMIO, PAGE_SIZE } from '../host/constants.ts';
 import { PageBitmap } from '../host/dirty-bitmap.ts';
 import { DirtyLogSync, type SyncResult } from '../host/dirty-log-sync.ts';
 import { GlobalWord, type MemslotConfig, type VmConfig, VcpuWord } from '../host/layout.ts';
 import type { Vm } from '../host/vm.ts';
 import { VmmControl } from '../host/vmm.ts';
-import { type Steps, WaitCode, waitFor } from '../drivers/role.ts';
+import { type Steps, WaitCode, waitFor } from '../roles/role.ts';
 import { type DirtyLogViolation, verifyDirtyLog } from '../oracles/dirty-log-verify.ts';
 import type { WorkloadOptions } from '../guest/workload.ts';
 import { Prng } from '../util/prng.ts';
-import { type Clock, WALL_CLOCK } from '../drivers/clock.ts';
+import { type Clock, WALL_CLOCK } from '../roles/clock.ts';
 
 export interface DirtyLogTestConfig {
   mode: TrackingMode;

@@ -3,7 +3,7 @@ import { HostActor } from '../host/host-actor.ts';
 import { HOST_WRITER_BASE } from '../host/memslot.ts';
 import type { Vm } from '../host/vm.ts';
 import type { VmmControl } from '../host/vmm.ts';
-import { type Steps, WaitCode, waitFor } from '../drivers/role.ts';
+import { type Steps, WaitCode, waitFor } from '../roles/role.ts';
 import type { Prng } from '../util/prng.ts';
 
 /**

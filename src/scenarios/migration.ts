@@ -1,4 +1,5 @@
-import { type TrackingMode, injectedBugs } from '../bugs/catalog.ts';
+import type { TrackingMode } from '../bugs/catalog.ts';
+import { injectedBugs } from '../bugs/injected.ts';
 import { type InjectionReport, injectionReport } from '../bugs/acted.ts';
 import type { DeterministicDriver } from '../drivers/deterministic.ts';
 import type { WorkloadOptions } from '../guest/workload.ts';
@@ -9,7 +10,7 @@ import { VmmControl } from '../host/vmm.ts';
 import { DEST_WORDS, DestWord } from '../migration/channel.ts';
 import { createStreamRing } from '../migration/stream-ring.ts';
 import { compareDigests, connectDestination } from '../migration/tcp.ts';
-import type { MigrationBugs, MigrationEvent, MigrationInfo, MigrationParams, PassStats } from '../migration/precopy.ts';
+import type { MigrationEvent, MigrationInfo, MigrationParams, PassStats } from '../migration/precopy.ts';
 import { type StampMismatch, compareMemory, withHistory } from '../oracles/stamp-oracle.ts';
 import { UserError } from '../util/errors.ts';
 import { slotLayout } from './dirty-log-test.ts';
@@ -99,15 +100,6 @@ export function migrationVmConfig(s: MigrationScenario): VmConfig {
   const config: VmConfig = { slots, vcpus: s.vcpus, tracking, pageHistory: s.pageHistory !== false };
   const iommu = iommuConfigFor(devices, slots);
   return iommu ? { ...config, iommu } : config;
-}
-
-export function migrationBugs(names: readonly string[]): MigrationBugs {
-  return {
-    copyBeforeReset: names.includes('copy-before-reset'),
-    copyBeforeClear: names.includes('copy-before-clear'),
-    skipFinalSync: names.includes('skip-final-sync'),
-    ringFullExitUnhandled: names.includes('ring-full-exit-unhandled'),
-  };
 }
 
 /** Migrates a running, writing VM to an in-process destination and compares memory. */

@@ -1,5 +1,6 @@
-import { injectedBugs } from '../bugs/catalog.ts';
-import { GeneratorRole, type Role } from '../drivers/role.ts';
+import { injectedBugs } from '../bugs/injected.ts';
+import { GeneratorRole, type Role } from '../roles/role.ts';
+import type { RoleFactory } from '../drivers/free-run-worker.ts';
 import { createWorkload, type WorkloadOptions } from '../guest/workload.ts';
 import { resumeWorkload } from '../guest/resume.ts';
 import { Vcpu } from '../host/vcpu.ts';
@@ -12,13 +13,12 @@ import { hostWriter } from './host-writer.ts';
 import type { MessagePort } from 'node:worker_threads';
 import { GuestMemory } from '../host/guest-memory.ts';
 import { PortChannel, QueueChannel } from '../migration/channel.ts';
-import { StepClock, WALL_CLOCK } from '../drivers/clock.ts';
+import { StepClock, WALL_CLOCK } from '../roles/clock.ts';
 import { Destination } from '../migration/destination.ts';
 import { DestinationRole, QueueSource } from '../migration/destination-role.ts';
 import { RingChannel, RingSource } from '../migration/stream-ring.ts';
 import { runResumedGuest } from '../migration/incoming.ts';
 import { type MigrationEvent, type MigrationParams, precopy } from '../migration/precopy.ts';
-import { migrationBugs } from './migration.ts';
 import { type DeviceSetup, deviceWindow } from './devices.ts';
 import { DmaEngine } from '../host/devices/dma-engine.ts';
 import { Mdev } from '../host/devices/mdev.ts';
@@ -58,6 +58,9 @@ export function vmFor(layout: VmLayout, bugs: readonly string[]): Vm {
   return new Vm(layout, injectedBugs(bugs).kernel);
 }
 
+/** The free-run worker's role factory (workers/role.ts hands it to the driver). */
+export const workerRole: RoleFactory<RoleSpec> = (data, report) => buildRole(data.spec, vmFor(data.layout, data.bugs), report);
+
 export function buildRole(spec: RoleSpec, vm: Vm, report: (e: never) => void): Role {
   switch (spec.kind) {
     case 'vcpu': {
@@ -78,7 +81,7 @@ export function buildRole(spec: RoleSpec, vm: Vm, report: (e: never) => void): R
       const channel = spec.ring ? new RingChannel(spec.ring, words) : spec.port ? new PortChannel(words, spec.port) : new QueueChannel(words, spec.queue!);
       const clock = spec.clockSteps ? new StepClock(spec.clockSteps) : WALL_CLOCK;
       const bugs = injectedBugs(spec.bugs);
-      return new GeneratorRole('migration', precopy(vm, channel, words, clock, spec.params, migrationBugs(spec.bugs), report as (e: MigrationEvent) => void, bugs.harvestSkipEvery));
+      return new GeneratorRole('migration', precopy(vm, channel, words, clock, spec.params, bugs.migration, report as (e: MigrationEvent) => void, bugs.harvestSkipEvery));
     }
     case 'destination': {
       // The destination's memory is created for this migration (runMigration): fresh.

@@ -1,7 +1,7 @@
 import { DeadlockError, DeterministicDriver } from '../drivers/deterministic.ts';
 import { type Strategy, schedulerFor } from '../drivers/strategy.ts';
 import { type FreeRunActor, runFreeRun } from '../drivers/free-run.ts';
-import type { GeneratorRole, Role } from '../drivers/role.ts';
+import type { GeneratorRole, Role } from '../roles/role.ts';
 import type { VmLayout } from '../host/layout.ts';
 import type { Vm } from '../host/vm.ts';
 import { type RoleSpec, buildRole, roleName } from './roles.ts';

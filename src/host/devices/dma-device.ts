@@ -5,8 +5,8 @@ import { VmmControl } from '../vmm.ts';
 import { VFIO_DMA_MAP_FLAG_READ, VFIO_DMA_MAP_FLAG_WRITE } from '../iommu/constants.ts';
 import type { Iommu } from '../iommu/iommu.ts';
 import { DMA_ACTIVE, DMA_QUIESCED, DeviceWord, IommuWord, MailboxOp, MailboxWord, deviceBase } from '../iommu/iommu-layout.ts';
-import { type Steps, WaitCode, waitFor } from '../../drivers/role.ts';
-import { DmaRecordKind } from '../../oracles/dma-oracle.ts';
+import { type Steps, WaitCode, waitFor } from '../../roles/role.ts';
+import { DmaRecordKind } from '../iommu/dma-records.ts';
 import { BufferPages, type IovaWindow } from './dma-buffers.ts';
 import { DEVICE_WRITER_BASE, type DeviceConfig } from './device-config.ts';
 
@@ -87,7 +87,7 @@ export abstract class DmaDevice {
   }
 
   protected fault(kind: DmaRecordKind, iova: number, write: boolean, cachedGfn = -1): void {
-    this.iommu.oracle.report(kind, this.index, iova, write, cachedGfn, this.iommu.table.gfn(iova));
+    this.iommu.dmaRecords.report(kind, this.index, iova, write, cachedGfn, this.iommu.table.gfn(iova));
   }
 
   /** The step boundary: acknowledge an IOTLB invalidation. Returns true when that changed state. */

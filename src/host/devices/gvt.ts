@@ -2,7 +2,7 @@ import { GlobalWord } from '../layout.ts';
 import { HostActor } from '../host-actor.ts';
 import type { Vm } from '../vm.ts';
 import { VmmControl } from '../vmm.ts';
-import { type Steps, WaitCode, waitFor } from '../../drivers/role.ts';
+import { type Steps, WaitCode, waitFor } from '../../roles/role.ts';
 import { BufferPages } from './dma-buffers.ts';
 import { DeviceWord, deviceBase } from '../iommu/iommu-layout.ts';
 import { DEVICE_WRITER_BASE, type DeviceConfig } from './device-config.ts';

@@ -1,5 +1,5 @@
 import { IommuWord } from './iommu-layout.ts';
-import { type Steps, WaitCode, waitFor } from '../../drivers/role.ts';
+import { type Steps, WaitCode, waitFor } from '../../roles/role.ts';
 
 /** Who holds the domain lock: the service, the migration thread, or device n (LockHolder.DEVICE + n). */
 export const LockHolder = { SERVICE: 1, MIGRATION: 2, VMM: 3, DEVICE: 16 } as const;

@@ -3,7 +3,7 @@ import type { Vm } from '../vm.ts';
 import { PAGE_SIZE } from '../constants.ts';
 import { LockHolder } from './domain-lock.ts';
 import { IommuWord, MailboxOp, MailboxWord, deviceBase } from './iommu-layout.ts';
-import { type Steps, WaitCode, waitFor } from '../../drivers/role.ts';
+import { type Steps, WaitCode, waitFor } from '../../roles/role.ts';
 
 /** An ioctl the service failed, for the run's report. */
 export interface IommuServiceEvent { kind: 'iommu-error'; device: number; detail: string }

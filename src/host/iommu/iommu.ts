@@ -6,8 +6,8 @@ import { IOPTE_HEAD, IOPTE_PRESENT, IoPageTable } from './io-page-table.ts';
 import { DeviceWord, type IommuBackendKind, type IommuLayout, IoPte, IommuWord, deviceBase } from './iommu-layout.ts';
 import { IotlbInvalidation } from './iotlb-invalidation.ts';
 import { VFIO_DMA_MAP_FLAG_READ, VFIO_DMA_MAP_FLAG_WRITE } from './constants.ts';
-import { type Steps } from '../../drivers/role.ts';
-import { DmaOracle } from '../../oracles/dma-oracle.ts';
+import { type Steps } from '../../roles/role.ts';
+import { DmaRecords } from './dma-records.ts';
 import { errnoName } from '../../util/errors.ts';
 
 /** Mistakes the IOMMU side can be built with (src/bugs/catalog.ts). */
@@ -47,7 +47,7 @@ export class Iommu {
   readonly words: Int32Array;
   readonly lock: DomainLock;
   readonly invalidation: IotlbInvalidation;
-  readonly oracle: DmaOracle;
+  readonly dmaRecords: DmaRecords;
   private readonly type1Dirty: Int32Array;
   private readonly pins: Int32Array;
   readonly deviceLogs: Int32Array[];
@@ -59,7 +59,7 @@ export class Iommu {
     this.words = new Int32Array(layout.words);
     this.lock = new DomainLock(this.words);
     this.invalidation = new IotlbInvalidation(this.words, layout.config.devices);
-    this.oracle = new DmaOracle(this.words, layout.records);
+    this.dmaRecords = new DmaRecords(this.words, layout.records);
     this.type1Dirty = new Int32Array(layout.type1Dirty);
     this.pins = new Int32Array(layout.pins);
     this.deviceLogs = layout.deviceLogs.map((b) => new Int32Array(b));

@@ -1,5 +1,5 @@
 import { DMA_QUIESCED, DeviceWord, IommuWord, deviceBase } from './iommu-layout.ts';
-import { type Steps, WaitCode, waitFor } from '../../drivers/role.ts';
+import { type Steps, WaitCode, waitFor } from '../../roles/role.ts';
 
 /**
  * Device IOTLB invalidation: the same protocol as the vCPUs' remote TLB flush

@@ -1,4 +1,7 @@
-import type { GuestMemory } from '../host/guest-memory.ts';
+/** The slots of a VM as readGfn needs them (a GuestMemory is one). */
+interface SlotTable {
+  readonly slots: readonly { readonly id: number; readonly baseGfn: number; readonly endGfn: number; readonly firstPage: number }[];
+}
 
 /**
  * Page history: for every guest page, the last time each dirty-tracking event touched
@@ -136,7 +139,7 @@ export class PageHistory {
   }
 
   /** The history of guest frame `gfn` of slot id `slot` (as the oracles report pages). */
-  readGfn(memory: GuestMemory, slot: number, gfn: number): PageHistoryEvent[] {
+  readGfn(memory: SlotTable, slot: number, gfn: number): PageHistoryEvent[] {
     const s = memory.slots.find((x) => x.id === slot && gfn >= x.baseGfn && gfn < x.endGfn);
     return s ? this.read(s.firstPage + gfn - s.baseGfn) : [];
   }

@@ -1,0 +1,44 @@
+import type { KernelBugs } from '../host/vm.ts';
+import type { MigrationBugs } from '../migration/precopy.ts';
+
+/**
+ * Bug names (src/bugs/catalog.ts) decoded, once, into the flags each piece of code that
+ * honours an injected bug reads: the kernel's, the VMM's, the migration thread's.
+ */
+/** The injected bugs as the pieces of code that honour them see them. */
+export interface InjectedBugs {
+  kernel: KernelBugs;
+  /** Userspace harvest drops every Nth entry (0: never). */
+  harvestSkipEvery: number;
+  /** The VMM leaves out the backup bitmap. */
+  noBackupBitmap: boolean;
+  /** The VMM ignores ring-full exits. */
+  ringFullExitUnhandled: boolean;
+  /** The migration thread's mistakes. */
+  migration: MigrationBugs;
+}
+
+export function injectedBugs(names: readonly string[]): InjectedBugs {
+  const has = (n: string): boolean => names.includes(n);
+  return {
+    kernel: {
+      skipTlbShootdown: has('skip-tlb-shootdown'),
+      ringFullIgnored: has('ring-full-ignored'),
+      clearWithoutProtect: has('clear-without-protect'),
+      untrackedHostWrite: has('untracked-host-write'),
+      staleIotlbAfterUnmap: has('stale-iotlb-after-unmap'),
+      readPinDirties: has('read-pin-dirties'),
+      untrackedDma: has('untracked-dma'),
+      gpaAsIova: has('gpa-as-iova'),
+    },
+    harvestSkipEvery: has('harvest-skips-entry') ? 16 : 0,
+    noBackupBitmap: has('no-backup-bitmap'),
+    ringFullExitUnhandled: has('ring-full-exit-unhandled'),
+    migration: {
+      copyBeforeReset: has('copy-before-reset'),
+      copyBeforeClear: has('copy-before-clear'),
+      skipFinalSync: has('skip-final-sync'),
+      ringFullExitUnhandled: has('ring-full-exit-unhandled'),
+    },
+  };
+}

@@ -1,0 +1,45 @@
+/**
+ * What a vCPU runs: the guest's operations, one at a time, from a workload (the guest's
+ * code). The vCPU (vcpu.ts) and the workloads (src/guest/) meet here.
+ */
+
+/** Guest operation kinds. */
+export const enum OpKind {
+  /** Store a 64-bit value into the page's first 8 bytes. */
+  WRITE64 = 1,
+  /** Store one byte (`value`) at byte 0. */
+  STORE8 = 2,
+  /** Increment byte 0 (migration-test's sweep). */
+  INC8 = 3,
+  /** Read the page (no dirty logging involved). */
+  READ = 4,
+}
+
+/** One guest operation, filled in place by a workload (no allocation per operation). */
+export interface GuestOp {
+  kind: OpKind;
+  gfn: number;
+  value: number;
+}
+
+/** What a guest can see: the dirty_log_test `iteration` global. */
+export interface GuestContext {
+  iteration: number;
+}
+
+export interface Workload {
+  next(op: GuestOp, ctx: GuestContext): void;
+}
+
+/**
+ * A workload whose every operation is WRITE64 of the current iteration (dirty_log_test's
+ * guest, the hot set): the vCPU's fast path asks it for the page alone. `nextWriteGfn()`
+ * draws exactly what `next()` draws, so both give the same run.
+ */
+export interface Write64Workload extends Workload {
+  nextWriteGfn(): number;
+}
+
+export function isWrite64Workload(w: Workload): w is Write64Workload {
+  return typeof (w as Partial<Write64Workload>).nextWriteGfn === 'function';
+}

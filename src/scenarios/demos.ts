@@ -1,0 +1,85 @@
+import type { BugName } from '../bugs/catalog.ts';
+import type { InjectionReport } from '../bugs/acted.ts';
+import { DEVICE_DEFAULTS, type DeviceConfig } from '../host/devices/device-config.ts';
+import { type ScenarioKind, type Settings, demoFlags } from './options.ts';
+
+const MiB = 1 << 20;
+const device = (d: Partial<DeviceConfig> & Pick<DeviceConfig, 'kind'>): DeviceConfig => ({ ...DEVICE_DEFAULTS, ...d });
+
+/**
+ * Each catalogued bug's demonstration: the settings `vmemlab migrate --inject NAME` and
+ * `vmemlab dirty-log-test --inject NAME` take as defaults (flags still override them). A
+ * migration demonstration is a scenario in which the write the bug loses is not written
+ * again before completion, so the stamp oracle sees it on every seed of the
+ * deterministic driver.
+ */
+export interface Demo {
+  migrate?: Partial<Settings>;
+  dirtyLogTest?: Partial<Settings>;
+}
+
+/**
+ * migration-test's sweep on a small guest with four vCPUs: every write after the last
+ * sync goes to a page not written since it was last sent, and a page is written again
+ * only one whole sweep later, after the migration ended. Unlimited bandwidth keeps the
+ * copy ahead of the sweep; 4-page frames spread each 64-page chunk's copy over many steps;
+ * two slots make the last sync two GETs, with vCPUs running in between.
+ */
+const SWEEP: Partial<Settings> = { workload: 'sweep', memoryBytes: 8 * MiB, slots: 2, vcpus: 4, bandwidth: 0, batchPages: 4, hostWriteEvery: 32 };
+/**
+ * Random writes over 32 MiB with a small ring: enough dirty pages between syncs to fill a
+ * 256-entry ring, and few enough that a page lost in one pass is rarely written again.
+ */
+const RANDOM: Partial<Settings> = { workload: 'random', memoryBytes: 32 * MiB, ringEntries: 256, bandwidth: 256 * MiB, hostWriteEvery: 32 };
+/**
+ * A guest writing only its hot set, with one mdev doing DMA to random pages: the pages
+ * the device writes are mostly never written by a vCPU, so a DMA write no source
+ * reports stays lost. 4-page frames spread the copy over many steps, with DMA between.
+ */
+const DMA: Partial<Settings> = { workload: 'hotset', memoryBytes: 16 * MiB, hostWriteEvery: 0, batchPages: 4, devices: [device({ kind: 'mdev', every: 4 })] };
+/**
+ * 16 MiB of random writes with a 256-entry ring: the ring fills many times per
+ * iteration (20000 writes), and the bitmap modes see thousands of pages per collection.
+ */
+const DIRTY_LOG_TEST: Partial<Settings> = { memoryBytes: 16 * MiB, ringEntries: 256 };
+
+export const DEMOS: Record<BugName, Demo> = {
+  'skip-tlb-shootdown': { migrate: SWEEP, dirtyLogTest: DIRTY_LOG_TEST },
+  'ring-full-ignored': { migrate: RANDOM, dirtyLogTest: DIRTY_LOG_TEST },
+  'harvest-skips-entry': { migrate: SWEEP, dirtyLogTest: DIRTY_LOG_TEST },
+  'clear-without-protect': { migrate: RANDOM, dirtyLogTest: DIRTY_LOG_TEST },
+  'untracked-host-write': { migrate: SWEEP, dirtyLogTest: DIRTY_LOG_TEST },
+  'no-backup-bitmap': { migrate: SWEEP, dirtyLogTest: DIRTY_LOG_TEST },
+  // A 256-entry ring fills early in the first pass over 16 MiB; 4-page frames give the
+  // guest-progress check many frames in which the vCPUs sit in the same exit.
+  'ring-full-exit-unhandled': { migrate: { workload: 'random', memoryBytes: 16 * MiB, ringEntries: 256, hostWriteEvery: 0, batchPages: 4 }, dirtyLogTest: DIRTY_LOG_TEST },
+  // A guest dirtying everything, switched over by force after two passes: in the last
+  // pass most copied pages are written again before the deferred reset, and the VM stops
+  // before they are written (and logged) once more.
+  'copy-before-reset': { migrate: { workload: 'random', memoryBytes: 8 * MiB, bandwidth: 32 * MiB, downtimeLimitMs: 50, policy: 'force', maxIterations: 2, hostWriteEvery: 32 } },
+  'copy-before-clear': { migrate: SWEEP },
+  'skip-final-sync': { migrate: SWEEP },
+  'untracked-dma': { migrate: DMA },
+  'stale-iotlb-after-unmap': { migrate: { ...DMA, devices: [device({ kind: 'dma-engine', every: 4, remapEvery: 4 })] } },
+  'gpa-as-iova': { migrate: DMA },
+  'read-pin-dirties': { migrate: DMA },
+};
+
+export function demoOf(bug: BugName, kind: ScenarioKind): Partial<Settings> | undefined {
+  return kind === 'migrate' ? DEMOS[bug].migrate : DEMOS[bug].dirtyLogTest;
+}
+
+/**
+ * The verdict's qualifier when injected bugs never acted: "ring-full-ignored never acted:
+ * no ring reached its soft limit (...); its demonstration settings: vmemlab ...". Null
+ * when every injected bug acted.
+ */
+export function describeIdleBugs(r: readonly InjectionReport[], kind: ScenarioKind): string | null {
+  const idle = r.filter((x) => x.acted === 0);
+  if (idle.length === 0) return null;
+  return idle.map((x) => {
+    const demo = demoOf(x.bug as BugName, kind);
+    const how = demo ? `; its demonstration settings: vmemlab ${kind} --inject ${x.bug} ${demoFlags(demo, kind)}` : '';
+    return `${x.bug} never acted: ${x.idle}${how}`;
+  }).join('; ');
+}

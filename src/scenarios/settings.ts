@@ -1,0 +1,195 @@
+import { type BugName, CATALOG, type CatalogEntry, type TrackingMode } from '../bugs/catalog.ts';
+import { PAGE_SIZE } from '../host/constants.ts';
+import { DEFAULT_WORKLOAD } from '../guest/workload.ts';
+import { DEFAULT_VCPU_DIRTY_LIMIT } from '../migration/precopy.ts';
+import { UserError } from '../util/errors.ts';
+import { formatSize } from '../util/size.ts';
+import { checkDeviceSetup } from './devices.ts';
+import { demoOf } from './demos.ts';
+import type { DirtyLogTestConfig } from './dirty-log-test.ts';
+import type { MigrationScenario } from './migration.ts';
+import { OPTIONS, type Raw, type ScenarioKind, type SettingKey, type Settings, flagOf, optionFor } from './options.ts';
+import { defaultResumeOps } from './resume.ts';
+import type { Driver } from './run-roles.ts';
+import { parseEndpoint } from '../util/endpoint.ts';
+
+/**
+ * Settings from several sources, each parsed where it comes from: the defaults of the
+ * kind of run, then the injected bugs' demonstration settings (the first bug's win),
+ * then each layer given (a scenario file, then the command line: the later wins). A
+ * value keeps where it came from, so a mistake found later (slots that do not fit the
+ * memory) names the flag or the file and field that set it.
+ */
+export interface Layer {
+  values: Partial<Settings>;
+  where: Partial<Record<SettingKey, string>>;
+  /** The values as given (a message quotes what the user wrote). */
+  text?: Partial<Record<SettingKey, string>>;
+}
+
+export interface Resolved {
+  kind: ScenarioKind;
+  s: Settings;
+  /** Set by a layer (a file or the command line), not a default or a demonstration. */
+  given(key: SettingKey): boolean;
+  /** The flag, or the file and field, a setting came from. */
+  where(key: SettingKey): string;
+  /** A setting as given, else as the option writes it. */
+  text(key: SettingKey): string;
+}
+
+/** Parses raw values (by setting key) into a layer; `whereOf` names each key's source. */
+export function parseLayer(raw: Partial<Record<SettingKey, Raw>>, whereOf: (key: SettingKey) => string): Layer {
+  const layer: Layer = { values: {}, where: {}, text: {} };
+  for (const [key, value] of Object.entries(raw) as [SettingKey, Raw][]) {
+    if (value === undefined) continue;
+    const where = whereOf(key);
+    (layer.values as Record<string, unknown>)[key] = optionFor(key).parse(value, where);
+    layer.where[key] = where;
+    layer.text![key] = typeof value === 'object' ? JSON.stringify(value) : String(value);
+  }
+  return layer;
+}
+
+/** Raw values as typed on a command line, each named by its flag. */
+export function flagLayer(kind: ScenarioKind, raw: Partial<Record<SettingKey, Raw>>): Layer {
+  return parseLayer(raw, (key) => flagOf(key, kind));
+}
+
+/** The settings of a run of `kind` from its layers (lowest priority first). */
+export function resolve(kind: ScenarioKind, layers: readonly Layer[]): Resolved {
+  const defaults: Partial<Settings> = {};
+  for (const o of OPTIONS) {
+    const d = (o.defaults as Partial<Record<ScenarioKind, unknown>> | undefined)?.[kind];
+    if (d !== undefined && o.kinds.includes(kind)) (defaults as Record<string, unknown>)[o.key] = d;
+  }
+  const given: Partial<Settings> = {};
+  const where: Partial<Record<SettingKey, string>> = {};
+  const text: Partial<Record<SettingKey, string>> = {};
+  for (const l of layers) { Object.assign(given, l.values); Object.assign(where, l.where); Object.assign(text, l.text ?? {}); }
+  const inject: BugName[] = given.inject ?? [];
+  const demos = inject.map((n) => demoOf(n, kind) ?? {}).reverse();
+  const s = { ...defaults, ...Object.assign({}, ...demos), ...given, inject } as Settings;
+  return {
+    kind, s,
+    given: (key) => where[key] !== undefined,
+    where: (key) => where[key] ?? flagOf(key, kind),
+    text: (key) => text[key] ?? String(s[key]),
+  };
+}
+
+/** The injected bugs and the tracking mode: the mode defaults to the first bug's. */
+function bugsAndMode(r: Resolved, command: ScenarioKind): { bugs: CatalogEntry[]; mode: TrackingMode } {
+  const bugs = r.s.inject.map((name) => CATALOG.find((b) => b.name === name)!);
+  const injectFlag = r.where('inject');
+  for (const b of bugs) {
+    if (!b.commands.includes(command)) throw new UserError(`${injectFlag} ${b.name}: this bug shows in ${b.commands.map((c) => `'vmemlab ${c}'`).join(' and ')}, not in 'vmemlab ${command}'`);
+  }
+  const m: TrackingMode = r.s.tracking ?? bugs[0]?.modes[0] ?? 'dirty-ring';
+  const modeFlag = r.where('tracking');
+  for (const b of bugs) {
+    if (!b.modes.includes(m)) throw new UserError(`${injectFlag} ${b.name}: this bug does not occur with ${modeFlag} ${m} (it needs ${b.modes.join(' or ')})`);
+  }
+  return { bugs, mode: m };
+}
+
+function slotsFit(r: Resolved): void {
+  const pages = r.s.memoryBytes / PAGE_SIZE;
+  if (pages < r.s.slots) throw new UserError(`${r.where('slots')}: ${r.s.slots} slots do not fit in ${formatSize(r.s.memoryBytes)} (${pages} pages)`);
+}
+
+export interface DirtyLogTestSetup { config: DirtyLogTestConfig; driver: Driver; watchdogMs: number; burst: number }
+
+/** dirty_log_test's configuration from resolved settings (cross-setting checks included). */
+export function buildDirtyLogTest(r: Resolved): DirtyLogTestSetup {
+  const s = r.s;
+  const { bugs, mode } = bugsAndMode(r, 'dirty-log-test');
+  slotsFit(r);
+  const needsHost = bugs.find((b) => b.needsHostWrites);
+  if (needsHost && s.hostWriteEvery === 0) throw new UserError(`${r.where('inject')} ${needsHost.name}: needs host writes; ${r.where('hostWriteEvery')} must not be 0`);
+  const pages = s.memoryBytes / PAGE_SIZE;
+  const defaultWrites = s.driver === 'deterministic' ? Math.min(4096, pages * 2) : Math.max(20000, Math.min(200000, pages));
+  const config: DirtyLogTestConfig = {
+    mode, vcpus: s.vcpus, memoryBytes: s.memoryBytes, slots: s.slots, ringEntries: s.ringEntries, iterations: s.iterations,
+    workload: { name: s.workload, hotFraction: s.hotFraction, hotShare: s.hotShare, writePercent: s.writePercent, randomOrder: s.randomOrder, opRate: s.opRate },
+    seed: s.seed, bugs: bugs.map((b) => b.name),
+    opsPerIteration: s.writes ?? defaultWrites,
+    hostWriteEvery: s.hostWriteEvery,
+    dirtyLimit: s.dirtyLimit,
+  };
+  return { config, driver: s.driver, watchdogMs: s.watchdogMs, burst: s.burst };
+}
+
+export interface MigrationSetup {
+  scenario: MigrationScenario;
+  driver: Driver;
+  watchdogMs: number;
+  burst: number;
+  to?: { host: string; port: number };
+  resumeOps?: number;
+}
+
+/** A migration's scenario from resolved settings (cross-setting checks included). */
+export function buildMigration(r: Resolved): MigrationSetup {
+  const s = r.s;
+  const { bugs, mode } = bugsAndMode(r, 'migrate');
+  // QEMU's migrate_caps_check: the dirty-limit capability needs KVM's dirty ring.
+  if (s.policy === 'dirty-limit' && mode !== 'dirty-ring') throw new UserError(`${r.where('policy')}: dirty-limit needs the dirty ring (QEMU's dirty-limit capability requires dirty-ring-size), not ${r.where('tracking')} ${mode}`);
+  if (r.given('vcpuDirtyLimit') && s.policy !== 'dirty-limit') {
+    throw new UserError(`${r.where('vcpuDirtyLimit')}: '${r.text('vcpuDirtyLimit')}' is the dirty-limit policy's quota; it needs --policy dirty-limit (for a limit from the start: --dirty-limit)`);
+  }
+  slotsFit(r);
+  const pages = s.memoryBytes / PAGE_SIZE;
+  const devices = { backend: s.iommu, dmaEntryLimit: s.dmaEntryLimit, stopOnFault: s.onDeviceFault === 'stop', devices: s.devices };
+  if (devices.devices.length > 64) throw new UserError(`${r.where('devices')}: ${devices.devices.length} devices; at most 64`);
+  checkDeviceSetup(devices, r.where('devices'));
+  const scenario: MigrationScenario = {
+    tracking: mode, vcpus: s.vcpus, memoryBytes: s.memoryBytes, slots: s.slots, ringEntries: s.ringEntries,
+    workload: { ...DEFAULT_WORKLOAD, name: s.workload, hotFraction: s.hotFraction, hotShare: s.hotShare, writePercent: s.writePercent, opRate: s.opRate },
+    dirtyLimit: s.dirtyLimit,
+    seed: s.seed,
+    bugs: bugs.map((b) => b.name),
+    hostWriteEvery: s.hostWriteEvery,
+    pageHistory: s.pageHistory,
+    devices,
+    params: {
+      bandwidth: s.bandwidth,
+      downtimeLimitMs: s.downtimeLimitMs,
+      maxIterations: s.maxIterations,
+      timeoutMs: s.timeoutMs,
+      policy: s.policy,
+      vcpuDirtyLimit: s.vcpuDirtyLimit ?? DEFAULT_VCPU_DIRTY_LIMIT,
+      batchPages: s.batchPages,
+      warmupOps: s.warmup ?? (s.driver === 'deterministic' ? Math.min(pages * 2, 20000) : pages),
+    },
+  };
+  for (const b of bugs) {
+    const kinds = b.devices ?? [];
+    if (kinds.length > 0 && !devices.devices.some((d) => kinds.includes(d.kind))) {
+      throw new UserError(`${r.where('inject')} ${b.name}: this bug lives in a device (${kinds.join(' or ')}); add one, e.g. --device ${kinds[0]}`);
+    }
+  }
+  let to: { host: string; port: number } | undefined;
+  if (s.to !== undefined) {
+    if (!s.to.startsWith('tcp:')) throw new UserError(`${r.where('to')}: '${s.to}' is not tcp:HOST:PORT`);
+    to = parseEndpoint(r.where('to'), s.to.slice(4), s.allowRemote);
+  }
+  if (to && s.driver !== 'free') throw new UserError(`${r.where('to')}: a TCP destination needs --driver free (the deterministic driver runs on one thread)`);
+  if (to && s.resumeOps !== undefined) throw new UserError(`${r.where('resumeOps')}: a destination process resumes the guest itself (vmemlab destination --resume)`);
+  const resumeOps = to ? undefined : s.resumeOps ?? defaultResumeOps(pages, scenario.vcpus);
+  return { scenario, driver: s.driver, to, resumeOps, watchdogMs: s.watchdogMs, burst: s.burst };
+}
+
+/**
+ * The migration a command line describes, from raw values by setting key as typed
+ * (`{ memoryBytes: '8MiB', inject: ['copy-before-reset'], driver: 'deterministic' }`):
+ * what library code, hunt and the tests use to build a scenario.
+ */
+export function migrationSetup(raw: Partial<Record<SettingKey, Raw>> = {}): MigrationSetup {
+  return buildMigration(resolve('migrate', [flagLayer('migrate', raw)]));
+}
+
+/** The dirty_log_test a command line describes (as migrationSetup). */
+export function dirtyLogTestSetup(raw: Partial<Record<SettingKey, Raw>> = {}): DirtyLogTestSetup {
+  return buildDirtyLogTest(resolve('dirty-log-test', [flagLayer('dirty-log-test', raw)]));
+}
