@@ -21,7 +21,7 @@ export function addScenarioOptions(cmd: Command, kinds: readonly ScenarioKind[],
     const flag = flagIn(o, modeFlag);
     const spec = o.boolean ? flag : `${flag} ${o.arg}`;
     const d = defaultsOf ? o.defaults?.[defaultsOf] : undefined;
-    const help = d !== undefined && !o.boolean && !o.repeatable && !o.help.includes('(default') ? `${o.help} (default: ${o.format(d as never)})` : o.help;
+    const help = d !== undefined && !o.boolean && !o.repeatable && !/\bdefault\b/.test(o.help) ? `${o.help} (default: ${o.format(d as never)})` : o.help;
     if (o.repeatable) cmd.option(spec, help, collect);
     else cmd.option(spec, help);
   }

@@ -311,7 +311,7 @@ export const OPTIONS = [
   }),
   def({
     key: 'dirtyLimit', flag: '--dirty-limit', arg: '<rate>', yaml: 'vm.dirty_limit', kinds: BOTH,
-    help: 'hold each vCPU to this dirty page rate from the start (QEMU\'s set-vcpu-dirty-limit): pages per second, or a size per second like 1MB/s; the vCPU sleeps outside guest mode when ahead',
+    help: 'hold each vCPU to this dirty page rate from the start (QEMU\'s set-vcpu-dirty-limit): pages per second, or a size per second like 1MB/s; the vCPU sleeps outside guest mode when ahead (default: none)',
     parse: parseDirtyRate, format: num, defaults: same(0),
   }),
   def({
