@@ -13,11 +13,11 @@
  * or, in bitmap mode, does GET + CLEAR. PAGES stays under the ring's soft limit, so no
  * round takes a ring-full exit; the exits are counted and reported anyway.
  */
-import { DirtyRingHarvester } from '../src/host/dirty-ring.ts';
+import { DirtyRingHarvester } from '../src/host/vmm/ring-harvester.ts';
 import { DEFAULT_WORKLOAD, createWorkload } from '../src/guest/workload.ts';
 import { VcpuWord } from '../src/host/layout.ts';
 import { Vcpu } from '../src/host/vcpu.ts';
-import { VmmControl } from '../src/host/vmm.ts';
+import { VmmControl } from '../src/host/vmm/vmm-control.ts';
 import {
   BITMAP_MANUAL, type Figure, RING_65536, caseArgs, consume, drive, emit, median, mps, now, singleSlotVm,
 } from './harness.ts';

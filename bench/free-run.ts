@@ -24,9 +24,9 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { ActorWord } from '../src/drivers/actor-words.ts';
 import type { Steps } from '../src/roles/role.ts';
 import { KVM_EXIT_DIRTY_RING_FULL } from '../src/host/constants.ts';
-import { DirtyRingHarvester } from '../src/host/dirty-ring.ts';
+import { DirtyRingHarvester } from '../src/host/vmm/ring-harvester.ts';
 import { LINE_WORDS, VcpuRunState, VcpuWord } from '../src/host/layout.ts';
-import { VmmControl } from '../src/host/vmm.ts';
+import { VmmControl } from '../src/host/vmm/vmm-control.ts';
 import type { FreeRunBenchWorkerData } from './free-run-worker.ts';
 import { BITMAP_MANUAL, type Figure, RING_65536, caseArgs, emit, median, mps, singleSlotVm } from './harness.ts';
 

@@ -13,7 +13,7 @@ import { type Steps } from '../src/roles/role.ts';
 import { createVmLayout, type DirtyTracking, type MemslotConfig, VcpuWord } from '../src/host/layout.ts';
 import { Vm } from '../src/host/vm.ts';
 import type { Vcpu } from '../src/host/vcpu.ts';
-import { VmmControl } from '../src/host/vmm.ts';
+import { VmmControl } from '../src/host/vmm/vmm-control.ts';
 
 export interface Target {
   /** 'min': the figure must be at least `value`; 'max': at most. */

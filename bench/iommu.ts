@@ -25,7 +25,7 @@ import { type IommuBackendKind, type IommuConfig, IommuWord, MailboxOp, MailboxW
 import type { Iommu } from '../src/host/iommu/iommu.ts';
 import { type DirtyTracking, createVmLayout, type VmLayout } from '../src/host/layout.ts';
 import { Vm } from '../src/host/vm.ts';
-import { VmmControl } from '../src/host/vmm.ts';
+import { VmmControl } from '../src/host/vmm/vmm-control.ts';
 import { actorBase, ActorWord } from '../src/drivers/actor-words.ts';
 import type { RoleWorkerData, WorkerMessage } from '../src/drivers/actor-words.ts';
 import { spawnWorker } from '../src/drivers/spawn.ts';

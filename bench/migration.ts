@@ -16,11 +16,11 @@
  * once, then finds nothing dirty and completes.
  */
 import { type ChildProcess, spawn } from 'node:child_process';
-import { type AddressInfo, Socket, createServer } from 'node:net';
+import { Socket } from 'node:net';
 import { fileURLToPath } from 'node:url';
 import { DEFAULT_WORKLOAD } from '../src/guest/workload.ts';
 import { PAGE_SIZE } from '../src/host/constants.ts';
-import { VmmControl } from '../src/host/vmm.ts';
+import { VmmControl } from '../src/host/vmm/vmm-control.ts';
 import type { Vm } from '../src/host/vm.ts';
 import { type MigrationRunResult, type MigrationScenario, runMigration } from '../src/scenarios/migration.ts';
 import type { TrackingMode } from '../src/bugs/catalog.ts';

@@ -11,11 +11,11 @@
  * worst case for the reset's coalescing), then stops (leaves guest mode). Timed: harvest
  * of all entries + reset. Rate = entries / (harvest + reset time).
  */
-import { DirtyRingHarvester } from '../src/host/dirty-ring.ts';
+import { DirtyRingHarvester } from '../src/host/vmm/ring-harvester.ts';
 import { PageBitmap } from '../src/host/dirty-bitmap.ts';
 import { DEFAULT_WORKLOAD, createWorkload } from '../src/guest/workload.ts';
 import { Vcpu } from '../src/host/vcpu.ts';
-import { VmmControl } from '../src/host/vmm.ts';
+import { VmmControl } from '../src/host/vmm/vmm-control.ts';
 import { type Figure, RING_65536, caseArgs, consume, drive, emit, median, mps, now, singleSlotVm } from './harness.ts';
 
 const ENTRIES = 60000; // under the 65536-entry ring's soft limit (65472)

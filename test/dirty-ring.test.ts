@@ -2,10 +2,11 @@ import { describe, expect, it } from 'vitest';
 import {
   KVM_DIRTY_GFN_F_DIRTY, KVM_DIRTY_GFN_F_RESET, KVM_EXIT_DIRTY_RING_FULL,
 } from '../src/host/constants.ts';
-import { DirtyRingHarvester, checkRingSize } from '../src/host/dirty-ring.ts';
+import { checkRingSize } from '../src/host/dirty-ring.ts';
+import { DirtyRingHarvester } from '../src/host/vmm/ring-harvester.ts';
 import { spteWritable } from '../src/host/spte.ts';
 import { VcpuRunState } from '../src/host/layout.ts';
-import { VmmControl } from '../src/host/vmm.ts';
+import { VmmControl } from '../src/host/vmm/vmm-control.ts';
 import { RING, complete, makeVm, retire, vcpuWith } from './helpers.ts';
 
 describe('ring size rules (KVM_CAP_DIRTY_LOG_RING)', () => {

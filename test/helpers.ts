@@ -4,7 +4,7 @@ import { type GuestOp, OpKind, type Workload } from '../src/host/guest-op.ts';
 import { type DirtyTracking, type MemslotConfig, createVmLayout } from '../src/host/layout.ts';
 import { Vcpu } from '../src/host/vcpu.ts';
 import { type KernelBugs, Vm } from '../src/host/vm.ts';
-import { VmmControl } from '../src/host/vmm.ts';
+import { VmmControl } from '../src/host/vmm/vmm-control.ts';
 
 /** A VM with one or more slots, populated (pages writable), vCPUs created but not run. */
 export function makeVm(o: { slots?: MemslotConfig[]; pages?: number; vcpus?: number; tracking: DirtyTracking; bugs?: KernelBugs }): Vm {

@@ -6,7 +6,7 @@ import { KVM_EXIT_MMIO, KVM_MEM_READONLY } from '../src/host/constants.ts';
 import { GlobalWord, REGION_PAGES_SHIFT, VcpuRunState, VcpuWord } from '../src/host/layout.ts';
 import { Phase, Vcpu } from '../src/host/vcpu.ts';
 import type { Vm } from '../src/host/vm.ts';
-import { DirtyRingHarvester } from '../src/host/dirty-ring.ts';
+import { DirtyRingHarvester } from '../src/host/vmm/ring-harvester.ts';
 import { LEGACY, RING, VmmControl, complete, makeVm, retire, vcpuWith } from './helpers.ts';
 
 describe('the write path: TLB, SPTE walk, write-protect fault, store', () => {

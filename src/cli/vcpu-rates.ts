@@ -1,4 +1,4 @@
-import type { VcpuRate } from '../host/vcpu-stats.ts';
+import type { VcpuRate } from '../host/vmm/vcpu-stats.ts';
 
 /** Each vCPU's achieved rates: guest operations and pages dirtied per second, and time paced. */
 export function describeVcpuRates(rates: VcpuRate[], when: string): string[] {

@@ -3,11 +3,11 @@ import {
   KVM_DIRTY_RING_MIN_ENTRIES, KVM_DIRTY_RING_RSVD_ENTRIES,
 } from './constants.ts';
 import { RING_INDEX_WORDS, RingIndex, type VmLayout } from './layout.ts';
-import { Acted, type InjectionCounters } from './injections.ts';
 
 /** Words of one struct kvm_dirty_gfn in the Int32 view: flags, slot, offset (lo, hi). */
-const F = 0, SLOT = 1, OFF_LO = 2, OFF_HI = 3;
-const ENTRY_WORDS = KVM_DIRTY_GFN_SIZE / 4;
+export const GfnWord = { FLAGS: 0, SLOT: 1, OFF_LO: 2, OFF_HI: 3, WORDS: KVM_DIRTY_GFN_SIZE / 4 } as const;
+const F = GfnWord.FLAGS, SLOT = GfnWord.SLOT, OFF_LO = GfnWord.OFF_LO, OFF_HI = GfnWord.OFF_HI;
+const ENTRY_WORDS = GfnWord.WORDS;
 /** Counter of pushes into a hard-full ring (KVM's WARN_ON_ONCE), on the dirty-index line. */
 const HARD_FULL = RingIndex.DIRTY + 1;
 /** The most entries the ring ever held at once (published by the vCPU as it grows). */
@@ -170,45 +170,3 @@ export class DirtyRing {
 function fls64(lo: number, hi: number): number {
   return hi !== 0 ? 63 - Math.clz32(hi) : 31 - Math.clz32(lo);
 }
-
-/**
- * Userspace's side of the rings: one fetch index per ring, as QEMU's
- * kvm_dirty_ring_reap_one and the selftest's dirty_ring_collect_one keep.
- */
-export class DirtyRingHarvester {
-  readonly fetch: number[];
-
-  /** `skipped` counts the entries harvest-skips-entry dropped (its "acted" counter). */
-  constructor(rings: number, private readonly skipped?: InjectionCounters) {
-    this.fetch = new Array<number>(rings).fill(0);
-  }
-
-  /**
-   * Collects up to `max` entries of `ring` in order: while flags == DIRTY (load-acquire),
-   * read slot and offset, hand them to `onEntry`, set flags = RESET (store-release).
-   * `skipEvery` > 0 injects harvest-skips-entry: every skipEvery-th entry is marked
-   * collected without being recorded.
-   */
-  harvest(ring: DirtyRing, max: number, onEntry: (slotField: number, offset: number) => void, skipEvery = 0): number {
-    // ring.flagsAt, slotAt, offsetAt and markHarvested, with the entry's position computed once.
-    const gfns = ring.gfns;
-    const mask = ring.mask;
-    let fi = this.fetch[ring.vcpu]!;
-    let n = 0;
-    while (n < max) {
-      const e = (fi & mask) * ENTRY_WORDS;
-      if (Atomics.load(gfns, e + F) !== KVM_DIRTY_GFN_F_DIRTY) break;
-      if (skipEvery === 0 || (fi + 1) % skipEvery !== 0) {
-        onEntry(gfns[e + SLOT]! >>> 0, (gfns[e + OFF_LO]! >>> 0) + (gfns[e + OFF_HI]! >>> 0) * 4294967296);
-      } else {
-        this.skipped?.acted(Acted.HARVEST_SKIPS_ENTRY);
-      }
-      Atomics.store(gfns, e + F, KVM_DIRTY_GFN_F_RESET);
-      fi = (fi + 1) | 0;
-      n++;
-    }
-    this.fetch[ring.vcpu] = fi;
-    return n;
-  }
-}
-

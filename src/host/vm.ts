@@ -5,7 +5,7 @@ import { SharedDirtyBitmap, popcount32 } from './dirty-bitmap.ts';
 import { DirtyRing } from './dirty-ring.ts';
 import { GuestMemory } from './guest-memory.ts';
 import {
-  type DirtyTracking, GlobalWord, VCPU_BLOCK_WORDS, type VmLayout, slotIsReadonly, slotLogsDirtyPages,
+  type DirtyTracking, GlobalWord, VCPU_BLOCK_WORDS, VcpuWord, type VmLayout, slotIsReadonly, slotLogsDirtyPages,
 } from './layout.ts';
 import type { Memslot, PageStamp } from './memslot.ts';
 import { makeSpteWritable, mapSlotWritable, writeProtectMask32, writeProtectSlot } from './spte.ts';
@@ -312,6 +312,13 @@ export class Vm {
     if (hi !== 0) writeProtectMask32(slot, offset + 32, hi);
     this.history?.recordMask(slot.firstPage + offset, lo, hi, PageEvent.PROTECTED, ProtectBy.RESET_DIRTY_RINGS);
   };
+
+  /** Guest operations retired by all vCPUs (each publishes its count at its step boundary): the guest's clock for devices that pace by it. */
+  guestOps(): number {
+    let n = 0;
+    for (let v = 0; v < this.layout.config.vcpus; v++) n += Atomics.load(this.vcpuWords, this.vcpuBase(v) + VcpuWord.OPS);
+    return n;
+  }
 
   lostHostWrites(): number {
     return Atomics.load(this.global, GlobalWord.LOST_HOST_WRITES);

@@ -4,11 +4,12 @@ import { DeterministicDriver, ReplayScheduler } from '../drivers/deterministic.t
 import { Step, type Steps, type Wait, WaitCode } from '../roles/role.ts';
 import { describeWait } from '../drivers/describe-wait.ts';
 import { EXIT_REASON_NAMES, KVM_DIRTY_GFN_F_DIRTY, KVM_DIRTY_GFN_F_RESET, KVM_EXIT_MMIO } from '../host/constants.ts';
-import { DirtyRingHarvester } from '../host/dirty-ring.ts';
+import { DirtyRingHarvester } from '../host/vmm/ring-harvester.ts';
 import { GlobalWord, VcpuRunState, VcpuWord, createVmLayout } from '../host/layout.ts';
 import { HOST_WRITER_BASE, type Memslot } from '../host/memslot.ts';
 import { Phase, Vcpu } from '../host/vcpu.ts';
-import { VmmControl } from '../host/vmm.ts';
+import { VmmControl } from '../host/vmm/vmm-control.ts';
+import { ExitHandler } from '../host/vmm/exit-handler.ts';
 import { OpKind } from '../host/guest-op.ts';
 import { KvmError } from '../util/errors.ts';
 import { type Mismatch, checkFinal, checkOp } from './expectations.ts';
@@ -58,6 +59,7 @@ const INDENT = '      ';
 class LitmusRun {
   private readonly vm: ObservedVm;
   private readonly vmm: VmmControl;
+  private readonly exits: ExitHandler;
   private readonly vcpus: Vcpu[];
   private readonly workloads: ScriptWorkload[];
   private readonly host = new HostActor();
@@ -95,6 +97,8 @@ class LitmusRun {
       logged: (e) => { this.stepping?.logs.push(e); this.stepEvents.push(logEventText(e)); },
     };
     this.vmm = new VmmControl(this.vm);
+    // The file is the VMM: it says when exits are answered (reenter), so none is answered here on its own.
+    this.exits = new ExitHandler(this.vmm);
     const idleGfn = this.vm.memory.slots[0]!.baseGfn;
     this.workloads = spec.vcpuOps.map(() => new ScriptWorkload(idleGfn));
     this.vcpus = this.workloads.map((w, i) => new Vcpu(this.vm, i, w));
@@ -503,8 +507,7 @@ class LitmusRun {
         return;
       }
       case 'reenter': {
-        const exit = this.vmm.parkedExit(op.vcpu);
-        this.vmm.reenter(op.vcpu);
+        const exit = this.exits.reenter(op.vcpu);
         r.notes.push(`KVM_RUN again for vcpu${op.vcpu}${exit >= 0 ? ` (after ${EXIT_REASON_NAMES[exit] ?? exit})` : ' (it was not in an exit)'}`);
         return;
       }

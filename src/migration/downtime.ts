@@ -1,4 +1,4 @@
-import { KVM_BACKUP_BITMAP, KVM_DIRTY_BITMAP, KVM_RINGS } from '../host/dirty-log-sync.ts';
+import { KVM_BACKUP_BITMAP, KVM_DIRTY_BITMAP, KVM_RINGS } from '../host/vmm/dirty-log.ts';
 
 /** What the completion did, from the stop to the destination's acknowledgement (the downtime). */
 export interface CompletionStats {

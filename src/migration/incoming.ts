@@ -1,7 +1,7 @@
 import { type Steps, WaitCode, waitFor } from '../roles/role.ts';
 import { VcpuWord } from '../host/layout.ts';
 import type { Vm } from '../host/vm.ts';
-import { VmmControl } from '../host/vmm.ts';
+import { VmmControl } from '../host/vmm/vmm-control.ts';
 
 /**
  * The destination's VMM after an incoming migration completed and it resumed the guest

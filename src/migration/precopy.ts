@@ -1,18 +1,19 @@
-import { PAGE_SIZE, KVM_EXIT_DIRTY_RING_FULL } from '../host/constants.ts';
+import { PAGE_SIZE } from '../host/constants.ts';
 import { PageBitmap } from '../host/dirty-bitmap.ts';
-import { type ClearChunk, DirtyLogSync, type SourceTally, chunkOf } from '../host/dirty-log-sync.ts';
+import { type ClearChunk, DirtyLogSync, type SourceTally, chunkOf } from '../host/vmm/dirty-log.ts';
 import { Acted } from '../host/injections.ts';
-import { type VcpuRate, dirtyLimits, vcpuCounters, vcpuRates } from '../host/vcpu-stats.ts';
+import { type VcpuRate, dirtyLimits, vcpuCounters, vcpuRates } from '../host/vmm/vcpu-stats.ts';
 import { type CompletionStats, explainDowntime } from './downtime.ts';
 import type { Memslot } from '../host/memslot.ts';
 import type { Vm } from '../host/vm.ts';
-import { VmmControl } from '../host/vmm.ts';
+import { VmmControl } from '../host/vmm/vmm-control.ts';
+import { ExitHandler } from '../host/vmm/exit-handler.ts';
 import { VcpuWord } from '../host/layout.ts';
 import { type Steps, WaitCode, waitFor } from '../roles/role.ts';
 import { DestState, DestWord, type MigrationChannel } from './channel.ts';
 import type { Clock } from '../roles/clock.ts';
 import { COPY_COMPLETION, PageEvent } from '../host/page-history.ts';
-import type { DmaSourceStats } from '../host/iommu/dma-dirty-sync.ts';
+import type { DmaSourceStats } from '../host/vmm/dma-dirty-sources.ts';
 import { type PageSource, checksumUpdate, encodeComplete, encodeHeader, encodePages, encodeSync } from './stream.ts';
 
 export type ConvergencePolicy = 'fail' | 'force' | 'auto-converge' | 'dirty-limit';
@@ -134,6 +135,9 @@ export function* precopy(
 ): Steps {
   const mem = vm.memory;
   const vmm = new VmmControl(vm);
+  const exits = new ExitHandler(vmm, bugs.ringFullExitUnhandled === true);
+  /** Frames sent; the guest-progress check runs every 16th (each frame answers ring-full exits). */
+  let frames = 0;
   const sync = new DirtyLogSync(vm, harvestSkipEvery);
   const dirty = new PageBitmap(mem.totalPages);
   const chunkCleared = new Uint8Array(Math.ceil(mem.totalPages / 64));
@@ -155,7 +159,6 @@ export function* precopy(
   let dirtyRateHigh = 0;
   /** Pages newly found dirty by every sync so far (ring-full reaps included). */
   let foundTotal = 0;
-  const ignoredExits: number[] = [];
   /** copy-before-reset: pages copied since the harvest whose reset is still deferred. */
   let copiedBeforeReset = 0;
 
@@ -233,19 +236,12 @@ export function* precopy(
 
   /** Answers ring-full exits: QEMU reaps into the migration bitmap and re-enters. */
   function* serviceRingFull(): Steps {
-    if (bugs.ringFullExitUnhandled) { vmm.ignoreRingFullExits(ignoredExits); return; }
-    let any = false;
-    for (let v = 0; v < vmm.vcpus; v++) {
-      if (vmm.parkedExit(v) !== KVM_EXIT_DIRTY_RING_FULL) continue;
-      if (!any) {
-        yield* resetDeferred();
-        yield* syncLog(false);
-        yield* resetDeferred();
-        any = true;
-      }
-      vmm.reenter(v);
-    }
-    if (any) yield undefined;
+    const reap = function* (): Steps {
+      yield* resetDeferred();
+      yield* syncLog(false);
+      yield* resetDeferred();
+    };
+    if (yield* exits.serviceRingFull(reap)) yield undefined;
   }
 
   /** Sends every dirty page, ascending. Returns [normal, zero] pages sent. */
@@ -270,7 +266,7 @@ export function* precopy(
       yield undefined;
       if (limited) {
         yield* serviceRingFull();
-        if ((++frames & 15) === 0) checkProgress();
+        if ((++frames & 15) === 0) exits.checkProgress();
       }
     };
     /** copy-before-clear: the chunk whose CLEAR waits until its pages were copied. */
@@ -326,7 +322,7 @@ export function* precopy(
       downtimeExceeded: status === 'completed' ? explainDowntime(downtimeMs, p.downtimeLimitMs, expectedDowntime, completion) : null,
       dmaSources: sync.dma?.stats() ?? [],
       guestOps: opsAtStart.map((n, v) => (opsAtStop[v] ?? vmm.word(v, VcpuWord.OPS)) - n),
-      stalledVcpus: [...stalled].sort((a, b) => a - b),
+      stalledVcpus: [...exits.stalled].sort((a, b) => a - b),
     };
   }
 
@@ -353,19 +349,6 @@ export function* precopy(
   const unthrottle = (): void => {
     vmm.setThrottle(0);
     standingLimits.forEach((l, v) => vmm.setDirtyLimit(l, v));
-  };
-  /** Per vCPU: its exit count if it sat in a ring-full exit after the last frame, else -1. */
-  const parkedAfterFrame = new Array<number>(vmm.vcpus).fill(-1);
-  const stalled = new Set<number>();
-  let frames = 0;
-  /** The guest-progress check, every 16th frame of a pass (each frame answers ring-full exits): still in the same exit 16 frames on means never answered. */
-  const checkProgress = (): void => {
-    for (let v = 0; v < vmm.vcpus; v++) {
-      const parked = vmm.parkedExit(v) === KVM_EXIT_DIRTY_RING_FULL;
-      const exits = parked ? vmm.word(v, VcpuWord.EXITS) : -1;
-      if (parked && parkedAfterFrame[v] === exits) stalled.add(v);
-      parkedAfterFrame[v] = exits;
-    }
   };
 
   // Setup.

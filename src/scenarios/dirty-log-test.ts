@@ -1,11 +1,12 @@
 import type { TrackingMode } from '../bugs/catalog.ts';
 import { injectedBugs } from '../bugs/injected.ts';
-import { KVM_EXIT_DIRTY_RING_FULL, KVM_EXIT_MMIO, PAGE_SIZE } from '../host/constants.ts';
+import { PAGE_SIZE } from '../host/constants.ts';
 import { PageBitmap } from '../host/dirty-bitmap.ts';
-import { DirtyLogSync, type SyncResult } from '../host/dirty-log-sync.ts';
+import { DirtyLogSync, type SyncResult } from '../host/vmm/dirty-log.ts';
 import { GlobalWord, type MemslotConfig, type VmConfig, VcpuWord } from '../host/layout.ts';
 import type { Vm } from '../host/vm.ts';
-import { VmmControl } from '../host/vmm.ts';
+import { VmmControl } from '../host/vmm/vmm-control.ts';
+import { ExitHandler } from '../host/vmm/exit-handler.ts';
 import { type Steps, WaitCode, waitFor } from '../roles/role.ts';
 import { type DirtyLogViolation, verifyDirtyLog } from '../oracles/dirty-log-verify.ts';
 import type { WorkloadOptions } from '../guest/workload.ts';
@@ -73,7 +74,7 @@ export function* dirtyLogCollector(vm: Vm, c: DirtyLogTestConfig, report: (e: Di
   const first = new PageBitmap(mem.totalPages);
   const sync = new DirtyLogSync(vm, bugs.harvestSkipEvery);
   let collections = 0;
-  const ignored: number[] = [];
+  const exits = new ExitHandler(vmm, bugs.ringFullExitUnhandled);
 
   function* collect(into: PageBitmap, final: boolean): Steps {
     collections++;
@@ -85,26 +86,16 @@ export function* dirtyLogCollector(vm: Vm, c: DirtyLogTestConfig, report: (e: Di
 
   /** Reports a vCPU that exited with KVM_EXIT_MMIO (nothing is emulated there); true if one did. */
   function mmioExit(): boolean {
-    for (let v = 0; v < c.vcpus; v++) {
-      if (vmm.parkedExit(v) !== KVM_EXIT_MMIO) continue;
-      const gpa = vmm.word(v, VcpuWord.MMIO_GPA_LO) + vmm.word(v, VcpuWord.MMIO_GPA_HI) * 4294967296;
-      report({ kind: 'error', message: `vcpu${v} exited with KVM_EXIT_MMIO at gpa 0x${gpa.toString(16)}: no memslot or device there` });
-      return true;
-    }
-    return false;
+    const m = exits.mmio();
+    if (m === null) return false;
+    report({ kind: 'error', message: `vcpu${m.vcpu} exited with KVM_EXIT_MMIO at gpa 0x${m.gpa.toString(16)}: no memslot or device there` });
+    return true;
   }
 
   /** Answers ring-full exits (harvest, reset, re-enter); returns false when the run cannot go on. */
   function* serviceExits(into: PageBitmap): Steps<boolean> {
     if (mmioExit()) return false;
-    const full: number[] = [];
-    for (let v = 0; v < c.vcpus; v++) if (vmm.parkedExit(v) === KVM_EXIT_DIRTY_RING_FULL) full.push(v);
-    if (bugs.ringFullExitUnhandled) vmm.ignoreRingFullExits(ignored);
-    else if (full.length > 0) {
-      yield* collect(into, false);
-      for (const v of full) vmm.reenter(v);
-      yield undefined;
-    }
+    if (yield* exits.serviceRingFull(() => collect(into, false))) yield undefined;
     return true;
   }
 

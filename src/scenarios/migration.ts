@@ -6,7 +6,7 @@ import type { WorkloadOptions } from '../guest/workload.ts';
 import { GuestMemory } from '../host/guest-memory.ts';
 import { GlobalWord, type VmConfig, createVmLayout } from '../host/layout.ts';
 import type { Vm } from '../host/vm.ts';
-import { VmmControl } from '../host/vmm.ts';
+import { VmmControl } from '../host/vmm/vmm-control.ts';
 import { DEST_WORDS, DestWord } from '../migration/channel.ts';
 import { createStreamRing } from '../migration/stream-ring.ts';
 import { compareDigests, connectDestination } from '../migration/tcp.ts';

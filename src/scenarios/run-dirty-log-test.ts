@@ -1,8 +1,8 @@
 import { GlobalWord, createVmLayout } from '../host/layout.ts';
-import { VmmControl } from '../host/vmm.ts';
+import { VmmControl } from '../host/vmm/vmm-control.ts';
 import type { DirtyLogViolation } from '../oracles/dirty-log-verify.ts';
 import { type InjectionReport, injectionReport } from '../bugs/acted.ts';
-import { type VcpuRate, dirtyLimits, vcpuCounters, vcpuRates } from '../host/vcpu-stats.ts';
+import { type VcpuRate, dirtyLimits, vcpuCounters, vcpuRates } from '../host/vmm/vcpu-stats.ts';
 import { type DirtyLogEvent, type DirtyLogTestConfig, vmConfigFor } from './dirty-log-test.ts';
 import { type RoleSpec, vmFor } from './roles.ts';
 import { type Driver, runRoles } from './run-roles.ts';

@@ -1,7 +1,6 @@
 import { GlobalWord } from '../layout.ts';
 import { HostActor } from '../host-actor.ts';
 import type { Vm } from '../vm.ts';
-import { VmmControl } from '../vmm.ts';
 import { VFIO_DMA_MAP_FLAG_READ, VFIO_DMA_MAP_FLAG_WRITE } from '../iommu/constants.ts';
 import type { Iommu } from '../iommu/iommu.ts';
 import { DMA_ACTIVE, DMA_QUIESCED, DeviceWord, IommuWord, MailboxOp, MailboxWord, deviceBase } from '../iommu/iommu-layout.ts';
@@ -122,7 +121,6 @@ export abstract class DmaDevice {
   /** The device role: runs until the run ends. */
   *run(): Steps {
     const w = this.words;
-    const vmm = new VmmControl(this.vm);
     const c = this.config;
     const actor = new HostActor(this.vm.global, {
       // A paused device holds no translations: invalidations need not wait for it.
@@ -140,7 +138,7 @@ export abstract class DmaDevice {
         yield* this.onReply(this.pending.op, this.pending.buffer, w[this.base + MailboxWord.RESULT]!);
         continue;
       }
-      const ops = vmm.totalOps();
+      const ops = this.vm.guestOps();
       if (ops < nextAt) {
         this.publish();
         yield waitFor(WaitCode.GUEST_OPS, nextAt, ops);

@@ -1,7 +1,6 @@
 import { GlobalWord } from '../layout.ts';
 import { HostActor } from '../host-actor.ts';
 import type { Vm } from '../vm.ts';
-import { VmmControl } from '../vmm.ts';
 import { type Steps, WaitCode, waitFor } from '../../roles/role.ts';
 import { BufferPages } from './dma-buffers.ts';
 import { DeviceWord, deviceBase } from '../iommu/iommu-layout.ts';
@@ -18,7 +17,6 @@ export function* gvtDevice(vm: Vm, index: number, config: DeviceConfig, seed: nu
   // Its counters sit where the IOVA devices' do (it has no IOTLB and no mailbox).
   const words = vm.iommu!.words;
   const base = deviceBase(index);
-  const vmm = new VmmControl(vm);
   const pages = new BufferPages(config, index, seed, vm.memory);
   const actor = new HostActor(g);
   const writer = DEVICE_WRITER_BASE + index;
@@ -26,7 +24,7 @@ export function* gvtDevice(vm: Vm, index: number, config: DeviceConfig, seed: nu
   let nextAt = config.every;
   for (;;) {
     yield* actor.gate();
-    const ops = vmm.totalOps();
+    const ops = vm.guestOps();
     if (ops < nextAt) {
       yield waitFor(WaitCode.GUEST_OPS, nextAt, ops);
       continue;

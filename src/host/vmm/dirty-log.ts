@@ -1,10 +1,10 @@
-import type { PageBitmap } from './dirty-bitmap.ts';
-import { DirtyRingHarvester } from './dirty-ring.ts';
-import type { Memslot } from './memslot.ts';
-import type { Vm } from './vm.ts';
-import type { Steps } from '../roles/role.ts';
-import { PageEvent } from './page-history.ts';
-import { DmaDirtySync } from './iommu/dma-dirty-sync.ts';
+import type { PageBitmap } from '../dirty-bitmap.ts';
+import { DirtyRingHarvester } from './ring-harvester.ts';
+import type { Memslot } from '../memslot.ts';
+import type { Vm } from '../vm.ts';
+import type { Steps } from '../../roles/role.ts';
+import { PageEvent } from '../page-history.ts';
+import { DmaDirtySync } from './dma-dirty-sources.ts';
 
 /** Called with each source's name and the pages it newly added to the bitmap (a sync's breakdown). */
 export type SourceTally = (source: string, newPages: number) => void;

@@ -1,5 +1,5 @@
-import { VcpuRequest, VcpuWord } from './layout.ts';
-import type { VmmControl } from './vmm.ts';
+import { VcpuRequest, VcpuWord } from '../layout.ts';
+import type { VmmControl } from './vmm-control.ts';
 
 /** What one vCPU has published: operations retired, pages it dirtied (write-protect faults that logged a page), time paced. */
 export interface VcpuCounters {

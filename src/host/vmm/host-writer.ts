@@ -1,10 +1,10 @@
-import { GlobalWord } from '../host/layout.ts';
-import { HostActor } from '../host/host-actor.ts';
-import { HOST_WRITER_BASE } from '../host/memslot.ts';
-import type { Vm } from '../host/vm.ts';
-import type { VmmControl } from '../host/vmm.ts';
-import { type Steps, WaitCode, waitFor } from '../roles/role.ts';
-import type { Prng } from '../util/prng.ts';
+import { GlobalWord } from '../layout.ts';
+import { HostActor } from '../host-actor.ts';
+import { HOST_WRITER_BASE } from '../memslot.ts';
+import type { Vm } from '../vm.ts';
+import type { VmmControl } from './vmm-control.ts';
+import { type Steps, WaitCode, waitFor } from '../../roles/role.ts';
+import type { Prng } from '../../util/prng.ts';
 
 /**
  * Host-side writes into guest memory with no running vCPU (kvm_write_guest from device

@@ -1,6 +1,6 @@
 import type { PageBitmap } from '../dirty-bitmap.ts';
-import type { Iommu } from './iommu.ts';
-import { usesIommuTracking } from './iommu-layout.ts';
+import type { Iommu } from '../iommu/iommu.ts';
+import { usesIommuTracking } from '../iommu/iommu-layout.ts';
 import type { Steps } from '../../roles/role.ts';
 
 /** One DMA dirty source as the migration reads it: QEMU's VFIO listener's log_sync. */

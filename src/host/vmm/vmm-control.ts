@@ -1,7 +1,7 @@
-import { GlobalWord, VcpuRequest, VcpuRunState, VcpuWord } from './layout.ts';
-import { KVM_EXIT_DIRTY_RING_FULL } from './constants.ts';
-import { Acted } from './injections.ts';
-import type { Vm } from './vm.ts';
+import { GlobalWord, VcpuRequest, VcpuRunState, VcpuWord } from '../layout.ts';
+import { KVM_EXIT_DIRTY_RING_FULL } from '../constants.ts';
+import { Acted } from '../injections.ts';
+import type { Vm } from '../vm.ts';
 
 /**
  * What the VMM (userspace) does to its vCPUs and host actors through shared words: ask
@@ -61,9 +61,7 @@ export class VmmControl {
 
   /** Guest operations retired by all vCPUs (published at each vCPU's step boundary). */
   totalOps(): number {
-    let n = 0;
-    for (let v = 0; v < this.vcpus; v++) n += this.word(v, VcpuWord.OPS);
-    return n;
+    return this.vm.guestOps();
   }
 
   pauseHost(): void { Atomics.store(this.g, GlobalWord.HOST_PAUSE, 1); }
