@@ -3,7 +3,7 @@ import { fileURLToPath } from 'node:url';
 import { describe, expect, it } from 'vitest';
 import { cli } from './cli-helper.ts';
 import { explainDowntime } from '../src/migration/downtime.ts';
-import { KVM_BACKUP_BITMAP, KVM_RINGS } from '../src/host/vmm/dirty-log.ts';
+import { KVM_BACKUP_BITMAP, KVM_RINGS } from '../src/host/vmm/kvm-ring-source.ts';
 
 const DIR = fileURLToPath(new URL('../examples/', import.meta.url));
 const EXAMPLES = readdirSync(DIR).filter((f) => f.endsWith('.yaml')).sort();

@@ -1,8 +1,9 @@
 import type { DeviceKind } from '../host/devices/device-config.ts';
+import type { TrackingMode } from '../host/vmm/dirty-log.ts';
 import { UserError } from '../util/errors.ts';
 import type { BugName } from '../host/injections.ts';
 
-export type TrackingMode = 'dirty-log' | 'clear-log' | 'dirty-ring';
+export type { TrackingMode };
 
 export interface CatalogEntry {
   name: BugName;

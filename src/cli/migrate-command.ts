@@ -8,7 +8,7 @@ import type { MigrationInfo, PassStats } from '../migration/precopy.ts';
 import { Progress } from './progress.ts';
 import { describeDmaRecord } from '../oracles/dma-oracle.ts';
 import type { DmaReport } from '../scenarios/devices.ts';
-import type { DmaSourceStats } from '../host/vmm/dma-dirty-sources.ts';
+import type { DirtySourceStats as DmaSourceStats } from '../host/vmm/dirty-source.ts';
 import { describeVcpuRates } from './vcpu-rates.ts';
 import { describeIdleBugs } from '../scenarios/demos.ts';
 import { migrationOutcome } from '../scenarios/outcome.ts';

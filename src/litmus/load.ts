@@ -1,4 +1,5 @@
 import { readFileSync } from 'node:fs';
+import { type TrackingMode, trackingFor } from '../host/vmm/dirty-log.ts';
 import { parseDocument } from 'yaml';
 import { findBug } from '../bugs/catalog.ts';
 import { KVM_MEM_GUEST_MEMFD, KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, PAGE_SIZE } from '../host/constants.ts';
@@ -170,10 +171,9 @@ class SpecBuilder {
       const entries = o.entries ?? 4096;
       const err = checkRingSize(entries);
       if (err) this.fail(['tracking', 'entries'], `${err} (a power of two from 256 to 65536)`);
-      return { kind: 'ring', entries, withBitmap: o.backup_bitmap ?? false };
+      return trackingFor('dirty-ring', { ringEntries: entries, hostWrites: o.backup_bitmap ?? false });
     }
-    const manual = o.mode === 'clear-log';
-    return { kind: 'bitmap', manualProtect: manual, initiallySet: manual && (o.initially_set ?? false) };
+    return trackingFor(o.mode as TrackingMode, { ringEntries: 0, hostWrites: false, initiallySet: o.initially_set ?? false });
   }
 
   private ops<T extends VcpuOp | HostOp>(

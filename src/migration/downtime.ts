@@ -1,4 +1,5 @@
-import { KVM_BACKUP_BITMAP, KVM_DIRTY_BITMAP, KVM_RINGS } from '../host/vmm/dirty-log.ts';
+import { KVM_BACKUP_BITMAP, KVM_RINGS } from '../host/vmm/kvm-ring-source.ts';
+import { KVM_DIRTY_BITMAP } from '../host/vmm/kvm-bitmap-source.ts';
 
 /** What the completion did, from the stop to the destination's acknowledgement (the downtime). */
 export interface CompletionStats {

@@ -2,7 +2,7 @@ import type { TrackingMode } from '../bugs/catalog.ts';
 import { injectedBugs } from '../bugs/injected.ts';
 import { PAGE_SIZE } from '../host/constants.ts';
 import { PageBitmap } from '../host/dirty-bitmap.ts';
-import { DirtyLogSync, type SyncResult } from '../host/vmm/dirty-log.ts';
+import { DirtyLog, trackingFor } from '../host/vmm/dirty-log.ts';
 import { GlobalWord, type MemslotConfig, type VmConfig, VcpuWord } from '../host/layout.ts';
 import type { Vm } from '../host/vm.ts';
 import { VmmControl } from '../host/vmm/vmm-control.ts';
@@ -54,9 +54,7 @@ export function slotLayout(memoryBytes: number, count: number): MemslotConfig[] 
 
 export function vmConfigFor(c: DirtyLogTestConfig): VmConfig {
   const bugs = injectedBugs(c.bugs);
-  const tracking: VmConfig['tracking'] = c.mode === 'dirty-ring'
-    ? { kind: 'ring', entries: c.ringEntries, withBitmap: c.hostWriteEvery > 0 && !bugs.noBackupBitmap }
-    : { kind: 'bitmap', manualProtect: c.mode === 'clear-log', initiallySet: c.mode === 'clear-log' };
+  const tracking = trackingFor(c.mode, { ringEntries: c.ringEntries, hostWrites: c.hostWriteEvery > 0, noBackupBitmap: bugs.noBackupBitmap, initiallySet: true });
   return { slots: slotLayout(c.memoryBytes, c.slots), vcpus: c.vcpus, tracking };
 }
 
@@ -72,15 +70,16 @@ export function* dirtyLogCollector(vm: Vm, c: DirtyLogTestConfig, report: (e: Di
   const prng = new Prng(Prng.derive(c.seed, 1000));
   const reported = new PageBitmap(mem.totalPages);
   const first = new PageBitmap(mem.totalPages);
-  const sync = new DirtyLogSync(vm, bugs.harvestSkipEvery);
+  const log = new DirtyLog(vm, { clearPerChunk: false, harvestSkipEvery: bugs.harvestSkipEvery });
   let collections = 0;
   const exits = new ExitHandler(vmm, bugs.ringFullExitUnhandled);
 
   function* collect(into: PageBitmap, final: boolean): Steps {
     collections++;
-    const r: SyncResult = yield* sync.sync(into, final);
-    if (r.reset !== r.harvested) {
-      report({ kind: 'error', message: `KVM_RESET_DIRTY_RINGS reset ${r.reset} entries but ${r.harvested} were harvested` });
+    yield* log.sync(into, final);
+    const ring = log.ring;
+    if (ring !== null && ring.lastReset !== ring.lastHarvested) {
+      report({ kind: 'error', message: `KVM_RESET_DIRTY_RINGS reset ${ring.lastReset} entries but ${ring.lastHarvested} were harvested` });
     }
   }
 
@@ -102,7 +101,7 @@ export function* dirtyLogCollector(vm: Vm, c: DirtyLogTestConfig, report: (e: Di
   for (let v = 0; v < c.vcpus; v++) vmm.requestStop(v);
   vmm.pauseHost();
   yield undefined;
-  for (const slot of mem.slots) yield* vm.enableDirtyLogging(slot);
+  yield* log.start();
 
   let prevUnretired = new Set<number>();
   let opsBase = vmm.totalOps();

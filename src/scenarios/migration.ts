@@ -1,5 +1,6 @@
 import type { TrackingMode } from '../bugs/catalog.ts';
 import { injectedBugs } from '../bugs/injected.ts';
+import { trackingFor } from '../host/vmm/dirty-log.ts';
 import { type InjectionReport, injectionReport } from '../bugs/acted.ts';
 import type { DeterministicDriver } from '../drivers/deterministic.ts';
 import type { WorkloadOptions } from '../guest/workload.ts';
@@ -93,9 +94,7 @@ export function migrationVmConfig(s: MigrationScenario): VmConfig {
   const devices = s.devices ?? NO_DEVICES;
   // Writes by KVM with no running vCPU (host writer, GVT-g) need the ring's backup bitmap.
   const hostWrites = s.hostWriteEvery > 0 || devices.devices.some((d) => d.kind === 'gvt');
-  const tracking: VmConfig['tracking'] = s.tracking === 'dirty-ring'
-    ? { kind: 'ring', entries: s.ringEntries, withBitmap: hostWrites && !bugs.noBackupBitmap }
-    : { kind: 'bitmap', manualProtect: s.tracking === 'clear-log', initiallySet: false };
+  const tracking = trackingFor(s.tracking, { ringEntries: s.ringEntries, hostWrites, noBackupBitmap: bugs.noBackupBitmap });
   const slots = slotLayout(s.memoryBytes, s.slots);
   const config: VmConfig = { slots, vcpus: s.vcpus, tracking, pageHistory: s.pageHistory !== false };
   const iommu = iommuConfigFor(devices, slots);

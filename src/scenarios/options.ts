@@ -1,6 +1,8 @@
 import { type BugName, CATALOG, type TrackingMode, findBug } from '../bugs/catalog.ts';
 import { MAX_STAMP_ITERATION } from '../host/memslot.ts';
 import { PAGE_SIZE } from '../host/constants.ts';
+import { MODES } from '../host/vmm/dirty-log.ts';
+export { MODES };
 import { checkRingSize } from '../host/dirty-ring.ts';
 import { DEVICE_DEFAULTS, DEVICE_KINDS, type DeviceConfig, type DeviceKind } from '../host/devices/device-config.ts';
 import { VFIO_DEFAULT_DMA_ENTRY_LIMIT } from '../host/iommu/constants.ts';
@@ -22,7 +24,6 @@ export type ScenarioKind = 'dirty-log-test' | 'migrate';
 export type Driver = 'free' | 'deterministic';
 export type OnDeviceFault = 'continue' | 'stop';
 
-export const MODES: readonly TrackingMode[] = ['dirty-log', 'clear-log', 'dirty-ring'];
 export const DRIVERS: readonly Driver[] = ['free', 'deterministic'];
 export const POLICIES: readonly ConvergencePolicy[] = ['fail', 'force', 'auto-converge', 'dirty-limit'];
 

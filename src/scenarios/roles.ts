@@ -81,7 +81,7 @@ export function buildRole(spec: RoleSpec, vm: Vm, report: (e: never) => void): R
       const channel = spec.ring ? new RingChannel(spec.ring, words) : spec.port ? new PortChannel(words, spec.port) : new QueueChannel(words, spec.queue!);
       const clock = spec.clockSteps ? new StepClock(spec.clockSteps) : WALL_CLOCK;
       const bugs = injectedBugs(spec.bugs);
-      return new GeneratorRole('migration', precopy(vm, channel, words, clock, spec.params, bugs.migration, report as (e: MigrationEvent) => void, bugs.harvestSkipEvery));
+      return new GeneratorRole('migration', precopy(vm, channel, words, clock, spec.params, { ...bugs.migration, harvestSkipEvery: bugs.harvestSkipEvery }, report as (e: MigrationEvent) => void));
     }
     case 'destination': {
       // The destination's memory is created for this migration (runMigration): fresh.

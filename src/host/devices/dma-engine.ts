@@ -19,13 +19,11 @@ import type { DeviceConfig } from './device-config.ts';
 export class DmaEngine extends DmaDevice {
   readonly iotlb: DeviceIotlb;
   private readonly hwDirty: boolean;
-  private readonly deviceLog: Int32Array;
 
   constructor(vm: Vm, index: number, config: DeviceConfig, seed: number, window: IovaWindow) {
     super(vm, index, config, seed, window);
     this.iotlb = new DeviceIotlb(config.iotlbEntries);
     this.hwDirty = config.tracking === 'iommu' && this.iommu.backend === 'iommufd';
-    this.deviceLog = this.iommu.deviceLogs[index]!;
   }
 
   protected override dropTranslations(): void { this.iotlb.invalidateAll(); }
@@ -64,9 +62,9 @@ export class DmaEngine extends DmaDevice {
       tlb.setDirtyCached(iova);
     }
     this.store(gfn);
-    if (this.config.tracking === 'device' && Atomics.load(this.words, this.base + DeviceWord.LOGGING) !== 0) {
-      if (!this.vm.bugs.untrackedDma) Atomics.or(this.deviceLog, iova >>> 5, 1 << (iova & 31));
-      else this.vm.acts.acted(Acted.UNTRACKED_DMA);
+    if (this.config.tracking === 'device') {
+      if (!this.vm.bugs.untrackedDma) this.iommu.logDma(this.index, iova);
+      else if (Atomics.load(this.words, this.base + DeviceWord.LOGGING) !== 0) this.vm.acts.acted(Acted.UNTRACKED_DMA);
     }
   }
 }

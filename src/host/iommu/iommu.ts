@@ -301,6 +301,16 @@ export class Iommu {
     return n;
   }
 
+  /** IOMMU_HWPT_SET_DIRTY_TRACKING is on. */
+  get hwptTracking(): boolean { return Atomics.load(this.words, IommuWord.HWPT_TRACKING) !== 0; }
+
+  /** Device `d` logs its DMA write to IOVA page `iova`, while its DMA logging is on; returns whether it did. */
+  logDma(d: number, iova: number): boolean {
+    if (Atomics.load(this.words, deviceBase(d) + DeviceWord.LOGGING) === 0) return false;
+    Atomics.or(this.deviceLogs[d]!, iova >>> 5, 1 << (iova & 31));
+    return true;
+  }
+
   /** VFIO_DEVICE_FEATURE_DMA_LOGGING_START for device `d` over the whole IOVA space. */
   dmaLoggingStart(d: number): void {
     this.deviceLogs[d]!.fill(0);

@@ -1,115 +1,87 @@
 import type { PageBitmap } from '../dirty-bitmap.ts';
-import { DirtyRingHarvester } from './ring-harvester.ts';
+import type { DirtyTracking } from '../layout.ts';
 import type { Memslot } from '../memslot.ts';
 import type { Vm } from '../vm.ts';
 import type { Steps } from '../../roles/role.ts';
-import { PageEvent } from '../page-history.ts';
-import { DmaDirtySync } from './dma-dirty-sources.ts';
+import type { DirtySource, DirtySourceStats, SourceTally } from './dirty-source.ts';
+import { dmaDirtySourcesFor } from './dma-dirty-sources.ts';
+import { KvmBitmapSource, KvmClearLogSource } from './kvm-bitmap-source.ts';
+import { KvmRingSource } from './kvm-ring-source.ts';
 
-/** Called with each source's name and the pages it newly added to the bitmap (a sync's breakdown). */
-export type SourceTally = (source: string, newPages: number) => void;
+/** How userspace tracks dirty pages with KVM: legacy GET, GET + CLEAR (manual protect), or the dirty ring. */
+export type TrackingMode = 'dirty-log' | 'clear-log' | 'dirty-ring';
+export const MODES: readonly TrackingMode[] = ['dirty-log', 'clear-log', 'dirty-ring'];
 
-/** Names of KVM's sources in a tally. */
-export const KVM_RINGS = 'the vCPUs\' dirty rings';
-export const KVM_BACKUP_BITMAP = 'the ring\'s backup bitmap';
-export const KVM_DIRTY_BITMAP = 'KVM_GET_DIRTY_LOG';
+/**
+ * The KVM capabilities a mode asks for (the one place a mode becomes a VM's tracking):
+ * the ring with its backup bitmap when KVM will write guest memory with no running vCPU
+ * (unless no-backup-bitmap leaves it out), or the bitmap, with manual protect (and,
+ * for the selftests, KVM_DIRTY_LOG_INITIALLY_SET) for clear-log.
+ */
+export function trackingFor(mode: TrackingMode, o: { ringEntries: number; hostWrites: boolean; noBackupBitmap?: boolean; initiallySet?: boolean }): DirtyTracking {
+  return mode === 'dirty-ring'
+    ? { kind: 'ring', entries: o.ringEntries, withBitmap: o.hostWrites && o.noBackupBitmap !== true }
+    : { kind: 'bitmap', manualProtect: mode === 'clear-log', initiallySet: mode === 'clear-log' && o.initiallySet === true };
+}
 
-export interface SyncResult {
-  /** Ring entries harvested, and reset by KVM_RESET_DIRTY_RINGS (they must be equal). */
-  harvested: number;
-  reset: number;
+export interface DirtyLogOptions {
+  /** Manual protect: CLEAR each chunk just before it is copied (a migration), else each slot after its GET. */
+  clearPerChunk: boolean;
+  /** harvest-skips-entry: the ring harvest drops every Nth entry (0: never). */
+  harvestSkipEvery?: number;
+  /** copy-before-reset: the ring source defers KVM_RESET_DIRTY_RINGS until after the copy. */
+  deferRingReset?: boolean;
+  /** copy-before-clear: the clear-log source CLEARs a chunk only after it was copied. */
+  clearAfterCopy?: boolean;
 }
 
 /**
- * Userspace's side of dirty logging: pull KVM's log into a bitmap of VM-wide page
- * numbers, the way QEMU's kvm_dirty_ring_reap / kvm_physical_sync_dirty_bitmap and the
- * selftests' collectors do. Ring: harvest every vCPU's ring in order, then
- * KVM_RESET_DIRTY_RINGS; the backup bitmap last, with the VM stopped. Bitmap: GET, and
- * with manual protect either CLEAR the whole slot now or leave clearing to the caller
- * (QEMU clears each 64-page chunk just before sending it).
+ * Every dirty log of a VM as one: KVM's (by its tracking) then the DMA sources its
+ * devices need (QEMU's memory listeners' log_sync; Firecracker's dump_dirty ORs KVM's
+ * log with its own). A sync ORs them all into one bitmap and counts per source.
  */
-export class DirtyLogSync {
-  readonly harvester: DirtyRingHarvester | null;
-  /** DMA dirty sources read with KVM's log at every sync, when the VM has an IOMMU. */
-  readonly dma: DmaDirtySync | null;
-  private readonly scratch: Uint32Array[];
+export class DirtyLog {
+  readonly sources: readonly DirtySource[];
+  private readonly counts: DirtySourceStats[];
+  /** KVM's ring source, when the VM has rings. */
+  readonly ring: KvmRingSource | null;
   syncs = 0;
 
-  constructor(readonly vm: Vm, private readonly harvestSkipEvery = 0) {
-    this.harvester = vm.rings ? new DirtyRingHarvester(vm.rings.length, vm.acts) : null;
-    this.dma = vm.iommu ? new DmaDirtySync(vm.iommu) : null;
-    this.scratch = vm.memory.slots.map((s) => new Uint32Array(s.dirtyBitmap.length));
+  constructor(readonly vm: Vm, o: DirtyLogOptions) {
+    const t = vm.tracking;
+    const kvm: DirtySource = t.kind === 'ring'
+      ? new KvmRingSource(vm, { harvestSkipEvery: o.harvestSkipEvery, deferReset: o.deferRingReset })
+      : t.manualProtect ? new KvmClearLogSource(vm, { perChunk: o.clearPerChunk, clearAfterCopy: o.clearAfterCopy }) : new KvmBitmapSource(vm);
+    this.ring = kvm instanceof KvmRingSource ? kvm : null;
+    this.sources = [kvm, ...(vm.iommu ? dmaDirtySourcesFor(vm.iommu) : [])];
+    this.counts = this.sources.map((s) => ({ source: s.name, syncs: 0, pagesReported: 0 }));
   }
 
-  /**
-   * One sync into `into`: KVM's log, then the DMA sources. `final`: the VM is stopped,
-   * also collect the ring's backup bitmap (last). `clearNow`: with manual protect, CLEAR what GET returned (whole slot).
-   */
-  *sync(into: PageBitmap, final: boolean, clearNow = true, tally?: SourceTally): Steps<SyncResult> {
+  /** Logging on, KVM's first (log_global_start). */
+  *start(): Steps { for (const s of this.sources) yield* s.start(); }
+
+  /** Logging off (log_global_stop). */
+  stop(): void { for (const s of this.sources) s.stop(); }
+
+  /** One sync: every source into `into`; `final`: the VM is stopped. Returns the pages reported in all. */
+  *sync(into: PageBitmap, final: boolean, tally?: SourceTally): Steps<number> {
     this.syncs++;
-    const vm = this.vm;
-    const mem = vm.memory;
-    let before = tally ? into.count() : 0;
-    const counted = (source: string): void => {
-      if (!tally) return;
-      const now = into.count();
-      tally(source, now - before);
-      before = now;
-    };
-    if (vm.rings && this.harvester) {
-      let harvested = 0;
-      for (const ring of vm.rings) {
-        harvested += this.harvester.harvest(ring, ring.entries, this.recorder(into, ring.vcpu), this.harvestSkipEvery);
-        yield undefined;
-      }
-      const reset: number = yield* vm.resetDirtyRings();
-      counted(KVM_RINGS);
-      if (this.dma) yield* this.dma.sync(into, tally);
-      if (tally) before = into.count();
-      if (final && vm.hasBackupBitmap) {
-        for (const slot of mem.slots) into.orWords(yield* vm.getDirtyLog(slot, this.scratch[slot.index]), slot.firstPage);
-        counted(KVM_BACKUP_BITMAP);
-      }
-      return { harvested, reset };
+    let total = 0;
+    for (let i = 0; i < this.sources.length; i++) {
+      const n: number = yield* this.sources[i]!.sync(into, final, tally);
+      this.counts[i]!.syncs++;
+      this.counts[i]!.pagesReported += n;
+      total += n;
     }
-    for (const slot of mem.slots) {
-      const bitmap: Uint32Array = yield* vm.getDirtyLog(slot, this.scratch[slot.index]);
-      if (vm.manualProtect && clearNow) yield* vm.clearDirtyLog(slot, 0, slot.pages, bitmap);
-      into.orWords(bitmap, slot.firstPage);
-    }
-    counted(KVM_DIRTY_BITMAP);
-    if (this.dma) yield* this.dma.sync(into, tally);
-    return { harvested: 0, reset: 0 };
+    return total;
   }
 
-  /** The harvest callback for vCPU `vcpu`'s ring: records each entry's page in `into` (and its history). */
-  recorder(into: PageBitmap, vcpu: number): (slotField: number, offset: number) => void {
-    const mem = this.vm.memory;
-    const h = this.vm.history;
-    return (slotField, offset) => {
-      const slot = mem.slotByField(slotField);
-      if (slot === undefined || offset >= slot.pages) return;
-      into.mark(slot.firstPage + offset);
-      if (h !== null) h.record(slot.firstPage + offset, PageEvent.HARVESTED, vcpu);
-    };
-  }
+  *beforeCopy(slot: Memslot, page: number, dirty: PageBitmap): Steps { for (const s of this.sources) if (s.beforeCopy) yield* s.beforeCopy(slot, page, dirty); }
+  *afterCopy(pages: number): Steps { for (const s of this.sources) if (s.afterCopy) yield* s.afterCopy(pages); }
+  *afterSlot(slot: Memslot): Steps { for (const s of this.sources) if (s.afterSlot) yield* s.afterSlot(slot); }
+  *settle(): Steps { for (const s of this.sources) if (s.settle) yield* s.settle(); }
 
-  /**
-   * KVM_CLEAR_DIRTY_LOG for the 64-page chunk holding `page` (slot-relative), with the
-   * bits `dirty` (VM-wide) has there: QEMU's per-chunk clear just before sending.
-   */
-  *clearChunk(slot: Memslot, page: number, dirty: PageBitmap): Steps<number> {
-    const c = chunkOf(slot, page, dirty);
-    return yield* this.vm.clearDirtyLog(slot, c.first, c.num, c.bits);
-  }
-}
-
-/** A 64-page CLEAR range: its slot-relative first page, length, and the bits to clear. */
-export interface ClearChunk { slot: Memslot; first: number; num: number; bits: Uint32Array }
-
-/** The 64-page chunk holding `page` (slot-relative), with the bits `dirty` (VM-wide) has set there now. */
-export function chunkOf(slot: Memslot, page: number, dirty: PageBitmap): ClearChunk {
-  const first = page - (page % 64);
-  const g = slot.firstPage + first; // 64-aligned in the VM-wide numbering
-  return { slot, first, num: Math.min(64, slot.pages - first), bits: new Uint32Array([dirty.words[g >>> 5]!, dirty.words[(g >>> 5) + 1] ?? 0]) };
+  stats(): DirtySourceStats[] { return this.counts.map((c) => ({ ...c })); }
+  /** The DMA sources' counts (what a migration reports per device source). */
+  dmaStats(): DirtySourceStats[] { return this.counts.filter((_, i) => this.sources[i]!.dma).map((c) => ({ ...c })); }
 }
