@@ -1,10 +1,12 @@
 import { PAGE_SIZE } from '../host/constants.ts';
 import { type DeviceConfig, usesIommu } from '../host/devices/device-config.ts';
+import { type DeviceStats, deviceStats, dmaTrackingOf } from '../host/devices/device.ts';
+export type { DeviceStats };
 import { BufferPages, type IovaWindow, gfnEnd, iovaWindows } from '../host/devices/dma-buffers.ts';
 import { VFIO_DMA_MAP_FLAG_READ, VFIO_DMA_MAP_FLAG_WRITE, VFIO_DEFAULT_DMA_ENTRY_LIMIT } from '../host/iommu/constants.ts';
 import { LockHolder } from '../host/iommu/domain-lock.ts';
 import type { IommuStats } from '../host/iommu/iommu.ts';
-import { DeviceWord, type DmaTracking, type IommuBackendKind, type IommuConfig, IommuWord, deviceBase } from '../host/iommu/iommu-layout.ts';
+import { type IommuBackendKind, type IommuConfig, IommuWord } from '../host/iommu/iommu-layout.ts';
 import type { Vm } from '../host/vm.ts';
 import type { DmaRecord } from '../host/iommu/dma-records.ts';
 import { UserError } from '../util/errors.ts';
@@ -20,9 +22,6 @@ export interface DeviceSetup {
 
 export const NO_DEVICES: DeviceSetup = { backend: 'type1', dmaEntryLimit: VFIO_DEFAULT_DMA_ENTRY_LIMIT, stopOnFault: false, devices: [] };
 
-export function dmaTrackingOf(d: DeviceConfig): DmaTracking {
-  return d.kind === 'gvt' ? 'kvm' : d.kind === 'mdev' ? 'iommu' : d.tracking;
-}
 
 /** The VM's IOMMU configuration, or undefined when the scenario has no devices. */
 export function iommuConfigFor(setup: DeviceSetup, slots: readonly { baseGfn: number; pages: number }[]): IommuConfig | undefined {
@@ -81,23 +80,6 @@ export function deviceWindow(setup: DeviceSetup, index: number, vm: Vm): IovaWin
   return iovaWindows(setup.devices, gfnEnd(vm.memory.slots)).windows[index] ?? null;
 }
 
-export interface DeviceStats {
-  device: number;
-  kind: string;
-  tracking: DmaTracking;
-  operations: number;
-  dmaWrites: number;
-  dmaReads: number;
-  iotlbHits: number;
-  iotlbMisses: number;
-  pins: number;
-  dmaRw: number;
-  faults: number;
-  staleIotlb: number;
-  /** Pages reported through its DMA logging. */
-  loggedPagesReported: number;
-}
-
 /** The run's IOMMU and device statistics and oracle records. */
 export interface DmaReport {
   iommu: IommuStats;
@@ -111,15 +93,7 @@ export interface DmaReport {
 export function dmaReport(vm: Vm, setup: DeviceSetup): DmaReport | null {
   const iommu = vm.iommu;
   if (iommu === null) return null;
-  const w = iommu.words;
-  const devices = setup.devices.map((d, i): DeviceStats => {
-    const at = (k: number): number => Atomics.load(w, deviceBase(i) + k);
-    return {
-      device: i, kind: d.kind, tracking: dmaTrackingOf(d), operations: at(DeviceWord.OPS), dmaWrites: at(DeviceWord.DMA_WRITES), dmaReads: at(DeviceWord.DMA_READS),
-      iotlbHits: at(DeviceWord.IOTLB_HITS), iotlbMisses: at(DeviceWord.IOTLB_MISSES), pins: at(DeviceWord.PINS), dmaRw: at(DeviceWord.DMA_RW),
-      faults: at(DeviceWord.FAULTS), staleIotlb: at(DeviceWord.STALE), loggedPagesReported: at(DeviceWord.LOG_REPORTED),
-    };
-  });
+  const devices = setup.devices.map((d, i) => deviceStats(iommu, i, d));
   return {
     iommu: iommu.stats(), devices, records: iommu.dmaRecords.records(),
     faults: devices.reduce((s, d) => s + d.faults, 0), staleIotlb: devices.reduce((s, d) => s + d.staleIotlb, 0),

@@ -20,9 +20,7 @@ import { RingChannel, RingSource } from '../migration/stream-ring.ts';
 import { runResumedGuest } from '../migration/incoming.ts';
 import { type MigrationEvent, type MigrationParams, precopy } from '../migration/precopy.ts';
 import { type DeviceSetup, deviceWindow } from './devices.ts';
-import { DmaEngine } from '../host/devices/dma-engine.ts';
-import { Mdev } from '../host/devices/mdev.ts';
-import { gvtDevice } from '../host/devices/gvt.ts';
+import { createDevice } from '../host/devices/devices.ts';
 import { type IommuServiceEvent, iommuService } from '../host/iommu/iommu-service.ts';
 
 /** A role described as plain data, so a worker thread can build it from its workerData. */
@@ -93,10 +91,7 @@ export function buildRole(spec: RoleSpec, vm: Vm, report: (e: never) => void): R
     case 'device': {
       const config = spec.setup.devices[spec.index]!;
       const name = `device${spec.index}`;
-      if (config.kind === 'gvt') return new GeneratorRole(name, gvtDevice(vm, spec.index, config, spec.seed));
-      const window = deviceWindow(spec.setup, spec.index, vm)!;
-      const device = config.kind === 'mdev' ? new Mdev(vm, spec.index, config, spec.seed, window) : new DmaEngine(vm, spec.index, config, spec.seed, window);
-      return new GeneratorRole(name, device.run());
+      return new GeneratorRole(name, createDevice(vm, spec.index, config, spec.seed, deviceWindow(spec.setup, spec.index, vm)).run());
     }
     case 'iommu-service':
       return new GeneratorRole('iommu-service', iommuService(vm, report as (e: IommuServiceEvent) => void));

@@ -8,6 +8,7 @@ import { type Steps, WaitCode, waitFor } from '../../roles/role.ts';
 import { DmaRecordKind } from '../iommu/dma-records.ts';
 import { BufferPages, type IovaWindow } from './dma-buffers.ts';
 import { DEVICE_WRITER_BASE, type DeviceConfig } from './device-config.ts';
+import { type Device, type DeviceStats, deviceStats } from './device.ts';
 
 export const enum BufferState { MAPPED, UNMAPPING, MAPPING, FREE }
 
@@ -21,7 +22,7 @@ export interface Buffer { index: number; iova: number; gfn: number; state: Buffe
  * guest operations, acknowledging IOTLB invalidations at each step boundary, stamping
  * every page it writes like vCPUs do). Kinds differ in how one DMA reaches memory.
  */
-export abstract class DmaDevice {
+export abstract class DmaDevice implements Device {
   readonly words: Int32Array;
   readonly base: number;
   readonly iommu: Iommu;
@@ -44,6 +45,11 @@ export abstract class DmaDevice {
     this.writer = DEVICE_WRITER_BASE + index;
     this.pages = new BufferPages(config, index, seed, vm.memory);
     this.buffers = this.pages.initial().map((gfn, index) => ({ index, iova: config.identity ? gfn : window.base + index, gfn, state: BufferState.MAPPED }));
+  }
+
+  stats(): DeviceStats {
+    this.publish();
+    return deviceStats(this.iommu, this.index, this.config);
   }
 
   /** The IOVA no buffer ever uses (stray DMAs go there). */

@@ -5,6 +5,7 @@ import { type Steps, WaitCode, waitFor } from '../../roles/role.ts';
 import { BufferPages } from './dma-buffers.ts';
 import { DeviceWord, deviceBase } from '../iommu/iommu-layout.ts';
 import { DEVICE_WRITER_BASE, type DeviceConfig } from './device-config.ts';
+import { type Device, type DeviceStats, deviceStats } from './device.ts';
 
 /**
  * A GVT-g-style device: its vendor driver writes guest memory by GPA through the host's
@@ -12,7 +13,19 @@ import { DEVICE_WRITER_BASE, type DeviceConfig } from './device-config.ts';
  * bypasses the guest IOMMU entirely, so the only dirty tracking that sees its writes is
  * KVM's own (mark_page_dirty_in_slot: the ring's backup bitmap, or the slot's bitmap).
  */
-export function* gvtDevice(vm: Vm, index: number, config: DeviceConfig, seed: number): Steps {
+export class Gvt implements Device {
+  constructor(readonly vm: Vm, readonly index: number, readonly config: DeviceConfig, private readonly seed: number) {}
+
+  stats(): DeviceStats {
+    return deviceStats(this.vm.iommu!, this.index, this.config);
+  }
+
+  run(): Steps {
+    return gvtDevice(this.vm, this.index, this.config, this.seed);
+  }
+}
+
+function* gvtDevice(vm: Vm, index: number, config: DeviceConfig, seed: number): Steps {
   const g = vm.global;
   // Its counters sit where the IOVA devices' do (it has no IOTLB and no mailbox).
   const words = vm.iommu!.words;

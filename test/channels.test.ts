@@ -1,0 +1,103 @@
+import { MessageChannel } from 'node:worker_threads';
+import { describe, expect, it } from 'vitest';
+import { DEST_WORDS, DestWord, type MigrationChannel, PortChannel, QueueChannel } from '../src/migration/channel.ts';
+import { RingChannel, RingSource, createStreamRing } from '../src/migration/stream-ring.ts';
+import { encodePages, encodeSync } from '../src/migration/stream.ts';
+import { QueueSource } from '../src/migration/destination-role.ts';
+
+/**
+ * One suite, run against every migration channel (the same thread's queue, the stream
+ * ring to a destination thread, the port to the TCP bridge): frames arrive whole and in
+ * order, and the sender is held back by credit until the receiver has applied them.
+ */
+interface Rig {
+  ch: MigrationChannel;
+  /** What has arrived so far, each frame once, releasing its space (the destination applied it). */
+  receive(): Promise<Uint8Array[]>;
+  /** The receiver says how much it applied (the destination's APPLIED_KIB, or ring space released). */
+  credit(): void;
+}
+
+function words(): Int32Array {
+  return new Int32Array(new SharedArrayBuffer(DEST_WORDS * 4));
+}
+
+const RIGS: { name: string; make(): Rig }[] = [
+  {
+    name: 'queue (same thread)',
+    make() {
+      const w = words();
+      const queue: Uint8Array[] = [];
+      const ch = new QueueChannel(w, queue);
+      const src = new QueueSource(queue);
+      let applied = 0;
+      return {
+        ch,
+        async receive() { const out: Uint8Array[] = []; for (let f = src.next(); f; f = src.next()) { out.push(f); applied += f.length; } return out; },
+        credit() { Atomics.store(w, DestWord.APPLIED_KIB, Math.floor(applied / 1024)); },
+      };
+    },
+  },
+  {
+    name: 'stream ring (to a destination thread)',
+    make() {
+      const ring = createStreamRing();
+      const ch = new RingChannel(ring, words());
+      const src = new RingSource(ring);
+      return {
+        ch,
+        async receive() { const out: Uint8Array[] = []; for (let f = src.next(); f; f = src.next()) { out.push(f.slice()); src.release(); } return out; },
+        credit() { /* released as received */ },
+      };
+    },
+  },
+  {
+    name: 'message port (to the TCP bridge)',
+    make() {
+      const w = words();
+      const { port1, port2 } = new MessageChannel();
+      const ch = new PortChannel(w, port1);
+      const got: Uint8Array[] = [];
+      port2.on('message', (m: Uint8Array) => got.push(new Uint8Array(m)));
+      let applied = 0;
+      return {
+        ch,
+        async receive() { await new Promise((r) => setTimeout(r, 20)); const out = got.splice(0); for (const f of out) applied += f.length; return out; },
+        credit() { Atomics.store(w, DestWord.APPLIED_KIB, Math.floor(applied / 1024)); },
+      };
+    },
+  },
+];
+
+/** A page frame of `pages` pages filled with `fill`. */
+function frame(pages: number, fill: number): Uint8Array {
+  return encodePages(1, Array.from({ length: pages }, (_, i) => i), { isZero: () => false, copy: (_p, n, into, at) => { into.fill(fill, at, at + n * 4096); } }).frame;
+}
+
+describe.each(RIGS)('the MigrationChannel contract: $name', ({ make }) => {
+  it('delivers every frame whole and in order, and counts the bytes sent', async () => {
+    const r = make();
+    const sent = [encodeSync(1), frame(3, 7), encodeSync(2), frame(1, 9), frame(64, 1)];
+    const copies = sent.map((f) => f.slice());
+    for (const f of sent) { expect(r.ch.canSend()).toBe(true); r.ch.send(f); }
+    expect(r.ch.bytesSent).toBe(copies.reduce((n, f) => n + f.length, 0));
+    const got = await r.receive();
+    expect(got.map((f) => Buffer.from(f).toString('hex'))).toEqual(copies.map((f) => Buffer.from(f).toString('hex')));
+  });
+
+  it('holds the sender back by credit: out of credit until the receiver has applied what it got', async () => {
+    const r = make();
+    const big = frame(1024, 3); // 4 MiB
+    let frames = 0;
+    while (r.ch.canSend() && frames < 100) { r.ch.send(big.slice()); frames++; }
+    expect(frames, 'the window is bounded').toBeLessThan(100);
+    expect(r.ch.canSend()).toBe(false);
+    const w = r.ch.creditWord;
+    const before = Atomics.load(w.array, w.index);
+    const got = await r.receive();
+    r.credit();
+    expect(got).toHaveLength(frames);
+    expect(r.ch.canSend(), 'credit came back').toBe(true);
+    expect(Atomics.load(w.array, w.index), 'on the word a sender parks on').not.toBe(before);
+  });
+});
