@@ -27,7 +27,9 @@ import { type DirtyTracking, createVmLayout, type VmLayout } from '../src/host/l
 import { Vm } from '../src/host/vm.ts';
 import { VmmControl } from '../src/host/vmm/vmm-control.ts';
 import { actorBase, ActorWord } from '../src/drivers/actor-words.ts';
-import type { RoleWorkerData, WorkerMessage } from '../src/drivers/actor-words.ts';
+import type { RoleWorkerData, RunControl } from '../src/drivers/actor-words.ts';
+import * as Comlink from 'comlink';
+import nodeEndpoint from 'comlink/dist/esm/node-adapter.mjs';
 import { spawnWorker } from '../src/drivers/spawn.ts';
 import { LINE_WORDS } from '../src/host/layout.ts';
 import { slotLayout } from '../src/scenarios/dirty-log-test.ts';
@@ -116,10 +118,8 @@ async function throughService(backend: IommuBackendKind): Promise<{ rate: number
   const worker: Worker = spawnWorker('role', data);
   const errors: string[] = [];
   await new Promise<void>((resolve, reject) => {
-    worker.on('message', (m: WorkerMessage) => {
-      if (m.type === 'ready') resolve();
-      else if (m.type === 'event') errors.push(JSON.stringify(m.event));
-    });
+    const control: RunControl = { ready: () => resolve(), event: (_a, e) => errors.push(JSON.stringify(e)), done: () => {} };
+    Comlink.expose(control, nodeEndpoint(worker));
     worker.once('error', reject);
   });
   Atomics.store(actorWords, ActorWord.START, 1); // the free-run driver's start barrier

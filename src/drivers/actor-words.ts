@@ -24,7 +24,19 @@ export interface RoleWorkerData<Spec = unknown> {
   crashAfterSteps?: number;
 }
 
-export type WorkerMessage =
-  | { type: 'ready' }
-  | { type: 'event'; event: unknown }
-  | { type: 'done' };
+/**
+ * The control plane from a worker to the VMM thread (comlink: the VMM thread exposes
+ * it, each worker calls it). A worker's calls are posted at once and never awaited: a
+ * role's thread spins in its loop and would not service the replies. What must reach a
+ * running worker (shutdown, stop, throttle, dirty limits) goes through shared words
+ * instead, which it reads at its step boundaries; per-page and per-write traffic always
+ * stays in shared memory.
+ */
+export interface RunControl {
+  /** The worker built its role and waits for the start word. */
+  ready(actor: number): void;
+  /** Something the role reports (a migration pass, an IOMMU error, a collector iteration). */
+  event(actor: number, event: unknown): void;
+  /** The role finished; `progress` is its last progress count. */
+  done(actor: number, progress: number): void;
+}

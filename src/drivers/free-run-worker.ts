@@ -1,4 +1,4 @@
-import { ActorWord, type RoleWorkerData, type WorkerMessage, actorBase } from './actor-words.ts';
+import { ActorWord, type RoleWorkerData, type RunControl, actorBase } from './actor-words.ts';
 import { type Role, Step } from '../roles/role.ts';
 
 /** Builds a worker's role from its data; events it reports go to the VMM thread. */
@@ -8,14 +8,14 @@ export type RoleFactory<Spec = unknown> = (data: RoleWorkerData<Spec>, report: (
  * Worker side of the free-run driver: build the role (with the factory the worker entry
  * hands over: the driver knows no scenarios), loop its steps, park when blocked.
  */
-export function runRoleWorker<Spec>(data: RoleWorkerData<Spec>, post: (m: WorkerMessage) => void, build: RoleFactory<Spec>): void {
-  const role = build(data, (event) => post({ type: 'event', event }));
-  post({ type: 'ready' });
+export function runRoleWorker<Spec>(data: RoleWorkerData<Spec>, control: RunControl, build: RoleFactory<Spec>): void {
+  const role = build(data, (event) => { void control.event(data.actor, event); });
+  void control.ready(data.actor);
   const actors = new Int32Array(data.actors);
   // Wait until every role's thread is up (the driver starts them together), or shutdown.
   while (Atomics.load(actors, ActorWord.START) === 0 && Atomics.load(actors, ActorWord.SHUTDOWN) === 0) Atomics.wait(actors, ActorWord.START, 0, 1);
   runFreeLoop(role, actors, data.actor, data.burst, data.crashAfterSteps);
-  post({ type: 'done' });
+  void control.done(data.actor, role.progress);
 }
 
 /** How long a blocked role re-checks before it parks. */

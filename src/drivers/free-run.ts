@@ -1,6 +1,8 @@
 import type { Transferable, Worker } from 'node:worker_threads';
 import { LINE_WORDS } from '../host/cache-line.ts';
-import { ActorWord, type RoleWorkerData, type WorkerMessage, actorBase } from './actor-words.ts';
+import * as Comlink from 'comlink';
+import nodeEndpoint from 'comlink/dist/esm/node-adapter.mjs';
+import { ActorWord, type RoleWorkerData, type RunControl, actorBase } from './actor-words.ts';
 import { describeWait } from './describe-wait.ts';
 import { spawnWorker } from './spawn.ts';
 
@@ -55,23 +57,26 @@ export async function runFreeRun(actors: FreeRunActor[], opts: FreeRunOptions): 
       void Promise.all(workers.map((w) => w.terminate())).then(() => resolve(outcome));
     };
 
+    // The control plane each worker calls (comlink); the data plane is shared memory.
+    const control: RunControl = {
+      ready(actor) {
+        online[actor] = true;
+        if (online.every(Boolean)) {
+          // Every role starts together: a migration must not finish before a device's thread is up.
+          lastChange = Date.now(); // the watchdog's clock starts now
+          // No notify: a futex wake-up pulls the woken threads onto this thread's core
+          // (wake-affine), and threads that start together on one core stay together
+          // for a while. The workers poll the word instead (every 1 ms).
+          Atomics.store(words, ActorWord.START, 1);
+        }
+      },
+      event(actor, event) { opts.onEvent(actors[actor]!.name, event); },
+      done(actor) { if (actors[actor]!.primary) finish({ status: 'done' }); },
+    };
     actors.forEach((a, i) => {
       const w = spawnWorker('role', { ...a.data, actors: shared, actor: i } satisfies RoleWorkerData, a.transfer);
       workers.push(w);
-      w.on('message', (m: WorkerMessage) => {
-        if (m.type === 'ready') {
-          online[i] = true;
-          if (online.every(Boolean)) {
-            // Every role starts together: a migration must not finish before a device's thread is up.
-            lastChange = Date.now(); // the watchdog's clock starts now
-            // No notify: a futex wake-up pulls the woken threads onto this thread's core
-            // (wake-affine), and threads that start together on one core stay together
-            // for a while. The workers poll the word instead (every 1 ms).
-            Atomics.store(words, ActorWord.START, 1);
-          }
-        } else if (m.type === 'event') opts.onEvent(a.name, m.event);
-        else if (m.type === 'done' && a.primary) finish({ status: 'done' });
-      });
+      Comlink.expose(control, nodeEndpoint(w));
       w.on('error', (err: Error) => finish({ status: 'crashed', role: a.name, message: err.message }));
       w.on('exit', (code) => {
         if (!settled && code !== 0) finish({ status: 'crashed', role: a.name, message: `worker exited with code ${code}` });
