@@ -2,7 +2,8 @@ import { HOST_WRITER_BASE } from '../src/host/memslot.ts';
 import { describe, expect, it } from 'vitest';
 import { CATALOG } from '../src/bugs/catalog.ts';
 import { migrationSetup } from '../src/scenarios/settings.ts';
-import { PageEvent, type PageEventName, PageHistory, type PageHistoryEvent, createPageHistoryBuffer } from '../src/host/page-history.ts';
+import { type PageEventName, PageHistory, type PageHistoryEvent } from '../src/host/page-history.ts';
+import { PageEvent, createPageHistoryBuffer } from '../src/host/page-history-buffer.ts';
 import { describeMismatch } from '../src/oracles/stamp-oracle.ts';
 import { runMigration } from '../src/scenarios/migration.ts';
 

@@ -1,12 +1,12 @@
 import {
   KVM_DIRTY_GFN_SIZE, KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, PAGE_SIZE,
 } from './constants.ts';
-import { createPageHistoryBuffer } from './page-history.ts';
+import { createPageHistoryBuffer } from './page-history-buffer.ts';
 import { type IommuConfig, type IommuLayout, createIommuLayout } from './iommu/iommu-layout.ts';
 import { INJECTION_WORDS } from './injections.ts';
 
 /**
- * One layout descriptor for all shared state (ARCHITECTURE.md, principle 1). It holds
+ * One layout descriptor for all shared state (docs/architecture.md, principle 1). It holds
  * the SharedArrayBuffers themselves plus sizes; every worker receives the same
  * descriptor in its workerData and builds its typed-array views from it.
  */
@@ -36,7 +36,7 @@ export interface VmConfig {
   slots: MemslotConfig[];
   vcpus: number;
   tracking: DirtyTracking;
-  /** Keep per-page last-event records for the stamp oracle (oracles/page-history.ts); off by default. */
+  /** Keep per-page last-event records for the stamp oracle (host/page-history.ts); off by default. */
   pageHistory?: boolean;
   /** An IOMMU with devices behind it (src/host/iommu). */
   iommu?: IommuConfig;

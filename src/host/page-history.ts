@@ -1,3 +1,9 @@
+import type { Memslot } from './memslot.ts';
+import { EVENTS, HEADER_WORDS, PageEvent, Unit, WORDS_PER_PAGE } from './page-history-buffer.ts';
+import {
+  COPY_COMPLETION, HARVEST_BITMAP, HostWriteLog, NoTracepoints, type PageDirtied, ProtectBy, forEachMaskPage,
+} from './tracepoints.ts';
+
 /** The slots of a VM as readGfn needs them (a GuestMemory is one). */
 interface SlotTable {
   readonly slots: readonly { readonly id: number; readonly baseGfn: number; readonly endGfn: number; readonly firstPage: number }[];
@@ -5,49 +11,21 @@ interface SlotTable {
 
 /**
  * Page history: for every guest page, the last time each dirty-tracking event touched
- * it, so the stamp oracle can tell how a lost write got lost (ARCHITECTURE.md, Oracles).
+ * it, so the stamp oracle can tell how a lost write got lost (docs/architecture.md, Oracles).
  * The records live in a SharedArrayBuffer of the VM layout, so every worker (vCPU fault
  * path, host writer, migration thread) writes them directly. Only the last event of each
  * kind is kept: a page's story is the order of those last events. The vCPU's store itself
  * is not recorded (that is the steady-state write path); the stamp says who wrote last.
+ * It records through the VM's tracepoints (PageHistory.tracer, attached by the Vm).
  */
-export const enum PageEvent {
-  /** mark_page_dirty_in_slot logged the page: a write-protect fault, or a host write. */
-  LOGGED = 0,
-  /** kvm_write_guest stored into the page (logged or not). */
-  HOST_WRITE = 1,
-  /** Userspace collected the page: a ring entry harvested, or a bit returned by KVM_GET_DIRTY_LOG. */
-  HARVESTED = 2,
-  /** KVM write-protected the page: ring reset, CLEAR, legacy GET, or logging enabled. */
-  PROTECTED = 3,
-  /** The migration thread copied the page into the stream. */
-  COPIED = 4,
-}
-const EVENTS = 5;
 export const PAGE_EVENT_NAMES = ['logged', 'host-write', 'harvested', 're-protected', 'copied'] as const;
 export type PageEventName = (typeof PAGE_EVENT_NAMES)[number];
 
 /** Who logged a page (LOGGED detail): which log, and which vCPU's context (-1: none). */
-export const enum LogSink { RING = 1, BITMAP = 2 }
-/** How a host write was logged (HOST_WRITE detail). */
-export const enum HostWriteLog { UNTRACKED = 0, RING = 1, BITMAP = 2, DROPPED = 3 }
-/** Which ioctl re-protected a page (PROTECTED detail). */
-export const enum ProtectBy { RESET_DIRTY_RINGS = 1, CLEAR_DIRTY_LOG = 2, GET_DIRTY_LOG = 3, ENABLE_LOGGING = 4 }
-/** HARVESTED detail for a bit returned by KVM_GET_DIRTY_LOG (otherwise: the ring's vCPU). */
-export const HARVEST_BITMAP = -1;
-/** COPIED detail for the completion stage (otherwise: the pass number). */
-export const COPY_COMPLETION = 0;
+const enum LogSink { RING = 1, BITMAP = 2 }
+// The other details are the tracepoints' own values: HostWriteLog, ProtectBy, the
+// harvest's vCPU (HARVEST_BITMAP), the copy's pass (COPY_COMPLETION).
 
-/** Header words: [0..1] the run's epoch (ms, float64), [2] the clock unit. */
-const HEADER_WORDS = 4;
-const WORDS_PER_PAGE = EVENTS * 2; // per event: time + 1 (0: never), detail
-const enum Unit { MICROSECONDS = 0, STEPS = 1 }
-
-export function createPageHistoryBuffer(totalPages: number): SharedArrayBuffer {
-  const buf = new SharedArrayBuffer((HEADER_WORDS + totalPages * WORDS_PER_PAGE) * 4);
-  new Float64Array(buf, 0, 1)[0] = performance.timeOrigin + performance.now();
-  return buf;
-}
 
 export interface PageHistoryEvent {
   event: PageEventName;
@@ -109,19 +87,12 @@ export class PageHistory {
 
   /** Records `event` for every page of a 64-bit mask (two 32-bit halves) starting at VM-wide `page`. */
   recordMask(page: number, lo: number, hi: number, event: PageEvent, detail: number): void {
-    for (let m = lo >>> 0; m !== 0; m &= m - 1) this.record(page + 31 - Math.clz32(m & -m), event, detail);
-    for (let m = hi >>> 0; m !== 0; m &= m - 1) this.record(page + 32 + 31 - Math.clz32(m & -m), event, detail);
+    forEachMaskPage(page, lo, hi, (p) => this.record(p, event, detail));
   }
 
-  /**
-   * A page's raw event times into `out` (one per PageEvent, 0: never), with no allocation:
-   * for observers that compare them after every step (src/hunt/explain.ts) and call read()
-   * only when one changed.
-   */
-  times(page: number, out: Uint32Array): Uint32Array {
-    const at = HEADER_WORDS + page * WORDS_PER_PAGE;
-    for (let e = 0; e < EVENTS; e++) out[e] = Atomics.load(this.words, at + e * 2);
-    return out;
+  /** The tracer that keeps these records, for the Vm to attach to its tracepoints. */
+  tracer(): PageHistoryTracer {
+    return new PageHistoryTracer(this);
   }
 
   /** A page's last events, oldest first. */
@@ -145,7 +116,42 @@ export class PageHistory {
   }
 }
 
-function describeDetail(event: PageEvent, d: number): string {
+/** The page history's side of the tracepoints: every event is one record per page. */
+class PageHistoryTracer extends NoTracepoints {
+  constructor(private readonly h: PageHistory) { super(); }
+
+  override pageDirtied(e: PageDirtied): void {
+    if (e.where !== 'lost') this.h.record(e.slot.firstPage + e.page, PageEvent.LOGGED, loggedDetail(e));
+  }
+
+  override hostWrite(slot: Memslot, page: number, how: HostWriteLog): void {
+    this.h.record(slot.firstPage + page, PageEvent.HOST_WRITE, how);
+  }
+
+  override writeProtected(slot: Memslot, page: number, lo: number, hi: number, by: ProtectBy): void {
+    this.h.recordMask(slot.firstPage + page, lo, hi, PageEvent.PROTECTED, by);
+  }
+
+  override writeProtectedRange(slot: Memslot, page: number, count: number, by: ProtectBy): void {
+    this.h.recordRange(slot.firstPage + page, count, PageEvent.PROTECTED, by);
+  }
+
+  override harvested(slot: Memslot, page: number, lo: number, hi: number, from: number): void {
+    this.h.recordMask(slot.firstPage + page, lo, hi, PageEvent.HARVESTED, from);
+  }
+
+  override copied(slot: Memslot, pages: ArrayLike<number>, stage: number): void {
+    this.h.recordEach(slot.firstPage, pages, PageEvent.COPIED, stage);
+  }
+}
+
+/** The LOGGED detail of a page mark_page_dirty_in_slot logged: its sink and vCPU. */
+export function loggedDetail(e: Exclude<PageDirtied, { where: 'lost' }>): number {
+  return ((e.where === 'ring' ? LogSink.RING : LogSink.BITMAP) << 16) | (e.vcpu + 1);
+}
+
+/** A record's detail in KVM's words. */
+export function describeDetail(event: PageEvent, d: number): string {
   switch (event) {
     case PageEvent.LOGGED: {
       const vcpu = (d & 0xffff) - 1;
@@ -153,16 +159,28 @@ function describeDetail(event: PageEvent, d: number): string {
       return vcpu >= 0 ? `vcpu${vcpu} write fault, ${sink}` : `no running vCPU, ${sink}`;
     }
     case PageEvent.HOST_WRITE:
-      return ['kvm_write_guest without mark_page_dirty_in_slot', 'kvm_write_guest, dirty ring', 'kvm_write_guest, dirty bitmap',
-        'kvm_write_guest with no vCPU and no backup bitmap: not logged'][d] ?? `host write ${d}`;
+      return HOST_WRITE_TEXT[d as HostWriteLog] ?? `host write ${d}`;
     case PageEvent.HARVESTED:
       return d === HARVEST_BITMAP ? 'KVM_GET_DIRTY_LOG' : `ring of vcpu${d}`;
     case PageEvent.PROTECTED:
-      return ['', 'KVM_RESET_DIRTY_RINGS', 'KVM_CLEAR_DIRTY_LOG', 'KVM_GET_DIRTY_LOG', 'dirty logging enabled'][d] ?? `protect ${d}`;
+      return PROTECT_TEXT[d as ProtectBy] ?? `protect ${d}`;
     case PageEvent.COPIED:
       return d === COPY_COMPLETION ? 'completion' : `pass ${d}`;
   }
 }
+
+const HOST_WRITE_TEXT: Record<HostWriteLog, string> = {
+  [HostWriteLog.UNTRACKED]: 'kvm_write_guest without mark_page_dirty_in_slot',
+  [HostWriteLog.RING]: 'kvm_write_guest, dirty ring',
+  [HostWriteLog.BITMAP]: 'kvm_write_guest, dirty bitmap',
+  [HostWriteLog.DROPPED]: 'kvm_write_guest with no vCPU and no backup bitmap: not logged',
+};
+const PROTECT_TEXT: Record<ProtectBy, string> = {
+  [ProtectBy.RESET_DIRTY_RINGS]: 'KVM_RESET_DIRTY_RINGS',
+  [ProtectBy.CLEAR_DIRTY_LOG]: 'KVM_CLEAR_DIRTY_LOG',
+  [ProtectBy.GET_DIRTY_LOG]: 'KVM_GET_DIRTY_LOG',
+  [ProtectBy.ENABLE_LOGGING]: 'dirty logging enabled',
+};
 
 /** One line: the page's events in order, with their times. */
 export function describeHistory(events: readonly PageHistoryEvent[]): string {

@@ -1,8 +1,9 @@
 import { KVM_EXIT_DIRTY_RING_FULL, KVM_EXIT_MMIO, PAGE_SIZE } from './constants.ts';
 import {
-  GlobalWord, IN_GUEST_MODE, OUTSIDE_GUEST_MODE, REGION_PAGES_SHIFT, VcpuRequest, VcpuRunState, VcpuWord, slotIsReadonly,
+  GlobalWord, IN_GUEST_MODE, OUTSIDE_GUEST_MODE, VcpuRequest, VcpuRunState, VcpuWord, slotIsReadonly,
 } from './layout.ts';
-import { type Memslot, PAGE_WORDS, REGION_PAGE_MASK, stampWord } from './memslot.ts';
+import type { Memslot } from './memslot.ts';
+import { FAST_PATH_MISS_PHASE, type VcpuFastState, runTlbHits, runWriteHits } from './vcpu-fast-path.ts';
 import { SPTE_WRITABLE } from './spte.ts';
 import type { Vm } from './vm.ts';
 import { type GuestContext, type GuestOp, OpKind, type Workload, type Write64Workload, isWrite64Workload } from './guest-op.ts';
@@ -21,27 +22,13 @@ export const enum Phase {
   /** Store the data and the stamp; the operation retires. */
   STORE = 3,
 }
-
-/** runWriteHits' RAM view before it has found a region (never written: the gfn range is empty). */
-const NO_RAM: Uint32Array = new Uint32Array(0);
+if (FAST_PATH_MISS_PHASE !== Phase.WALK) throw new Error('vcpu.ts: Phase.WALK out of step with vcpu-fast-path.ts');
 
 /** PACED: a write-protect fault waits for the dirty limit (nothing was done). */
 const enum Advance { PROGRESS, RETIRED, BOUNDARY, PACED }
 /** What the step boundary decided: run guest code, nothing to do, or a state change (an exit or a stop) that is this step's work. */
 const enum Boundary { RUN, BLOCKED, TRANSITION }
 
-/**
- * OpKind and the memslot region geometry as constants of this file, so that the hot
- * paths compare with and shift by immediates whatever the compiler (a const enum or a
- * constant imported from another module is a property or binding load when each file is
- * compiled on its own, as tsx does). Checked against the originals when the module loads.
- */
-const enum K { WRITE64 = 1, STORE8 = 2, INC8 = 3, READ = 4, REGION_SHIFT = 19, REGION_MASK = (1 << 19) - 1, PAGE_WORDS = 1024 }
-if (
-  (K.WRITE64 as number) !== OpKind.WRITE64 || (K.STORE8 as number) !== OpKind.STORE8 || (K.INC8 as number) !== OpKind.INC8
-  || (K.READ as number) !== OpKind.READ || (K.REGION_SHIFT as number) !== REGION_PAGES_SHIFT
-  || (K.REGION_MASK as number) !== REGION_PAGE_MASK || (K.PAGE_WORDS as number) !== PAGE_WORDS
-) throw new Error('vcpu.ts: constants out of step with workload.ts / layout.ts');
 
 /** Pacing of a vCPU: the clock it paces by, and the guest's own operation rate. */
 export interface VcpuPacing {
@@ -61,11 +48,11 @@ const MIN_PACE_MS = 0.2;
 
 /**
  * A vCPU: the thread that loops in KVM_RUN, running a guest workload through the
- * emulated MMU (ARCHITECTURE.md, the write path). It owns its software TLB, its dirty
+ * emulated MMU (docs/architecture.md, the write path). It owns its software TLB, its dirty
  * ring (kernel side) and its run/exit state. TLB entries are tagged with the flush
  * generation they were filled in, so dropping the TLB on a flush is O(1).
  */
-export class Vcpu implements Role {
+export class Vcpu implements Role, VcpuFastState {
   readonly name: string;
   wait: Wait = NOT_WAITING;
   progress = 0;
@@ -76,21 +63,26 @@ export class Vcpu implements Role {
   opIteration = 0;
   slot: Memslot | undefined;
   page = 0;
+  // Also read and advanced by the fast paths (vcpu-fast-path.ts): the TLB (entries are
+  // the generation they were filled in + 1), the stamp sequence, operations retired,
+  // the guest's context, and the workload.
+  readonly tlb: Int32Array;
+  tlbGen = 0;
+  seq = 0;
+  ops = 0;
+  readonly ctx: GuestContext = { iteration: 0 };
+  /** The workload again when it only writes WRITE64 of the iteration (runWriteHits), else undefined. */
+  readonly writes: Write64Workload | undefined;
 
   private readonly words: Int32Array;
   private readonly global: Int32Array;
   private readonly base: number;
-  private readonly tlb: Int32Array;
-  private tlbGen = 0;
   private state: VcpuRunState = VcpuRunState.CREATED;
   private runSeq = 0;
   private ringFullRequest = false;
-  private seq = 0;
-  private ops = 0;
   private faults = 0;
   private exits = 0;
   private ringFullExits = 0;
-  private readonly ctx: GuestContext = { iteration: 0 };
   /** Auto-converge throttle, percent (VcpuRequest.THROTTLE, read at each boundary). */
   private throttle = 0;
   private throttleDebt = 0;
@@ -106,10 +98,8 @@ export class Vcpu implements Role {
   /** The pending write waits at its fault for the dirty limit. */
   private pacedAtFault = false;
   private pacedUs = 0;
-  /** The workload again when it only writes WRITE64 of the iteration (runWriteHits), else undefined. */
-  private readonly writes: Write64Workload | undefined;
 
-  constructor(readonly vm: Vm, readonly index: number, private readonly workload: Workload, pacing: VcpuPacing = {}) {
+  constructor(readonly vm: Vm, readonly index: number, readonly workload: Workload, pacing: VcpuPacing = {}) {
     this.name = `vcpu${index}`;
     this.words = vm.vcpuWords;
     this.global = vm.global;
@@ -168,7 +158,7 @@ export class Vcpu implements Role {
     while (retired < maxOps) {
       // Between operations, TLB hits take the fast path; anything else, one phase at a time.
       if (this.phase === Phase.TRANSLATE && !this.opPending) {
-        retired += this.writes !== undefined ? this.runWriteHits(maxOps - retired) : this.runTlbHits(maxOps - retired);
+        retired += this.writes !== undefined ? runWriteHits(this, maxOps - retired) : runTlbHits(this, maxOps - retired);
         if (retired >= maxOps) break;
       }
       const r = this.advance();
@@ -347,173 +337,6 @@ export class Vcpu implements Role {
     }
   }
 
-  /**
-   * runBurst's fast path: whole operations, TRANSLATE then STORE back to back, for as
-   * long as they are reads or writes that hit the TLB, up to `limit` of them. These are
-   * exactly the actions advance() takes for such operations (a burst has no boundary
-   * between phases); the per-operation bookkeeping lives in locals and is written back
-   * once. The first operation that needs more is left fetched and pending: after a TLB
-   * miss, translated and in phase WALK, as TRANSLATE leaves it; at an address outside
-   * every slot, in phase TRANSLATE, for advance() to take the exit. Returns the
-   * operations retired.
-   */
-  private runTlbHits(limit: number): number {
-    const op = this.op;
-    const ctx = this.ctx;
-    const workload = this.workload;
-    const memory = this.vm.memory;
-    const tlb = this.tlb;
-    const tag = this.tlbGen + 1;
-    const writer = this.index + 1;
-    const iteration = ctx.iteration;
-    const stamp = stampWord(writer, iteration);
-    let seq = this.seq;
-    let slot = this.slot;
-    let page = this.page;
-    let n = 0;
-    // The slot of the previous operation, for translating without findSlot while the
-    // guest stays in it (findSlot would return it without changing its own cache, which
-    // it set on the lookup that found it): its gfn range, TLB offset, and its RAM view
-    // when the slot is one region.
-    let cur: Memslot | undefined;
-    let curBase = 0;
-    let curEnd = 0;
-    let curTlb = 0;
-    let curWords: Uint32Array | undefined;
-    let missSlot: Memslot | undefined;
-    let missPage = 0;
-    while (n < limit) {
-      workload.next(op, ctx);
-      const gfn = op.gfn;
-      if (!(gfn >= curBase && gfn < curEnd)) {
-        const found = memory.findSlot(gfn);
-        if (found === undefined) { this.opPending = true; break; }
-        cur = found;
-        curBase = found.baseGfn;
-        curEnd = found.endGfn;
-        curTlb = found.firstPage - curBase;
-        curWords = found.u32.length === 1 ? found.u32[0] : undefined;
-      }
-      const s = cur!;
-      const p = gfn - curBase;
-      const kind: number = op.kind;
-      if (kind === K.READ) {
-        s.readU64(p);
-      } else {
-        if (tlb[gfn + curTlb] !== tag) {
-          // A TLB miss: what TRANSLATE does for it, and on to WALK.
-          this.opPending = true;
-          missSlot = s;
-          missPage = p;
-          break;
-        }
-        if (kind === K.WRITE64) {
-          // Memslot.writeU64Stamped, written out so that it is inlined whatever the
-          // compiler's inlining budget: the same four stores in the same order.
-          const w = curWords ?? s.u32[p >>> K.REGION_SHIFT]!;
-          const i = (p & K.REGION_MASK) * K.PAGE_WORDS;
-          const value = op.value;
-          w[i] = value >>> 0;
-          w[i + 1] = value < 4294967296 && value > -4294967296 ? 0 : (value / 4294967296) >>> 0;
-          w[i + 2] = stamp;
-          w[i + 3] = ++seq;
-        } else {
-          const bytes = s.bytes(p);
-          const at = s.byteOffset(p);
-          bytes[at] = kind === K.INC8 ? (bytes[at]! + 1) & 0xff : op.value;
-          s.stamp(p, writer, ++seq, iteration);
-        }
-      }
-      slot = s;
-      page = p;
-      n++;
-    }
-    if (limit > 0) this.opIteration = iteration;
-    this.seq = seq;
-    this.ops += n;
-    this.progress += n;
-    if (missSlot !== undefined) {
-      this.slot = missSlot;
-      this.page = missPage;
-      this.phase = Phase.WALK;
-    } else {
-      this.slot = slot;
-      this.page = page;
-    }
-    return n;
-  }
-
-  /**
-   * runTlbHits for a Write64Workload: the same actions, with the operation reduced to its
-   * gfn (kind and value are WRITE64 and the iteration for all of them) and the memory
-   * reduced to one region of one slot at a time, whose gfn range, TLB offset and RAM
-   * view live in locals. Leaves the first operation that needs more fetched and pending
-   * exactly as runTlbHits does.
-   */
-  private runWriteHits(limit: number): number {
-    const source = this.writes!;
-    const memory = this.vm.memory;
-    const tlb = this.tlb;
-    const tag = this.tlbGen + 1;
-    const iteration = this.ctx.iteration;
-    const stamp = stampWord(this.index + 1, iteration);
-    const lo = iteration >>> 0;
-    const hi = iteration < 4294967296 && iteration > -4294967296 ? 0 : (iteration / 4294967296) >>> 0;
-    let seq = this.seq;
-    let n = 0;
-    // The region of the previous write: gfns [base, end), RAM view w, TLB index offset.
-    let slot: Memslot | undefined;
-    let base = 0;
-    let end = 0;
-    let tlbOffset = 0;
-    let w = NO_RAM;
-    let gfn = 0;
-    let pending = false;
-    while (n < limit) {
-      gfn = source.nextWriteGfn();
-      if (!(gfn >= base && gfn < end)) {
-        const found = memory.findSlot(gfn);
-        if (found === undefined) { pending = true; slot = undefined; break; }
-        const region = (gfn - found.baseGfn) >>> K.REGION_SHIFT;
-        slot = found;
-        base = found.baseGfn + (region << K.REGION_SHIFT);
-        end = Math.min(found.endGfn, base + (1 << K.REGION_SHIFT));
-        tlbOffset = found.firstPage - found.baseGfn;
-        w = found.u32[region]!;
-      }
-      if (tlb[gfn + tlbOffset] !== tag) { pending = true; break; }
-      const i = (gfn - base) * K.PAGE_WORDS;
-      w[i] = lo;
-      w[i + 1] = hi;
-      w[i + 2] = stamp;
-      w[i + 3] = ++seq;
-      n++;
-    }
-    if (limit > 0) this.opIteration = iteration;
-    this.seq = seq;
-    this.ops += n;
-    this.progress += n;
-    if (n > 0 || pending) {
-      const op = this.op;
-      op.kind = OpKind.WRITE64;
-      op.gfn = gfn;
-      op.value = iteration;
-    }
-    if (pending) {
-      this.opPending = true;
-      if (slot !== undefined) {
-        // A TLB miss: translated, on to WALK (as TRANSLATE leaves it).
-        this.slot = slot;
-        this.page = gfn - slot.baseGfn;
-        this.phase = Phase.WALK;
-      }
-    } else if (slot !== undefined) {
-      this.slot = slot;
-      this.page = gfn - slot.baseGfn;
-    }
-    return n;
-  }
-
   /** Phase TRANSLATE: fetch the next operation if none is pending, translate, check the TLB. */
   private translate(): Advance {
     const op = this.op;
@@ -527,7 +350,7 @@ export class Vcpu implements Role {
     const page = op.gfn - slot.baseGfn;
     this.slot = slot;
     this.page = page;
-    if ((op.kind as number) === K.READ) {
+    if (op.kind === OpKind.READ) {
       slot.readU64(page);
       return this.retire();
     }
@@ -540,12 +363,12 @@ export class Vcpu implements Role {
     const slot = this.slot!;
     const page = this.page;
     const op = this.op;
-    if ((op.kind as number) === K.WRITE64) {
+    if (op.kind === OpKind.WRITE64) {
       slot.writeU64Stamped(page, op.value, this.index + 1, ++this.seq, this.opIteration);
     } else {
       const bytes = slot.bytes(page);
       const at = slot.byteOffset(page);
-      bytes[at] = (op.kind as number) === K.INC8 ? (bytes[at]! + 1) & 0xff : op.value;
+      bytes[at] = op.kind === OpKind.INC8 ? (bytes[at]! + 1) & 0xff : op.value;
       slot.stamp(page, this.index + 1, ++this.seq, this.opIteration);
     }
     return this.retire();

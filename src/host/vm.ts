@@ -13,9 +13,8 @@ import { TlbShootdown } from './tlb-shootdown.ts';
 import { Iommu } from './iommu/iommu.ts';
 import { Acted, InjectionCounters } from './injections.ts';
 import { KvmError } from '../util/errors.ts';
-import {
-  HARVEST_BITMAP, HostWriteLog, LogSink, PageEvent, PageHistory, ProtectBy,
-} from './page-history.ts';
+import { PageHistory } from './page-history.ts';
+import { HARVEST_BITMAP, HostWriteLog, ProtectBy, TracepointSet } from './tracepoints.ts';
 import { type Steps, WaitCode, waitFor } from '../roles/role.ts';
 
 /** Kernel bugs a Vm can be built with (see src/bugs/catalog.ts). */
@@ -51,6 +50,8 @@ export class Vm {
   readonly tracking: DirtyTracking;
   /** Per-page event records for the stamp oracle, or null (off: nothing is recorded). */
   readonly history: PageHistory | null;
+  /** This view's tracers (page history, litmus, explain attach here). */
+  readonly tracepoints = new TracepointSet();
   /** The IOMMU with its devices' shared state, when the VM has one. */
   readonly iommu: Iommu | null;
   /** How often each injected bug acted, counted where it acts. */
@@ -68,6 +69,7 @@ export class Vm {
       ? Array.from({ length: layout.config.vcpus }, (_, i) => new DirtyRing(layout, i))
       : null;
     this.history = layout.pageHistory ? new PageHistory(layout.pageHistory) : null;
+    if (this.history !== null) this.tracepoints.attach(this.history.tracer());
     this.acts = new InjectionCounters(layout.injections);
     this.iommu = layout.iommu ? new Iommu(layout.iommu, this.memory, bugs, this.acts) : null;
   }
@@ -106,7 +108,7 @@ export class Vm {
       return;
     }
     writeProtectSlot(slot);
-    this.history?.recordRange(slot.firstPage, slot.pages, PageEvent.PROTECTED, ProtectBy.ENABLE_LOGGING);
+    this.tracepoints.active?.writeProtectedRange(slot, 0, slot.pages, ProtectBy.ENABLE_LOGGING);
     yield undefined;
     yield* this.flushRemoteTlbs();
   }
@@ -123,26 +125,28 @@ export class Vm {
    */
   markPageDirtyInSlot(slot: Memslot, page: number, vcpu: number): boolean {
     if (!slotLogsDirtyPages(this.flags(slot))) return false;
-    const h = this.history;
+    const t = this.tracepoints.active;
     if (this.rings !== null) {
       if (vcpu >= 0) {
         const ring = this.rings[vcpu]!;
+        const entry = t !== null ? ring.dirtyIndex : 0;
         const softFull = ring.push(slot.slotField, page);
-        if (h !== null) h.record(slot.firstPage + page, PageEvent.LOGGED, (LogSink.RING << 16) | (vcpu + 1));
+        t?.pageDirtied({ where: 'ring', slot, page, gfn: slot.baseGfn + page, vcpu, entry, softFull });
         if (softFull && this.bugs.ringFullIgnored) { this.acts.acted(Acted.RING_FULL_IGNORED); return false; }
         return softFull;
       }
       if (this.hasBackupBitmap) {
         this.bitmaps[slot.index]!.mark(page);
-        if (h !== null) h.record(slot.firstPage + page, PageEvent.LOGGED, LogSink.BITMAP << 16);
+        t?.pageDirtied({ where: 'bitmap', slot, page, gfn: slot.baseGfn + page, vcpu });
       } else {
         Atomics.add(this.global, GlobalWord.LOST_HOST_WRITES, 1);
         this.acts.acted(Acted.NO_BACKUP_BITMAP);
+        t?.pageDirtied({ where: 'lost', slot, page, gfn: slot.baseGfn + page });
       }
       return false;
     }
     this.bitmaps[slot.index]!.mark(page);
-    if (h !== null) h.record(slot.firstPage + page, PageEvent.LOGGED, (LogSink.BITMAP << 16) | (vcpu + 1));
+    t?.pageDirtied({ where: 'bitmap', slot, page, gfn: slot.baseGfn + page, vcpu });
     return false;
   }
 
@@ -156,6 +160,7 @@ export class Vm {
     // then mark_page_dirty_in_slot). The other order loses writes: a harvest and reset
     // between the push and the SPTE update would re-protect the page, and the late
     // update would leave it writable with nothing left in the log.
+    this.tracepoints.active?.writeFault(vcpu, slot, page);
     makeSpteWritable(slot, page);
     return this.markPageDirtyInSlot(slot, page, vcpu);
   }
@@ -170,11 +175,12 @@ export class Vm {
     Atomics.add(this.global, GlobalWord.HOST_WRITES, 1);
     if (!this.bugs.untrackedHostWrite) this.markPageDirtyInSlot(slot, page, vcpu);
     else if (slotLogsDirtyPages(this.flags(slot))) this.acts.acted(Acted.UNTRACKED_HOST_WRITE);
-    if (this.history !== null) {
+    const t = this.tracepoints.active;
+    if (t !== null) {
       const how = this.bugs.untrackedHostWrite || !slotLogsDirtyPages(this.flags(slot)) ? HostWriteLog.UNTRACKED
         : this.rings !== null && vcpu >= 0 ? HostWriteLog.RING
         : this.rings === null || this.hasBackupBitmap ? HostWriteLog.BITMAP : HostWriteLog.DROPPED;
-      this.history.record(slot.firstPage + page, PageEvent.HOST_WRITE, how);
+      t.hostWrite(slot, page, how);
     }
   }
 
@@ -211,11 +217,11 @@ export class Vm {
   *getDirtyLog(slot: Memslot, out: Uint32Array = new Uint32Array(slot.dirtyBitmap.length)): Steps<Uint32Array> {
     this.checkBitmapIoctl('KVM_GET_DIRTY_LOG', slot);
     const words = slot.dirtyBitmap;
-    const h = this.history;
+    const t = this.tracepoints.active;
     if (this.manualProtect) {
       for (let w = 0; w < words.length; w++) {
         out[w] = Atomics.load(words, w);
-        if (h !== null && out[w] !== 0) h.recordMask(slot.firstPage + w * 32, out[w]!, 0, PageEvent.HARVESTED, HARVEST_BITMAP);
+        if (t !== null && out[w] !== 0) t.harvested(slot, w * 32, out[w]!, 0, HARVEST_BITMAP);
       }
       yield undefined; // the copy takes time: vCPUs run on while userspace reads it
       return out;
@@ -227,9 +233,9 @@ export class Vm {
       if (mask !== 0) {
         writeProtectMask32(slot, w * 32, mask);
         flush = true;
-        if (h !== null) {
-          h.recordMask(slot.firstPage + w * 32, mask, 0, PageEvent.HARVESTED, HARVEST_BITMAP);
-          h.recordMask(slot.firstPage + w * 32, mask, 0, PageEvent.PROTECTED, ProtectBy.GET_DIRTY_LOG);
+        if (t !== null) {
+          t.harvested(slot, w * 32, mask, 0, HARVEST_BITMAP);
+          t.writeProtected(slot, w * 32, mask, 0, ProtectBy.GET_DIRTY_LOG);
         }
       }
     }
@@ -274,7 +280,7 @@ export class Vm {
       cleared += popcount32(mask);
       if (!this.bugs.clearWithoutProtect) {
         writeProtectMask32(slot, w * 32, mask);
-        this.history?.recordMask(slot.firstPage + w * 32, mask, 0, PageEvent.PROTECTED, ProtectBy.CLEAR_DIRTY_LOG);
+        this.tracepoints.active?.writeProtected(slot, w * 32, mask, 0, ProtectBy.CLEAR_DIRTY_LOG);
       } else {
         this.acts.acted(Acted.CLEAR_WITHOUT_PROTECT, popcount32(mask));
       }
@@ -310,7 +316,7 @@ export class Vm {
     if (!slotLogsDirtyPages(this.flags(slot))) return;
     writeProtectMask32(slot, offset, lo);
     if (hi !== 0) writeProtectMask32(slot, offset + 32, hi);
-    this.history?.recordMask(slot.firstPage + offset, lo, hi, PageEvent.PROTECTED, ProtectBy.RESET_DIRTY_RINGS);
+    this.tracepoints.active?.writeProtected(slot, offset, lo, hi, ProtectBy.RESET_DIRTY_RINGS);
   };
 
   /** Guest operations retired by all vCPUs (each publishes its count at its step boundary): the guest's clock for devices that pace by it. */

@@ -1,6 +1,6 @@
 import type { Memslot } from '../host/memslot.ts';
 import type { KvmError } from '../util/errors.ts';
-import type { LogEvent } from './observed-vm.ts';
+import type { PageDirtied } from '../host/tracepoints.ts';
 import type { EntryMatcher, LitmusOp } from './spec.ts';
 import { hex } from './syntax.ts';
 
@@ -20,7 +20,8 @@ export interface OpRecord {
   /** The interleaving step in which it finished (or was last run). */
   entry: string;
   faults: number;
-  logs: LogEvent[];
+  /** mark_page_dirty_in_slot's pushes (the pageDirtied tracepoint). */
+  logs: PageDirtied[];
   /** Exits taken during the operation, with how many of its guest operations had retired. */
   exits: { reason: number; retired: number }[];
   /** Guest operations retired, and dropped by an MMIO exit (not retried). */
@@ -71,7 +72,7 @@ export function entryMatches(m: EntryMatcher, e: HarvestedEntry): boolean {
   return e.slotField === m.slotField && e.offset === m.offset;
 }
 
-export function logEventText(e: LogEvent): string {
+export function logEventText(e: PageDirtied): string {
   switch (e.where) {
     case 'ring': return `logs ${hex(e.gfn)} in vcpu${e.vcpu}'s ring (entry ${e.entry})${e.softFull ? '; the ring is now soft-full' : ''}`;
     case 'bitmap': return `logs ${hex(e.gfn)} in slot ${slotName(e.slot)}'s dirty bitmap`;

@@ -1,25 +1,25 @@
 import { findBug } from '../bugs/catalog.ts';
 import { injectedBugs } from '../bugs/injected.ts';
 import { DeterministicDriver, ReplayScheduler } from '../drivers/deterministic.ts';
-import { Step, type Steps, type Wait, WaitCode } from '../roles/role.ts';
+import { Step, type Wait, WaitCode } from '../roles/role.ts';
 import { describeWait } from '../drivers/describe-wait.ts';
-import { EXIT_REASON_NAMES, KVM_DIRTY_GFN_F_DIRTY, KVM_DIRTY_GFN_F_RESET, KVM_EXIT_MMIO } from '../host/constants.ts';
-import { DirtyRingHarvester } from '../host/vmm/ring-harvester.ts';
+import { EXIT_REASON_NAMES, KVM_EXIT_MMIO } from '../host/constants.ts';
 import { GlobalWord, VcpuRunState, VcpuWord, createVmLayout } from '../host/layout.ts';
-import { HOST_WRITER_BASE, type Memslot } from '../host/memslot.ts';
 import { Phase, Vcpu } from '../host/vcpu.ts';
 import { VmmControl } from '../host/vmm/vmm-control.ts';
+import { Vm } from '../host/vm.ts';
+import { NoTracepoints, type PageDirtied } from '../host/tracepoints.ts';
 import { ExitHandler } from '../host/vmm/exit-handler.ts';
 import { OpKind } from '../host/guest-op.ts';
 import { KvmError } from '../util/errors.ts';
 import { type Mismatch, checkFinal, checkOp } from './expectations.ts';
-import { HostActor } from './host-actor.ts';
+import { HostRole } from './host-role.ts';
+import { HostOperations } from './host-operations.ts';
 import {
-  type HarvestedEntry, type OpRecord, elide, entryText, gfnsText, guestOpCount, logEventText, newRecord, slotName,
+  type OpRecord, elide, gfnsText, guestOpCount, logEventText, newRecord, slotName,
 } from './observations.ts';
-import { ObservedVm } from './observed-vm.ts';
 import { ScriptWorkload } from './script-workload.ts';
-import type { HostOp, InterleavingEntry, LitmusSpec } from './spec.ts';
+import type { InterleavingEntry, LitmusSpec } from './spec.ts';
 import { hex } from './syntax.ts';
 
 export interface LitmusOutcome {
@@ -57,17 +57,15 @@ interface StepReport {
 const INDENT = '      ';
 
 class LitmusRun {
-  private readonly vm: ObservedVm;
+  private readonly vm: Vm;
   private readonly vmm: VmmControl;
   private readonly exits: ExitHandler;
   private readonly vcpus: Vcpu[];
   private readonly workloads: ScriptWorkload[];
-  private readonly host = new HostActor();
+  private readonly host = new HostRole();
   private readonly hostIndex: number;
   private readonly driver: DeterministicDriver;
   private readonly roleNames: string[];
-  private readonly harvester: DirtyRingHarvester | null;
-  private readonly harvestSkipEvery: number;
   private readonly bugs: string[];
   /** Operation records per actor (vCPUs 0..n-1, then the host), next to start, and in flight. */
   private readonly records: OpRecord[][];
@@ -78,10 +76,7 @@ class LitmusRun {
   private stepEvents: string[] = [];
   private readonly failures: string[] = [];
   private readonly log: string[] = [];
-  private readonly collected = new Set<number>();
-  private readonly copies = new Map<number, number>();
-  private readonly lastGot = new Map<number, Uint32Array>();
-  private hostSeq = 0;
+  private readonly hostOps: HostOperations;
   private entry: InterleavingEntry | null = null;
 
   constructor(private readonly spec: LitmusSpec, extraBugs: readonly string[]) {
@@ -90,12 +85,14 @@ class LitmusRun {
     const injected = injectedBugs(this.bugs);
     const t = spec.vm.tracking;
     const tracking = t.kind === 'ring' && injected.noBackupBitmap ? { ...t, withBitmap: false } : t;
-    this.vm = new ObservedVm(createVmLayout({ ...spec.vm, tracking }), injected.kernel);
+    this.vm = new Vm(createVmLayout({ ...spec.vm, tracking }), injected.kernel);
     this.vm.populate();
-    this.vm.observer = {
-      fault: () => { if (this.stepping) this.stepping.faults++; },
-      logged: (e) => { this.stepping?.logs.push(e); this.stepEvents.push(logEventText(e)); },
-    };
+    // The faults and dirty-log pushes of the running operation, from KVM's tracepoints.
+    const run = this;
+    this.vm.tracepoints.attach(new class extends NoTracepoints {
+      override writeFault(): void { if (run.stepping) run.stepping.faults++; }
+      override pageDirtied(e: PageDirtied): void { run.stepping?.logs.push(e); run.stepEvents.push(logEventText(e)); }
+    }());
     this.vmm = new VmmControl(this.vm);
     // The file is the VMM: it says when exits are answered (reenter), so none is answered here on its own.
     this.exits = new ExitHandler(this.vmm);
@@ -105,8 +102,7 @@ class LitmusRun {
     this.hostIndex = this.vcpus.length;
     this.driver = new DeterministicDriver([...this.vcpus, this.host], new ReplayScheduler(new Uint8Array(0)));
     this.roleNames = [...this.vcpus.map((v) => v.name), 'host'];
-    this.harvester = this.vm.rings ? new DirtyRingHarvester(this.vm.rings.length, this.vm.acts) : null;
-    this.harvestSkipEvery = injected.harvestSkipEvery;
+    this.hostOps = new HostOperations(this.vm, this.vmm, this.exits, injected.harvestSkipEvery);
     this.records = [...spec.vcpuOps.map((ops) => ops.map(newRecord)), spec.hostOps.map(newRecord)];
     this.next = this.records.map(() => 0);
     this.active = this.records.map(() => null);
@@ -148,13 +144,13 @@ class LitmusRun {
         }
       }
     }
-    const mismatches = checkFinal(this.spec.expect, { vm: this.vm, collected: this.collected, copies: this.copies });
+    const mismatches = checkFinal(this.spec.expect, { vm: this.vm, collected: this.hostOps.collected, copies: this.hostOps.copies });
     for (const m of mismatches) this.failures.push(`${this.spec.file}: ${m.what}: expected ${m.expected}, actual: ${m.actual}`);
     const x = this.spec.expect;
     const checked = [x.pages && 'pages', x.collected && 'collected', x.copies && 'copies', x.staleCopies && 'stale_copies',
       x.sptes && 'sptes', x.lostHostWrites !== undefined && 'lost_host_writes', x.flushes !== undefined && 'flushes'].filter(Boolean);
     if (checked.length > 0) {
-      this.log.push(`final: collected ${gfnsText([...this.collected].sort((a, b) => a - b))}; checked ${checked.join(', ')}: ${mismatches.length === 0 ? 'as expected' : `${mismatches.length} mismatch${mismatches.length === 1 ? '' : 'es'}`}`);
+      this.log.push(`final: collected ${gfnsText([...this.hostOps.collected].sort((a, b) => a - b))}; checked ${checked.join(', ')}: ${mismatches.length === 0 ? 'as expected' : `${mismatches.length} mismatch${mismatches.length === 1 ? '' : 'es'}`}`);
     }
   }
 
@@ -192,7 +188,7 @@ class LitmusRun {
     r.started = true;
     this.active[actor] = r;
     if (actor < this.hostIndex) this.workloads[actor]!.arm(r.op.op as never);
-    else this.host.start(this.hostBody(r));
+    else this.host.start(this.hostOps.run(r));
     return r;
   }
 
@@ -406,121 +402,6 @@ class LitmusRun {
     }
     return { blocked: s === Step.BLOCKED, exited: false, stopped: false, crashed: false, text: parts.join('; ') };
   }
-
-  private slotsOf(index: number | null): Memslot[] {
-    return index === null ? this.vm.memory.slots : [this.vm.memory.slots[index]!];
-  }
-
-  private page(gfn: number): { slot: Memslot; page: number } {
-    const slot = this.vm.memory.findSlot(gfn)!;
-    return { slot, page: gfn - slot.baseGfn };
-  }
-
-  /** A host operation as a step generator; results and notes go into its record. */
-  private *hostBody(r: OpRecord): Steps<void> {
-    const op = r.op.op as HostOp;
-    const vm = this.vm;
-    switch (op.kind) {
-      case 'enable-logging':
-        for (const s of this.slotsOf(op.slot)) {
-          r.notes.push(`KVM_SET_USER_MEMORY_REGION: slot ${slotName(s)} +KVM_MEM_LOG_DIRTY_PAGES (${vm.manualProtect && vm.tracking.kind === 'bitmap' && vm.tracking.initiallySet ? 'bitmap all set, nothing write-protected' : 'write-protects every page'})`);
-          yield* vm.enableDirtyLogging(s);
-        }
-        r.notes.push('done');
-        return;
-      case 'disable-logging':
-        for (const s of this.slotsOf(op.slot)) vm.disableDirtyLogging(s);
-        r.notes.push('logging off: every page writable again');
-        return;
-      case 'harvest': {
-        const rings = op.vcpu === null ? vm.rings! : [vm.rings![op.vcpu]!];
-        const got: HarvestedEntry[] = [];
-        for (const ring of rings) {
-          this.harvester!.harvest(ring, ring.entries, (slotField, offset) => {
-            const slot = vm.memory.slotByField(slotField);
-            const e: HarvestedEntry = { slotField, offset };
-            if (slot !== undefined && offset < slot.pages) {
-              e.slot = slot;
-              e.gfn = slot.baseGfn + offset;
-              this.collected.add(e.gfn);
-            }
-            got.push(e);
-          }, this.harvestSkipEvery);
-        }
-        r.harvested = got;
-        r.notes.push(`harvested ${got.length} entr${got.length === 1 ? 'y' : 'ies'}${got.length > 0 ? `: ${elide(got.map(entryText), 6).join(', ')}` : ''}`);
-        return;
-      }
-      case 'reset': {
-        r.notes.push('KVM_RESET_DIRTY_RINGS');
-        r.reset = yield* vm.resetDirtyRings();
-        r.notes.push(`reset ${r.reset} entr${r.reset === 1 ? 'y' : 'ies'}`);
-        return;
-      }
-      case 'get-log': {
-        const s = vm.memory.slots[op.slot]!;
-        r.notes.push(`KVM_GET_DIRTY_LOG slot ${slotName(s)}`);
-        const bits: Uint32Array = yield* vm.getDirtyLog(s);
-        this.lastGot.set(op.slot, bits.slice());
-        const dirty: number[] = [];
-        for (let p = 0; p < s.pages; p++) if ((bits[p >>> 5]! >>> (p & 31)) & 1) dirty.push(s.baseGfn + p);
-        for (const g of dirty) this.collected.add(g);
-        r.dirty = dirty;
-        r.notes.push(`dirty: ${gfnsText(dirty)}`);
-        return;
-      }
-      case 'clear-log': {
-        const s = vm.memory.slots[op.slot]!;
-        // Bit i of the bitmap passed to KVM_CLEAR_DIRTY_LOG is page first + i.
-        const n = op.first + op.num <= s.pages ? op.num : 0;
-        const bitmap = new Uint32Array(Math.max(1, Math.ceil(n / 32)));
-        if (op.allOnes) bitmap.fill(0xffffffff);
-        else {
-          const got = this.lastGot.get(op.slot)!;
-          for (let i = 0; i < n; i++) {
-            const p = op.first + i;
-            if ((got[p >>> 5]! >>> (p & 31)) & 1) bitmap[i >>> 5]! |= 1 << (i & 31);
-          }
-        }
-        r.notes.push(`KVM_CLEAR_DIRTY_LOG slot ${slotName(s)} first_page ${op.first} num_pages ${op.num} (${op.allOnes ? 'all ones' : 'the bitmap just got'})`);
-        r.cleared = yield* vm.clearDirtyLog(s, op.first, op.num, bitmap);
-        r.notes.push(`cleared ${r.cleared}`);
-        return;
-      }
-      case 'write-guest': {
-        const { slot, page } = this.page(op.gfn);
-        r.notes.push(`kvm_write_guest ${hex(op.gfn)} = ${op.value} with no running vCPU`);
-        vm.writeGuest(slot, page, op.value, { writer: HOST_WRITER_BASE, seq: ++this.hostSeq, iteration: 0 }, -1);
-        return;
-      }
-      case 'copy': {
-        const { slot, page } = this.page(op.gfn);
-        r.value = slot.readU64(page);
-        this.copies.set(op.gfn, r.value);
-        r.notes.push(`copies ${hex(op.gfn)}: ${r.value}`);
-        return;
-      }
-      case 'forge-entry': {
-        const flags = op.flags === KVM_DIRTY_GFN_F_DIRTY ? 'DIRTY' : op.flags === KVM_DIRTY_GFN_F_RESET ? 'RESET' : `${op.flags}`;
-        vm.rings![op.vcpu]!.forge(op.index, op.flags, op.slotField, op.offset);
-        r.notes.push(`writes vcpu${op.vcpu}'s ring entry ${op.index}: flags ${flags}, slot ${op.slotField}, offset ${op.offset}`);
-        return;
-      }
-      case 'reenter': {
-        const exit = this.exits.reenter(op.vcpu);
-        r.notes.push(`KVM_RUN again for vcpu${op.vcpu}${exit >= 0 ? ` (after ${EXIT_REASON_NAMES[exit] ?? exit})` : ' (it was not in an exit)'}`);
-        return;
-      }
-      case 'stop':
-        this.vmm.requestStop(op.vcpu);
-        r.notes.push(`asks vcpu${op.vcpu} to stop at its next operation boundary`);
-        return;
-      case 'release':
-        this.vmm.release(op.vcpu);
-        r.notes.push(`lets vcpu${op.vcpu} run again`);
-        return;
-    }
-  }
 }
 
 /** The file's notes for a step and for the operation it starts. */
@@ -533,7 +414,7 @@ function blockedText(b: boolean | number): string {
   return typeof b === 'number' ? `waiting for vcpu${b}` : `${b}`;
 }
 
-function trackingText(vm: ObservedVm): string {
+function trackingText(vm: Vm): string {
   const t = vm.tracking;
   if (t.kind === 'ring') return `dirty ring, ${t.entries} entries per vCPU (soft limit ${t.entries - 64})${t.withBitmap ? ' with a backup bitmap' : ''}`;
   if (!t.manualProtect) return 'dirty log (legacy GET_DIRTY_LOG)';

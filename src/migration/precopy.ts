@@ -2,7 +2,7 @@ import { PAGE_SIZE } from '../host/constants.ts';
 import { PageBitmap } from '../host/dirty-bitmap.ts';
 import { Acted } from '../host/injections.ts';
 import type { Memslot } from '../host/memslot.ts';
-import { COPY_COMPLETION, PageEvent } from '../host/page-history.ts';
+import { COPY_COMPLETION } from '../host/tracepoints.ts';
 import type { Vm } from '../host/vm.ts';
 import { DirtyLog } from '../host/vmm/dirty-log.ts';
 import type { SourceTally } from '../host/vmm/dirty-source.ts';
@@ -80,7 +80,6 @@ export function* precopy(
   /** Manual protect: the 64-page chunks of `dirty` cleared since the last sync (QEMU's clear_bmap). */
   const chunkCleared = new Uint8Array(Math.ceil(mem.totalPages / 64));
   const manualChunks = vm.manualProtect;
-  const history = vm.history;
   /** Frames sent; the guest-progress check runs every 16th (each frame answers ring-full exits). */
   let frames = 0;
   /** The pass copying now (the page history's COPIED detail), COPY_COMPLETION at the end. */
@@ -150,7 +149,7 @@ export function* precopy(
       if (batch.length === 0 || batchSlot === null || cancelled()) return;
       yield* waitForCredit(limited);
       const s = batchSlot;
-      history?.recordEach(s.firstPage, batch, PageEvent.COPIED, copyStage);
+      vm.tracepoints.active?.copied(s, batch, copyStage);
       const enc = encodePages(s.slotField, batch, pagesOf(s), inPlace);
       send(enc.frame);
       limiter.charge(stats.sent(enc.normal, enc.zero));

@@ -1,6 +1,5 @@
 import type { PageBitmap } from '../dirty-bitmap.ts';
 import { Acted } from '../injections.ts';
-import { PageEvent } from '../page-history.ts';
 import type { Vm } from '../vm.ts';
 import type { Steps } from '../../roles/role.ts';
 import type { DirtySource, SourceTally } from './dirty-source.ts';
@@ -95,12 +94,12 @@ export class KvmRingSource implements DirtySource {
   /** The harvest callback for vCPU `vcpu`'s ring: records each entry's page in `into` (and its history). */
   private recorder(into: PageBitmap, vcpu: number): (slotField: number, offset: number) => void {
     const mem = this.vm.memory;
-    const h = this.vm.history;
+    const trace = this.vm.tracepoints;
     return (slotField, offset) => {
       const slot = mem.slotByField(slotField);
       if (slot === undefined || offset >= slot.pages) return;
       into.mark(slot.firstPage + offset);
-      if (h !== null) h.record(slot.firstPage + offset, PageEvent.HARVESTED, vcpu);
+      trace.active?.harvested(slot, offset, 1, 0, vcpu);
     };
   }
 }

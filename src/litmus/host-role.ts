@@ -6,7 +6,7 @@ import { NOT_WAITING, type Role, Step, type Steps, type Wait } from '../roles/ro
  * while it waits for vCPUs). Unlike GeneratorRole it keeps how the operation ended,
  * including an exception (a failing ioctl throws KvmError).
  */
-export class HostActor implements Role {
+export class HostRole implements Role {
   readonly name = 'host';
   wait: Wait = NOT_WAITING;
   progress = 0;

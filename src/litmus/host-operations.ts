@@ -1,0 +1,146 @@
+import { EXIT_REASON_NAMES, KVM_DIRTY_GFN_F_DIRTY, KVM_DIRTY_GFN_F_RESET } from '../host/constants.ts';
+import { HOST_WRITER_BASE, type Memslot } from '../host/memslot.ts';
+import type { Vm } from '../host/vm.ts';
+import type { ExitHandler } from '../host/vmm/exit-handler.ts';
+import { DirtyRingHarvester } from '../host/vmm/ring-harvester.ts';
+import type { VmmControl } from '../host/vmm/vmm-control.ts';
+import type { Steps } from '../roles/role.ts';
+import { type HarvestedEntry, type OpRecord, elide, entryText, gfnsText, slotName } from './observations.ts';
+import type { HostOp } from './spec.ts';
+import { hex } from './syntax.ts';
+
+/**
+ * The litmus file's host operations, as the VMM thread and the KVM code it calls run
+ * them: each is a step generator (an ioctl that ends in a TLB flush yields while it
+ * waits for vCPUs) that records its results and notes in the operation's record. What
+ * the host collected and copied is kept for the file's final expectations.
+ */
+export class HostOperations {
+  /** Guest frames userspace collected: harvested ring entries, dirty bits GET returned. */
+  readonly collected = new Set<number>();
+  /** The value each copied guest frame had when the host copied it. */
+  readonly copies = new Map<number, number>();
+  /** The bitmap the last KVM_GET_DIRTY_LOG returned, per slot (a CLEAR clears what GET got). */
+  private readonly lastGot = new Map<number, Uint32Array>();
+  private hostSeq = 0;
+  private readonly harvester: DirtyRingHarvester | null;
+
+  constructor(private readonly vm: Vm, private readonly vmm: VmmControl, private readonly exits: ExitHandler, private readonly harvestSkipEvery: number) {
+    this.harvester = vm.rings ? new DirtyRingHarvester(vm.rings.length, vm.acts) : null;
+  }
+
+  private slotsOf(index: number | null): Memslot[] {
+    return index === null ? this.vm.memory.slots : [this.vm.memory.slots[index]!];
+  }
+
+  private page(gfn: number): { slot: Memslot; page: number } {
+    const slot = this.vm.memory.findSlot(gfn)!;
+    return { slot, page: gfn - slot.baseGfn };
+  }
+
+  /** A host operation as a step generator; results and notes go into its record. */
+  *run(r: OpRecord): Steps<void> {
+    const op = r.op.op as HostOp;
+    const vm = this.vm;
+    switch (op.kind) {
+      case 'enable-logging':
+        for (const s of this.slotsOf(op.slot)) {
+          r.notes.push(`KVM_SET_USER_MEMORY_REGION: slot ${slotName(s)} +KVM_MEM_LOG_DIRTY_PAGES (${vm.manualProtect && vm.tracking.kind === 'bitmap' && vm.tracking.initiallySet ? 'bitmap all set, nothing write-protected' : 'write-protects every page'})`);
+          yield* vm.enableDirtyLogging(s);
+        }
+        r.notes.push('done');
+        return;
+      case 'disable-logging':
+        for (const s of this.slotsOf(op.slot)) vm.disableDirtyLogging(s);
+        r.notes.push('logging off: every page writable again');
+        return;
+      case 'harvest': {
+        const rings = op.vcpu === null ? vm.rings! : [vm.rings![op.vcpu]!];
+        const got: HarvestedEntry[] = [];
+        for (const ring of rings) {
+          this.harvester!.harvest(ring, ring.entries, (slotField, offset) => {
+            const slot = vm.memory.slotByField(slotField);
+            const e: HarvestedEntry = { slotField, offset };
+            if (slot !== undefined && offset < slot.pages) {
+              e.slot = slot;
+              e.gfn = slot.baseGfn + offset;
+              this.collected.add(e.gfn);
+            }
+            got.push(e);
+          }, this.harvestSkipEvery);
+        }
+        r.harvested = got;
+        r.notes.push(`harvested ${got.length} entr${got.length === 1 ? 'y' : 'ies'}${got.length > 0 ? `: ${elide(got.map(entryText), 6).join(', ')}` : ''}`);
+        return;
+      }
+      case 'reset': {
+        r.notes.push('KVM_RESET_DIRTY_RINGS');
+        r.reset = yield* vm.resetDirtyRings();
+        r.notes.push(`reset ${r.reset} entr${r.reset === 1 ? 'y' : 'ies'}`);
+        return;
+      }
+      case 'get-log': {
+        const s = vm.memory.slots[op.slot]!;
+        r.notes.push(`KVM_GET_DIRTY_LOG slot ${slotName(s)}`);
+        const bits: Uint32Array = yield* vm.getDirtyLog(s);
+        this.lastGot.set(op.slot, bits.slice());
+        const dirty: number[] = [];
+        for (let p = 0; p < s.pages; p++) if ((bits[p >>> 5]! >>> (p & 31)) & 1) dirty.push(s.baseGfn + p);
+        for (const g of dirty) this.collected.add(g);
+        r.dirty = dirty;
+        r.notes.push(`dirty: ${gfnsText(dirty)}`);
+        return;
+      }
+      case 'clear-log': {
+        const s = vm.memory.slots[op.slot]!;
+        // Bit i of the bitmap passed to KVM_CLEAR_DIRTY_LOG is page first + i.
+        const n = op.first + op.num <= s.pages ? op.num : 0;
+        const bitmap = new Uint32Array(Math.max(1, Math.ceil(n / 32)));
+        if (op.allOnes) bitmap.fill(0xffffffff);
+        else {
+          const got = this.lastGot.get(op.slot)!;
+          for (let i = 0; i < n; i++) {
+            const p = op.first + i;
+            if ((got[p >>> 5]! >>> (p & 31)) & 1) bitmap[i >>> 5]! |= 1 << (i & 31);
+          }
+        }
+        r.notes.push(`KVM_CLEAR_DIRTY_LOG slot ${slotName(s)} first_page ${op.first} num_pages ${op.num} (${op.allOnes ? 'all ones' : 'the bitmap just got'})`);
+        r.cleared = yield* vm.clearDirtyLog(s, op.first, op.num, bitmap);
+        r.notes.push(`cleared ${r.cleared}`);
+        return;
+      }
+      case 'write-guest': {
+        const { slot, page } = this.page(op.gfn);
+        r.notes.push(`kvm_write_guest ${hex(op.gfn)} = ${op.value} with no running vCPU`);
+        vm.writeGuest(slot, page, op.value, { writer: HOST_WRITER_BASE, seq: ++this.hostSeq, iteration: 0 }, -1);
+        return;
+      }
+      case 'copy': {
+        const { slot, page } = this.page(op.gfn);
+        r.value = slot.readU64(page);
+        this.copies.set(op.gfn, r.value);
+        r.notes.push(`copies ${hex(op.gfn)}: ${r.value}`);
+        return;
+      }
+      case 'forge-entry': {
+        const flags = op.flags === KVM_DIRTY_GFN_F_DIRTY ? 'DIRTY' : op.flags === KVM_DIRTY_GFN_F_RESET ? 'RESET' : `${op.flags}`;
+        vm.rings![op.vcpu]!.forge(op.index, op.flags, op.slotField, op.offset);
+        r.notes.push(`writes vcpu${op.vcpu}'s ring entry ${op.index}: flags ${flags}, slot ${op.slotField}, offset ${op.offset}`);
+        return;
+      }
+      case 'reenter': {
+        const exit = this.exits.reenter(op.vcpu);
+        r.notes.push(`KVM_RUN again for vcpu${op.vcpu}${exit >= 0 ? ` (after ${EXIT_REASON_NAMES[exit] ?? exit})` : ' (it was not in an exit)'}`);
+        return;
+      }
+      case 'stop':
+        this.vmm.requestStop(op.vcpu);
+        r.notes.push(`asks vcpu${op.vcpu} to stop at its next operation boundary`);
+        return;
+      case 'release':
+        this.vmm.release(op.vcpu);
+        r.notes.push(`lets vcpu${op.vcpu} run again`);
+        return;
+    }
+  }
+}
