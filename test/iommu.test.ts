@@ -132,11 +132,14 @@ describe('map rules (VFIO_IOMMU_MAP_DMA / IOMMU_IOAS_MAP)', () => {
 });
 
 describe('unmap rules (VFIO_IOMMU_UNMAP_DMA / IOMMU_IOAS_UNMAP)', () => {
-  it.each([['starts inside', 1, 3], ['ends inside', 0, 2], ['both', 1, 2]])('an unmap that %s a mapping would split it: EINVAL, mapping intact', (_w, off, pages) => {
-    const { iommu } = iommuVm();
+  it.each([
+    ['type1', 'starts inside', EINVAL, 1, 3], ['type1', 'ends inside', EINVAL, 0, 2], ['type1', 'both', EINVAL, 1, 2],
+    ['iommufd', 'starts inside', ENOENT, 1, 3], ['iommufd', 'both', ENOENT, 1, 2],
+  ] as const)('%s: an unmap that %s a mapping would split it: errno %i (EINVAL, iommufd ENOENT), mapping intact', (backend, _w, errno, off, pages) => {
+    const { iommu } = iommuVm({ backend });
     map(iommu, IOVA, 0, 4);
     const r = unmap(iommu, IOVA + off, pages).value;
-    expect(r.ret, r.detail).toBe(-EINVAL);
+    expect(r.ret, r.detail).toBe(-errno);
     expect(r.detail).toMatch(/split/);
     for (let i = 0; i < 4; i++) expect(iommu.table.present(IOVA + i) && iommu.table.gfn(IOVA + i), `iova page ${i}`).toBe(BASE + i);
     expect(iommu.stats()).toMatchObject({ entries: 1, pagesMapped: 4, unmaps: 0, unmapErrors: 1 });

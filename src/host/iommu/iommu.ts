@@ -36,7 +36,8 @@ const READ_PIN = 1 << 16;
  *   tracking (VFIO_IOMMU_DIRTY_PAGES) reports every mapped page unless every device
  *   declared a pinned page scope; then pinned pages and dma_rw writes, refilled with the
  *   pinned pages after each report.
- * - iommufd (drivers/iommu/iommufd): no entry limit; unmapping nothing fails with ENOENT;
+ * - iommufd (drivers/iommu/iommufd): no entry limit; an unmap that cuts an area and one
+ *   that unmaps nothing fail with ENOENT (iopt_unmap_iova_range);
  *   hardware dirty bits in the IOPTEs, read and cleared with an IOTLB flush, or read only
  *   with NO_CLEAR.
  * Usable from any thread with the layout; map and unmap run on the IOMMU service.
@@ -142,7 +143,7 @@ export class Iommu {
     if (splits) {
       this.lock.release();
       Atomics.add(this.words, IommuWord.UNMAP_ERRORS, 1);
-      return fail(EINVAL, name, `iova ${hex(iova)} size ${hex(size)} would split a mapping`);
+      return fail(this.backend === 'iommufd' ? ENOENT : EINVAL, name, `iova ${hex(iova)} size ${hex(size)} would split a mapping`);
     }
     let pages = 0;
     let entries = 0;
