@@ -31,7 +31,7 @@ export interface CatalogEntry {
 
 const BOTH: CatalogEntry['commands'] = ['dirty-log-test', 'migrate'];
 
-/** The bug catalog: named, injectable protocol mistakes (ARCHITECTURE.md, principle 6). */
+/** The bug catalog: named, injectable protocol mistakes (docs/architecture.md, principle 6). */
 export const CATALOG: readonly CatalogEntry[] = [
   {
     name: 'skip-tlb-shootdown',
@@ -109,7 +109,7 @@ export const CATALOG: readonly CatalogEntry[] = [
     name: 'copy-before-reset',
     wrong: 'The migration thread copies the harvested pages before KVM_RESET_DIRTY_RINGS re-protects them.',
     effect: 'A write between the copy and the reset goes through a still-writable SPTE, is never logged, and is never sent.',
-    reference: 'REFERENCE.md 2, the ordering rule; QEMU migration_bitmap_sync -> kvm_dirty_ring_reap before ram_save_iterate copies',
+    reference: 'docs/reference.md §2, the ordering rule; QEMU migration_bitmap_sync -> kvm_dirty_ring_reap before ram_save_iterate copies',
     modes: ['dirty-ring'],
     detectedBy: 'stamp oracle: a destination page differs from its source page',
     commands: ['migrate'],
@@ -172,7 +172,7 @@ export const CATALOG: readonly CatalogEntry[] = [
     name: 'read-pin-dirties',
     wrong: 'Pins do not tell reads from writes (today\'s vfio_pin_pages): a page the device only reads is reported dirty while pinned, as the seeds\' separate read and write pins would avoid.',
     effect: 'Not a correctness bug: every read-pinned page is sent again in every pass, so migration sends more and converges later.',
-    reference: 'drivers/vfio/vfio_iommu_type1.c vfio_iommu_type1_pin_pages (marks pinned pages dirty); REFERENCE.md 6',
+    reference: 'drivers/vfio/vfio_iommu_type1.c vfio_iommu_type1_pin_pages (marks pinned pages dirty); docs/reference.md §6',
     modes: ['dirty-ring', 'dirty-log', 'clear-log'],
     devices: ['mdev'],
     costOnly: true,

@@ -1,4 +1,4 @@
-// Names and numbers as in Linux's include/uapi/linux/kvm.h and errno.h (REFERENCE.md 1-3).
+// Names and numbers as in Linux's include/uapi/linux/kvm.h and errno.h (docs/reference.md §1-3).
 
 export const PAGE_SHIFT = 12;
 export const PAGE_SIZE = 1 << PAGE_SHIFT;

@@ -5,7 +5,7 @@ import type { HuntRun, HuntTask } from './hunt-run.ts';
 /**
  * The hunt's worker pool (piscina): one run per task, one task per worker at a time.
  * Built code runs the compiled task entry; sources load the `.ts` entry through a tiny
- * `.mjs` bootstrap and tsx, as src/drivers/spawn.ts does for role workers (NODE.md).
+ * `.mjs` bootstrap and tsx, as src/drivers/spawn.ts does for role workers (worker threads do not inherit the tsx loader from the main thread's `--import`).
  */
 export class HuntPool {
   private readonly pool: Piscina<HuntTask, HuntRun>;

@@ -1,5 +1,5 @@
 /**
- * Roles are non-blocking step machines (ARCHITECTURE.md, principle 2). A step does one
+ * Roles are non-blocking step machines (docs/architecture.md, principle 2). A step does one
  * small action on shared memory; when it cannot act it changes nothing and says what it
  * waits for. Drivers decide who steps: the free-run driver gives each role a thread,
  * the deterministic driver interleaves them on one thread with a seeded scheduler.

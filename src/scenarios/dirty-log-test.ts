@@ -59,7 +59,7 @@ export function vmConfigFor(c: DirtyLogTestConfig): VmConfig {
 }
 
 /**
- * The host thread of dirty_log_test (REFERENCE.md 4): per iteration, let the vCPUs run,
+ * The host thread of dirty_log_test (docs/reference.md §4): per iteration, let the vCPUs run,
  * collect once at a random moment while they run (and, with the ring, whenever a vCPU
  * exits with KVM_EXIT_DIRTY_RING_FULL), stop them, collect again, verify every page.
  */

@@ -1,5 +1,5 @@
 /**
- * Device backends (ARCHITECTURE.md, actors): each its own role (a worker thread under
+ * Device backends (docs/architecture.md, actors): each its own role (a worker thread under
  * free-run), one kind per file.
  * - dma-engine: a virtio-style DMA engine behind the IOMMU: reads and writes buffers by
  *   IOVA through its device IOTLB (an assigned device, or vhost with a device IOTLB);

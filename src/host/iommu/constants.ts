@@ -1,4 +1,4 @@
-// Names and numbers as in Linux's include/uapi/linux/vfio.h and iommufd.h (REFERENCE.md 6).
+// Names and numbers as in Linux's include/uapi/linux/vfio.h and iommufd.h (docs/reference.md §6).
 
 /** VFIO_IOMMU_MAP_DMA flags. */
 export const VFIO_DMA_MAP_FLAG_READ = 1 << 0;

@@ -1,7 +1,7 @@
 import { LINE_WORDS } from '../cache-line.ts';
 
 /**
- * The IOMMU's shared state (ARCHITECTURE.md, principle 1): one DMA address space (a VFIO
+ * The IOMMU's shared state (docs/architecture.md, principle 1): one DMA address space (a VFIO
  * type1 container, or an iommufd IOAS with one hardware page table) that every device
  * behind the IOMMU is attached to, as QEMU puts the devices of one address space in one
  * container. IOVAs are numbered in 4 KiB pages, like GPAs.
