@@ -58,11 +58,18 @@ const RIGS: { name: string; make(): Rig }[] = [
       const { port1, port2 } = new MessageChannel();
       const ch = new PortChannel(w, port1);
       const got: Uint8Array[] = [];
-      port2.on('message', (m: Uint8Array) => got.push(new Uint8Array(m)));
+      let arrived = 0;
+      port2.on('message', (m: Uint8Array) => { got.push(new Uint8Array(m)); arrived += m.length; });
       let applied = 0;
       return {
         ch,
-        async receive() { await new Promise((r) => setTimeout(r, 20)); const out = got.splice(0); for (const f of out) applied += f.length; return out; },
+        async receive() {
+          // Messages arrive on this thread's event loop: wait until everything sent is here.
+          while (arrived < ch.bytesSent) await new Promise((r) => setTimeout(r, 1));
+          const out = got.splice(0);
+          for (const f of out) applied += f.length;
+          return out;
+        },
         credit() { Atomics.store(w, DestWord.APPLIED_KIB, Math.floor(applied / 1024)); },
       };
     },
