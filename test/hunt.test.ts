@@ -125,15 +125,16 @@ describe('replay files and the commands', () => {
   });
 
   it('bad hunt input is a one-line error naming the flag', async () => {
-    expect((await cli('hunt', '--shard', '3/2')).err).toBe("vmemlab: --shard: '3/2' is not i/n with 1 <= i <= n (e.g. 2/4)");
+    expect((await cli('hunt', '--shard', '3/2')).err).toBe("vmemlab: --shard: '3/2' is not i/n with 1 <= i <= n <= 4096 (e.g. 2/4)");
     expect((await cli('hunt', '--strategy', 'random,dfs')).err).toMatch(/^vmemlab: --strategy: unknown strategy 'dfs'/);
     expect((await cli('hunt', '--seed', '3')).err).toBe('vmemlab: --seed: not for hunt (it runs seeds 1..N of each --strategy, in-process)');
     expect((await cli('replay', '/nonexistent.vmreplay')).err).toMatch(/cannot read the replay file \(ENOENT\)/);
     const dir = tmp();
     const a = join(dir, 'a.jsonl');
     const b = join(dir, 'b.jsonl');
-    writeFileSync(a, `${JSON.stringify({ type: 'hunt', scenario: {}, strategies: ['random'], seeds: 4, shard: { index: 1, count: 2 }, all: true })}\n`);
-    writeFileSync(b, `${JSON.stringify({ type: 'hunt', scenario: {}, strategies: ['random'], seeds: 8, shard: { index: 2, count: 2 }, all: true })}\n`);
+    const { scenario } = migrationSetup({ driver: 'deterministic' });
+    writeFileSync(a, `${JSON.stringify({ type: 'hunt', scenario, strategies: ['random'], seeds: 4, shard: { index: 1, count: 2 }, all: true })}\n`);
+    writeFileSync(b, `${JSON.stringify({ type: 'hunt', scenario, strategies: ['random'], seeds: 8, shard: { index: 2, count: 2 }, all: true })}\n`);
     expect((await cli('merge', a, b)).err).toMatch(/b\.jsonl: from another hunt/);
   });
 });

@@ -1,4 +1,3 @@
-import { readFileSync } from 'node:fs';
 import { availableParallelism } from 'node:os';
 import { STRATEGIES } from '../drivers/strategy.ts';
 import { type HuntLine, type HuntReport, type HuntStrategy, type Shard, type StrategyReport, hunt, summarize } from '../hunt/hunt.ts';
@@ -8,7 +7,12 @@ import { describeExplanation, explainReplay } from '../hunt/explain.ts';
 import { describeShrink, shrink } from '../hunt/shrink.ts';
 import { writeReplayFile } from '../hunt/replay-file.ts';
 import type { MigrationScenario } from '../scenarios/migration.ts';
+import { z } from 'zod';
 import { UserError } from '../util/errors.ts';
+import { LIMITS } from '../util/limits.ts';
+import { checkKeys, readUserFile } from '../util/user-file.ts';
+import { checkScenario } from '../scenarios/scenario-check.ts';
+import { type FailureKind, VERDICTS } from '../scenarios/outcome.ts';
 import { formatSize } from '../util/size.ts';
 import { wholeNumber } from '../scenarios/options.ts';
 import { type Resolved, buildMigration } from '../scenarios/settings.ts';
@@ -23,7 +27,7 @@ export function parseShard(text: string): Shard {
   const m = /^(\d+)\/(\d+)$/.exec(text.trim());
   const index = m ? Number(m[1]) : NaN;
   const count = m ? Number(m[2]) : NaN;
-  if (!m || count < 1 || index < 1 || index > count) throw new UserError(`--shard: '${text}' is not i/n with 1 <= i <= n (e.g. 2/4)`);
+  if (!m || count < 1 || index < 1 || index > count || count > LIMITS.shards.max) throw new UserError(`--shard: '${text}' is not i/n with 1 <= i <= n <= ${LIMITS.shards.max} (e.g. 2/4)`);
   return { index, count };
 }
 
@@ -171,26 +175,56 @@ export async function explainCommand(path: string, subject: string, json: boolea
   return e.steps.length > 0 ? 0 : 1;
 }
 
+const HUNT_STRATEGIES = [...STRATEGIES, 'free'] as const;
+const RunLine = z.strictObject({
+  type: z.literal('run'), strategy: z.enum(HUNT_STRATEGIES), seed: z.number().int().min(1).max(1_000_000),
+  failure: z.enum(VERDICTS.filter((v) => v !== 'passed') as [FailureKind, ...FailureKind[]]).nullable(), summary: z.string().max(10_000).nullable(),
+  steps: z.number().int().min(0).nullable(), seconds: z.number().min(0), replay: z.string().max(4096).nullable(), acted: z.boolean().nullable().optional(),
+});
+const HeaderLine = z.strictObject({
+  type: z.literal('hunt'), scenario: z.unknown(), strategies: z.array(z.enum(HUNT_STRATEGIES)).min(1).max(HUNT_STRATEGIES.length),
+  seeds: z.number().int().min(1).max(1_000_000), all: z.boolean(),
+  shard: z.strictObject({ index: z.number().int().min(1), count: z.number().int().min(1).max(LIMITS.shards.max) }).refine((x) => x.index <= x.count, 'shard index past the shard count'),
+});
+
+/** One line of a shard file, checked field by field (the scenario as a replay file's is). */
+function huntLine(data: unknown, where: string): HuntLine {
+  checkKeys(data, where);
+  const type = (data as { type?: unknown } | null)?.type;
+  const r = (type === 'hunt' ? HeaderLine : type === 'run' ? RunLine : null)?.safeParse(data);
+  if (r === undefined) throw new UserError(`${where}: not a hunt line (type: hunt or run)`);
+  if (!r.success) {
+    const i = r.error.issues[0]!;
+    throw new UserError(`${where}: ${i.path.join('.') || '(line)'}: ${i.message}`);
+  }
+  if (r.data.type === 'hunt') return { ...r.data, scenario: checkScenario(r.data.scenario, `${where}: scenario`) };
+  return r.data as HuntLine;
+}
+
 /** `vmemlab merge FILES...`: one report from shards' JSON lines; the shards must be of one hunt and cover it once. */
 export function mergeCommand(files: string[], json: boolean): number {
   const lines: HuntLine[] = [];
   let header: Extract<HuntLine, { type: 'hunt' }> | null = null;
   const shards: Shard[] = [];
   for (const path of files) {
-    let text: string;
-    try { text = readFileSync(path, 'utf8'); } catch (e) { throw new UserError(`${path}: cannot read (${(e as NodeJS.ErrnoException).code ?? (e as Error).message})`); }
+    const text = readUserFile(path, 'hunt shard file', 'shardFileBytes').toString('utf8');
     text.split('\n').forEach((raw, i) => {
       if (raw.trim() === '') return;
-      let l: HuntLine;
-      try { l = JSON.parse(raw) as HuntLine; } catch { throw new UserError(`${path}:${i + 1}: not JSON`); }
+      let data: unknown;
+      try { data = JSON.parse(raw); } catch { throw new UserError(`${path}:${i + 1}: not JSON`); }
+      const l = huntLine(data, `${path}:${i + 1}`);
       if (l.type === 'hunt') {
         const key = (x: Extract<HuntLine, { type: 'hunt' }>): string => JSON.stringify([x.scenario, x.strategies, x.seeds, x.all, x.shard.count]);
         if (header !== null && key(header) !== key(l)) throw new UserError(`${path}: from another hunt (scenario, strategies, seeds, --all or shard count differ from ${files[0]})`);
         header = l;
         if (shards.some((s) => s.index === l.shard.index)) throw new UserError(`${path}: shard ${l.shard.index}/${l.shard.count} given twice`);
         shards.push(l.shard);
-      } else if (l.type === 'run') lines.push(l);
-      else throw new UserError(`${path}:${i + 1}: unknown line type`);
+      } else {
+        if (header !== null && (!header.strategies.includes(l.strategy) || l.seed > header.seeds)) {
+          throw new UserError(`${path}:${i + 1}: a run of strategy ${l.strategy}, seed ${l.seed}: not in this hunt (strategies ${header.strategies.join(', ')}, seeds 1-${header.seeds})`);
+        }
+        lines.push(l);
+      }
     });
   }
   if (header === null) throw new UserError(`${files.join(', ')}: no hunt header line (these are not vmemlab hunt JSON lines)`);

@@ -1,5 +1,6 @@
 import { Command, CommanderError } from 'commander';
 import { UserError } from '../util/errors.ts';
+import { limitLines } from '../util/limits.ts';
 import { VMEMLAB_VERSION } from '../version.ts';
 import { catalogCommand } from './catalog-command.ts';
 import { type ScenarioFile, loadScenario } from '../scenarios/scenario-file.ts';
@@ -21,7 +22,15 @@ export function buildProgram(setExit: (code: number) => void): Command {
     .description('An emulator of a hypervisor\'s memory subsystem: shared guest memory, vCPU worker threads, KVM-faithful dirty tracking.')
     .version(VMEMLAB_VERSION)
     .exitOverride()
-    .configureOutput({ outputError: (text, write) => write(text) });
+    .configureOutput({ outputError: (text, write) => write(text) })
+    .addHelpText('after', [
+      '',
+      'Exit status: 0 verified, 1 a check failed (or replay: reproduced), 2 bad input, 3 the run did not complete,',
+      '4 an internal error (--debug prints its stack).',
+      '',
+      'Limits (docs/limits.md says why):',
+      ...limitLines(),
+    ].join('\n'));
 
   addScenarioOptions(program.command('dirty-log-test')
     .description('KVM\'s dirty_log_test: guests write while the host collects the dirty log; every page is verified each iteration'), ['dirty-log-test'], '--mode', 'dirty-log-test')
@@ -166,22 +175,37 @@ export function buildProgram(setExit: (code: number) => void): Command {
   return program;
 }
 
-/** Runs the CLI; returns the exit status (0 verified, 1 a check failed, 2 bad input, 3 did not complete). */
+/** The exit statuses, as `vmemlab --help` lists them. */
+export const EXIT = { VERIFIED: 0, CHECK_FAILED: 1, BAD_INPUT: 2, DID_NOT_COMPLETE: 3, INTERNAL_ERROR: 4 } as const;
+
+/**
+ * Runs the CLI; returns the exit status (0 verified, 1 a check failed, 2 bad input, 3 did
+ * not complete, 4 an internal error: vmemlab's own fault, with its stack only under
+ * --debug or VMEMLAB_DEBUG=1).
+ */
 export async function main(argv: string[]): Promise<number> {
   let code = 0;
+  const debug = argv.includes('--debug') || process.env['VMEMLAB_DEBUG'] === '1';
   const program = buildProgram((c) => { code = c; });
   try {
-    await program.parseAsync(argv, { from: 'user' });
+    await program.parseAsync(argv.filter((a) => a !== '--debug'), { from: 'user' });
     return code;
   } catch (e) {
     if (e instanceof CommanderError) {
       if (e.code === 'commander.helpDisplayed' || e.code === 'commander.version' || e.code === 'commander.help') return 0;
       return 2; // commander already printed "error: ..." naming the option
     }
-    if (e instanceof UserError) {
-      console.error(`vmemlab: ${e.message}`);
-      return 2;
-    }
-    throw e;
+    return reportError(e, debug);
   }
+}
+
+/** A failure that escaped a command: the user's mistake (exit 2) or vmemlab's own (exit 4), in one line. */
+export function reportError(e: unknown, debug: boolean): number {
+  if (e instanceof UserError) {
+    console.error(`vmemlab: ${e.message}`);
+    return EXIT.BAD_INPUT;
+  }
+  const err = e instanceof Error ? e : new Error(String(e));
+  console.error(`vmemlab: internal error: ${err.message.split('\n')[0]}${debug ? `\n${err.stack ?? ''}` : ' (this is vmemlab\'s fault, not your input: run again with --debug for the stack, and report it)'}`);
+  return EXIT.INTERNAL_ERROR;
 }

@@ -1,4 +1,5 @@
 import { Prng } from '../util/prng.ts';
+import { UserError } from '../util/errors.ts';
 import { type Scheduler, RandomScheduler, ReplayScheduler } from './deterministic.ts';
 import { PctScheduler } from './pct-scheduler.ts';
 
@@ -14,6 +15,12 @@ export const STRATEGIES: readonly Strategy[] = ['random', 'pct'];
 export function schedulerFor(strategy: Strategy, seed: number, roles: number, replay?: Uint8Array, continueWith = false): Scheduler {
   const s = Prng.derive(seed, 3000);
   const drawn = strategy === 'pct' ? new PctScheduler(s, roles) : new RandomScheduler(s);
-  if (replay) return new ReplayScheduler(replay, continueWith ? drawn : undefined);
+  if (replay) {
+    // A schedule from a file names roles by index: one this run does not have is the file's mistake.
+    for (let i = 0; i < replay.length; i++) {
+      if (replay[i]! >= roles) throw new UserError(`schedule: step ${i} names role ${replay[i]}, but this scenario runs ${roles} roles`);
+    }
+    return new ReplayScheduler(replay, continueWith ? drawn : undefined);
+  }
   return drawn;
 }

@@ -3,6 +3,7 @@ import type { Strategy } from '../drivers/strategy.ts';
 import { PAGE_SIZE } from '../host/constants.ts';
 import { type MigrationRunResult, type MigrationScenario, runMigration } from '../scenarios/migration.ts';
 import { UserError } from '../util/errors.ts';
+import { LIMITS } from '../util/limits.ts';
 import { VMEMLAB_VERSION } from '../version.ts';
 import { type FailureKind, failureOf, fingerprint } from './failure.ts';
 import type { ReplayFile } from './replay-file.ts';
@@ -162,7 +163,7 @@ function reducers(f: ReplayFile): ((s: MigrationScenario) => Candidate[])[] {
         // And with the bandwidth in proportion: a pass then lasts as long (in the step
         // clock's time) as before, with as many guest writes in it.
         const bw = Math.floor((s.params.bandwidth * p) / pages);
-        if (s.params.bandwidth > 0 && bw > 0) out.push({ what: `guest memory ${pages} -> ${p} pages, bandwidth ${s.params.bandwidth} -> ${bw} bytes/s`, scenario: withParams(smaller, { batchPages: batch, bandwidth: bw }) });
+        if (s.params.bandwidth > 0 && bw >= LIMITS.bandwidth.min) out.push({ what: `guest memory ${pages} -> ${p} pages, bandwidth ${s.params.bandwidth} -> ${bw} bytes/s`, scenario: withParams(smaller, { batchPages: batch, bandwidth: bw }) });
         return out;
       });
     },
@@ -206,7 +207,7 @@ function reducers(f: ReplayFile): ((s: MigrationScenario) => Candidate[])[] {
       .map((w) => ({ what: `warm-up ${s.params.warmupOps} -> ${w} operations`, scenario: withParams(s, { warmupOps: w }) })),
     // The bandwidth limit: unlimited, or doubled, when that makes the run shorter (under
     // the step clock a pass that used up its 100 ms window idles until the next one).
-    (s) => s.params.bandwidth <= 0 ? [] : [0, s.params.bandwidth * 4].map((bw) => ({
+    (s) => s.params.bandwidth <= 0 ? [] : [0, s.params.bandwidth * 4].filter((bw) => bw <= LIMITS.bandwidth.max).map((bw) => ({
       what: `bandwidth ${s.params.bandwidth} -> ${bw === 0 ? 'unlimited' : `${bw} bytes/s`}`, scenario: withParams(s, { bandwidth: bw }), fewerSteps: true,
     })),
     // Pre-copy passes.

@@ -1,4 +1,3 @@
-import { readFileSync } from 'node:fs';
 import { type TrackingMode, trackingFor } from '../host/vmm/dirty-log.ts';
 import { parseDocument } from 'yaml';
 import { findBug } from '../bugs/catalog.ts';
@@ -6,6 +5,8 @@ import { KVM_MEM_GUEST_MEMFD, KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, PAGE_SI
 import { checkRingSize } from '../host/dirty-ring.ts';
 import type { DirtyTracking, MemslotConfig, VmConfig } from '../host/layout.ts';
 import { UserError } from '../util/errors.ts';
+import { LIMITS } from '../util/limits.ts';
+import { checkKeys, readUserFile } from '../util/user-file.ts';
 import { parseSize } from '../util/size.ts';
 import { type OpContext, parseHostOp, parseOpExpect, parseVcpuOp, slotsText, vcpuRef, verbOf } from './operations.ts';
 import { type LitmusFile, LitmusFileSchema, type RawOpEntry, issueLines } from './schema.ts';
@@ -14,13 +15,7 @@ import { fieldPath, hex, parseGfnList, parseInteger, show } from './syntax.ts';
 
 /** Reads and checks a litmus file; throws UserError naming the file and field on bad input. */
 export function loadLitmus(path: string): LitmusSpec {
-  let text: string;
-  try {
-    text = readFileSync(path, 'utf8');
-  } catch (e) {
-    throw new UserError(`${path}: cannot read the litmus file: ${(e as Error).message}`);
-  }
-  return parseLitmus(text, path);
+  return parseLitmus(readUserFile(path, 'litmus file', 'scenarioFileBytes').toString('utf8'), path);
 }
 
 /** Checks litmus text; `file` names it in messages. */
@@ -29,7 +24,11 @@ export function parseLitmus(text: string, file: string): LitmusSpec {
   if (doc.errors.length > 0) {
     throw new UserError(doc.errors.map((e) => `${file}: ${e.message.split('\n')[0]!.replace(/:$/, '')}`).join('\n'));
   }
-  const data: unknown = doc.toJS();
+  let data: unknown;
+  try { data = doc.toJS({ maxAliasCount: LIMITS.yamlAliases.max }); } catch (e) {
+    throw new UserError(`${file}: more than ${LIMITS.yamlAliases.max} YAML alias expansions (${LIMITS.yamlAliases.why}): ${(e as Error).message.split('\n')[0]}`);
+  }
+  checkKeys(data, file);
   const parsed = LitmusFileSchema.safeParse(data ?? {}, { reportInput: true });
   if (!parsed.success) {
     throw new UserError(issueLines(parsed.error.issues).map((l) => `${file}: ${l}`).join('\n'));
@@ -73,7 +72,7 @@ class SpecBuilder {
       if (!m) { this.fail(['actors', actor], `unknown actor (actors are host and ${vcpus === 1 ? 'vcpu0' : `vcpu0..vcpu${vcpus - 1}`})`); continue; }
       const v = Number(m[1]);
       if (v >= vcpus) { this.fail(['actors', actor], `there is no ${actor}: vm.vcpus is ${vcpus}`); continue; }
-      vcpuOps[v] = this.ops(actor, entries, (text) => parseVcpuOp(text, actor), ctx);
+      vcpuOps[v] = this.ops(actor, entries, (text) => parseVcpuOp(text, actor, ctx), ctx);
     }
     const interleaving = f.interleaving.map((e, i) => this.entry(e, i, actors, ctx));
     const expect = this.finalExpect(f, slots);
@@ -102,6 +101,10 @@ class SpecBuilder {
         this.fail('vm.memory', `${show(memory)} is not a whole number of 4 KiB pages`);
         return [];
       }
+      if (bytes > LIMITS.memoryBytes.max) {
+        this.fail('vm.memory', `${show(memory)} is more than ${LIMITS.memoryBytes.text.split(' .. ')[1]} of guest memory (${LIMITS.memoryBytes.why})`);
+        return [];
+      }
       // One slot, id 1 at GFN 0x100, as dirty_log_test lays out a one-slot guest.
       return [{ id: 1, asId: 0, baseGfn: 0x100, pages: bytes / PAGE_SIZE, flags: 0 }];
     }
@@ -123,6 +126,8 @@ class SpecBuilder {
       }
       out.push(cfg);
     });
+    const total = out.reduce((n, x) => n + x.pages, 0);
+    if (total * PAGE_SIZE > LIMITS.memoryBytes.max) this.fail('vm.slots', `${total} pages in all is more than ${LIMITS.memoryBytes.text.split(' .. ')[1]} of guest memory (${LIMITS.memoryBytes.why})`);
     return out.map(({ at: _at, ...s }) => s);
   }
 

@@ -63,7 +63,7 @@ export function verbOf(text: string): string {
   return text.trim().split(/\s+/)[0] ?? '';
 }
 
-export function parseVcpuOp(text: string, actor: string): Parsed<VcpuOp> {
+export function parseVcpuOp(text: string, actor: string, ctx: OpContext): Parsed<VcpuOp> {
   const t = text.trim().split(/\s+/);
   const verb = t[0]!;
   if (!(verb in VCPU_OPS)) {
@@ -85,6 +85,8 @@ export function parseVcpuOp(text: string, actor: string): Parsed<VcpuOp> {
       const count = num(t[2], 'COUNT', text);
       if (!count.ok) return count;
       if (count.value < 1) return bad(`'${text}': COUNT must be at least 1`);
+      const pages = ctx.vm.slots.reduce((n: number, x: MemslotConfig) => n + x.pages, 0);
+      if (count.value > pages) return bad(`'${text}': COUNT ${count.value} is more pages than the VM has (${pages})`);
       const value = num(t[3], 'VALUE', text);
       return value.ok ? ok({ kind: 'write', gfn: gfn.value, value: value.value, count: count.value }) : value;
     }
@@ -156,6 +158,8 @@ export function parseHostOp(text: string, ctx: OpContext): Parsed<HostOp> {
       if (!v.ok) return v;
       const index = num(args[1], 'INDEX', text);
       if (!index.ok) return index;
+      // dirty_index and reset_index are u32 in KVM: an entry index past them is no entry.
+      if (index.value > 0xffffffff) return bad(`'${text}': INDEX ${index.value} is not a u32 ring index`);
       const field = slotField(args[2]!);
       if (!field.ok) return bad(`'${text}': SLOT: ${field.error}`);
       const offset = num(args[3], 'OFFSET', text);

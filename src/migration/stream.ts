@@ -1,6 +1,7 @@
 import { crc32 } from 'node:zlib';
 import { Packr } from 'msgpackr';
 import { PAGE_SIZE } from '../host/constants.ts';
+import { LIMITS } from '../util/limits.ts';
 
 /**
  * The migration stream, version 2 (docs/migration-stream.md). A sequence of frames:
@@ -210,6 +211,7 @@ export class StreamDecoder {
       if (rec['version'] !== STREAM_VERSION) throw new StreamError(`${where}: stream version ${String(rec['version'])} is not supported (this vmemlab reads version ${STREAM_VERSION})`);
       if (rec['pageSize'] !== PAGE_SIZE) throw new StreamError(`${where}: page size ${String(rec['pageSize'])} is not ${PAGE_SIZE}`);
       if (!Array.isArray(rec['slots'])) throw new StreamError(`${where}: header has no slot list`);
+      checkHeaderSlots(rec['slots'], `${where}: header`);
       this.header = rec as unknown as Extract<StreamRecord, { t: 'header' }>;
       return this.header;
     }
@@ -247,6 +249,32 @@ export class StreamDecoder {
     if (payload.length !== normal * PAGE_SIZE) throw new StreamError(`${where}: ${payload.length} payload bytes for ${normal} normal pages`);
     return { slot: slotField, offsets, kinds, payload };
   }
+}
+
+/**
+ * The header's memslots, before a destination commits memory for them: whole numbers in
+ * range (ids and address spaces 16 bits, gfns below 2^52), at least one slot and at most
+ * KVM's slot count, no duplicate and no overlapping slot, and the guest memory they add up
+ * to within the memory limit. A header that claims more is refused, not believed.
+ */
+export function checkHeaderSlots(slots: unknown[], where: string): void {
+  const l = LIMITS.memoryBytes;
+  if (slots.length < 1 || slots.length > LIMITS.slots.max) throw new StreamError(`${where}: ${slots.length} slots; a guest has 1 to ${LIMITS.slots.max}`);
+  const whole = (v: unknown, max: number): v is number => typeof v === 'number' && Number.isSafeInteger(v) && v >= 0 && v <= max;
+  let pages = 0;
+  const seen: StreamSlot[] = [];
+  slots.forEach((x, i) => {
+    const s = x as Record<string, unknown> | null;
+    if (s === null || typeof s !== 'object' || !whole(s['id'], 0xffff) || !whole(s['asId'], 0xffff) || !whole(s['baseGfn'], 2 ** 52) || !whole(s['pages'], l.max / PAGE_SIZE) || s['pages'] === 0) {
+      throw new StreamError(`${where}: slot ${i}: ${JSON.stringify(x)?.slice(0, 80)} is not a memslot (id, asId: 16 bits; baseGfn; pages: 1 to ${l.max / PAGE_SIZE})`);
+    }
+    const slot = s as unknown as StreamSlot;
+    const clash = seen.find((o) => (o.id === slot.id && o.asId === slot.asId) || (slot.baseGfn < o.baseGfn + o.pages && o.baseGfn < slot.baseGfn + slot.pages));
+    if (clash) throw new StreamError(`${where}: slot ${i} (${slot.asId}:${slot.id}) duplicates or overlaps slot ${clash.asId}:${clash.id}`);
+    seen.push(slot);
+    pages += slot.pages;
+  });
+  if (pages * PAGE_SIZE > l.max) throw new StreamError(`${where}: ${pages} pages of guest memory; at most ${l.max / PAGE_SIZE} (${l.text.split(' .. ')[1]})`);
 }
 
 function concat(...parts: Uint8Array[]): Uint8Array {

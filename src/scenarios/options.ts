@@ -1,5 +1,4 @@
 import { type BugName, CATALOG, type TrackingMode, findBug } from '../bugs/catalog.ts';
-import { MAX_STAMP_ITERATION } from '../host/memslot.ts';
 import { PAGE_SIZE } from '../host/constants.ts';
 import { MODES } from '../host/vmm/dirty-log.ts';
 export { MODES };
@@ -11,6 +10,7 @@ import { WORKLOAD_NAMES, type WorkloadName } from '../guest/workload.ts';
 import type { ConvergencePolicy } from '../migration/precopy.ts';
 import { UserError } from '../util/errors.ts';
 import { formatSize, parseSize } from '../util/size.ts';
+import { LIMITS, type LimitName } from '../util/limits.ts';
 
 /**
  * The one option table of a scenario: every setting once, with its flag, its place in a
@@ -133,7 +133,23 @@ export function parsePositive(raw: Raw, where: string, unit: string): number {
 export function parseMemory(raw: Raw, where: string): number {
   const bytes = parseSize(typeof raw === 'number' ? raw : text(raw), where);
   if (bytes % PAGE_SIZE !== 0 || bytes === 0) throw new UserError(`${where}: '${text(raw)}' is not a whole, non-zero number of 4 KiB pages`);
+  const l = LIMITS.memoryBytes;
+  if (bytes > l.max) throw new UserError(`${where}: '${text(raw)}' is more than ${formatSize(l.max)} of guest memory (${l.why})`);
   return bytes;
+}
+
+/** A migration bandwidth: a size per second, or `unlimited` (0); never 0 written as a number. */
+export function parseBandwidth(raw: Raw, where: string): number {
+  if (raw === 'unlimited') return 0;
+  const bytes = parseSize(typeof raw === 'number' ? raw : text(raw), where);
+  const l = LIMITS.bandwidth;
+  if (bytes < l.min || bytes > l.max) throw new UserError(`${where}: '${text(raw)}' is not a bandwidth from ${formatSize(l.min)} to ${formatSize(l.max)} per second (write unlimited for no cap)`);
+  return bytes;
+}
+
+/** A limit's whole number (LIMITS names the range and the reason). */
+export function limitedNumber(raw: Raw, where: string, limit: LimitName): number {
+  return wholeNumber(raw, where, LIMITS[limit].min, LIMITS[limit].max);
 }
 
 export function parseRingSize(raw: Raw, where: string): number {
@@ -183,7 +199,10 @@ function parseBool(raw: Raw, where: string): boolean {
 
 function parseInject(raw: Raw, where: string): BugName[] {
   const list = Array.isArray(raw) ? raw : [raw];
-  return list.map((n) => findBug(text(n), where).name);
+  const names = list.map((n) => findBug(text(n), where).name);
+  const twice = names.find((n, i) => names.indexOf(n) !== i);
+  if (twice !== undefined) throw new UserError(`${where}: '${twice}' is given twice`);
+  return names;
 }
 
 // ---- devices: `--device KIND[:key=value,...]`, or a scenario file's `devices:` entry ----
@@ -264,6 +283,14 @@ export function parseDeviceEntry(entry: Record<string, unknown>, where: string):
   return checkDevice(d, where);
 }
 
+/** A device as a scenario file's `devices:` entry (what parseDeviceEntry reads). */
+export function deviceEntry(d: DeviceConfig): Record<string, unknown> {
+  const e: Record<string, unknown> = { kind: d.kind };
+  for (const [k, f] of Object.entries(DEVICE_FIELDS)) if (Object.hasOwn(d, f)) e[k.replace(/-/g, '_')] = d[f];
+  for (const k of Object.keys(d)) if (k !== 'kind' && !Object.values(DEVICE_FIELDS).includes(k as never)) e[k] = (d as unknown as Record<string, unknown>)[k];
+  return e;
+}
+
 function formatDevice(d: DeviceConfig): string {
   const opts = Object.entries(DEVICE_FIELDS)
     .filter(([, f]) => d[f] !== DEVICE_DEFAULTS[f])
@@ -287,9 +314,9 @@ export const OPTIONS = [
     help: `dirty tracking: ${MODES.join(', ')} (default: dirty-ring, or the injected bug's mode)`,
     parse: (r, w) => oneOf(r, w, MODES, 'mode', `one of: ${MODES.join(', ')}`), format: (v) => v,
   }),
-  def({ key: 'vcpus', flag: '--vcpus', arg: '<n>', yaml: 'vm.vcpus', kinds: BOTH, help: 'vCPUs, each its own worker thread under --driver free', parse: (r, w) => wholeNumber(r, w, 1, 64), format: num, defaults: same(2) }),
+  def({ key: 'vcpus', flag: '--vcpus', arg: '<n>', yaml: 'vm.vcpus', kinds: BOTH, help: 'vCPUs, each its own worker thread under --driver free', parse: (r, w) => limitedNumber(r, w, 'vcpus'), format: num, defaults: same(2) }),
   def({ key: 'memoryBytes', flag: '--memory', arg: '<size>', yaml: 'vm.memory', kinds: BOTH, help: 'guest memory, e.g. 512MiB, 16GiB', parse: parseMemory, format: formatSize, defaults: same(256 << 20) }),
-  def({ key: 'slots', flag: '--slots', arg: '<n>', yaml: 'vm.slots', kinds: BOTH, help: 'memslots to split the memory into', parse: (r, w) => wholeNumber(r, w, 1, 32767), format: num, defaults: same(1) }),
+  def({ key: 'slots', flag: '--slots', arg: '<n>', yaml: 'vm.slots', kinds: BOTH, help: 'memslots to split the memory into', parse: (r, w) => limitedNumber(r, w, 'slots'), format: num, defaults: same(1) }),
   def({ key: 'ringEntries', flag: '--ring-size', arg: '<entries>', yaml: 'tracking.ring_size', kinds: BOTH, help: 'dirty ring entries per vCPU (power of two, 256..65536)', parse: parseRingSize, format: num, defaults: same(4096) }),
   def({
     key: 'workload', flag: '--workload', arg: '<name>', yaml: 'workload.name', kinds: BOTH, help: `guest workload: ${WORKLOAD_NAMES.join(', ')}`,
@@ -330,12 +357,12 @@ export const OPTIONS = [
   }),
   def({ key: 'burst', flag: '--burst', arg: '<n>', kinds: BOTH, help: 'free-run: guest operations between a vCPU\'s step boundaries', parse: (r, w) => wholeNumber(r, w, 1, 1 << 20), format: num, defaults: same(256) }),
   // dirty-log-test
-  def({ key: 'iterations', flag: '--iterations', arg: '<n>', yaml: 'test.iterations', kinds: DLT, help: 'collect-and-verify iterations', parse: (r, w) => wholeNumber(r, w, 1, MAX_STAMP_ITERATION), format: num, defaults: same(6) }),
-  def({ key: 'writes', flag: '--writes', arg: '<n>', yaml: 'test.writes', kinds: DLT, help: 'guest writes per iteration, all vCPUs together (default: depends on memory and driver)', parse: (r, w) => wholeNumber(r, w, 1), format: num }),
+  def({ key: 'iterations', flag: '--iterations', arg: '<n>', yaml: 'test.iterations', kinds: DLT, help: 'collect-and-verify iterations', parse: (r, w) => limitedNumber(r, w, 'iterations'), format: num, defaults: same(6) }),
+  def({ key: 'writes', flag: '--writes', arg: '<n>', yaml: 'test.writes', kinds: DLT, help: 'guest writes per iteration, all vCPUs together (default: depends on memory and driver)', parse: (r, w) => limitedNumber(r, w, 'writes'), format: num }),
   // migrate
   def({
     key: 'bandwidth', flag: '--bandwidth', arg: '<size>', yaml: 'migration.bandwidth', kinds: MIGRATE, help: 'max-bandwidth per second, e.g. 128MiB, or unlimited',
-    parse: (r, w) => (r === 'unlimited' ? 0 : parseSize(typeof r === 'number' ? r : text(r), w)), format: (v) => (v === 0 ? 'unlimited' : formatSize(v)), defaults: same(128 << 20),
+    parse: parseBandwidth, format: (v) => (v === 0 ? 'unlimited' : formatSize(v)), defaults: same(128 << 20),
   }),
   def({ key: 'downtimeLimitMs', flag: '--downtime-limit', arg: '<ms>', yaml: 'migration.downtime_limit_ms', kinds: MIGRATE, help: 'switch over when the expected downtime is below this', parse: (r, w) => parsePositive(r, w, 'milliseconds'), format: num, defaults: same(300) }),
   def({ key: 'maxIterations', flag: '--max-iterations', arg: '<n>', yaml: 'migration.max_iterations', kinds: MIGRATE, help: 'passes before the policy applies', parse: (r, w) => wholeNumber(r, w, 1), format: num, defaults: same(30) }),
@@ -352,7 +379,7 @@ export const OPTIONS = [
   }),
   def({ key: 'warmup', flag: '--warmup', arg: '<ops>', yaml: 'migration.warmup', kinds: MIGRATE, help: 'guest writes before migration starts (default: one per page)', parse: (r, w) => wholeNumber(r, w, 0), format: num }),
   // 4 MiB frames at most: within the stream ring's RING_MAX_FRAME.
-  def({ key: 'batchPages', flag: '--batch-pages', arg: '<n>', yaml: 'migration.batch_pages', kinds: MIGRATE, help: 'pages per stream frame', parse: (r, w) => wholeNumber(r, w, 1, 1024), format: num, defaults: same(256) }),
+  def({ key: 'batchPages', flag: '--batch-pages', arg: '<n>', yaml: 'migration.batch_pages', kinds: MIGRATE, help: 'pages per stream frame', parse: (r, w) => limitedNumber(r, w, 'batchPages'), format: num, defaults: same(256) }),
   def({
     key: 'pageHistory', flag: '--no-page-history', yaml: 'migration.page_history', kinds: MIGRATE, negate: true, boolean: true,
     help: 'do not record each page\'s dirty-tracking events for the lost-write report', parse: parseBool, format: String, defaults: same(true),

@@ -1,5 +1,4 @@
-import { readFileSync } from 'node:fs';
-import { parse } from 'yaml';
+import { parseYaml, readUserFile } from '../util/user-file.ts';
 import { z } from 'zod';
 import { UserError } from '../util/errors.ts';
 import { OPTIONS, type Raw, type ScenarioKind, type SettingKey } from './options.ts';
@@ -52,10 +51,7 @@ export interface ScenarioFile {
 }
 
 export function loadScenario(path: string): ScenarioFile {
-  let text: string;
-  try { text = readFileSync(path, 'utf8'); } catch (e) { throw new UserError(`${path}: cannot read the scenario (${(e as NodeJS.ErrnoException).code ?? (e as Error).message})`); }
-  let doc: unknown;
-  try { doc = parse(text); } catch (e) { throw new UserError(`${path}: not valid YAML: ${(e as Error).message.split('\n')[0]}`); }
+  const doc = parseYaml(readUserFile(path, 'scenario', 'scenarioFileBytes').toString('utf8'), path);
   const r = Scenario.safeParse(doc);
   if (!r.success) {
     throw new UserError(r.error.issues.map((i) => {

@@ -3,6 +3,7 @@ import { PAGE_SIZE } from '../host/constants.ts';
 import { DEFAULT_WORKLOAD } from '../guest/workload.ts';
 import { DEFAULT_VCPU_DIRTY_LIMIT } from '../migration/precopy.ts';
 import { UserError } from '../util/errors.ts';
+import { LIMITS } from '../util/limits.ts';
 import { formatSize } from '../util/size.ts';
 import { checkDeviceSetup } from './devices.ts';
 import { demoOf } from './demos.ts';
@@ -141,7 +142,7 @@ export function buildMigration(r: Resolved): MigrationSetup {
   slotsFit(r);
   const pages = s.memoryBytes / PAGE_SIZE;
   const devices = { backend: s.iommu, dmaEntryLimit: s.dmaEntryLimit, stopOnFault: s.onDeviceFault === 'stop', devices: s.devices };
-  if (devices.devices.length > 64) throw new UserError(`${r.where('devices')}: ${devices.devices.length} devices; at most 64`);
+  if (devices.devices.length > LIMITS.devices.max) throw new UserError(`${r.where('devices')}: ${devices.devices.length} devices; at most ${LIMITS.devices.max} (${LIMITS.devices.why})`);
   checkDeviceSetup(devices, r.where('devices'));
   const scenario: MigrationScenario = {
     tracking: mode, vcpus: s.vcpus, memoryBytes: s.memoryBytes, slots: s.slots, ringEntries: s.ringEntries,
