@@ -128,7 +128,7 @@ describe('dirty_log_test under free-run (real worker threads)', () => {
 
   it('a worker that throws fails the run with its role and message, and the others are ended', async () => {
     const started = Date.now();
-    const r = await runDirtyLogTest(config({ opsPerIteration: 1_000_000_000, iterations: 1 }), { ...FREE, crash: { role: 'vcpu1', afterSteps: 50 } });
+    const r = await runDirtyLogTest(config({ opsPerIteration: 1_000_000_000, iterations: 1 }), { ...FREE, fault: { role: 'vcpu1', afterSteps: 50, kind: 'crash' } });
     expect(r.status).toBe('crashed');
     expect(r.errors[0]).toBe('vcpu1 crashed: injected crash in vcpu1 after 50 steps');
     expect(Date.now() - started).toBeLessThan(20_000);

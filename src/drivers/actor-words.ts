@@ -6,7 +6,16 @@ import type { VmLayout } from '../host/layout.ts';
  * (free-run-worker.ts) share: per-actor words the watchdog and progress display read, one
  * line per actor, and the messages a worker posts.
  */
-export const ActorWord = { PROGRESS: 0, WAIT_CODE: 1, WAIT_ARG: 2, WAIT_ARG2: 3, STATUS: 4, SHUTDOWN: 0, START: 1 } as const;
+/**
+ * PROGRESS: the role's progress count; WAIT_*: what its last blocked step waited for;
+ * STATUS: 1 when finished; HEARTBEAT: bumped after every step, blocked ones too (an actor
+ * whose heartbeat stops is stuck inside a step: wedged); STEP: the role's stepCode as its
+ * current step began. Line 0: SHUTDOWN and START.
+ */
+export const ActorWord = { PROGRESS: 0, WAIT_CODE: 1, WAIT_ARG: 2, WAIT_ARG2: 3, STATUS: 4, HEARTBEAT: 5, STEP: 6, SHUTDOWN: 0, START: 1 } as const;
+
+/** Tests only: a fault to inject into one role's thread after some steps: it throws, or loops for ever inside a step. */
+export interface InjectedFault { afterSteps: number; kind: 'crash' | 'wedge' }
 export function actorBase(actor: number): number {
   return (actor + 1) * LINE_WORDS; // line 0 holds SHUTDOWN
 }
@@ -20,8 +29,8 @@ export interface RoleWorkerData<Spec = unknown> {
   actor: number;
   /** Guest operations per vCPU burst between step boundaries. */
   burst: number;
-  /** Tests only: throw after this many steps, to check that a crash fails the run cleanly. */
-  crashAfterSteps?: number;
+  /** Tests only: a crash or a wedge after some steps, to check that the run fails cleanly and says which. */
+  fault?: InjectedFault;
 }
 
 /**

@@ -6,6 +6,14 @@ function exitName(reason: number): string {
   return EXIT_REASON_NAMES[reason] ?? `exit ${reason}`;
 }
 
+const VCPU_PHASES = ['', 'translate', 'walk', 'fault', 'store'];
+
+/** Where a wedged actor is stuck, from the stepCode it published as its step began. */
+export function describeStep(roleName: string, code: number): string {
+  if (/^vcpu\d+$/.test(roleName) && code > 0) return `inside KVM_RUN (its guest operation was in the ${VCPU_PHASES[code] ?? code} phase when the step began)`;
+  return 'inside a step';
+}
+
 /** Words the watchdog reads: "<role> waits for ...". Names come from `roleNames`. */
 export function describeWait(code: number, arg: number, arg2: number, roleNames: string[]): string {
   switch (code as WaitCode) {

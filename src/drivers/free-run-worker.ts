@@ -1,4 +1,4 @@
-import { ActorWord, type RoleWorkerData, type RunControl, actorBase } from './actor-words.ts';
+import { ActorWord, type InjectedFault, type RoleWorkerData, type RunControl, actorBase } from './actor-words.ts';
 import { type Role, Step } from '../roles/role.ts';
 
 /** Builds a worker's role from its data; events it reports go to the VMM thread. */
@@ -14,14 +14,14 @@ export function runRoleWorker<Spec>(data: RoleWorkerData<Spec>, control: RunCont
   const actors = new Int32Array(data.actors);
   // Wait until every role's thread is up (the driver starts them together), or shutdown.
   while (Atomics.load(actors, ActorWord.START) === 0 && Atomics.load(actors, ActorWord.SHUTDOWN) === 0) Atomics.wait(actors, ActorWord.START, 0, 1);
-  runFreeLoop(role, actors, data.actor, data.burst, data.crashAfterSteps);
+  runFreeLoop(role, actors, data.actor, data.burst, data.fault);
   void control.done(data.actor, role.progress);
 }
 
 /** How long a blocked role re-checks before it parks. */
 const SPIN_MS = 0.05;
 
-export function runFreeLoop(role: Role, actors: Int32Array, actor: number, burst: number, crashAfterSteps = -1): void {
+export function runFreeLoop(role: Role, actors: Int32Array, actor: number, burst: number, fault?: InjectedFault): void {
   const base = actorBase(actor);
   const idle = new Int32Array(new SharedArrayBuffer(4));
   let spins = 0;
@@ -29,10 +29,17 @@ export function runFreeLoop(role: Role, actors: Int32Array, actor: number, burst
   let steps = 0;
   for (;;) {
     if (Atomics.load(actors, ActorWord.SHUTDOWN) !== 0) return;
-    if (steps++ === crashAfterSteps) throw new Error(`injected crash in ${role.name} after ${crashAfterSteps} steps`);
+    if (role.stepCode !== undefined) Atomics.store(actors, base + ActorWord.STEP, role.stepCode);
+    if (fault !== undefined && steps === fault.afterSteps) {
+      if (fault.kind === 'crash') throw new Error(`injected crash in ${role.name} after ${fault.afterSteps} steps`);
+      for (;;) { /* an injected wedge: a step that never returns */ }
+    }
     const s = role.runBurst ? role.runBurst(burst) : role.step();
+    Atomics.store(actors, base + ActorWord.HEARTBEAT, ++steps);
     if (s === Step.PROGRESS) {
       Atomics.store(actors, base + ActorWord.PROGRESS, role.progress);
+      // What it waited for is over: a stale wait would mislead the watchdog's report.
+      if (spins !== 0) Atomics.store(actors, base + ActorWord.WAIT_CODE, 0);
       spins = 0;
       continue;
     }

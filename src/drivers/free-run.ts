@@ -3,7 +3,7 @@ import { LINE_WORDS } from '../host/cache-line.ts';
 import * as Comlink from 'comlink';
 import nodeEndpoint from 'comlink/dist/esm/node-adapter.mjs';
 import { ActorWord, type RoleWorkerData, type RunControl, actorBase } from './actor-words.ts';
-import { describeWait } from './describe-wait.ts';
+import { describeStep, describeWait } from './describe-wait.ts';
 import { spawnWorker } from './spawn.ts';
 
 /** Worker threads get this long to start before the watchdog gives up on them. */
@@ -35,8 +35,11 @@ export interface FreeRunOptions {
 
 /**
  * The free-run driver: one worker thread per role, real parallelism. A watchdog polls
- * every actor's progress word; if none moves for `watchdogMs` it ends the run and says
- * who waits for what. A worker that throws ends the run with its role and message.
+ * every actor's words with two rules: an actor whose heartbeat (bumped after every step,
+ * blocked ones too) stops for `watchdogMs` is wedged inside a step: the report names it
+ * and where it is, and its thread is terminated with the others; and if no actor's
+ * progress moves for `watchdogMs`, the run is stuck: the report says who waits for what.
+ * A worker that throws or exits ends the run with its role and message.
  */
 export async function runFreeRun(actors: FreeRunActor[], opts: FreeRunOptions): Promise<FreeRunOutcome> {
   const shared = new SharedArrayBuffer((actors.length + 1) * LINE_WORDS * 4);
@@ -85,6 +88,13 @@ export async function runFreeRun(actors: FreeRunActor[], opts: FreeRunOptions): 
 
     let last = -1;
     const started = Date.now();
+    const beats = actors.map(() => ({ value: -1, since: 0 }));
+    const waits = (skip: number): string[] => actors.flatMap((a, i) => {
+      if (i === skip) return [];
+      const b = actorBase(i);
+      if (Atomics.load(words, b + ActorWord.STATUS) === 1) return [`  ${a.name} has finished`];
+      return [`  ${a.name} ${describeWait(Atomics.load(words, b + ActorWord.WAIT_CODE), Atomics.load(words, b + ActorWord.WAIT_ARG), Atomics.load(words, b + ActorWord.WAIT_ARG2), names)}`];
+    });
     timer = setInterval(() => {
       const progress = actors.map((_, i) => Atomics.load(words, actorBase(i) + ActorWord.PROGRESS));
       opts.onTick?.(progress);
@@ -96,14 +106,23 @@ export async function runFreeRun(actors: FreeRunActor[], opts: FreeRunOptions): 
         finish({ status: 'watchdog', report: `watchdog: ${late.join(', ')} did not start within ${STARTUP_MS / 1000} s` });
         return;
       }
+      for (let i = 0; i < actors.length; i++) {
+        const b = actorBase(i);
+        if (Atomics.load(words, b + ActorWord.STATUS) === 1) continue;
+        const hb = Atomics.load(words, b + ActorWord.HEARTBEAT);
+        const beat = beats[i]!;
+        if (hb !== beat.value) { beat.value = hb; beat.since = now; continue; }
+        if (now - beat.since < opts.watchdogMs) continue;
+        const where = describeStep(actors[i]!.name, Atomics.load(words, b + ActorWord.STEP));
+        finish({
+          status: 'watchdog',
+          report: `watchdog: ${actors[i]!.name} stopped stepping ${((now - beat.since) / 1000).toFixed(1)} s ago, ${where}: its thread no longer answers and is terminated\n${waits(i).join('\n')}`,
+        });
+        return;
+      }
       if (sum !== last) { last = sum; lastChange = now; return; }
       if (now - lastChange < opts.watchdogMs) return;
-      const lines = actors.map((a, i) => {
-        const b = actorBase(i);
-        if (Atomics.load(words, b + ActorWord.STATUS) === 1) return `  ${a.name} has finished`;
-        return `  ${a.name} ${describeWait(Atomics.load(words, b + ActorWord.WAIT_CODE), Atomics.load(words, b + ActorWord.WAIT_ARG), Atomics.load(words, b + ActorWord.WAIT_ARG2), names)}`;
-      });
-      finish({ status: 'watchdog', report: `watchdog: no actor made progress for ${(opts.watchdogMs / 1000).toFixed(1)} s\n${lines.join('\n')}` });
+      finish({ status: 'watchdog', report: `watchdog: no actor made progress for ${(opts.watchdogMs / 1000).toFixed(1)} s\n${waits(-1).join('\n')}` });
     }, Math.min(250, Math.max(20, opts.watchdogMs / 4)));
   });
 }

@@ -112,6 +112,8 @@ export class Vcpu implements Role, VcpuFastState {
   }
 
   get runState(): VcpuRunState { return this.state; }
+  /** The watchdog's view of where a step began: the phase + 1 (describe-wait.ts names it). */
+  get stepCode(): number { return this.phase + 1; }
   get retired(): number { return this.ops; }
 
   step(): Step {

@@ -43,11 +43,27 @@ export interface VerifyResult {
 export function verifyDirtyLog(
   memory: GuestMemory, reported: PageBitmap, iteration: number, ex: VerifyExceptions, maxViolations = 16,
 ): VerifyResult {
+  const steps = verifyDirtyLogSteps(memory, reported, iteration, ex, maxViolations);
+  for (;;) {
+    const r = steps.next();
+    if (r.done) return r.value;
+  }
+}
+
+/** Pages verified per step: a big guest's check is many steps, each a sign of life for the watchdog. */
+const VERIFY_CHUNK = 1 << 16;
+
+/** verifyDirtyLog as steps: it yields after every VERIFY_CHUNK pages (never after the last). */
+export function* verifyDirtyLogSteps(
+  memory: GuestMemory, reported: PageBitmap, iteration: number, ex: VerifyExceptions, maxViolations = 16,
+): Generator<undefined, VerifyResult, unknown> {
   let dirty = 0;
   let clean = 0;
+  let n = 0;
   const violations: DirtyLogViolation[] = [];
   for (const slot of memory.slots) {
     for (let page = 0; page < slot.pages; page++) {
+      if (++n > VERIFY_CHUNK) { n = 1; yield undefined; }
       const g = slot.firstPage + page;
       const val = slot.stampIteration(page);
       if (reported.isDirty(g)) {

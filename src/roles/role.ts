@@ -62,6 +62,8 @@ export interface Role {
   readonly progress: number;
   /** Free-run: runs many steps when that is equivalent and faster (vCPUs batch). */
   runBurst?(maxOps: number): Step;
+  /** Where the role is as a step begins, for the watchdog's report of a wedged actor (a vCPU: its phase + 1). */
+  readonly stepCode?: number;
 }
 
 export function waitFor(code: WaitCode, arg = 0, arg2 = 0, park?: Wait['park']): Wait {

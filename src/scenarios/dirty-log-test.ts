@@ -8,7 +8,7 @@ import type { Vm } from '../host/vm.ts';
 import { VmmControl } from '../host/vmm/vmm-control.ts';
 import { ExitHandler } from '../host/vmm/exit-handler.ts';
 import { type Steps, WaitCode, waitFor } from '../roles/role.ts';
-import { type DirtyLogViolation, verifyDirtyLog } from '../oracles/dirty-log-verify.ts';
+import { type DirtyLogViolation, verifyDirtyLogSteps } from '../oracles/dirty-log-verify.ts';
 import type { WorkloadOptions } from '../guest/workload.ts';
 import { Prng } from '../util/prng.ts';
 import { type Clock, WALL_CLOCK } from '../roles/clock.ts';
@@ -158,7 +158,7 @@ export function* dirtyLogCollector(vm: Vm, c: DirtyLogTestConfig, report: (e: Di
       const page = vmm.word(v, VcpuWord.PENDING_PAGE);
       if (page >= 0) unretired.add(page);
     }
-    const result = verifyDirtyLog(mem, reported, it, {
+    const result = yield* verifyDirtyLogSteps(mem, reported, it, {
       unretired, previousUnretired: prevUnretired, initiallySet: vm.tracking.kind === 'bitmap' && vm.tracking.initiallySet, firstCollection: first,
     });
     const opsNow = vmm.totalOps();

@@ -19,7 +19,7 @@ import { type RoleSpec, vmFor } from './roles.ts';
 import { type DeviceSetup, type DmaReport, NO_DEVICES, attachDevices, dmaReport, iommuConfigFor } from './devices.ts';
 import type { IommuServiceEvent } from '../host/iommu/iommu-service.ts';
 import { type DestinationRun, resumeDestination } from './resume.ts';
-import { type Driver, runRoles } from './run-roles.ts';
+import { type Driver, type RunRolesOptions, runRoles } from './run-roles.ts';
 import type { Strategy } from '../drivers/strategy.ts';
 
 export interface MigrationScenario {
@@ -65,6 +65,8 @@ export interface MigrationRunOptions {
    * it until each vCPU retired this many operations, then stops it. Unset: it stays paused.
    */
   resumeOps?: number;
+  /** Tests only: crash or wedge one role's thread after some steps (free-run). */
+  fault?: RunRolesOptions['fault'];
 }
 
 export interface MigrationRunResult {
@@ -147,7 +149,7 @@ export async function runMigration(s: MigrationScenario, o: MigrationRunOptions)
   const run = await runRoles({
     driver: o.driver, specs, primary: 'migration', vm, layoutOf: (spec) => (spec.kind === 'destination' ? target : source),
     bugs: s.bugs, seed: s.seed, onEvent: (e) => onEvent(e as MigrationEvent | IommuServiceEvent), watchdogMs: o.watchdogMs, burst: o.burst,
-    onTick: o.onTick, onDriver: (d) => { driver = d; }, strategy: o.strategy, replay: o.replay, replayThenStrategy: o.replayThenStrategy,
+    onTick: o.onTick, onDriver: (d) => { driver = d; }, strategy: o.strategy, fault: o.fault, replay: o.replay, replayThenStrategy: o.replayThenStrategy,
     onStep: o.onStep ? (n, role) => o.onStep!(n, role, vm) : undefined,
   });
   if (run.status !== 'done') result.status = run.status;

@@ -5,7 +5,7 @@ import { type InjectionReport, injectionReport } from '../bugs/acted.ts';
 import { type VcpuRate, dirtyLimits, vcpuCounters, vcpuRates } from '../host/vmm/vcpu-stats.ts';
 import { type DirtyLogEvent, type DirtyLogTestConfig, vmConfigFor } from './dirty-log-test.ts';
 import { type RoleSpec, vmFor } from './roles.ts';
-import { type Driver, runRoles } from './run-roles.ts';
+import { type Driver, type RunRolesOptions, runRoles } from './run-roles.ts';
 
 export type { Driver };
 import type { Strategy } from '../drivers/strategy.ts';
@@ -22,7 +22,8 @@ export interface DirtyLogRunOptions {
   /** Deterministic: the scheduling strategy (default random). */
   strategy?: Strategy;
   /** Tests: make this role's worker throw after some steps. */
-  crash?: { role: string; afterSteps: number };
+  /** Tests only: crash or wedge one role's thread after some steps (free-run). */
+  fault?: RunRolesOptions['fault'];
 }
 
 export type IterationEvent = Extract<DirtyLogEvent, { kind: 'iteration' }>;
@@ -81,7 +82,7 @@ export async function runDirtyLogTest(c: DirtyLogTestConfig, o: DirtyLogRunOptio
 
   const run = await runRoles({
     driver: o.driver, specs, primary: 'dirty-log-collector', vm: setupVm, layoutOf: () => layout, bugs: c.bugs, seed: c.seed,
-    onEvent: (e) => onEvent(e as DirtyLogEvent), watchdogMs: o.watchdogMs, burst: o.burst, onTick: o.onTick, replay: o.replay, strategy: o.strategy, crash: o.crash,
+    onEvent: (e) => onEvent(e as DirtyLogEvent), watchdogMs: o.watchdogMs, burst: o.burst, onTick: o.onTick, replay: o.replay, strategy: o.strategy, fault: o.fault,
   });
   if (run.status !== 'done') result.status = run.status;
   result.errors.push(...run.errors);

@@ -1,6 +1,7 @@
 import { DeadlockError, DeterministicDriver } from '../drivers/deterministic.ts';
 import { type Strategy, schedulerFor } from '../drivers/strategy.ts';
 import { type FreeRunActor, runFreeRun } from '../drivers/free-run.ts';
+import type { InjectedFault } from '../drivers/actor-words.ts';
 import type { GeneratorRole, Role } from '../roles/role.ts';
 import type { VmLayout } from '../host/layout.ts';
 import type { Vm } from '../host/vm.ts';
@@ -30,7 +31,8 @@ export interface RunRolesOptions {
   replayThenStrategy?: boolean;
   /** Deterministic: called after every step with its number and the role's name. */
   onStep?: (stepNo: number, role: string) => void;
-  crash?: { role: string; afterSteps: number };
+  /** Tests only: crash or wedge one role's thread after some steps (free-run). */
+  fault?: { role: string } & InjectedFault;
   /** Deterministic: receives the driver before it runs (step clocks read its step count). */
   onDriver?: (d: DeterministicDriver) => void;
 }
@@ -78,7 +80,7 @@ export async function runRoles(o: RunRolesOptions): Promise<RunRolesOutcome> {
     transfer: 'port' in spec && spec.port ? [spec.port] : [],
     data: {
       layout: o.layoutOf(spec), bugs: o.bugs, spec, burst: o.burst,
-      crashAfterSteps: o.crash?.role === names[i] ? o.crash.afterSteps : undefined,
+      fault: o.fault?.role === names[i] ? { afterSteps: o.fault.afterSteps, kind: o.fault.kind } : undefined,
     },
   }));
   const outcome = await runFreeRun(actors, {

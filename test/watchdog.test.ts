@@ -1,0 +1,39 @@
+import { describe, expect, it } from 'vitest';
+import { DEFAULT_WORKLOAD } from '../src/guest/workload.ts';
+import { runMigration } from '../src/scenarios/migration.ts';
+import { runDirtyLogTest } from '../src/scenarios/run-dirty-log-test.ts';
+import { migrationSetup } from '../src/scenarios/settings.ts';
+
+/**
+ * A wedged actor: one role's thread loops for ever inside a step (injected), while the
+ * others wait on it or run on. The watchdog names that actor and where it is, ends the
+ * run as stuck, and terminates every thread, whatever kind of role is wedged.
+ */
+const WATCHDOG_MS = 1500;
+
+describe('the watchdog names a wedged actor (free-run)', () => {
+  for (const role of ['collector', 'vcpu0', 'vcpu1', 'host-writer']) {
+    it(`dirty-log-test: ${role} wedged`, async () => {
+      const started = Date.now();
+      const r = await runDirtyLogTest({
+        mode: 'dirty-ring', vcpus: 2, memoryBytes: 4 << 20, slots: 1, iterations: 1000, ringEntries: 4096,
+        workload: DEFAULT_WORKLOAD, seed: 1, bugs: [], opsPerIteration: 20_000, hostWriteEvery: 64,
+      }, { driver: 'free', watchdogMs: WATCHDOG_MS, burst: 256, fault: { role, afterSteps: 20, kind: 'wedge' } });
+      expect(r.status).toBe('stuck');
+      expect(r.errors[0]).toMatch(new RegExp(`^watchdog: ${role} stopped stepping \\d+\\.\\d s ago, inside ${role.startsWith('vcpu') ? 'KVM_RUN \\(its guest operation was in the (translate|walk|fault|store) phase' : 'a step'}`));
+      // The others are listed with what they wait for, and the wedged one is not blamed on them.
+      for (const other of ['collector', 'vcpu0', 'vcpu1', 'host-writer'].filter((x) => x !== role)) expect(r.errors[0]).toContain(`\n  ${other} `);
+      expect(Date.now() - started).toBeLessThan(30_000);
+    });
+  }
+
+  for (const role of ['vcpu0', 'migration', 'destination', 'device0', 'iommu-service']) {
+    it(`migrate: ${role} wedged`, async () => {
+      const { scenario } = migrationSetup({ memoryBytes: '8MiB', vcpus: '2', devices: ['dma-engine:every=64,remap-every=8'], bandwidth: '16MiB' });
+      const r = await runMigration(scenario, { driver: 'free', watchdogMs: WATCHDOG_MS, burst: 256, resumeOps: 0, fault: { role, afterSteps: 20, kind: 'wedge' } });
+      expect(r.status).toBe('stuck');
+      expect(r.errors[0]).toMatch(new RegExp(`^watchdog: ${role} stopped stepping \\d+\\.\\d s ago, inside`));
+      expect(r.errors[0]).toMatch(/its thread no longer answers and is terminated/);
+    });
+  }
+});
