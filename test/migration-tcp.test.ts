@@ -38,7 +38,7 @@ describe('migration over TCP on loopback', () => {
     const r = await runMigration(scenario({ params: { ...scenario().params, bandwidth: 64 << 20 } }), { ...FREE, to: { host: '127.0.0.1', port } });
     server.close();
     expect(r.status).toBe('failed');
-    expect(r.reason).toMatch(/the destination failed|closed before the migration completed/);
+    expect(r.reason).toMatch(/^the connection to 127\.0\.0\.1:\d+ closed before the migration completed$|^the connection to the destination at 127\.0\.0\.1:\d+ failed: /);
     expect(Date.now() - started).toBeLessThan(30_000);
     // A new migration afterwards succeeds.
     const dest = await serveDestination('127.0.0.1', 0);
@@ -47,7 +47,7 @@ describe('migration over TCP on loopback', () => {
   });
 
   it('the destination process resumes migration-test\'s guest from the migrated memory; the sweep pattern holds before and after', async () => {
-    const dest = await serveDestination('127.0.0.1', 0, 2);
+    const dest = await serveDestination('127.0.0.1', 0, { vcpus: 2 });
     // The sweep dirties every page in turn and never converges: force the switchover after 3 passes.
     const sweep = scenario({ workload: { ...DEFAULT_WORKLOAD, name: 'sweep' }, hostWriteEvery: 0, params: { ...scenario().params, maxIterations: 3 } });
     const r = await runMigration(sweep, { ...FREE, to: { host: '127.0.0.1', port: dest.address.port } });
@@ -60,6 +60,61 @@ describe('migration over TCP on loopback', () => {
     expect(d.atCompletion!.slices).toHaveLength(2);
     expect(d.afterResume!.ok).toBe(true);
     expect(d.resumed!.ops).toBeGreaterThanOrEqual(2 * 3072);
+  });
+
+  it('a destination that stops answering fails the migration within the deadline, with that reason, and the source stops sending', async () => {
+    // A "destination" that takes the connection and never reads from it (frozen, as by SIGSTOP).
+    const sockets: import('node:net').Socket[] = [];
+    const server = createServer((socket) => { socket.pause(); sockets.push(socket); });
+    await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+    const port = (server.address() as { port: number }).port;
+    const started = Date.now();
+    const r = await runMigration(scenario(), { ...FREE, watchdogMs: 1500, to: { host: '127.0.0.1', port } });
+    for (const s of sockets) s.destroy();
+    server.close();
+    expect(r.status).toBe('failed');
+    expect(r.reason).toMatch(/^the destination at 127\.0\.0\.1:\d+ has not answered for \d+\.\d s with \d+\.\d MiB unacknowledged: it stalled or is gone$/);
+    expect(Date.now() - started).toBeLessThan(30_000);
+  });
+
+  it('a refused connection and a malformed reply fail the migration with their reasons, no exception', async () => {
+    const closed = createServer();
+    await new Promise<void>((resolve) => closed.listen(0, '127.0.0.1', resolve));
+    const port = (closed.address() as { port: number }).port;
+    await new Promise<void>((resolve) => closed.close(() => resolve()));
+    const refused = await runMigration(scenario(), { ...FREE, to: { host: '127.0.0.1', port } });
+    expect(refused.status).toBe('failed');
+    expect(refused.reason).toMatch(/^the connection to the destination at 127\.0\.0\.1:\d+ failed: connect ECONNREFUSED/);
+
+    const liar = createServer((socket) => { socket.once('data', () => socket.write(Buffer.from([0, 0, 0, 3, 0xc1, 0xc1, 0xc1]))); });
+    await new Promise<void>((resolve) => liar.listen(0, '127.0.0.1', resolve));
+    const bad = await runMigration(scenario(), { ...FREE, to: { host: '127.0.0.1', port: (liar.address() as { port: number }).port } });
+    liar.close();
+    expect(bad.status).toBe('failed');
+    expect(bad.reason).toMatch(/^the destination at 127\.0\.0\.1:\d+ sent a malformed reply/);
+  });
+
+  it('the destination drops a connection that sends nothing and serves the real source; a second source during a migration is refused', async () => {
+    const dest = await serveDestination('127.0.0.1', 0, { idleMs: 500 });
+    const { Socket } = await import('node:net');
+    const squatter = new Socket();
+    const dropped = new Promise<void>((resolve) => squatter.once('close', () => resolve()));
+    squatter.connect(dest.address.port, '127.0.0.1');
+    await dropped; // dropped after idleMs, and the destination still listens
+    let passed!: () => void;
+    const firstPass = new Promise<void>((resolve) => { passed = resolve; });
+    const migration = runMigration(scenario({ params: { ...scenario().params, bandwidth: 32 << 20 } }), {
+      ...FREE, to: { host: '127.0.0.1', port: dest.address.port }, onEvent: (e) => { if (e.kind === 'pass') passed(); },
+    });
+    // Once the migration's stream has begun, another source gets an error reply.
+    await firstPass;
+    const second = new Socket();
+    const reply = new Promise<string>((resolve) => { let got = ''; second.on('data', (c) => { got += c.toString('latin1'); }); second.on('close', () => resolve(got)); });
+    second.connect(dest.address.port, '127.0.0.1', () => second.write(Buffer.alloc(16)));
+    const r = await migration;
+    expect(r.status, `${r.reason ?? ''} ${r.errors.join('; ')}`).toBe('passed');
+    expect((await dest.result).status).toBe('completed');
+    expect(await reply).toContain('already receiving a migration');
   });
 
   it('refuses --to with the deterministic driver', async () => {

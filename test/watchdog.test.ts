@@ -37,3 +37,19 @@ describe('the watchdog names a wedged actor (free-run)', () => {
     });
   }
 });
+
+describe('Ctrl-C', () => {
+  it('after the migration completed, stops the resumed guest at once: the run ends stuck, saying so', async () => {
+    const { scenario } = migrationSetup({ memoryBytes: '4MiB', vcpus: '2' });
+    const cancel = new AbortController();
+    const started = Date.now();
+    const r = await runMigration(scenario, {
+      driver: 'free', watchdogMs: 10_000, burst: 256, resumeOps: 1e12, cancel: cancel.signal,
+      onEvent: (e) => { if (e.kind === 'completed') cancel.abort(); },
+    });
+    expect(r.info?.status).toBe('completed');
+    expect(r.status).toBe('stuck');
+    expect(r.destination?.errors.join('\n')).toContain('cancelled (Ctrl-C) before it finished');
+    expect(Date.now() - started).toBeLessThan(30_000);
+  });
+});

@@ -3,7 +3,7 @@ import { GuestMemory } from '../host/guest-memory.ts';
 import { hasHostWrites } from '../oracles/sweep-pattern.ts';
 import { serveDestination } from '../migration/tcp.ts';
 import { type DestinationRun, defaultResumeOps, resumeDestination } from '../scenarios/resume.ts';
-import type { SettingKey } from '../scenarios/options.ts';
+import { type SettingKey, parsePositive } from '../scenarios/options.ts';
 import { flagLayer, resolve } from '../scenarios/settings.ts';
 import { UserError } from '../util/errors.ts';
 import { describeDestination } from './migrate-command.ts';
@@ -13,7 +13,7 @@ export interface DestinationFlags {
   listen: string; allowRemote?: boolean; json?: boolean;
   /** Resume the guest after completion; the guest options must match the source's. */
   resume?: boolean; vcpus?: string; workload?: string; hotFraction?: string; hotShare?: string; writePercent?: string;
-  seed?: string; resumeOps?: string; watchdog?: string; burst?: string;
+  seed?: string; resumeOps?: string; watchdog?: string; burst?: string; idleTimeout?: string;
 }
 
 /** The guest options --resume takes: commander key, and the scenario setting it is (options.ts). */
@@ -41,7 +41,8 @@ export async function destinationCommand(f: DestinationFlags): Promise<number> {
   const workload = { ...DEFAULT_WORKLOAD, name: s.workload, hotFraction: s.hotFraction, hotShare: s.hotShare, writePercent: s.writePercent };
   const { seed, resumeOps, watchdogMs, burst } = s;
 
-  const served = await serveDestination(host, port, f.resume ? vcpus : 1);
+  const idleMs = f.idleTimeout === undefined ? 30_000 : parsePositive(f.idleTimeout, '--idle-timeout', 'seconds') * 1000;
+  const served = await serveDestination(host, port, { vcpus: f.resume ? vcpus : 1, idleMs });
   if (!json) console.log(`destination: listening on ${served.address.address}:${served.address.port}`);
   const r = await served.result;
   const { layout, ...summary } = r;

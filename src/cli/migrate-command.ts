@@ -53,11 +53,11 @@ export async function migrateCommand(settings: Resolved, json: boolean, expected
   out(`migrate: ${s.tracking}${s.tracking === 'dirty-ring' ? ` (${s.ringEntries} entries)` : ''}, ${s.vcpus} vCPUs, ${formatSize(s.memoryBytes)}, ` +
     `workload ${s.workload.name}, bandwidth ${s.params.bandwidth ? `${mib(s.params.bandwidth)}/s` : 'unlimited'}, downtime limit ${s.params.downtimeLimitMs} ms, ` +
     `driver ${driver}, destination ${to ? `tcp:${to.host}:${to.port}` : 'in-process'}, seed ${s.seed}${s.bugs.length ? `, injected: ${s.bugs.join(', ')}` : ''}`);
-  // Ctrl-C cancels the migration (migrate_cancel) and reports it; a second one exits.
+  // Ctrl-C cancels the migration (migrate_cancel), or stops the resumed guest once it completed, and reports it; a second one exits.
   const cancel = new AbortController();
   const onSigint = (): void => {
     if (cancel.signal.aborted) process.exit(130);
-    out('cancelling the migration (Ctrl-C again to exit at once)');
+    out('cancelling (Ctrl-C again to exit at once)');
     cancel.abort();
   };
   process.on('SIGINT', onSigint);

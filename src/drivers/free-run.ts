@@ -23,12 +23,15 @@ export interface FreeRunActor {
 export type FreeRunOutcome =
   | { status: 'done' }
   | { status: 'watchdog'; report: string }
-  | { status: 'crashed'; role: string; message: string };
+  | { status: 'crashed'; role: string; message: string }
+  | { status: 'cancelled' };
 
 export interface FreeRunOptions {
   /** Stop when no actor progresses for this long. */
   watchdogMs: number;
   onEvent: (actor: string, event: unknown) => void;
+  /** Aborting it ends the run at once: every thread is terminated. */
+  cancel?: AbortSignal;
   /** Called every poll with the actors' progress counters (for progress display). */
   onTick?: (progress: number[]) => void;
 }
@@ -60,6 +63,8 @@ export async function runFreeRun(actors: FreeRunActor[], opts: FreeRunOptions): 
       void Promise.all(workers.map((w) => w.terminate())).then(() => resolve(outcome));
     };
 
+    if (opts.cancel?.aborted) { finish({ status: 'cancelled' }); return; }
+    opts.cancel?.addEventListener('abort', () => finish({ status: 'cancelled' }), { once: true });
     // The control plane each worker calls (comlink); the data plane is shared memory.
     const control: RunControl = {
       ready(actor) {

@@ -42,6 +42,9 @@ export interface MigrationParams {
   warmupOps: number;
 }
 
+/** The reason a migration ends with when its destination failed (the TCP bridge may know more: scenarios/migration.ts). */
+export const DESTINATION_FAILED = 'the destination failed';
+
 export interface MigrationBugs {
   /** Ring: copy the harvested pages before KVM_RESET_DIRTY_RINGS re-protects them (an option of the ring source). */
   copyBeforeReset: boolean;
@@ -99,6 +102,8 @@ export function* precopy(
 
   const cancelled = (): boolean => Atomics.load(destWords, DestWord.CANCEL) !== 0;
 
+  const destinationFailed = (): boolean => Atomics.load(destWords, DestWord.STATE) === DestState.FAILED;
+
   function* waitForCredit(limited: boolean): Steps {
     const w = channel.creditWord;
     for (;;) {
@@ -146,7 +151,9 @@ export function* precopy(
     const batch: number[] = [];
     let batchSlot: Memslot | null = null;
     const flush = function* (): Steps {
-      if (batch.length === 0 || batchSlot === null || cancelled()) return;
+      // Cancelled, or the destination failed: nothing more goes out (the pass ends at once).
+      if (cancelled() || destinationFailed()) { batch.length = 0; return; }
+      if (batch.length === 0 || batchSlot === null) return;
       yield* waitForCredit(limited);
       const s = batchSlot;
       vm.tracepoints.active?.copied(s, batch, copyStage);
@@ -249,7 +256,7 @@ export function* precopy(
     stats.passes.push(passStats);
     report({ kind: 'pass', stats: passStats });
     if (Atomics.load(destWords, DestWord.STATE) === DestState.FAILED) {
-      end({ kind: 'failed', reason: 'the destination failed', info: info('failed', 0) });
+      end({ kind: 'failed', reason: DESTINATION_FAILED, info: info('failed', 0) });
       return;
     }
     if (vm.iommu?.dmaRecords.faultStopped()) {
@@ -299,7 +306,7 @@ export function* precopy(
     const st = Atomics.load(destWords, DestWord.STATE);
     if (st === DestState.COMPLETE) break;
     if (st === DestState.FAILED) {
-      end({ kind: 'failed', reason: 'the destination failed', info: info('failed', 0) });
+      end({ kind: 'failed', reason: DESTINATION_FAILED, info: info('failed', 0) });
       return;
     }
     yield waitFor(WaitCode.DESTINATION, 1, 0, { array: destWords, index: DestWord.STATE, value: st });

@@ -37,6 +37,19 @@ function replyFrame(r: Reply): Uint8Array {
   return out;
 }
 
+/** A reply as the source may trust it: its type known and its fields of their types. */
+function checkReply(x: unknown): Reply {
+  const r = x as Record<string, unknown> | null;
+  const num = (v: unknown): boolean => typeof v === 'number' && Number.isFinite(v) && v >= 0;
+  const ok = r !== null && typeof r === 'object' && (
+    (r['t'] === 'ack' && num(r['kib']))
+    || (r['t'] === 'complete' && num(r['normal']) && num(r['zero']))
+    || (r['t'] === 'digests' && r['digests'] instanceof Uint8Array)
+    || (r['t'] === 'error' && typeof r['message'] === 'string'));
+  if (!ok) throw new Error(`not a reply: ${JSON.stringify(x)?.slice(0, 80)}`);
+  return r as unknown as Reply;
+}
+
 /** Splits a byte stream into reply frames. */
 class ReplyReader {
   private buf: Uint8Array = new Uint8Array(0);
@@ -49,7 +62,7 @@ class ReplyReader {
       const n = new DataView(b.buffer, at).getUint32(0);
       if (n > 1 << 30) throw new Error(`reply frame of ${n} bytes`);
       if (b.length - at < 4 + n) break;
-      out.push(packr.unpack(b.subarray(at + 4, at + 4 + n)) as Reply);
+      out.push(checkReply(packr.unpack(b.subarray(at + 4, at + 4 + n))));
       at += 4 + n;
     }
     this.buf = b.subarray(at);
@@ -115,32 +128,68 @@ export interface ServedMigration {
   frames: number;
 }
 
+export interface ServeOptions {
+  /** vCPUs of the memory built (to resume the guest on). */
+  vcpus?: number;
+  /**
+   * A connection that sends nothing for this long is dropped: before its stream began
+   * (the destination keeps listening for the real source), or during it (the migration
+   * fails: the source stalled or is gone).
+   */
+  idleMs?: number;
+}
+
 /**
- * `vmemlab destination`: accepts one migration on host:port, builds guest memory from the
+ * `vmemlab destination`: serves one migration on host:port, builds guest memory from the
  * stream's header (with `vcpus` vCPUs, to resume the guest on), applies the stream,
- * answers with acks and, at the end, digests.
+ * answers with acks and, at the end, digests. It listens until a connection's stream
+ * begins (a header the decoder accepted): a connection that sends nothing is dropped
+ * after `idleMs` and the next one is served, and while a migration is under way any
+ * other connection is refused with an error reply, never the other way round.
  */
-export async function serveDestination(host: string, port: number, vcpus = 1): Promise<{ address: AddressInfo; result: Promise<ServedMigration>; close: () => void }> {
+export async function serveDestination(host: string, port: number, o: ServeOptions = {}): Promise<{ address: AddressInfo; result: Promise<ServedMigration>; close: () => void }> {
+  const vcpus = o.vcpus ?? 1;
+  const idleMs = o.idleMs ?? 30_000;
   let settle!: (r: ServedMigration) => void;
   const result = new Promise<ServedMigration>((r) => { settle = r; });
+  /** The connection whose stream began; null until one did. */
+  let active: Socket | null = null;
+  let done = false;
   const server = createServer({ noDelay: true }, (socket: Socket) => {
-    server.close(); // one migration per destination
+    if (active !== null || done) {
+      socket.end(replyFrame({ t: 'error', message: 'this destination is already receiving a migration' }));
+      return;
+    }
     let layout: VmLayout | null = null;
     const dest = new Destination(null, undefined, (slots) => new GuestMemory(layout = createVmLayout({
       slots: slots.map((s) => ({ ...s, flags: 0 })), vcpus,
       tracking: { kind: 'bitmap', manualProtect: false, initiallySet: false },
     })), true);
     let lastAck = 0;
-    let done = false;
     const finish = (status: ServedMigration['status']): void => {
       if (done) return;
       done = true;
+      server.close();
       settle({ status, layout, error: dest.error, pages: dest.stats.normal + dest.stats.zero, normal: dest.stats.normal, zero: dest.stats.zero, frames: dest.stats.frames });
     };
+    const mine = (): boolean => active === socket;
+    socket.setTimeout(idleMs, () => {
+      if (!mine()) { socket.destroy(); return; } // a connection that never began a stream: serve the next
+      dest.fail(`the source sent nothing for ${idleMs / 1000} s: it stalled or is gone`);
+      socket.destroy();
+      finish('failed');
+    });
     socket.on('data', (chunk: Buffer) => {
-      if (!dest.receive(new Uint8Array(chunk.buffer, chunk.byteOffset, chunk.length))) {
+      if (done && !mine()) { socket.destroy(); return; }
+      if (active !== null && !mine()) {
+        socket.end(replyFrame({ t: 'error', message: 'this destination is already receiving a migration' }));
+        return;
+      }
+      const ok = dest.receive(new Uint8Array(chunk.buffer, chunk.byteOffset, chunk.length));
+      if (active === null && dest.memory !== null) active = socket; // its header was accepted: this is the migration
+      if (!ok) {
         socket.end(replyFrame({ t: 'error', message: dest.error ?? 'destination failed' }));
-        finish('failed');
+        if (mine()) finish('failed');
         return;
       }
       const applied = Atomics.load(dest.words, DestWord.APPLIED_KIB) * 1024;
@@ -155,8 +204,16 @@ export async function serveDestination(host: string, port: number, vcpus = 1): P
         socket.write(replyFrame({ t: 'ack', kib: applied / 1024 }));
       }
     });
-    socket.on('close', () => { dest.end(); finish(dest.state === DestState.COMPLETE ? 'completed' : 'failed'); });
-    socket.on('error', (e) => { dest.fail(`connection: ${e.message}`); finish('failed'); });
+    socket.on('close', () => {
+      if (!mine()) return;
+      dest.end();
+      finish(dest.state === DestState.COMPLETE ? 'completed' : 'failed');
+    });
+    socket.on('error', (e) => {
+      if (!mine()) return;
+      dest.fail(`connection: ${e.message}`);
+      finish('failed');
+    });
   });
   await new Promise<void>((resolve, reject) => { server.once('error', reject); server.listen(port, host, resolve); });
   return { address: server.address() as AddressInfo, result, close: () => server.close() };
@@ -175,29 +232,71 @@ export interface SourceBridge {
  * worker go to the socket; the destination's acks become credit in `destWords`, its
  * completion or failure becomes DestState there (what the migration thread waits on).
  */
-export function connectDestination(host: string, port: number, destWords: Int32Array): SourceBridge {
+export function connectDestination(host: string, port: number, destWords: Int32Array, stallMs = 10_000): SourceBridge {
   const { port1, port2 } = new MessageChannel();
   let settle!: (r: { digests: Uint8Array | null; error: string | null }) => void;
   const finished = new Promise<{ digests: Uint8Array | null; error: string | null }>((r) => { settle = r; });
   let done = false;
   /** The destination said `complete`: the migration is over, whatever happens to the digests. */
   let completed = false;
+  let timer: NodeJS.Timeout | undefined;
   const fail = (message: string): void => {
     if (done) return;
     done = true;
+    clearInterval(timer);
     if (!completed) {
       Atomics.store(destWords, DestWord.STATE, DestState.FAILED);
       Atomics.notify(destWords, DestWord.STATE);
     }
+    socket.destroy(); // nothing more goes into a connection that failed
     settle({ digests: null, error: message });
   };
   const socket = new Socket();
   socket.setNoDelay(true);
-  socket.connect(port, host);
+  const where = `${host}:${port}`;
+  // Deadlines: the connection within stallMs; then, whenever the destination owes an
+  // answer (what was sent runs ahead of its acks by more than their granularity), an
+  // answer within stallMs. A destination that is frozen or gone fails the migration with
+  // that reason instead of holding the source in a pass for ever. (At completion, with
+  // less than an ack's worth outstanding, the driver's watchdog is the deadline.)
+  // The connection opens with the first frame (the stream's header, after the guest's
+  // warm-up), as a source opens its migration channel only when it migrates: a
+  // destination then never sees a silent connection from a real source.
+  let connectingAt = 0;
+  let connected = false;
+  let sent = 0;
+  let owedSince = 0;
+  const owes = (): boolean => sent - Atomics.load(destWords, DestWord.APPLIED_KIB) * 1024 >= ACK_EVERY;
+  timer = setInterval(() => {
+    const now = Date.now();
+    if (!connected) {
+      if (connectingAt > 0 && now - connectingAt >= stallMs) fail(`could not connect to the destination at ${where} within ${stallMs / 1000} s`);
+      return;
+    }
+    if (owedSince > 0 && now - owedSince >= stallMs) {
+      const owed = sent - Atomics.load(destWords, DestWord.APPLIED_KIB) * 1024;
+      fail(`the destination at ${where} has not answered for ${((now - owedSince) / 1000).toFixed(1)} s with ${(owed / 1048576).toFixed(1)} MiB unacknowledged: it stalled or is gone`);
+    }
+  }, Math.max(50, Math.min(1000, stallMs / 4)));
+  timer.unref();
   const replies = new ReplyReader();
-  port1.on('message', (frame: Uint8Array) => { if (!done) socket.write(frame); });
+  port1.on('message', (frame: Uint8Array) => {
+    if (done) return;
+    if (connectingAt === 0) {
+      connectingAt = Date.now();
+      socket.connect(port, host, () => { connected = true; });
+    }
+    sent += frame.length;
+    if (owedSince === 0 && owes()) owedSince = Date.now();
+    socket.write(frame);
+  });
   socket.on('data', (chunk: Buffer) => {
-    for (const r of replies.push(new Uint8Array(chunk.buffer, chunk.byteOffset, chunk.length))) {
+    let got: Reply[];
+    try { got = replies.push(new Uint8Array(chunk.buffer, chunk.byteOffset, chunk.length)); } catch (e) {
+      fail(`the destination at ${where} sent a malformed reply: ${(e as Error).message}`);
+      return;
+    }
+    for (const r of got) {
       if (r.t === 'ack') {
         Atomics.store(destWords, DestWord.APPLIED_KIB, r.kib);
         Atomics.notify(destWords, DestWord.APPLIED_KIB);
@@ -208,12 +307,15 @@ export function connectDestination(host: string, port: number, destWords: Int32A
       } else if (r.t === 'digests') {
         done = true;
         settle({ digests: r.digests, error: null });
+      } else if (r.t === 'error') {
+        fail(`the destination at ${where} failed: ${String(r.message)}`);
       } else {
-        fail(`the destination failed: ${r.message}`);
+        fail(`the destination at ${where} sent an unknown reply ${JSON.stringify((r as { t?: unknown }).t)}`);
       }
     }
+    owedSince = owes() ? Date.now() : 0;
   });
-  socket.on('error', (e: Error) => fail(`connection to ${host}:${port}: ${e.message}`));
+  socket.on('error', (e: Error) => fail(`the connection to the destination at ${where} failed: ${e.message}`));
   socket.on('close', () => fail(completed
     ? `the connection to ${host}:${port} closed before the destination sent its page digests`
     : `the connection to ${host}:${port} closed before the migration completed`));

@@ -9,6 +9,7 @@ import { GlobalWord, type VmConfig, createVmLayout } from '../host/layout.ts';
 import type { Vm } from '../host/vm.ts';
 import { VmmControl } from '../host/vmm/vmm-control.ts';
 import { DEST_WORDS, DestWord } from '../migration/channel.ts';
+import { DESTINATION_FAILED } from '../migration/precopy.ts';
 import { createStreamRing } from '../migration/stream-ring.ts';
 import { compareDigests, connectDestination } from '../migration/tcp.ts';
 import type { MigrationEvent, MigrationInfo, MigrationParams, PassStats } from '../migration/precopy.ts';
@@ -141,7 +142,7 @@ export async function runMigration(s: MigrationScenario, o: MigrationRunOptions)
   const started = performance.now();
 
   const queue: Uint8Array[] = [];
-  const remote = o.to ? connectDestination(o.to.host, o.to.port, new Int32Array(destWords)) : null;
+  const remote = o.to ? connectDestination(o.to.host, o.to.port, new Int32Array(destWords), o.watchdogMs) : null;
   const ring = o.driver === 'free' && !remote ? createStreamRing() : undefined;
   const workerPort = remote?.workerPort;
   specs.push({ kind: 'migration', params: s.params, bugs: s.bugs, destWords, queue, port: workerPort, ring, clockSteps: o.driver === 'free' ? undefined : () => driver?.stepCount ?? 0 });
@@ -170,7 +171,8 @@ export async function runMigration(s: MigrationScenario, o: MigrationRunOptions)
     const end = await Promise.race([remote.finished, new Promise<null>((r) => { timer = setTimeout(() => r(null), completed ? o.watchdogMs : 100); })]);
     clearTimeout(timer);
     remote.close();
-    if (end?.error && result.status === 'passed') { result.status = 'failed'; result.reason = end.error; }
+    // The bridge knows why the destination failed (refused, closed, stalled, its own error): that is the reason.
+    if (end?.error && (result.status === 'passed' || result.reason === DESTINATION_FAILED)) { result.status = 'failed'; result.reason = end.error; }
     if (completed && end === null && result.status === 'passed') {
       result.status = 'stuck';
       result.errors.push(`the destination sent no page digests within ${o.watchdogMs / 1000} s of completing: nothing was verified`);
@@ -203,7 +205,7 @@ export async function runMigration(s: MigrationScenario, o: MigrationRunOptions)
   if (result.info?.status === 'completed') {
     // Host writes land on byte 0 of random pages: the sweep pattern holds only without them.
     const sweepCheck = s.workload.name === 'sweep' && s.hostWriteEvery === 0 && devices.devices.length === 0;
-    const d = await resumeDestination(target, { ...o, workload: s.workload, seed: s.seed, opsPerVcpu: o.resumeOps ?? 0, sweepCheck });
+    const d = await resumeDestination(target, { ...o, workload: s.workload, seed: s.seed, opsPerVcpu: o.resumeOps ?? 0, sweepCheck, cancel: o.cancel });
     result.destination = d;
     if (d.status !== 'passed' && result.status === 'passed') result.status = d.status;
   }

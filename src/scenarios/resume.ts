@@ -20,6 +20,8 @@ export interface ResumeOptions {
   burst: number;
   /** Run the sweep-pattern oracle (the guest is migration-test's sweep, and nothing else wrote its bytes). */
   sweepCheck: boolean;
+  /** Aborting it stops the resumed guest at once (Ctrl-C): the run ends stuck, unchecked. */
+  cancel?: AbortSignal;
 }
 
 /** What happened on the destination after the migration completed. */
@@ -61,7 +63,7 @@ export async function resumeDestination(layout: VmLayout, o: ResumeOptions): Pro
   const started = performance.now();
   const run = await runRoles({
     driver: o.driver, specs, primary: 'destination-vmm', vm, layoutOf: () => layout, bugs: [], seed: o.seed,
-    onEvent: () => {}, watchdogMs: o.watchdogMs, burst: o.burst,
+    onEvent: () => {}, watchdogMs: o.watchdogMs, burst: o.burst, cancel: o.cancel,
   });
   let ops = 0;
   for (let v = 0; v < vcpus; v++) ops += Atomics.load(vm.vcpuWords, vm.vcpuBase(v) + VcpuWord.OPS);

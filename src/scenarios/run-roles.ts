@@ -33,6 +33,8 @@ export interface RunRolesOptions {
   onStep?: (stepNo: number, role: string) => void;
   /** Tests only: crash or wedge one role's thread after some steps (free-run). */
   fault?: { role: string } & InjectedFault;
+  /** Free-run: aborting it ends the run at once (Ctrl-C), as stuck, with the reason. */
+  cancel?: AbortSignal;
   /** Deterministic: receives the driver before it runs (step clocks read its step count). */
   onDriver?: (d: DeterministicDriver) => void;
 }
@@ -85,10 +87,12 @@ export async function runRoles(o: RunRolesOptions): Promise<RunRolesOutcome> {
   }));
   const outcome = await runFreeRun(actors, {
     watchdogMs: o.watchdogMs,
+    cancel: o.cancel,
     onEvent: (_actor, e) => o.onEvent(e),
     onTick: o.onTick ? (p) => o.onTick!(p, names) : undefined,
   });
   if (outcome.status === 'watchdog') return { status: 'stuck', errors: [outcome.report] };
+  if (outcome.status === 'cancelled') return { status: 'stuck', errors: ['cancelled (Ctrl-C) before it finished'] };
   if (outcome.status === 'crashed') return { status: 'crashed', errors: [`${outcome.role} crashed: ${outcome.message}`] };
   return { status: 'done', errors: [] };
 }
