@@ -14,6 +14,8 @@
  *                                      space per side, only the working set committed)
  *   npm run bench -- --detection       also bench/free-run-detection.ts (catalogued bugs
  *                                      caught under free-run; minutes, not seconds)
+ *   npm run bench -- --fuzz [N]        also the long fuzzing run: N generated inputs (default 100000)
+ *                                      against every entry point (bench/fuzz.ts)
  *   npm run bench -- --examples [N]    also every shipped example N times (default 20), alone and
  *                                      beside a CPU burner, against its own expect: (a long run)
  *   npm run bench -- --strict          exit 1 when a target is missed
@@ -78,6 +80,8 @@ const DETECTION: Case[] = [
   { id: 'free-run-detection/migrate', file: 'free-run-detection.ts', args: ['10', 'migrate'] },
 ];
 const SCALE: Case = { id: 'migration/scale/64GiB', file: 'migration.ts', args: ['scale'] };
+/** --fuzz [N]: the long fuzzing run. */
+const FUZZ = (cases: string): Case => ({ id: 'fuzz', file: 'fuzz.ts', args: [cases] });
 /** --examples [N]: every shipped example N times (default 20), alone and beside a CPU burner. */
 const EXAMPLES = (runs: string): Case[] => [
   { id: 'examples', file: 'examples.ts', args: [runs] },
@@ -172,7 +176,7 @@ function runOnce(c: Case): Outcome {
   const t0 = performance.now();
   const before = cpuTicks();
   const r = spawnSync(process.execPath, ['--import', 'tsx', `bench/${c.file}`, ...c.args], {
-    cwd: root, encoding: 'utf8', maxBuffer: 64 << 20, timeout: (c.file === 'examples.ts' ? 120 : 10) * 60_000,
+    cwd: root, encoding: 'utf8', maxBuffer: 64 << 20, timeout: (c.file === 'examples.ts' || c.file === 'fuzz.ts' ? 120 : 10) * 60_000,
   });
   const seconds = (performance.now() - t0) / 1000;
   const after = cpuTicks();
@@ -343,8 +347,9 @@ const METHOD = [
 const started = new Date();
 const t0 = performance.now();
 const only = option('--only')?.split(',').filter(Boolean);
+const fuzzCases = flag('--fuzz') ? (/^\d+$/.test(option('--fuzz') ?? '') ? option('--fuzz')! : '100000') : null;
 const examplesRuns = flag('--examples') ? (/^\d+$/.test(option('--examples') ?? '') ? option('--examples')! : '20') : null;
-const cases = [...CASES, ...(flag('--detection') ? DETECTION : []), ...(flag('--scale') ? [SCALE] : []), ...(examplesRuns ? EXAMPLES(examplesRuns) : [])]
+const cases = [...CASES, ...(flag('--detection') ? DETECTION : []), ...(flag('--scale') ? [SCALE] : []), ...(fuzzCases ? [FUZZ(fuzzCases)] : []), ...(examplesRuns ? EXAMPLES(examplesRuns) : [])]
   .filter((c) => !only || only.some((o) => c.id.includes(o)));
 const outcomes: Outcome[] = [];
 let quietBudget = QUIET_BUDGET_MS;

@@ -101,6 +101,7 @@ describe('files and flags', () => {
     ['a scenario file over its limit', () => ['run', write('big.yaml', `kind: migrate\n# ${'x'.repeat(LIMITS.scenarioFileBytes.max)}\n`)], /bytes; a scenario or litmus file is at most 1048576 bytes/],
     ['a YAML alias bomb (scenario)', () => ['run', write('bomb.yaml', `kind: migrate\na: &a [x,x,x,x,x,x,x,x,x]\nb: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a]\nc: &c [*b,*b,*b,*b,*b,*b,*b,*b,*b]\nd: &d [*c,*c,*c,*c,*c,*c,*c,*c,*c]\n`)], /alias/],
     ['a YAML alias bomb (litmus)', () => ['litmus', write('bomb-litmus.yaml', `name: x\nvm: {memory: 1MiB}\na: &a [x,x,x,x,x,x,x,x,x]\nb: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a]\nc: &c [*b,*b,*b,*b,*b,*b,*b,*b,*b]\nd: &d [*c,*c,*c,*c,*c,*c,*c,*c,*c]\n`)], /alias/],
+    ['YAML with an unknown directive and tag (no warnings besides the one line)', () => ['run', write('junk.yaml', '%M,t\n!# x\n')], /junk\.yaml: /],
     ['__proto__ under a device', () => ['run', write('proto.yaml', 'kind: migrate\ndevices:\n  - {kind: gvt, __proto__: {every: 1}}\n')], /devices\.0\.__proto__: '__proto__' is not a field/],
     ['--bandwidth 0', () => ['migrate', '--bandwidth', '0'], /--bandwidth: '0' is not a bandwidth from 4KiB to 1TiB per second \(write unlimited for no cap\)/],
     ['--writes beyond the limit', () => ['dirty-log-test', '--writes', '99999999999999'], /--writes: '99999999999999' is not a whole number from 1 to 100000000/],

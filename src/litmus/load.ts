@@ -20,7 +20,7 @@ export function loadLitmus(path: string): LitmusSpec {
 
 /** Checks litmus text; `file` names it in messages. */
 export function parseLitmus(text: string, file: string): LitmusSpec {
-  const doc = parseDocument(text, { prettyErrors: true });
+  const doc = parseDocument(text, { prettyErrors: true, logLevel: 'error' });
   if (doc.errors.length > 0) {
     throw new UserError(doc.errors.map((e) => `${file}: ${e.message.split('\n')[0]!.replace(/:$/, '')}`).join('\n'));
   }

@@ -49,7 +49,7 @@ export function checkKeys(doc: unknown, where: string, path: string[] = []): voi
 export function parseYaml(text: string, where: string): unknown {
   let doc: unknown;
   try {
-    doc = parse(text, { maxAliasCount: LIMITS.yamlAliases.max, uniqueKeys: true });
+    doc = parse(text, { maxAliasCount: LIMITS.yamlAliases.max, uniqueKeys: true, logLevel: 'error' });
   } catch (e) {
     const m = (e as Error).message.split('\n')[0]!;
     if (/alias/i.test(m)) throw new UserError(`${where}: more than ${LIMITS.yamlAliases.max} YAML alias expansions (${LIMITS.yamlAliases.why})`);
