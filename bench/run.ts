@@ -176,7 +176,7 @@ function runOnce(c: Case): Outcome {
   const t0 = performance.now();
   const before = cpuTicks();
   const r = spawnSync(process.execPath, ['--import', 'tsx', `bench/${c.file}`, ...c.args], {
-    cwd: root, encoding: 'utf8', maxBuffer: 64 << 20, timeout: (c.file === 'examples.ts' || c.file === 'fuzz.ts' ? 120 : 10) * 60_000,
+    cwd: root, encoding: 'utf8', maxBuffer: 64 << 20, timeout: (c.file === 'examples.ts' || c.file === 'fuzz.ts' ? 120 : c.file === 'free-run-detection.ts' ? 30 : 10) * 60_000,
   });
   const seconds = (performance.now() - t0) / 1000;
   const after = cpuTicks();
