@@ -63,6 +63,7 @@ const CASES: Case[] = [
   { id: 'migration/throughput', file: 'migration.ts', args: ['throughput'], processes: 3 },
   { id: 'migration/tcp', file: 'migration.ts', args: ['tcp'] },
   { id: 'migration/convergence', file: 'migration.ts', args: ['convergence'] },
+  { id: 'bandwidth', file: 'bandwidth.ts', args: [] },
   { id: 'pacing/limits', file: 'pacing.ts', args: ['limits'] },
   { id: 'pacing/convergence', file: 'pacing.ts', args: ['convergence'] },
   { id: 'pacing/policies', file: 'pacing.ts', args: ['policies'] },
