@@ -8,7 +8,8 @@ import { failureOf } from '../src/hunt/failure.ts';
 import { runHuntTask } from '../src/hunt/hunt-run.ts';
 import { type ReplayFile, readReplayFile, writeReplayFile } from '../src/hunt/replay-file.ts';
 import { replayRun } from '../src/hunt/replay.ts';
-import { actorsOf, roleNames, shrink } from '../src/hunt/shrink.ts';
+import { actorsOf, shrink } from '../src/hunt/shrink.ts';
+import { roleNames } from '../src/scenarios/migration.ts';
 import { UserError } from '../src/util/errors.ts';
 import { VMEMLAB_VERSION } from '../src/version.ts';
 

@@ -53,3 +53,23 @@ describe('Ctrl-C', () => {
     expect(Date.now() - started).toBeLessThan(30_000);
   });
 });
+
+describe('hunt', () => {
+  it('a deterministic run wedged inside a step is ended by the hunt\'s watchdog: its worker terminated, the run reported stuck with the role', async () => {
+    const { hunt } = await import('../src/hunt/hunt.ts');
+    const { scenario } = migrationSetup({ memoryBytes: '2MiB', vcpus: '2', driver: 'deterministic' });
+    const started = Date.now();
+    const { report, lines } = await hunt({
+      scenario, strategies: ['random'], seeds: 2, shard: { index: 1, count: 1 }, all: true, workers: 2, watchdogMs: WATCHDOG_MS, burst: 256,
+      fault: { role: 'vcpu1', afterSteps: 200, kind: 'wedge' },
+    });
+    const runs = lines.filter((l) => l.type === 'run');
+    expect(runs).toHaveLength(2);
+    for (const r of runs) {
+      expect(r.type === 'run' && r.failure).toBe('stuck');
+      expect(r.type === 'run' && r.summary).toMatch(/^wedged: vcpu1 stopped stepping \d+\.\d s ago, inside step \d+; its worker was terminated$/);
+    }
+    expect(report.strategies[0]!.failures).toBe(2);
+    expect(Date.now() - started).toBeLessThan(60_000);
+  });
+});

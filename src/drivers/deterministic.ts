@@ -53,6 +53,11 @@ export class DeterministicDriver {
 
   /** Called after every step with its number and the role that took it (tracers, explanations). */
   onStep: ((stepNo: number, role: number) => void) | null = null;
+  /**
+   * A watchdog's view from another thread: [0] the steps taken, [1] the role stepping now.
+   * A step that never returns leaves [0] still and [1] naming the wedged role.
+   */
+  heartbeat: Int32Array | null = null;
 
   constructor(readonly roles: Role[], private readonly scheduler: Scheduler) {
     if (roles.length > 255) throw new Error('at most 255 roles');
@@ -81,7 +86,10 @@ export class DeterministicDriver {
       const r = this.scheduler.pick(runnable, this.steps);
       if (r < 0) break;
       this.record(r);
+      const hb = this.heartbeat;
+      if (hb !== null) Atomics.store(hb, 1, r);
       const s = this.roles[r]!.step();
+      if (hb !== null) Atomics.store(hb, 0, this.steps);
       this.onStep?.(this.steps - 1, r);
       if (s === Step.PROGRESS) { blocked.fill(0); rechecked = false; }
       else if (s === Step.BLOCKED) blocked[r] = 1;

@@ -1,5 +1,5 @@
 import type { Strategy } from '../drivers/strategy.ts';
-import { type MigrationScenario, runMigration } from '../scenarios/migration.ts';
+import { type MigrationRunOptions, type MigrationScenario, runMigration } from '../scenarios/migration.ts';
 import { type Failure, failureOf, fingerprint } from './failure.ts';
 
 /** One run of a hunt: a scenario with one seed, under a strategy of the deterministic driver or under free-run. */
@@ -11,6 +11,10 @@ export interface HuntTask {
   burst: number;
   /** Deterministic: replay this schedule instead (vmemlab replay, shrinking). */
   replay?: Uint8Array;
+  /** Deterministic: the driver's heartbeat ([0] steps, [1] the role stepping, [2] 1 once the task started), watched by the hunt's thread. */
+  heartbeat?: SharedArrayBuffer;
+  /** Tests only: crash or wedge one role after some steps. */
+  fault?: MigrationRunOptions['fault'];
 }
 
 export interface HuntRun {
@@ -29,11 +33,12 @@ export interface HuntRun {
 
 /** Runs one task (on a pool worker, or in-process). */
 export async function runHuntTask(t: HuntTask): Promise<HuntRun> {
+  if (t.heartbeat) Atomics.store(new Int32Array(t.heartbeat), 2, 1); // started: a queued task is not a wedged one
   const strategy = t.strategy === 'free' ? undefined : t.strategy;
   const free = strategy === undefined;
   const r = await runMigration({ ...t.scenario, seed: t.seed }, {
     driver: free ? 'free' : 'deterministic', strategy, replay: t.replay,
-    watchdogMs: t.watchdogMs, burst: t.burst, resumeOps: 0,
+    watchdogMs: t.watchdogMs, burst: t.burst, resumeOps: 0, heartbeat: t.heartbeat, fault: t.fault,
   });
   const failure = failureOf(r);
   return {

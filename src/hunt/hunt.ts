@@ -1,9 +1,9 @@
 import { appendFileSync, mkdirSync } from 'node:fs';
 import { join } from 'node:path';
 import type { Strategy } from '../drivers/strategy.ts';
-import type { MigrationScenario } from '../scenarios/migration.ts';
+import { type MigrationScenario, roleNames } from '../scenarios/migration.ts';
 import type { FailureKind } from './failure.ts';
-import type { HuntRun } from './hunt-run.ts';
+import type { HuntRun, HuntTask } from './hunt-run.ts';
 import { HuntPool } from './pool.ts';
 import { writeReplayFile } from './replay-file.ts';
 
@@ -33,6 +33,8 @@ export interface HuntOptions {
   outDir?: string;
   watchdogMs: number;
   burst: number;
+  /** Tests only: crash or wedge one role of every run after some steps. */
+  fault?: HuntTask['fault'];
   /** After each run (null: cancelled), with the runs done and planned. */
   onRun?: (r: HuntRun | null, done: number, total: number) => void;
 }
@@ -94,6 +96,36 @@ export function summarize(lines: HuntLine[], strategies: HuntStrategy[], all: bo
   });
 }
 
+/**
+ * The watchdog of one deterministic run on a pool worker: the driver publishes its steps
+ * and the role stepping (DeterministicDriver.heartbeat); a run whose steps stop for
+ * `watchdogMs` once it started is wedged inside that role's step, and its task is aborted
+ * (piscina terminates the worker and starts another).
+ */
+function watchWedged(s: MigrationScenario, watchdogMs: number, abort: AbortController): { heartbeat: SharedArrayBuffer; stop(): { summary: string; steps: number; seconds: number } | null } {
+  const heartbeat = new SharedArrayBuffer(12);
+  const hb = new Int32Array(heartbeat);
+  let last = -1;
+  let since = 0;
+  let startedAt = 0;
+  let wedged: { summary: string; steps: number; seconds: number } | null = null;
+  const timer = setInterval(() => {
+    if (Atomics.load(hb, 2) === 0) return; // still queued
+    const now = Date.now();
+    if (startedAt === 0) startedAt = now;
+    const steps = Atomics.load(hb, 0);
+    if (steps !== last) { last = steps; since = now; return; }
+    // Before its first step a run builds its VM: give it the startup time free-run gives a worker.
+    if (now - since < (steps === 0 ? Math.max(watchdogMs, 30_000) : watchdogMs)) return;
+    const role = roleNames(s)[Atomics.load(hb, 1)] ?? `role ${Atomics.load(hb, 1)}`;
+    wedged = { summary: `wedged: ${role} stopped stepping ${((now - since) / 1000).toFixed(1)} s ago, inside step ${steps + 1}; its worker was terminated`, steps, seconds: (now - startedAt) / 1000 };
+    clearInterval(timer);
+    abort.abort();
+  }, Math.min(250, Math.max(20, watchdogMs / 4)));
+  timer.unref();
+  return { heartbeat, stop: () => { clearInterval(timer); return wedged; } };
+}
+
 export function shardName(shard: Shard): string {
   return `${shard.index}-of-${shard.count}`;
 }
@@ -127,13 +159,19 @@ export async function hunt(o: HuntOptions): Promise<{ report: HuntReport; lines:
         const abort = new AbortController();
         aborts.set(seed, abort);
         let r: HuntRun;
+        const watch = strategy === 'free' ? null : watchWedged(o.scenario, o.watchdogMs, abort);
         try {
-          r = await pool.run({ scenario: o.scenario, strategy, seed, watchdogMs: o.watchdogMs, burst: o.burst }, abort.signal);
+          r = await pool.run({ scenario: o.scenario, strategy, seed, watchdogMs: o.watchdogMs, burst: o.burst, heartbeat: watch?.heartbeat, fault: o.fault }, abort.signal);
         } catch (e) {
-          if (!abort.signal.aborted) throw e;
-          o.onRun?.(null, ++done, total); // cancelled: it counts as done for the progress bar
-          return;
+          const wedged = watch?.stop();
+          if (wedged) r = { seed, strategy, failure: { kind: 'stuck', summary: wedged.summary }, steps: wedged.steps, seconds: wedged.seconds, fingerprint: '', schedule: null, acted: null };
+          else {
+            if (!abort.signal.aborted) throw e;
+            o.onRun?.(null, ++done, total); // cancelled: it counts as done for the progress bar
+            return;
+          }
         }
+        watch?.stop();
         done++;
         let replay: string | null = null;
         if (r.failure !== null) {

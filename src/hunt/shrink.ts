@@ -1,7 +1,7 @@
 import { CATALOG } from '../bugs/catalog.ts';
 import type { Strategy } from '../drivers/strategy.ts';
 import { PAGE_SIZE } from '../host/constants.ts';
-import { type MigrationRunResult, type MigrationScenario, runMigration } from '../scenarios/migration.ts';
+import { type MigrationRunResult, type MigrationScenario, roleNames, runMigration } from '../scenarios/migration.ts';
 import { UserError } from '../util/errors.ts';
 import { LIMITS } from '../util/limits.ts';
 import { VMEMLAB_VERSION } from '../version.ts';
@@ -80,14 +80,6 @@ interface Candidate {
 }
 
 /** The roles of a migration run, in runMigration's order (the schedule's role indices). */
-export function roleNames(s: MigrationScenario): string[] {
-  const devices = s.devices?.devices.length ?? 0;
-  return [
-    ...Array.from({ length: s.vcpus }, (_, i) => `vcpu${i}`), ...(s.hostWriteEvery > 0 ? ['host-writer'] : []),
-    ...Array.from({ length: devices }, (_, i) => `device${i}`), ...(devices > 0 ? ['iommu-service'] : []), 'migration', 'destination',
-  ];
-}
-
 export function actorsOf(s: MigrationScenario): number {
   return roleNames(s).length;
 }

@@ -66,8 +66,10 @@ export interface MigrationRunOptions {
    * it until each vCPU retired this many operations, then stops it. Unset: it stays paused.
    */
   resumeOps?: number;
-  /** Tests only: crash or wedge one role's thread after some steps (free-run). */
+  /** Tests only: crash or wedge one role after some steps. */
   fault?: RunRolesOptions['fault'];
+  /** Deterministic: the driver's heartbeat, for a watchdog on another thread (hunt's). */
+  heartbeat?: SharedArrayBuffer;
 }
 
 export interface MigrationRunResult {
@@ -102,6 +104,15 @@ export function migrationVmConfig(s: MigrationScenario): VmConfig {
   const config: VmConfig = { slots, vcpus: s.vcpus, tracking, pageHistory: s.pageHistory !== false };
   const iommu = iommuConfigFor(devices, slots);
   return iommu ? { ...config, iommu } : config;
+}
+
+/** The roles of a migration, in the order runMigration starts them (a schedule names them by this index). */
+export function roleNames(s: MigrationScenario): string[] {
+  const devices = s.devices?.devices.length ?? 0;
+  return [
+    ...Array.from({ length: s.vcpus }, (_, i) => `vcpu${i}`), ...(s.hostWriteEvery > 0 ? ['host-writer'] : []),
+    ...Array.from({ length: devices }, (_, i) => `device${i}`), ...(devices > 0 ? ['iommu-service'] : []), 'migration', 'destination',
+  ];
 }
 
 /** Migrates a running, writing VM to an in-process destination and compares memory. */
@@ -150,7 +161,7 @@ export async function runMigration(s: MigrationScenario, o: MigrationRunOptions)
   const run = await runRoles({
     driver: o.driver, specs, primary: 'migration', vm, layoutOf: (spec) => (spec.kind === 'destination' ? target : source),
     bugs: s.bugs, seed: s.seed, onEvent: (e) => onEvent(e as MigrationEvent | IommuServiceEvent), watchdogMs: o.watchdogMs, burst: o.burst,
-    onTick: o.onTick, onDriver: (d) => { driver = d; }, strategy: o.strategy, fault: o.fault, replay: o.replay, replayThenStrategy: o.replayThenStrategy,
+    onTick: o.onTick, onDriver: (d) => { driver = d; }, strategy: o.strategy, fault: o.fault, heartbeat: o.heartbeat, replay: o.replay, replayThenStrategy: o.replayThenStrategy,
     onStep: o.onStep ? (n, role) => o.onStep!(n, role, vm) : undefined,
   });
   if (run.status !== 'done') result.status = run.status;

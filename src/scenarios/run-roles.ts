@@ -33,6 +33,8 @@ export interface RunRolesOptions {
   onStep?: (stepNo: number, role: string) => void;
   /** Tests only: crash or wedge one role's thread after some steps (free-run). */
   fault?: { role: string } & InjectedFault;
+  /** Deterministic: the driver's heartbeat for a watchdog on another thread (DeterministicDriver.heartbeat). */
+  heartbeat?: SharedArrayBuffer;
   /** Free-run: aborting it ends the run at once (Ctrl-C), as stuck, with the reason. */
   cancel?: AbortSignal;
   /** Deterministic: receives the driver before it runs (step clocks read its step count). */
@@ -47,6 +49,20 @@ export interface RunRolesOutcome {
   schedule?: Uint8Array;
 }
 
+/** Tests only: the role, with a crash or a step that never returns after some steps (the deterministic driver's side of InjectedFault). */
+function faulty(role: Role, fault: InjectedFault): Role {
+  let steps = 0;
+  const step = role.step.bind(role);
+  role.step = () => {
+    if (steps++ === fault.afterSteps) {
+      if (fault.kind === 'crash') throw new Error(`injected crash in ${role.name} after ${fault.afterSteps} steps`);
+      for (;;) { /* an injected wedge: a step that never returns */ }
+    }
+    return step();
+  };
+  return role;
+}
+
 /** Runs a set of roles under either driver until the primary role finishes. */
 export async function runRoles(o: RunRolesOptions): Promise<RunRolesOutcome> {
   if (o.driver === 'deterministic') {
@@ -54,10 +70,14 @@ export async function runRoles(o: RunRolesOptions): Promise<RunRolesOutcome> {
     let driver: DeterministicDriver | null = null;
     const clockSteps = (): number => driver?.stepCount ?? 0;
     const specs = o.specs.map((s) => (s.kind === 'vcpu' || s.kind === 'dirty-log-collector' ? { ...s, clockSteps } : s));
-    const roles: Role[] = specs.map((s) => buildRole(s, o.vm, o.onEvent as (e: never) => void));
+    const roles: Role[] = specs.map((s) => {
+      const role = buildRole(s, o.vm, o.onEvent as (e: never) => void);
+      return o.fault?.role === roleName(s) ? faulty(role, o.fault) : role;
+    });
     const primary = roles[o.specs.findIndex((s) => s.kind === o.primary)] as GeneratorRole;
     const scheduler = schedulerFor(o.strategy ?? 'random', o.seed, roles.length, o.replay, o.replayThenStrategy);
     driver = new DeterministicDriver(roles, scheduler);
+    if (o.heartbeat) driver.heartbeat = new Int32Array(o.heartbeat);
     if (o.onStep) {
       const onStep = o.onStep;
       driver.onStep = (n, r) => onStep(n, roles[r]!.name);
