@@ -112,7 +112,7 @@ describe('a destination that resumes the sweep', () => {
   it('continues at the page where the source stopped, incrementing the migrated bytes', () => {
     const { mem } = memoryWith([6, 6, 6, 5, 5, 5, 5]);
     const w = resumeWorkload(SWEEP, mem, 0, 1, 1);
-    const op: GuestOp = { kind: OpKind.WRITE64, gfn: 0, value: 0 };
+    const op: GuestOp = { kind: OpKind.WRITE64, gfn: 0, value: 0, offset: 0 };
     const seen: [number, number][] = [];
     for (let i = 0; i < 9; i++) { w.next(op, { iteration: 1 }); seen.push([op.kind, op.gfn]); }
     expect(seen).toEqual([3, 4, 5, 6, 0, 1, 2, 3, 4].map((p) => [OpKind.INC8, 0x100 + p]));
@@ -197,5 +197,41 @@ describe('migration of migration-test\'s guest', () => {
       expect(caught, bug).toBeGreaterThanOrEqual(Math.ceil(lostRuns * 0.75));
       expect(caught, bug).toBeGreaterThanOrEqual(4);
     }
+  });
+});
+
+describe('the scatter workload: writes anywhere in a page', () => {
+  it('migrates clean, and its pages differ from zero past their first 16 bytes', async () => {
+    const { runMigration } = await import('../src/scenarios/migration.ts');
+    const { migrationSetup } = await import('../src/scenarios/settings.ts');
+    const { GuestMemory } = await import('../src/host/guest-memory.ts');
+    let source: InstanceType<typeof GuestMemory> | null = null;
+    const { scenario } = migrationSetup({ memoryBytes: '2MiB', vcpus: '2', workload: 'scatter', driver: 'deterministic' });
+    const r = await runMigration(scenario, { driver: 'deterministic', watchdogMs: 10_000, burst: 256, resumeOps: 0, prepare: (vm) => { source = vm.memory; } });
+    expect(r.status, `${r.reason ?? ''} ${r.errors.join('; ')}`).toBe('passed');
+    let beyond = 0;
+    for (const s of source!.slots) {
+      for (let p = 0; p < s.pages; p++) {
+        const b = s.bytes(p);
+        const at = s.byteOffset(p);
+        for (let i = 16; i < 4096; i++) if (b[at + i] !== 0) { beyond++; break; }
+      }
+    }
+    expect(beyond, 'pages written past byte 16').toBeGreaterThan(100);
+  });
+
+  it('the stamp oracle compares whole pages: a byte that differs at offset 2000 is a lost write', async () => {
+    const { compareMemory } = await import('../src/oracles/stamp-oracle.ts');
+    const { createVmLayout } = await import('../src/host/layout.ts');
+    const { GuestMemory } = await import('../src/host/guest-memory.ts');
+    const config = { slots: [{ id: 1, asId: 0, baseGfn: 0x100, pages: 4, flags: 0 }], vcpus: 1, tracking: { kind: 'bitmap' as const, manualProtect: false, initiallySet: false } };
+    const a = new GuestMemory(createVmLayout(config));
+    const b = new GuestMemory(createVmLayout(config));
+    expect(compareMemory(a, b).count).toBe(0);
+    const s = a.slots[0]!;
+    s.bytes(2)[s.byteOffset(2) + 2000] = 7;
+    const cmp = compareMemory(a, b);
+    expect(cmp.count).toBe(1);
+    expect(cmp.mismatches[0]!.gfn).toBe(0x102);
   });
 });

@@ -11,6 +11,7 @@ import { DESTINATION_DEFAULTS, type DestinationFlags } from './destination-comma
 import { HUNT_DEFAULTS, type HuntFlags } from './hunt-command.ts';
 import { dirtyLogTestCommand } from './dirty-log-test-command.ts';
 import { addScenarioOptions, givenLayer, onlyFor } from './scenario-options.ts';
+import { WORKLOAD_NAMES } from '../guest/workload.ts';
 
 const collect = (value: string, previous: string[] | undefined): string[] => [...(previous ?? []), value];
 
@@ -76,7 +77,7 @@ export function buildProgram(setExit: (code: number) => void): Command {
     .option('--idle-timeout <seconds>', 'drop a connection that sends nothing for this long (before its stream began: the next connection is served; during it: the migration fails)', '30')
     .option('--resume', 'after completion, resume the guest on its own vCPUs from the migrated memory, stop it and check it (the guest options below must match the source\'s, as QEMU\'s destination must be started with the source\'s machine options)')
     .option('--vcpus <n>', `--resume: the guest's vCPUs (default: ${D.vcpus})`)
-    .option('--workload <name>', `--resume: the guest's workload: random, sweep, hotset, perf (default: ${D.workload})`)
+    .option('--workload <name>', `--resume: the guest's workload: ${WORKLOAD_NAMES.join(', ')} (default: ${D.workload})`)
     .option('--hot-fraction <f>', `--resume: hotset: fraction of pages that are hot (default: ${D.hotFraction})`)
     .option('--hot-share <f>', `--resume: hotset: share of writes to hot pages (default: ${D.hotShare})`)
     .option('--write-percent <p>', `--resume: perf: percentage of operations that write (default: ${D.writePercent})`)

@@ -22,7 +22,7 @@ export function resumeWorkload(
   const w = createWorkload(o, ranges, vcpu, vcpus, seed);
   // The slice as createWorkload cuts it; its pages' gfns in order come from the workload itself.
   const { count } = sweepSlices(ranges.reduce((n, r) => n + r.pages, 0), vcpus)[vcpu]!;
-  const op: GuestOp = { kind: OpKind.STORE8, gfn: 0, value: 0 };
+  const op: GuestOp = { kind: OpKind.STORE8, gfn: 0, value: 0, offset: 0 };
   const ctx: GuestContext = { iteration: 0 };
   const gfns = new Float64Array(count);
   for (let i = 0; i < count; i++) { w.next(op, ctx); gfns[i] = op.gfn; } // the zeroing pass: one op per page

@@ -8,7 +8,7 @@ export interface GuestRange {
   pages: number;
 }
 
-export const WORKLOAD_NAMES = ['random', 'sweep', 'hotset', 'perf'] as const;
+export const WORKLOAD_NAMES = ['random', 'sweep', 'hotset', 'perf', 'scatter'] as const;
 export type WorkloadName = (typeof WORKLOAD_NAMES)[number];
 
 export interface WorkloadOptions {
@@ -85,6 +85,7 @@ export class SweepWorkload implements Workload {
     op.gfn = this.space.gfn(this.first + this.i);
     op.kind = this.zeroed ? OpKind.INC8 : OpKind.STORE8;
     op.value = 0;
+    op.offset = 0;
     if (++this.i === this.count) { this.i = 0; this.zeroed = true; }
   }
 }
@@ -126,6 +127,21 @@ export class PerfWorkload implements Workload {
   }
 }
 
+/**
+ * Writes that land anywhere in a page: a random page, a byte at a random offset past the
+ * stamp (16..4095) holding the iteration's low byte (never 0). So pages differ from their
+ * copies beyond their first 16 bytes, and every oracle's whole-page comparison is at work.
+ */
+export class ScatterWorkload implements Workload {
+  constructor(private readonly space: PageSpace, private readonly prng: Prng) {}
+  next(op: GuestOp, ctx: GuestContext): void {
+    op.kind = OpKind.STORE8;
+    op.gfn = this.space.gfn(this.prng.below(this.space.pages));
+    op.offset = 16 + this.prng.below(4096 - 16);
+    op.value = (ctx.iteration & 0xff) || 1;
+  }
+}
+
 export function createWorkload(o: WorkloadOptions, ranges: GuestRange[], vcpu: number, vcpus: number, seed: number): Workload {
   const space = new PageSpace(ranges);
   const prng = new Prng(Prng.derive(seed, vcpu));
@@ -137,5 +153,6 @@ export function createWorkload(o: WorkloadOptions, ranges: GuestRange[], vcpu: n
     case 'sweep': return new SweepWorkload(space, first, Math.max(1, count));
     case 'hotset': return new HotsetWorkload(space, prng, o);
     case 'perf': return new PerfWorkload(space, prng, first, Math.max(1, count), o);
+    case 'scatter': return new ScatterWorkload(space, prng);
   }
 }

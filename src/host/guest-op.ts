@@ -7,9 +7,9 @@
 export const enum OpKind {
   /** Store a 64-bit value into the page's first 8 bytes. */
   WRITE64 = 1,
-  /** Store one byte (`value`) at byte 0. */
+  /** Store one byte (`value`) at byte `offset`. */
   STORE8 = 2,
-  /** Increment byte 0 (migration-test's sweep). */
+  /** Increment byte `offset` (migration-test's sweep: byte 0). */
   INC8 = 3,
   /** Read the page (no dirty logging involved). */
   READ = 4,
@@ -20,6 +20,8 @@ export interface GuestOp {
   kind: OpKind;
   gfn: number;
   value: number;
+  /** STORE8 and INC8: the byte within the page (bytes 8-15 hold the stamp; 0 for byte 0). */
+  offset: number;
 }
 
 /** What a guest can see: the dirty_log_test `iteration` global. */

@@ -123,7 +123,7 @@ export function runTlbHits(v: VcpuFastState, limit: number): number {
         w[i + 3] = ++seq;
       } else {
         const bytes = s.bytes(p);
-        const at = s.byteOffset(p);
+        const at = s.byteOffset(p) + op.offset;
         bytes[at] = kind === K.INC8 ? (bytes[at]! + 1) & 0xff : op.value;
         s.stamp(p, writer, ++seq, iteration);
       }

@@ -59,7 +59,7 @@ export class Vcpu implements Role, VcpuFastState {
 
   phase: Phase = Phase.TRANSLATE;
   opPending = false;
-  readonly op: GuestOp = { kind: OpKind.WRITE64, gfn: 0, value: 0 };
+  readonly op: GuestOp = { kind: OpKind.WRITE64, gfn: 0, value: 0, offset: 0 };
   opIteration = 0;
   slot: Memslot | undefined;
   page = 0;
@@ -369,7 +369,7 @@ export class Vcpu implements Role, VcpuFastState {
       slot.writeU64Stamped(page, op.value, this.index + 1, ++this.seq, this.opIteration);
     } else {
       const bytes = slot.bytes(page);
-      const at = slot.byteOffset(page);
+      const at = slot.byteOffset(page) + op.offset;
       bytes[at] = op.kind === OpKind.INC8 ? (bytes[at]! + 1) & 0xff : op.value;
       slot.stamp(page, this.index + 1, ++this.seq, this.opIteration);
     }
