@@ -109,6 +109,8 @@ describe('files and flags', () => {
     ['the same --inject twice', () => ['migrate', '--inject', 'skip-tlb-shootdown', '--inject', 'skip-tlb-shootdown'], /--inject: 'skip-tlb-shootdown' is given twice/],
     ['an impossible listen address', () => ['destination', '--listen', '127.999.0.1:4444'], /--listen: '127\.999\.0\.1' is not an IP address or host name/],
     ['an impossible target', () => ['migrate', '--to', 'tcp:256.1.1.1:80'], /--to: '256\.1\.1\.1' is not an IP address or host name/],
+    ['a memory too small for the slots of an injected bug\'s demonstration (found by bench/fuzz.ts)', () => ['run', write('demo-slots.yaml', 'kind: migrate\nvm: {memory: 4KiB}\ndriver: deterministic\ninject: [copy-before-clear]\n')],
+      /demo-slots\.yaml: vm\.memory: 4KiB \(1 pages\) is too small for the 2 slots of the demonstration settings of .*demo-slots\.yaml: inject copy-before-clear$/m],
     ['a litmus write-pages beyond the VM', () => ['litmus', write('wp.yaml', 'name: x\nvm: {memory: 1MiB}\ntracking: {mode: dirty-ring}\nactors:\n  vcpu0: [write-pages 0x100 100000000 1]\n  host: []\ninterleaving: [vcpu0]\n')], /COUNT 100000000 is more pages than the VM has \(256\)/],
     ['a litmus forged entry past u32', () => ['litmus', write('fe.yaml', 'name: x\nvm: {memory: 1MiB}\ntracking: {mode: dirty-ring}\nactors:\n  vcpu0: []\n  host: [forge-entry vcpu0 99999999999 1 1]\ninterleaving: [host]\n')], /INDEX 99999999999 is not a u32 ring index/],
     ['a litmus slot of 2^31 pages', () => ['litmus', write('big-slot.yaml', 'name: x\nvm:\n  slots: [{id: 1, base_gfn: 0, pages: 2147483648}]\ntracking: {mode: dirty-ring}\nactors:\n  vcpu0: []\n  host: [enable-logging]\ninterleaving: [host]\n')], /2147483648 pages in all is more than 64 GiB/],

@@ -96,7 +96,11 @@ function bugsAndMode(r: Resolved, command: ScenarioKind): { bugs: CatalogEntry[]
 
 function slotsFit(r: Resolved): void {
   const pages = r.s.memoryBytes / PAGE_SIZE;
-  if (pages < r.s.slots) throw new UserError(`${r.where('slots')}: ${r.s.slots} slots do not fit in ${formatSize(r.s.memoryBytes)} (${pages} pages)`);
+  if (pages >= r.s.slots) return;
+  if (r.given('slots') || !r.given('memoryBytes')) throw new UserError(`${r.where('slots')}: ${r.s.slots} slots do not fit in ${formatSize(r.s.memoryBytes)} (${pages} pages)`);
+  // The slot count came from a bug's demonstration settings: the memory the user gave is what is wrong.
+  const from = r.s.inject.length ? `the demonstration settings of ${r.where('inject')} ${r.s.inject.join(', ')}` : 'the default';
+  throw new UserError(`${r.where('memoryBytes')}: ${formatSize(r.s.memoryBytes)} (${pages} pages) is too small for the ${r.s.slots} slots of ${from}`);
 }
 
 export interface DirtyLogTestSetup { config: DirtyLogTestConfig; driver: Driver; watchdogMs: number; burst: number }
