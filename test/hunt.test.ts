@@ -66,6 +66,16 @@ describe('vmemlab hunt', () => {
     for (const r of report.strategies) expect(r, r.strategy).toMatchObject({ runs: 2, failures: 0, firstDetection: null });
   });
 
+  it('a worker\'s memory stays bounded over many runs: earlier runs\' guest memory is released, and the report says how much was held', async () => {
+    // 32 runs of a 16 MiB guest: each allocates ~34 MiB of SharedArrayBuffers (source and
+    // destination). Without the collection between runs a worker piled them up (1 GB by run 24).
+    const scenario = migrationSetup({ vcpus: '2', memoryBytes: '16MiB', workload: 'hotset', driver: 'deterministic' }).scenario;
+    const { report } = await hunt({ ...BASE, scenario, strategies: ['random'], seeds: 32, all: true, workers: 1 });
+    expect(report.strategies[0]).toMatchObject({ runs: 32, failures: 0 });
+    expect(report.memory!.workers).toBe(1);
+    expect(report.memory!.heldBytes).toBeLessThan(256 << 20);
+  });
+
   it('sharded runs merged give the same totals as one run', async () => {
     const scenario = demo('harvest-skips-entry');
     const strategies = ['random', 'pct'] as const;

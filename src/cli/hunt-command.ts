@@ -57,6 +57,14 @@ function strategyLines(r: StrategyReport, all: boolean): string[] {
   return lines;
 }
 
+export function describeMemory(m: NonNullable<HuntReport['memory']>): string {
+  return `memory: at most ${formatMiB(m.peakRssBytes)} resident (this process and its ${m.workers} worker(s)); a worker held at most ${formatMiB(m.heldBytes)} of buffers between runs`;
+}
+
+function formatMiB(bytes: number): string {
+  return `${(bytes / 2 ** 20).toFixed(bytes < 2 ** 20 ? 2 : 0)} MiB`;
+}
+
 export function describeHunt(report: HuntReport): string[] {
   const lines = report.strategies.flatMap((r) => strategyLines(r, report.all));
   if (!report.all && report.strategies.some((r) => r.failures > 0)) lines.push('(each strategy stopped at its first failure; --all runs every seed and gives detection rates)');
@@ -112,6 +120,7 @@ export async function huntCommand(settings: Resolved, h: HuntFlags, file: string
       for (const line of x.lines) console.log(`  ${line}`);
     }
     console.log(`${failed ? 'FOUND' : 'CLEAN'}: ${report.strategies.reduce((n, r) => n + r.runs, 0)} runs in ${seconds.toFixed(1)} s${h.out ? `; run records in ${h.out}/` : ''}`);
+    if (report.memory) console.log(describeMemory(report.memory));
   }
   return failed ? 1 : 0;
 }

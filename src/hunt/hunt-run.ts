@@ -29,6 +29,8 @@ export interface HuntRun {
   schedule: Uint8Array | null;
   /** Whether an injected bug acted in the run (null: none injected). */
   acted: boolean | null;
+  /** Pool runs: the bytes of ArrayBuffers and SharedArrayBuffers its worker still held from earlier runs when this one began (after a collection). */
+  heldBytes?: number;
 }
 
 /** Runs one task (on a pool worker, or in-process). */

@@ -66,6 +66,8 @@ export interface HuntReport {
   all: boolean;
   strategies: StrategyReport[];
   replayFiles: string[];
+  /** One hunt (not merged shards): the process's peak resident memory seen after each run, and the most any worker held between runs. */
+  memory?: { peakRssBytes: number; heldBytes: number; workers: number };
 }
 
 /**
@@ -151,6 +153,7 @@ export async function hunt(o: HuntOptions): Promise<{ report: HuntReport; lines:
   const pool = o.pool ?? new HuntPool(o.workers);
   const total = seeds.length * o.strategies.length;
   let done = 0;
+  const memory = { peakRssBytes: process.memoryUsage.rss(), heldBytes: 0, workers: o.workers };
   try {
     for (const strategy of o.strategies) {
       let firstFailing = Infinity;
@@ -173,6 +176,8 @@ export async function hunt(o: HuntOptions): Promise<{ report: HuntReport; lines:
         }
         watch?.stop();
         done++;
+        memory.peakRssBytes = Math.max(memory.peakRssBytes, process.memoryUsage.rss());
+        memory.heldBytes = Math.max(memory.heldBytes, r.heldBytes ?? 0);
         let replay: string | null = null;
         if (r.failure !== null) {
           if (!o.all && seed < firstFailing) {
@@ -196,6 +201,6 @@ export async function hunt(o: HuntOptions): Promise<{ report: HuntReport; lines:
   } finally {
     if (!o.pool) await pool.close();
   }
-  const report: HuntReport = { seeds: o.seeds, shards: [o.shard], all: o.all, strategies: summarize(lines, o.strategies, o.all), replayFiles: replayFiles.sort() };
+  const report: HuntReport = { seeds: o.seeds, shards: [o.shard], all: o.all, strategies: summarize(lines, o.strategies, o.all), replayFiles: replayFiles.sort(), memory };
   return { report, lines };
 }
