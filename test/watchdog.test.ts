@@ -1,3 +1,6 @@
+import { mkdtempSync, readdirSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { DEFAULT_WORKLOAD } from '../src/guest/workload.ts';
 import { runMigration } from '../src/scenarios/migration.ts';
@@ -38,6 +41,18 @@ describe('the watchdog names a wedged actor (free-run)', () => {
   }
 });
 
+describe('a fault of the VMM thread\'s own', () => {
+  it('an exception while it handles a worker\'s event ends the run and is thrown (an internal error), not lost in the worker', async () => {
+    const { scenario } = migrationSetup({ memoryBytes: '4MiB', vcpus: '2' });
+    const started = Date.now();
+    await expect(runMigration(scenario, {
+      driver: 'free', watchdogMs: 10_000, burst: 256, resumeOps: 0,
+      onEvent: (e) => { if (e.kind === 'pass') throw new Error('a broken event handler'); },
+    })).rejects.toThrow('a broken event handler');
+    expect(Date.now() - started).toBeLessThan(30_000);
+  });
+});
+
 describe('Ctrl-C', () => {
   it('after the migration completed, stops the resumed guest at once: the run ends stuck, saying so', async () => {
     const { scenario } = migrationSetup({ memoryBytes: '4MiB', vcpus: '2' });
@@ -55,14 +70,29 @@ describe('Ctrl-C', () => {
 });
 
 describe('hunt', () => {
+  it('a deterministic run tells its watcher when stepping is over, so the memory comparison after it is never taken for a wedge', async () => {
+    const { runHuntTask } = await import('../src/hunt/hunt-run.ts');
+    const { scenario } = migrationSetup({ memoryBytes: '2MiB', vcpus: '2', driver: 'deterministic' });
+    const heartbeat = new SharedArrayBuffer(12);
+    const r = await runHuntTask({ scenario, strategy: 'random', seed: 1, watchdogMs: WATCHDOG_MS, burst: 256, heartbeat });
+    expect(r.failure).toBeNull();
+    const hb = new Int32Array(heartbeat);
+    expect(Atomics.load(hb, 2)).toBe(2); // 0 queued, 1 stepping, 2 stepping over
+    expect(Atomics.load(hb, 0)).toBe(r.steps);
+  });
+
   it('a deterministic run wedged inside a step is ended by the hunt\'s watchdog: its worker terminated, the run reported stuck with the role', async () => {
     const { hunt } = await import('../src/hunt/hunt.ts');
+    const outDir = mkdtempSync(join(tmpdir(), 'vmemlab-wedged-hunt-'));
     const { scenario } = migrationSetup({ memoryBytes: '2MiB', vcpus: '2', driver: 'deterministic' });
     const started = Date.now();
     const { report, lines } = await hunt({
       scenario, strategies: ['random'], seeds: 2, shard: { index: 1, count: 1 }, all: true, workers: 2, watchdogMs: WATCHDOG_MS, burst: 256,
-      fault: { role: 'vcpu1', afterSteps: 200, kind: 'wedge' },
+      fault: { role: 'vcpu1', afterSteps: 200, kind: 'wedge' }, outDir,
     });
+    // Its worker was terminated before it handed back a schedule: no replay file claims to replay it (hunt --shrink would refuse it).
+    expect(report.replayFiles).toEqual([]);
+    expect(readdirSync(outDir).filter((f) => f.endsWith('.vmreplay'))).toEqual([]);
     const runs = lines.filter((l) => l.type === 'run');
     expect(runs).toHaveLength(2);
     for (const r of runs) {

@@ -11,7 +11,7 @@ export interface HuntTask {
   burst: number;
   /** Deterministic: replay this schedule instead (vmemlab replay, shrinking). */
   replay?: Uint8Array;
-  /** Deterministic: the driver's heartbeat ([0] steps, [1] the role stepping, [2] 1 once the task started), watched by the hunt's thread. */
+  /** Deterministic: the driver's heartbeat ([0] steps, [1] the role stepping, [2] 1 once the task started, 2 once the driver stopped stepping), watched by the hunt's thread. */
   heartbeat?: SharedArrayBuffer;
   /** Tests only: crash or wedge one role after some steps. */
   fault?: MigrationRunOptions['fault'];

@@ -112,7 +112,9 @@ function watchWedged(s: MigrationScenario, watchdogMs: number, abort: AbortContr
   let startedAt = 0;
   let wedged: { summary: string; steps: number; seconds: number } | null = null;
   const timer = setInterval(() => {
-    if (Atomics.load(hb, 2) === 0) return; // still queued
+    const phase = Atomics.load(hb, 2);
+    if (phase === 0) return; // still queued
+    if (phase === 2) { clearInterval(timer); return; } // stepping is over: the rest of the run takes no steps
     const now = Date.now();
     if (startedAt === 0) startedAt = now;
     const steps = Atomics.load(hb, 0);
@@ -158,7 +160,7 @@ export async function hunt(o: HuntOptions): Promise<{ report: HuntReport; lines:
     for (const strategy of o.strategies) {
       let firstFailing = Infinity;
       const aborts = new Map<number, AbortController>();
-      const tasks = seeds.map(async (seed) => {
+      const runSeed = async (seed: number): Promise<void> => {
         const abort = new AbortController();
         aborts.set(seed, abort);
         let r: HuntRun;
@@ -175,6 +177,7 @@ export async function hunt(o: HuntOptions): Promise<{ report: HuntReport; lines:
           }
         }
         watch?.stop();
+        aborts.delete(seed);
         done++;
         memory.peakRssBytes = Math.max(memory.peakRssBytes, process.memoryUsage.rss());
         memory.heldBytes = Math.max(memory.heldBytes, r.heldBytes ?? 0);
@@ -184,7 +187,8 @@ export async function hunt(o: HuntOptions): Promise<{ report: HuntReport; lines:
             firstFailing = seed;
             for (const [s, a] of aborts) if (s > seed) a.abort();
           }
-          if (o.outDir) {
+          // A wedged deterministic run was terminated before it could hand back its schedule: nothing to replay.
+          if (o.outDir && (strategy === 'free' || r.schedule !== null)) {
             replay = join(o.outDir, `replay-${strategy}-seed${seed}.vmreplay`);
             writeReplayFile(replay, {
               command: 'migrate', scenario: { ...o.scenario, seed }, driver: strategy === 'free' ? 'free' : 'deterministic', strategy, seed,
@@ -195,8 +199,18 @@ export async function hunt(o: HuntOptions): Promise<{ report: HuntReport; lines:
         }
         emit({ type: 'run', strategy, seed, failure: r.failure?.kind ?? null, summary: r.failure?.summary ?? null, steps: r.steps, seconds: r.seconds, replay, acted: r.acted });
         o.onRun?.(r, done, total);
-      });
-      await Promise.all(tasks);
+      };
+      // As many runs in flight as the pool has workers (a million seeds are not a million
+      // queued tasks and watchdogs); a seed past the first failure is not started.
+      let next = 0;
+      const lane = async (): Promise<void> => {
+        while (next < seeds.length) {
+          const seed = seeds[next++]!;
+          if (!o.all && seed > firstFailing) { o.onRun?.(null, ++done, total); continue; }
+          await runSeed(seed);
+        }
+      };
+      await Promise.all(Array.from({ length: Math.min(pool.workers, seeds.length) }, lane));
     }
   } finally {
     if (!o.pool) await pool.close();

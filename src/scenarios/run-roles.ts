@@ -31,7 +31,7 @@ export interface RunRolesOptions {
   replayThenStrategy?: boolean;
   /** Deterministic: called after every step with its number and the role's name. */
   onStep?: (stepNo: number, role: string) => void;
-  /** Tests only: crash or wedge one role's thread after some steps (free-run). */
+  /** Tests only: crash or wedge one role after some steps (under the deterministic driver outside hunt, a wedge hangs the thread: nothing watches it). */
   fault?: { role: string } & InjectedFault;
   /** Deterministic: the driver's heartbeat for a watchdog on another thread (DeterministicDriver.heartbeat). */
   heartbeat?: SharedArrayBuffer;
@@ -90,6 +90,9 @@ export async function runRoles(o: RunRolesOptions): Promise<RunRolesOutcome> {
       if (!(e instanceof DeadlockError)) throw e;
       out.status = 'stuck';
       out.errors.push(e.message);
+    } finally {
+      // Stepping is over; what follows (the memory comparison) takes no steps and is not a wedge.
+      if (o.heartbeat) Atomics.store(new Int32Array(o.heartbeat), 2, 2);
     }
     out.steps = driver.stepCount;
     out.schedule = driver.recorded;
