@@ -111,6 +111,10 @@ describe('migration over TCP on loopback', () => {
     const second = new Socket();
     const reply = new Promise<string>((resolve) => { let got = ''; second.on('data', (c) => { got += c.toString('latin1'); }); second.on('close', () => resolve(got)); });
     second.connect(dest.address.port, '127.0.0.1', () => second.write(Buffer.alloc(16)));
+    // One that resets its connection at once: no failure of the destination's (no uncaught error).
+    const rude = new Socket();
+    rude.on('error', () => {});
+    rude.connect(dest.address.port, '127.0.0.1', () => { rude.write(Buffer.alloc(16)); rude.resetAndDestroy(); });
     const r = await migration;
     expect(r.status, `${r.reason ?? ''} ${r.errors.join('; ')}`).toBe('passed');
     expect((await dest.result).status).toBe('completed');

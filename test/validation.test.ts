@@ -108,6 +108,7 @@ describe('files and flags', () => {
     ['--memory beyond the limit', () => ['migrate', '--memory', '128GiB'], /--memory: '128GiB' is more than 64GiB of guest memory/],
     ['the same --inject twice', () => ['migrate', '--inject', 'skip-tlb-shootdown', '--inject', 'skip-tlb-shootdown'], /--inject: 'skip-tlb-shootdown' is given twice/],
     ['an impossible listen address', () => ['destination', '--listen', '127.999.0.1:4444'], /--listen: '127\.999\.0\.1' is not an IP address or host name/],
+    ['--idle-timeout past its limit', () => ['destination', '--listen', '127.0.0.1:0', '--idle-timeout', '9999999'], /--idle-timeout: '9999999' is more than 86400 seconds/],
     ['an impossible target', () => ['migrate', '--to', 'tcp:256.1.1.1:80'], /--to: '256\.1\.1\.1' is not an IP address or host name/],
     ['a memory too small for the slots of an injected bug\'s demonstration (found by bench/fuzz.ts)', () => ['run', write('demo-slots.yaml', 'kind: migrate\nvm: {memory: 4KiB}\ndriver: deterministic\ninject: [copy-before-clear]\n')],
       /demo-slots\.yaml: vm\.memory: 4KiB \(1 pages\) is too small for the 2 slots of the demonstration settings of .*demo-slots\.yaml: inject copy-before-clear$/m],
@@ -122,6 +123,23 @@ describe('files and flags', () => {
   });
 });
 
+describe('an address already taken', () => {
+  it('destination --listen on a port in use: exit 2, one line naming the flag and the errno', async () => {
+    const { createServer } = await import('node:net');
+    const taken = createServer();
+    await new Promise<void>((resolve) => taken.listen(0, '127.0.0.1', resolve));
+    const port = (taken.address() as { port: number }).port;
+    try {
+      const r = await cli('destination', '--listen', `127.0.0.1:${port}`);
+      expect(r.code, r.out + r.err).toBe(2);
+      oneLine(r.err);
+      expect(r.err).toMatch(new RegExp(`--listen: 127\\.0\\.0\\.1:${port}: cannot listen there \\(EADDRINUSE\\)`));
+    } finally {
+      taken.close();
+    }
+  });
+});
+
 describe('the migration stream header is checked before memory is built', () => {
   const header = (slots: unknown[]): Uint8Array => encodeHeader(slots as never);
   it.each([
@@ -131,6 +149,9 @@ describe('the migration stream header is checked before memory is built', () => 
     ['overlapping slots', [{ id: 1, asId: 0, baseGfn: 0, pages: 8 }, { id: 2, asId: 0, baseGfn: 4, pages: 8 }], /duplicates or overlaps slot 0:1/],
     ['more memory than the limit', [{ id: 1, asId: 0, baseGfn: 0, pages: 2 ** 24 }, { id: 2, asId: 0, baseGfn: 2 ** 25, pages: 2 ** 24 }], /pages of guest memory; at most 16777216/],
     ['no slots', [], /0 slots/],
+    ['an overlap between the first and the last of 32767 slots (found in gfn order, not by comparing every pair)',
+      [{ id: 0, asId: 0, baseGfn: 100_000, pages: 2 }, ...Array.from({ length: 32765 }, (_, i) => ({ id: i + 1, asId: 0, baseGfn: i * 2, pages: 1 })), { id: 32766, asId: 0, baseGfn: 100_001, pages: 1 }],
+      /slot 32766 \(0:32766\) duplicates or overlaps slot 0:0/],
   ])('%s: refused', (_name, slots, message) => {
     const d = new StreamDecoder();
     expect(() => d.push(header(slots))).toThrow(StreamError);

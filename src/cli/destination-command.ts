@@ -6,6 +6,7 @@ import { type DestinationRun, defaultResumeOps, resumeDestination } from '../sce
 import { type SettingKey, parsePositive } from '../scenarios/options.ts';
 import { flagLayer, resolve } from '../scenarios/settings.ts';
 import { UserError } from '../util/errors.ts';
+import { LIMITS } from '../util/limits.ts';
 import { describeDestination } from './migrate-command.ts';
 import { parseEndpoint } from '../util/endpoint.ts';
 
@@ -41,8 +42,13 @@ export async function destinationCommand(f: DestinationFlags): Promise<number> {
   const workload = { ...DEFAULT_WORKLOAD, name: s.workload, hotFraction: s.hotFraction, hotShare: s.hotShare, writePercent: s.writePercent };
   const { seed, resumeOps, watchdogMs, burst } = s;
 
-  const idleMs = f.idleTimeout === undefined ? 30_000 : parsePositive(f.idleTimeout, '--idle-timeout', 'seconds') * 1000;
-  const served = await serveDestination(host, port, { vcpus: f.resume ? vcpus : 1, idleMs });
+  const idleS = f.idleTimeout === undefined ? 30 : parsePositive(f.idleTimeout, '--idle-timeout', 'seconds');
+  if (idleS > LIMITS.idleTimeoutS.max) throw new UserError(`--idle-timeout: '${f.idleTimeout}' is more than ${LIMITS.idleTimeoutS.max} seconds (${LIMITS.idleTimeoutS.why})`);
+  const served = await serveDestination(host, port, { vcpus: f.resume ? vcpus : 1, idleMs: idleS * 1000 }).catch((e: NodeJS.ErrnoException) => {
+    // The address is taken or not ours to bind: the user's to change, not a fault of vmemlab's.
+    if (e.code === 'EADDRINUSE' || e.code === 'EACCES' || e.code === 'EADDRNOTAVAIL') throw new UserError(`--listen: ${f.listen}: cannot listen there (${e.code})`);
+    throw e;
+  });
   if (!json) console.log(`destination: listening on ${served.address.address}:${served.address.port}`);
   const r = await served.result;
   const { layout, ...summary } = r;

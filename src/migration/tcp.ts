@@ -157,6 +157,7 @@ export async function serveDestination(host: string, port: number, o: ServeOptio
   let done = false;
   const server = createServer({ noDelay: true }, (socket: Socket) => {
     if (active !== null || done) {
+      socket.on('error', () => socket.destroy()); // a refused peer that resets is no failure of the destination's
       socket.end(replyFrame({ t: 'error', message: 'this destination is already receiving a migration' }));
       return;
     }
@@ -306,6 +307,7 @@ export function connectDestination(host: string, port: number, destWords: Int32A
         Atomics.notify(destWords, DestWord.STATE);
       } else if (r.t === 'digests') {
         done = true;
+        clearInterval(timer);
         settle({ digests: r.digests, error: null });
       } else if (r.t === 'error') {
         fail(`the destination at ${where} failed: ${String(r.message)}`);
@@ -319,6 +321,6 @@ export function connectDestination(host: string, port: number, destWords: Int32A
   socket.on('close', () => fail(completed
     ? `the connection to ${host}:${port} closed before the destination sent its page digests`
     : `the connection to ${host}:${port} closed before the migration completed`));
-  return { workerPort: port2, finished, close: () => { port1.close(); socket.destroy(); } };
+  return { workerPort: port2, finished, close: () => { clearInterval(timer); port1.close(); socket.destroy(); } };
 }
 
