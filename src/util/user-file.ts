@@ -16,9 +16,11 @@ export function readUserFile(path: string, what: string, limit: LimitName): Buff
     const st = fstatSync(fd);
     if (!st.isFile()) throw new UserError(`${path}: not a regular file (${st.isDirectory() ? 'a directory' : 'a device, FIFO or socket'}); the ${what} must be one`);
     if (st.size > max) throw new UserError(`${path}: ${st.size} bytes; ${LIMITS[limit].what} is at most ${max} bytes (${LIMITS[limit].why})`);
-    const buf = Buffer.alloc(max + 1);
+    // Sized by the file (a 2 KB replay does not zero 256 MiB), grown only if it grows while read.
+    let buf = Buffer.allocUnsafe(st.size + 1);
     let n = 0;
     for (;;) {
+      if (n === buf.length) buf = Buffer.concat([buf, Buffer.allocUnsafe(Math.min(buf.length, max + 1 - n))]);
       const got = readSync(fd, buf, n, buf.length - n, null);
       if (got === 0) break;
       n += got;
@@ -38,7 +40,7 @@ const FORBIDDEN_KEYS = new Set(['__proto__', 'constructor', 'prototype']);
  * device would be silently dropped or, worse, kept); `where` names the document.
  */
 export function checkKeys(doc: unknown, where: string, path: string[] = []): void {
-  if (doc === null || typeof doc !== 'object') return;
+  if (doc === null || typeof doc !== 'object' || ArrayBuffer.isView(doc)) return; // bytes (a replay's schedule) have no keys to check
   for (const key of Object.keys(doc)) {
     if (FORBIDDEN_KEYS.has(key)) throw new UserError(`${where}: ${[...path, key].join('.')}: '${key}' is not a field (a key that names an object's prototype is refused)`);
     checkKeys((doc as Record<string, unknown>)[key], where, [...path, key]);
