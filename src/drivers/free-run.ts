@@ -52,19 +52,23 @@ export async function runFreeRun(actors: FreeRunActor[], opts: FreeRunOptions): 
   const online = actors.map(() => false);
   let lastChange = Date.now();
   let settled = false;
+  /** An exception of the VMM thread's own while it handled a worker's call: vmemlab's fault, thrown once the workers are gone. */
+  let thrown: { error: unknown } | null = null;
 
-  return await new Promise<FreeRunOutcome>((resolve) => {
+  const outcome = await new Promise<FreeRunOutcome>((resolve) => {
     let timer: NodeJS.Timeout | undefined;
     const finish = (outcome: FreeRunOutcome): void => {
       if (settled) return;
       settled = true;
       if (timer) clearInterval(timer);
+      opts.cancel?.removeEventListener('abort', onCancel); // a signal reused for the next run does not keep this one's workers
       Atomics.store(words, ActorWord.SHUTDOWN, 1);
       void Promise.all(workers.map((w) => w.terminate())).then(() => resolve(outcome));
     };
 
+    const onCancel = (): void => finish({ status: 'cancelled' });
     if (opts.cancel?.aborted) { finish({ status: 'cancelled' }); return; }
-    opts.cancel?.addEventListener('abort', () => finish({ status: 'cancelled' }), { once: true });
+    opts.cancel?.addEventListener('abort', onCancel, { once: true });
     // The control plane each worker calls (comlink); the data plane is shared memory.
     const control: RunControl = {
       ready(actor) {
@@ -78,7 +82,13 @@ export async function runFreeRun(actors: FreeRunActor[], opts: FreeRunOptions): 
           Atomics.store(words, ActorWord.START, 1);
         }
       },
-      event(actor, event) { opts.onEvent(actors[actor]!.name, event); },
+      event(actor, event) {
+        // Thrown here it would go back to the worker as a rejected call nobody awaits: lost.
+        try { opts.onEvent(actors[actor]!.name, event); } catch (error) {
+          thrown = { error };
+          finish({ status: 'crashed', role: actors[actor]!.name, message: `the VMM thread failed on its event: ${(error as Error).message}` });
+        }
+      },
       done(actor) { if (actors[actor]!.primary) finish({ status: 'done' }); },
     };
     actors.forEach((a, i) => {
@@ -130,4 +140,6 @@ export async function runFreeRun(actors: FreeRunActor[], opts: FreeRunOptions): 
       finish({ status: 'watchdog', report: `watchdog: no actor made progress for ${(opts.watchdogMs / 1000).toFixed(1)} s\n${waits(-1).join('\n')}` });
     }, Math.min(250, Math.max(20, opts.watchdogMs / 4)));
   });
+  if (thrown) throw (thrown as { error: unknown }).error;
+  return outcome;
 }
