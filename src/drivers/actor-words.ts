@@ -4,9 +4,8 @@ import type { VmLayout } from '../host/layout.ts';
 /**
  * What the free-run driver (free-run.ts, on the VMM thread) and its workers
  * (free-run-worker.ts) share: per-actor words the watchdog and progress display read, one
- * line per actor, and the messages a worker posts.
- */
-/**
+ * line per actor; and RunControl, what a worker calls on the VMM thread through comlink.
+ *
  * PROGRESS: the role's progress count; WAIT_*: what its last blocked step waited for;
  * STATUS: 1 when finished; HEARTBEAT: bumped after every step, blocked ones too (an actor
  * whose heartbeat stops is stuck inside a step: wedged); STEP: the role's stepCode as its

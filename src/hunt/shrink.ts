@@ -79,7 +79,7 @@ interface Candidate {
   moreSeeds?: number;
 }
 
-/** The roles of a migration run, in runMigration's order (the schedule's role indices). */
+/** How many roles a migration run has (the schedule's role indices are below it). */
 export function actorsOf(s: MigrationScenario): number {
   return roleNames(s).length;
 }

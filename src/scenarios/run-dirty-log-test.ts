@@ -21,8 +21,7 @@ export interface DirtyLogRunOptions {
   replay?: Uint8Array;
   /** Deterministic: the scheduling strategy (default random). */
   strategy?: Strategy;
-  /** Tests: make this role's worker throw after some steps. */
-  /** Tests only: crash or wedge one role's thread after some steps (free-run). */
+  /** Tests only: crash or wedge one role after some steps (under the deterministic driver outside hunt, a wedge hangs the thread: nothing watches it). */
   fault?: RunRolesOptions['fault'];
 }
 

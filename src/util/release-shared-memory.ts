@@ -9,8 +9,9 @@ import { runInNewContext } from 'node:vm';
  * after another (a hunt worker) keeps a small heap, so V8 sees no reason for a major
  * collection, and the backing stores of finished runs pile up: 34 MiB per run of a 16 MiB
  * guest, 3.3 GB after 96 runs on one worker. Collecting between runs keeps a worker at its
- * one run's memory. `gc` is exposed on demand (node:v8 setFlagsFromString, the documented
- * way to change a V8 flag at run time), so no command line has to carry --expose-gc.
+ * one run's memory. `gc` is exposed on demand with node:v8 setFlagsFromString, so no
+ * command line has to carry --expose-gc (Node warns that flags set after start-up may
+ * behave unpredictably; --expose-gc only installs the function, as Node's own tests use it).
  */
 let collect: (() => void) | null = null;
 
