@@ -14,7 +14,7 @@ import { checkKeys, readUserFile } from '../util/user-file.ts';
 import { checkScenario } from '../scenarios/scenario-check.ts';
 import { type FailureKind, VERDICTS } from '../scenarios/outcome.ts';
 import { formatSize } from '../util/size.ts';
-import { wholeNumber } from '../scenarios/options.ts';
+import { limitedNumber, wholeNumber } from '../scenarios/options.ts';
 import { type Resolved, buildMigration } from '../scenarios/settings.ts';
 import { describeResult } from './migrate-command.ts';
 import { Progress } from './progress.ts';
@@ -75,7 +75,7 @@ export async function huntCommand(settings: Resolved, h: HuntFlags, file: string
   // Built as for the deterministic driver (its warm-up); the free strategy runs the same scenario on threads.
   const { scenario, watchdogMs, burst } = buildMigration({ ...settings, s: { ...settings.s, driver: 'deterministic' } });
   const strategies = parseStrategies(h.strategy);
-  const seeds = wholeNumber(h.seeds, '--seeds', 1, 1_000_000);
+  const seeds = limitedNumber(h.seeds, '--seeds', 'seeds');
   const shard = parseShard(h.shard);
   const workers = h.workers === undefined ? availableParallelism() : wholeNumber(h.workers, '--workers', 1, 256);
   const json = h.json === true;
@@ -159,7 +159,7 @@ export function minimalPath(path: string): string {
 /** `vmemlab shrink FILE`: the smallest scenario and schedule that still fail the same way, written as a replay file. */
 export async function shrinkCommand(path: string, o: { out?: string; maxRuns?: string; json?: boolean }): Promise<number> {
   const f = readReplayFile(path);
-  const maxRuns = o.maxRuns === undefined ? undefined : wholeNumber(o.maxRuns, '--max-runs', 1, 1_000_000);
+  const maxRuns = o.maxRuns === undefined ? undefined : limitedNumber(o.maxRuns, '--max-runs', 'seeds');
   const progress = new Progress(o.json === true);
   const r = await shrink(f, { maxRuns, onProgress: (t) => progress.update(`shrinking: ${t}`) });
   progress.clear();
@@ -186,13 +186,13 @@ export async function explainCommand(path: string, subject: string, json: boolea
 
 const HUNT_STRATEGIES = [...STRATEGIES, 'free'] as const;
 const RunLine = z.strictObject({
-  type: z.literal('run'), strategy: z.enum(HUNT_STRATEGIES), seed: z.number().int().min(1).max(1_000_000),
+  type: z.literal('run'), strategy: z.enum(HUNT_STRATEGIES), seed: z.number().int().min(LIMITS.seeds.min).max(LIMITS.seeds.max),
   failure: z.enum(VERDICTS.filter((v) => v !== 'passed') as [FailureKind, ...FailureKind[]]).nullable(), summary: z.string().max(10_000).nullable(),
   steps: z.number().int().min(0).nullable(), seconds: z.number().min(0), replay: z.string().max(4096).nullable(), acted: z.boolean().nullable().optional(),
 });
 const HeaderLine = z.strictObject({
   type: z.literal('hunt'), scenario: z.unknown(), strategies: z.array(z.enum(HUNT_STRATEGIES)).min(1).max(HUNT_STRATEGIES.length),
-  seeds: z.number().int().min(1).max(1_000_000), all: z.boolean(),
+  seeds: z.number().int().min(LIMITS.seeds.min).max(LIMITS.seeds.max), all: z.boolean(),
   shard: z.strictObject({ index: z.number().int().min(1), count: z.number().int().min(1).max(LIMITS.shards.max) }).refine((x) => x.index <= x.count, 'shard index past the shard count'),
 });
 

@@ -42,6 +42,7 @@ export const LIMITS = {
   scenarioFileBytes: { what: 'a scenario or litmus file', min: 0, max: MiB, text: '1 MiB', why: 'a scenario is a page of YAML' },
   replayFileBytes: { what: 'a replay file', min: 0, max: 256 * MiB, text: '256 MiB', why: 'the schedule at its longest, and the scenario' },
   shardFileBytes: { what: 'a hunt shard file', min: 0, max: 64 * MiB, text: '64 MiB', why: 'one JSON line per run, a shard holds a few thousand runs' },
+  seeds: { what: 'hunt seeds', min: 1, max: 1_000_000, text: '1 .. 1000000', why: 'a shard file holds a line per run; a million runs of the smallest guest take days on one machine, so a campaign shards them' },
   shards: { what: 'hunt shards', min: 1, max: 4096, text: '1 .. 4096', why: 'merge reads every shard\'s file; more than 4096 is not a count any campaign here has used' },
   idleTimeoutS: { what: 'the destination\'s idle timeout', min: 0, max: 86400, text: 'up to 86400 s', why: 'a day outlasts a frame at the slowest bandwidth cap; Node clamps socket timers past 24.8 days to 1 ms' },
   yamlAliases: { what: 'YAML aliases in a document', min: 0, max: 100, text: '100', why: 'an alias bomb expands exponentially; scenario files need none' },
