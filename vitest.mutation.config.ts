@@ -1,0 +1,19 @@
+import { defineConfig } from 'vitest/config';
+
+/**
+ * The tests Stryker runs against each mutant of the protocol core (npm run mutation):
+ * the in-process suites, which exercise src/host, src/migration and src/oracles on this
+ * thread (code that only runs inside worker threads is not instrumented: coverage cannot
+ * see it, and every mutant would pay for thread start-up).
+ */
+export default defineConfig({
+  test: {
+    include: [
+      'test/dirty-ring.test.ts', 'test/dirty-log-ioctls.test.ts', 'test/write-path.test.ts', 'test/dirty-sources.test.ts', 'test/tracepoints.test.ts',
+      'test/guest-memory.test.ts', 'test/iommu.test.ts', 'test/convergence.test.ts', 'test/migration-stream.test.ts', 'test/litmus.test.ts',
+      'test/migration-bugs.test.ts'
+    ],
+    testTimeout: 60_000,
+    hookTimeout: 60_000,
+  },
+});
