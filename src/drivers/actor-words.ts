@@ -15,6 +15,12 @@ export const ActorWord = { PROGRESS: 0, WAIT_CODE: 1, WAIT_ARG: 2, WAIT_ARG2: 3,
 
 /** Tests only: a fault to inject into one role's thread after some steps: it throws, or loops for ever inside a step. */
 export interface InjectedFault { afterSteps: number; kind: 'crash' | 'wedge' }
+
+/** Tests only: what an injected fault does when its step comes, under either driver: throw, or never return. */
+export function actOnFault(role: string, fault: InjectedFault): never {
+  if (fault.kind === 'crash') throw new Error(`injected crash in ${role} after ${fault.afterSteps} steps`);
+  for (;;) { /* an injected wedge: a step that never returns */ }
+}
 export function actorBase(actor: number): number {
   return (actor + 1) * LINE_WORDS; // line 0 holds SHUTDOWN
 }

@@ -1,4 +1,4 @@
-import { ActorWord, type InjectedFault, type RoleWorkerData, type RunControl, actorBase } from './actor-words.ts';
+import { ActorWord, type InjectedFault, actOnFault, type RoleWorkerData, type RunControl, actorBase } from './actor-words.ts';
 import { type Role, Step } from '../roles/role.ts';
 
 /** Builds a worker's role from its data; events it reports go to the VMM thread. */
@@ -30,10 +30,7 @@ export function runFreeLoop(role: Role, actors: Int32Array, actor: number, burst
   for (;;) {
     if (Atomics.load(actors, ActorWord.SHUTDOWN) !== 0) return;
     if (role.stepCode !== undefined) Atomics.store(actors, base + ActorWord.STEP, role.stepCode);
-    if (fault !== undefined && steps === fault.afterSteps) {
-      if (fault.kind === 'crash') throw new Error(`injected crash in ${role.name} after ${fault.afterSteps} steps`);
-      for (;;) { /* an injected wedge: a step that never returns */ }
-    }
+    if (fault !== undefined && steps === fault.afterSteps) actOnFault(role.name, fault);
     const s = role.runBurst ? role.runBurst(burst) : role.step();
     Atomics.store(actors, base + ActorWord.HEARTBEAT, ++steps);
     if (s === Step.PROGRESS) {

@@ -1,7 +1,7 @@
 import { DeadlockError, DeterministicDriver } from '../drivers/deterministic.ts';
 import { type Strategy, schedulerFor } from '../drivers/strategy.ts';
 import { type FreeRunActor, runFreeRun } from '../drivers/free-run.ts';
-import type { InjectedFault } from '../drivers/actor-words.ts';
+import { type InjectedFault, actOnFault } from '../drivers/actor-words.ts';
 import type { GeneratorRole, Role } from '../roles/role.ts';
 import type { VmLayout } from '../host/layout.ts';
 import type { Vm } from '../host/vm.ts';
@@ -54,10 +54,7 @@ function faulty(role: Role, fault: InjectedFault): Role {
   let steps = 0;
   const step = role.step.bind(role);
   role.step = () => {
-    if (steps++ === fault.afterSteps) {
-      if (fault.kind === 'crash') throw new Error(`injected crash in ${role.name} after ${fault.afterSteps} steps`);
-      for (;;) { /* an injected wedge: a step that never returns */ }
-    }
+    if (steps++ === fault.afterSteps) actOnFault(role.name, fault);
     return step();
   };
   return role;
