@@ -20,6 +20,11 @@ export function stampWord(writer: number, iteration: number): number {
   return (writer | (iteration << 16)) >>> 0;
 }
 
+/** A page's stamp from its two words (bytes 8-15): the inverse of stampWord, with the sequence. */
+export function decodeStamp(word: number, seq: number): PageStamp {
+  return { writer: word & 0xffff, seq, iteration: word >>> 16 };
+}
+
 export interface PageStamp { writer: number; seq: number; iteration: number }
 
 const REGION_MASK = REGION_PAGES - 1;
@@ -124,8 +129,7 @@ export class Memslot {
   stampOf(page: number): PageStamp {
     const w = this.words(page);
     const i = this.wordIndex(page);
-    const wi = w[i + 2]!;
-    return { writer: wi & 0xffff, seq: w[i + 3]!, iteration: wi >>> 16 };
+    return decodeStamp(w[i + 2]!, w[i + 3]!);
   }
 
   /** The iteration in the page's stamp: what the dirty_log_test oracle checks. */

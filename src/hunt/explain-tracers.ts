@@ -1,5 +1,5 @@
 import { GlobalWord, VCPU_BLOCK_WORDS, VcpuWord } from '../host/layout.ts';
-import type { Memslot, PageStamp } from '../host/memslot.ts';
+import { type Memslot, type PageStamp, decodeStamp } from '../host/memslot.ts';
 import { SPTE_WRITABLE } from '../host/spte.ts';
 import { KVM_DIRTY_GFN_F_RESET } from '../host/constants.ts';
 import { IOPTE_PRESENT } from '../host/iommu/io-page-table.ts';
@@ -120,8 +120,7 @@ export class PageTracer extends NoTracepoints implements Observer {
   }
 
   private stamp(): PageStamp {
-    const w = this.words[this.wi + 2]!;
-    return { writer: w & 0xffff, seq: this.words[this.wi + 3]!, iteration: w >>> 16 };
+    return decodeStamp(this.words[this.wi + 2]!, this.words[this.wi + 3]!);
   }
 
   step(step: number, actor: string, vm: Vm): void {
@@ -256,7 +255,7 @@ export class DmaTracer implements Observer {
       const w = pg.words[pg.wi + 2]!;
       const seq = pg.words[pg.wi + 3]!;
       if (w !== pg.w || seq !== pg.seq) {
-        this.evs.push({ ...at, k: 'write', stamp: { writer: w & 0xffff, seq, iteration: w >>> 16 } });
+        this.evs.push({ ...at, k: 'write', stamp: decodeStamp(w, seq) });
         pg.w = w;
         pg.seq = seq;
       }
