@@ -1,7 +1,7 @@
 import { DEFAULT_WORKLOAD } from '../guest/workload.ts';
 import { GuestMemory } from '../host/guest-memory.ts';
 import { hasHostWrites } from '../oracles/sweep-pattern.ts';
-import { serveDestination } from '../migration/tcp.ts';
+import { DESTINATION_IDLE_S, serveDestination } from '../migration/tcp.ts';
 import { type DestinationRun, defaultResumeOps, resumeDestination } from '../scenarios/resume.ts';
 import { type SettingKey, parsePositive } from '../scenarios/options.ts';
 import { flagLayer, resolve } from '../scenarios/settings.ts';
@@ -42,7 +42,7 @@ export async function destinationCommand(f: DestinationFlags): Promise<number> {
   const workload = { ...DEFAULT_WORKLOAD, name: s.workload, hotFraction: s.hotFraction, hotShare: s.hotShare, writePercent: s.writePercent };
   const { seed, resumeOps, watchdogMs, burst } = s;
 
-  const idleS = f.idleTimeout === undefined ? 30 : parsePositive(f.idleTimeout, '--idle-timeout', 'seconds');
+  const idleS = f.idleTimeout === undefined ? DESTINATION_IDLE_S : parsePositive(f.idleTimeout, '--idle-timeout', 'seconds');
   if (idleS > LIMITS.idleTimeoutS.max) throw new UserError(`--idle-timeout: '${f.idleTimeout}' is more than ${LIMITS.idleTimeoutS.max} seconds (${LIMITS.idleTimeoutS.why})`);
   const served = await serveDestination(host, port, { vcpus: f.resume ? vcpus : 1, idleMs: idleS * 1000 }).catch((e: NodeJS.ErrnoException) => {
     // The address is taken or not ours to bind: the user's to change, not a fault of vmemlab's.

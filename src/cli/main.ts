@@ -8,6 +8,7 @@ import { type Layer, flagLayer, resolve } from '../scenarios/settings.ts';
 import { wholeNumber } from '../scenarios/options.ts';
 import { DEFAULT_JOB, DEFAULT_HUNT_JOB } from '../scenarios/jobs.ts';
 import { DESTINATION_DEFAULTS, type DestinationFlags } from './destination-command.ts';
+import { DESTINATION_IDLE_S } from '../migration/tcp.ts';
 import { HUNT_DEFAULTS, type HuntFlags } from './hunt-command.ts';
 import { dirtyLogTestCommand } from './dirty-log-test-command.ts';
 import { addScenarioOptions, givenLayer, onlyFor } from './scenario-options.ts';
@@ -74,7 +75,7 @@ export function buildProgram(setExit: (code: number) => void): Command {
     .description('receive one migration over TCP (from vmemlab migrate --to tcp:HOST:PORT), then exit; with --resume, run the migrated guest first')
     .requiredOption('--listen <host:port>', 'where to listen, e.g. 127.0.0.1:4444 (port 0 picks one)')
     .option('--allow-remote', 'allow listening on an address that is not loopback')
-    .option('--idle-timeout <seconds>', 'drop a connection that sends nothing for this long (before its stream began: the next connection is served; during it: the migration fails)', '30')
+    .option('--idle-timeout <seconds>', 'drop a connection that sends nothing for this long (before its stream began: the next connection is served; during it: the migration fails)', String(DESTINATION_IDLE_S))
     .option('--resume', 'after completion, resume the guest on its own vCPUs from the migrated memory, stop it and check it (the guest options below must match the source\'s, as QEMU\'s destination must be started with the source\'s machine options)')
     .option('--vcpus <n>', `--resume: the guest's vCPUs (default: ${D.vcpus})`)
     .option('--workload <name>', `--resume: the guest's workload: ${WORKLOAD_NAMES.join(', ')} (default: ${D.workload})`)

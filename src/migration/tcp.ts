@@ -147,9 +147,12 @@ export interface ServeOptions {
  * after `idleMs` and the next one is served, and while a migration is under way any
  * other connection is refused with an error reply, never the other way round.
  */
+/** How long a destination waits for a connection's next bytes by default (`--idle-timeout`). */
+export const DESTINATION_IDLE_S = 30;
+
 export async function serveDestination(host: string, port: number, o: ServeOptions = {}): Promise<{ address: AddressInfo; result: Promise<ServedMigration>; close: () => void }> {
   const vcpus = o.vcpus ?? 1;
-  const idleMs = o.idleMs ?? 30_000;
+  const idleMs = o.idleMs ?? DESTINATION_IDLE_S * 1000;
   let settle!: (r: ServedMigration) => void;
   const result = new Promise<ServedMigration>((r) => { settle = r; });
   /** The connection whose stream began; null until one did. */
