@@ -155,7 +155,7 @@ export async function hunt(o: HuntOptions): Promise<{ report: HuntReport; lines:
   const pool = o.pool ?? new HuntPool(o.workers);
   const total = seeds.length * o.strategies.length;
   let done = 0;
-  const memory = { peakRssBytes: process.memoryUsage.rss(), heldBytes: 0, workers: o.workers };
+  const memory = { peakRssBytes: process.memoryUsage.rss(), heldBytes: 0, workers: pool.workers };
   try {
     for (const strategy of o.strategies) {
       let firstFailing = Infinity;
