@@ -153,7 +153,9 @@ export async function runMigration(s: MigrationScenario, o: MigrationRunOptions)
   const started = performance.now();
 
   const queue: Uint8Array[] = [];
-  const remote = o.to ? connectDestination(o.to.host, o.to.port, new Int32Array(destWords), o.watchdogMs) : null;
+  // The network's deadline is half the watchdog's: it knows the reason (a frozen or gone
+  // destination) and must end the run before the watchdog, which only sees threads waiting.
+  const remote = o.to ? connectDestination(o.to.host, o.to.port, new Int32Array(destWords), o.watchdogMs / 2) : null;
   const ring = o.driver === 'free' && !remote ? createStreamRing() : undefined;
   const workerPort = remote?.workerPort;
   specs.push({ kind: 'migration', params: s.params, bugs: s.bugs, destWords, queue, port: workerPort, ring, clockSteps: o.driver === 'free' ? undefined : () => driver?.stepCount ?? 0 });
