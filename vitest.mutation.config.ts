@@ -6,12 +6,15 @@ import { defineConfig } from 'vitest/config';
  * thread (code that only runs inside worker threads is not instrumented: coverage cannot
  * see it, and every mutant would pay for thread start-up).
  */
+/** VMEMLAB_MUTATION_TESTS=a.test.ts,b.test.ts: a part's own tests (its unit tests, when the whole set would take hours on two cores). */
+const only = process.env['VMEMLAB_MUTATION_TESTS']?.split(',').filter(Boolean).map((f) => `test/${f}`);
+
 export default defineConfig({
   test: {
-    include: [
+    include: only ?? [
       'test/dirty-ring.test.ts', 'test/dirty-log-ioctls.test.ts', 'test/write-path.test.ts', 'test/dirty-sources.test.ts', 'test/tracepoints.test.ts',
       'test/guest-memory.test.ts', 'test/iommu.test.ts', 'test/convergence.test.ts', 'test/migration-stream.test.ts', 'test/litmus.test.ts',
-      'test/migration-bugs.test.ts'
+      'test/migration-bugs.test.ts',
     ],
     testTimeout: 60_000,
     hookTimeout: 60_000,

@@ -20,6 +20,7 @@ describe('the expected downtime', () => {
     expect(expectedDowntime(pass(1, { sentMiB: 400, leftMiB: 10 }), P).expectedMs, 'a pass faster than the limit counts at the limit').toBe(100);
     expect(expectedDowntime(pass(1, { sentMiB: 400, leftMiB: 10 }), { ...P, bandwidth: 0 }).expectedMs, 'unlimited: the measured bandwidth').toBe(25);
     expect(expectedDowntime(pass(1, { sentMiB: 0, leftMiB: 1 }), P).expectedMs).toBe(Infinity);
+    expect(expectedDowntime(pass(1, { sentMiB: 0, leftMiB: 0 }), P).expectedMs, 'no bandwidth measured yet: no estimate, even with nothing left (not 0/0)').toBe(Infinity);
   });
 });
 
@@ -30,6 +31,10 @@ describe('migration_trigger_throttle', () => {
     expect(triggerThrottle(high, NO_THROTTLE)).toEqual({ now: false, highPasses: 1 });
     expect(triggerThrottle(high, { ...NO_THROTTLE, highPasses: 1 })).toEqual({ now: true, highPasses: 0 });
     expect(triggerThrottle(low, { ...NO_THROTTLE, highPasses: 1 }), 'a low pass keeps the count (dirty_rate_high_cnt is not reset)').toEqual({ now: false, highPasses: 1 });
+    // Exactly half is not more than half (bytes_dirty_period > bytes_dirty_threshold).
+    const half = pass(1, { sentMiB: 100, foundPages: 50 * 256 });
+    expect(triggerThrottle(half, NO_THROTTLE)).toEqual({ now: false, highPasses: 0 });
+    expect(triggerThrottle(half, { ...NO_THROTTLE, highPasses: 1 })).toEqual({ now: false, highPasses: 1 });
   });
 });
 
@@ -50,9 +55,26 @@ describe('the policies', () => {
     return { decisions, throttles };
   };
 
-  it('every policy switches over once the expected downtime is within the limit', () => {
+  it('every policy switches over once the expected downtime is within the limit, the limit itself included', () => {
     const m = pass(3, { sentMiB: 100, leftMiB: 20 });
     for (const p of Object.values(POLICY)) expect(p(m, 200, NO_THROTTLE, P).decision).toBe('switchover');
+    // QEMU switches over when pending <= threshold_size (bandwidth x downtime-limit).
+    for (const [name, p] of Object.entries(POLICY)) expect(p(m, P.downtimeLimitMs, NO_THROTTLE, P).decision, name).toBe('switchover');
+    for (const [name, p] of Object.entries(POLICY)) expect(p(m, P.downtimeLimitMs + 0.001, NO_THROTTLE, P).decision, name).toBe('continue');
+  });
+
+  it('dirty-limit holds no vCPU before its trigger fires', () => {
+    const quiet = pass(1, { sentMiB: 100, foundPages: 10 * 256, leftMiB: 80 });
+    expect(dirtyLimit(quiet, 1000, NO_THROTTLE, P).throttle.dirtyLimit).toBe(0);
+    const high = pass(1, { sentMiB: 100, foundPages: 80 * 256, leftMiB: 80 });
+    expect(dirtyLimit(high, 1000, NO_THROTTLE, P).throttle.dirtyLimit, 'the first high pass only counts').toBe(0);
+    expect(dirtyLimit(high, 1000, { ...NO_THROTTLE, dirtyLimit: 100, highPasses: 1 }, P).throttle.dirtyLimit, 'set once: a later trigger keeps it').toBe(100);
+  });
+
+  it('dirty-limit and auto-converge fail at the time limit, whatever the passes', () => {
+    const late = pass(2, { sentMiB: 100, foundPages: 80 * 256, leftMiB: 80, elapsedMs: P.timeoutMs });
+    expect(dirtyLimit(late, 1000, NO_THROTTLE, P).decision).toBe('fail');
+    expect(autoConverge(late, 1000, NO_THROTTLE, P).decision).toBe('fail');
   });
 
   it('fail: continues up to max-iterations, then fails; force switches over there instead', () => {
@@ -95,5 +117,22 @@ describe('the bandwidth limiter', () => {
     expect(l.waitMs(100), 'one window later: 150 kB still owed').toBe(100);
     expect(l.waitMs(200), 'two: 50 kB owed, under the budget').toBe(0);
     expect(new BandwidthLimiter(0).waitMs(5), 'unlimited').toBe(0);
+  });
+
+  it('a window that used exactly its budget is full', () => {
+    const l = new BandwidthLimiter(1000); // 100 B per window
+    expect(l.waitMs(0)).toBe(0);
+    l.charge(100);
+    expect(l.waitMs(30)).toBe(70);
+  });
+
+  it('after an idle stretch the windows stay aligned to when the first began: a frame then waits for the end of its own window', () => {
+    const l = new BandwidthLimiter(1000);
+    expect(l.waitMs(100)).toBe(0); // windows from 100 ms on
+    l.charge(100);
+    expect(l.waitMs(150)).toBe(50);
+    expect(l.waitMs(1050), 'nine windows later: nothing owed').toBe(0);
+    l.charge(100);
+    expect(l.waitMs(1060), 'the window that began at 1000 ms ends at 1100').toBe(40);
   });
 });
