@@ -113,3 +113,95 @@ describe('dirty ring push, harvest, reset', () => {
     expect(KVM_EXIT_DIRTY_RING_FULL).toBe(31);
   });
 });
+
+/**
+ * kvm_dirty_ring_reset (virt/kvm/dirty_ring.c) as the kernel writes it, with a u64 mask:
+ * what the ring's reset must re-protect, call for call.
+ */
+function kernelReset(entries: { slot: number; offset: number }[]): { slot: number; offset: number; mask: bigint }[] {
+  const out: { slot: number; offset: number; mask: bigint }[] = [];
+  let curSlot = 0, curOffset = 0, mask = 0n;
+  const u64 = (x: bigint): bigint => x & 0xffff_ffff_ffff_ffffn;
+  for (const { slot, offset } of entries) {
+    if (mask !== 0n && slot === curSlot) {
+      const delta = offset - curOffset;
+      if (delta >= 0 && delta < 64) { mask |= 1n << BigInt(delta); continue; }
+      if (delta > -64 && delta < 0 && (u64(mask << BigInt(-delta)) >> BigInt(-delta)) === mask) {
+        curOffset = offset;
+        mask = u64(mask << BigInt(-delta)) | 1n;
+        continue;
+      }
+    }
+    if (mask !== 0n) out.push({ slot: curSlot, offset: curOffset, mask });
+    curSlot = slot; curOffset = offset; mask = 1n;
+  }
+  if (mask !== 0n) out.push({ slot: curSlot, offset: curOffset, mask });
+  return out;
+}
+
+describe('kvm_dirty_ring_reset, call for call against the kernel\'s algorithm', () => {
+  const vm = (): ReturnType<typeof makeVm> => makeVm({ slots: [{ id: 1, asId: 0, baseGfn: 0, pages: 4096, flags: 0 }, { id: 2, asId: 0, baseGfn: 8192, pages: 4096, flags: 0 }], tracking: RING(256) });
+
+  it('coalesces forward and backward runs, across both mask halves, and splits at slots, gaps and bits that would fall off the top', async () => {
+    const fc = await import('fast-check');
+    const ring = vm().rings![0]!; // one ring for every case: each case's reset leaves it empty
+    fc.assert(fc.property(
+      fc.array(fc.record({ slot: fc.constantFrom(1, 2), offset: fc.oneof(fc.integer({ min: 0, max: 200 }), fc.integer({ min: 0, max: 4095 })) }), { minLength: 1, maxLength: 200 }),
+      (entries) => {
+        const from = ring.resetIndex;
+        for (const e of entries) ring.push(e.slot, e.offset);
+        for (let i = 0; i < entries.length; i++) ring.markHarvested(from + i);
+        const calls: { slot: number; offset: number; mask: bigint }[] = [];
+        const n = ring.reset((slot, offset, lo, hi) => calls.push({ slot, offset, mask: (BigInt(hi >>> 0) << 32n) | BigInt(lo >>> 0) }));
+        expect(n).toBe(entries.length);
+        expect(calls).toEqual(kernelReset(entries));
+        expect(ring.protectCalls).toBe(calls.length);
+        expect(ring.resetIndex).toBe(from + entries.length);
+        for (let i = 0; i < entries.length; i++) expect(ring.flagsAt(from + i), `entry ${i} invalidated`).toBe(0);
+      },
+    ), { seed: 20261207, numRuns: 300 });
+  });
+
+  it('stops at the first entry not harvested, and after one lap even if every flag says RESET', () => {
+    const ring = vm().rings![0]!;
+    for (let p = 0; p < 10; p++) ring.push(1, p * 100);
+    for (const i of [0, 1, 2, 4]) ring.markHarvested(i);
+    expect(ring.reset(() => {})).toBe(3);
+    const full = vm().rings![0]!;
+    for (let i = 0; i < full.entries; i++) full.forge(i, KVM_DIRTY_GFN_F_RESET, 1, i);
+    expect(full.reset(() => {})).toBe(full.entries);
+  });
+});
+
+describe('the ring\'s own accounting', () => {
+  it('counts the most entries ever in use (for "never acted" reports) and a push into an entry not yet reset (KVM: "It should never get full")', () => {
+    const v = makeVm({ tracking: RING(256) });
+    const ring = v.rings![0]!;
+    for (let p = 0; p < 10; p++) ring.push(1, p);
+    expect(ring.maxUsed).toBe(10);
+    for (let i = 0; i < 10; i++) ring.markHarvested(i);
+    ring.reset(() => {});
+    ring.push(1, 99);
+    expect(ring.maxUsed, 'one in use now; the most stays 10').toBe(10);
+    expect(ring.hardFullWarnings).toBe(0);
+    for (let p = 0; p < 255; p++) ring.push(1, p); // 256 in use: every entry holds a dirty gfn
+    expect(ring.hardFullWarnings).toBe(0);
+    ring.push(1, 7); // the 257th lands on an entry still DIRTY
+    expect(ring.hardFullWarnings).toBe(1);
+  });
+
+  it('reads each entry where it is: flags, slot and offset of the i-th push', () => {
+    const ring = makeVm({ tracking: RING(256) }).rings![0]!;
+    for (let i = 0; i < 6; i++) ring.push(0x10000 + i, 1000 + i);
+    ring.markHarvested(3);
+    expect([0, 1, 2, 3, 4, 5].map((i) => ring.flagsAt(i))).toEqual([1, 1, 1, 2, 1, 1].map((f) => (f === 1 ? KVM_DIRTY_GFN_F_DIRTY : KVM_DIRTY_GFN_F_RESET)));
+    expect([0, 1, 2, 3, 4, 5].map((i) => ring.slotAt(i))).toEqual([0, 1, 2, 3, 4, 5].map((i) => 0x10000 + i));
+    expect([0, 1, 2, 3, 4, 5].map((i) => ring.offsetAt(i))).toEqual([0, 1, 2, 3, 4, 5].map((i) => 1000 + i));
+  });
+
+  it('a VM without dirty rings has none to open', async () => {
+    const { DirtyRing } = await import('../src/host/dirty-ring.ts');
+    const v = makeVm({ tracking: { kind: 'bitmap', manualProtect: true, initiallySet: false } });
+    expect(() => new DirtyRing(v.layout, 0)).toThrow('the VM has no dirty rings');
+  });
+});
