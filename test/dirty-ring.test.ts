@@ -146,7 +146,7 @@ describe('kvm_dirty_ring_reset, call for call against the kernel\'s algorithm', 
     const fc = await import('fast-check');
     const ring = vm().rings![0]!; // one ring for every case: each case's reset leaves it empty
     fc.assert(fc.property(
-      fc.array(fc.record({ slot: fc.constantFrom(1, 2), offset: fc.oneof(fc.integer({ min: 0, max: 200 }), fc.integer({ min: 0, max: 4095 })) }), { minLength: 1, maxLength: 200 }),
+      fc.array(fc.record({ slot: fc.constantFrom(0, 1, 2), offset: fc.oneof(fc.integer({ min: 0, max: 200 }), fc.integer({ min: 0, max: 4095 })) }), { minLength: 1, maxLength: 200 }),
       (entries) => {
         const from = ring.resetIndex;
         for (const e of entries) ring.push(e.slot, e.offset);
@@ -159,12 +159,25 @@ describe('kvm_dirty_ring_reset, call for call against the kernel\'s algorithm', 
         expect(ring.resetIndex).toBe(from + entries.length);
         for (let i = 0; i < entries.length; i++) expect(ring.flagsAt(from + i), `entry ${i} invalidated`).toBe(0);
       },
-    ), { seed: 20261207, numRuns: 300 });
+    ), {
+      seed: 20261207, numRuns: 300,
+      // The edges, always: a repeated page, 63 and 64 pages ahead, backwards by 40 (the upper
+      // half), 63 and 64, backwards with a bit that would fall off the top, a backward shift
+      // below 32 with bits in both halves, slot 0 first.
+      examples: ([
+        [[1, 10], [1, 10]], [[1, 0], [1, 63]], [[1, 0], [1, 64]], [[1, 100], [1, 60]], [[1, 100], [1, 37]], [[1, 100], [1, 36]],
+        [[1, 0], [1, 60], [1, -5 + 64], [1, 59]], [[1, 64], [1, 124], [1, 60]], [[1, 10], [1, 40], [1, 5]], [[1, 10], [1, 50], [1, 45], [1, 3]], [[0, 5], [0, 6]], [[2, 5], [1, 5], [2, 6]], [[1, 100], [1, 101], [1, 68]],
+      ] as [number, number][][]).map((seq) => [seq.map(([slot, offset]) => ({ slot, offset }))]),
+    });
   });
 
   it('stops at the first entry not harvested, and after one lap even if every flag says RESET', () => {
     const ring = vm().rings![0]!;
     for (let p = 0; p < 10; p++) ring.push(1, p * 100);
+    const none: number[] = [];
+    expect(ring.reset((_s, offset) => none.push(offset)), 'nothing harvested yet').toBe(0);
+    expect(none, 'and nothing re-protected').toEqual([]);
+    expect(ring.protectCalls).toBe(0);
     for (const i of [0, 1, 2, 4]) ring.markHarvested(i);
     expect(ring.reset(() => {})).toBe(3);
     const full = vm().rings![0]!;
