@@ -218,3 +218,23 @@ describe('the ring\'s own accounting', () => {
     expect(() => new DirtyRing(v.layout, 0)).toThrow('the VM has no dirty rings');
   });
 });
+
+describe('harvest-skips-entry, at the harvester', () => {
+  it('every skipEvery-th entry (by fetch index) is marked collected without being recorded, and each skip counts as the bug acting', async () => {
+    const { InjectionCounters, INJECTION_WORDS } = await import('../src/host/injections.ts');
+    const ring = makeVm({ tracking: RING(256) }).rings![0]!;
+    for (let p = 0; p < 9; p++) ring.push(1, 100 + p);
+    const counters = new InjectionCounters(new SharedArrayBuffer(INJECTION_WORDS * 4));
+    const h = new DirtyRingHarvester(1, counters);
+    const seen: number[] = [];
+    expect(h.harvest(ring, 64, (_s, off) => seen.push(off), 3)).toBe(9);
+    expect(seen, 'fetch indices 2, 5 and 8 are skipped').toEqual([100, 101, 103, 104, 106, 107]);
+    expect(counters.count('harvest-skips-entry')).toBe(3);
+    for (let i = 0; i < 9; i++) expect(ring.flagsAt(i), `entry ${i}`).toBe(KVM_DIRTY_GFN_F_RESET);
+    expect(h.fetch[0]).toBe(9);
+    // Without counters (a harvester built outside a run) the injection still works, uncounted.
+    const bare = makeVm({ tracking: RING(256) }).rings![0]!;
+    for (let p = 0; p < 3; p++) bare.push(1, p);
+    expect(new DirtyRingHarvester(1).harvest(bare, 64, () => {}, 3)).toBe(3);
+  });
+});
