@@ -6,6 +6,10 @@ import { DEFAULT_WORKLOAD } from '../src/guest/workload.ts';
 import { runMigration } from '../src/scenarios/migration.ts';
 import { runDirtyLogTest } from '../src/scenarios/run-dirty-log-test.ts';
 import { migrationSetup } from '../src/scenarios/settings.ts';
+import { runDirtyLogTestWatched, runMigrationWatched } from '../src/scenarios/off-thread.ts';
+import { UserError } from '../src/util/errors.ts';
+import type { DirtyLogTestConfig } from '../src/scenarios/dirty-log-test.ts';
+import { fingerprint } from '../src/hunt/failure.ts';
 
 /**
  * A wedged actor: one role's thread loops for ever inside a step (injected), while the
@@ -39,6 +43,71 @@ describe('the watchdog names a wedged actor (free-run)', () => {
       expect(r.errors[0]).toMatch(/its thread no longer answers and is terminated/);
     });
   }
+});
+
+describe('the watchdog names a wedged actor (the deterministic driver, on a thread of its own)', () => {
+  const config: DirtyLogTestConfig = {
+    mode: 'dirty-ring', vcpus: 2, memoryBytes: 2 << 20, slots: 1, iterations: 50, ringEntries: 4096,
+    workload: DEFAULT_WORKLOAD, seed: 1, bugs: [], opsPerIteration: 2000, hostWriteEvery: 64,
+  };
+  for (const role of ['collector', 'vcpu1', 'host-writer']) {
+    it(`dirty-log-test: ${role} wedged; the iterations before it are kept`, async () => {
+      const events: string[] = [];
+      const r = await runDirtyLogTestWatched(config, {
+        driver: 'deterministic', watchdogMs: WATCHDOG_MS, burst: 256, fault: { role, afterSteps: 3000, kind: 'wedge' },
+        onEvent: (e) => events.push(e.kind),
+      });
+      expect(r.status).toBe('stuck');
+      expect(r.errors).toHaveLength(1);
+      expect(r.errors[0]).toMatch(new RegExp(`^watchdog: ${role} stopped stepping \\d+\\.\\d s ago, inside step \\d+; its worker was terminated \\(the deterministic driver steps one role at a time: every other role waits for it\\)$`));
+      expect(r.steps).toBeGreaterThan(3000);
+      expect(r.iterations.length).toBe(events.filter((k) => k === 'iteration').length);
+    });
+  }
+
+  for (const role of ['vcpu0', 'migration', 'destination', 'device0', 'iommu-service']) {
+    it(`migrate: ${role} wedged`, async () => {
+      const { scenario } = migrationSetup({ memoryBytes: '2MiB', vcpus: '2', devices: ['dma-engine:every=64,remap-every=8'], driver: 'deterministic' });
+      const r = await runMigrationWatched(scenario, { driver: 'deterministic', watchdogMs: WATCHDOG_MS, burst: 256, resumeOps: 0, fault: { role, afterSteps: 20, kind: 'wedge' } });
+      expect(r.status).toBe('stuck');
+      expect(r.errors[0]).toMatch(new RegExp(`^watchdog: ${role} stopped stepping \\d+\\.\\d s ago, inside step \\d+; its worker was terminated`));
+      expect(r.info).toBeNull();
+    });
+  }
+
+  it('a run that is not wedged gives what it gives on this thread: the same steps, schedule and fingerprint', async () => {
+    const { scenario } = migrationSetup({ memoryBytes: '2MiB', vcpus: '2', driver: 'deterministic', inject: ['copy-before-reset'] });
+    const o = { driver: 'deterministic', watchdogMs: 10_000, burst: 256, resumeOps: 0 } as const;
+    const passes: number[] = [];
+    const there = await runMigrationWatched(scenario, { ...o, onEvent: (e) => { if (e.kind === 'pass') passes.push(e.stats.pass); } });
+    const here = await runMigration(scenario, o);
+    expect(there.status).toBe(here.status);
+    expect(there.steps).toBe(here.steps);
+    expect(there.schedule).toEqual(here.schedule);
+    expect(fingerprint(there)).toBe(fingerprint(here));
+    expect(passes).toEqual(here.passes.map((p) => p.pass));
+  });
+
+  it('Ctrl-C ends a deterministic run at once, stuck, saying so', async () => {
+    const cancel = new AbortController();
+    let iterations = 0;
+    const r = await runDirtyLogTestWatched({ ...config, iterations: 100_000 }, {
+      driver: 'deterministic', watchdogMs: 60_000, burst: 256, cancel: cancel.signal,
+      onEvent: (e) => { if (e.kind === 'iteration' && ++iterations === 2) cancel.abort(); },
+    });
+    expect(r.status).toBe('stuck');
+    expect(r.errors).toEqual(['cancelled (Ctrl-C) before it finished']);
+    expect(r.iterations.length).toBeGreaterThanOrEqual(2);
+  });
+
+  it('a user mistake found on its thread is a UserError here; a crashing step is an internal error', async () => {
+    const { scenario } = migrationSetup({ memoryBytes: '2MiB', vcpus: '2', driver: 'deterministic' });
+    const o = { driver: 'deterministic', watchdogMs: 10_000, burst: 256, resumeOps: 0 } as const;
+    await expect(runMigrationWatched(scenario, { ...o, replay: new Uint8Array([0, 1, 200]) })).rejects.toBeInstanceOf(UserError);
+    const crash = runMigrationWatched(scenario, { ...o, fault: { role: 'vcpu0', afterSteps: 5, kind: 'crash' } });
+    await expect(crash).rejects.toThrow('injected crash in vcpu0 after 5 steps');
+    await expect(crash).rejects.not.toBeInstanceOf(UserError);
+  });
 });
 
 describe('a fault of the VMM thread\'s own', () => {

@@ -1,5 +1,6 @@
 import type { DirtyLogEvent, DirtyLogTestConfig } from '../scenarios/dirty-log-test.ts';
-import { type Driver, type DirtyLogRunResult, runDirtyLogTest } from '../scenarios/run-dirty-log-test.ts';
+import type { Driver, DirtyLogRunResult } from '../scenarios/run-dirty-log-test.ts';
+import { runDirtyLogTestWatched } from '../scenarios/off-thread.ts';
 import { type Resolved, buildDirtyLogTest } from '../scenarios/settings.ts';
 import { describeViolation } from '../oracles/dirty-log-verify.ts';
 import { formatSize } from '../util/size.ts';
@@ -31,7 +32,7 @@ export async function dirtyLogTestCommand(settings: Resolved, json: boolean, exp
   const progress = new Progress(json);
   const out = (line: string): void => { if (!json) { progress.clear(); console.log(line); } };
   out(describeConfig(config, driver));
-  const result = await runDirtyLogTest(config, {
+  const result = await runDirtyLogTestWatched(config, {
     driver, watchdogMs, burst,
     onEvent: (e) => { if (e.kind === 'iteration') out(iterationLine(e)); },
     onTick: (p, names) => {

@@ -1,7 +1,8 @@
 import { describeMismatch } from '../oracles/stamp-oracle.ts';
 import { describeSweepCheck } from '../oracles/sweep-pattern.ts';
 import type { DestinationRun } from '../scenarios/resume.ts';
-import { type MigrationRunResult, runMigration } from '../scenarios/migration.ts';
+import type { MigrationRunResult } from '../scenarios/migration.ts';
+import { runMigrationWatched } from '../scenarios/off-thread.ts';
 import { type Resolved, buildMigration } from '../scenarios/settings.ts';
 import { formatSize } from '../util/size.ts';
 import type { MigrationInfo, PassStats } from '../migration/precopy.ts';
@@ -61,7 +62,7 @@ export async function migrateCommand(settings: Resolved, json: boolean, expected
     cancel.abort();
   };
   process.on('SIGINT', onSigint);
-  const r: MigrationRunResult = await runMigration(s, {
+  const r: MigrationRunResult = await runMigrationWatched(s, {
     driver, watchdogMs, burst, to, resumeOps, cancel: cancel.signal,
     onEvent: (e) => { if (e.kind === 'pass') out(passLine(e.stats)); },
     onTick: (p, names) => progress.update(`migrating: ${p[names.indexOf('migration')] ?? 0} steps of the migration thread`),

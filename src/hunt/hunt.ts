@@ -1,6 +1,7 @@
 import { appendFileSync, mkdirSync } from 'node:fs';
 import { join } from 'node:path';
 import type { Strategy } from '../drivers/strategy.ts';
+import { watchWedged } from '../drivers/wedge-watch.ts';
 import { type MigrationScenario, roleNames } from '../scenarios/migration.ts';
 import type { FailureKind } from './failure.ts';
 import type { HuntRun, HuntTask } from './hunt-run.ts';
@@ -98,38 +99,6 @@ export function summarize(lines: HuntLine[], strategies: HuntStrategy[], all: bo
   });
 }
 
-/**
- * The watchdog of one deterministic run on a pool worker: the driver publishes its steps
- * and the role stepping (DeterministicDriver.heartbeat); a run whose steps stop for
- * `watchdogMs` once it started is wedged inside that role's step, and its task is aborted
- * (piscina terminates the worker and starts another).
- */
-function watchWedged(s: MigrationScenario, watchdogMs: number, abort: AbortController): { heartbeat: SharedArrayBuffer; stop(): { summary: string; steps: number; seconds: number } | null } {
-  const heartbeat = new SharedArrayBuffer(12);
-  const hb = new Int32Array(heartbeat);
-  let last = -1;
-  let since = 0;
-  let startedAt = 0;
-  let wedged: { summary: string; steps: number; seconds: number } | null = null;
-  const timer = setInterval(() => {
-    const phase = Atomics.load(hb, 2);
-    if (phase === 0) return; // still queued
-    if (phase === 2) { clearInterval(timer); return; } // stepping is over: the rest of the run takes no steps
-    const now = Date.now();
-    if (startedAt === 0) startedAt = now;
-    const steps = Atomics.load(hb, 0);
-    if (steps !== last) { last = steps; since = now; return; }
-    // Before its first step a run builds its VM: give it the startup time free-run gives a worker.
-    if (now - since < (steps === 0 ? Math.max(watchdogMs, 30_000) : watchdogMs)) return;
-    const role = roleNames(s)[Atomics.load(hb, 1)] ?? `role ${Atomics.load(hb, 1)}`;
-    wedged = { summary: `wedged: ${role} stopped stepping ${((now - since) / 1000).toFixed(1)} s ago, inside step ${steps + 1}; its worker was terminated`, steps, seconds: (now - startedAt) / 1000 };
-    clearInterval(timer);
-    abort.abort();
-  }, Math.min(250, Math.max(20, watchdogMs / 4)));
-  timer.unref();
-  return { heartbeat, stop: () => { clearInterval(timer); return wedged; } };
-}
-
 export function shardName(shard: Shard): string {
   return `${shard.index}-of-${shard.count}`;
 }
@@ -155,6 +124,7 @@ export async function hunt(o: HuntOptions): Promise<{ report: HuntReport; lines:
   const pool = o.pool ?? new HuntPool(o.workers);
   const total = seeds.length * o.strategies.length;
   let done = 0;
+  const names = roleNames(o.scenario);
   const memory = { peakRssBytes: process.memoryUsage.rss(), heldBytes: 0, workers: pool.workers };
   try {
     for (const strategy of o.strategies) {
@@ -164,12 +134,12 @@ export async function hunt(o: HuntOptions): Promise<{ report: HuntReport; lines:
         const abort = new AbortController();
         aborts.set(seed, abort);
         let r: HuntRun;
-        const watch = strategy === 'free' ? null : watchWedged(o.scenario, o.watchdogMs, abort);
+        const watch = strategy === 'free' ? null : watchWedged(names, o.watchdogMs, () => abort.abort()); // piscina terminates the worker and starts another
         try {
           r = await pool.run({ scenario: o.scenario, strategy, seed, watchdogMs: o.watchdogMs, burst: o.burst, heartbeat: watch?.heartbeat, fault: o.fault }, abort.signal);
         } catch (e) {
           const wedged = watch?.stop();
-          if (wedged) r = { seed, strategy, failure: { kind: 'stuck', summary: wedged.summary }, steps: wedged.steps, seconds: wedged.seconds, fingerprint: '', schedule: null, acted: null };
+          if (wedged) r = { seed, strategy, failure: { kind: 'stuck', summary: `wedged: ${wedged.summary}` }, steps: wedged.steps, seconds: wedged.seconds, fingerprint: '', schedule: null, acted: null };
           else {
             if (!abort.signal.aborted) throw e;
             o.onRun?.(null, ++done, total); // cancelled: it counts as done for the progress bar

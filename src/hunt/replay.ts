@@ -1,4 +1,5 @@
-import { type MigrationRunResult, runMigration } from '../scenarios/migration.ts';
+import type { MigrationRunResult } from '../scenarios/migration.ts';
+import { runMigrationWatched } from '../scenarios/off-thread.ts';
 import { fingerprint } from './failure.ts';
 import type { ReplayFile } from './replay-file.ts';
 
@@ -16,7 +17,7 @@ export interface ReplayOutcome {
  */
 export async function replayRun(f: ReplayFile, o: { watchdogMs?: number; burst?: number } = {}): Promise<ReplayOutcome> {
   const deterministic = f.schedule !== null;
-  const result = await runMigration({ ...f.scenario, seed: f.seed }, {
+  const result = await runMigrationWatched({ ...f.scenario, seed: f.seed }, {
     driver: deterministic ? 'deterministic' : 'free', replay: f.schedule ?? undefined,
     watchdogMs: o.watchdogMs ?? 10_000, burst: o.burst ?? 256, resumeOps: 0,
   });

@@ -21,8 +21,10 @@ export interface DirtyLogRunOptions {
   replay?: Uint8Array;
   /** Deterministic: the scheduling strategy (default random). */
   strategy?: Strategy;
-  /** Tests only: crash or wedge one role after some steps (under the deterministic driver outside hunt, a wedge hangs the thread: nothing watches it). */
+  /** Tests only: crash or wedge one role after some steps. */
   fault?: RunRolesOptions['fault'];
+  /** Deterministic: the driver's heartbeat, for a watchdog on another thread (src/scenarios/off-thread.ts). */
+  heartbeat?: SharedArrayBuffer;
 }
 
 export type IterationEvent = Extract<DirtyLogEvent, { kind: 'iteration' }>;
@@ -81,7 +83,7 @@ export async function runDirtyLogTest(c: DirtyLogTestConfig, o: DirtyLogRunOptio
 
   const run = await runRoles({
     driver: o.driver, specs, primary: 'dirty-log-collector', vm: setupVm, layoutOf: () => layout, bugs: c.bugs, seed: c.seed,
-    onEvent: (e) => onEvent(e as DirtyLogEvent), watchdogMs: o.watchdogMs, burst: o.burst, onTick: o.onTick, replay: o.replay, strategy: o.strategy, fault: o.fault,
+    onEvent: (e) => onEvent(e as DirtyLogEvent), watchdogMs: o.watchdogMs, burst: o.burst, onTick: o.onTick, replay: o.replay, strategy: o.strategy, fault: o.fault, heartbeat: o.heartbeat,
   });
   if (run.status !== 'done') result.status = run.status;
   result.errors.push(...run.errors);

@@ -31,7 +31,7 @@ export interface RunRolesOptions {
   replayThenStrategy?: boolean;
   /** Deterministic: called after every step with its number and the role's name. */
   onStep?: (stepNo: number, role: string) => void;
-  /** Tests only: crash or wedge one role after some steps (under the deterministic driver outside hunt, a wedge hangs the thread: nothing watches it). */
+  /** Tests only: crash or wedge one role after some steps. */
   fault?: { role: string } & InjectedFault;
   /** Deterministic: the driver's heartbeat for a watchdog on another thread (DeterministicDriver.heartbeat). */
   heartbeat?: SharedArrayBuffer;
