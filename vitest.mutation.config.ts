@@ -8,6 +8,8 @@ import { defineConfig } from 'vitest/config';
  */
 /** VMEMLAB_MUTATION_TESTS=a.test.ts,b.test.ts: a part's own tests (its unit tests, when the whole set would take hours on two cores). */
 const only = process.env['VMEMLAB_MUTATION_TESTS']?.split(',').filter(Boolean).map((f) => `test/${f}`);
+/** VMEMLAB_MUTATION_GREP=regex: of those files, the tests whose names match (a suite's quick cases: every mutant re-runs the tests that cover it). */
+const grep = process.env['VMEMLAB_MUTATION_GREP'];
 
 export default defineConfig({
   test: {
@@ -16,6 +18,7 @@ export default defineConfig({
       'test/guest-memory.test.ts', 'test/iommu.test.ts', 'test/convergence.test.ts', 'test/migration-stream.test.ts', 'test/litmus.test.ts',
       'test/migration-bugs.test.ts',
     ],
+    ...(grep ? { testNamePattern: grep } : {}),
     testTimeout: 60_000,
     hookTimeout: 60_000,
   },

@@ -108,3 +108,33 @@ describe.each(RIGS)('the MigrationChannel contract: $name', ({ make }) => {
     expect(Atomics.load(w.array, w.index), 'on the word a sender parks on').not.toBe(before);
   });
 });
+
+describe('the credit window and the port\'s transfers', () => {
+  it('a sender may send until exactly 32 MiB are unapplied, and again once 1 KiB of them was applied', () => {
+    const w = words();
+    const ch = new QueueChannel(w);
+    ch.send(new Uint8Array((32 << 20) - 1));
+    expect(ch.canSend()).toBe(true);
+    ch.send(new Uint8Array(1));
+    expect(ch.canSend()).toBe(false);
+    Atomics.store(w, DestWord.APPLIED_KIB, 1);
+    expect(ch.canSend()).toBe(true);
+  });
+
+  it('a frame that owns its buffer is transferred (gone from the sender); a frame inside a larger buffer is copied, the buffer kept', async () => {
+    const { port1, port2 } = new MessageChannel();
+    const ch = new PortChannel(words(), port1);
+    const got: Uint8Array[] = [];
+    port2.on('message', (m: Uint8Array) => got.push(m));
+    const whole = new Uint8Array([1, 2, 3, 4]);
+    ch.send(whole);
+    expect(whole.buffer.byteLength, 'transferred').toBe(0);
+    const big = new Uint8Array([9, 9, 5, 6, 7, 9]);
+    ch.send(big.subarray(2, 5));
+    ch.send(big.subarray(0, 3));
+    expect(big.buffer.byteLength, 'kept').toBe(6);
+    while (got.length < 3) await new Promise((r) => setTimeout(r, 1));
+    expect(got.map((f) => [...f])).toEqual([[1, 2, 3, 4], [5, 6, 7], [9, 9, 5]]);
+    port1.close();
+  });
+});

@@ -171,3 +171,128 @@ describe('page batches across a 2 GiB region boundary', () => {
     for (const p of run) expect(dst.slots[0]!.readU64(p), `page ${p}`).toBe(p === pages - 4 ? 0 : p + 1);
   });
 });
+
+/** Every check the decoder makes refuses its case with its own line, and lets the edge that is still valid through. */
+describe('what the decoder refuses, case by case', () => {
+  const hdr = (slots: unknown[]): Uint8Array => frameOf({ t: 'header', magic: 'vmemlab-migration', version: 2, pageSize: 4096, slots });
+  const refused = (frames: Uint8Array[]): string => {
+    const d = new StreamDecoder();
+    try { for (const f of frames) d.push(f); } catch (e) { expect(e).toBeInstanceOf(StreamError); return (e as Error).message; }
+    return 'accepted';
+  };
+  const slot = { id: 1, asId: 0, baseGfn: 0, pages: 16 };
+
+  it('a header with no slots or more than KVM has', () => {
+    expect(refused([hdr([])])).toBe('frame 0: header: 0 slots; a guest has 1 to 32767');
+    const many = Array.from({ length: 32768 }, (_, i) => ({ id: i & 0xffff, asId: i >> 16, baseGfn: i, pages: 1 }));
+    expect(refused([hdr(many)])).toBe('frame 0: header: 32768 slots; a guest has 1 to 32767');
+    expect(refused([hdr(many.slice(0, 32767))])).toBe('accepted');
+  });
+
+  it('a slot whose fields are not whole numbers in range', () => {
+    const line = (i: number, s: unknown): string => `frame 0: header: slot ${i}: ${JSON.stringify(s)} is not a memslot (id, asId: 16 bits; baseGfn; pages: 1 to 16777216)`;
+    for (const bad of [null, 7, { ...slot, id: -1 }, { ...slot, id: 0x10000 }, { ...slot, asId: 0x10000 }, { ...slot, asId: 1.5 }, { ...slot, id: '1' },
+      { ...slot, baseGfn: 2 ** 52 + 1 }, { ...slot, pages: 0 }, { ...slot, pages: 2 ** 24 + 1 }, { ...slot, pages: 2 ** 53 }]) {
+      expect(refused([hdr([{ id: 9, asId: 0, baseGfn: 1 << 30, pages: 1 }, bad])]), JSON.stringify(bad)).toBe(line(1, bad));
+    }
+    // The largest values each field may take.
+    expect(refused([hdr([{ id: 0xffff, asId: 0xffff, baseGfn: 2 ** 52, pages: 2 ** 24 }])])).toBe('accepted');
+  });
+
+  it('slots that duplicate or overlap another, named in the order they came', () => {
+    expect(refused([hdr([slot, { ...slot, baseGfn: 100 }])])).toBe('frame 0: header: slot 1 (0:1) duplicates or overlaps slot 0:1');
+    expect(refused([hdr([slot, { ...slot, id: 2, baseGfn: 15 }])])).toBe('frame 0: header: slot 1 (0:2) duplicates or overlaps slot 0:1');
+    expect(refused([hdr([{ ...slot, id: 2, baseGfn: 15 }, slot])])).toBe('frame 0: header: slot 1 (0:1) duplicates or overlaps slot 0:2');
+    expect(refused([hdr([{ ...slot, id: 3, baseGfn: 100 }, { ...slot, id: 2, baseGfn: 20, pages: 90 }, slot])])).toBe('frame 0: header: slot 1 (0:2) duplicates or overlaps slot 0:3');
+    // Touching is not overlapping; the same id in another address space is another slot.
+    expect(refused([hdr([slot, { ...slot, id: 2, baseGfn: 16 }, { ...slot, asId: 1, baseGfn: 32 }])])).toBe('accepted');
+  });
+
+  it('more guest memory in all than the limit', () => {
+    const half = 2 ** 23;
+    expect(refused([hdr([{ ...slot, pages: half }, { ...slot, id: 2, baseGfn: half, pages: half }])])).toBe('accepted');
+    expect(refused([hdr([{ ...slot, pages: half }, { ...slot, id: 2, baseGfn: half, pages: half + 1 }])])).toBe('frame 0: header: 16777217 pages of guest memory; at most 16777216 (64 GiB)');
+  });
+
+  it('a header without a slot list, a second header, a record that is not a map', () => {
+    expect(refused([frameOf({ t: 'header', magic: 'vmemlab-migration', version: 2, pageSize: 4096 })])).toBe('frame 0: header has no slot list');
+    expect(refused([hdr([slot]), hdr([slot])])).toBe('frame 1: a second header');
+    expect(refused([hdr([slot]), frameOf(7 as unknown as object)])).toBe('frame 1: the record is not a map');
+    expect(refused([frameOf(null as unknown as object)])).toBe('frame 0: the record is not a map');
+  });
+
+  it('frames too short for their record, and records longer than their frame', () => {
+    const tiny = new Uint8Array([0, 0, 0, 3, 0, 0, 0]);
+    expect(refused([hdr([slot]), tiny])).toBe('frame 1: length 3 is too short');
+    const four = new Uint8Array([0, 0, 0, 4, 0, 0, 0, 0]);
+    expect(refused([hdr([slot]), four])).toMatch(/^frame 1: the record is not valid msgpack/);
+    const long = new Uint8Array([0, 0, 0, 8, 0, 0, 0, 5, 0x90, 0, 0, 0]);
+    expect(refused([hdr([slot]), long])).toBe('frame 1: record length 5 runs past the frame');
+    const exact = frameOf({ t: 'sync', pass: 1 });
+    expect(refused([hdr([slot]), exact])).toBe('accepted');
+    const big = new Uint8Array(8);
+    new DataView(big.buffer).setUint32(0, MAX_FRAME);
+    expect(refused([hdr([slot]), big]), 'a frame of exactly the limit is waited for').toBe('accepted');
+  });
+
+  it('page batches whose offsets and kinds do not match, or with an unknown kind', () => {
+    const batch = (offsets: unknown, kinds: unknown): Uint8Array => frameOf({ t: 'pages', slot: 1, offsets, kinds });
+    const line = 'frame 1: malformed page batch (offsets and kinds do not match)';
+    const u8 = (...w: number[]): Uint8Array => new Uint8Array(new Uint32Array(w).buffer);
+    expect(refused([hdr([slot]), batch([1, 2], new Uint8Array([1, 1]))])).toBe(line);
+    expect(refused([hdr([slot]), batch(new Uint8Array(6), new Uint8Array([1, 1]))])).toBe(line);
+    expect(refused([hdr([slot]), batch(u8(1, 2), [1, 1])])).toBe(line);
+    expect(refused([hdr([slot]), batch(u8(1, 2), new Uint8Array([1]))])).toBe(line);
+    expect(refused([hdr([slot]), batch(u8(1, 2), new Uint8Array([1, 2]))])).toBe('frame 1: unknown page kind 2');
+    expect(refused([hdr([slot]), batch(u8(1, 2), new Uint8Array([1, 1]))])).toBe('accepted');
+  });
+
+  it('a stream cut inside the length word of a frame is truncated, not complete', () => {
+    const frames = stream();
+    const all = concatAll(frames);
+    const d = new StreamDecoder();
+    d.push(all.subarray(0, all.length - frames.at(-1)!.length + 2));
+    expect(() => d.end()).toThrow(/^stream truncated: 2 bytes of an incomplete frame 3$/);
+  });
+
+  it('chunks that end inside a length word, then inside the frame, then past it: each record once, in order', () => {
+    const frames = stream();
+    const all = concatAll(frames);
+    const starts = frames.reduce<number[]>((a, f) => [...a, a.at(-1)! + f.length], [0]);
+    for (const cut of [1, 2, 3, 5, 9]) {
+      const d = new StreamDecoder();
+      const out: unknown[] = [];
+      // Each frame in three chunks: its first `cut` bytes (part of the length word or beyond), then the rest in two.
+      let at = 0;
+      for (let i = 0; i < frames.length; i++) {
+        const end = starts[i + 1]!;
+        for (const to of [at + Math.min(cut, end - at), Math.floor((at + cut + end) / 2), end]) {
+          if (to > at) { out.push(...d.push(all.slice(at, to))); at = to; }
+        }
+      }
+      d.end();
+      expect(out.map((r) => ('t' in (r as object) ? (r as { t: string }).t : 'pages')), `cut ${cut}`).toEqual(['header', 'pages', 'sync', 'complete']);
+    }
+  });
+
+  it('the encoder copies each run of consecutive normal pages once, and skips zero pages and gaps', () => {
+    const pages = new Map([[2, page(2)], [3, page(3)], [4, page(0)], [5, page(5)], [6, page(6)], [9, page(9)], [10, page(10)]]);
+    const copies: [number, number][] = [];
+    const src = copyFrom(pages);
+    const b = encodePages(1, [2, 3, 4, 5, 6, 9, 10, 12], {
+      isZero: (p) => (p === 12 ? false : src.isZero(p)),
+      copy: (p, n, into, at) => { copies.push([p, n]); for (let i = 0; i < n; i++) into.set(p + i === 12 ? page(12) : pages.get(p + i)!, at + i * 4096); },
+    });
+    expect(copies).toEqual([[2, 2], [5, 2], [9, 2], [12, 1]]);
+    const d = new StreamDecoder();
+    d.push(encodeHeader(SLOTS));
+    const got = d.push(b.frame)[0] as PageBatch;
+    expect([...got.offsets]).toEqual([2, 3, 4, 5, 6, 9, 10, 12]);
+    expect([...got.kinds]).toEqual([0, 0, PAGE_ZERO, 0, 0, 0, 0, 0]);
+    expect([0, 1, 2, 3, 4, 5, 6].map((k) => got.payload[k * 4096 + 4095])).toEqual([2, 3, 5, 6, 9, 10, 12]);
+  });
+
+  it('a decoding error is a StreamError by name', () => {
+    expect(new StreamError('x').name).toBe('StreamError');
+  });
+});

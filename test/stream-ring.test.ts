@@ -1,5 +1,5 @@
 import { describe, expect, it } from 'vitest';
-import { DEST_WORDS } from '../src/migration/channel.ts';
+import { DEST_WORDS, DestState, DestWord } from '../src/migration/channel.ts';
 import { RING_BYTES, RING_MAX_FRAME, RingChannel, RingSource, createStreamRing } from '../src/migration/stream-ring.ts';
 
 /** A frame as the stream writes it: u32 BE length of the rest, then `fill` bytes. */
@@ -45,5 +45,56 @@ describe('the in-process stream ring', () => {
     rx.release();
     expect(rx.next()).toBeUndefined();
     expect(() => tx.alloc(RING_MAX_FRAME + 1)).toThrow(/larger than the stream ring takes/);
+  });
+});
+
+describe('the stream ring at its edges', () => {
+  it('four frames of the largest size fill it exactly, with no wrap; the sender may send while half is free', () => {
+    const ring = createStreamRing();
+    const tx = new RingChannel(ring, new Int32Array(DEST_WORDS));
+    const rx = new RingSource(ring);
+    for (let i = 0; i < 4; i++) {
+      expect(tx.canSend(), `frame ${i}`).toBe(i <= 2); // free 32, 24, 16 (exactly half), 8 MiB
+      const f = tx.alloc(RING_MAX_FRAME);
+      expect(f, `frame ${i} fits`).not.toBeNull();
+      expect(f!.byteOffset - ring.byteLength + RING_BYTES, 'in order, no wrap').toBe(i * RING_MAX_FRAME);
+      tx.send(frameIn(f!, i + 1));
+    }
+    expect(tx.alloc(8), 'full').toBeNull();
+    expect(tx.bytesSent).toBe(4 * RING_MAX_FRAME);
+    for (let i = 0; i < 4; i++) {
+      const f = rx.next()!;
+      expect([f.length, f[4]]).toEqual([RING_MAX_FRAME, i + 1]);
+      rx.release();
+    }
+    expect(rx.next()).toBeUndefined();
+  });
+
+  it('a full ring does not hold a sender whose destination failed or was cancelled: the frame is dropped, nothing counted', () => {
+    for (const word of [DestWord.STATE, DestWord.CANCEL]) {
+      const ring = createStreamRing();
+      const dest = new Int32Array(DEST_WORDS);
+      const tx = new RingChannel(ring, dest);
+      for (let f = tx.alloc(RING_MAX_FRAME); f !== null; f = tx.alloc(RING_MAX_FRAME)) tx.send(frameIn(f, 1));
+      const sent = tx.bytesSent;
+      Atomics.store(dest, word, word === DestWord.STATE ? DestState.FAILED : 1);
+      tx.send(frameIn(new Uint8Array(16), 2));
+      expect(tx.bytesSent).toBe(sent);
+    }
+  });
+
+  it('an empty ring tells the reader where to park: the write count it saw', () => {
+    const ring = createStreamRing();
+    const tx = new RingChannel(ring, new Int32Array(DEST_WORDS));
+    const rx = new RingSource(ring);
+    expect(rx.next()).toBeUndefined();
+    expect(rx.parkWord.value).toBe(0);
+    tx.send(frameIn(new Uint8Array(13), 7));
+    rx.next();
+    rx.release();
+    expect(rx.next()).toBeUndefined();
+    const park = rx.parkWord;
+    expect(park.value).toBe(16); // 13 bytes take 16
+    expect(Atomics.load(park.array, park.index)).toBe(park.value);
   });
 });
