@@ -3,6 +3,7 @@ import { describe, expect, it } from 'vitest';
 import { GuestMemory } from '../src/host/guest-memory.ts';
 import { REGION_PAGES_SHIFT, createVmLayout } from '../src/host/layout.ts';
 import { Destination } from '../src/migration/destination.ts';
+import { DestState, DestWord } from '../src/migration/channel.ts';
 import { LEGACY } from './helpers.ts';
 import {
   MAX_FRAME, PAGE_ZERO, type PageBatch, StreamDecoder, StreamError, checksumUpdate, encodeComplete, encodeHeader,
@@ -294,5 +295,81 @@ describe('what the decoder refuses, case by case', () => {
 
   it('a decoding error is a StreamError by name', () => {
     expect(new StreamError('x').name).toBe('StreamError');
+  });
+});
+
+/** The destination's side of the stream: what it writes where, what it counts, what it refuses. */
+describe('the destination applies the stream', () => {
+  const SLOT = { id: 1, asId: 0, baseGfn: 0x100, pages: 16 };
+  const memory = (slot = SLOT): GuestMemory => new GuestMemory(createVmLayout({ slots: [{ ...slot, flags: 0 }], vcpus: 1, tracking: LEGACY }));
+  const contents = (fill: number): Uint8Array => { const p = page(fill); p[100] = fill + 1; return p; };
+
+  it('refuses a header whose slots do not match its memory, and everything after that', () => {
+    for (const other of [{ ...SLOT, id: 2 }, { ...SLOT, asId: 1 }, { ...SLOT, baseGfn: 0x101 }, { ...SLOT, pages: 15 }]) {
+      const d = new Destination(memory());
+      expect(d.receive(encodeHeader([other])), JSON.stringify(other)).toBe(false);
+      expect(d.error).toBe(`the source's slot ${other.asId}:${other.id} (gfn 0x${other.baseGfn.toString(16)}, ${other.pages} pages) does not match this destination's memory`);
+      expect(d.state).toBe(DestState.FAILED);
+      expect(d.receive(encodeSync(1)), 'nothing after a failure').toBe(false);
+    }
+    expect(new Destination(memory()).receive(encodeHeader([SLOT]))).toBe(true);
+  });
+
+  it('writes each page of a batch where it belongs: runs, gaps and zero pages; counts frames, pages and syncs; credits what it received', () => {
+    const mem = memory();
+    const s = mem.slots[0]!;
+    for (let p = 0; p < 16; p++) s.bytes(p).fill(0xee, s.byteOffset(p), s.byteOffset(p) + 4096); // old contents everywhere
+    const sent = new Map([[2, contents(2)], [3, contents(3)], [4, page(0)], [5, contents(5)], [6, contents(6)], [7, contents(7)], [9, contents(9)], [11, page(0)]]);
+    const b = encodePages(1, [...sent.keys()], copyFrom(sent));
+    const frames = [encodeHeader([SLOT]), b.frame, encodeSync(1)];
+    const crc = frames.reduce((c, f) => checksumUpdate(c, f), 0);
+    frames.push(encodeComplete(6, 2, crc));
+    const d = new Destination(mem);
+    let bytes = 0;
+    for (const f of frames) {
+      expect(d.receive(f), d.error ?? '').toBe(true);
+      bytes += f.length;
+      expect(Atomics.load(d.words, DestWord.APPLIED_KIB)).toBe(Math.floor(bytes / 1024));
+    }
+    expect(d.stats).toEqual({ frames: 4, normal: 6, zero: 2, syncs: 1 });
+    expect(d.state).toBe(DestState.COMPLETE);
+    for (let p = 0; p < 16; p++) {
+      const got = s.bytes(p).subarray(s.byteOffset(p), s.byteOffset(p) + 4096);
+      const want = sent.get(p) ?? new Uint8Array(4096).fill(0xee);
+      expect(Buffer.compare(got, want), `page ${p}`).toBe(0);
+    }
+  });
+
+  it('refuses a completion whose page counts differ from what it received', () => {
+    const d = new Destination(memory());
+    const frames = [encodeHeader([SLOT]), encodePages(1, [1], copyFrom(new Map([[1, contents(1)]]))).frame];
+    const crc = frames.reduce((c, f) => checksumUpdate(c, f), 0);
+    for (const f of frames) d.receive(f);
+    expect(d.receive(encodeComplete(1, 1, crc))).toBe(false);
+    expect(d.error).toBe('completion record counts 1 normal and 1 zero pages, received 1 and 0');
+  });
+
+  it('builds its memory from the header when it was told nothing; fresh memory is neither read nor written for a zero page it never wrote', () => {
+    let built: GuestMemory | null = null;
+    const d = new Destination(null, undefined, (slots) => { built = memory(slots[0]! as typeof SLOT); return built; }, true);
+    expect(d.receive(encodeHeader([SLOT]))).toBe(true);
+    const s = built!.slots[0]!;
+    let reads = 0;
+    const isZero = s.isZeroPage.bind(s);
+    s.isZeroPage = (p) => { reads++; return isZero(p); };
+    expect(d.receive(encodePages(1, [3], copyFrom(new Map([[3, contents(3)]]))).frame)).toBe(true);
+    expect(d.receive(encodePages(1, [3, 4], copyFrom(new Map([[3, page(0)], [4, page(0)]]))).frame)).toBe(true);
+    expect(reads, 'only the page it wrote is looked at').toBe(1);
+    expect(s.isZeroPage(3), 'the page it wrote is zero again').toBe(true);
+  });
+
+  it('memory that is not fresh gets every zero page checked and zeroed', () => {
+    const mem = memory();
+    const s = mem.slots[0]!;
+    s.writeU64(4, 77);
+    const d = new Destination(mem);
+    d.receive(encodeHeader([SLOT]));
+    expect(d.receive(encodePages(1, [4], copyFrom(new Map([[4, page(0)]]))).frame)).toBe(true);
+    expect(s.isZeroPage(4)).toBe(true);
   });
 });
