@@ -155,6 +155,8 @@ export function* precopy(
       if (cancelled() || destinationFailed()) { batch.length = 0; return; }
       if (batch.length === 0 || batchSlot === null) return;
       yield* waitForCredit(limited);
+      // The wait ends early on a cancel or a failed destination: the batch is dropped then too (no frame past the credit window).
+      if (cancelled() || destinationFailed()) { batch.length = 0; return; }
       const s = batchSlot;
       vm.tracepoints.active?.copied(s, batch, copyStage);
       const enc = encodePages(s.slotField, batch, pagesOf(s), inPlace);
