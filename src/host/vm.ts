@@ -115,7 +115,8 @@ export class Vm {
 
   disableDirtyLogging(slot: Memslot): void {
     Atomics.and(this.slotFlags, slot.index, ~KVM_MEM_LOG_DIRTY_PAGES);
-    mapSlotWritable(slot);
+    // A read-only slot stays unmapped for writes (populate leaves it so): its writes exit to MMIO.
+    if (!slotIsReadonly(this.flags(slot))) mapSlotWritable(slot);
   }
 
   /**
