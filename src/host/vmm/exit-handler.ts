@@ -31,7 +31,8 @@ export class ExitHandler {
     const vmm = this.vmm;
     for (let v = 0; v < vmm.vcpus; v++) {
       if (vmm.parkedExit(v) !== KVM_EXIT_MMIO) continue;
-      return { vcpu: v, gpa: vmm.word(v, VcpuWord.MMIO_GPA_LO) + vmm.word(v, VcpuWord.MMIO_GPA_HI) * 4294967296 };
+      // The words are Int32: the low one reads back negative from bit 31 up.
+      return { vcpu: v, gpa: (vmm.word(v, VcpuWord.MMIO_GPA_LO) >>> 0) + (vmm.word(v, VcpuWord.MMIO_GPA_HI) >>> 0) * 4294967296 };
     }
     return null;
   }
