@@ -1,5 +1,6 @@
 import { DeterministicDriver, ReplayScheduler } from '../src/drivers/deterministic.ts';
-import { type Role, Step, type Steps } from '../src/roles/role.ts';
+import { Packr } from 'msgpackr';
+import { type Role, Step, type Steps, type Wait } from '../src/roles/role.ts';
 import { type GuestOp, OpKind, type Workload } from '../src/host/guest-op.ts';
 import { type DirtyTracking, type MemslotConfig, createVmLayout } from '../src/host/layout.ts';
 import { Vcpu } from '../src/host/vcpu.ts';
@@ -59,3 +60,30 @@ export function complete<T>(gen: Steps<T>, others: Role[] = [], maxSteps = 100_0
 }
 
 export { DeterministicDriver, ReplayScheduler, VmmControl };
+
+/** Runs a step procedure to its end, stepping `others` whenever it blocks; returns its value and the waits it blocked on. */
+export function drive<T>(gen: Steps<T>, others: Role[] = []): { value: T; waits: Wait[] } {
+  const waits: Wait[] = [];
+  for (let i = 0; i < 10_000; i++) {
+    const r = gen.next();
+    if (r.done) return { value: r.value, waits };
+    if (r.value === undefined) continue;
+    waits.push(r.value);
+    if (others.length === 0) throw new Error(`blocked with nobody to step: wait code ${r.value.code} arg ${r.value.arg}`);
+    for (const o of others) o.step();
+  }
+  throw new Error('procedure did not finish in 10000 steps');
+}
+
+/** A migration stream frame built by hand (any record, any payload): u32 length, u32 record length, the msgpack record padded to 8, the payload. */
+export function frameOf(record: object, payload = new Uint8Array(0)): Uint8Array {
+  const head = new Packr({ useRecords: false }).pack(record);
+  const at = (8 + head.length + 7) & ~7; // the record padded to 8 bytes from the frame's start
+  const buf = new Uint8Array(at + payload.length);
+  const dv = new DataView(buf.buffer);
+  dv.setUint32(0, at - 4 + payload.length);
+  dv.setUint32(4, head.length);
+  buf.set(head, 8);
+  buf.set(payload, at);
+  return buf;
+}

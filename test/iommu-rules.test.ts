@@ -15,7 +15,7 @@ import {
 import { type IommuServiceEvent, iommuService } from '../src/host/iommu/iommu-service.ts';
 import { createVmLayout } from '../src/host/layout.ts';
 import { type KernelBugs, Vm } from '../src/host/vm.ts';
-import { LEGACY } from './helpers.ts';
+import { LEGACY, drive } from './helpers.ts';
 
 const P = PAGE_SIZE;
 const RW = VFIO_DMA_MAP_FLAG_READ | VFIO_DMA_MAP_FLAG_WRITE;
@@ -38,19 +38,6 @@ function iommuVm(o: { backend?: IommuBackendKind; limit?: number; devices?: numb
 const bareIommu = (o: ReturnType<typeof iommuVm>, bugs: IommuBugs): Iommu => new Iommu(o.layout.iommu!, o.vm.memory, bugs);
 
 const map = (iommu: Iommu, iovaPage: number, gfn: number, pages = 1, flags = RW) => iommu.mapDma(iovaPage * P, pages * P, gfn * P, flags);
-
-function drive<T>(gen: Steps<T>, others: Role[] = []): { value: T; waits: Wait[] } {
-  const waits: Wait[] = [];
-  for (let i = 0; i < 10_000; i++) {
-    const r = gen.next();
-    if (r.done) return { value: r.value, waits };
-    if (r.value === undefined) continue;
-    waits.push(r.value);
-    if (others.length === 0) throw new Error(`blocked with nobody to step: wait code ${r.value.code} arg ${r.value.arg}`);
-    for (const o of others) o.step();
-  }
-  throw new Error('procedure did not finish');
-}
 
 const unmap = (iommu: Iommu, iovaPage: number, pages: number, others: Role[] = []) => drive(iommu.unmapDma(iovaPage * P, pages * P), others).value;
 

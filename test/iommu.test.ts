@@ -15,7 +15,7 @@ import { createVmLayout } from '../src/host/layout.ts';
 import { type KernelBugs, Vm } from '../src/host/vm.ts';
 import { type DeviceSetup, attachDevices, iommuConfigFor } from '../src/scenarios/devices.ts';
 import { UserError } from '../src/util/errors.ts';
-import { LEGACY } from './helpers.ts';
+import { LEGACY, drive } from './helpers.ts';
 
 const P = PAGE_SIZE;
 const RW = VFIO_DMA_MAP_FLAG_READ | VFIO_DMA_MAP_FLAG_WRITE;
@@ -35,20 +35,6 @@ function iommuVm(o: { backend?: IommuBackendKind; limit?: number; devices?: numb
 
 /** Maps `pages` IOVA pages from `iovaPage` to guest frames from BASE + `page`. */
 const map = (iommu: Iommu, iovaPage: number, page: number, pages = 1, flags = RW) => iommu.mapDma(iovaPage * P, pages * P, (BASE + page) * P, flags);
-
-/** Runs a step procedure to its end, stepping `others` whenever it blocks; returns its value and the waits it blocked on. */
-function drive<T>(gen: Steps<T>, others: Role[] = []): { value: T; waits: Wait[] } {
-  const waits: Wait[] = [];
-  for (let i = 0; i < 10_000; i++) {
-    const r = gen.next();
-    if (r.done) return { value: r.value, waits };
-    if (r.value === undefined) continue;
-    waits.push(r.value);
-    if (others.length === 0) throw new Error(`blocked with nobody to step: wait code ${r.value.code} arg ${r.value.arg}`);
-    for (const o of others) o.step();
-  }
-  throw new Error('procedure did not finish in 10000 steps');
-}
 
 const unmap = (iommu: Iommu, iovaPage: number, pages: number, others: Role[] = []) => drive(iommu.unmapDma(iovaPage * P, pages * P), others);
 

@@ -1,10 +1,9 @@
-import { Packr } from 'msgpackr';
 import { describe, expect, it } from 'vitest';
 import { GuestMemory } from '../src/host/guest-memory.ts';
 import { REGION_PAGES_SHIFT, createVmLayout } from '../src/host/layout.ts';
 import { Destination } from '../src/migration/destination.ts';
 import { DestState, DestWord } from '../src/migration/channel.ts';
-import { LEGACY } from './helpers.ts';
+import { LEGACY, frameOf } from './helpers.ts';
 import {
   MAX_FRAME, PAGE_ZERO, type PageBatch, StreamDecoder, StreamError, checksumUpdate, encodeComplete, encodeHeader,
   type PageSource, encodePages, encodeSync,
@@ -27,17 +26,6 @@ function concatAll(parts: Uint8Array[]): Uint8Array {
   return out;
 }
 
-function frameOf(record: object, payload = new Uint8Array(0)): Uint8Array {
-  const head = new Packr({ useRecords: false }).pack(record);
-  const at = (8 + head.length + 7) & ~7; // the record padded to 8 bytes from the frame's start
-  const buf = new Uint8Array(at + payload.length);
-  const dv = new DataView(buf.buffer);
-  dv.setUint32(0, at - 4 + payload.length);
-  dv.setUint32(4, head.length);
-  buf.set(head, 8);
-  buf.set(payload, at);
-  return buf;
-}
 
 function stream(): Uint8Array[] {
   const pages = new Map([[3, page(7)], [4, page(0)], [63, page(9)]]);

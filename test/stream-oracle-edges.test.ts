@@ -1,4 +1,3 @@
-import { Packr } from 'msgpackr';
 import { describe, expect, it } from 'vitest';
 import { GuestMemory } from '../src/host/guest-memory.ts';
 import { createVmLayout } from '../src/host/layout.ts';
@@ -15,7 +14,7 @@ import { Vm } from '../src/host/vm.ts';
 import { runResumedGuest } from '../src/migration/incoming.ts';
 import { type VerifyExceptions, verifyDirtyLog } from '../src/oracles/dirty-log-verify.ts';
 import { WaitCode, waitFor } from '../src/roles/role.ts';
-import { LEGACY } from './helpers.ts';
+import { LEGACY, frameOf } from './helpers.ts';
 
 const SLOT = { id: 1, asId: 0, baseGfn: 0x100, pages: 16 };
 const page = (fill: number): Uint8Array => new Uint8Array(4096).fill(fill);
@@ -28,17 +27,6 @@ function copyFrom(pages: Map<number, Uint8Array>): PageSource {
   };
 }
 
-function frameOf(record: object, payload = new Uint8Array(0)): Uint8Array {
-  const head = new Packr({ useRecords: false }).pack(record);
-  const at = (8 + head.length + 7) & ~7;
-  const buf = new Uint8Array(at + payload.length);
-  const dv = new DataView(buf.buffer);
-  dv.setUint32(0, at - 4 + payload.length);
-  dv.setUint32(4, head.length);
-  buf.set(head, 8);
-  buf.set(payload, at);
-  return buf;
-}
 
 const refused = (frames: Uint8Array[], end = false): string => {
   const d = new StreamDecoder();
