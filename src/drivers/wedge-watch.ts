@@ -20,6 +20,16 @@ export interface WedgeWatch {
  * started is wedged inside that role's step, and `onWedged` ends it (terminates its thread).
  * The driver steps one role at a time, so every other role waits for the wedged one.
  */
+/** The run's side: it started stepping (a queued run is not a wedged one). */
+export function heartbeatStarted(heartbeat: SharedArrayBuffer): void {
+  Atomics.store(new Int32Array(heartbeat), 2, 1);
+}
+
+/** The run's side: stepping is over (what follows, the memory comparison, takes no steps and is not a wedge). */
+export function heartbeatStopped(heartbeat: SharedArrayBuffer): void {
+  Atomics.store(new Int32Array(heartbeat), 2, 2);
+}
+
 export function watchWedged(names: readonly string[], watchdogMs: number, onWedged: () => void): WedgeWatch {
   const heartbeat = new SharedArrayBuffer(12);
   const hb = new Int32Array(heartbeat);

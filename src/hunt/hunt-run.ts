@@ -1,3 +1,4 @@
+import { heartbeatStarted } from '../drivers/wedge-watch.ts';
 import type { Strategy } from '../drivers/strategy.ts';
 import { type MigrationRunOptions, type MigrationScenario, runMigration } from '../scenarios/migration.ts';
 import { type Failure, failureOf, fingerprint } from './failure.ts';
@@ -35,7 +36,7 @@ export interface HuntRun {
 
 /** Runs one task (on a pool worker, or in-process). */
 export async function runHuntTask(t: HuntTask): Promise<HuntRun> {
-  if (t.heartbeat) Atomics.store(new Int32Array(t.heartbeat), 2, 1); // started: a queued task is not a wedged one
+  if (t.heartbeat) heartbeatStarted(t.heartbeat);
   const strategy = t.strategy === 'free' ? undefined : t.strategy;
   const free = strategy === undefined;
   const r = await runMigration({ ...t.scenario, seed: t.seed }, {

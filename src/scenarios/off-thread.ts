@@ -1,5 +1,5 @@
 import { spawnWorker } from '../drivers/spawn.ts';
-import { watchWedged } from '../drivers/wedge-watch.ts';
+import { heartbeatStarted, watchWedged } from '../drivers/wedge-watch.ts';
 import { UserError } from '../util/errors.ts';
 import type { MigrationEvent } from '../migration/migration-stats.ts';
 import type { DirtyLogEvent, DirtyLogTestConfig } from './dirty-log-test.ts';
@@ -30,7 +30,7 @@ type Message =
 
 /** The run's side (workers/deterministic-run.ts): runs the task, posting its events and then its result or error. */
 export async function runOffThreadTask(task: OffThreadTask, heartbeat: SharedArrayBuffer, post: (m: Message) => void): Promise<void> {
-  Atomics.store(new Int32Array(heartbeat), 2, 1); // started
+  heartbeatStarted(heartbeat);
   const onEvent = (event: MigrationEvent | DirtyLogEvent): void => post({ type: 'event', event });
   try {
     const result = task.kind === 'migration'

@@ -1,3 +1,4 @@
+import { heartbeatStopped } from '../drivers/wedge-watch.ts';
 import { DeadlockError, DeterministicDriver } from '../drivers/deterministic.ts';
 import { type Strategy, schedulerFor } from '../drivers/strategy.ts';
 import { type FreeRunActor, runFreeRun } from '../drivers/free-run.ts';
@@ -89,7 +90,7 @@ export async function runRoles(o: RunRolesOptions): Promise<RunRolesOutcome> {
       out.errors.push(e.message);
     } finally {
       // Stepping is over; what follows (the memory comparison) takes no steps and is not a wedge.
-      if (o.heartbeat) Atomics.store(new Int32Array(o.heartbeat), 2, 2);
+      if (o.heartbeat) heartbeatStopped(o.heartbeat);
     }
     out.steps = driver.stepCount;
     out.schedule = driver.recorded;

@@ -1,4 +1,5 @@
 import { EINVAL, PAGE_SIZE } from '../constants.ts';
+import { PageBitmap } from '../dirty-bitmap.ts';
 import type { Steps } from '../../roles/role.ts';
 import { errnoName } from '../../util/errors.ts';
 
@@ -68,14 +69,14 @@ export class RamBlockAttributes {
   readonly blocks: number;
   /** The region's size in bytes (memory_region_size). */
   readonly size: number;
-  private readonly bitmap: Uint32Array;
+  private readonly bitmap: PageBitmap;
   /** rdl_list, newest first, each with its registered section (rdl->section). */
   private readonly rdlList: { rdl: RamDiscardListener; section: RamSection }[] = [];
 
   constructor(readonly block: RamBlock) {
     this.blocks = block.pages;
     this.size = block.pages * RamBlockAttributes.BLOCK_SIZE;
-    this.bitmap = new Uint32Array(Math.ceil(this.blocks / 32));
+    this.bitmap = new PageBitmap(this.blocks);
   }
 
   /** ram_block_attributes_rdm_get_min_granularity. */
@@ -98,12 +99,7 @@ export class RamBlockAttributes {
 
   /** Blocks populated (shared) now. */
   populatedBlocks(): number {
-    let n = 0;
-    for (const w of this.bitmap) {
-      let m = w;
-      while (m !== 0) { m &= m - 1; n++; }
-    }
-    return n;
+    return this.bitmap.count();
   }
 
   /**
@@ -137,7 +133,7 @@ export class RamBlockAttributes {
         return RDM_OK;
       }
       for (let bit = first; bit <= last; bit++) {
-        if (!this.test(bit)) continue;
+        if (!this.bitmap.isDirty(bit)) continue;
         this.fill(bit, 1, false);
         yield* this.notifyDiscard(bit * bs, bs);
       }
@@ -149,7 +145,7 @@ export class RamBlockAttributes {
       return yield* this.notifyPopulate(offset, size);
     }
     for (let bit = first; bit <= last; bit++) {
-      if (this.test(bit)) continue;
+      if (this.bitmap.isDirty(bit)) continue;
       this.fill(bit, 1, true);
       const r = yield* this.notifyPopulate(bit * bs, bs);
       if (r.ret !== 0) return r;
@@ -258,7 +254,7 @@ export class RamBlockAttributes {
     let bit = from;
     while (bit < end) {
       const w = bit >>> 5;
-      const word = value ? this.bitmap[w]! : ~this.bitmap[w]! >>> 0;
+      const word = value ? this.bitmap.words[w]! : ~this.bitmap.words[w]! >>> 0;
       const m = (word >>> (bit & 31)) << (bit & 31) >>> 0;
       if (m !== 0) {
         const found = w * 32 + (31 - Math.clz32(m & -m));
@@ -269,15 +265,11 @@ export class RamBlockAttributes {
     return limit;
   }
 
-  private test(bit: number): boolean {
-    return (this.bitmap[bit >>> 5]! & (1 << (bit & 31))) !== 0;
-  }
-
   /** bitmap_set / bitmap_clear. */
   private fill(first: number, n: number, value: boolean): void {
     for (let bit = first; bit < first + n; bit++) {
-      if (value) this.bitmap[bit >>> 5]! |= 1 << (bit & 31);
-      else this.bitmap[bit >>> 5]! &= ~(1 << (bit & 31));
+      if (value) this.bitmap.mark(bit);
+      else this.bitmap.words[bit >>> 5]! &= ~(1 << (bit & 31));
     }
   }
 
