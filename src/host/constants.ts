@@ -32,6 +32,7 @@ export const KVM_EXIT_UNKNOWN = 0;
 export const KVM_EXIT_MMIO = 6;
 export const KVM_EXIT_INTR = 10;
 export const KVM_EXIT_DIRTY_RING_FULL = 31;
+export const KVM_EXIT_HYPERCALL = 3;
 export const KVM_EXIT_MEMORY_FAULT = 39;
 
 export const EXIT_REASON_NAMES: Record<number, string> = {
@@ -39,13 +40,26 @@ export const EXIT_REASON_NAMES: Record<number, string> = {
   [KVM_EXIT_MMIO]: 'KVM_EXIT_MMIO',
   [KVM_EXIT_INTR]: 'KVM_EXIT_INTR',
   [KVM_EXIT_DIRTY_RING_FULL]: 'KVM_EXIT_DIRTY_RING_FULL',
+  [KVM_EXIT_HYPERCALL]: 'KVM_EXIT_HYPERCALL',
   [KVM_EXIT_MEMORY_FAULT]: 'KVM_EXIT_MEMORY_FAULT',
 };
+
+// Private memory (KVM_SET_MEMORY_ATTRIBUTES, guest_memfd; Documentation/virt/kvm/api.rst).
+/** struct kvm_memory_attributes.attributes: the page is private (bits 0-2 are reserved). */
+export const KVM_MEMORY_ATTRIBUTE_PRIVATE = 1 << 3;
+/** kvm_run.memory_fault.flags: the faulting access was private. */
+export const KVM_MEMORY_EXIT_FLAG_PRIVATE = 1 << 3;
+/** fallocate(2) modes guest_memfd takes (kvm_gmem_fallocate). */
+export const FALLOC_FL_KEEP_SIZE = 0x01;
+export const FALLOC_FL_PUNCH_HOLE = 0x02;
 
 // errno values the ioctls return (negated, as the kernel does).
 export const ENOENT = 2;
 export const ENXIO = 6;
+export const EAGAIN = 11;
+export const EFAULT = 14;
 export const EINVAL = 22;
+export const EOPNOTSUPP = 95;
 export const EBUSY = 16;
 export const EEXIST = 17;
 export const ENOSPC = 28;

@@ -22,6 +22,12 @@ export interface GuestOp {
   value: number;
   /** STORE8 and INC8: the byte within the page (bytes 8-15 hold the stamp; 0 for byte 0). */
   offset: number;
+  /**
+   * A confidential guest's private access (a TDX guest's GPA without the shared bit, an
+   * SNP guest's C-bit set); absent or false: shared. A workload that sets it sets it on
+   * every operation.
+   */
+  private?: boolean;
 }
 
 /** What a guest can see: the dirty_log_test `iteration` global. */

@@ -1,6 +1,7 @@
 import {
-  KVM_DIRTY_GFN_SIZE, KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, PAGE_SIZE,
+  EINVAL, KVM_DIRTY_GFN_SIZE, KVM_MEM_GUEST_MEMFD, KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, PAGE_SIZE,
 } from './constants.ts';
+import { KvmError } from '../util/errors.ts';
 import { createPageHistoryBuffer } from './page-history-buffer.ts';
 import { type IommuConfig, type IommuLayout, createIommuLayout } from './iommu/iommu-layout.ts';
 import { INJECTION_WORDS } from './injections.ts';
@@ -40,6 +41,12 @@ export interface VmConfig {
   pageHistory?: boolean;
   /** An IOMMU with devices behind it (src/host/iommu). */
   iommu?: IommuConfig;
+  /**
+   * The VM type has private memory (kvm_arch_has_private_mem: KVM_X86_SW_PROTECTED_VM,
+   * SNP, TDX): KVM_MEMORY_ATTRIBUTE_PRIVATE is supported and slots may take
+   * KVM_MEM_GUEST_MEMFD.
+   */
+  privateMem?: boolean;
 }
 
 export interface MemslotLayout extends MemslotConfig {
@@ -50,6 +57,11 @@ export interface MemslotLayout extends MemslotConfig {
   spte: SharedArrayBuffer;
   /** One bit per page, 32-bit words: KVM's dirty bitmap (or the ring's backup bitmap). */
   dirtyBitmap: SharedArrayBuffer;
+  /**
+   * KVM_MEM_GUEST_MEMFD: the guest_memfd's pages (private memory, offset 0 of its own
+   * file), regions as `regions`; only vCPUs reach them. Null for other slots.
+   */
+  gmem: SharedArrayBuffer[] | null;
 }
 
 export interface VmLayout {
@@ -69,6 +81,8 @@ export interface VmLayout {
   iommu: IommuLayout | null;
   /** How often each injected bug acted (injections.ts). */
   injections: SharedArrayBuffer;
+  /** One byte per page (VM-wide numbering): KVM's memory attributes, when VmConfig.privateMem. */
+  attributes: SharedArrayBuffer | null;
 }
 
 /** Words of `global`, each on its own line. */
@@ -89,8 +103,15 @@ export const GlobalWord = {
   HOST_PAUSED: 5 * LINE_WORDS,
   /** Host actors that honour HOST_PAUSE (each registers when it starts). */
   HOST_ACTORS: 5 * LINE_WORDS + 1,
+  /** kvm->mmu_invalidate_in_progress, _seq and the range (gfns) being invalidated (mmu-invalidate.ts). */
+  MMU_INVALIDATE_IN_PROGRESS: 6 * LINE_WORDS,
+  MMU_INVALIDATE_SEQ: 6 * LINE_WORDS + 1,
+  MMU_INVALIDATE_START: 6 * LINE_WORDS + 2,
+  MMU_INVALIDATE_END: 6 * LINE_WORDS + 3,
+  /** kvm->mmu_lock: held by an invalidation's zap and flush, and by a fault's check and install. */
+  MMU_LOCK: 6 * LINE_WORDS + 4,
 } as const;
-const GLOBAL_WORDS = 6 * LINE_WORDS;
+const GLOBAL_WORDS = 7 * LINE_WORDS;
 
 /** Words a vCPU writes (first line of its block). */
 export const VcpuWord = {
@@ -121,6 +142,12 @@ export const VcpuWord = {
   EXIT_RUN_SEQ: 12,
   /** Microseconds spent paced outside guest mode (dirty limit, guest operation rate, throttle). */
   PACED_US: 13,
+  /**
+   * KVM_EXIT_MEMORY_FAULT's kvm_run.memory_fault: flags (KVM_MEMORY_EXIT_FLAG_PRIVATE) and
+   * size; its gpa is in MMIO_GPA_LO/HI (kvm_run's exit information is one union).
+   */
+  MEMORY_FAULT_FLAGS: 14,
+  MEMORY_FAULT_SIZE: 15,
 } as const;
 
 /** Words the VMM writes (second line of the block). */
@@ -164,12 +191,16 @@ export function createVmLayout(config: VmConfig): VmLayout {
     for (let p = 0; p < s.pages; p += REGION_PAGES) {
       regions.push(new SharedArrayBuffer(Math.min(REGION_PAGES, s.pages - p) * PAGE_SIZE));
     }
+    const gmem = (s.flags & KVM_MEM_GUEST_MEMFD) !== 0;
+    if (gmem) checkGuestMemfdSlot(config, s);
     const layout: MemslotLayout = {
       ...s,
       firstPage,
       regions,
       spte: new SharedArrayBuffer(s.pages),
       dirtyBitmap: new SharedArrayBuffer(Math.ceil(s.pages / 32) * 4),
+      // Untouched SharedArrayBuffer pages cost no memory: a private backing as large as the slot is free until used.
+      gmem: gmem ? regions.map((r) => new SharedArrayBuffer(r.byteLength)) : null,
     };
     // Keep every slot's first page 64-aligned in the VM-wide numbering, so userspace
     // bitmaps can take a slot's GET_DIRTY_LOG words as they are.
@@ -198,7 +229,15 @@ export function createVmLayout(config: VmConfig): VmLayout {
     pageHistory: config.pageHistory ? createPageHistoryBuffer(firstPage) : null,
     iommu: config.iommu ? createIommuLayout(config.iommu, firstPage) : null,
     injections: new SharedArrayBuffer(INJECTION_WORDS * 4),
+    attributes: config.privateMem ? new SharedArrayBuffer(Math.max(1, firstPage)) : null,
   };
+}
+
+/** check_memory_region_flags for KVM_MEM_GUEST_MEMFD (virt/kvm/kvm_main.c). */
+function checkGuestMemfdSlot(config: VmConfig, s: MemslotConfig): void {
+  const ioctl = 'KVM_SET_USER_MEMORY_REGION2';
+  if (!config.privateMem) throw new KvmError(EINVAL, ioctl, `slot ${s.id}: KVM_MEM_GUEST_MEMFD on a VM type without private memory`);
+  if ((s.flags & KVM_MEM_READONLY) !== 0) throw new KvmError(EINVAL, ioctl, `slot ${s.id}: KVM_MEM_GUEST_MEMFD with KVM_MEM_READONLY`);
 }
 
 export function slotLogsDirtyPages(flags: number): boolean {

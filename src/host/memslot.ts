@@ -54,6 +54,12 @@ export class Memslot {
   private readonly buffers: Buffer[];
   readonly spte: Uint8Array;
   readonly dirtyBitmap: Int32Array;
+  /**
+   * KVM_MEM_GUEST_MEMFD: the slot's private pages, the same page numbering over the
+   * guest_memfd's memory. Only the vCPUs' private accesses (and guest_memfd itself) use it:
+   * the VMM, the migration thread and devices reach the shared pages alone.
+   */
+  readonly gmem: Memslot | null;
 
   constructor(layout: MemslotLayout, index: number) {
     this.id = layout.id;
@@ -69,6 +75,7 @@ export class Memslot {
     this.buffers = layout.regions.map((r) => Buffer.from(r));
     this.spte = new Uint8Array(layout.spte);
     this.dirtyBitmap = new Int32Array(layout.dirtyBitmap);
+    this.gmem = layout.gmem !== null ? new Memslot({ ...layout, regions: layout.gmem, gmem: null }, index) : null;
   }
 
   /** The region's 32-bit view holding `page`; index it with `wordIndex(page)`. */
@@ -146,6 +153,17 @@ export class Memslot {
       page += n;
       count -= n;
       at += n * PAGE_SIZE;
+    }
+  }
+
+  /** Zeroes `count` pages from `page` on (a discarded or truncated range reads zeros). */
+  zeroPages(page: number, count: number): void {
+    while (count > 0) {
+      const n = Math.min(count, REGION_PAGES - (page & REGION_MASK));
+      const off = this.byteOffset(page);
+      this.bytes(page).fill(0, off, off + n * PAGE_SIZE);
+      page += n;
+      count -= n;
     }
   }
 

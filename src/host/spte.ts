@@ -2,10 +2,13 @@ import type { Memslot } from './memslot.ts';
 
 /**
  * Second-level page-table entry state, one byte per page in shared memory. vmemlab keeps
- * only what dirty tracking needs: whether the page is mapped writable. (Memory type and
- * the private attribute will take further bits.)
+ * what dirty tracking and private memory need: whether the page is mapped writable to
+ * its shared memory, or mapped to its private (guest_memfd) memory. A zapped SPTE is 0:
+ * the next access faults. (Memory type will take further bits.)
  */
 export const SPTE_WRITABLE = 1 << 0;
+/** Mapped to the slot's guest_memfd page (private; never write-protected: KVM does not log private memory). */
+export const SPTE_PRIVATE = 1 << 1;
 
 export function spteWritable(slot: Memslot, page: number): boolean {
   return (slot.spte[page]! & SPTE_WRITABLE) !== 0;
@@ -38,4 +41,25 @@ export function writeProtectSlot(slot: Memslot): void {
 
 export function mapSlotWritable(slot: Memslot): void {
   slot.spte.fill(SPTE_WRITABLE);
+}
+
+/** Maps one page to its private (guest_memfd) memory: a private fault's SPTE. */
+export function mapPagePrivate(slot: Memslot, page: number): void {
+  Atomics.store(slot.spte, page, SPTE_PRIVATE);
+}
+
+/**
+ * kvm_unmap_gfn_range over `count` pages from `page`: zaps the SPTEs that map the given
+ * kind of memory (private, shared, or both, as kvm_gfn_range's attr_filter) and returns
+ * how many were present; the caller flushes remote TLBs when that is not 0.
+ */
+export function zapSptes(slot: Memslot, page: number, count: number, kinds: number): number {
+  let zapped = 0;
+  const spte = slot.spte;
+  for (let p = page; p < page + count; p++) {
+    if ((spte[p]! & kinds) === 0) continue;
+    Atomics.and(spte, p, ~kinds & 0xff);
+    zapped++;
+  }
+  return zapped;
 }

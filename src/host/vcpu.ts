@@ -1,10 +1,10 @@
-import { KVM_EXIT_DIRTY_RING_FULL, KVM_EXIT_MMIO, PAGE_SIZE } from './constants.ts';
+import { KVM_EXIT_DIRTY_RING_FULL, KVM_EXIT_MEMORY_FAULT, KVM_EXIT_MMIO, KVM_MEMORY_EXIT_FLAG_PRIVATE, PAGE_SIZE } from './constants.ts';
 import {
   GlobalWord, IN_GUEST_MODE, OUTSIDE_GUEST_MODE, VcpuRequest, VcpuRunState, VcpuWord, slotIsReadonly,
 } from './layout.ts';
 import type { Memslot } from './memslot.ts';
 import { FAST_PATH_MISS_PHASE, type VcpuFastState, runTlbHits, runWriteHits } from './vcpu-fast-path.ts';
-import { SPTE_WRITABLE } from './spte.ts';
+import { SPTE_PRIVATE, SPTE_WRITABLE, mapPagePrivate } from './spte.ts';
 import type { Vm } from './vm.ts';
 import { type GuestContext, type GuestOp, OpKind, type Workload, type Write64Workload, isWrite64Workload } from './guest-op.ts';
 import { NOT_WAITING, type Role, Step, type Wait, WaitCode, waitFor } from '../roles/role.ts';
@@ -73,6 +73,12 @@ export class Vcpu implements Role, VcpuFastState {
   readonly ctx: GuestContext = { iteration: 0 };
   /** The workload again when it only writes WRITE64 of the iteration (runWriteHits), else undefined. */
   readonly writes: Write64Workload | undefined;
+  /**
+   * On a VM with private memory: the TLB of private accesses (a TDX vCPU's secure-EPT
+   * translations, apart from the shared ones in `tlb`); every access then takes the
+   * phases, where it is checked against the memory attributes (no fast path). Else null.
+   */
+  private readonly tlbPrivate: Int32Array | null;
 
   private readonly words: Int32Array;
   private readonly global: Int32Array;
@@ -105,6 +111,7 @@ export class Vcpu implements Role, VcpuFastState {
     this.global = vm.global;
     this.base = vm.vcpuBase(index);
     this.tlb = new Int32Array(vm.memory.totalPages);
+    this.tlbPrivate = vm.attributes !== null ? new Int32Array(vm.memory.totalPages) : null;
     this.runSeq = Atomics.load(this.words, this.base + VcpuRequest.RUN_SEQ);
     this.writes = isWrite64Workload(workload) ? workload : undefined;
     this.clock = pacing.clock ?? WALL_CLOCK;
@@ -159,7 +166,7 @@ export class Vcpu implements Role, VcpuFastState {
     this.paceMs = 0;
     while (retired < maxOps) {
       // Between operations, TLB hits take the fast path; anything else, one phase at a time.
-      if (this.phase === Phase.TRANSLATE && !this.opPending) {
+      if (this.phase === Phase.TRANSLATE && !this.opPending && this.tlbPrivate === null) {
         retired += this.writes !== undefined ? runWriteHits(this, maxOps - retired) : runTlbHits(this, maxOps - retired);
         if (retired >= maxOps) break;
       }
@@ -305,6 +312,14 @@ export class Vcpu implements Role, VcpuFastState {
         return this.translate();
       case Phase.WALK: {
         const slot = this.slot!;
+        if (this.tlbPrivate !== null && this.op.private === true) {
+          // The private translation: present (mapped to guest_memfd) or a fault.
+          if ((slot.spte[this.page]! & SPTE_PRIVATE) !== 0) {
+            this.tlbPrivate[slot.firstPage + this.page] = this.tlbGen + 1;
+            this.phase = Phase.STORE;
+          } else this.phase = Phase.FAULT;
+          return Advance.PROGRESS;
+        }
         if ((slot.spte[this.page]! & SPTE_WRITABLE) !== 0) {
           this.tlb[slot.firstPage + this.page] = this.tlbGen + 1;
           this.phase = Phase.STORE;
@@ -316,14 +331,8 @@ export class Vcpu implements Role, VcpuFastState {
         return Advance.PROGRESS;
       }
       case Phase.FAULT: {
-        const limit = this.dirtyBucket;
-        if (limit !== null && !limit.tryTake(this.clock)) {
-          // The dirty limit: this write would dirty a page beyond the quota; wait for it.
-          this.paceMs = Math.max(limit.msUntil(1), MIN_PACE_MS);
-          this.pacedAtFault = true;
-          return Advance.PACED;
-        }
-        this.pacedAtFault = false;
+        if (this.tlbPrivate !== null) return this.attributeCheckedFault();
+        if (this.pacedByDirtyLimit()) return Advance.PACED;
         this.faults++;
         const slot = this.slot!;
         if (this.vm.handleWriteFault(this.index, slot, this.page)) {
@@ -337,6 +346,72 @@ export class Vcpu implements Role, VcpuFastState {
       case Phase.STORE:
         return this.store();
     }
+  }
+
+  /** The dirty limit: this write would dirty a page beyond the quota; it waits at its fault. */
+  private pacedByDirtyLimit(): boolean {
+    const limit = this.dirtyBucket;
+    if (limit !== null && !limit.tryTake(this.clock)) {
+      this.paceMs = Math.max(limit.msUntil(1), MIN_PACE_MS);
+      this.pacedAtFault = true;
+      return true;
+    }
+    this.pacedAtFault = false;
+    return false;
+  }
+
+  /**
+   * Phase FAULT on a VM with private memory (arch/x86/kvm/mmu/mmu.c, kvm_mmu_faultin_pfn
+   * then the install under mmu_lock): read the invalidation sequence; an access whose
+   * kind (private or shared) is not the page's attribute, or a private access to a slot
+   * without guest_memfd, exits with KVM_EXIT_MEMORY_FAULT (KVM_RUN returns -1, EFAULT)
+   * and is re-executed after the VMM converted the page. Then, under mmu_lock, a fault
+   * that an invalidation overtook retries (RET_PF_RETRY); else the SPTE is installed:
+   * private, or shared and writable with the page logged, as the write-protect fault.
+   */
+  private attributeCheckedFault(): Advance {
+    const vm = this.vm;
+    const inv = vm.mmuInvalidate;
+    const slot = this.slot!;
+    const page = this.page;
+    const priv = this.op.private === true;
+    const seq = inv.seq();
+    if (priv !== vm.attributes!.isPrivate(slot, page) || (priv && slot.gmem === null)) return this.memoryFaultExit(priv);
+    if (!priv && this.pacedByDirtyLimit()) return Advance.PACED;
+    // mmu_lock is never waited for: the vCPU re-enters the guest and faults again, so it
+    // acknowledges the flush the holder may be waiting on.
+    if (!inv.tryLock(this.index + 1)) return Advance.BOUNDARY;
+    if (inv.retry(seq, slot.baseGfn + page)) {
+      inv.unlock();
+      this.phase = Phase.WALK;
+      return Advance.BOUNDARY;
+    }
+    let ringFull = false;
+    if (priv) mapPagePrivate(slot, page);
+    else {
+      this.faults++;
+      ringFull = vm.handleWriteFault(this.index, slot, page);
+    }
+    inv.unlock();
+    this.phase = Phase.WALK;
+    if (ringFull) {
+      this.ringFullRequest = true;
+      return Advance.BOUNDARY;
+    }
+    return Advance.PROGRESS;
+  }
+
+  /** KVM_EXIT_MEMORY_FAULT for the pending access: flags, gpa, size; the access stays pending. */
+  private memoryFaultExit(priv: boolean): Advance {
+    const w = this.words;
+    const b = this.base;
+    const gpa = this.op.gfn * PAGE_SIZE;
+    Atomics.store(w, b + VcpuWord.MMIO_GPA_LO, gpa >>> 0);
+    Atomics.store(w, b + VcpuWord.MMIO_GPA_HI, (gpa / 4294967296) >>> 0);
+    Atomics.store(w, b + VcpuWord.MEMORY_FAULT_FLAGS, priv ? KVM_MEMORY_EXIT_FLAG_PRIVATE : 0);
+    Atomics.store(w, b + VcpuWord.MEMORY_FAULT_SIZE, PAGE_SIZE);
+    this.exitToVmm(KVM_EXIT_MEMORY_FAULT);
+    return Advance.BOUNDARY;
   }
 
   /** Phase TRANSLATE: fetch the next operation if none is pending, translate, check the TLB. */
@@ -353,16 +428,25 @@ export class Vcpu implements Role, VcpuFastState {
     this.slot = slot;
     this.page = page;
     if (op.kind === OpKind.READ) {
+      if (this.tlbPrivate !== null) {
+        // Reads take no SPTE walk here; on a VM with private memory they are checked against the attribute all the same.
+        const priv = op.private === true;
+        if (priv !== this.vm.attributes!.isPrivate(slot, page) || (priv && slot.gmem === null)) return this.memoryFaultExit(priv);
+        (priv ? slot.gmem! : slot).readU64(page);
+        return this.retire();
+      }
       slot.readU64(page);
       return this.retire();
     }
-    this.phase = this.tlb[slot.firstPage + page] === this.tlbGen + 1 ? Phase.STORE : Phase.WALK;
+    const tlb = this.tlbPrivate !== null && op.private === true ? this.tlbPrivate : this.tlb;
+    this.phase = tlb[slot.firstPage + page] === this.tlbGen + 1 ? Phase.STORE : Phase.WALK;
     return Advance.PROGRESS;
   }
 
   /** Phase STORE: store the data and the stamp; the operation retires. */
   private store(): Advance {
-    const slot = this.slot!;
+    // A private access stores to the slot's guest_memfd page (checked at its fault).
+    const slot = this.tlbPrivate !== null && this.op.private === true ? this.slot!.gmem! : this.slot!;
     const page = this.page;
     const op = this.op;
     if (op.kind === OpKind.WRITE64) {

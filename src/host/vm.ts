@@ -1,5 +1,5 @@
 import {
-  EINVAL, ENOENT, ENXIO, KVM_CLEAR_LOG_ALIGN, KVM_MEM_LOG_DIRTY_PAGES,
+  EINVAL, ENOENT, ENXIO, KVM_CLEAR_LOG_ALIGN, KVM_MEMORY_ATTRIBUTE_PRIVATE, KVM_MEM_LOG_DIRTY_PAGES,
 } from './constants.ts';
 import { SharedDirtyBitmap, popcount32 } from './dirty-bitmap.ts';
 import { DirtyRing } from './dirty-ring.ts';
@@ -8,7 +8,11 @@ import {
   type DirtyTracking, GlobalWord, VCPU_BLOCK_WORDS, VcpuWord, type VmLayout, slotIsReadonly, slotLogsDirtyPages,
 } from './layout.ts';
 import type { Memslot, PageStamp } from './memslot.ts';
-import { makeSpteWritable, mapSlotWritable, writeProtectMask32, writeProtectSlot } from './spte.ts';
+import {
+  SPTE_PRIVATE, SPTE_WRITABLE, makeSpteWritable, mapSlotWritable, writeProtectMask32, writeProtectSlot, zapSptes,
+} from './spte.ts';
+import { type KvmMemoryAttributes, MemoryAttributes, gfnRange, invalidMemoryAttributes, slotRanges } from './memory-attributes.ts';
+import { MmuInvalidate } from './mmu-invalidate.ts';
 import { TlbShootdown } from './tlb-shootdown.ts';
 import { Iommu } from './iommu/iommu.ts';
 import { Acted, InjectionCounters } from './injections.ts';
@@ -16,6 +20,9 @@ import { KvmError } from '../util/errors.ts';
 import { PageHistory } from './page-history.ts';
 import { HARVEST_BITMAP, HostWriteLog, ProtectBy, TracepointSet } from './tracepoints.ts';
 import { type Steps, WaitCode, waitFor } from '../roles/role.ts';
+
+/** mmu_lock's holder id for KVM's own invalidations (vCPUs hold it as their index + 1). */
+export const MMU_LOCK_HOLDER_KVM = 0x10000;
 
 /** Kernel bugs a Vm can be built with (see src/bugs/catalog.ts). */
 export interface KernelBugs {
@@ -56,6 +63,9 @@ export class Vm {
   readonly iommu: Iommu | null;
   /** How often each injected bug acted, counted where it acts. */
   readonly acts: InjectionCounters;
+  /** KVM's memory attributes, when the VM type has private memory (VmConfig.privateMem). */
+  readonly attributes: MemoryAttributes | null;
+  readonly mmuInvalidate: MmuInvalidate;
 
   constructor(readonly layout: VmLayout, readonly bugs: KernelBugs = {}) {
     this.memory = new GuestMemory(layout);
@@ -72,6 +82,64 @@ export class Vm {
     if (this.history !== null) this.tracepoints.attach(this.history.tracer());
     this.acts = new InjectionCounters(layout.injections);
     this.iommu = layout.iommu ? new Iommu(layout.iommu, this.memory, bugs, this.acts) : null;
+    this.attributes = layout.attributes ? new MemoryAttributes(layout.attributes, this.memory) : null;
+    this.mmuInvalidate = new MmuInvalidate(this.global);
+  }
+
+  /** kvm_supported_mem_attributes: PRIVATE on a VM type with private memory, else none. */
+  get supportedMemoryAttributes(): number {
+    return this.attributes !== null ? KVM_MEMORY_ATTRIBUTE_PRIVATE : 0;
+  }
+
+  /**
+   * kvm_unmap_gfn_range over gfns [start, end) of every slot: zaps the SPTEs that map
+   * `kinds` (SPTE_PRIVATE, SPTE_WRITABLE: kvm_gfn_range's attr_filter), then flushes
+   * remote TLBs if any was present. Returns the SPTEs zapped.
+   */
+  *unmapGfnRange(start: number, end: number, kinds: number): Steps<number> {
+    let zapped = 0;
+    for (const r of slotRanges(this.memory, start, end)) zapped += zapSptes(r.slot, r.page, r.count, kinds);
+    yield undefined;
+    if (zapped > 0) yield* this.flushRemoteTlbs();
+    return zapped;
+  }
+
+  /**
+   * The first half of an MMU invalidation of gfns [start, end) (kvm_handle_gfn_range with
+   * on_lock = kvm_mmu_invalidate_begin): under mmu_lock, begin, zap the SPTEs that map
+   * `kinds`, flush. The caller changes what the range maps to, then calls
+   * mmuInvalidate.end(); faults in the range retry until then.
+   */
+  *invalidateGfnRange(start: number, end: number, kinds: number): Steps<number> {
+    while (!this.mmuInvalidate.tryLock(MMU_LOCK_HOLDER_KVM)) yield undefined; // a vCPU's fault holds it for one step
+    this.mmuInvalidate.begin(start, end);
+    const zapped = yield* this.unmapGfnRange(start, end, kinds);
+    this.mmuInvalidate.unlock();
+    return zapped;
+  }
+
+  /**
+   * KVM_SET_MEMORY_ATTRIBUTES (kvm_vm_set_mem_attributes), in its order and with a step
+   * between each part, so that faults and other actors can come in between: nothing to
+   * do if the whole range has the attributes already; reserve every entry (so nothing
+   * fails half-way); begin an MMU invalidation and zap the SPTEs of the kind the range
+   * leaves (to private: the shared mappings; to shared: the private ones, as TDX zaps),
+   * flush; store the attributes; end the invalidation. Faults that raced it retry.
+   */
+  *setMemoryAttributes(a: KvmMemoryAttributes): Steps {
+    const why = invalidMemoryAttributes(a, this.supportedMemoryAttributes);
+    if (why !== null) throw new KvmError(EINVAL, 'KVM_SET_MEMORY_ATTRIBUTES', why);
+    const attributes = this.attributes;
+    if (attributes === null) return; // only attributes 0 pass the check, and they are what every gfn has
+    const { start, end } = gfnRange(a.address, a.size);
+    if (attributes.rangeHas(start, end, a.attributes)) return;
+    yield undefined; // xa_reserve for every gfn: memory allocation, which cannot fail here
+    yield* this.invalidateGfnRange(start, end, (a.attributes & KVM_MEMORY_ATTRIBUTE_PRIVATE) !== 0 ? SPTE_WRITABLE : SPTE_PRIVATE);
+    for (const r of slotRanges(this.memory, start, end)) {
+      attributes.store(r, a.attributes);
+      yield undefined;
+    }
+    this.mmuInvalidate.end();
   }
 
   /** Maps every slot: pages start present and writable unless the slot is read-only. */
