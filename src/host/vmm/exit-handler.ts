@@ -1,7 +1,11 @@
-import { KVM_EXIT_DIRTY_RING_FULL, KVM_EXIT_MMIO } from '../constants.ts';
+import { KVM_EXIT_DIRTY_RING_FULL, KVM_EXIT_MEMORY_FAULT, KVM_EXIT_MMIO, KVM_MEMORY_EXIT_FLAG_PRIVATE } from '../constants.ts';
 import { VcpuWord } from '../layout.ts';
 import type { Steps } from '../../roles/role.ts';
+import { type GuestMemfdRam, kvmConvertMemory } from './kvm-convert-memory.ts';
 import type { VmmControl } from './vmm-control.ts';
+
+/** kvm_run.memory_fault of a vCPU parked in KVM_EXIT_MEMORY_FAULT. */
+export interface MemoryFault { vcpu: number; gpa: number; size: number; flags: number }
 
 /**
  * What the VMM does with its vCPUs' exits (QEMU's kvm_cpu_exec), for every program that
@@ -11,6 +15,8 @@ import type { VmmControl } from './vmm-control.ts';
  *   KVM_RUN; with ring-full-exit-unhandled injected, never (each such exit counts as the
  *   bug acting).
  * - KVM_EXIT_MMIO: nothing is emulated there; the caller reports it.
+ * - KVM_EXIT_MEMORY_FAULT: kvm_convert_memory to the access's kind, then re-enter; a
+ *   conversion that fails stops the VM (the caller reports the error).
  * - The guest-progress check: a vCPU found in the same ring-full exit at two checks was
  *   never answered: the guest stalled.
  */
@@ -31,8 +37,42 @@ export class ExitHandler {
     const vmm = this.vmm;
     for (let v = 0; v < vmm.vcpus; v++) {
       if (vmm.parkedExit(v) !== KVM_EXIT_MMIO) continue;
-      // The words are Int32: the low one reads back negative from bit 31 up.
-      return { vcpu: v, gpa: (vmm.word(v, VcpuWord.MMIO_GPA_LO) >>> 0) + (vmm.word(v, VcpuWord.MMIO_GPA_HI) >>> 0) * 4294967296 };
+      return { vcpu: v, gpa: this.exitGpa(v) };
+    }
+    return null;
+  }
+
+  /** The GPA in kvm_run's exit union (MMIO and memory faults). The words are Int32: the low one reads back negative from bit 31 up. */
+  private exitGpa(v: number): number {
+    return (this.vmm.word(v, VcpuWord.MMIO_GPA_LO) >>> 0) + (this.vmm.word(v, VcpuWord.MMIO_GPA_HI) >>> 0) * 4294967296;
+  }
+
+  /** The first vCPU parked in KVM_EXIT_MEMORY_FAULT, with kvm_run.memory_fault, or null. */
+  memoryFault(): MemoryFault | null {
+    const vmm = this.vmm;
+    for (let v = 0; v < vmm.vcpus; v++) {
+      if (vmm.parkedExit(v) !== KVM_EXIT_MEMORY_FAULT) continue;
+      return { vcpu: v, gpa: this.exitGpa(v), size: vmm.word(v, VcpuWord.MEMORY_FAULT_SIZE) >>> 0, flags: vmm.word(v, VcpuWord.MEMORY_FAULT_FLAGS) >>> 0 };
+    }
+    return null;
+  }
+
+  /**
+   * Answers KVM_EXIT_MEMORY_FAULT as kvm_cpu_exec does: a flag other than PRIVATE is an
+   * error; otherwise the range is converted to the faulting access's kind and the vCPU
+   * re-enters. Returns null when every such exit was answered, else the first error: QEMU
+   * then stops the VM (vm_stop(RUN_STATE_INTERNAL_ERROR)) and the vCPU stays in its exit.
+   */
+  *serviceMemoryFaults(ram: GuestMemfdRam): Steps<{ fault: MemoryFault; error: string } | null> {
+    for (let f = this.memoryFault(); f !== null; f = this.memoryFault()) {
+      if ((f.flags & ~KVM_MEMORY_EXIT_FLAG_PRIVATE) !== 0) {
+        return { fault: f, error: `KVM_EXIT_MEMORY_FAULT: Unknown flag 0x${f.flags.toString(16)}` };
+      }
+      const r = yield* kvmConvertMemory(ram, f.gpa, f.size, (f.flags & KVM_MEMORY_EXIT_FLAG_PRIVATE) !== 0);
+      if (r.ret < 0) {
+        return { fault: f, error: `kvm_convert_memory(0x${f.gpa.toString(16)}, 0x${f.size.toString(16)}) failed: ${r.error || `ret ${r.ret}`}` };
+      }
+      this.vmm.reenter(f.vcpu);
     }
     return null;
   }

@@ -1,0 +1,100 @@
+import { EINVAL, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, KVM_MEMORY_ATTRIBUTE_PRIVATE, PAGE_SIZE } from '../constants.ts';
+import { kvmGmemFallocate } from '../guest-memfd.ts';
+import type { Memslot } from '../memslot.ts';
+import { SPTE_WRITABLE } from '../spte.ts';
+import type { Vm } from '../vm.ts';
+import { RamBlockAttributes } from './ram-block-attributes.ts';
+import type { Steps } from '../../roles/role.ts';
+import { KvmError, errnoName } from '../../util/errors.ts';
+
+/** What a conversion returned: 0, or -errno with what QEMU would have printed (error_report), or '' where it prints nothing. */
+export interface ConvertResult { ret: number; error: string }
+
+const OK: ConvertResult = Object.freeze({ ret: 0, error: '' });
+const hex = (n: number): string => `0x${n.toString(16)}`;
+
+/**
+ * The VMM's guest_memfd RAM: each such memslot's RAM block with its RamBlockAttributes,
+ * the RamDiscardManager VFIO listens to (QEMU creates one per guest_memfd RAM block).
+ */
+export class GuestMemfdRam {
+  private readonly rdms = new Map<Memslot, RamBlockAttributes>();
+
+  constructor(readonly vm: Vm) {
+    for (const slot of vm.memory.slots) if (slot.gmem !== null) this.rdms.set(slot, new RamBlockAttributes(slot));
+  }
+
+  rdmOf(slot: Memslot): RamBlockAttributes | undefined {
+    return this.rdms.get(slot);
+  }
+
+  get blocks(): ReadonlyMap<Memslot, RamBlockAttributes> { return this.rdms; }
+
+  /**
+   * kvm_set_phys_mem for a guest_memfd region: its memory starts private in KVM
+   * (KVM_SET_MEMORY_ATTRIBUTES over the whole slot), as RamBlockAttributes starts all
+   * discarded.
+   */
+  *setupPrivate(): Steps {
+    for (const slot of this.rdms.keys()) {
+      yield* this.vm.setMemoryAttributes({ address: slot.baseGfn * PAGE_SIZE, size: slot.pages * PAGE_SIZE, attributes: KVM_MEMORY_ATTRIBUTE_PRIVATE, flags: 0 });
+    }
+  }
+}
+
+/**
+ * ram_block_discard_range on shared memory (madvise(MADV_DONTNEED) or a hole in its
+ * memfd): the kernel's MMU notifier reaches KVM first (invalidate_range_start: begin,
+ * zap the shared SPTEs, flush), then the pages go (they read back as zeros), then
+ * invalidate_range_end.
+ */
+export function* ramBlockDiscardRange(vm: Vm, slot: Memslot, page: number, count: number): Steps {
+  const start = slot.baseGfn + page;
+  yield* vm.invalidateGfnRange(start, start + count, SPTE_WRITABLE);
+  slot.zeroPages(page, count);
+  yield undefined;
+  vm.mmuInvalidate.end();
+}
+
+/**
+ * QEMU's kvm_convert_memory (accel/kvm/kvm-all.c), in its order: KVM_SET_MEMORY_ATTRIBUTES;
+ * then ram_block_attributes_state_change, which tells the RamDiscardManager's listeners
+ * (VFIO maps what becomes shared, unmaps what becomes private); then the backing no
+ * longer used is discarded (to private: the shared memory; to shared: a hole in
+ * guest_memfd). Any failure returns at once with what is done left done, as QEMU does;
+ * the caller (kvm_cpu_exec) stops the VM.
+ */
+export function* kvmConvertMemory(ram: GuestMemfdRam, start: number, size: number, toPrivate: boolean): Steps<ConvertResult> {
+  const vm = ram.vm;
+  const to = toPrivate ? 'private' : 'shared';
+  if (start % PAGE_SIZE !== 0 || size % PAGE_SIZE !== 0 || size <= 0) return { ret: -EINVAL, error: '' };
+  // memory_region_find: the section at `start`, clipped to its region.
+  const slot = vm.memory.findSlot(start / PAGE_SIZE);
+  if (slot === undefined) {
+    // "Ignore converting non-assigned region to shared": TDX guests share vMMIO explicitly.
+    return toPrivate ? { ret: -EINVAL, error: '' } : OK;
+  }
+  const rdm = ram.rdmOf(slot);
+  if (rdm === undefined) {
+    return { ret: -EINVAL, error: `Convert non guest_memfd backed memory region (${hex(start)} ,+ ${hex(size)}) to ${to}` };
+  }
+  const page = start / PAGE_SIZE - slot.baseGfn;
+  const pages = Math.min(size / PAGE_SIZE, slot.pages - page);
+  const attributes = toPrivate ? KVM_MEMORY_ATTRIBUTE_PRIVATE : 0;
+  try {
+    yield* vm.setMemoryAttributes({ address: start, size: pages * PAGE_SIZE, attributes, flags: 0 });
+  } catch (e) {
+    if (!(e instanceof KvmError)) throw e;
+    return { ret: -e.errno, error: `failed to set memory (${hex(start)}+${hex(pages * PAGE_SIZE)}) with attr ${hex(attributes)} error '${errnoName(e.errno)}'` };
+  }
+  const changed = yield* rdm.stateChange(page * PAGE_SIZE, pages * PAGE_SIZE, toPrivate);
+  if (changed.ret !== 0) {
+    return { ret: changed.ret, error: `Failed to notify the listener the state change of (${hex(start)} + ${hex(size)}) to ${to}: ${changed.detail}` };
+  }
+  if (toPrivate) {
+    yield* ramBlockDiscardRange(vm, slot, page, pages);
+  } else {
+    yield* kvmGmemFallocate(vm, slot, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, page * PAGE_SIZE, pages * PAGE_SIZE);
+  }
+  return OK;
+}
