@@ -1,6 +1,6 @@
 import { describe, expect, it } from 'vitest';
 import {
-  EINVAL, KVM_EXIT_MEMORY_FAULT, KVM_MEMORY_EXIT_FLAG_PRIVATE, KVM_MEM_GUEST_MEMFD, PAGE_SIZE,
+  EINVAL, KVM_EXIT_MEMORY_FAULT, KVM_HC_MAP_GPA_RANGE, KVM_MEMORY_EXIT_FLAG_PRIVATE, KVM_MEM_GUEST_MEMFD, PAGE_SIZE,
 } from '../src/host/constants.ts';
 import { type GuestOp, OpKind, type Workload } from '../src/host/guest-op.ts';
 import { VFIO_DEFAULT_DMA_ENTRY_LIMIT } from '../src/host/iommu/constants.ts';
@@ -30,7 +30,7 @@ const SLOTS: MemslotConfig[] = [
 
 function setup(o: { iommu?: boolean } = {}) {
   const iommu = o.iommu ? { backend: 'type1' as const, dmaEntryLimit: VFIO_DEFAULT_DMA_ENTRY_LIMIT, iovaPages: 0x1000, devices: 1, tracking: ['iommu' as const] } : undefined;
-  const vm = new Vm(createVmLayout({ slots: SLOTS, vcpus: 1, tracking: MANUAL, privateMem: true, ...(iommu ? { iommu } : {}) }));
+  const vm = new Vm(createVmLayout({ slots: SLOTS, vcpus: 1, tracking: MANUAL, privateMem: true, exitHypercalls: 1 << KVM_HC_MAP_GPA_RANGE, ...(iommu ? { iommu } : {}) }));
   vm.populate();
   const ram = new GuestMemfdRam(vm);
   drive(ram.setupPrivate());
@@ -59,10 +59,10 @@ class Witness implements RamDiscardListener {
 
 class Accesses implements Workload {
   i = 0;
-  constructor(private readonly ops: { gfn: number; value: number; private: boolean }[]) {}
+  constructor(private readonly ops: { gfn: number; value: number; private: boolean; kind?: OpKind }[]) {}
   next(op: GuestOp): void {
     const o = this.ops[Math.min(this.i++, this.ops.length - 1)]!;
-    op.kind = OpKind.WRITE64;
+    op.kind = o.kind ?? OpKind.WRITE64;
     op.gfn = o.gfn;
     op.value = o.value;
     op.offset = 0;
@@ -179,9 +179,48 @@ describe('KVM_EXIT_MEMORY_FAULT in the VMM', () => {
     for (let i = 0; i < 10 && v.runState !== VcpuRunState.EXITED; i++) v.step();
     const r = drive(exits.serviceMemoryFaults(ram)).value;
     expect(r!.error).toBe('kvm_convert_memory(0x401000, 0x1000) failed: Convert non guest_memfd backed memory region (0x401000 ,+ 0x1000) to private');
+    expect(r!.vcpu).toBe(0);
     expect(exits.memoryFault()!.vcpu).toBe(0);
     Atomics.store(vm.vcpuWords, VcpuWord.MEMORY_FAULT_FLAGS, 1);
     expect(drive(exits.serviceMemoryFaults(ram)).value!.error).toBe('KVM_EXIT_MEMORY_FAULT: Unknown flag 0x1');
     expect(Atomics.load(vm.vcpuWords, VcpuWord.EXIT_REASON)).toBe(KVM_EXIT_MEMORY_FAULT);
+  });
+});
+
+describe('KVM_EXIT_HYPERCALL (KVM_HC_MAP_GPA_RANGE) in the VMM', () => {
+  it('converts the range the guest names, then re-enters with ret 0; the guest\'s next private write needs no exit', () => {
+    const { vm, ram, g, rdm } = setup();
+    const exits = new ExitHandler(new VmmControl(vm));
+    const v = new Vcpu(vm, 0, new Accesses([
+      { gfn: G + 16, value: 4, private: false, kind: OpKind.MAP_GPA_RANGE }, { gfn: G + 17, value: 1, private: false },
+      { gfn: G + 16, value: 2, private: true, kind: OpKind.MAP_GPA_RANGE }, { gfn: G + 17, value: 2, private: true },
+    ]));
+    for (let i = 0; i < 10 && v.runState !== VcpuRunState.EXITED; i++) v.step();
+    expect(exits.hypercall()).toEqual({ vcpu: 0, nr: KVM_HC_MAP_GPA_RANGE, args: [(G + 16) * P, 4, 0] });
+    expect(drive(exits.serviceHypercalls(ram)).value).toBeNull();
+    expect(rdm.isPopulated(16 * P, 4 * P)).toBe(true);
+    for (let i = 0; i < 20 && v.retired < 2; i++) v.step();
+    expect(v.ctx.hypercallRet).toBe(0);
+    expect(g.readU64(17)).toBe(1);
+    for (let i = 0; i < 10 && v.runState !== VcpuRunState.EXITED; i++) v.step();
+    drive(exits.serviceHypercalls(ram), [v]);
+    const exitsBefore = Atomics.load(vm.vcpuWords, VcpuWord.EXITS);
+    for (let i = 0; i < 20 && v.retired < 4; i++) v.step();
+    expect(v.retired).toBe(4);
+    expect(Atomics.load(vm.vcpuWords, VcpuWord.EXITS)).toBe(exitsBefore);
+    expect(g.gmem!.readU64(17)).toBe(2);
+    expect(g.isZeroPage(17)).toBe(true);
+    expect(rdm.isPopulated(16 * P, P)).toBe(false);
+    expect(rdm.isPopulated(18 * P, 2 * P)).toBe(true);
+  });
+
+  it('an unknown hypercall or a failed conversion stops the VM with the reason', () => {
+    const { vm, ram } = setup();
+    const exits = new ExitHandler(new VmmControl(vm));
+    const v = new Vcpu(vm, 0, new Accesses([{ gfn: N, value: 1, private: true, kind: OpKind.MAP_GPA_RANGE }]));
+    for (let i = 0; i < 10 && v.runState !== VcpuRunState.EXITED; i++) v.step();
+    expect(drive(exits.serviceHypercalls(ram)).value).toEqual({ vcpu: 0, error: 'kvm_convert_memory(0x400000, 0x1000) failed: Convert non guest_memfd backed memory region (0x400000 ,+ 0x1000) to private' });
+    Atomics.store(vm.vcpuWords, VcpuWord.HYPERCALL_NR, 11);
+    expect(drive(exits.serviceHypercalls(ram)).value).toEqual({ vcpu: 0, error: 'KVM_EXIT_HYPERCALL: unknown hypercall 11' });
   });
 });

@@ -1,6 +1,7 @@
 import { describe, expect, it } from 'vitest';
 import {
-  EINVAL, EOPNOTSUPP, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, KVM_EXIT_MEMORY_FAULT, KVM_MEMORY_ATTRIBUTE_PRIVATE,
+  EINVAL, EOPNOTSUPP, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, KVM_EINVAL, KVM_ENOSYS, KVM_EXIT_HYPERCALL, KVM_EXIT_MEMORY_FAULT,
+  KVM_HC_MAP_GPA_RANGE, KVM_MAP_GPA_RANGE_ENCRYPTED, KVM_MAP_GPA_RANGE_PAGE_SZ_2M, KVM_MEMORY_ATTRIBUTE_PRIVATE,
   KVM_MEMORY_EXIT_FLAG_PRIVATE, KVM_MEM_GUEST_MEMFD, KVM_MEM_READONLY, PAGE_SIZE,
 } from '../src/host/constants.ts';
 import { type GuestOp, OpKind, type Workload } from '../src/host/guest-op.ts';
@@ -27,15 +28,15 @@ const SLOTS: MemslotConfig[] = [
 ];
 const PRIVATE = KVM_MEMORY_ATTRIBUTE_PRIVATE;
 
-function cvm(o: { vcpus?: number; ring?: boolean } = {}): Vm {
-  const vm = new Vm(createVmLayout({ slots: SLOTS, vcpus: o.vcpus ?? 1, tracking: o.ring ? RING(256, true) : MANUAL, privateMem: true }));
+function cvm(o: { vcpus?: number; ring?: boolean; exitHypercalls?: number } = {}): Vm {
+  const vm = new Vm(createVmLayout({ slots: SLOTS, vcpus: o.vcpus ?? 1, tracking: o.ring ? RING(256, true) : MANUAL, privateMem: true, exitHypercalls: o.exitHypercalls ?? 0 }));
   vm.populate();
   return vm;
 }
 
 const attrs = (gfn: number, pages: number, attributes: number) => ({ address: gfn * PAGE_SIZE, size: pages * PAGE_SIZE, attributes, flags: 0 });
 
-interface Op { gfn: number; value?: number; kind?: OpKind; private?: boolean }
+interface Op { gfn: number; value?: number; kind?: OpKind; private?: boolean; offset?: number }
 
 /** Scripted accesses, private or shared, then idles on the last one. */
 class Accesses implements Workload {
@@ -46,7 +47,7 @@ class Accesses implements Workload {
     op.kind = o.kind ?? OpKind.WRITE64;
     op.gfn = o.gfn;
     op.value = o.value ?? 0;
-    op.offset = 0;
+    op.offset = o.offset ?? 0;
     op.private = o.private ?? false;
   }
 }
@@ -343,5 +344,65 @@ describe('guest_memfd fallocate', () => {
     expect(fa(PH, 255 * PAGE_SIZE, 8 * PAGE_SIZE)).toBe(0); // a hole past the end stops at it
     expect(fa(PH, 300 * PAGE_SIZE, PAGE_SIZE)).toBe(0);
     expect(vm.mmuInvalidate.seq()).toBe(1);
+  });
+});
+
+describe('KVM_HC_MAP_GPA_RANGE', () => {
+  const MAP = OpKind.MAP_GPA_RANGE;
+  const hc = (vm: Vm) => {
+    const w = vm.vcpuWords;
+    return {
+      nr: w[VcpuWord.HYPERCALL_NR], a0: (w[VcpuWord.HYPERCALL_ARG0_LO]! >>> 0) + (w[VcpuWord.HYPERCALL_ARG0_HI]! >>> 0) * 2 ** 32,
+      a1: w[VcpuWord.HYPERCALL_ARG1], a2: w[VcpuWord.HYPERCALL_ARG2], ret: w[VcpuWord.HYPERCALL_RET],
+    };
+  };
+
+  it('without KVM_CAP_EXIT_HYPERCALL the guest gets -KVM_ENOSYS and goes on, with no exit', () => {
+    const vm = cvm();
+    const v = new Vcpu(vm, 0, new Accesses([{ gfn: G, value: 4, kind: MAP, private: true }]));
+    expect(runOne(v)).toBe('retired');
+    expect(v.ctx.hypercallRet).toBe(-KVM_ENOSYS);
+    expect(Atomics.load(vm.vcpuWords, VcpuWord.EXITS)).toBe(0);
+  });
+
+  it('no pages or a range that wraps gives -KVM_EINVAL without an exit', () => {
+    const vm = cvm({ exitHypercalls: 1 << KVM_HC_MAP_GPA_RANGE });
+    const v = new Vcpu(vm, 0, new Accesses([{ gfn: G, value: 0, kind: MAP }, { gfn: 2 ** 52 - 2, value: 4, kind: MAP }, { gfn: G, value: -1, kind: MAP }]));
+    for (let i = 0; i < 3; i++) {
+      expect(runOne(v)).toBe('retired');
+      expect(v.ctx.hypercallRet).toBe(-KVM_EINVAL);
+    }
+  });
+
+  it('exits with KVM_EXIT_HYPERCALL (nr, gpa, pages, attributes; ret preset to 0) and completes on re-entry with the ret the VMM left', () => {
+    const vm = cvm({ exitHypercalls: 1 << KVM_HC_MAP_GPA_RANGE });
+    const v = new Vcpu(vm, 0, new Accesses([
+      { gfn: G + 0x200, value: 512, kind: MAP, private: true, offset: KVM_MAP_GPA_RANGE_PAGE_SZ_2M }, { gfn: G, value: 3, kind: MAP },
+    ]));
+    Atomics.store(vm.vcpuWords, VcpuWord.HYPERCALL_RET, 77);
+    expect(runOne(v)).toBe('exited');
+    expect(Atomics.load(vm.vcpuWords, VcpuWord.EXIT_REASON)).toBe(KVM_EXIT_HYPERCALL);
+    expect(hc(vm)).toEqual({ nr: KVM_HC_MAP_GPA_RANGE, a0: (G + 0x200) * PAGE_SIZE, a1: 512, a2: KVM_MAP_GPA_RANGE_ENCRYPTED | KVM_MAP_GPA_RANGE_PAGE_SZ_2M, ret: 0 });
+    expect(Atomics.load(vm.vcpuWords, VcpuWord.PENDING_PAGE)).toBe(-1); // no write was interrupted
+    expect(v.step()).toBe(Step.BLOCKED);
+    expect(v.retired).toBe(0);
+    Atomics.store(vm.vcpuWords, VcpuWord.HYPERCALL_RET, 5);
+    reenter(vm);
+    expect(runOne(v)).toBe('retired');
+    expect(v.ctx.hypercallRet).toBe(5);
+    expect(runOne(v)).toBe('exited');
+    expect(hc(vm).a2).toBe(0);
+  });
+
+  it('on a VM without private memory the fast path leaves a hypercall to the phases: no store, -KVM_ENOSYS', () => {
+    const vm = new Vm(createVmLayout({ slots: [SLOTS[1]!], vcpus: 1, tracking: MANUAL }));
+    vm.populate();
+    const v = new Vcpu(vm, 0, new Accesses([{ gfn: P, value: 9 }, { gfn: P, value: 9 }, { gfn: P + 1, value: 0x42, kind: MAP }, { gfn: P + 2, value: 3 }]));
+    v.runBurst(2); // the page is in the TLB now
+    v.runBurst(10);
+    expect(v.retired).toBeGreaterThanOrEqual(4);
+    expect(v.ctx.hypercallRet).toBe(-KVM_ENOSYS);
+    expect(vm.memory.slots[0]!.isZeroPage(1)).toBe(true);
+    expect(vm.memory.slots[0]!.readU64(2)).toBe(3);
   });
 });

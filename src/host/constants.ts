@@ -49,6 +49,18 @@ export const EXIT_REASON_NAMES: Record<number, string> = {
 export const KVM_MEMORY_ATTRIBUTE_PRIVATE = 1 << 3;
 /** kvm_run.memory_fault.flags: the faulting access was private. */
 export const KVM_MEMORY_EXIT_FLAG_PRIVATE = 1 << 3;
+/** Hypercalls (include/uapi/linux/kvm_para.h, Documentation/virt/kvm/x86/hypercalls.rst). */
+export const KVM_HC_MAP_GPA_RANGE = 12;
+/** MAP_GPA_RANGE's a2: bits 3:0 a page-size hint, bit 4 to private (encrypted). */
+export const KVM_MAP_GPA_RANGE_PAGE_SZ_4K = 0;
+export const KVM_MAP_GPA_RANGE_PAGE_SZ_2M = 1;
+export const KVM_MAP_GPA_RANGE_PAGE_SZ_1G = 2;
+export const KVM_MAP_GPA_RANGE_ENCRYPTED = 1 << 4;
+/** What the guest's RAX gets for an unknown or refused hypercall (KVM_ENOSYS is 1000, KVM_EINVAL is EINVAL). */
+export const KVM_ENOSYS = 1000;
+export const KVM_EINVAL = 22;
+/** KVM_CAP_EXIT_HYPERCALL: args[0] is the mask of hypercalls that exit to userspace (1 << KVM_HC_MAP_GPA_RANGE). */
+export const KVM_CAP_EXIT_HYPERCALL = 201;
 /** fallocate(2) modes guest_memfd takes (kvm_gmem_fallocate). */
 export const FALLOC_FL_KEEP_SIZE = 0x01;
 export const FALLOC_FL_PUNCH_HOLE = 0x02;

@@ -13,6 +13,11 @@ export const enum OpKind {
   INC8 = 3,
   /** Read the page (no dirty logging involved). */
   READ = 4,
+  /**
+   * KVM_HC_MAP_GPA_RANGE: convert `value` pages from `gfn` on to private (`private` set) or
+   * shared; `offset` is the page-size hint. The result lands in GuestContext.hypercallRet.
+   */
+  MAP_GPA_RANGE = 5,
 }
 
 /** One guest operation, filled in place by a workload (no allocation per operation). */
@@ -33,6 +38,8 @@ export interface GuestOp {
 /** What a guest can see: the dirty_log_test `iteration` global. */
 export interface GuestContext {
   iteration: number;
+  /** What the guest's last hypercall returned in RAX (0, or -KVM_ENOSYS, -KVM_EINVAL, or what the VMM left in hypercall.ret). */
+  hypercallRet?: number;
 }
 
 export interface Workload {

@@ -41,6 +41,8 @@ export interface VmConfig {
   pageHistory?: boolean;
   /** An IOMMU with devices behind it (src/host/iommu). */
   iommu?: IommuConfig;
+  /** KVM_CAP_EXIT_HYPERCALL's mask: bit n, hypercall n exits to the VMM (1 << KVM_HC_MAP_GPA_RANGE); 0 or unset: none does. */
+  exitHypercalls?: number;
   /**
    * The VM type has private memory (kvm_arch_has_private_mem: KVM_X86_SW_PROTECTED_VM,
    * SNP, TDX): KVM_MEMORY_ATTRIBUTE_PRIVATE is supported and slots may take
@@ -148,6 +150,17 @@ export const VcpuWord = {
    */
   MEMORY_FAULT_FLAGS: 14,
   MEMORY_FAULT_SIZE: 15,
+  /**
+   * KVM_EXIT_HYPERCALL's kvm_run.hypercall (third line): nr, args[0..2] (a0 the GPA, a1
+   * the pages, a2 the attributes), and ret, which KVM presets to 0 and the VMM may
+   * overwrite before it re-enters; the guest's RAX gets it.
+   */
+  HYPERCALL_NR: 2 * LINE_WORDS + 0,
+  HYPERCALL_ARG0_LO: 2 * LINE_WORDS + 1,
+  HYPERCALL_ARG0_HI: 2 * LINE_WORDS + 2,
+  HYPERCALL_ARG1: 2 * LINE_WORDS + 3,
+  HYPERCALL_ARG2: 2 * LINE_WORDS + 4,
+  HYPERCALL_RET: 2 * LINE_WORDS + 5,
 } as const;
 
 /** Words the VMM writes (second line of the block). */
@@ -161,7 +174,7 @@ export const VcpuRequest = {
   /** Dirty page rate limit, pages per second; 0: none (QEMU's set-vcpu-dirty-limit). */
   DIRTY_LIMIT: LINE_WORDS + 3,
 } as const;
-export const VCPU_BLOCK_WORDS = 2 * LINE_WORDS;
+export const VCPU_BLOCK_WORDS = 3 * LINE_WORDS;
 
 export const OUTSIDE_GUEST_MODE = 0;
 export const IN_GUEST_MODE = 1;

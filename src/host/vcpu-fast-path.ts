@@ -17,10 +17,10 @@ import { type GuestContext, type GuestOp, OpKind, type Workload, type Write64Wor
  * compiled on its own, as tsx does). Checked against the originals when the
  * module loads (Phase.WALK by vcpu.ts, which defines it).
  */
-const enum K { WRITE64 = 1, STORE8 = 2, INC8 = 3, READ = 4, REGION_SHIFT = 19, REGION_MASK = (1 << 19) - 1, PAGE_WORDS = 1024, WALK = 1 }
+const enum K { WRITE64 = 1, STORE8 = 2, INC8 = 3, READ = 4, MAP_GPA_RANGE = 5, REGION_SHIFT = 19, REGION_MASK = (1 << 19) - 1, PAGE_WORDS = 1024, WALK = 1 }
 if (
   (K.WRITE64 as number) !== OpKind.WRITE64 || (K.STORE8 as number) !== OpKind.STORE8 || (K.INC8 as number) !== OpKind.INC8
-  || (K.READ as number) !== OpKind.READ || (K.REGION_SHIFT as number) !== REGION_PAGES_SHIFT
+  || (K.READ as number) !== OpKind.READ || (K.MAP_GPA_RANGE as number) !== OpKind.MAP_GPA_RANGE || (K.REGION_SHIFT as number) !== REGION_PAGES_SHIFT
   || (K.REGION_MASK as number) !== REGION_PAGE_MASK || (K.PAGE_WORDS as number) !== PAGE_WORDS
 ) throw new Error('vcpu-fast-path.ts: constants out of step with workload.ts / layout.ts');
 
@@ -88,6 +88,8 @@ export function runTlbHits(v: VcpuFastState, limit: number): number {
   let missPage = 0;
   while (n < limit) {
     workload.next(op, ctx);
+    // A hypercall is no memory access: left pending in TRANSLATE for advance().
+    if ((op.kind as number) === K.MAP_GPA_RANGE) { v.opPending = true; break; }
     const gfn = op.gfn;
     if (!(gfn >= curBase && gfn < curEnd)) {
       const found = memory.findSlot(gfn);

@@ -1,4 +1,7 @@
-import { KVM_EXIT_DIRTY_RING_FULL, KVM_EXIT_MEMORY_FAULT, KVM_EXIT_MMIO, KVM_MEMORY_EXIT_FLAG_PRIVATE, PAGE_SIZE } from './constants.ts';
+import {
+  KVM_EINVAL, KVM_ENOSYS, KVM_EXIT_DIRTY_RING_FULL, KVM_EXIT_HYPERCALL, KVM_EXIT_MEMORY_FAULT, KVM_EXIT_MMIO, KVM_HC_MAP_GPA_RANGE,
+  KVM_MAP_GPA_RANGE_ENCRYPTED, KVM_MEMORY_EXIT_FLAG_PRIVATE, PAGE_SIZE,
+} from './constants.ts';
 import {
   GlobalWord, IN_GUEST_MODE, OUTSIDE_GUEST_MODE, VcpuRequest, VcpuRunState, VcpuWord, slotIsReadonly,
 } from './layout.ts';
@@ -103,6 +106,8 @@ export class Vcpu implements Role, VcpuFastState {
   private paceMs = 0;
   /** The pending write waits at its fault for the dirty limit. */
   private pacedAtFault = false;
+  /** The pending operation is a hypercall that exited to the VMM: on re-entry it completes with hypercall.ret. */
+  private hypercallExited = false;
   private pacedUs = 0;
 
   constructor(readonly vm: Vm, readonly index: number, readonly workload: Workload, pacing: VcpuPacing = {}) {
@@ -414,6 +419,45 @@ export class Vcpu implements Role, VcpuFastState {
     return Advance.BOUNDARY;
   }
 
+  /**
+   * KVM_HC_MAP_GPA_RANGE (arch/x86/kvm/x86.c, __kvm_emulate_hypercall): unless
+   * KVM_CAP_EXIT_HYPERCALL enabled it, the guest gets -KVM_ENOSYS; no pages or a range
+   * that wraps, -KVM_EINVAL; otherwise the vCPU exits with KVM_EXIT_HYPERCALL (ret preset
+   * to 0) and, when the VMM re-enters it, complete_hypercall_exit puts hypercall.ret in
+   * the guest's RAX and the instruction retires.
+   */
+  private mapGpaRange(): Advance {
+    const ctx = this.ctx;
+    const w = this.words;
+    const b = this.base;
+    if (this.hypercallExited) {
+      this.hypercallExited = false;
+      ctx.hypercallRet = Atomics.load(w, b + VcpuWord.HYPERCALL_RET);
+      return this.retire();
+    }
+    if (((this.vm.layout.config.exitHypercalls ?? 0) & (1 << KVM_HC_MAP_GPA_RANGE)) === 0) {
+      ctx.hypercallRet = -KVM_ENOSYS;
+      return this.retire();
+    }
+    const op = this.op;
+    // a0 is a GFN here, so always page aligned; gpa_to_gfn(gpa) + npages must not wrap a u64 of GPA bits.
+    if (!(op.value > 0) || op.gfn + op.value > 2 ** 52) {
+      ctx.hypercallRet = -KVM_EINVAL;
+      return this.retire();
+    }
+    const gpa = op.gfn * PAGE_SIZE;
+    Atomics.store(w, b + VcpuWord.HYPERCALL_NR, KVM_HC_MAP_GPA_RANGE);
+    Atomics.store(w, b + VcpuWord.HYPERCALL_ARG0_LO, gpa >>> 0);
+    Atomics.store(w, b + VcpuWord.HYPERCALL_ARG0_HI, (gpa / 4294967296) >>> 0);
+    Atomics.store(w, b + VcpuWord.HYPERCALL_ARG1, op.value);
+    Atomics.store(w, b + VcpuWord.HYPERCALL_ARG2, (op.private === true ? KVM_MAP_GPA_RANGE_ENCRYPTED : 0) | (op.offset & 0xf));
+    Atomics.store(w, b + VcpuWord.HYPERCALL_RET, 0);
+    this.hypercallExited = true;
+    this.slot = undefined; // no write is interrupted: nothing pending for the oracles
+    this.exitToVmm(KVM_EXIT_HYPERCALL);
+    return Advance.BOUNDARY;
+  }
+
   /** Phase TRANSLATE: fetch the next operation if none is pending, translate, check the TLB. */
   private translate(): Advance {
     const op = this.op;
@@ -422,6 +466,7 @@ export class Vcpu implements Role, VcpuFastState {
       this.opIteration = this.ctx.iteration;
       this.opPending = true;
     }
+    if (op.kind === OpKind.MAP_GPA_RANGE) return this.mapGpaRange();
     const slot = this.vm.memory.findSlot(op.gfn);
     if (slot === undefined) return this.mmioExit();
     const page = op.gfn - slot.baseGfn;

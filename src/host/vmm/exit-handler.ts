@@ -1,4 +1,7 @@
-import { KVM_EXIT_DIRTY_RING_FULL, KVM_EXIT_MEMORY_FAULT, KVM_EXIT_MMIO, KVM_MEMORY_EXIT_FLAG_PRIVATE } from '../constants.ts';
+import {
+  KVM_EXIT_DIRTY_RING_FULL, KVM_EXIT_HYPERCALL, KVM_EXIT_MEMORY_FAULT, KVM_EXIT_MMIO, KVM_HC_MAP_GPA_RANGE, KVM_MAP_GPA_RANGE_ENCRYPTED,
+  KVM_MEMORY_EXIT_FLAG_PRIVATE, PAGE_SIZE,
+} from '../constants.ts';
 import { VcpuWord } from '../layout.ts';
 import type { Steps } from '../../roles/role.ts';
 import { type GuestMemfdRam, kvmConvertMemory } from './kvm-convert-memory.ts';
@@ -6,6 +9,12 @@ import type { VmmControl } from './vmm-control.ts';
 
 /** kvm_run.memory_fault of a vCPU parked in KVM_EXIT_MEMORY_FAULT. */
 export interface MemoryFault { vcpu: number; gpa: number; size: number; flags: number }
+
+/** kvm_run.hypercall of a vCPU parked in KVM_EXIT_HYPERCALL. */
+export interface Hypercall { vcpu: number; nr: number; args: [number, number, number] }
+
+/** Why the VMM stops the VM (QEMU: vm_stop(RUN_STATE_INTERNAL_ERROR)); the vCPU stays in its exit. */
+export interface ExitError { vcpu: number; error: string }
 
 /**
  * What the VMM does with its vCPUs' exits (QEMU's kvm_cpu_exec), for every program that
@@ -15,8 +24,9 @@ export interface MemoryFault { vcpu: number; gpa: number; size: number; flags: n
  *   KVM_RUN; with ring-full-exit-unhandled injected, never (each such exit counts as the
  *   bug acting).
  * - KVM_EXIT_MMIO: nothing is emulated there; the caller reports it.
- * - KVM_EXIT_MEMORY_FAULT: kvm_convert_memory to the access's kind, then re-enter; a
- *   conversion that fails stops the VM (the caller reports the error).
+ * - KVM_EXIT_MEMORY_FAULT and KVM_EXIT_HYPERCALL (KVM_HC_MAP_GPA_RANGE):
+ *   kvm_convert_memory, then re-enter; a conversion that fails stops the VM (the caller
+ *   reports the error).
  * - The guest-progress check: a vCPU found in the same ring-full exit at two checks was
  *   never answered: the guest stalled.
  */
@@ -63,17 +73,48 @@ export class ExitHandler {
    * re-enters. Returns null when every such exit was answered, else the first error: QEMU
    * then stops the VM (vm_stop(RUN_STATE_INTERNAL_ERROR)) and the vCPU stays in its exit.
    */
-  *serviceMemoryFaults(ram: GuestMemfdRam): Steps<{ fault: MemoryFault; error: string } | null> {
+  *serviceMemoryFaults(ram: GuestMemfdRam): Steps<ExitError | null> {
     for (let f = this.memoryFault(); f !== null; f = this.memoryFault()) {
       if ((f.flags & ~KVM_MEMORY_EXIT_FLAG_PRIVATE) !== 0) {
-        return { fault: f, error: `KVM_EXIT_MEMORY_FAULT: Unknown flag 0x${f.flags.toString(16)}` };
+        return { vcpu: f.vcpu, error: `KVM_EXIT_MEMORY_FAULT: Unknown flag 0x${f.flags.toString(16)}` };
       }
-      const r = yield* kvmConvertMemory(ram, f.gpa, f.size, (f.flags & KVM_MEMORY_EXIT_FLAG_PRIVATE) !== 0);
-      if (r.ret < 0) {
-        return { fault: f, error: `kvm_convert_memory(0x${f.gpa.toString(16)}, 0x${f.size.toString(16)}) failed: ${r.error || `ret ${r.ret}`}` };
-      }
-      this.vmm.reenter(f.vcpu);
+      const failed = yield* this.convert(ram, f.vcpu, f.gpa, f.size, (f.flags & KVM_MEMORY_EXIT_FLAG_PRIVATE) !== 0);
+      if (failed !== null) return failed;
     }
+    return null;
+  }
+
+  /** The first vCPU parked in KVM_EXIT_HYPERCALL, with kvm_run.hypercall, or null. */
+  hypercall(): Hypercall | null {
+    const vmm = this.vmm;
+    for (let v = 0; v < vmm.vcpus; v++) {
+      if (vmm.parkedExit(v) !== KVM_EXIT_HYPERCALL) continue;
+      const a0 = (vmm.word(v, VcpuWord.HYPERCALL_ARG0_LO) >>> 0) + (vmm.word(v, VcpuWord.HYPERCALL_ARG0_HI) >>> 0) * 4294967296;
+      return { vcpu: v, nr: vmm.word(v, VcpuWord.HYPERCALL_NR), args: [a0, vmm.word(v, VcpuWord.HYPERCALL_ARG1) >>> 0, vmm.word(v, VcpuWord.HYPERCALL_ARG2) >>> 0] };
+    }
+    return null;
+  }
+
+  /**
+   * Answers KVM_EXIT_HYPERCALL as QEMU's kvm_handle_hypercall does: KVM_HC_MAP_GPA_RANGE
+   * converts a1 pages from GPA a0 to private (a2 has KVM_MAP_GPA_RANGE_ENCRYPTED) or
+   * shared and re-enters with hypercall.ret left at 0; any other hypercall, or a failed
+   * conversion, is the error that stops the VM.
+   */
+  *serviceHypercalls(ram: GuestMemfdRam): Steps<ExitError | null> {
+    for (let h = this.hypercall(); h !== null; h = this.hypercall()) {
+      if (h.nr !== KVM_HC_MAP_GPA_RANGE) return { vcpu: h.vcpu, error: `KVM_EXIT_HYPERCALL: unknown hypercall ${h.nr}` };
+      const [gpa, npages, attrs] = h.args;
+      const failed = yield* this.convert(ram, h.vcpu, gpa, npages * PAGE_SIZE, (attrs & KVM_MAP_GPA_RANGE_ENCRYPTED) !== 0);
+      if (failed !== null) return failed;
+    }
+    return null;
+  }
+
+  private *convert(ram: GuestMemfdRam, vcpu: number, gpa: number, size: number, toPrivate: boolean): Steps<ExitError | null> {
+    const r = yield* kvmConvertMemory(ram, gpa, size, toPrivate);
+    if (r.ret < 0) return { vcpu, error: `kvm_convert_memory(0x${gpa.toString(16)}, 0x${size.toString(16)}) failed: ${r.error || `ret ${r.ret}`}` };
+    this.vmm.reenter(vcpu);
     return null;
   }
 
