@@ -289,18 +289,19 @@ describe('private and shared guest accesses', () => {
     expect(runOne(v)).toBe('retired');
   });
 
-  it('shared writes on a confidential VM are dirty-logged as before; private writes never are', () => {
+  it('a guest_memfd slot cannot log dirty pages (EINVAL); other slots of a confidential VM log shared writes as before', () => {
     for (const ring of [false, true]) {
       const vm = cvm({ ring });
-      const [g] = vm.memory.slots;
-      drive(vm.enableDirtyLogging(g!));
-      drive(vm.setMemoryAttributes(attrs(G + 1, 1, PRIVATE)));
-      const v = new Vcpu(vm, 0, new Accesses([{ gfn: G + 1, value: 1, private: true }, { gfn: G + 2, value: 2 }]));
-      runOne(v);
-      runOne(v);
+      const [g, p] = vm.memory.slots;
+      expect(() => drive(vm.enableDirtyLogging(g!))).toThrow('KVM_SET_USER_MEMORY_REGION2: EINVAL: slot 1: KVM_MEM_LOG_DIRTY_PAGES on a KVM_MEM_GUEST_MEMFD slot');
+      expect(vm.flags(g!)).toBe(KVM_MEM_GUEST_MEMFD);
+      drive(vm.enableDirtyLogging(p!));
+      const v = new Vcpu(vm, 0, new Accesses([{ gfn: P + 2, value: 2 }, { gfn: P + 3, value: 1, private: true }]));
+      expect(runOne(v)).toBe('retired');
       if (ring) expect(vm.rings![0]!.dirtyIndex).toBe(1);
-      else expect([...g!.dirtyBitmap.subarray(0, 1)]).toEqual([1 << 2]);
-      expect(g!.readU64(2)).toBe(2);
+      else expect([...p!.dirtyBitmap.subarray(0, 1)]).toEqual([1 << 2]);
+      expect(p!.readU64(2)).toBe(2);
+      expect(runOne(v)).toBe('exited'); // a private access to a slot without guest_memfd
     }
   });
 });

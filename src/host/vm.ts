@@ -169,6 +169,8 @@ export class Vm {
    * all-ones and protection comes with the first CLEAR. Then flushes remote TLBs.
    */
   *enableDirtyLogging(slot: Memslot): Steps {
+    // check_memory_region_flags: "Dirty logging private memory is not currently supported".
+    if (slot.gmem !== null) throw new KvmError(EINVAL, 'KVM_SET_USER_MEMORY_REGION2', `slot ${slot.id}: KVM_MEM_LOG_DIRTY_PAGES on a KVM_MEM_GUEST_MEMFD slot`);
     Atomics.or(this.slotFlags, slot.index, KVM_MEM_LOG_DIRTY_PAGES);
     const t = this.tracking;
     if (t.kind === 'bitmap' && t.manualProtect && t.initiallySet) {
