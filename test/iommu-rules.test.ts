@@ -192,11 +192,11 @@ describe('map rules', () => {
     ['flags 0', IOVA * P, P, 0, 0, 'flags 0x0: neither READ nor WRITE, or unknown bits'],
     ['unknown flag bit', IOVA * P, P, 0, 7, 'flags 0x7: neither READ nor WRITE, or unknown bits'],
     ['iova unaligned', IOVA * P + 1, P, 0, RW, 'iova 0x40001 is not a multiple of the 4096-byte IOMMU page size'],
-    ['iova negative', -P, P, 0, RW, 'iova 0x-1000 is not a multiple of the 4096-byte IOMMU page size'],
+    ['iova negative', -P, P, 0, RW, 'iova -4096 is not a multiple of the 4096-byte IOMMU page size'],
     ['iova 2^53', 2 ** 53, P, 0, RW, 'iova 0x20000000000000 is not a multiple of the 4096-byte IOMMU page size'],
     ['size 2^53', 0, 2 ** 53, 0, RW, 'size 0x20000000000000 is not a multiple of the 4096-byte IOMMU page size'],
-    ['size negative', IOVA * P, -P, 0, RW, 'size 0x-1000 is not a multiple of the 4096-byte IOMMU page size'],
-    ['vaddr negative', IOVA * P, P, -P, RW, 'vaddr 0x-1000 is not a multiple of the 4096-byte IOMMU page size'],
+    ['size negative', IOVA * P, -P, 0, RW, 'size -4096 is not a multiple of the 4096-byte IOMMU page size'],
+    ['vaddr negative', IOVA * P, P, -P, RW, 'vaddr -4096 is not a multiple of the 4096-byte IOMMU page size'],
     ['size 0', IOVA * P, 0, 0, RW, 'size 0'],
     ['past the aperture', 1023 * P, 2 * P, 0, RW, 'iova 0x3ff000 + size 0x2000 passes the end of the IOVA aperture (0x400000)'],
     ['vaddr past guest RAM', IOVA * P, 2 * P, 63 * P, RW, 'vaddr 0x40000 is not guest RAM (no memslot)'],
@@ -229,13 +229,13 @@ describe('map rules', () => {
 
 describe('unmap rules', () => {
   it.each([
-    [-P, P, 'iova 0x-1000 size 0x1000'],
+    [-P, P, 'iova -4096 size 0x1000'],
     [2 ** 53, P, 'iova 0x20000000000000 size 0x1000'],
     [0, 2 ** 53, 'iova 0x0 size 0x20000000000000'],
     [P + 1, P, 'iova 0x1001 size 0x1000'],
     [0, P + 1, 'iova 0x0 size 0x1001'],
     [0, 0, 'iova 0x0 size 0x0'],
-    [0, -P, 'iova 0x0 size 0x-1000'],
+    [0, -P, 'iova 0x0 size -4096'],
   ])('unmap(%d, %d): EINVAL, nothing unmapped', (iova, size, what) => {
     const { iommu } = iommuVm();
     map(iommu, 0, 5);

@@ -1,4 +1,5 @@
 import { DEVICE_WRITER_BASE, HOST_WRITER_BASE, type PageStamp, describeWriter } from '../host/memslot.ts';
+import { hex } from '../util/hex.ts';
 
 /** What explanations are made of, shared by the narrators (src/hunt/narrate-*.ts). */
 
@@ -22,7 +23,7 @@ export interface Explanation {
 /** At most this many lines in a chain (the rest is summarized in one line). */
 const MAX_LINES = 20;
 
-export const hex = (n: number): string => `0x${n.toString(16)}`;
+export { hex };
 
 /** A line of a chain being composed; `order` breaks ties between lines of one step. */
 export interface Line extends ExplanationStep { order: number }

@@ -1,6 +1,7 @@
 import {
   EINVAL, ENOENT, ENOSPC, ENXIO, EXIT_REASON_NAMES, KVM_DIRTY_GFN_F_DIRTY, KVM_DIRTY_GFN_F_RESET,
 } from '../host/constants.ts';
+import { hex } from '../util/hex.ts';
 
 /**
  * The small lexical pieces of litmus files: numbers (decimal or 0x hex), GFN lists with
@@ -96,9 +97,7 @@ export function parseRingFlags(v: unknown): Parsed<number> {
   return bad(`${show(v)} is not ring entry flags (dirty, reset, free or a number)`);
 }
 
-export function hex(n: number): string {
-  return `0x${n.toString(16)}`;
-}
+export { hex };
 
 /** A value as it would appear in a message: strings quoted, the rest as JSON. */
 export function show(v: unknown): string {

@@ -1,4 +1,5 @@
 import type { DmaRecord } from '../host/iommu/dma-records.ts';
+import { hex } from '../util/hex.ts';
 
 export type { DmaRecord };
 
@@ -7,7 +8,6 @@ export type { DmaRecord };
  * write to a read-only mapping) and stale-IOTLB DMAs, as the IOMMU recorded them
  * (src/host/iommu/dma-records.ts). Lost DMA writes are the stamp oracle's.
  */
-const hex = (n: number): string => `0x${n.toString(16)}`;
 
 export function describeDmaRecord(r: DmaRecord): string {
   const what = r.write ? 'write' : 'read';

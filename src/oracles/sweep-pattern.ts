@@ -1,5 +1,6 @@
 import type { GuestMemory } from '../host/guest-memory.ts';
 import { HOST_WRITER_BASE, type Memslot, type PageStamp, describeWriter } from '../host/memslot.ts';
+import { hex } from '../util/hex.ts';
 
 /**
  * The sweep-pattern oracle: migration-test's check on the destination
@@ -161,7 +162,6 @@ export function checkSweepPattern(memory: GuestMemory, vcpus: number, max = 10):
   return { ok: slices.every((s) => s.bad === 0), pages: bytes.length, slices, outOfLine, offending };
 }
 
-const hex = (n: number): string => `0x${n.toString(16)}`;
 
 /** Lines for people: the verdict, then each page out of line. */
 export function describeSweepCheck(c: SweepCheck, when: string): string[] {

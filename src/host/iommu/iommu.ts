@@ -9,6 +9,7 @@ import { VFIO_DMA_MAP_FLAG_READ, VFIO_DMA_MAP_FLAG_WRITE } from './constants.ts'
 import { type Steps } from '../../roles/role.ts';
 import { DmaRecords } from './dma-records.ts';
 import { errnoName } from '../../util/errors.ts';
+import { hex } from '../../util/hex.ts';
 
 /** Mistakes the IOMMU side can be built with (src/bugs/catalog.ts). */
 export interface IommuBugs {
@@ -98,7 +99,6 @@ export class Iommu {
   }
 
   private checkMap(name: string, iova: number, size: number, gpa: number, flags: number): IoctlResult | null {
-    const hex = (n: number): string => `0x${n.toString(16)}`;
     if ((flags & (VFIO_DMA_MAP_FLAG_READ | VFIO_DMA_MAP_FLAG_WRITE)) === 0 || (flags & ~3) !== 0) return fail(EINVAL, name, `flags ${hex(flags)}: neither READ nor WRITE, or unknown bits`);
     for (const [what, v] of [['iova', iova], ['size', size], ['vaddr', gpa]] as const) {
       if (!Number.isSafeInteger(v) || v < 0 || v % PAGE_SIZE !== 0) return fail(EINVAL, name, `${what} ${typeof v === 'number' ? hex(v) : v} is not a multiple of the ${PAGE_SIZE}-byte IOMMU page size`);
@@ -128,7 +128,6 @@ export class Iommu {
    */
   *unmapDma(iova: number, size: number, holder: number = LockHolder.SERVICE): Steps<IoctlResult> {
     const name = this.ioctl('VFIO_IOMMU_UNMAP_DMA');
-    const hex = (n: number): string => `0x${n.toString(16)}`;
     if (!Number.isSafeInteger(iova) || !Number.isSafeInteger(size) || iova < 0 || size <= 0 || iova % PAGE_SIZE !== 0 || size % PAGE_SIZE !== 0) {
       Atomics.add(this.words, IommuWord.UNMAP_ERRORS, 1);
       return fail(EINVAL, name, `iova ${hex(iova)} size ${hex(size)}: not ${PAGE_SIZE}-byte aligned, or empty`);

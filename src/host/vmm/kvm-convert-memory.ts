@@ -6,12 +6,12 @@ import type { Vm } from '../vm.ts';
 import { RamBlockAttributes } from './ram-block-attributes.ts';
 import type { Steps } from '../../roles/role.ts';
 import { KvmError, errnoName } from '../../util/errors.ts';
+import { hex } from '../../util/hex.ts';
 
 /** What a conversion returned: 0, or -errno with what QEMU would have printed (error_report), or '' where it prints nothing. */
 export interface ConvertResult { ret: number; error: string }
 
 const OK: ConvertResult = Object.freeze({ ret: 0, error: '' });
-const hex = (n: number): string => `0x${n.toString(16)}`;
 
 /**
  * The VMM's guest_memfd RAM: each such memslot's RAM block with its RamBlockAttributes,

@@ -2,6 +2,7 @@ import { EINVAL, PAGE_SIZE } from '../constants.ts';
 import { PageBitmap } from '../dirty-bitmap.ts';
 import type { Steps } from '../../roles/role.ts';
 import { errnoName } from '../../util/errors.ts';
+import { hex } from '../../util/hex.ts';
 
 /**
  * QEMU's MemoryRegionSection as a RamDiscardManager hands it out: a byte range of one RAM
@@ -50,8 +51,6 @@ export function intersectSection(s: RamSection, offset: number, size: number): R
   if (end <= start) return null;
   return { ...s, offsetWithinRegion: start, size: end - start, offsetWithinAddressSpace: s.offsetWithinAddressSpace + (start - s.offsetWithinRegion) };
 }
-
-const hex = (n: number): string => (Number.isFinite(n) && n >= 0 ? `0x${n.toString(16)}` : String(n));
 
 /**
  * QEMU's RamBlockAttributes (system/ram-block-attributes.c, QOM "ram-block-attributes"):

@@ -4,6 +4,7 @@ import { LockHolder } from '../iommu/domain-lock.ts';
 import type { IoctlResult, Iommu } from '../iommu/iommu.ts';
 import type { Steps } from '../../roles/role.ts';
 import { RDM_OK, type RamBlockAttributes, type RamDiscardListener, type RamDiscardResult, type RamSection } from './ram-block-attributes.ts';
+import { hex } from '../../util/hex.ts';
 
 /**
  * KVM_CAP_NR_MEMSLOTS on x86 (KVM_USER_MEM_SLOTS: SHRT_MAX less 3 internal slots), which
@@ -139,7 +140,7 @@ export type VfioRamDiscardRegistration =
 export function* vfioRamDiscardRegisterListener(container: VfioContainer, rdm: RamBlockAttributes, section: RamSection): Steps<VfioRamDiscardRegistration> {
   for (const [what, v] of [['offset_within_region', section.offsetWithinRegion], ['offset_within_address_space', section.offsetWithinAddressSpace], ['size', section.size]] as const) {
     // QEMU asserts these ("corner cases not relevant in practice").
-    if (!Number.isSafeInteger(v) || v < 0 || v % PAGE_SIZE !== 0) throw new Error(`vfio_ram_discard_register_listener: section ${what} 0x${v.toString(16)} is not ${PAGE_SIZE}-byte aligned`);
+    if (!Number.isSafeInteger(v) || v < 0 || v % PAGE_SIZE !== 0) throw new Error(`vfio_ram_discard_register_listener: section ${what} ${hex(v)} is not ${PAGE_SIZE}-byte aligned`);
   }
   const vrdl = new VfioRamDiscardListener(container, rdm, section);
   const replay = yield* rdm.registerListener(vrdl, section);
