@@ -461,6 +461,8 @@ export class Vcpu implements Role, VcpuFastState {
   /** Phase TRANSLATE: fetch the next operation if none is pending, translate, check the TLB. */
   private translate(): Advance {
     const op = this.op;
+    // The instruction runs (again): it no longer waits at a fault, so a stop waits for it to retire.
+    this.pacedAtFault = false;
     if (!this.opPending) {
       this.workload.next(op, this.ctx);
       this.opIteration = this.ctx.iteration;
