@@ -270,7 +270,9 @@ export function connectDestination(host: string, port: number, destWords: Int32A
   let connected = false;
   let sent = 0;
   let owedSince = 0;
-  const owes = (): boolean => sent - Atomics.load(destWords, DestWord.APPLIED_KIB) * 1024 >= ACK_EVERY;
+  // After `complete` nothing is owed (the destination applied all of the stream, and never
+  // acks its last chunk): the digests' deadline is the driver's watchdog.
+  const owes = (): boolean => !completed && sent - Atomics.load(destWords, DestWord.APPLIED_KIB) * 1024 >= ACK_EVERY;
   timer = setInterval(() => {
     const now = Date.now();
     if (!connected) {
@@ -301,6 +303,7 @@ export function connectDestination(host: string, port: number, destWords: Int32A
       return;
     }
     for (const r of got) {
+      if (done) return; // a failure (or the digests) ended it: later replies in the same chunk change nothing
       if (r.t === 'ack') {
         Atomics.store(destWords, DestWord.APPLIED_KIB, r.kib);
         Atomics.notify(destWords, DestWord.APPLIED_KIB);
@@ -309,6 +312,10 @@ export function connectDestination(host: string, port: number, destWords: Int32A
         Atomics.store(destWords, DestWord.STATE, DestState.COMPLETE);
         Atomics.notify(destWords, DestWord.STATE);
       } else if (r.t === 'digests') {
+        if (!completed) {
+          fail(`the destination at ${where} sent its page digests before it completed the migration`);
+          return;
+        }
         done = true;
         clearInterval(timer);
         settle({ digests: r.digests, error: null });
