@@ -3,7 +3,7 @@
  * code). The vCPU (vcpu.ts) and the workloads (src/guest/) meet here.
  */
 
-/** Guest operation kinds. */
+/** Guest operation kinds: the writes first, then what writes nothing (the vCPU tells them apart with one compare). */
 export const enum OpKind {
   /** Store a 64-bit value into the page's first 8 bytes. */
   WRITE64 = 1,

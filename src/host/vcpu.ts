@@ -468,26 +468,35 @@ export class Vcpu implements Role, VcpuFastState {
       this.opIteration = this.ctx.iteration;
       this.opPending = true;
     }
+    if (op.kind >= OpKind.READ) return this.readOrHypercall();
+    const slot = this.vm.memory.findSlot(op.gfn);
+    if (slot === undefined) return this.mmioExit();
+    const page = op.gfn - slot.baseGfn;
+    this.slot = slot;
+    this.page = page;
+    const tlb = this.tlbPrivate !== null && op.private === true ? this.tlbPrivate : this.tlb;
+    this.phase = tlb[slot.firstPage + page] === this.tlbGen + 1 ? Phase.STORE : Phase.WALK;
+    return Advance.PROGRESS;
+  }
+
+  /** TRANSLATE for what is no write: a hypercall, or a read (which takes no SPTE walk here). */
+  private readOrHypercall(): Advance {
+    const op = this.op;
     if (op.kind === OpKind.MAP_GPA_RANGE) return this.mapGpaRange();
     const slot = this.vm.memory.findSlot(op.gfn);
     if (slot === undefined) return this.mmioExit();
     const page = op.gfn - slot.baseGfn;
     this.slot = slot;
     this.page = page;
-    if (op.kind === OpKind.READ) {
-      if (this.tlbPrivate !== null) {
-        // Reads take no SPTE walk here; on a VM with private memory they are checked against the attribute all the same.
-        const priv = op.private === true;
-        if (priv !== this.vm.attributes!.isPrivate(slot, page) || (priv && slot.gmem === null)) return this.memoryFaultExit(priv);
-        (priv ? slot.gmem! : slot).readU64(page);
-        return this.retire();
-      }
-      slot.readU64(page);
+    if (this.tlbPrivate !== null) {
+      // On a VM with private memory a read is checked against the attribute all the same.
+      const priv = op.private === true;
+      if (priv !== this.vm.attributes!.isPrivate(slot, page) || (priv && slot.gmem === null)) return this.memoryFaultExit(priv);
+      (priv ? slot.gmem! : slot).readU64(page);
       return this.retire();
     }
-    const tlb = this.tlbPrivate !== null && op.private === true ? this.tlbPrivate : this.tlb;
-    this.phase = tlb[slot.firstPage + page] === this.tlbGen + 1 ? Phase.STORE : Phase.WALK;
-    return Advance.PROGRESS;
+    slot.readU64(page);
+    return this.retire();
   }
 
   /** Phase STORE: store the data and the stamp; the operation retires. */
