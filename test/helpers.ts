@@ -31,6 +31,23 @@ export class ScriptWorkload implements Workload {
   }
 }
 
+/** One scripted guest operation: a WRITE64 of 0 unless it says otherwise. */
+export interface ScriptedOp { gfn: number; value?: number; kind?: OpKind; offset?: number; private?: boolean }
+
+/** Scripted operations with every field set (`private` only where the script says), then idles on the last one. */
+export class Ops implements Workload {
+  i = 0;
+  constructor(private readonly ops: ScriptedOp[]) {}
+  next(op: GuestOp): void {
+    const o = this.ops[Math.min(this.i++, this.ops.length - 1)]!;
+    op.kind = o.kind ?? OpKind.WRITE64;
+    op.gfn = o.gfn;
+    op.value = o.value ?? 0;
+    op.offset = o.offset ?? 0;
+    if (o.private !== undefined || op.private !== undefined) op.private = o.private === true;
+  }
+}
+
 export function vcpuWith(vm: Vm, index: number, ops: { gfn: number; value: number; kind?: OpKind }[]): Vcpu {
   return new Vcpu(vm, index, new ScriptWorkload(ops));
 }

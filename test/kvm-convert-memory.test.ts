@@ -2,7 +2,7 @@ import { describe, expect, it } from 'vitest';
 import {
   EINVAL, KVM_EXIT_MEMORY_FAULT, KVM_HC_MAP_GPA_RANGE, KVM_MEMORY_EXIT_FLAG_PRIVATE, KVM_MEM_GUEST_MEMFD, PAGE_SIZE,
 } from '../src/host/constants.ts';
-import { type GuestOp, OpKind, type Workload } from '../src/host/guest-op.ts';
+import { OpKind } from '../src/host/guest-op.ts';
 import { VFIO_DEFAULT_DMA_ENTRY_LIMIT } from '../src/host/iommu/constants.ts';
 import { type MemslotConfig, VcpuRunState, VcpuWord, createVmLayout } from '../src/host/layout.ts';
 import { SPTE_PRIVATE, SPTE_WRITABLE } from '../src/host/spte.ts';
@@ -13,7 +13,7 @@ import { GuestMemfdRam, kvmConvertMemory } from '../src/host/vmm/kvm-convert-mem
 import { RDM_OK, type RamDiscardListener, type RamDiscardResult, type RamSection, wholeSection } from '../src/host/vmm/ram-block-attributes.ts';
 import { vfioContainer, vfioRamDiscardRegisterListener } from '../src/host/vmm/vfio-ram-discard-listener.ts';
 import type { Steps } from '../src/roles/role.ts';
-import { MANUAL, VmmControl, drive } from './helpers.ts';
+import { MANUAL, Ops, VmmControl, drive } from './helpers.ts';
 
 /*
  * The VMM's side of a conversion (QEMU's kvm_convert_memory and kvm_cpu_exec's
@@ -54,19 +54,6 @@ class Witness implements RamDiscardListener {
   }
   *notifyDiscard(s: RamSection): Steps {
     this.seen.push(`discard ${s.offsetWithinRegion / P}+${s.size / P}: ${this.state(s)}`);
-  }
-}
-
-class Accesses implements Workload {
-  i = 0;
-  constructor(private readonly ops: { gfn: number; value: number; private: boolean; kind?: OpKind }[]) {}
-  next(op: GuestOp): void {
-    const o = this.ops[Math.min(this.i++, this.ops.length - 1)]!;
-    op.kind = o.kind ?? OpKind.WRITE64;
-    op.gfn = o.gfn;
-    op.value = o.value;
-    op.offset = 0;
-    op.private = o.private;
   }
 }
 
@@ -157,7 +144,7 @@ describe('KVM_EXIT_MEMORY_FAULT in the VMM', () => {
   it('converts the faulting range to the access\'s kind and re-enters the vCPU, whose access then lands', () => {
     const { vm, ram, g } = setup();
     const exits = new ExitHandler(new VmmControl(vm));
-    const v = new Vcpu(vm, 0, new Accesses([{ gfn: G + 3, value: 7, private: false }, { gfn: G + 3, value: 8, private: true }]));
+    const v = new Vcpu(vm, 0, new Ops([{ gfn: G + 3, value: 7, private: false }, { gfn: G + 3, value: 8, private: true }]));
     for (let i = 0; i < 10 && v.runState !== VcpuRunState.EXITED; i++) v.step();
     expect(exits.memoryFault()).toEqual({ vcpu: 0, gpa: (G + 3) * P, size: P, flags: 0 });
     expect(drive(exits.serviceMemoryFaults(ram)).value).toBeNull();
@@ -175,7 +162,7 @@ describe('KVM_EXIT_MEMORY_FAULT in the VMM', () => {
   it('a conversion that fails, or an unknown flag, is the error that stops the VM; the vCPU stays in its exit', () => {
     const { vm, ram } = setup();
     const exits = new ExitHandler(new VmmControl(vm));
-    const v = new Vcpu(vm, 0, new Accesses([{ gfn: N + 1, value: 1, private: true }]));
+    const v = new Vcpu(vm, 0, new Ops([{ gfn: N + 1, value: 1, private: true }]));
     for (let i = 0; i < 10 && v.runState !== VcpuRunState.EXITED; i++) v.step();
     const r = drive(exits.serviceMemoryFaults(ram)).value;
     expect(r!.error).toBe('kvm_convert_memory(0x401000, 0x1000) failed: Convert non guest_memfd backed memory region (0x401000 ,+ 0x1000) to private');
@@ -191,7 +178,7 @@ describe('KVM_EXIT_HYPERCALL (KVM_HC_MAP_GPA_RANGE) in the VMM', () => {
   it('converts the range the guest names, then re-enters with ret 0; the guest\'s next private write needs no exit', () => {
     const { vm, ram, g, rdm } = setup();
     const exits = new ExitHandler(new VmmControl(vm));
-    const v = new Vcpu(vm, 0, new Accesses([
+    const v = new Vcpu(vm, 0, new Ops([
       { gfn: G + 16, value: 4, private: false, kind: OpKind.MAP_GPA_RANGE }, { gfn: G + 17, value: 1, private: false },
       { gfn: G + 16, value: 2, private: true, kind: OpKind.MAP_GPA_RANGE }, { gfn: G + 17, value: 2, private: true },
     ]));
@@ -217,7 +204,7 @@ describe('KVM_EXIT_HYPERCALL (KVM_HC_MAP_GPA_RANGE) in the VMM', () => {
   it('an unknown hypercall or a failed conversion stops the VM with the reason', () => {
     const { vm, ram } = setup();
     const exits = new ExitHandler(new VmmControl(vm));
-    const v = new Vcpu(vm, 0, new Accesses([{ gfn: N, value: 1, private: true, kind: OpKind.MAP_GPA_RANGE }]));
+    const v = new Vcpu(vm, 0, new Ops([{ gfn: N, value: 1, private: true, kind: OpKind.MAP_GPA_RANGE }]));
     for (let i = 0; i < 10 && v.runState !== VcpuRunState.EXITED; i++) v.step();
     expect(drive(exits.serviceHypercalls(ram)).value).toEqual({ vcpu: 0, error: 'kvm_convert_memory(0x400000, 0x1000) failed: Convert non guest_memfd backed memory region (0x400000 ,+ 0x1000) to private' });
     Atomics.store(vm.vcpuWords, VcpuWord.HYPERCALL_NR, 11);

@@ -4,7 +4,7 @@ import {
   KVM_HC_MAP_GPA_RANGE, KVM_MAP_GPA_RANGE_ENCRYPTED, KVM_MAP_GPA_RANGE_PAGE_SZ_2M, KVM_MEMORY_ATTRIBUTE_PRIVATE,
   KVM_MEMORY_EXIT_FLAG_PRIVATE, KVM_MEM_GUEST_MEMFD, KVM_MEM_READONLY, PAGE_SIZE,
 } from '../src/host/constants.ts';
-import { type GuestOp, OpKind, type Workload } from '../src/host/guest-op.ts';
+import { OpKind } from '../src/host/guest-op.ts';
 import { kvmGmemFallocate } from '../src/host/guest-memfd.ts';
 import { GlobalWord, type MemslotConfig, VcpuRequest, VcpuRunState, VcpuWord, createVmLayout } from '../src/host/layout.ts';
 import { invalidMemoryAttributes } from '../src/host/memory-attributes.ts';
@@ -13,7 +13,7 @@ import { Phase, Vcpu } from '../src/host/vcpu.ts';
 import { MMU_LOCK_HOLDER_KVM, Vm } from '../src/host/vm.ts';
 import { KvmError } from '../src/util/errors.ts';
 import { Step } from '../src/roles/role.ts';
-import { MANUAL, RING, drive } from './helpers.ts';
+import { MANUAL, Ops, RING, drive } from './helpers.ts';
 
 /*
  * Private memory on the KVM side: KVM_SET_MEMORY_ATTRIBUTES, guest_memfd slots and their
@@ -35,22 +35,6 @@ function cvm(o: { vcpus?: number; ring?: boolean; exitHypercalls?: number } = {}
 }
 
 const attrs = (gfn: number, pages: number, attributes: number) => ({ address: gfn * PAGE_SIZE, size: pages * PAGE_SIZE, attributes, flags: 0 });
-
-interface Op { gfn: number; value?: number; kind?: OpKind; private?: boolean; offset?: number }
-
-/** Scripted accesses, private or shared, then idles on the last one. */
-class Accesses implements Workload {
-  i = 0;
-  constructor(private readonly ops: Op[]) {}
-  next(op: GuestOp): void {
-    const o = this.ops[Math.min(this.i++, this.ops.length - 1)]!;
-    op.kind = o.kind ?? OpKind.WRITE64;
-    op.gfn = o.gfn;
-    op.value = o.value ?? 0;
-    op.offset = o.offset ?? 0;
-    op.private = o.private ?? false;
-  }
-}
 
 /** Steps until the vCPU retired one more operation or exited; returns what happened. */
 function runOne(v: Vcpu): 'retired' | 'exited' {
@@ -180,7 +164,7 @@ describe('KVM_SET_MEMORY_ATTRIBUTES', () => {
 
   it('waits for a vCPU that holds mmu_lock, and for every vCPU in guest mode to acknowledge its flush', () => {
     const vm = cvm();
-    const v = new Vcpu(vm, 0, new Accesses([{ gfn: G + 1, value: 5 }]));
+    const v = new Vcpu(vm, 0, new Ops([{ gfn: G + 1, value: 5 }]));
     expect(runOne(v)).toBe('retired'); // in guest mode now, with G+1 in its TLB
     expect(vm.mmuInvalidate.tryLock(1)).toBe(true);
     const gen = vm.setMemoryAttributes(attrs(G + 1, 1, PRIVATE));
@@ -198,7 +182,7 @@ describe('private and shared guest accesses', () => {
   it('a private write to a shared page exits with KVM_EXIT_MEMORY_FAULT (flags PRIVATE, gpa, size) and stays pending; after the conversion it lands in guest_memfd', () => {
     const vm = cvm();
     const [g] = vm.memory.slots;
-    const v = new Vcpu(vm, 0, new Accesses([{ gfn: G + 3, value: 0x1234, private: true }, { gfn: G + 3, value: 0x99, private: true }]));
+    const v = new Vcpu(vm, 0, new Ops([{ gfn: G + 3, value: 0x1234, private: true }, { gfn: G + 3, value: 0x99, private: true }]));
     expect(runOne(v)).toBe('exited');
     expect(memoryFault(vm)).toEqual({ reason: KVM_EXIT_MEMORY_FAULT, flags: KVM_MEMORY_EXIT_FLAG_PRIVATE, gpa: (G + 3) * PAGE_SIZE, size: PAGE_SIZE });
     expect(v.opPending).toBe(true);
@@ -222,11 +206,11 @@ describe('private and shared guest accesses', () => {
     const vm = cvm();
     drive(vm.setMemoryAttributes(attrs(G + 7, 1, PRIVATE)));
     drive(vm.setMemoryAttributes(attrs(P + 2, 1, PRIVATE)));
-    const v = new Vcpu(vm, 0, new Accesses([{ gfn: G + 7, value: 1 }]));
+    const v = new Vcpu(vm, 0, new Ops([{ gfn: G + 7, value: 1 }]));
     expect(runOne(v)).toBe('exited');
     expect(memoryFault(vm)).toEqual({ reason: KVM_EXIT_MEMORY_FAULT, flags: 0, gpa: (G + 7) * PAGE_SIZE, size: PAGE_SIZE });
     expect(vm.memory.slots[0]!.isZeroPage(7)).toBe(true);
-    const w = new Vcpu(vm, 0, new Accesses([{ gfn: P + 2, value: 1, private: true }]));
+    const w = new Vcpu(vm, 0, new Ops([{ gfn: P + 2, value: 1, private: true }]));
     expect(runOne(w)).toBe('exited');
     expect(memoryFault(vm)).toEqual({ reason: KVM_EXIT_MEMORY_FAULT, flags: KVM_MEMORY_EXIT_FLAG_PRIVATE, gpa: (P + 2) * PAGE_SIZE, size: PAGE_SIZE });
   });
@@ -236,7 +220,7 @@ describe('private and shared guest accesses', () => {
     const [g] = vm.memory.slots;
     drive(vm.setMemoryAttributes(attrs(G, 1, PRIVATE)));
     g!.gmem!.writeU64(0, 77);
-    const v = new Vcpu(vm, 0, new Accesses([{ gfn: G, kind: OpKind.READ, private: true }, { gfn: G, kind: OpKind.READ }]));
+    const v = new Vcpu(vm, 0, new Ops([{ gfn: G, kind: OpKind.READ, private: true }, { gfn: G, kind: OpKind.READ }]));
     expect(runOne(v)).toBe('retired');
     expect(runOne(v)).toBe('exited');
     expect(memoryFault(vm).flags).toBe(0);
@@ -246,7 +230,7 @@ describe('private and shared guest accesses', () => {
     const vm = cvm();
     const [g] = vm.memory.slots;
     drive(vm.setMemoryAttributes(attrs(G + 2, 1, PRIVATE)));
-    const v = new Vcpu(vm, 0, new Accesses([{ gfn: G + 2, value: 1, private: true }, { gfn: G + 2, value: 2, private: true }, { gfn: G + 2, value: 3 }]));
+    const v = new Vcpu(vm, 0, new Ops([{ gfn: G + 2, value: 1, private: true }, { gfn: G + 2, value: 2, private: true }, { gfn: G + 2, value: 3 }]));
     expect(runOne(v)).toBe('retired');
     drive(vm.setMemoryAttributes(attrs(G + 2, 1, 0)), [v]);
     expect(g!.spte[2]).toBe(0);
@@ -258,7 +242,7 @@ describe('private and shared guest accesses', () => {
   it('a fault inside an invalidation retries until it ends, then maps the page as the new attribute says', () => {
     const vm = cvm();
     const [g] = vm.memory.slots;
-    const v = new Vcpu(vm, 0, new Accesses([{ gfn: G + 9, value: 4, private: true }]));
+    const v = new Vcpu(vm, 0, new Ops([{ gfn: G + 9, value: 4, private: true }]));
     const gen = vm.setMemoryAttributes(attrs(G + 9, 1, PRIVATE));
     let r = gen.next();
     while (vm.mmuInvalidate.inProgress() === 0) r = gen.next();
@@ -266,7 +250,7 @@ describe('private and shared guest accesses', () => {
     while (vm.mmuInvalidate.holder() !== 0) { r = gen.next(); v.step(); } // the zap and flush, then (same step) the store
     expect(vm.attributes!.isPrivate(g!, 9)).toBe(true);
     expect(vm.mmuInvalidate.inProgress()).toBe(1);
-    const fresh = new Vcpu(vm, 0, new Accesses([{ gfn: G + 9, value: 4, private: true }]));
+    const fresh = new Vcpu(vm, 0, new Ops([{ gfn: G + 9, value: 4, private: true }]));
     for (let i = 0; i < 21; i++) fresh.step(); // translate, then (walk, fault) ten times
     expect(fresh.retired).toBe(0);
     expect(fresh.phase).toBe(Phase.WALK); // RET_PF_RETRY: walks and faults again, never installs
@@ -280,7 +264,7 @@ describe('private and shared guest accesses', () => {
   it('a fault that finds mmu_lock taken re-enters the guest and faults again, and installs nothing meanwhile', () => {
     const vm = cvm();
     drive(vm.setMemoryAttributes(attrs(G + 1, 1, PRIVATE)));
-    const v = new Vcpu(vm, 0, new Accesses([{ gfn: G + 1, value: 4, private: true }]));
+    const v = new Vcpu(vm, 0, new Ops([{ gfn: G + 1, value: 4, private: true }]));
     expect(vm.mmuInvalidate.tryLock(99)).toBe(true);
     for (let i = 0; i < 10; i++) v.step();
     expect(v.phase).toBe(Phase.FAULT);
@@ -296,7 +280,7 @@ describe('private and shared guest accesses', () => {
       expect(() => drive(vm.enableDirtyLogging(g!))).toThrow('KVM_SET_USER_MEMORY_REGION2: EINVAL: slot 1: KVM_MEM_LOG_DIRTY_PAGES on a KVM_MEM_GUEST_MEMFD slot');
       expect(vm.flags(g!)).toBe(KVM_MEM_GUEST_MEMFD);
       drive(vm.enableDirtyLogging(p!));
-      const v = new Vcpu(vm, 0, new Accesses([{ gfn: P + 2, value: 2 }, { gfn: P + 3, value: 1, private: true }]));
+      const v = new Vcpu(vm, 0, new Ops([{ gfn: P + 2, value: 2 }, { gfn: P + 3, value: 1, private: true }]));
       expect(runOne(v)).toBe('retired');
       if (ring) expect(vm.rings![0]!.dirtyIndex).toBe(1);
       else expect([...p!.dirtyBitmap.subarray(0, 1)]).toEqual([1 << 2]);
@@ -311,7 +295,7 @@ describe('guest_memfd fallocate', () => {
     const vm = cvm();
     const [g] = vm.memory.slots;
     drive(vm.setMemoryAttributes(attrs(G, 8, PRIVATE)));
-    const v = new Vcpu(vm, 0, new Accesses([{ gfn: G + 5, value: 55, private: true }, { gfn: G + 5, kind: OpKind.READ, private: true }]));
+    const v = new Vcpu(vm, 0, new Ops([{ gfn: G + 5, value: 55, private: true }, { gfn: G + 5, kind: OpKind.READ, private: true }]));
     expect(runOne(v)).toBe('retired');
     expect(g!.spte[5]).toBe(SPTE_PRIVATE);
     g!.gmem!.writeU64(6, 66);
@@ -360,7 +344,7 @@ describe('KVM_HC_MAP_GPA_RANGE', () => {
 
   it('without KVM_CAP_EXIT_HYPERCALL the guest gets -KVM_ENOSYS and goes on, with no exit', () => {
     const vm = cvm();
-    const v = new Vcpu(vm, 0, new Accesses([{ gfn: G, value: 4, kind: MAP, private: true }]));
+    const v = new Vcpu(vm, 0, new Ops([{ gfn: G, value: 4, kind: MAP, private: true }]));
     expect(runOne(v)).toBe('retired');
     expect(v.ctx.hypercallRet).toBe(-KVM_ENOSYS);
     expect(Atomics.load(vm.vcpuWords, VcpuWord.EXITS)).toBe(0);
@@ -368,7 +352,7 @@ describe('KVM_HC_MAP_GPA_RANGE', () => {
 
   it('no pages or a range that wraps gives -KVM_EINVAL without an exit', () => {
     const vm = cvm({ exitHypercalls: 1 << KVM_HC_MAP_GPA_RANGE });
-    const v = new Vcpu(vm, 0, new Accesses([{ gfn: G, value: 0, kind: MAP }, { gfn: 2 ** 52 - 2, value: 4, kind: MAP }, { gfn: G, value: -1, kind: MAP }]));
+    const v = new Vcpu(vm, 0, new Ops([{ gfn: G, value: 0, kind: MAP }, { gfn: 2 ** 52 - 2, value: 4, kind: MAP }, { gfn: G, value: -1, kind: MAP }]));
     for (let i = 0; i < 3; i++) {
       expect(runOne(v)).toBe('retired');
       expect(v.ctx.hypercallRet).toBe(-KVM_EINVAL);
@@ -377,7 +361,7 @@ describe('KVM_HC_MAP_GPA_RANGE', () => {
 
   it('exits with KVM_EXIT_HYPERCALL (nr, gpa, pages, attributes; ret preset to 0) and completes on re-entry with the ret the VMM left', () => {
     const vm = cvm({ exitHypercalls: 1 << KVM_HC_MAP_GPA_RANGE });
-    const v = new Vcpu(vm, 0, new Accesses([
+    const v = new Vcpu(vm, 0, new Ops([
       { gfn: G + 0x200, value: 512, kind: MAP, private: true, offset: KVM_MAP_GPA_RANGE_PAGE_SZ_2M }, { gfn: G, value: 3, kind: MAP },
     ]));
     Atomics.store(vm.vcpuWords, VcpuWord.HYPERCALL_RET, 77);
@@ -398,7 +382,7 @@ describe('KVM_HC_MAP_GPA_RANGE', () => {
   it('on a VM without private memory the fast path leaves a hypercall to the phases: no store, -KVM_ENOSYS', () => {
     const vm = new Vm(createVmLayout({ slots: [SLOTS[1]!], vcpus: 1, tracking: MANUAL }));
     vm.populate();
-    const v = new Vcpu(vm, 0, new Accesses([{ gfn: P, value: 9 }, { gfn: P, value: 9 }, { gfn: P + 1, value: 0x42, kind: MAP }, { gfn: P + 2, value: 3 }]));
+    const v = new Vcpu(vm, 0, new Ops([{ gfn: P, value: 9 }, { gfn: P, value: 9 }, { gfn: P + 1, value: 0x42, kind: MAP }, { gfn: P + 2, value: 3 }]));
     v.runBurst(2); // the page is in the TLB now
     v.runBurst(10);
     expect(v.retired).toBeGreaterThanOrEqual(4);

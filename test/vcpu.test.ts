@@ -8,7 +8,7 @@ import { runTlbHits, runWriteHits } from '../src/host/vcpu-fast-path.ts';
 import { writeProtectPage } from '../src/host/spte.ts';
 import type { Vm } from '../src/host/vm.ts';
 import { DirtyRingHarvester } from '../src/host/vmm/ring-harvester.ts';
-import { LEGACY, RING, ScriptWorkload, VmmControl, complete, makeVm, retire } from './helpers.ts';
+import { LEGACY, Ops, RING, ScriptWorkload, type ScriptedOp, VmmControl, complete, makeVm, retire } from './helpers.ts';
 
 /*
  * The vCPU (vcpu.ts) and its fast paths (vcpu-fast-path.ts), stepped on the test's thread.
@@ -22,21 +22,6 @@ const SLOTS = [
   { id: 1, asId: 0, baseGfn: A, pages: 64, flags: 0 },
   { id: 2, asId: 0, baseGfn: B, pages: 64, flags: 0 },
 ];
-
-interface Op { gfn: number; value?: number; kind?: OpKind; offset?: number }
-
-/** Scripted operations (every field set), then idles on the last one. */
-class Ops implements Workload {
-  i = 0;
-  constructor(private readonly ops: Op[]) {}
-  next(op: GuestOp): void {
-    const o = this.ops[Math.min(this.i++, this.ops.length - 1)]!;
-    op.kind = o.kind ?? OpKind.WRITE64;
-    op.gfn = o.gfn;
-    op.value = o.value ?? 0;
-    op.offset = o.offset ?? 0;
-  }
-}
 
 /** A Write64Workload: WRITE64 of the iteration to the scripted gfns. */
 class Writes implements Write64Workload {
@@ -465,8 +450,8 @@ describe('runBurst does exactly what stepping does', () => {
   // First touches fault (logging is on) and fill the TLB; then hits that cross between the
   // adjacent slots both ways, values that need the high word, byte operations, reads
   // (one of a page not in the TLB), and an access outside every slot.
-  const TOUCH: Op[] = [A, A + 63, B, B + 1, A + 1, A + 2].map((gfn) => ({ gfn, value: gfn }));
-  const OPS: Op[] = [
+  const TOUCH: ScriptedOp[] = [A, A + 63, B, B + 1, A + 1, A + 2].map((gfn) => ({ gfn, value: gfn }));
+  const OPS: ScriptedOp[] = [
     ...TOUCH,
     { gfn: A + 63, value: 2 ** 32 }, { gfn: B, value: -(2 ** 32) }, { gfn: B + 1, value: -(2 ** 33) },
     { gfn: A + 1, value: 2 ** 33 + 7 }, { gfn: B, kind: OpKind.READ, value: 99, offset: 5 },
