@@ -103,6 +103,13 @@ describe('kvm_convert_memory', () => {
     expect(vm.mmuInvalidate.inProgress()).toBe(0);
   });
 
+  it('a range that runs past its region is clipped to it (memory_region_find)', () => {
+    const { vm, ram, g, rdm } = setup();
+    expect(drive(kvmConvertMemory(ram, (G + 254) * P, 4 * P, false)).value).toEqual({ ret: 0, error: '' });
+    expect(rdm.isPopulated(254 * P, 2 * P)).toBe(true);
+    expect(vm.attributes!.isPrivate(g, 253)).toBe(true);
+  });
+
   it('fails as QEMU does: unaligned or empty (-EINVAL, nothing printed), outside every region (to shared ignored), memory without guest_memfd', () => {
     const { ram, vm } = setup();
     const conv = (start: number, size: number, toPrivate: boolean) => drive(kvmConvertMemory(ram, start, size, toPrivate)).value;

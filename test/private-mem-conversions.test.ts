@@ -94,6 +94,18 @@ describe('PrivateMemConversions, the guest', () => {
     return `${op.kind === OpKind.MAP_GPA_RANGE ? 'map' : 'write'} ${(op.gfn - 0x100).toString()} ${op.value} ${op.offset} ${op.private ? 'private' : 'shared'}`;
   });
 
+  it('every value names the round, the range and the kind, and none is 0', () => {
+    expect([conversionValue(0, 0, false), conversionValue(0, 0, true), conversionValue(0, 1, false), conversionValue(1, 4, true)]).toEqual([1, 2, 3, 20]);
+  });
+
+  it('even rounds convert explicitly again: round 2 starts with the hypercall', () => {
+    const w = new PrivateMemConversions(0x100);
+    const perRound = 2 * CONVERSION_RANGES.reduce((n, r) => n + r.pages, 0);
+    fetch(w, perRound + 10 + perRound);
+    expect(w.round).toBe(2);
+    expect(fetch(w, 1)).toEqual(['map 0 1 0 shared']);
+  });
+
   it('round 0 converts each range with the hypercall (2 MiB ranges with the 2 MiB hint) before writing it, shared then private', () => {
     const ops = fetch(new PrivateMemConversions(0x100), 1 + 1 + 1 + 1 + 1 + 512);
     expect(ops.slice(0, 6)).toEqual([

@@ -6,8 +6,9 @@ import {
 } from '../src/host/constants.ts';
 import { OpKind } from '../src/host/guest-op.ts';
 import { kvmGmemFallocate } from '../src/host/guest-memfd.ts';
-import { GlobalWord, type MemslotConfig, VcpuRequest, VcpuRunState, VcpuWord, createVmLayout } from '../src/host/layout.ts';
-import { invalidMemoryAttributes } from '../src/host/memory-attributes.ts';
+import { GLOBAL_WORDS, GlobalWord, type MemslotConfig, VcpuRequest, VcpuRunState, VcpuWord, createVmLayout } from '../src/host/layout.ts';
+import { invalidMemoryAttributes, slotRanges } from '../src/host/memory-attributes.ts';
+import { MmuInvalidate } from '../src/host/mmu-invalidate.ts';
 import { SPTE_PRIVATE, SPTE_WRITABLE } from '../src/host/spte.ts';
 import { Phase, Vcpu } from '../src/host/vcpu.ts';
 import { MMU_LOCK_HOLDER_KVM, Vm } from '../src/host/vm.ts';
@@ -114,6 +115,12 @@ describe('KVM_SET_MEMORY_ATTRIBUTES', () => {
     expect(invalidMemoryAttributes({ address: 0x1000, size: 0x800, attributes: 8, flags: 0 }, PRIVATE)).toBe('address 0x1000 or size 0x800 is not page aligned');
     expect(invalidMemoryAttributes({ address: 2 ** 64 - 4096, size: 8192, attributes: 8, flags: 0 }, PRIVATE)).toMatch(/wraps$/);
     expect(invalidMemoryAttributes({ address: 0x1000, size: 0x1000, attributes: 8, flags: 0 }, PRIVATE)).toBeNull();
+    expect(invalidMemoryAttributes({ address: 0x1000, size: 0x1000, attributes: -8, flags: 0 }, PRIVATE)).toBe('attributes -8 (supported: 0x8)');
+    expect(invalidMemoryAttributes({ address: 1.5, size: 0x1000, attributes: 8, flags: 0 }, PRIVATE)).toBe('address 1.5 or size 4096 is not a u64');
+    expect(invalidMemoryAttributes({ address: 0x1000, size: 4096.5, attributes: 8, flags: 0 }, PRIVATE)).toBe('address 4096 or size 4096.5 is not a u64');
+    expect(invalidMemoryAttributes({ address: 0x1000, size: -0x1000, attributes: 8, flags: 0 }, PRIVATE)).toBe('address 4096 or size -4096 is not a u64');
+    // A range that ends exactly at 2^64 does not wrap.
+    expect(invalidMemoryAttributes({ address: 2 ** 64 - 4096, size: 4096, attributes: 8, flags: 0 }, PRIVATE)).toBeNull();
   });
 
   it('runs in KVM\'s order, a step apart: reserve, then begin the invalidation and zap the shared SPTEs and flush, then store, then end', () => {
@@ -328,7 +335,61 @@ describe('guest_memfd fallocate', () => {
     expect(fa(FALLOC_FL_KEEP_SIZE, 0, 256 * PAGE_SIZE)).toBe(0);
     expect(fa(PH, 255 * PAGE_SIZE, 8 * PAGE_SIZE)).toBe(0); // a hole past the end stops at it
     expect(fa(PH, 300 * PAGE_SIZE, PAGE_SIZE)).toBe(0);
+    expect(fa(PH, 256 * PAGE_SIZE, PAGE_SIZE)).toBe(0); // at the end exactly: nothing to punch, no invalidation
     expect(vm.mmuInvalidate.seq()).toBe(1);
+  });
+
+  it('names what it refused', () => {
+    const vm = cvm();
+    const [g, p] = vm.memory.slots;
+    const PH = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE;
+    const fa = (mode: number, offset: number, len: number, slot = g!) => () => drive(kvmGmemFallocate(vm, slot, mode, offset, len));
+    const call = 'fallocate(guest_memfd of slot 1)';
+    expect(fa(PH, 0, PAGE_SIZE, p!)).toThrow('fallocate(guest_memfd of slot 2): EINVAL: slot 2 has no guest_memfd (KVM_MEM_GUEST_MEMFD)');
+    expect(fa(FALLOC_FL_PUNCH_HOLE, 0, PAGE_SIZE)).toThrow(`${call}: EOPNOTSUPP: mode 0x2 without FALLOC_FL_KEEP_SIZE`);
+    expect(fa(PH | 0x10, 0, PAGE_SIZE)).toThrow(`${call}: EOPNOTSUPP: mode 0x13`);
+    expect(fa(PH, 1.5, PAGE_SIZE)).toThrow(`${call}: EINVAL: offset 1.5, len 4096`);
+    expect(fa(PH, 0, 4096.5)).toThrow(`${call}: EINVAL: offset 0, len 4096.5`);
+    expect(fa(PH, PAGE_SIZE, 100)).toThrow(`${call}: EINVAL: offset 0x1000 or len 0x64 is not page aligned`);
+    expect(fa(FALLOC_FL_KEEP_SIZE, 255 * PAGE_SIZE, 2 * PAGE_SIZE)).toThrow(`${call}: EINVAL: 0xff000+0x2000 passes the file's end (0x100000)`);
+  });
+});
+
+describe('the MMU invalidation protocol', () => {
+  it('a fault retries for a gfn inside a running invalidation, not outside it, and after one that ended since it read the sequence', () => {
+    const inv = new MmuInvalidate(new Int32Array(GLOBAL_WORDS));
+    const seq = inv.seq();
+    expect(inv.retry(seq, 5)).toBe(false);
+    inv.begin(10, 20);
+    expect([9, 10, 19, 20].map((g) => inv.retry(seq, g))).toEqual([false, true, true, false]);
+    inv.end();
+    expect(inv.inProgress()).toBe(0);
+    expect(inv.retry(seq, 5)).toBe(true); // the sequence moved
+    expect(inv.retry(inv.seq(), 15)).toBe(false);
+  });
+
+  it('nested invalidations cover the union of their ranges until the last ends; the next one starts afresh', () => {
+    const inv = new MmuInvalidate(new Int32Array(GLOBAL_WORDS));
+    inv.begin(10, 20);
+    inv.begin(30, 40);
+    inv.begin(5, 12);
+    const seq = inv.seq();
+    expect([4, 5, 25, 39, 40].map((g) => inv.retry(seq, g))).toEqual([false, true, true, true, false]);
+    inv.end();
+    inv.end();
+    expect(inv.inProgress()).toBe(1);
+    expect(inv.retry(inv.seq(), 35)).toBe(true);
+    inv.end();
+    inv.begin(50, 60);
+    expect([35, 55].map((g) => inv.retry(inv.seq(), g))).toEqual([false, true]);
+  });
+
+  it('slotRanges: the run of each slot a gfn range overlaps, and none for slots it misses', () => {
+    const vm = cvm();
+    const [g, p] = vm.memory.slots;
+    expect(slotRanges(vm.memory, G + 0xfe, P + 3)).toEqual([{ slot: g, page: 0xfe, count: 2 }, { slot: p, page: 0, count: 3 }]);
+    expect(slotRanges(vm.memory, G - 4, G)).toEqual([]);
+    expect(slotRanges(vm.memory, P + 0x40, P + 0x80)).toEqual([]);
   });
 });
 

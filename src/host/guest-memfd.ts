@@ -4,6 +4,7 @@ import { SPTE_PRIVATE } from './spte.ts';
 import type { Vm } from './vm.ts';
 import { KvmError } from '../util/errors.ts';
 import type { Steps } from '../roles/role.ts';
+import { hex } from '../util/hex.ts';
 
 /**
  * fallocate(2) on a memslot's guest_memfd (virt/kvm/guest_memfd.c, kvm_gmem_fallocate),
@@ -18,16 +19,16 @@ export function* kvmGmemFallocate(vm: Vm, slot: Memslot, mode: number, offset: n
   const call = `fallocate(guest_memfd of slot ${slot.id})`;
   const gmem = slot.gmem;
   if (gmem === null) throw new KvmError(EINVAL, call, `slot ${slot.id} has no guest_memfd (KVM_MEM_GUEST_MEMFD)`);
-  if ((mode & FALLOC_FL_KEEP_SIZE) === 0) throw new KvmError(EOPNOTSUPP, call, `mode 0x${mode.toString(16)} without FALLOC_FL_KEEP_SIZE`);
-  if ((mode & ~(FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE)) !== 0) throw new KvmError(EOPNOTSUPP, call, `mode 0x${mode.toString(16)}`);
+  if ((mode & FALLOC_FL_KEEP_SIZE) === 0) throw new KvmError(EOPNOTSUPP, call, `mode ${hex(mode)} without FALLOC_FL_KEEP_SIZE`);
+  if ((mode & ~(FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE)) !== 0) throw new KvmError(EOPNOTSUPP, call, `mode ${hex(mode)}`);
   // vfs_fallocate: a negative offset or an empty length.
   if (!Number.isInteger(offset) || !Number.isInteger(len) || offset < 0 || len <= 0) throw new KvmError(EINVAL, call, `offset ${offset}, len ${len}`);
   if (offset % PAGE_SIZE !== 0 || len % PAGE_SIZE !== 0) {
-    throw new KvmError(EINVAL, call, `offset 0x${offset.toString(16)} or len 0x${len.toString(16)} is not page aligned`);
+    throw new KvmError(EINVAL, call, `offset ${hex(offset)} or len ${hex(len)} is not page aligned`);
   }
   const size = slot.pages * PAGE_SIZE;
   if ((mode & FALLOC_FL_PUNCH_HOLE) === 0) {
-    if (offset + len > size) throw new KvmError(EINVAL, call, `0x${offset.toString(16)}+0x${len.toString(16)} passes the file's end (0x${size.toString(16)})`);
+    if (offset + len > size) throw new KvmError(EINVAL, call, `${hex(offset)}+${hex(len)} passes the file's end (${hex(size)})`);
     return;
   }
   // truncate_inode_pages_range stops at the file's end.

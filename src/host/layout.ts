@@ -113,7 +113,7 @@ export const GlobalWord = {
   /** kvm->mmu_lock: held by an invalidation's zap and flush, and by a fault's check and install. */
   MMU_LOCK: 6 * LINE_WORDS + 4,
 } as const;
-const GLOBAL_WORDS = 7 * LINE_WORDS;
+export const GLOBAL_WORDS = 7 * LINE_WORDS;
 
 /** Words a vCPU writes (first line of its block). */
 export const VcpuWord = {

@@ -1,6 +1,7 @@
 import { KVM_MEMORY_ATTRIBUTE_PRIVATE, PAGE_SHIFT, PAGE_SIZE } from './constants.ts';
 import type { GuestMemory } from './guest-memory.ts';
 import type { Memslot } from './memslot.ts';
+import { hex } from '../util/hex.ts';
 
 /** struct kvm_memory_attributes, the argument of KVM_SET_MEMORY_ATTRIBUTES. */
 export interface KvmMemoryAttributes {
@@ -18,16 +19,16 @@ const U64_LIMIT = 2 ** 64;
  */
 export function invalidMemoryAttributes(a: KvmMemoryAttributes, supported: number): string | null {
   if (a.flags !== 0) return `flags ${a.flags} (must be 0)`;
-  if ((a.attributes & ~supported) !== 0 || a.attributes < 0) {
-    return `attributes 0x${a.attributes.toString(16)} (supported: 0x${supported.toString(16)})`;
+  if ((a.attributes & ~supported) !== 0) { // a negative value has bits above the supported ones
+    return `attributes ${hex(a.attributes)} (supported: ${hex(supported)})`;
   }
   if (!Number.isInteger(a.address) || !Number.isInteger(a.size) || a.address < 0 || a.size < 0) {
     return `address ${a.address} or size ${a.size} is not a u64`;
   }
   if (a.size === 0) return 'size 0';
-  if (a.address + a.size > U64_LIMIT) return `the range at 0x${a.address.toString(16)} of 0x${a.size.toString(16)} bytes wraps`;
+  if (a.address + a.size > U64_LIMIT) return `the range at ${hex(a.address)} of ${hex(a.size)} bytes wraps`;
   if (a.address % PAGE_SIZE !== 0 || a.size % PAGE_SIZE !== 0) {
-    return `address 0x${a.address.toString(16)} or size 0x${a.size.toString(16)} is not page aligned`;
+    return `address ${hex(a.address)} or size ${hex(a.size)} is not page aligned`;
   }
   return null;
 }
@@ -56,10 +57,6 @@ export class MemoryAttributes {
 
   constructor(buffer: SharedArrayBuffer, private readonly memory: GuestMemory) {
     this.bytes = new Uint8Array(buffer);
-  }
-
-  get(slot: Memslot, page: number): number {
-    return Atomics.load(this.bytes, slot.firstPage + page);
   }
 
   /** kvm_mem_is_private: the attribute says private and the slot has private memory to map. */
