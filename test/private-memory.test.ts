@@ -372,6 +372,7 @@ describe('the MMU invalidation protocol', () => {
     const inv = new MmuInvalidate(new Int32Array(GLOBAL_WORDS));
     inv.begin(10, 20);
     inv.begin(30, 40);
+    expect([15, 25, 35].map((g) => inv.retry(inv.seq(), g))).toEqual([true, true, true]);
     inv.begin(5, 12);
     const seq = inv.seq();
     expect([4, 5, 25, 39, 40].map((g) => inv.retry(seq, g))).toEqual([false, true, true, true, false]);
