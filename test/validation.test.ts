@@ -4,7 +4,7 @@ import { join } from 'node:path';
 import { Packr } from 'msgpackr';
 import { afterAll, describe, expect, it, vi } from 'vitest';
 import { reportError } from '../src/cli/main.ts';
-import { KVM_DIRTY_RING_MAX_ENTRIES, KVM_DIRTY_RING_MIN_ENTRIES } from '../src/host/constants.ts';
+import { KVM_DIRTY_RING_MAX_ENTRIES, KVM_DIRTY_RING_MIN_ENTRIES, KVM_USER_MEM_SLOTS } from '../src/host/constants.ts';
 import { MAX_STAMP_ITERATION } from '../src/host/memslot.ts';
 import { type ReplayFile, readReplayFile, writeReplayFile } from '../src/hunt/replay-file.ts';
 import { StreamDecoder, StreamError, encodeHeader } from '../src/migration/stream.ts';
@@ -51,7 +51,7 @@ describe('replay files are read as user input', () => {
     ['negative memory', (f: any) => { f.scenario.memoryBytes = -4096; }, "scenario.memoryBytes: '-4096' is not a size"],
     ['huge memory', (f: any) => { f.scenario.memoryBytes = 2 ** 50; }, 'scenario.memoryBytes: \'1125899906842624\' is more than 64GiB of guest memory'],
     ['unaligned memory', (f: any) => { f.scenario.memoryBytes = 1000; }, "scenario.memoryBytes: '1000' is not a whole, non-zero number of 4 KiB pages"],
-    ['0 slots', (f: any) => { f.scenario.slots = 0; }, "scenario.slots: '0' is not a whole number from 1 to 32767"],
+    ['0 slots', (f: any) => { f.scenario.slots = 0; }, "scenario.slots: '0' is not a whole number from 1 to 32764"],
     ['unknown workload', (f: any) => { f.scenario.workload.name = 'nope'; }, "scenario.workload.name: unknown workload 'nope'"],
     ['a ring of 3', (f: any) => { f.scenario.ringEntries = 3; }, 'scenario.ringEntries: 3 entries is not a power of two'],
     ['unknown bug', (f: any) => { f.scenario.bugs = ['no-such-bug']; }, "scenario.bugs: unknown bug 'no-such-bug'"],
@@ -149,9 +149,9 @@ describe('the migration stream header is checked before memory is built', () => 
     ['overlapping slots', [{ id: 1, asId: 0, baseGfn: 0, pages: 8 }, { id: 2, asId: 0, baseGfn: 4, pages: 8 }], /duplicates or overlaps slot 0:1/],
     ['more memory than the limit', [{ id: 1, asId: 0, baseGfn: 0, pages: 2 ** 24 }, { id: 2, asId: 0, baseGfn: 2 ** 25, pages: 2 ** 24 }], /pages of guest memory; at most 16777216/],
     ['no slots', [], /0 slots/],
-    ['an overlap between the first and the last of 32767 slots (found in gfn order, not by comparing every pair)',
-      [{ id: 0, asId: 0, baseGfn: 100_000, pages: 2 }, ...Array.from({ length: 32765 }, (_, i) => ({ id: i + 1, asId: 0, baseGfn: i * 2, pages: 1 })), { id: 32766, asId: 0, baseGfn: 100_001, pages: 1 }],
-      /slot 32766 \(0:32766\) duplicates or overlaps slot 0:0/],
+    ['an overlap between the first and the last of 32764 slots (found in gfn order, not by comparing every pair)',
+      [{ id: 0, asId: 0, baseGfn: 100_000, pages: 2 }, ...Array.from({ length: 32762 }, (_, i) => ({ id: i + 1, asId: 0, baseGfn: i * 2, pages: 1 })), { id: 32763, asId: 0, baseGfn: 100_001, pages: 1 }],
+      /slot 32763 \(0:32763\) duplicates or overlaps slot 0:0/],
   ])('%s: refused', (_name, slots, message) => {
     const d = new StreamDecoder();
     expect(() => d.push(header(slots))).toThrow(StreamError);
@@ -164,6 +164,7 @@ describe('limits and exits', () => {
     expect(LIMITS.ringEntries.min).toBe(KVM_DIRTY_RING_MIN_ENTRIES);
     expect(LIMITS.ringEntries.max).toBe(KVM_DIRTY_RING_MAX_ENTRIES);
     expect(LIMITS.iterations.max).toBe(MAX_STAMP_ITERATION);
+    expect(LIMITS.slots.max).toBe(KVM_USER_MEM_SLOTS);
     const doc = readFileSync(new URL('../docs/limits.md', import.meta.url), 'utf8');
     for (const l of Object.values(LIMITS)) expect(doc).toContain(`| ${l.what} | ${l.text} | ${l.why} |`);
   });

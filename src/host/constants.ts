@@ -3,6 +3,9 @@
 export const PAGE_SHIFT = 12;
 export const PAGE_SIZE = 1 << PAGE_SHIFT;
 
+/** Memslots userspace may create on x86: KVM_MEM_SLOTS_NUM (SHRT_MAX) less KVM_INTERNAL_MEM_SLOTS (3). */
+export const KVM_USER_MEM_SLOTS = 32764;
+
 // Memslot flags.
 export const KVM_MEM_LOG_DIRTY_PAGES = 1 << 0;
 export const KVM_MEM_READONLY = 1 << 1;

@@ -278,7 +278,7 @@ export function checkHeaderSlots(slots: unknown[], where: string): void {
     seen.push(slot);
     pages += slot.pages;
   });
-  // Overlaps: in gfn order, any overlap shows between neighbours (n log n: a header of 32767 slots is cheap to refuse).
+  // Overlaps: in gfn order, any overlap shows between neighbours (n log n: a header of 32764 slots is cheap to refuse).
   const order = seen.map((_, i) => i).sort((a, b) => seen[a]!.baseGfn - seen[b]!.baseGfn || a - b);
   for (let k = 1; k < order.length; k++) {
     const [a, b] = [order[k - 1]!, order[k]!];

@@ -1,4 +1,4 @@
-import { ENOENT, PAGE_SIZE } from '../constants.ts';
+import { ENOENT, KVM_USER_MEM_SLOTS, PAGE_SIZE } from '../constants.ts';
 import { VFIO_DMA_MAP_FLAG_READ, VFIO_DMA_MAP_FLAG_WRITE } from '../iommu/constants.ts';
 import { LockHolder } from '../iommu/domain-lock.ts';
 import type { IoctlResult, Iommu } from '../iommu/iommu.ts';
@@ -7,11 +7,10 @@ import { RDM_OK, type RamBlockAttributes, type RamDiscardListener, type RamDisca
 import { hex } from '../../util/hex.ts';
 
 /**
- * KVM_CAP_NR_MEMSLOTS on x86 (KVM_USER_MEM_SLOTS: SHRT_MAX less 3 internal slots), which
- * QEMU's kvm_get_max_memslots() returns and the registration check counts as sections
- * that may each take one DMA mapping.
+ * KVM_CAP_NR_MEMSLOTS on x86 is KVM_USER_MEM_SLOTS, which QEMU's kvm_get_max_memslots()
+ * returns and the registration check counts as sections that may each take one DMA mapping.
  */
-export const KVM_USER_MEM_SLOTS = 32764;
+export { KVM_USER_MEM_SLOTS };
 
 /** The parts of QEMU's VFIOContainer that RAM discard listeners use. */
 export interface VfioContainer {
