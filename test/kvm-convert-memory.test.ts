@@ -13,6 +13,7 @@ import { GuestMemfdRam, kvmConvertMemory } from '../src/host/vmm/kvm-convert-mem
 import { RDM_OK, type RamDiscardListener, type RamDiscardResult, type RamSection, wholeSection } from '../src/host/vmm/ram-block-attributes.ts';
 import { vfioContainer, vfioRamDiscardRegisterListener } from '../src/host/vmm/vfio-ram-discard-listener.ts';
 import type { Steps } from '../src/roles/role.ts';
+import { checkPrivateMemory, describePrivateMemoryFinding } from '../src/oracles/private-memory-oracle.ts';
 import { MANUAL, Ops, VmmControl, drive } from './helpers.ts';
 
 /*
@@ -144,6 +145,36 @@ describe('kvm_convert_memory', () => {
     expect([0, 1, 2, 3].map((p) => vm.iommu!.table.present(G + p))).toEqual([true, true, true, false]);
     drive(kvmConvertMemory(ram, (G + 1) * P, P, true));
     expect([0, 1, 2].map((p) => vm.iommu!.table.present(G + p))).toEqual([true, false, true]);
+  });
+});
+
+describe('the private memory oracle', () => {
+  it('is clean after conversions in QEMU\'s order, and names each broken rule: a drifted RamDiscardManager, a mapping left behind, shared memory not discarded', () => {
+    const { vm, ram, g, rdm } = setup({ iommu: true });
+    const container = vfioContainer(vm.iommu!);
+    drive(vfioRamDiscardRegisterListener(container, rdm, wholeSection(g)));
+    drive(kvmConvertMemory(ram, G * P, 8 * P, false));
+    g.writeU64(1, 11);
+    drive(kvmConvertMemory(ram, (G + 1) * P, P, true));
+    expect(checkPrivateMemory(vm, ram)).toEqual({ findings: [], count: 0 });
+    // The RamDiscardManager told alone (as rdm-bitmap-drift would leave it): page 2 shared there, private in KVM.
+    drive(kvmConvertMemory(ram, (G + 2) * P, P, true));
+    drive(rdm.stateChange(2 * P, P, false));
+    // A mapping left behind: page 3 private in KVM with its IOMMU mapping kept; page 5's shared memory written after the discard.
+    drive(vm.setMemoryAttributes({ address: (G + 3) * P, size: P, attributes: 8, flags: 0 }));
+    drive(vm.setMemoryAttributes({ address: (G + 5) * P, size: P, attributes: 8, flags: 0 }));
+    drive(rdm.stateChange(5 * P, P, true));
+    g.writeU64(5, 55);
+    const r = checkPrivateMemory(vm, ram);
+    expect(r.findings.map(describePrivateMemoryFinding)).toEqual([
+      'rdm-drift: slot 1 gfn 0x202: KVM says private, the RamDiscardManager populated (shared)',
+      'mapping-left: slot 1 gfn 0x202: private, still mapped in the IOMMU at IOVA 0x202000',
+      'rdm-drift: slot 1 gfn 0x203: KVM says private, the RamDiscardManager populated (shared)',
+      'mapping-left: slot 1 gfn 0x203: private, still mapped in the IOMMU at IOVA 0x203000',
+      'shared-not-discarded: slot 1 gfn 0x205: private, its shared memory still holds data',
+    ]);
+    expect(r.count).toBe(5);
+    expect(checkPrivateMemory(vm, ram, 2)).toMatchObject({ count: 5, findings: [{ gfn: G + 2 }, { gfn: G + 2 }] });
   });
 });
 

@@ -12,6 +12,7 @@ import { wholeSection } from '../src/host/vmm/ram-block-attributes.ts';
 import { vfioContainer, vfioRamDiscardRegisterListener } from '../src/host/vmm/vfio-ram-discard-listener.ts';
 import { RandomScheduler } from '../src/drivers/deterministic.ts';
 import { GeneratorRole, type Steps } from '../src/roles/role.ts';
+import { checkPrivateMemory, describePrivateMemoryFinding } from '../src/oracles/private-memory-oracle.ts';
 import { DeterministicDriver, MANUAL, VmmControl, drive } from './helpers.ts';
 
 /*
@@ -42,9 +43,16 @@ function confidentialGuest(seed: number) {
   const vcpus = guests.map((w, i) => new Vcpu(vm, i, w));
   const exits = new ExitHandler(new VmmControl(vm));
   const errors: string[] = [];
-  const counts = { hypercalls: 0, memoryFaults: 0 };
+  const counts = { hypercalls: 0, memoryFaults: 0, checks: 0 };
+  const findings: string[] = [];
+  let idle = 0;
   function* vmm(): Steps {
     for (;;) {
+      // Between conversions the private memory oracle must hold; every 500th idle point is checked (each check reads every page).
+      if (++idle % 500 === 0) {
+        counts.checks++;
+        findings.push(...checkPrivateMemory(vm, ram).findings.map(describePrivateMemoryFinding));
+      }
       if (exits.hypercall() !== null) counts.hypercalls++;
       const h = yield* exits.serviceHypercalls(ram);
       if (exits.memoryFault() !== null) counts.memoryFaults++;
@@ -55,14 +63,17 @@ function confidentialGuest(seed: number) {
   }
   const driver = new DeterministicDriver([...vcpus, new GeneratorRole('vmm', vmm())], new RandomScheduler(seed));
   const result = driver.run(() => errors.length > 0 || guests.every((w, i) => w.round >= ROUNDS && !vcpus[i]!.opPending), 5_000_000);
-  return { vm, slot, rdm, vcpus, errors, counts, result };
+  return { vm, ram, slot, rdm, vcpus, errors, counts, findings, result };
 }
 
 describe('private_mem_conversions_test under the deterministic driver', () => {
   for (const seed of [1, 2, 3]) {
     it(`seed ${seed}: every vCPU converts its ranges explicitly and implicitly; at the end its area is private with what it last wrote, shared memory discarded, nothing left mapped in the IOMMU`, () => {
-      const { vm, slot, rdm, errors, counts } = confidentialGuest(seed);
+      const { vm, ram, slot, rdm, errors, counts, findings } = confidentialGuest(seed);
       expect(errors).toEqual([]);
+      expect(counts.checks).toBeGreaterThan(0);
+      expect(findings).toEqual([]);
+      expect(checkPrivateMemory(vm, ram)).toEqual({ findings: [], count: 0 });
       // Even rounds convert with the hypercall (10 a round per vCPU), odd rounds through memory faults (one per page).
       expect(counts.hypercalls).toBeGreaterThan(0);
       expect(counts.memoryFaults).toBeGreaterThan(0);
