@@ -13,6 +13,20 @@ export interface WedgeWatch {
   stop(): Wedged | null;
 }
 
+/** The heartbeat's word [2]: where the run is. */
+const PHASE = 2;
+const enum HeartbeatPhase { QUEUED = 0, STARTED = 1, OVER = 2 }
+
+/** The run's side: it started stepping (a queued run is not a wedged one). */
+export function heartbeatStarted(heartbeat: SharedArrayBuffer): void {
+  Atomics.store(new Int32Array(heartbeat), PHASE, HeartbeatPhase.STARTED);
+}
+
+/** The run's side: stepping is over (what follows, the memory comparison, takes no steps and is not a wedge). */
+export function heartbeatStopped(heartbeat: SharedArrayBuffer): void {
+  Atomics.store(new Int32Array(heartbeat), PHASE, HeartbeatPhase.OVER);
+}
+
 /**
  * The watchdog of a deterministic run stepping on another thread. The driver publishes its
  * steps and the role stepping (DeterministicDriver.heartbeat: [0] steps, [1] the role, [2]
@@ -20,16 +34,6 @@ export interface WedgeWatch {
  * started is wedged inside that role's step, and `onWedged` ends it (terminates its thread).
  * The driver steps one role at a time, so every other role waits for the wedged one.
  */
-/** The run's side: it started stepping (a queued run is not a wedged one). */
-export function heartbeatStarted(heartbeat: SharedArrayBuffer): void {
-  Atomics.store(new Int32Array(heartbeat), 2, 1);
-}
-
-/** The run's side: stepping is over (what follows, the memory comparison, takes no steps and is not a wedge). */
-export function heartbeatStopped(heartbeat: SharedArrayBuffer): void {
-  Atomics.store(new Int32Array(heartbeat), 2, 2);
-}
-
 export function watchWedged(names: readonly string[], watchdogMs: number, onWedged: () => void): WedgeWatch {
   const heartbeat = new SharedArrayBuffer(12);
   const hb = new Int32Array(heartbeat);
@@ -38,9 +42,9 @@ export function watchWedged(names: readonly string[], watchdogMs: number, onWedg
   let startedAt = 0;
   let wedged: Wedged | null = null;
   const timer = setInterval(() => {
-    const phase = Atomics.load(hb, 2);
-    if (phase === 0) return; // still queued
-    if (phase === 2) { clearInterval(timer); return; } // stepping is over: the rest of the run takes no steps
+    const phase = Atomics.load(hb, PHASE);
+    if (phase === HeartbeatPhase.QUEUED) return;
+    if (phase === HeartbeatPhase.OVER) { clearInterval(timer); return; } // the rest of the run takes no steps
     const now = Date.now();
     if (startedAt === 0) startedAt = now;
     const steps = Atomics.load(hb, 0);

@@ -47,6 +47,10 @@ export class PageBitmap implements Bitmap {
     this.words[page >>> 5]! |= 1 << (page & 31);
   }
 
+  unmark(page: number): void {
+    this.words[page >>> 5]! &= ~(1 << (page & 31));
+  }
+
   isDirty(page: number): boolean {
     return (this.words[page >>> 5]! & (1 << (page & 31))) !== 0;
   }

@@ -317,10 +317,10 @@ export class Vcpu implements Role, VcpuFastState {
         return this.translate();
       case Phase.WALK: {
         const slot = this.slot!;
-        if (this.tlbPrivate !== null && this.op.private === true) {
+        if (this.privateAccess()) {
           // The private translation: present (mapped to guest_memfd) or a fault.
           if ((slot.spte[this.page]! & SPTE_PRIVATE) !== 0) {
-            this.tlbPrivate[slot.firstPage + this.page] = this.tlbGen + 1;
+            this.tlbPrivate![slot.firstPage + this.page] = this.tlbGen + 1;
             this.phase = Phase.STORE;
           } else this.phase = Phase.FAULT;
           return Advance.PROGRESS;
@@ -381,7 +381,7 @@ export class Vcpu implements Role, VcpuFastState {
     const page = this.page;
     const priv = this.op.private === true;
     const seq = inv.seq();
-    if (priv !== vm.attributes!.isPrivate(slot, page) || (priv && slot.gmem === null)) return this.memoryFaultExit(priv);
+    if (this.kindMismatch(slot, page, priv)) return this.memoryFaultExit(priv);
     if (!priv && this.pacedByDirtyLimit()) return Advance.PACED;
     // mmu_lock is never waited for: the vCPU re-enters the guest and faults again, so it
     // acknowledges the flush the holder may be waiting on.
@@ -406,13 +406,31 @@ export class Vcpu implements Role, VcpuFastState {
     return Advance.PROGRESS;
   }
 
+  /** The pending access is private (on a VM with private memory; elsewhere every access is shared). */
+  private privateAccess(): boolean {
+    return this.tlbPrivate !== null && this.op.private === true;
+  }
+
+  /**
+   * kvm_mmu_faultin_pfn's check: the access's kind is not the page's attribute, or it is
+   * private and the slot has no guest_memfd to map (KVM_EXIT_MEMORY_FAULT either way).
+   */
+  private kindMismatch(slot: Memslot, page: number, priv: boolean): boolean {
+    return priv !== this.vm.attributes!.isPrivate(slot, page) || (priv && slot.gmem === null);
+  }
+
+  /** The GPA of the pending access in kvm_run's exit union (MMIO and memory faults share it). */
+  private storeExitGpa(): void {
+    const gpa = this.op.gfn * PAGE_SIZE;
+    Atomics.store(this.words, this.base + VcpuWord.MMIO_GPA_LO, gpa >>> 0);
+    Atomics.store(this.words, this.base + VcpuWord.MMIO_GPA_HI, (gpa / 4294967296) >>> 0);
+  }
+
   /** KVM_EXIT_MEMORY_FAULT for the pending access: flags, gpa, size; the access stays pending. */
   private memoryFaultExit(priv: boolean): Advance {
     const w = this.words;
     const b = this.base;
-    const gpa = this.op.gfn * PAGE_SIZE;
-    Atomics.store(w, b + VcpuWord.MMIO_GPA_LO, gpa >>> 0);
-    Atomics.store(w, b + VcpuWord.MMIO_GPA_HI, (gpa / 4294967296) >>> 0);
+    this.storeExitGpa();
     Atomics.store(w, b + VcpuWord.MEMORY_FAULT_FLAGS, priv ? KVM_MEMORY_EXIT_FLAG_PRIVATE : 0);
     Atomics.store(w, b + VcpuWord.MEMORY_FAULT_SIZE, PAGE_SIZE);
     this.exitToVmm(KVM_EXIT_MEMORY_FAULT);
@@ -474,7 +492,7 @@ export class Vcpu implements Role, VcpuFastState {
     const page = op.gfn - slot.baseGfn;
     this.slot = slot;
     this.page = page;
-    const tlb = this.tlbPrivate !== null && op.private === true ? this.tlbPrivate : this.tlb;
+    const tlb = this.privateAccess() ? this.tlbPrivate! : this.tlb;
     this.phase = tlb[slot.firstPage + page] === this.tlbGen + 1 ? Phase.STORE : Phase.WALK;
     return Advance.PROGRESS;
   }
@@ -491,7 +509,7 @@ export class Vcpu implements Role, VcpuFastState {
     if (this.tlbPrivate !== null) {
       // On a VM with private memory a read is checked against the attribute all the same.
       const priv = op.private === true;
-      if (priv !== this.vm.attributes!.isPrivate(slot, page) || (priv && slot.gmem === null)) return this.memoryFaultExit(priv);
+      if (this.kindMismatch(slot, page, priv)) return this.memoryFaultExit(priv);
       (priv ? slot.gmem! : slot).readU64(page);
       return this.retire();
     }
@@ -502,7 +520,7 @@ export class Vcpu implements Role, VcpuFastState {
   /** Phase STORE: store the data and the stamp; the operation retires. */
   private store(): Advance {
     // A private access stores to the slot's guest_memfd page (checked at its fault).
-    const slot = this.tlbPrivate !== null && this.op.private === true ? this.slot!.gmem! : this.slot!;
+    const slot = this.privateAccess() ? this.slot!.gmem! : this.slot!;
     const page = this.page;
     const op = this.op;
     if (op.kind === OpKind.WRITE64) {
@@ -525,9 +543,7 @@ export class Vcpu implements Role, VcpuFastState {
   }
 
   private mmioExit(): Advance {
-    const gpa = this.op.gfn * PAGE_SIZE;
-    Atomics.store(this.words, this.base + VcpuWord.MMIO_GPA_LO, gpa >>> 0);
-    Atomics.store(this.words, this.base + VcpuWord.MMIO_GPA_HI, (gpa / 4294967296) >>> 0);
+    this.storeExitGpa();
     this.opPending = false;
     this.exitToVmm(KVM_EXIT_MMIO);
     return Advance.BOUNDARY;

@@ -268,7 +268,7 @@ export class RamBlockAttributes {
   private fill(first: number, n: number, value: boolean): void {
     for (let bit = first; bit < first + n; bit++) {
       if (value) this.bitmap.mark(bit);
-      else this.bitmap.words[bit >>> 5]! &= ~(1 << (bit & 31));
+      else this.bitmap.unmark(bit);
     }
   }
 
