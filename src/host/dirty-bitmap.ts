@@ -39,8 +39,9 @@ export class SharedDirtyBitmap implements Bitmap {
 export class PageBitmap implements Bitmap {
   readonly words: Uint32Array;
 
-  constructor(readonly pages: number) {
-    this.words = new Uint32Array(Math.ceil(pages / 32));
+  /** `words`: memory to keep the bits in (shared with other threads), else a fresh array. */
+  constructor(readonly pages: number, words?: Uint32Array) {
+    this.words = words ?? new Uint32Array(Math.ceil(pages / 32));
   }
 
   mark(page: number): void {

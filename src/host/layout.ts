@@ -49,6 +49,14 @@ export interface VmConfig {
    * KVM_MEM_GUEST_MEMFD.
    */
   privateMem?: boolean;
+  /**
+   * Departure from KVM, for studying the migration of a confidential guest's shared half:
+   * KVM_MEM_LOG_DIRTY_PAGES is accepted on KVM_MEM_GUEST_MEMFD slots and logs their shared
+   * pages (private pages are mapped without write protection and never logged). KVM
+   * refuses the flag there (check_memory_region_flags: "Dirty logging private memory is
+   * not currently supported"), and so does vmemlab without this option.
+   */
+  logSharedGuestMemfd?: boolean;
 }
 
 export interface MemslotLayout extends MemslotConfig {
@@ -64,6 +72,12 @@ export interface MemslotLayout extends MemslotConfig {
    * file), regions as `regions`; only vCPUs reach them. Null for other slots.
    */
   gmem: SharedArrayBuffer[] | null;
+  /**
+   * KVM_MEM_GUEST_MEMFD: the VMM's RamBlockAttributes bitmap for this RAM block (one bit
+   * per page, 1 = shared), shared by the VMM's threads as QEMU's are threads of one
+   * process (the migration thread reads it). Null for other slots.
+   */
+  rdmBitmap: SharedArrayBuffer | null;
 }
 
 export interface VmLayout {
@@ -214,6 +228,7 @@ export function createVmLayout(config: VmConfig): VmLayout {
       dirtyBitmap: new SharedArrayBuffer(Math.ceil(s.pages / 32) * 4),
       // Untouched SharedArrayBuffer pages cost no memory: a private backing as large as the slot is free until used.
       gmem: gmem ? regions.map((r) => new SharedArrayBuffer(r.byteLength)) : null,
+      rdmBitmap: gmem ? new SharedArrayBuffer(Math.ceil(s.pages / 32) * 4) : null,
     };
     // Keep every slot's first page 64-aligned in the VM-wide numbering, so userspace
     // bitmaps can take a slot's GET_DIRTY_LOG words as they are.

@@ -60,6 +60,8 @@ export class Memslot {
    * the VMM, the migration thread and devices reach the shared pages alone.
    */
   readonly gmem: Memslot | null;
+  /** The VMM's RamBlockAttributes words for this RAM block (MemslotLayout.rdmBitmap), or null. */
+  readonly rdmBitmap: Uint32Array | null;
 
   constructor(layout: MemslotLayout, index: number) {
     this.id = layout.id;
@@ -75,7 +77,8 @@ export class Memslot {
     this.buffers = layout.regions.map((r) => Buffer.from(r));
     this.spte = new Uint8Array(layout.spte);
     this.dirtyBitmap = new Int32Array(layout.dirtyBitmap);
-    this.gmem = layout.gmem !== null ? new Memslot({ ...layout, regions: layout.gmem, gmem: null }, index) : null;
+    this.rdmBitmap = layout.rdmBitmap !== null ? new Uint32Array(layout.rdmBitmap) : null;
+    this.gmem = layout.gmem !== null ? new Memslot({ ...layout, regions: layout.gmem, gmem: null, rdmBitmap: null }, index) : null;
   }
 
   /** The region's 32-bit view holding `page`; index it with `wordIndex(page)`. */

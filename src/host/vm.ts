@@ -170,7 +170,7 @@ export class Vm {
    */
   *enableDirtyLogging(slot: Memslot): Steps {
     // check_memory_region_flags: "Dirty logging private memory is not currently supported".
-    if (slot.gmem !== null) throw new KvmError(EINVAL, 'KVM_SET_USER_MEMORY_REGION2', `slot ${slot.id}: KVM_MEM_LOG_DIRTY_PAGES on a KVM_MEM_GUEST_MEMFD slot`);
+    if (slot.gmem !== null && this.layout.config.logSharedGuestMemfd !== true) throw new KvmError(EINVAL, 'KVM_SET_USER_MEMORY_REGION2', `slot ${slot.id}: KVM_MEM_LOG_DIRTY_PAGES on a KVM_MEM_GUEST_MEMFD slot`);
     Atomics.or(this.slotFlags, slot.index, KVM_MEM_LOG_DIRTY_PAGES);
     const t = this.tracking;
     if (t.kind === 'bitmap' && t.manualProtect && t.initiallySet) {
@@ -186,7 +186,8 @@ export class Vm {
   disableDirtyLogging(slot: Memslot): void {
     Atomics.and(this.slotFlags, slot.index, ~KVM_MEM_LOG_DIRTY_PAGES);
     // A read-only slot stays unmapped for writes (populate leaves it so): its writes exit to MMIO.
-    if (!slotIsReadonly(this.flags(slot))) mapSlotWritable(slot);
+    // A guest_memfd slot keeps its SPTEs: a shared mapping must come from a fault that checks the attribute.
+    if (!slotIsReadonly(this.flags(slot)) && slot.gmem === null) mapSlotWritable(slot);
   }
 
   /**

@@ -37,7 +37,12 @@ export interface RamDiscardListener {
 export type ReplayRamDiscardState = (section: RamSection) => Steps<RamDiscardResult>;
 
 /** The guest RAM a RamBlockAttributes tracks: a memslot's frames (Memslot fits). */
-export interface RamBlock { readonly baseGfn: number; readonly pages: number }
+export interface RamBlock {
+  readonly baseGfn: number;
+  readonly pages: number;
+  /** Where the bitmap lives when the VMM's threads share it (Memslot.rdmBitmap); else private to this object. */
+  readonly rdmBitmap?: Uint32Array | null;
+}
 
 /** QEMU's MemoryRegionSection for all of a RAM block, at the GPA where its memslot puts it. */
 export function wholeSection(block: RamBlock): RamSection {
@@ -75,7 +80,7 @@ export class RamBlockAttributes {
   constructor(readonly block: RamBlock) {
     this.blocks = block.pages;
     this.size = block.pages * RamBlockAttributes.BLOCK_SIZE;
-    this.bitmap = new PageBitmap(this.blocks);
+    this.bitmap = new PageBitmap(this.blocks, block.rdmBitmap ?? undefined);
   }
 
   /** ram_block_attributes_rdm_get_min_granularity. */
