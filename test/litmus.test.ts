@@ -58,6 +58,13 @@ describe('injected bugs make the examples that show them fail', () => {
     ['untracked-host-write', '09b-host-write-with-backup-bitmap.yaml', "actors.host[1] 'write-guest 0x100 5': expected logged: [0x100], actual: []"],
     ['untracked-host-write', '09a-host-write-without-backup-bitmap.yaml', 'expect.lost_host_writes: expected 1, actual: 0'],
     ['no-backup-bitmap', '09b-host-write-with-backup-bitmap.yaml', "actors.host[5] 'get-log 1': expected error: none, actual: KVM_GET_DIRTY_LOG: ENXIO"],
+    ['convert-without-unmap', '11-convert-unmaps-before-private.yaml', "actors.host[4] 'dma 0x100 6': expected faulted: true, actual: false"],
+    ['convert-without-unmap', '11-convert-unmaps-before-private.yaml', 'expect.iommu[0x100]: expected unmapped, actual: 0x100'],
+    ['discard-before-unmap', '12-unmap-before-discard.yaml', 'expect.findings: expected [], actual: [discarded-while-mapped]'],
+    ['map-before-shared', '13-shared-before-map.yaml', 'expect.findings: expected [], actual: [populated-while-private]'],
+    ['attributes-before-zap', '14-zap-before-attributes.yaml', 'expect.findings: expected [], actual: [stale-store]'],
+    ['rdm-bitmap-drift', '15-late-listener-replays-shared.yaml', 'expect.iommu[0x100]: expected unmapped, actual: 0x100'],
+    ['split-huge-mapping', '16-map-per-granule.yaml', "actors.host[3] 'dma 0x201 4': expected faulted: true, actual: false"],
   ];
 
   it.each(cases)('%s fails %s', (bug, f, message) => {
@@ -276,7 +283,7 @@ interleaving: [host, vcpu0, vcpu0, host]
   it('an unknown operation, read from disk', () => {
     const path = join(tmp, 'x.yaml');
     writeFileSync(path, base.replace('read 0x100', 'wrte 0x100 1'));
-    expect(userError(() => loadLitmus(path))).toBe(`${path}: actors.vcpu0[1]: unknown operation 'wrte' (one of: write, write-pages, read)`);
+    expect(userError(() => loadLitmus(path))).toBe(`${path}: actors.vcpu0[1]: unknown operation 'wrte' (one of: write, write-pages, read, map-gpa)`);
   });
 
   it('a missing file', () => {
@@ -295,7 +302,7 @@ interleaving: [host, vcpu0, vcpu0, host]
       "b.yaml: interleaving[1]: unknown actor 'vcpu1' (actors: vcpu0, host)"],
     ['an unknown actor', base.replace('  host:', '  dev0: [x]\n  host:'), 'b.yaml: actors.dev0: unknown actor (actors are host and vcpu0)'],
     ['a host operation on a vCPU', base.replace('read 0x100', 'reset'), "b.yaml: actors.vcpu0[1]: 'reset' is a host operation"],
-    ['a wrong argument count', base.replace('read 0x100', 'write 0x100'), "b.yaml: actors.vcpu0[1]: 'write 0x100': write takes 2 arguments (write GFN VALUE)"],
+    ['a wrong argument count', base.replace('read 0x100', 'write 0x100'), "b.yaml: actors.vcpu0[1]: 'write 0x100': write takes 2 arguments (write GFN VALUE [private|shared])"],
     ['an unknown field', base.replace('name: t', 'name: t\nnmae: u'), 'b.yaml: nmae: unknown field (fields here: name, description, bugs, vm, tracking, actors, interleaving, expect)'],
     ['a missing field', base.replace('name: t\n', ''), 'b.yaml: name: missing (expected a string)'],
     ['an unknown tracking mode', base.replace('tracking: {mode: dirty-ring, entries: 256}', 'tracking: dirty-rong'),
@@ -325,8 +332,47 @@ interleaving: [host, vcpu0, vcpu0, host]
   it('reports every problem it finds, one per line', () => {
     const msg = userError(() => parseLitmus(base.replace('read 0x100', 'wrte 0x100 1').replace('harvest]', 'get-log 7]'), 'b.yaml'));
     expect(msg.split('\n')).toEqual([
-      "b.yaml: actors.vcpu0[1]: unknown operation 'wrte' (one of: write, write-pages, read)",
+      "b.yaml: actors.vcpu0[1]: unknown operation 'wrte' (one of: write, write-pages, read, map-gpa)",
       "b.yaml: actors.host[1]: 'get-log 7': there is no slot 7 (slots: 1 at 0x100..0x1ff)",
     ]);
+  });
+});
+
+describe('confidential memory in litmus files', () => {
+  const base = text('10-private-memory-conversion.yaml');
+
+  it('the conversion example shows the exits, the conversions and the zeroed hole in its trace', () => {
+    const o = runLitmus(loadLitmus(join(DIR, '10-private-memory-conversion.yaml')));
+    const trace = formatLitmusOutcome(o, { log: 'always' });
+    expect(trace).toContain('exits with KVM_EXIT_MEMORY_FAULT before its shared write to 0x100 retires');
+    expect(trace).toContain('KVM_HC_MAP_GPA_RANGE 0x101+2 retires, RAX = 0');
+    expect(trace).toContain('private reads 0x100 = 0, retires');
+  });
+
+  it('an oracle finding the file does not expect fails it, with the finding', () => {
+    const o = run(edited('14-zap-before-attributes.yaml', /\n  findings: \[\]\n/, '\n'), 'inline.yaml', ['attributes-before-zap']);
+    expect(o.passed).toBe(false);
+    expect(o.failures.some((l) => l.startsWith('inline.yaml: the private memory oracle found: stale-store: slot 1 gfn 0x100'))).toBe(true);
+  });
+
+  it('a file can expect the findings a bug causes', () => {
+    const o = run(edited('13-shared-before-map.yaml', 'findings: []', 'findings: [populated-while-private]'), 'inline.yaml', ['map-before-shared']);
+    expect(o.failures).toEqual([]);
+  });
+
+  it.each([
+    [base.replace('write 0x100 7 private', 'write 0x100 7 sideways'), "actors.vcpu0[0]: 'write 0x100 7 sideways': write takes 2 arguments"],
+    [base.replace('map-gpa 0x101 2 shared', 'map-gpa 0x101 2'), "actors.vcpu0[2]: 'map-gpa 0x101 2': map-gpa takes 3 arguments (map-gpa GFN COUNT private|shared)"],
+    [base.replace('flags: [GUEST_MEMFD]', 'flags: []'), "actors.vcpu0[0]: 'write 0x100 7 private': a private access needs private memory (a slot with flags [GUEST_MEMFD])"],
+    [base.replace('flags: [GUEST_MEMFD]', 'flags: [GUEST_MEMFD, READONLY]'), 'vm.slots[0].flags: KVM_MEM_GUEST_MEMFD with KVM_MEM_READONLY'],
+    [base.replace('    - serve-exits\n    - serve-exits\n', '    - convert 0x10f 2 shared\n    - serve-exits\n'), "actors.host[0]: 'convert 0x10f 2 shared': 0x10f+2 runs past the end of slot 1 (0x10f)"],
+    [base.replace('    - serve-exits\n    - serve-exits\n', '    - dma 0x100 1\n    - serve-exits\n'), "actors.host[0]: 'dma 0x100 1': dma needs an assigned device (vm.iommu: type1 or iommufd)"],
+    [base.replace('findings: []', 'findings: [lost-page]'), "expect.findings[0]: unknown finding 'lost-page' (one of: rdm-drift,"],
+    [base.replace('tracking: dirty-log', 'tracking: dirty-log\nexpect_nothing: 1'), 'expect_nothing: unknown field'],
+    [text('11-convert-unmaps-before-private.yaml').replace('iommu: type1', 'iommu: vfio'), "vm.iommu: expected"],
+    [text('11-convert-unmaps-before-private.yaml').replace('iommu: type1', 'iommu: {backend: iommufd, dma_entry_limit: 5}'), 'vm.iommu.dma_entry_limit: only type1 has a dma_entry_limit'],
+  ])('bad input is one line naming the file, the field and the value (%#)', (source, message) => {
+    const msg = userError(() => parseLitmus(source, 'bad.yaml'));
+    expect(msg.split('\n').some((l) => l.startsWith('bad.yaml: ') && l.includes(message)), msg).toBe(true);
   });
 });

@@ -82,7 +82,7 @@ describe('migration stream v2', () => {
 
   it('rejects a stream that does not start with a header', () => reject([encodeSync(1)], /frame 0: the stream must start with a header, got 'sync'/));
   it('rejects a bad magic', () => reject([frameOf({ t: 'header', magic: 'qemu', version: 2, pageSize: 4096, slots: [] })], /not a vmemlab migration stream/));
-  it('rejects an unsupported version', () => reject([frameOf({ t: 'header', magic: 'vmemlab-migration', version: 9, pageSize: 4096, slots: [] })], /stream version 9 is not supported \(this vmemlab reads version 2\)/));
+  it('rejects an unsupported version', () => reject([frameOf({ t: 'header', magic: 'vmemlab-migration', version: 9, pageSize: 4096, slots: [] })], /stream version 9 is not supported \(this vmemlab reads versions 2 and 3\)/));
   it('rejects another page size', () => reject([frameOf({ t: 'header', magic: 'vmemlab-migration', version: 2, pageSize: 65536, slots: [] })], /page size 65536/));
   it('rejects a truncated frame', () => reject([header, stream()[1]!.subarray(0, 100)], /stream truncated: 100 bytes of an incomplete frame 1/));
   it('rejects a stream without completion', () => reject([header], /without a completion record/));

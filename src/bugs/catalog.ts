@@ -180,6 +180,86 @@ export const CATALOG: readonly CatalogEntry[] = [
     commands: ['migrate'],
     neverActed: 'no read-only pin was taken while type1 dirty tracking was on',
   },
+  {
+    name: 'convert-without-unmap',
+    wrong: 'A conversion to private clears the RamDiscardManager\'s bits but never notifies its listeners (no notify_discard): VFIO keeps the range mapped.',
+    effect: 'The device still reaches the page after the guest made it private: its DMA writes shared memory that was discarded (lost), or memory reused for something else.',
+    reference: 'QEMU system/ram-block-attributes.c ram_block_attributes_state_change -> ram_block_attributes_notify_discard; hw/vfio/listener.c vfio_ram_discard_notify_discard; docs/reference.md §7',
+    modes: ['dirty-ring', 'dirty-log', 'clear-log'],
+    detectedBy: 'private memory oracle: an IOMMU mapping left on a private page (mapping-left), a device DMA into discarded memory (dma-after-discard)',
+    commands: ['migrate'],
+    neverActed: 'no conversion to private met a registered RAM discard listener (nothing was shared and mapped)',
+  },
+  {
+    name: 'discard-before-unmap',
+    wrong: 'kvm_convert_memory discards the shared memory (ram_block_discard_range) before the listeners unmap it.',
+    effect: 'Between the two the device can still DMA into memory that was already discarded: the write lands in freed memory and is lost, or survives in a private page\'s shared backing.',
+    reference: 'QEMU accel/kvm/kvm-all.c kvm_convert_memory: KVM_SET_MEMORY_ATTRIBUTES, then ram_block_attributes_state_change, then ram_block_discard_range; docs/reference.md §7',
+    modes: ['dirty-ring', 'dirty-log', 'clear-log'],
+    detectedBy: 'private memory oracle: shared memory discarded while the IOMMU still mapped it (discarded-while-mapped), a device DMA into discarded memory (dma-after-discard)',
+    commands: ['migrate'],
+    neverActed: 'no conversion to private had shared pages that a RAM discard listener had mapped',
+  },
+  {
+    name: 'map-before-shared',
+    wrong: 'A conversion to shared notifies the listeners (VFIO maps) before KVM_SET_MEMORY_ATTRIBUTES made the range shared.',
+    effect: 'Until the attributes change, the device reaches a page KVM still holds private: a DMA then writes memory the guest has not shared.',
+    reference: 'QEMU accel/kvm/kvm-all.c kvm_convert_memory (attributes first, then the RamDiscardManager); docs/reference.md §7, "mapping before the page is shared"',
+    modes: ['dirty-ring', 'dirty-log', 'clear-log'],
+    detectedBy: 'private memory oracle: a listener told to populate a page KVM says is private (populated-while-private)',
+    commands: ['migrate'],
+    neverActed: 'no conversion to shared populated pages while a RAM discard listener was registered',
+  },
+  {
+    name: 'attributes-before-zap',
+    wrong: 'KVM_SET_MEMORY_ATTRIBUTES stores the new attributes before it zaps the SPTEs of the old kind and flushes remote TLBs.',
+    effect: 'In between, a vCPU keeps accessing through its stale translation: a shared store lands in a page that is already private (or a private one in a shared page), and is discarded with it.',
+    reference: 'virt/kvm/kvm_main.c kvm_vm_set_mem_attributes: kvm_handle_gfn_range(pre_set_range: invalidate_begin + zap), xa_store, then post_set_range (invalidate_end)',
+    modes: ['dirty-ring', 'dirty-log', 'clear-log'],
+    detectedBy: 'private memory oracle: a vCPU store retired into a page whose attribute is the other kind (stale-store)',
+    commands: ['migrate'],
+    neverActed: 'no KVM_SET_MEMORY_ATTRIBUTES found a mapping of the old kind to zap',
+  },
+  {
+    name: 'rdm-bitmap-drift',
+    wrong: 'RamBlockAttributes leaves its bits set when a wholly shared range turns private (bitmap_clear forgotten on that path), while its listeners are notified.',
+    effect: 'The bitmap drifts from KVM\'s attributes: a listener that registers later (a hot-plugged device) replays the stale bits and maps private pages; a later conversion to shared finds the range "populated" and maps nothing.',
+    reference: 'QEMU system/ram-block-attributes.c ram_block_attributes_state_change (bitmap_clear before ram_block_attributes_notify_discard); ram_block_attributes_rdm_replay_populated',
+    modes: ['dirty-ring', 'dirty-log', 'clear-log'],
+    detectedBy: 'private memory oracle: the RamDiscardManager disagrees with KVM (rdm-drift); a late listener told to populate private pages (populated-while-private)',
+    commands: ['migrate'],
+    neverActed: 'no wholly shared range was converted to private',
+  },
+  {
+    name: 'split-huge-mapping',
+    wrong: 'VFIO\'s RAM discard listener maps shared memory in 2 MiB chunks instead of one mapping per 4 KiB granule.',
+    effect: 'A later 4 KiB conversion to private must unmap part of a chunk: type1 refuses to split a mapping (EINVAL), QEMU only reports it, and the private page stays mapped for the device.',
+    reference: 'QEMU hw/vfio/listener.c vfio_ram_discard_notify_populate ("map in granularity"); drivers/vfio/vfio_iommu_type1.c vfio_dma_do_unmap (EINVAL on a split)',
+    modes: ['dirty-ring', 'dirty-log', 'clear-log'],
+    detectedBy: 'private memory oracle: an IOMMU mapping left on a private page (mapping-left), a device DMA into discarded memory (dma-after-discard)',
+    commands: ['migrate'],
+    neverActed: 'no populate mapped more than one granule at once (every shared range was 4 KiB)',
+  },
+  {
+    name: 'migrate-private-pages',
+    wrong: 'The migration thread sends every dirty page, including pages the RamDiscardManager has discarded (a confidential guest\'s private pages).',
+    effect: 'Migration reads discarded memory (which populates it again, and with in-place guest_memfd would touch private memory) and sends what it found.',
+    reference: 'QEMU migration/ram.c ramblock_dirty_bitmap_clear_discarded_pages ("even reading these pages ... might result in undesired behavior"); the 2024 QEMU bug in which the clear was ineffective and migration touched all guest RAM',
+    modes: ['dirty-ring', 'dirty-log', 'clear-log'],
+    detectedBy: 'private memory probe: the migration thread read a page whose shared memory is discarded',
+    commands: ['migrate'],
+    neverActed: 'no private page was dirty when the migration thread sent (the guest converted nothing to private, or every private page was clean)',
+  },
+];
+
+/**
+ * The confidential-VM bugs: their demonstrations are confidential guests (`--confidential
+ * shared`), and they do not depend on KVM's dirty tracking mode (any mode shows them).
+ * test/cvm-bugs.test.ts and the litmus files examples/litmus/1*-*.yaml catch each too.
+ */
+export const CONFIDENTIAL_BUGS: readonly BugName[] = [
+  'convert-without-unmap', 'discard-before-unmap', 'map-before-shared', 'attributes-before-zap', 'rdm-bitmap-drift', 'split-huge-mapping',
+  'migrate-private-pages',
 ];
 
 export type { BugName };

@@ -1,4 +1,5 @@
 import type { KernelBugs } from '../host/vm.ts';
+import type { ConversionBugs } from '../host/vmm/conversion-bugs.ts';
 import type { MigrationBugs } from '../migration/precopy.ts';
 
 /**
@@ -16,6 +17,8 @@ export interface InjectedBugs {
   ringFullExitUnhandled: boolean;
   /** The migration thread's mistakes. */
   migration: MigrationBugs;
+  /** The VMM's conversion mistakes: pass them to GuestMemfdRam and vfioContainer (as a ConversionInjection with vm.acts). */
+  conversion: ConversionBugs;
 }
 
 export function injectedBugs(names: readonly string[]): InjectedBugs {
@@ -30,6 +33,7 @@ export function injectedBugs(names: readonly string[]): InjectedBugs {
       readPinDirties: has('read-pin-dirties'),
       untrackedDma: has('untracked-dma'),
       gpaAsIova: has('gpa-as-iova'),
+      attributesBeforeZap: has('attributes-before-zap'),
     },
     harvestSkipEvery: has('harvest-skips-entry') ? 16 : 0,
     noBackupBitmap: has('no-backup-bitmap'),
@@ -39,6 +43,14 @@ export function injectedBugs(names: readonly string[]): InjectedBugs {
       copyBeforeClear: has('copy-before-clear'),
       skipFinalSync: has('skip-final-sync'),
       ringFullExitUnhandled: has('ring-full-exit-unhandled'),
+      migratePrivatePages: has('migrate-private-pages'),
+    },
+    conversion: {
+      convertWithoutUnmap: has('convert-without-unmap'),
+      discardBeforeUnmap: has('discard-before-unmap'),
+      mapBeforeShared: has('map-before-shared'),
+      rdmBitmapDrift: has('rdm-bitmap-drift'),
+      splitHugeMapping: has('split-huge-mapping'),
     },
   };
 }

@@ -85,6 +85,11 @@ export function describeResult(r: MigrationRunResult): string[] {
   const lines: string[] = [];
   if (r.info) lines.push(...formatInfo(r.info));
   if (r.dma) lines.push(...describeDma(r.dma, r.info?.dmaSources ?? []));
+  const c = r.confidential;
+  if (c) {
+    lines.push(`confidential guest: ${c.conversions} conversions; at the end ${c.privatePages} pages private, ${c.sharedPages} shared (only shared pages are migrated)`);
+    for (const f of c.findings) lines.push(`private memory oracle: ${f}`);
+  }
   if (r.reason) lines.push(`migration failed: ${r.reason}`);
   for (const m of r.mismatches) lines.push(describeMismatch(m));
   const d = r.destination;
@@ -95,7 +100,8 @@ export function describeResult(r: MigrationRunResult): string[] {
   const idle = describeIdleBugs(r.injections, 'migrate');
   if (idle && r.status !== 'passed') lines.push(`note: ${idle}`);
   if (r.status === 'passed') {
-    const also = `${d?.atCompletion ? '; the sweep pattern holds' : ''}${d?.resumed ? `${d.atCompletion ? ' before and after' : ''}; the destination resumed the guest` : ''}`;
+    const also = `${d?.atCompletion ? '; the sweep pattern holds' : ''}${d?.resumed ? `${d.atCompletion ? ' before and after' : ''}; the destination resumed the guest` : ''}`
+      + (c ? '; the destination has the same attributes, and no private memory was read' : '');
     lines.push(`${idle ? `PASSED, but ${idle}. ` : 'PASSED: '}all ${r.pagesCompared} destination pages equal the source${also} ${secs}`);
   } else if (r.mismatchCount > 0) lines.push(`FAILED: ${r.mismatchCount} of ${r.pagesCompared} pages differ: lost writes ${secs}`);
   else if (r.dma && (r.dma.faults > 0 || r.dma.staleIotlb > 0)) {

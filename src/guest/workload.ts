@@ -1,4 +1,5 @@
 import { UserError } from '../util/errors.ts';
+import { ConfidentialGuest } from './confidential-guest.ts';
 import { Prng } from '../util/prng.ts';
 import { type GuestContext, type GuestOp, OpKind, type Workload, type Write64Workload } from '../host/guest-op.ts';
 
@@ -8,7 +9,7 @@ export interface GuestRange {
   pages: number;
 }
 
-export const WORKLOAD_NAMES = ['random', 'sweep', 'hotset', 'perf', 'scatter'] as const;
+export const WORKLOAD_NAMES = ['random', 'sweep', 'hotset', 'perf', 'scatter', 'convert'] as const;
 export type WorkloadName = (typeof WORKLOAD_NAMES)[number];
 
 export interface WorkloadOptions {
@@ -154,5 +155,7 @@ export function createWorkload(o: WorkloadOptions, ranges: GuestRange[], vcpu: n
     case 'hotset': return new HotsetWorkload(space, prng, o);
     case 'perf': return new PerfWorkload(space, prng, first, Math.max(1, count), o);
     case 'scatter': return new ScatterWorkload(space, prng);
+    // private_mem_conversions_test's guest over each vCPU's own area, from the start of guest memory, and the bounce buffers.
+    case 'convert': return new ConfidentialGuest(space.gfn(0), vcpu, vcpus);
   }
 }

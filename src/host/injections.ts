@@ -10,6 +10,8 @@ export const INJECTABLE_BUGS = [
   'skip-tlb-shootdown', 'ring-full-ignored', 'harvest-skips-entry', 'clear-without-protect', 'untracked-host-write',
   'no-backup-bitmap', 'ring-full-exit-unhandled', 'copy-before-reset', 'copy-before-clear', 'skip-final-sync',
   'untracked-dma', 'stale-iotlb-after-unmap', 'gpa-as-iova', 'read-pin-dirties',
+  'convert-without-unmap', 'discard-before-unmap', 'map-before-shared', 'attributes-before-zap', 'rdm-bitmap-drift',
+  'split-huge-mapping', 'migrate-private-pages',
 ] as const;
 export type BugName = (typeof INJECTABLE_BUGS)[number];
 
@@ -18,11 +20,14 @@ export const enum Acted {
   SKIP_TLB_SHOOTDOWN = 0, RING_FULL_IGNORED, HARVEST_SKIPS_ENTRY, CLEAR_WITHOUT_PROTECT, UNTRACKED_HOST_WRITE,
   NO_BACKUP_BITMAP, RING_FULL_EXIT_UNHANDLED, COPY_BEFORE_RESET, COPY_BEFORE_CLEAR, SKIP_FINAL_SYNC,
   UNTRACKED_DMA, STALE_IOTLB_AFTER_UNMAP, GPA_AS_IOVA, READ_PIN_DIRTIES,
+  CONVERT_WITHOUT_UNMAP, DISCARD_BEFORE_UNMAP, MAP_BEFORE_SHARED, ATTRIBUTES_BEFORE_ZAP, RDM_BITMAP_DRIFT,
+  SPLIT_HUGE_MAPPING, MIGRATE_PRIVATE_PAGES,
 }
-if (INJECTABLE_BUGS.indexOf('read-pin-dirties') !== (Acted.READ_PIN_DIRTIES as number)) throw new Error('injections.ts: Acted out of step with INJECTABLE_BUGS');
+if (INJECTABLE_BUGS.indexOf('migrate-private-pages') !== (Acted.MIGRATE_PRIVATE_PAGES as number)) throw new Error('injections.ts: Acted out of step with INJECTABLE_BUGS');
 
-/** One line of counters (the sites are rare paths: contention does not matter). */
-export const INJECTION_WORDS = LINE_WORDS;
+/** Two lines of counters, room for every bug (the sites are rare paths: contention does not matter). */
+export const INJECTION_WORDS = 2 * LINE_WORDS;
+if (INJECTABLE_BUGS.length > INJECTION_WORDS) throw new Error(`injections.ts: ${INJECTABLE_BUGS.length} bugs, ${INJECTION_WORDS} counters`);
 
 export function isBugName(name: string): name is BugName {
   return (INJECTABLE_BUGS as readonly string[]).includes(name);

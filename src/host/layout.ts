@@ -78,6 +78,12 @@ export interface MemslotLayout extends MemslotConfig {
    * process (the migration thread reads it). Null for other slots.
    */
   rdmBitmap: SharedArrayBuffer | null;
+  /**
+   * KVM_MEM_GUEST_MEMFD: pages the VMM changed itself (a conversion's discard left zeros
+   * in shared memory), marked for migration as QEMU's cpu_physical_memory_set_dirty_range
+   * marks RAM that userspace wrote. Null for other slots.
+   */
+  vmmDirtyBitmap: SharedArrayBuffer | null;
 }
 
 export interface VmLayout {
@@ -126,8 +132,29 @@ export const GlobalWord = {
   MMU_INVALIDATE_END: 6 * LINE_WORDS + 3,
   /** kvm->mmu_lock: held by an invalidation's zap and flush, and by a fault's check and install. */
   MMU_LOCK: 6 * LINE_WORDS + 4,
+  /**
+   * Bumped (and notified) by every vCPU exit: the VMM's conversion thread sleeps on it
+   * between KVM_EXIT_HYPERCALL / KVM_EXIT_MEMORY_FAULT exits (QEMU's vCPU threads return
+   * from KVM_RUN themselves; vmemlab serves their userspace half in one role).
+   */
+  EXIT_DOORBELL: 7 * LINE_WORDS,
+  /**
+   * Host reads of private memory: a shared page the RamDiscardManager has discarded that
+   * the migration thread read all the same (the private memory oracle's probe), and the
+   * first such guest frame + 1.
+   */
+  PRIVATE_TOUCHES: 8 * LINE_WORDS,
+  PRIVATE_TOUCH_FIRST_GFN: 8 * LINE_WORDS + 1,
+  /** Conversions the VMM began and finished (kvm-cpu-exec.ts): a read racing one is not the probe's business. */
+  CONVERSIONS_STARTED: 8 * LINE_WORDS + 2,
+  CONVERSIONS_DONE: 8 * LINE_WORDS + 3,
+  /** vCPU stores of the kind the page's attribute no longer says (a stale translation), and the first frame + 1. */
+  STALE_STORES: 8 * LINE_WORDS + 4,
+  STALE_STORE_FIRST_GFN: 8 * LINE_WORDS + 5,
+  /** Non-zero: the VMM stopped the VM on an internal error (vm_stop(RUN_STATE_INTERNAL_ERROR)); it will not run again. */
+  VM_INTERNAL_ERROR: 8 * LINE_WORDS + 6,
 } as const;
-export const GLOBAL_WORDS = 7 * LINE_WORDS;
+export const GLOBAL_WORDS = 9 * LINE_WORDS;
 
 /** Words a vCPU writes (first line of its block). */
 export const VcpuWord = {
@@ -229,6 +256,7 @@ export function createVmLayout(config: VmConfig): VmLayout {
       // Untouched SharedArrayBuffer pages cost no memory: a private backing as large as the slot is free until used.
       gmem: gmem ? regions.map((r) => new SharedArrayBuffer(r.byteLength)) : null,
       rdmBitmap: gmem ? new SharedArrayBuffer(Math.ceil(s.pages / 32) * 4) : null,
+      vmmDirtyBitmap: gmem ? new SharedArrayBuffer(Math.ceil(s.pages / 32) * 4) : null,
     };
     // Keep every slot's first page 64-aligned in the VM-wide numbering, so userspace
     // bitmaps can take a slot's GET_DIRTY_LOG words as they are.

@@ -62,6 +62,8 @@ export class Memslot {
   readonly gmem: Memslot | null;
   /** The VMM's RamBlockAttributes words for this RAM block (MemslotLayout.rdmBitmap), or null. */
   readonly rdmBitmap: Uint32Array | null;
+  /** Pages the VMM changed itself, for migration (MemslotLayout.vmmDirtyBitmap), or null. */
+  readonly vmmDirtyBitmap: Int32Array | null;
 
   constructor(layout: MemslotLayout, index: number) {
     this.id = layout.id;
@@ -78,7 +80,8 @@ export class Memslot {
     this.spte = new Uint8Array(layout.spte);
     this.dirtyBitmap = new Int32Array(layout.dirtyBitmap);
     this.rdmBitmap = layout.rdmBitmap !== null ? new Uint32Array(layout.rdmBitmap) : null;
-    this.gmem = layout.gmem !== null ? new Memslot({ ...layout, regions: layout.gmem, gmem: null, rdmBitmap: null }, index) : null;
+    this.vmmDirtyBitmap = layout.vmmDirtyBitmap !== null ? new Int32Array(layout.vmmDirtyBitmap) : null;
+    this.gmem = layout.gmem !== null ? new Memslot({ ...layout, regions: layout.gmem, gmem: null, rdmBitmap: null, vmmDirtyBitmap: null }, index) : null;
   }
 
   /** The region's 32-bit view holding `page`; index it with `wordIndex(page)`. */

@@ -299,6 +299,8 @@ export class Vcpu implements Role, VcpuFastState {
     this.phase = Phase.TRANSLATE; // the interrupted instruction is re-executed on entry
     this.leaveGuest(VcpuRunState.EXITED);
     this.wait = waitFor(WaitCode.VCPU_EXIT, reason);
+    Atomics.add(this.global, GlobalWord.EXIT_DOORBELL, 1);
+    Atomics.notify(this.global, GlobalWord.EXIT_DOORBELL);
   }
 
   private publish(): void {
@@ -522,6 +524,7 @@ export class Vcpu implements Role, VcpuFastState {
     // A private access stores to the slot's guest_memfd page (checked at its fault).
     const slot = this.privateAccess() ? this.slot!.gmem! : this.slot!;
     const page = this.page;
+    if (this.tlbPrivate !== null) this.checkKindAtStore();
     const op = this.op;
     if (op.kind === OpKind.WRITE64) {
       slot.writeU64Stamped(page, op.value, this.index + 1, ++this.seq, this.opIteration);
@@ -532,6 +535,20 @@ export class Vcpu implements Role, VcpuFastState {
       slot.stamp(page, this.index + 1, ++this.seq, this.opIteration);
     }
     return this.retire();
+  }
+
+  /**
+   * The private memory oracle's probe on a confidential VM: a store of the kind the page's
+   * attribute no longer says went through a translation that should have been zapped (and
+   * flushed) before the attribute changed (KVM_SET_MEMORY_ATTRIBUTES zaps first). Counted
+   * with the first frame, in shared words.
+   */
+  private checkKindAtStore(): void {
+    const slot = this.slot!;
+    if (this.vm.attributes!.isPrivate(slot, this.page) === this.privateAccess()) return;
+    const g = this.global;
+    Atomics.add(g, GlobalWord.STALE_STORES, 1);
+    Atomics.compareExchange(g, GlobalWord.STALE_STORE_FIRST_GFN, 0, slot.baseGfn + this.page + 1);
   }
 
   private retire(): Advance {

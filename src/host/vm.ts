@@ -38,6 +38,8 @@ export interface KernelBugs {
   untrackedDma?: boolean;
   /** Devices: the mdev's vendor driver passes GPAs to vfio_dma_rw, which takes IOVAs. */
   gpaAsIova?: boolean;
+  /** KVM_SET_MEMORY_ATTRIBUTES stores the new attributes before it zaps the old kind's SPTEs and flushes. */
+  attributesBeforeZap?: boolean;
 }
 
 /**
@@ -134,7 +136,19 @@ export class Vm {
     const { start, end } = gfnRange(a.address, a.size);
     if (attributes.rangeHas(start, end, a.attributes)) return;
     yield undefined; // xa_reserve for every gfn: memory allocation, which cannot fail here
-    yield* this.invalidateGfnRange(start, end, (a.attributes & KVM_MEMORY_ATTRIBUTE_PRIVATE) !== 0 ? SPTE_WRITABLE : SPTE_PRIVATE);
+    const leaving = (a.attributes & KVM_MEMORY_ATTRIBUTE_PRIVATE) !== 0 ? SPTE_WRITABLE : SPTE_PRIVATE;
+    if (this.bugs.attributesBeforeZap) {
+      // The store first: until the zap and flush below, a vCPU's TLB still maps the old kind
+      // and its accesses go on through it into a page whose attribute says otherwise.
+      for (const r of slotRanges(this.memory, start, end)) {
+        attributes.store(r, a.attributes);
+        yield undefined;
+      }
+      if ((yield* this.invalidateGfnRange(start, end, leaving)) > 0) this.acts.acted(Acted.ATTRIBUTES_BEFORE_ZAP);
+      this.mmuInvalidate.end();
+      return;
+    }
+    yield* this.invalidateGfnRange(start, end, leaving);
     for (const r of slotRanges(this.memory, start, end)) {
       attributes.store(r, a.attributes);
       yield undefined;

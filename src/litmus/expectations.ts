@@ -1,6 +1,8 @@
 import { spteWritable } from '../host/spte.ts';
 import { GlobalWord } from '../host/layout.ts';
+import { PAGE_SIZE } from '../host/constants.ts';
 import type { Vm } from '../host/vm.ts';
+import type { GuestMemfdRam } from '../host/vmm/kvm-convert-memory.ts';
 import {
   type OpRecord, entryMatches, entryText, gfnsText, guestOpCount, matcherText,
 } from './observations.ts';
@@ -51,6 +53,7 @@ export function checkOp(r: OpRecord): Mismatch[] {
   }
   num('lost', x.lost, r.logs.filter((e) => e.where === 'lost').length);
   num('value', x.value, r.value, 'no value (the read did not retire)');
+  if (x.faulted !== undefined && x.faulted !== r.faulted) push({ what: 'faulted', expected: `${x.faulted}`, actual: r.faulted === undefined ? 'no DMA' : `${r.faulted}` });
   if (x.harvested !== undefined) {
     const got = r.harvested ?? [];
     if (typeof x.harvested === 'number') {
@@ -67,11 +70,17 @@ export function checkOp(r: OpRecord): Mismatch[] {
   return out;
 }
 
+const kind = (priv: boolean): string => (priv ? 'private' : 'shared');
+
 /** What the run left behind, for the final expectations. */
 export interface FinalState {
   vm: Vm;
   collected: Set<number>;
   copies: Map<number, number>;
+  /** A confidential VM's RAM blocks (the RamDiscardManager bits), or null. */
+  ram?: GuestMemfdRam | null;
+  /** The private memory oracle's finding kinds over the run. */
+  findings?: readonly string[];
 }
 
 export function staleCopies(s: FinalState): number[] {
@@ -115,6 +124,30 @@ export function checkFinal(x: FinalExpect, s: FinalState): Mismatch[] {
   }
   if (x.lostHostWrites !== undefined && x.lostHostWrites !== s.vm.lostHostWrites()) {
     out.push({ what: 'expect.lost_host_writes', expected: `${x.lostHostWrites}`, actual: `${s.vm.lostHostWrites()}` });
+  }
+  for (const { gfn, private: want } of x.attributes ?? []) {
+    const p = page(gfn);
+    const got = s.vm.attributes?.isPrivate(p.slot, p.page) ?? false;
+    if (got !== want) out.push({ what: `expect.attributes[${hex(gfn)}]`, expected: kind(want), actual: kind(got) });
+  }
+  for (const { gfn, shared } of x.rdm ?? []) {
+    const p = page(gfn);
+    const got = s.ram?.rdmOf(p.slot)?.isPopulated(p.page * PAGE_SIZE, PAGE_SIZE) ?? false;
+    if (got !== shared) out.push({ what: `expect.rdm[${hex(gfn)}]`, expected: kind(!shared), actual: kind(!got) });
+  }
+  for (const { gfn, value } of x.privatePages ?? []) {
+    const p = page(gfn);
+    const got = p.slot.gmem!.readU64(p.page);
+    if (got !== value) out.push({ what: `expect.private_pages[${hex(gfn)}]`, expected: `${value}`, actual: `${got}` });
+  }
+  const table = s.vm.iommu?.table;
+  for (const { iova, gfn } of x.iommu ?? []) {
+    const got = table !== undefined && table.inRange(iova) && table.present(iova) ? table.gfn(iova) : null;
+    if (got !== gfn) out.push({ what: `expect.iommu[${hex(iova)}]`, expected: gfn === null ? 'unmapped' : hex(gfn), actual: got === null ? 'unmapped' : hex(got) });
+  }
+  if (x.findings !== undefined) {
+    const got = [...new Set(s.findings ?? [])].sort();
+    if (got.join() !== x.findings.join()) out.push({ what: 'expect.findings', expected: `[${x.findings.join(', ')}]`, actual: `[${got.join(', ')}]` });
   }
   const flushes = Atomics.load(s.vm.global, GlobalWord.FLUSHES);
   if (x.flushes !== undefined && x.flushes !== flushes) {

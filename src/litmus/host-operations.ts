@@ -1,4 +1,14 @@
-import { EXIT_REASON_NAMES, KVM_DIRTY_GFN_F_DIRTY, KVM_DIRTY_GFN_F_RESET } from '../host/constants.ts';
+import {
+  EEXIST, EFAULT, EINVAL, ENOSPC, EXIT_REASON_NAMES, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, KVM_DIRTY_GFN_F_DIRTY,
+  KVM_DIRTY_GFN_F_RESET, KVM_MEMORY_ATTRIBUTE_PRIVATE, PAGE_SIZE,
+} from '../host/constants.ts';
+import type { PassthroughDma } from '../host/devices/passthrough-dma.ts';
+import { kvmGmemFallocate } from '../host/guest-memfd.ts';
+import { type GuestMemfdRam, kvmConvertMemory } from '../host/vmm/kvm-convert-memory.ts';
+import { wholeSection } from '../host/vmm/ram-block-attributes.ts';
+import { type VfioContainer, vfioRamDiscardRegisterListener } from '../host/vmm/vfio-ram-discard-listener.ts';
+import type { ConversionOracle } from '../oracles/private-memory-oracle.ts';
+import { KvmError } from '../util/errors.ts';
 import { HOST_WRITER_BASE, type Memslot } from '../host/memslot.ts';
 import type { Vm } from '../host/vm.ts';
 import type { ExitHandler } from '../host/vmm/exit-handler.ts';
@@ -15,6 +25,14 @@ import { hex } from './syntax.ts';
  * waits for vCPUs) that records its results and notes in the operation's record. What
  * the host collected and copied is kept for the file's final expectations.
  */
+/** A confidential VM's VMM side: its guest_memfd RAM, VFIO's container and device, and the oracle watching them. */
+export interface ConfidentialHost {
+  ram: GuestMemfdRam | null;
+  container: VfioContainer | null;
+  dma: PassthroughDma | null;
+  oracle: ConversionOracle;
+}
+
 export class HostOperations {
   /** Guest frames userspace collected: harvested ring entries, dirty bits GET returned. */
   readonly collected = new Set<number>();
@@ -25,7 +43,13 @@ export class HostOperations {
   private hostSeq = 0;
   private readonly harvester: DirtyRingHarvester | null;
 
-  constructor(private readonly vm: Vm, private readonly vmm: VmmControl, private readonly exits: ExitHandler, private readonly harvestSkipEvery: number) {
+  /** The operation running now (VFIO's error_report goes into its notes). */
+  current: OpRecord | null = null;
+
+  constructor(
+    private readonly vm: Vm, private readonly vmm: VmmControl, private readonly exits: ExitHandler, private readonly harvestSkipEvery: number,
+    private readonly cvm: ConfidentialHost | null = null,
+  ) {
     this.harvester = vm.rings ? new DirtyRingHarvester(vm.rings.length, vm.acts) : null;
   }
 
@@ -40,6 +64,15 @@ export class HostOperations {
 
   /** A host operation as a step generator; results and notes go into its record. */
   *run(r: OpRecord): Steps<void> {
+    this.current = r;
+    try {
+      yield* this.runOp(r);
+    } finally {
+      this.current = null;
+    }
+  }
+
+  private *runOp(r: OpRecord): Steps<void> {
     const op = r.op.op as HostOp;
     const vm = this.vm;
     switch (op.kind) {
@@ -141,6 +174,73 @@ export class HostOperations {
         this.vmm.release(op.vcpu);
         r.notes.push(`lets vcpu${op.vcpu} run again`);
         return;
+      default:
+        yield* this.confidential(r, op);
+    }
+  }
+
+  /** The operations on private memory, VFIO and the assigned device. */
+  private *confidential(r: OpRecord, op: HostOp): Steps<void> {
+    const vm = this.vm;
+    const cvm = this.cvm!;
+    const range = (gfn: number, count: number) => `${hex(gfn)}..${hex(gfn + count - 1)}`;
+    switch (op.kind) {
+      case 'set-attributes':
+        r.notes.push(`KVM_SET_MEMORY_ATTRIBUTES ${range(op.gfn, op.count)} ${op.private ? 'PRIVATE' : '0 (shared)'}`);
+        yield* vm.setMemoryAttributes({ address: op.gfn * PAGE_SIZE, size: op.count * PAGE_SIZE, attributes: op.private ? KVM_MEMORY_ATTRIBUTE_PRIVATE : 0, flags: 0 });
+        r.notes.push('done');
+        return;
+      case 'convert': {
+        r.notes.push(`kvm_convert_memory ${range(op.gfn, op.count)} to ${op.private ? 'private' : 'shared'}`);
+        const c = yield* kvmConvertMemory(cvm.ram!, op.gfn * PAGE_SIZE, op.count * PAGE_SIZE, op.private);
+        if (c.ret < 0) throw new KvmError(-c.ret, 'kvm_convert_memory', c.error || `ret ${c.ret}`);
+        r.notes.push('converted');
+        return;
+      }
+      case 'punch-hole': {
+        const slot = vm.memory.findSlot(op.gfn)!;
+        const page = op.gfn - slot.baseGfn;
+        r.notes.push(`fallocate(PUNCH_HOLE) on slot ${slotName(slot)}'s guest_memfd, ${range(op.gfn, op.count)}`);
+        yield* kvmGmemFallocate(vm, slot, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, page * PAGE_SIZE, op.count * PAGE_SIZE);
+        cvm.oracle.gmemPunched(slot, page, op.count);
+        r.notes.push('punched');
+        return;
+      }
+      case 'vfio-register': {
+        const slot = vm.memory.slots[op.slot]!;
+        r.notes.push(`vfio_ram_discard_register_listener for slot ${slotName(slot)} (the replay maps what is shared)`);
+        const before = vm.iommu!.stats().entries;
+        const reg = yield* vfioRamDiscardRegisterListener(cvm.container!, cvm.ram!.rdmOf(slot)!, wholeSection(slot));
+        if (!reg.ok) throw new KvmError(reg.reason === 'dma-mappings' ? ENOSPC : reg.error.includes('EEXIST') ? EEXIST : EINVAL, 'vfio_ram_discard_register_listener', reg.error);
+        r.notes.push(`registered; ${vm.iommu!.stats().entries - before} mapping(s) made`);
+        return;
+      }
+      case 'dma':
+      case 'dma-read': {
+        const a = op.kind === 'dma' ? cvm.dma!.write(op.iova, op.value) : cvm.dma!.read(op.iova);
+        if ('fault' in a) {
+          r.faulted = true;
+          r.notes.push(`device DMA ${op.kind === 'dma' ? 'write' : 'read'} at IOVA page ${hex(op.iova)}: IOMMU fault (${a.fault})`);
+          return;
+        }
+        r.faulted = false;
+        if (op.kind === 'dma') cvm.oracle.dmaWrite(a.gfn);
+        else r.value = a.value;
+        r.notes.push(`device DMA ${op.kind === 'dma' ? `writes ${a.value} to` : `reads ${a.value} from`} IOVA page ${hex(op.iova)} -> GFN ${hex(a.gfn)}`);
+        return;
+      }
+      case 'serve-exits': {
+        const mf = this.exits.memoryFault();
+        const hc = this.exits.hypercall();
+        if (mf !== null) r.notes.push(`vcpu${mf.vcpu}: KVM_EXIT_MEMORY_FAULT at ${hex(mf.gpa)} (${mf.flags !== 0 ? 'private' : 'shared'} access)`);
+        if (hc !== null) r.notes.push(`vcpu${hc.vcpu}: KVM_EXIT_HYPERCALL KVM_HC_MAP_GPA_RANGE ${hex(hc.args[0])}+${hc.args[1]} pages`);
+        const failed = (yield* this.exits.serviceHypercalls(cvm.ram!)) ?? (yield* this.exits.serviceMemoryFaults(cvm.ram!));
+        if (failed !== null) throw new KvmError(EFAULT, 'kvm_cpu_exec', `vcpu${failed.vcpu}: ${failed.error} (QEMU stops the VM)`);
+        r.notes.push(mf === null && hc === null ? 'no exit to serve' : 'converted, KVM_RUN again');
+        return;
+      }
+      default:
+        throw new Error(`litmus: host operation '${op.kind}' has no implementation`);
     }
   }
 }

@@ -1,7 +1,9 @@
 import { type TrackingMode, trackingFor } from '../host/vmm/dirty-log.ts';
 import { parseDocument } from 'yaml';
 import { findBug } from '../bugs/catalog.ts';
-import { KVM_MEM_GUEST_MEMFD, KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, PAGE_SIZE } from '../host/constants.ts';
+import { KVM_HC_MAP_GPA_RANGE, KVM_MEM_GUEST_MEMFD, KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, PAGE_SIZE } from '../host/constants.ts';
+import { VFIO_DEFAULT_DMA_ENTRY_LIMIT } from '../host/iommu/constants.ts';
+import { PRIVATE_MEMORY_FINDING_KINDS } from '../oracles/private-memory-oracle.ts';
 import { checkRingSize } from '../host/dirty-ring.ts';
 import type { DirtyTracking, MemslotConfig, VmConfig } from '../host/layout.ts';
 import { UserError } from '../util/errors.ts';
@@ -55,6 +57,20 @@ class SpecBuilder {
     const vcpus = this.vcpuCount(f);
     const tracking = this.tracking(f);
     const vm: VmConfig = { slots, vcpus, tracking };
+    if (slots.some((x) => (x.flags & KVM_MEM_GUEST_MEMFD) !== 0)) {
+      // A confidential VM type (KVM_X86_SW_PROTECTED_VM): private memory, and KVM_HC_MAP_GPA_RANGE exits to the VMM.
+      vm.privateMem = true;
+      vm.exitHypercalls = 1 << KVM_HC_MAP_GPA_RANGE;
+    }
+    if (f.vm.iommu !== undefined) {
+      const o = typeof f.vm.iommu === 'string' ? { backend: f.vm.iommu } : f.vm.iommu;
+      if (o.backend === 'iommufd' && 'dma_entry_limit' in o && o.dma_entry_limit !== undefined) this.fail('vm.iommu.dma_entry_limit', 'only type1 has a dma_entry_limit (iommufd has no entry limit)');
+      const end = slots.reduce((n, x) => Math.max(n, x.baseGfn + x.pages), 0);
+      vm.iommu = {
+        backend: o.backend, dmaEntryLimit: ('dma_entry_limit' in o ? o.dma_entry_limit : undefined) ?? VFIO_DEFAULT_DMA_ENTRY_LIMIT,
+        iovaPages: Math.max(1, end), devices: 1, tracking: ['iommu'],
+      };
+    }
     if (this.problems.length > 0) throw new UserError(this.problems.join('\n'));
 
     const ctx: OpContext = { vm };
@@ -143,14 +159,14 @@ class SpecBuilder {
     else {
       flags.forEach((n, i) => {
         const b = names[n.toUpperCase()];
-        if (b === undefined) this.fail([...path, i], `unknown memslot flag ${show(n)} (one of: KVM_MEM_READONLY)`);
+        if (b === undefined) this.fail([...path, i], `unknown memslot flag ${show(n)} (one of: KVM_MEM_READONLY, KVM_MEM_GUEST_MEMFD)`);
         else bits |= b;
       });
     }
     if (bits & KVM_MEM_LOG_DIRTY_PAGES) this.fail(path, 'KVM_MEM_LOG_DIRTY_PAGES is set by the host operation enable-logging, not here');
-    if (bits & KVM_MEM_GUEST_MEMFD) this.fail(path, 'KVM_MEM_GUEST_MEMFD (private memory) is not modelled yet');
+    if ((bits & KVM_MEM_GUEST_MEMFD) && (bits & KVM_MEM_READONLY)) this.fail(path, 'KVM_MEM_GUEST_MEMFD with KVM_MEM_READONLY (KVM refuses the pair: EINVAL)');
     if (bits & ~(KVM_MEM_READONLY | KVM_MEM_LOG_DIRTY_PAGES | KVM_MEM_GUEST_MEMFD)) this.fail(path, `unknown flag bits in ${show(flags)}`);
-    return bits & KVM_MEM_READONLY;
+    return bits & (KVM_MEM_READONLY | KVM_MEM_GUEST_MEMFD);
   }
 
   private vcpuCount(f: LitmusFile): number {
@@ -299,6 +315,41 @@ class SpecBuilder {
     if (stale) out.staleCopies = stale;
     if (x.lost_host_writes !== undefined) out.lostHostWrites = x.lost_host_writes;
     if (x.flushes !== undefined) out.flushes = x.flushes;
+    const gmemSlot = (g: number): boolean => slots.some((s) => g >= s.baseGfn && g < s.baseGfn + s.pages && (s.flags & KVM_MEM_GUEST_MEMFD) !== 0);
+    const privateOnly = (field: string, m: Record<string, unknown> | undefined): void => {
+      if (m === undefined) return;
+      for (const k of Object.keys(m)) {
+        const g = parseInteger(k);
+        if (g.ok && !gmemSlot(g.value) && inSlot(g.value)) this.fail(`expect.${field}[${hex(g.value)}]`, `GFN ${hex(g.value)} is in a slot without guest_memfd (flags [GUEST_MEMFD])`);
+      }
+    };
+    privateOnly('attributes', x.attributes);
+    privateOnly('rdm', x.rdm);
+    privateOnly('private_pages', x.private_pages);
+    const attributes = gfnMap('attributes', x.attributes, (v) => v === 'private');
+    if (attributes) out.attributes = attributes.map(({ gfn, v }) => ({ gfn, private: v as boolean }));
+    const rdm = gfnMap('rdm', x.rdm, (v) => v === 'shared');
+    if (rdm) out.rdm = rdm.map(({ gfn, v }) => ({ gfn, shared: v as boolean }));
+    const privatePages = gfnMap('private_pages', x.private_pages, int);
+    if (privatePages) out.privatePages = privatePages.map(({ gfn, v }) => ({ gfn, value: v as number }));
+    if (x.iommu !== undefined) {
+      if (!f.vm.iommu) this.fail('expect.iommu', 'the VM has no IOMMU (vm.iommu: type1 or iommufd)');
+      out.iommu = [];
+      for (const [k, v] of Object.entries(x.iommu)) {
+        const iova = parseInteger(k);
+        if (!iova.ok) { this.fail(['expect', 'iommu', k], `${show(k)} is not an IOVA page`); continue; }
+        if (v === 'unmapped') { out.iommu.push({ iova: iova.value, gfn: null }); continue; }
+        const g = parseInteger(v);
+        if (!g.ok) { this.fail(`expect.iommu[${hex(iova.value)}]`, `${show(v)}: expected the GFN mapped there, or unmapped`); continue; }
+        out.iommu.push({ iova: iova.value, gfn: g.value });
+      }
+    }
+    if (x.findings !== undefined) {
+      x.findings.forEach((k, i) => {
+        if (!(PRIVATE_MEMORY_FINDING_KINDS as readonly string[]).includes(k)) this.fail(['expect', 'findings', i], `unknown finding ${show(k)} (one of: ${PRIVATE_MEMORY_FINDING_KINDS.join(', ')})`);
+      });
+      out.findings = [...new Set(x.findings)].sort();
+    }
     return out;
   }
 }

@@ -28,6 +28,8 @@ export interface OpRecord {
   retired: number;
   dropped: number;
   value?: number;
+  /** dma / dma-read: whether the IOMMU faulted. */
+  faulted?: boolean;
   harvested?: HarvestedEntry[];
   reset?: number;
   dirty?: number[];

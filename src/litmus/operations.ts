@@ -1,3 +1,4 @@
+import { KVM_MEM_GUEST_MEMFD } from '../host/constants.ts';
 import type { MemslotConfig, VmConfig } from '../host/layout.ts';
 import type { EntryMatcher, HostOp, OpExpect, VcpuOp } from './spec.ts';
 import {
@@ -11,9 +12,10 @@ import {
  */
 
 export const VCPU_OPS: Record<VcpuOp['kind'] | 'write-pages', string> = {
-  write: 'write GFN VALUE',
-  'write-pages': 'write-pages GFN COUNT VALUE',
-  read: 'read GFN',
+  write: 'write GFN VALUE [private|shared]',
+  'write-pages': 'write-pages GFN COUNT VALUE [private|shared]',
+  read: 'read GFN [private|shared]',
+  'map-gpa': 'map-gpa GFN COUNT private|shared',
 };
 
 export const HOST_OPS: Record<HostOp['kind'], string> = {
@@ -29,6 +31,13 @@ export const HOST_OPS: Record<HostOp['kind'], string> = {
   reenter: 'reenter vcpuN',
   stop: 'stop vcpuN',
   release: 'release vcpuN',
+  'set-attributes': 'set-attributes GFN COUNT private|shared',
+  convert: 'convert GFN COUNT private|shared',
+  'punch-hole': 'punch-hole GFN COUNT',
+  'vfio-register': 'vfio-register SLOT',
+  dma: 'dma IOVA VALUE',
+  'dma-read': 'dma-read IOVA',
+  'serve-exits': 'serve-exits',
 };
 
 /** Expectation keys as written in files, per operation verb. */
@@ -37,6 +46,7 @@ export const EXPECT_KEYS: Record<string, string[]> = {
   write: VCPU_WRITE_KEYS,
   'write-pages': VCPU_WRITE_KEYS,
   read: ['exit', 'value'],
+  'map-gpa': ['exit'],
   'enable-logging': ['error'],
   'disable-logging': ['error'],
   harvest: ['harvested', 'error'],
@@ -49,7 +59,25 @@ export const EXPECT_KEYS: Record<string, string[]> = {
   reenter: ['error'],
   stop: ['error'],
   release: ['error'],
+  'set-attributes': ['error'],
+  convert: ['error'],
+  'punch-hole': ['error'],
+  'vfio-register': ['error'],
+  dma: ['faulted', 'error'],
+  'dma-read': ['faulted', 'value', 'error'],
+  'serve-exits': ['error'],
 };
+
+/** The VM has private memory: a slot with KVM_MEM_GUEST_MEMFD. */
+export function hasPrivateMemory(vm: VmConfig): boolean {
+  return vm.privateMem === true;
+}
+
+function kindWord(token: string | undefined, text: string): Parsed<boolean> {
+  if (token === 'private') return ok(true);
+  if (token === 'shared') return ok(false);
+  return bad(`'${text}': '${token ?? ''}' is not an access kind (private or shared)`);
+}
 
 /** What an operation may refer to. */
 export interface OpContext {
@@ -71,26 +99,61 @@ export function parseVcpuOp(text: string, actor: string, ctx: OpContext): Parsed
     return bad(`unknown operation '${verb}' (one of: ${Object.keys(VCPU_OPS).join(', ')})`);
   }
   const usage = VCPU_OPS[verb as keyof typeof VCPU_OPS];
-  const want = usage.split(' ').length - 1;
+  const words = usage.split(' ').slice(1);
+  // A trailing private|shared is the access's kind (a TDX guest's shared bit); map-gpa requires it.
+  const optionalKind = words.at(-1) === '[private|shared]';
+  const hasKind = verb === 'map-gpa' || (optionalKind && (t.at(-1) === 'private' || t.at(-1) === 'shared') && t.length - 1 === words.length);
+  const want = optionalKind ? words.length - (hasKind ? 0 : 1) : words.length;
   if (t.length - 1 !== want) return bad(`'${text}': ${verb} takes ${want} argument${want === 1 ? '' : 's'} (${usage})`);
+  let priv = false;
+  if (hasKind) {
+    const k = kindWord(t.at(-1), text);
+    if (!k.ok) return k;
+    priv = k.value;
+    if (!hasPrivateMemory(ctx.vm) && (priv || verb === 'map-gpa')) return bad(`'${text}': ${verb === 'map-gpa' ? 'KVM_HC_MAP_GPA_RANGE' : 'a private access'} needs private memory (a slot with flags [GUEST_MEMFD])`);
+  }
   const gfn = num(t[1], 'GFN', text);
   if (!gfn.ok) return gfn;
   switch (verb) {
-    case 'read': return ok({ kind: 'read', gfn: gfn.value });
+    case 'read': return ok({ kind: 'read', gfn: gfn.value, private: priv });
     case 'write': {
       const value = num(t[2], 'VALUE', text);
-      return value.ok ? ok({ kind: 'write', gfn: gfn.value, value: value.value, count: 1 }) : value;
+      return value.ok ? ok({ kind: 'write', gfn: gfn.value, value: value.value, count: 1, private: priv }) : value;
+    }
+    case 'map-gpa': {
+      const count = pageCount(t[2], text, ctx);
+      return count.ok ? ok({ kind: 'map-gpa', gfn: gfn.value, count: count.value, private: priv }) : count;
     }
     default: {
-      const count = num(t[2], 'COUNT', text);
+      const count = pageCount(t[2], text, ctx);
       if (!count.ok) return count;
-      if (count.value < 1) return bad(`'${text}': COUNT must be at least 1`);
-      const pages = ctx.vm.slots.reduce((n: number, x: MemslotConfig) => n + x.pages, 0);
-      if (count.value > pages) return bad(`'${text}': COUNT ${count.value} is more pages than the VM has (${pages})`);
       const value = num(t[3], 'VALUE', text);
-      return value.ok ? ok({ kind: 'write', gfn: gfn.value, value: value.value, count: count.value }) : value;
+      return value.ok ? ok({ kind: 'write', gfn: gfn.value, value: value.value, count: count.value, private: priv }) : value;
     }
   }
+}
+
+/** COUNT: at least 1, at most the VM's pages. */
+function pageCount(token: string | undefined, text: string, ctx: OpContext): Parsed<number> {
+  const count = num(token, 'COUNT', text);
+  if (!count.ok) return count;
+  if (count.value < 1) return bad(`'${text}': COUNT must be at least 1`);
+  const pages = ctx.vm.slots.reduce((n: number, x: MemslotConfig) => n + x.pages, 0);
+  if (count.value > pages) return bad(`'${text}': COUNT ${count.value} is more pages than the VM has (${pages})`);
+  return count;
+}
+
+/** GFN COUNT of pages inside one memslot with guest_memfd. */
+function gmemRange(args: string[], text: string, ctx: OpContext): Parsed<{ gfn: number; count: number }> {
+  const gfn = num(args[0], 'GFN', text);
+  if (!gfn.ok) return gfn;
+  const count = pageCount(args[1], text, ctx);
+  if (!count.ok) return count;
+  const s = ctx.vm.slots.find((x) => gfn.value >= x.baseGfn && gfn.value < x.baseGfn + x.pages);
+  if (s === undefined) return bad(`'${text}': GFN ${hex(gfn.value)} is in no memslot (${slotsText(ctx.vm.slots)})`);
+  if ((s.flags & KVM_MEM_GUEST_MEMFD) === 0) return bad(`'${text}': slot ${s.id} has no guest_memfd (flags [GUEST_MEMFD])`);
+  if (gfn.value + count.value > s.baseGfn + s.pages) return bad(`'${text}': ${hex(gfn.value)}+${count.value} runs past the end of slot ${s.id} (${hex(s.baseGfn + s.pages - 1)})`);
+  return ok({ gfn: gfn.value, count: count.value });
 }
 
 export function parseHostOp(text: string, ctx: OpContext): Parsed<HostOp> {
@@ -110,6 +173,7 @@ export function parseHostOp(text: string, ctx: OpContext): Parsed<HostOp> {
   }
   const ring = ctx.vm.tracking.kind === 'ring';
   const needRing = (): Parsed<never> | null => ring ? null : bad(`'${text}': ${verb} needs the dirty ring (tracking: dirty-ring)`);
+  const needIommu = (): Parsed<never> | null => ctx.vm.iommu ? null : bad(`'${text}': ${verb} needs an assigned device (vm.iommu: type1 or iommufd)`);
   switch (kind) {
     case 'enable-logging':
     case 'disable-logging': {
@@ -174,6 +238,35 @@ export function parseHostOp(text: string, ctx: OpContext): Parsed<HostOp> {
       const v = vcpuRef(args[0]!, ctx, text);
       return v.ok ? ok({ kind, vcpu: v.value }) : v;
     }
+    case 'set-attributes':
+    case 'convert':
+    case 'punch-hole': {
+      const r = gmemRange(args, text, ctx);
+      if (!r.ok) return r;
+      if (kind === 'punch-hole') return ok({ kind, ...r.value });
+      const k = kindWord(args[2], text);
+      return k.ok ? ok({ kind, ...r.value, private: k.value }) : k;
+    }
+    case 'vfio-register': {
+      const r = needIommu();
+      if (r) return r;
+      const s = slotRef(args[0]!, ctx, text);
+      if (!s.ok) return s;
+      if ((ctx.vm.slots[s.value]!.flags & KVM_MEM_GUEST_MEMFD) === 0) return bad(`'${text}': slot ${args[0]} has no guest_memfd, so no RamDiscardManager to listen to`);
+      return ok({ kind, slot: s.value });
+    }
+    case 'dma':
+    case 'dma-read': {
+      const r = needIommu();
+      if (r) return r;
+      const iova = num(args[0], 'IOVA', text);
+      if (!iova.ok) return iova;
+      if (kind === 'dma-read') return ok({ kind, iova: iova.value });
+      const value = num(args[1], 'VALUE', text);
+      return value.ok ? ok({ kind, iova: iova.value, value: value.value }) : value;
+    }
+    case 'serve-exits':
+      return ok({ kind });
   }
 }
 
@@ -248,6 +341,10 @@ export function parseOpExpect(
       case 'logged': take(parseGfns(v), (x) => { e.logged = x; }); break;
       case 'dirty': take(parseGfns(v), (x) => { e.dirty = x; }); break;
       case 'harvested': take(parseHarvested(v, ctx), (x) => { e.harvested = x; }); break;
+      case 'faulted':
+        if (typeof v === 'boolean') e.faulted = v;
+        else fail(key, `expected true or false, got ${show(v)}`);
+        break;
     }
   }
   return e;

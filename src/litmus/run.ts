@@ -12,9 +12,15 @@ import { NoTracepoints, type PageDirtied } from '../host/tracepoints.ts';
 import { ExitHandler } from '../host/vmm/exit-handler.ts';
 import { OpKind } from '../host/guest-op.ts';
 import { KvmError } from '../util/errors.ts';
+import { PassthroughDma } from '../host/devices/passthrough-dma.ts';
+import { ConversionInjection } from '../host/vmm/conversion-bugs.ts';
+import { GuestMemfdRam } from '../host/vmm/kvm-convert-memory.ts';
+import { vfioContainer } from '../host/vmm/vfio-ram-discard-listener.ts';
+import { ConversionOracle, checkPrivateMemory, describePrivateMemoryFinding } from '../oracles/private-memory-oracle.ts';
+import { runAlone } from '../roles/role.ts';
 import { type Mismatch, checkFinal, checkOp } from './expectations.ts';
 import { HostRole } from './host-role.ts';
-import { HostOperations } from './host-operations.ts';
+import { type ConfidentialHost, HostOperations } from './host-operations.ts';
 import {
   type OpRecord, elide, gfnsText, guestOpCount, logEventText, newRecord, slotName,
 } from './observations.ts';
@@ -77,6 +83,8 @@ class LitmusRun {
   private readonly failures: string[] = [];
   private readonly log: string[] = [];
   private readonly hostOps: HostOperations;
+  /** A confidential VM's VMM side and the private memory oracle, or null. */
+  private readonly cvm: ConfidentialHost | null = null;
   private entry: InterleavingEntry | null = null;
 
   constructor(private readonly spec: LitmusSpec, extraBugs: readonly string[]) {
@@ -93,19 +101,52 @@ class LitmusRun {
       override writeFault(): void { if (run.stepping) run.stepping.faults++; }
       override pageDirtied(e: PageDirtied): void { run.stepping?.logs.push(e); run.stepEvents.push(logEventText(e)); }
     }());
+    if (this.vm.attributes !== null || this.vm.iommu !== null) this.cvm = this.confidentialHost(injected.conversion);
     this.vmm = new VmmControl(this.vm);
     // The file is the VMM: it says when exits are answered (reenter), so none is answered here on its own.
     this.exits = new ExitHandler(this.vmm);
-    const idleGfn = this.vm.memory.slots[0]!.baseGfn;
-    this.workloads = spec.vcpuOps.map(() => new ScriptWorkload(idleGfn));
+    const idleSlot = this.vm.memory.slots[0]!;
+    const attributes = this.vm.attributes;
+    this.workloads = spec.vcpuOps.map(() => new ScriptWorkload(idleSlot.baseGfn, () => attributes?.isPrivate(idleSlot, 0) ?? false));
     this.vcpus = this.workloads.map((w, i) => new Vcpu(this.vm, i, w));
     this.hostIndex = this.vcpus.length;
     this.driver = new DeterministicDriver([...this.vcpus, this.host], new ReplayScheduler(new Uint8Array(0)));
     this.roleNames = [...this.vcpus.map((v) => v.name), 'host'];
-    this.hostOps = new HostOperations(this.vm, this.vmm, this.exits, injected.harvestSkipEvery);
+    this.hostOps = new HostOperations(this.vm, this.vmm, this.exits, injected.harvestSkipEvery, this.cvm);
     this.records = [...spec.vcpuOps.map((ops) => ops.map(newRecord)), spec.hostOps.map(newRecord)];
     this.next = this.records.map(() => 0);
     this.active = this.records.map(() => null);
+  }
+
+  /**
+   * QEMU's side of a VM with private memory or an assigned device: each guest_memfd slot's
+   * RAM block starts private (kvm_set_phys_mem), the private memory oracle witnesses the
+   * RamDiscardManagers and the conversions from the start, and VFIO's container and the
+   * device wait for the file's vfio-register and dma operations.
+   */
+  private confidentialHost(bugs: ConversionInjection['bugs']): ConfidentialHost {
+    const vm = this.vm;
+    const injection = new ConversionInjection(bugs, vm.acts);
+    const oracle = new ConversionOracle(vm);
+    let ram: GuestMemfdRam | null = null;
+    if (vm.attributes !== null) {
+      ram = new GuestMemfdRam(vm, injection);
+      runAlone(ram.setupPrivate(), 'litmus: guest_memfd memory made private');
+      runAlone(oracle.attach(ram), 'litmus: the private memory oracle registers');
+    }
+    const container = vm.iommu === null ? null
+      : vfioContainer(vm.iommu, { injection, report: (d) => { this.hostOps.current?.notes.push(`QEMU reports: ${d}`); } });
+    return { ram, container, dma: vm.iommu === null ? null : new PassthroughDma(vm), oracle };
+  }
+
+  /** The oracle's findings since `before` (its count then), as trace text. */
+  private newFindings(before: number): string[] {
+    const o = this.cvm?.oracle;
+    if (o === undefined || o.count === before) return [];
+    const shown = o.findings.slice(Math.min(before, o.findings.length));
+    const out = shown.map((f) => `ORACLE: ${describePrivateMemoryFinding(f)}`);
+    if (o.count - before > shown.length) out.push(`ORACLE: ${o.count - before - shown.length} more finding(s)`);
+    return out;
   }
 
   run(): LitmusOutcome {
@@ -144,11 +185,23 @@ class LitmusRun {
         }
       }
     }
-    const mismatches = checkFinal(this.spec.expect, { vm: this.vm, collected: this.hostOps.collected, copies: this.hostOps.copies });
+    const cvm = this.cvm;
+    if (cvm?.ram && !this.host.busy && this.vm.mmuInvalidate.inProgress() === 0) {
+      // No conversion under way: the rules that hold between conversions.
+      const before = cvm.oracle.count;
+      for (const f of checkPrivateMemory(this.vm, cvm.ram).findings) cvm.oracle.record(f);
+      for (const l of this.newFindings(before)) this.log.push(`at the end: ${l}`);
+    }
+    const findings = cvm === null ? [] : [...cvm.oracle.kinds];
+    if (this.spec.expect.findings === undefined && findings.length > 0) {
+      this.failures.push(`${this.spec.file}: the private memory oracle found: ${cvm!.oracle.findings.map(describePrivateMemoryFinding).join('; ')} (write expect.findings to expect them)`);
+    }
+    const mismatches = checkFinal(this.spec.expect, { vm: this.vm, collected: this.hostOps.collected, copies: this.hostOps.copies, ram: cvm?.ram ?? null, findings });
     for (const m of mismatches) this.failures.push(`${this.spec.file}: ${m.what}: expected ${m.expected}, actual: ${m.actual}`);
     const x = this.spec.expect;
     const checked = [x.pages && 'pages', x.collected && 'collected', x.copies && 'copies', x.staleCopies && 'stale_copies',
-      x.sptes && 'sptes', x.lostHostWrites !== undefined && 'lost_host_writes', x.flushes !== undefined && 'flushes'].filter(Boolean);
+      x.sptes && 'sptes', x.lostHostWrites !== undefined && 'lost_host_writes', x.flushes !== undefined && 'flushes',
+      x.attributes && 'attributes', x.rdm && 'rdm', x.iommu && 'iommu', x.privatePages && 'private_pages', x.findings && 'findings'].filter(Boolean);
     if (checked.length > 0) {
       this.log.push(`final: collected ${gfnsText([...this.hostOps.collected].sort((a, b) => a - b))}; checked ${checked.join(', ')}: ${mismatches.length === 0 ? 'as expected' : `${mismatches.length} mismatch${mismatches.length === 1 ? '' : 'es'}`}`);
     }
@@ -310,6 +363,7 @@ class LitmusRun {
     };
     this.stepping = r;
     this.stepEvents = [];
+    const found = this.cvm?.oracle.count ?? 0;
     let s: Step;
     try {
       s = this.driver.stepRole(v);
@@ -334,8 +388,16 @@ class LitmusRun {
     const fetched = !before.pending;
     const idle = fetched && wl.lastIdle;
     const g = vcpu.op.gfn;
-    if (exited && reason !== KVM_EXIT_MMIO) {
-      parts.push(`exits with ${EXIT_REASON_NAMES[reason] ?? reason}${vcpu.opPending ? ` before its write to ${hex(g)} retires` : ''}`);
+    const priv = vcpu.op.private === true;
+    const kind = this.vm.attributes === null ? '' : priv ? 'private ' : 'shared ';
+    /** What a read sees: guest_memfd for a private access, else the shared memory. */
+    const readValue = (): number => (priv ? vcpu.slot!.gmem! : vcpu.slot!).readU64(vcpu.page);
+    const retiredNow = vcpu.retired > before.retired;
+    if (vcpu.op.kind === OpKind.MAP_GPA_RANGE) {
+      parts.push(exited ? `KVM_HC_MAP_GPA_RANGE ${hex(g)}+${vcpu.op.value} to ${priv ? 'private' : 'shared'}: exits with ${EXIT_REASON_NAMES[reason] ?? reason}`
+        : retiredNow ? `KVM_HC_MAP_GPA_RANGE ${hex(g)}+${vcpu.op.value} retires, RAX = ${vcpu.ctx.hypercallRet ?? 0}` : 'hypercall');
+    } else if (exited && reason !== KVM_EXIT_MMIO) {
+      parts.push(`exits with ${EXIT_REASON_NAMES[reason] ?? reason}${vcpu.opPending ? ` before its ${kind}${vcpu.op.kind === OpKind.READ ? 'read of' : 'write to'} ${hex(g)} retires` : ''}`);
     } else if (stopped) {
       parts.push('stops (outside guest mode)');
     } else {
@@ -344,24 +406,27 @@ class LitmusRun {
       switch (phase) {
         case Phase.TRANSLATE:
           if (idle) parts.push('idle');
-          else if (vcpu.op.kind === OpKind.READ) parts.push(exited ? `read ${hex(g)}: no memslot${mmio}` : `reads ${hex(g)} = ${vcpu.slot!.readU64(vcpu.page)}, retires`);
-          else parts.push(exited ? `write ${hex(g)}: no memslot${mmio}` : `write ${hex(g)} = ${vcpu.op.value}: TLB ${vcpu.phase === Phase.STORE ? 'hit' : 'miss'}`);
+          else if (vcpu.op.kind === OpKind.READ) parts.push(exited ? `read ${hex(g)}: no memslot${mmio}` : `${kind}reads ${hex(g)} = ${readValue()}, retires`);
+          else parts.push(exited ? `write ${hex(g)}: no memslot${mmio}` : `${kind}write ${hex(g)} = ${vcpu.op.value}: TLB ${vcpu.phase === Phase.STORE ? 'hit' : 'miss'}`);
           break;
         case Phase.WALK:
           parts.push(exited ? `walk ${hex(g)}: read-only memslot${mmio}` : `walk ${hex(g)}: SPTE ${vcpu.phase === Phase.STORE ? 'writable, TLB filled' : 'write-protected'}`);
           break;
         case Phase.FAULT:
-          parts.push(`write-protect fault on ${hex(g)}: SPTE made writable`);
+          parts.push(this.vm.attributes === null ? `write-protect fault on ${hex(g)}: SPTE made writable`
+            : vcpu.phase === Phase.FAULT ? `${kind}fault on ${hex(g)}: mmu_lock is held, it faults again`
+              : `${kind}fault on ${hex(g)}: SPTE installed (or, an MMU invalidation under way, the access retries)`);
           break;
         case Phase.STORE:
-          parts.push(`stores ${hex(g)} = ${vcpu.op.value}, retires`);
+          parts.push(`${kind}stores ${hex(g)} = ${vcpu.op.value}, retires`);
+          if (retiredNow) this.cvm?.oracle.storeRetired(v, g, priv);
           break;
       }
     }
-    parts.push(...this.stepEvents);
-    if (vcpu.retired > before.retired && !idle && r !== null) {
+    parts.push(...this.stepEvents, ...this.newFindings(found));
+    if (retiredNow && !idle && r !== null) {
       r.retired++;
-      if (r.op.op.kind === 'read') r.value = vcpu.slot!.readU64(vcpu.page);
+      if (r.op.op.kind === 'read') r.value = readValue();
     }
     if (exited && r !== null) {
       r.exits.push({ reason, retired: r.retired });
@@ -375,6 +440,7 @@ class LitmusRun {
   private stepHost(r: OpRecord): StepReport {
     const genBefore = Atomics.load(this.vm.global, GlobalWord.FLUSH_GEN);
     const notesBefore = r.notes.length;
+    const found = this.cvm?.oracle.count ?? 0;
     this.stepping = r;
     this.stepEvents = [];
     let s: Step;
@@ -383,7 +449,7 @@ class LitmusRun {
     } finally {
       this.stepping = null;
     }
-    const parts = [...r.notes.slice(notesBefore), ...this.stepEvents];
+    const parts = [...r.notes.slice(notesBefore), ...this.stepEvents, ...this.newFindings(found)];
     const gen = Atomics.load(this.vm.global, GlobalWord.FLUSH_GEN);
     if (gen !== genBefore) parts.push(`starts TLB flush ${gen}`);
     if (s === Step.DONE) {

@@ -69,7 +69,21 @@ export const FinalExpectSchema = strict({
   sptes: z.record(z.string(), z.enum(['writable', 'protected'])).optional(),
   lost_host_writes: count.optional(),
   flushes: count.optional(),
+  attributes: z.record(z.string(), z.enum(['private', 'shared'])).optional(),
+  rdm: z.record(z.string(), z.enum(['private', 'shared'])).optional(),
+  /** IOVA page -> the GFN mapped there, or `unmapped`. */
+  iommu: z.record(z.string(), numberOrText).optional(),
+  private_pages: z.record(z.string(), numberOrText).optional(),
+  findings: z.array(z.string()).optional(),
 });
+
+export const IOMMU_BACKENDS = ['type1', 'iommufd'] as const;
+
+/** The IOMMU a device is assigned through: a backend, or a backend with type1's dma_entry_limit. */
+export const IommuSchema = z.union([
+  z.enum(IOMMU_BACKENDS),
+  strict({ backend: z.enum(IOMMU_BACKENDS), dma_entry_limit: z.int().min(1).optional() }),
+]);
 
 export const LitmusFileSchema = strict({
   name: z.string().min(1),
@@ -80,6 +94,8 @@ export const LitmusFileSchema = strict({
     memory: numberOrText.optional(),
     slots: z.array(SlotSchema).min(1).optional(),
     vcpus: z.int().min(1).max(64).optional(),
+    /** An IOMMU with one assigned device (VFIO maps through it; IOVA = GPA). */
+    iommu: IommuSchema.optional(),
   }),
   tracking: TrackingSchema,
   actors: z.record(z.string(), z.array(OpEntrySchema)),

@@ -3,7 +3,7 @@ import type { VcpuOp } from './spec.ts';
 
 /**
  * A vCPU's litmus script as a Workload. The runner arms one scripted operation at a time;
- * next() hands out its guest operations (one for write/read, COUNT for write-pages).
+ * next() hands out its guest operations (one for write/read/map-gpa, COUNT for write-pages).
  * When nothing is armed the vCPU is idle: it is in guest mode running code that touches
  * no tracked state, modelled as a read of `idleGfn` (reads retire at once and change
  * nothing), so that a step taken only to acknowledge a TLB flush does exactly that.
@@ -14,7 +14,8 @@ export class ScriptWorkload implements Workload {
   /** Whether the last operation handed out was an idle one. */
   lastIdle = false;
 
-  constructor(private readonly idleGfn: number) {}
+  /** `idlePrivate` says whether the idle page is private now, so that the idle read is of its kind and never exits. */
+  constructor(private readonly idleGfn: number, private readonly idlePrivate: () => boolean = () => false) {}
 
   arm(op: VcpuOp): void {
     this.armed = op;
@@ -29,10 +30,13 @@ export class ScriptWorkload implements Workload {
 
   next(op: GuestOp): void {
     const a = this.armed;
+    op.offset = 0;
     if (a !== null && this.fetched < (a.kind === 'write' ? a.count : 1)) {
-      op.kind = a.kind === 'write' ? OpKind.WRITE64 : OpKind.READ;
+      op.kind = a.kind === 'write' ? OpKind.WRITE64 : a.kind === 'map-gpa' ? OpKind.MAP_GPA_RANGE : OpKind.READ;
       op.gfn = a.gfn + (a.kind === 'write' ? this.fetched : 0);
-      op.value = a.kind === 'write' ? a.value : 0;
+      // KVM_HC_MAP_GPA_RANGE: a1 is the page count (the 4 KiB page-size hint, 0, in a2).
+      op.value = a.kind === 'write' ? a.value : a.kind === 'map-gpa' ? a.count : 0;
+      op.private = a.private;
       this.fetched++;
       this.lastIdle = false;
       return;
@@ -40,6 +44,7 @@ export class ScriptWorkload implements Workload {
     op.kind = OpKind.READ;
     op.gfn = this.idleGfn;
     op.value = 0;
+    op.private = this.idlePrivate();
     this.lastIdle = true;
   }
 }

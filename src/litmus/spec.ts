@@ -40,10 +40,16 @@ export interface LitmusOp<T extends VcpuOp | HostOp = VcpuOp | HostOp> {
 
 /** Guest operations a vCPU runs (through its Workload). */
 export type VcpuOp =
-  /** `write GFN VALUE` (count 1) and `write-pages GFN COUNT VALUE`: VALUE into the first 8 bytes of COUNT consecutive pages. */
-  | { kind: 'write'; gfn: number; value: number; count: number }
-  /** `read GFN`: the page's first 8 bytes. */
-  | { kind: 'read'; gfn: number };
+  /**
+   * `write GFN VALUE` (count 1) and `write-pages GFN COUNT VALUE`: VALUE into the first 8
+   * bytes of COUNT consecutive pages; `private` (a trailing word) for a confidential guest's
+   * private access, else shared.
+   */
+  | { kind: 'write'; gfn: number; value: number; count: number; private: boolean }
+  /** `read GFN [private|shared]`: the page's first 8 bytes. */
+  | { kind: 'read'; gfn: number; private: boolean }
+  /** `map-gpa GFN COUNT private|shared`: KVM_HC_MAP_GPA_RANGE (an exit to the VMM, which converts). */
+  | { kind: 'map-gpa'; gfn: number; count: number; private: boolean };
 
 /** The VMM/KVM side. `slot` is an index into `vm.slots`. */
 export type HostOp =
@@ -58,7 +64,20 @@ export type HostOp =
   | { kind: 'forge-entry'; vcpu: number; index: number; slotField: number; offset: number; flags: number }
   | { kind: 'reenter'; vcpu: number }
   | { kind: 'stop'; vcpu: number }
-  | { kind: 'release'; vcpu: number };
+  | { kind: 'release'; vcpu: number }
+  /** KVM_SET_MEMORY_ATTRIBUTES alone (no VMM bookkeeping), each step interleavable. */
+  | { kind: 'set-attributes'; gfn: number; count: number; private: boolean }
+  /** QEMU's kvm_convert_memory: attributes, RamDiscardManager listeners, discard of the unused backing. */
+  | { kind: 'convert'; gfn: number; count: number; private: boolean }
+  /** fallocate(PUNCH_HOLE | KEEP_SIZE) on the guest_memfd of the pages' slot. */
+  | { kind: 'punch-hole'; gfn: number; count: number }
+  /** vfio_ram_discard_register_listener for a slot's RAM block (the replay maps what is shared). */
+  | { kind: 'vfio-register'; slot: number }
+  /** The assigned device's DMA write (or read) at an IOVA page (VFIO maps IOVA = GPA). */
+  | { kind: 'dma'; iova: number; value: number }
+  | { kind: 'dma-read'; iova: number }
+  /** kvm_cpu_exec answering KVM_EXIT_MEMORY_FAULT and KVM_EXIT_HYPERCALL: convert, then re-enter. */
+  | { kind: 'serve-exits' };
 
 /** A dirty ring entry as an expectation: a page of a slot, or a raw slot field and offset. */
 export type EntryMatcher =
@@ -82,8 +101,10 @@ export interface OpExpect {
   logged?: GfnsMatcher;
   /** Host writes that could not be logged (no running vCPU, no backup bitmap). */
   lost?: number;
-  /** read / copy: the value seen. */
+  /** read / copy / dma-read: the value seen. */
   value?: number;
+  /** dma / dma-read: the IOMMU faulted (nothing mapped the IOVA). */
+  faulted?: boolean;
   harvested?: number | EntryMatcher[];
   reset?: number;
   /** get-log: the pages set in the returned bitmap, ascending. */
@@ -125,4 +146,14 @@ export interface FinalExpect {
   lostHostWrites?: number;
   /** Remote TLB flushes performed. */
   flushes?: number;
+  /** KVM's memory attribute of each page. */
+  attributes?: { gfn: number; private: boolean }[];
+  /** The RamDiscardManager's bit of each page (populated = shared). */
+  rdm?: { gfn: number; shared: boolean }[];
+  /** The IOMMU at each IOVA page: the GFN mapped there, or null for nothing. */
+  iommu?: { iova: number; gfn: number | null }[];
+  /** guest_memfd's contents (the private page's first 8 bytes). */
+  privatePages?: { gfn: number; value: number }[];
+  /** The private memory oracle's finding kinds over the run, sorted (`[]`: none). */
+  findings?: string[];
 }

@@ -1,5 +1,5 @@
 import {
-  EINVAL, ENOENT, ENOSPC, ENXIO, EXIT_REASON_NAMES, KVM_DIRTY_GFN_F_DIRTY, KVM_DIRTY_GFN_F_RESET,
+  EEXIST, EFAULT, EINVAL, ENOENT, ENOSPC, ENXIO, EOPNOTSUPP, EXIT_REASON_NAMES, KVM_DIRTY_GFN_F_DIRTY, KVM_DIRTY_GFN_F_RESET,
 } from '../host/constants.ts';
 import { hex } from '../util/hex.ts';
 
@@ -56,7 +56,7 @@ export function parseGfns(v: unknown): Parsed<number | number[]> {
   return parseGfnList(v);
 }
 
-export const ERRNO: Record<string, number> = { ENOENT, ENXIO, EINVAL, ENOSPC };
+export const ERRNO: Record<string, number> = { ENOENT, ENXIO, EINVAL, ENOSPC, EEXIST, EFAULT, EOPNOTSUPP };
 
 export function parseErrno(v: unknown): Parsed<number> {
   if (v === 'none' || v === null || v === false) return ok(0);

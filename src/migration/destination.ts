@@ -1,4 +1,5 @@
-import { PAGE_SIZE } from '../host/constants.ts';
+import { KVM_MEMORY_ATTRIBUTE_PRIVATE, PAGE_SIZE } from '../host/constants.ts';
+import type { MemoryAttributes } from '../host/memory-attributes.ts';
 import type { GuestMemory } from '../host/guest-memory.ts';
 import { DEST_WORDS, DestState, DestWord } from './channel.ts';
 import { PAGE_NORMAL, type PageBatch, type StreamRecord, type StreamSlot, StreamDecoder, StreamError } from './stream.ts';
@@ -34,6 +35,9 @@ export class Destination {
     private readonly createMemory?: (slots: StreamSlot[]) => GuestMemory,
     private readonly fresh = false,
   ) {}
+
+  /** KVM's memory attributes of the destination VM, when its type has private memory (an attributes record needs them). */
+  attributes: MemoryAttributes | null = null;
 
   /** Fresh memory: pages this destination has written (the others are still zero). */
   private written: Uint8Array | null = null;
@@ -81,6 +85,8 @@ export class Destination {
       }
     } else if (r.t === 'sync') {
       this.stats.syncs++;
+    } else if (r.t === 'attributes') {
+      this.applyAttributes(r);
     } else if (r.t === 'complete') {
       if (r.normal !== this.stats.normal || r.zero !== this.stats.zero) {
         throw new StreamError(`completion record counts ${r.normal} normal and ${r.zero} zero pages, received ${this.stats.normal} and ${this.stats.zero}`);
@@ -88,6 +94,29 @@ export class Destination {
       Atomics.store(this.words, DestWord.STATE, DestState.COMPLETE);
       Atomics.notify(this.words, DestWord.STATE);
     }
+  }
+
+  /**
+   * A confidential guest's shared/private state of one slot, as the destination's VMM
+   * converts its memory before the guest runs: each private page gets the PRIVATE
+   * attribute and its shared memory is discarded (zeros; QEMU's ram_block_discard_range),
+   * each shared page the attribute 0; the destination's RamBlockAttributes (when its slot
+   * has one) ends with the same bitmap.
+   */
+  private applyAttributes(r: Extract<StreamRecord, { t: 'attributes' }>): void {
+    const slot = this.memory!.slotByField(r.slot)!;
+    if (this.attributes === null || slot.gmem === null) {
+      throw new StreamError(`attributes for slot ${slot.id}: the destination's slot has no private memory (a VM type with private memory and KVM_MEM_GUEST_MEMFD)`);
+    }
+    for (let page = 0; page < slot.pages; page++) {
+      const shared = (r.shared[page >>> 5]! & (1 << (page & 31))) !== 0;
+      this.attributes.store({ slot, page, count: 1 }, shared ? 0 : KVM_MEMORY_ATTRIBUTE_PRIVATE);
+      if (!shared && (this.written === null || this.written[slot.firstPage + page] !== 0) && !slot.isZeroPage(page)) {
+        const off = slot.byteOffset(page);
+        slot.bytes(page).fill(0, off, off + PAGE_SIZE);
+      }
+    }
+    slot.rdmBitmap?.set(r.shared);
   }
 
   /**

@@ -4,6 +4,7 @@ import { Acted } from '../host/injections.ts';
 import type { Memslot } from '../host/memslot.ts';
 import { COPY_COMPLETION } from '../host/tracepoints.ts';
 import type { Vm } from '../host/vm.ts';
+import { GlobalWord } from '../host/layout.ts';
 import { DirtyLog } from '../host/vmm/dirty-log.ts';
 import type { SourceTally } from '../host/vmm/dirty-source.ts';
 import { ExitHandler } from '../host/vmm/exit-handler.ts';
@@ -16,7 +17,7 @@ import { DestState, DestWord, type MigrationChannel } from './channel.ts';
 import { type ConvergencePolicy, NO_THROTTLE, POLICY, type Throttle, expectedDowntime, notConverged } from './convergence.ts';
 import type { CompletionStats } from './downtime.ts';
 import { type MigrationEvent, type MigrationInfo, MigrationStats, type PassStats } from './migration-stats.ts';
-import { type PageSource, checksumUpdate, encodeComplete, encodeHeader, encodePages, encodeSync } from './stream.ts';
+import { type PageSource, checksumUpdate, encodeAttributes, encodeComplete, encodeHeader, encodePages, encodeSync } from './stream.ts';
 
 export { type ConvergencePolicy, DEFAULT_VCPU_DIRTY_LIMIT } from './convergence.ts';
 export type { MigrationEvent, MigrationInfo, PassStats } from './migration-stats.ts';
@@ -56,6 +57,8 @@ export interface MigrationBugs {
   ringFullExitUnhandled?: boolean;
   /** harvest-skips-entry: the ring harvest drops every Nth entry (0: never). */
   harvestSkipEvery?: number;
+  /** migrate-private-pages: discarded (private) pages are read and sent like any other (QEMU's 2024 bug). */
+  migratePrivatePages?: boolean;
 }
 
 /**
@@ -128,10 +131,26 @@ export function* precopy(
   function* syncLog(final: boolean, tally?: SourceTally): Steps<number> {
     const before = dirty.count();
     yield* log.sync(dirty, final, tally);
+    if (!bugs.migratePrivatePages) clearDiscarded();
     chunkCleared.fill(0);
     const found = dirty.count() - before;
     foundTotal += found;
     return found;
+  }
+
+  /**
+   * ramblock_dirty_bitmap_clear_discarded_pages after each sync: a guest_memfd slot's
+   * private pages (discarded in the RamDiscardManager) leave the bitmap, so they are
+   * neither counted as remaining nor visited (sendDirty checks each page again: a
+   * conversion may discard one after this).
+   */
+  function clearDiscarded(): void {
+    for (const slot of mem.slots) {
+      const rdm = slot.rdmBitmap;
+      if (rdm === null) continue;
+      const at = slot.firstPage >>> 5; // a multiple of 64: the slot's words line up
+      for (let i = 0; i < rdm.length; i++) dirty.words[at + i]! &= rdm[i]!;
+    }
   }
 
   /** Answers ring-full exits: QEMU reaps into the migration bitmap and re-enters. */
@@ -150,6 +169,8 @@ export function* precopy(
     let sentZero = 0;
     const batch: number[] = [];
     let batchSlot: Memslot | null = null;
+    /** Conversions finished when the batch's first page was checked (pagesOf). */
+    let doneAtCheck = 0;
     const flush = function* (): Steps {
       // Cancelled, or the destination failed: nothing more goes out (the pass ends at once).
       if (cancelled() || destinationFailed()) { batch.length = 0; return; }
@@ -159,7 +180,7 @@ export function* precopy(
       if (cancelled() || destinationFailed()) { batch.length = 0; return; }
       const s = batchSlot;
       vm.tracepoints.active?.copied(s, batch, copyStage);
-      const enc = encodePages(s.slotField, batch, pagesOf(s), inPlace);
+      const enc = encodePages(s.slotField, batch, pagesOf(s, vm.global, doneAtCheck), inPlace);
       send(enc.frame);
       limiter.charge(stats.sent(enc.normal, enc.zero));
       sentNormal += enc.normal; sentZero += enc.zero;
@@ -176,6 +197,12 @@ export function* precopy(
         const g = slot.firstPage + page;
         if ((g & 31) === 0 && dirty.words[g >>> 5] === 0) { page += 31; continue; } // a clean word: skip 32 pages
         if (!dirty.isDirty(g)) continue;
+        if (slot.rdmBitmap !== null && (slot.rdmBitmap[page >>> 5]! & (1 << (page & 31))) === 0) {
+          // ramblock_page_is_discarded: a private page's shared memory is discarded; even
+          // reading it might populate it again (migration/ram.c). Never read, never sent.
+          if (!bugs.migratePrivatePages) { dirty.words[g >>> 5]! &= ~(1 << (g & 31)); continue; }
+          vm.acts.acted(Acted.MIGRATE_PRIVATE_PAGES);
+        }
         if (manualChunks && !chunkCleared[g >>> 6]) {
           chunkCleared[g >>> 6] = 1;
           // QEMU clears each 64-page chunk just before sending it (log_clear), then copies.
@@ -183,6 +210,7 @@ export function* precopy(
           yield* log.beforeCopy(slot, page, dirty);
         }
         if (batchSlot !== slot || batch.length >= p.batchPages) { yield* flush(); batchSlot = slot; }
+        if (batch.length === 0) doneAtCheck = Atomics.load(vm.global, GlobalWord.CONVERSIONS_DONE);
         batch.push(page);
         dirty.words[g >>> 5]! &= ~(1 << (g & 31));
       }
@@ -209,7 +237,8 @@ export function* precopy(
   // Let the guest run first, so that memory is written and keeps being written.
   for (;;) {
     const ops = vmm.totalOps();
-    if (ops >= p.warmupOps) break;
+    // A VM stopped on an internal error makes no progress: it is migrated as it is, as QEMU migrates a stopped VM.
+    if (ops >= p.warmupOps || vmm.stoppedOnError()) break;
     yield* serviceRingFull();
     yield waitFor(WaitCode.GUEST_OPS, p.warmupOps, ops);
   }
@@ -301,6 +330,8 @@ export function* precopy(
   const pagesLeft = dirty.count();
   copyStage = COPY_COMPLETION;
   yield* sendDirty(false);
+  // A confidential guest's shared/private state, as the RamDiscardManager has it, once the VM is stopped.
+  for (const slot of mem.slots) if (slot.rdmBitmap !== null) send(encodeAttributes(slot.slotField, slot.rdmBitmap));
   send(encodeComplete(stats.normal, stats.zero, crc));
   const sentAt = clock.nowMs();
   yield undefined;
@@ -321,7 +352,25 @@ export function* precopy(
   end({ kind: 'completed', info: info('completed', doneAt - stoppingAt) });
 }
 
-/** A slot's guest memory as encodePages reads it. */
-function pagesOf(slot: Memslot): PageSource {
-  return { isZero: (page) => slot.isZeroPage(page), copy: (page, count, into, at) => slot.copyPages(page, count, into, at) };
+/**
+ * A slot's guest memory as encodePages reads it. A guest_memfd slot's reads are watched:
+ * one of a page the RamDiscardManager has discarded (private) is counted, as the kernel
+ * would fault it in again (the private memory oracle's probe, independent of the skip),
+ * unless a conversion was under way or began since `doneAtCheck` conversions had
+ * finished (when the migration thread checked the batch's pages): such a read races the
+ * conversion, and reading memory as it is discarded is harmless in this design.
+ */
+function pagesOf(slot: Memslot, g: Int32Array, doneAtCheck: number): PageSource {
+  const rdm = slot.rdmBitmap;
+  if (rdm === null) return { isZero: (page) => slot.isZeroPage(page), copy: (page, count, into, at) => slot.copyPages(page, count, into, at) };
+  return {
+    isZero: (page) => {
+      if ((rdm[page >>> 5]! & (1 << (page & 31))) === 0 && Atomics.load(g, GlobalWord.CONVERSIONS_STARTED) <= doneAtCheck) {
+        Atomics.add(g, GlobalWord.PRIVATE_TOUCHES, 1);
+        Atomics.compareExchange(g, GlobalWord.PRIVATE_TOUCH_FIRST_GFN, 0, slot.baseGfn + page + 1);
+      }
+      return slot.isZeroPage(page);
+    },
+    copy: (page, count, into, at) => slot.copyPages(page, count, into, at),
+  };
 }

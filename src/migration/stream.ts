@@ -4,7 +4,7 @@ import { PAGE_SIZE } from '../host/constants.ts';
 import { LIMITS } from '../util/limits.ts';
 
 /**
- * The migration stream, version 2 (docs/migration-stream.md). A sequence of frames:
+ * The migration stream, version 3 (docs/migration-stream.md). A sequence of frames:
  *
  *   u32 BE  frame length N (bytes after this word, at most MAX_FRAME)
  *   u32 BE  record length R
@@ -16,12 +16,17 @@ import { LIMITS } from '../util/limits.ts';
  * copies between SharedArrayBuffers are word copies only when both ends are aligned,
  * byte by byte otherwise (V8's relaxed memcpy), several times slower.
  *
- * Records: header (first, once), pages (batches), sync (end of a pass), complete (last).
+ * Records: header (first, once), pages (batches), sync (end of a pass), attributes (a
+ * confidential guest's shared/private state per guest_memfd slot, once, before the
+ * completion; new in version 3, which is what the version number says), complete (last).
+ * Version 2 streams (no attributes record) are read as well.
  * Page bytes go into the frame by one copy straight out of guest memory; msgpack carries
  * only the small record, so the payload is never copied again by the encoder.
  */
 export const STREAM_MAGIC = 'vmemlab-migration';
-export const STREAM_VERSION = 2;
+export const STREAM_VERSION = 3;
+/** Versions this vmemlab reads: 2 lacks only the attributes record. */
+export const READABLE_VERSIONS: readonly number[] = [2, 3];
 export const MAX_FRAME = 64 << 20;
 export const PAGE_NORMAL = 0;
 export const PAGE_ZERO = 1;
@@ -33,6 +38,11 @@ export type StreamRecord =
   /** `slot` is as_id << 16 | id; `offsets` are pages within the slot; `kinds` PAGE_NORMAL or PAGE_ZERO. */
   | { t: 'pages'; slot: number; offsets: Uint32Array; kinds: Uint8Array }
   | { t: 'sync'; pass: number }
+  /**
+   * The RamDiscardManager's bitmap of one guest_memfd slot: bit p (little-endian 32-bit
+   * words) set = page p is shared; clear = private (its shared memory discarded).
+   */
+  | { t: 'attributes'; slot: number; shared: Uint32Array }
   | { t: 'complete'; normal: number; zero: number; checksum: number };
 
 /** A decoded page batch: the record plus its payload (normal pages, PAGE_SIZE each). */
@@ -73,6 +83,10 @@ export function encodeHeader(slots: StreamSlot[]): Uint8Array {
 
 export function encodeSync(pass: number): Uint8Array {
   return frame({ t: 'sync', pass }, 0).buf;
+}
+
+export function encodeAttributes(slot: number, shared: Uint32Array): Uint8Array {
+  return frame({ t: 'attributes', slot, shared: new Uint8Array(shared.buffer.slice(shared.byteOffset, shared.byteOffset + shared.byteLength)) }, 0).buf;
 }
 
 export function encodeComplete(normal: number, zero: number, checksum: number): Uint8Array {
@@ -208,7 +222,7 @@ export class StreamDecoder {
     if (this.header === null) {
       if (rec['t'] !== 'header') throw new StreamError(`${where}: the stream must start with a header, got '${String(rec['t'])}'`);
       if (rec['magic'] !== STREAM_MAGIC) throw new StreamError(`${where}: not a vmemlab migration stream (magic ${JSON.stringify(rec['magic'])})`);
-      if (rec['version'] !== STREAM_VERSION) throw new StreamError(`${where}: stream version ${String(rec['version'])} is not supported (this vmemlab reads version ${STREAM_VERSION})`);
+      if (!READABLE_VERSIONS.includes(rec['version'] as number)) throw new StreamError(`${where}: stream version ${String(rec['version'])} is not supported (this vmemlab reads versions ${READABLE_VERSIONS.join(' and ')})`);
       if (rec['pageSize'] !== PAGE_SIZE) throw new StreamError(`${where}: page size ${String(rec['pageSize'])} is not ${PAGE_SIZE}`);
       if (!Array.isArray(rec['slots'])) throw new StreamError(`${where}: header has no slot list`);
       checkHeaderSlots(rec['slots'], `${where}: header`);
@@ -218,6 +232,7 @@ export class StreamDecoder {
     switch (rec['t']) {
       case 'pages': return this.decodePages(rec, payload, where);
       case 'sync': return { t: 'sync', pass: Number(rec['pass']) };
+      case 'attributes': return this.decodeAttributes(rec, where);
       case 'complete':
         if (Number(rec['checksum']) >>> 0 !== this.checksum >>> 0) {
           throw new StreamError(`${where}: checksum mismatch: the source sent ${Number(rec['checksum']) >>> 0}, the frames received give ${this.checksum >>> 0}`);
@@ -227,6 +242,21 @@ export class StreamDecoder {
       case 'header': throw new StreamError(`${where}: a second header`);
       default: throw new StreamError(`${where}: unknown record type '${String(rec['t'])}'`);
     }
+  }
+
+  private decodeAttributes(rec: Record<string, unknown>, where: string): StreamRecord {
+    if (this.header!.version < 3) throw new StreamError(`${where}: an attributes record in a version ${this.header!.version} stream (they came with version 3)`);
+    const slotField = Number(rec['slot']);
+    const slot = this.header!.slots.find((s) => ((s.asId << 16) | s.id) === slotField);
+    if (slot === undefined) throw new StreamError(`${where}: attributes for slot ${slotField >>> 16}:${slotField & 0xffff}, which the header does not have`);
+    const raw = rec['shared'];
+    const bytes = Math.ceil(slot.pages / 32) * 4;
+    if (!(raw instanceof Uint8Array) || raw.length !== bytes) {
+      throw new StreamError(`${where}: attributes for slot ${slot.id} must be ${bytes} bytes (one bit per page of ${slot.pages}), got ${raw instanceof Uint8Array ? raw.length : typeof raw}`);
+    }
+    const shared = new Uint32Array(bytes / 4);
+    new Uint8Array(shared.buffer).set(raw);
+    return { t: 'attributes', slot: slotField, shared };
   }
 
   private decodePages(rec: Record<string, unknown>, payload: Uint8Array, where: string): PageBatch {

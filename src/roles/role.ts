@@ -43,6 +43,10 @@ export const enum WaitCode {
   IOMMU_REPLY = 13,
   /** The IOMMU service waits for requests. */
   IOMMU_REQUEST = 14,
+  /** The VMM's conversion thread waits for a vCPU exit (GlobalWord.EXIT_DOORBELL). */
+  VCPU_EXITS = 15,
+  /** A device waits until the VMM has mapped its buffers (a confidential guest's shared bounce buffers). */
+  DMA_BUFFERS = 16,
 }
 
 export interface Wait {
@@ -95,5 +99,17 @@ export class GeneratorRole implements Role {
     if (r.value === undefined) { this.progress++; return Step.PROGRESS; }
     this.wait = r.value;
     return Step.BLOCKED;
+  }
+}
+
+/**
+ * Runs a procedure while no other actor runs (set-up before a VM starts): it must never
+ * wait, since nobody could end the wait.
+ */
+export function runAlone<T>(steps: Steps<T>, what: string): T {
+  for (;;) {
+    const r = steps.next();
+    if (r.done) return r.value;
+    if (r.value !== undefined) throw new Error(`${what} waited (code ${r.value.code}) before anything runs`);
   }
 }

@@ -42,6 +42,15 @@ const DMA: Partial<Settings> = { workload: 'hotset', memoryBytes: 16 * MiB, host
  * iteration (20000 writes), and the bitmap modes see thousands of pages per collection.
  */
 const DIRTY_LOG_TEST: Partial<Settings> = { memoryBytes: 16 * MiB, ringEntries: 256 };
+/**
+ * A confidential guest, two vCPUs converting their areas while a device DMAs into the
+ * shared bounce buffers; 4 MiB of guest memory (two 2 MiB + 4 KiB areas, then the bounce
+ * buffers) and small frames so conversions land between the copies.
+ */
+const CVM: Partial<Settings> = {
+  confidential: 'shared', workload: 'convert', memoryBytes: 8 * MiB, vcpus: 2, batchPages: 8, hostWriteEvery: 0,
+  devices: [device({ kind: 'dma-engine', identity: true, every: 8, buffers: 16, remapEvery: 0 })],
+};
 
 export const DEMOS: Record<BugName, Demo> = {
   'skip-tlb-shootdown': { migrate: SWEEP, dirtyLogTest: DIRTY_LOG_TEST },
@@ -63,6 +72,13 @@ export const DEMOS: Record<BugName, Demo> = {
   'stale-iotlb-after-unmap': { migrate: { ...DMA, devices: [device({ kind: 'dma-engine', every: 4, remapEvery: 4 })] } },
   'gpa-as-iova': { migrate: DMA },
   'read-pin-dirties': { migrate: DMA },
+  'convert-without-unmap': { migrate: CVM },
+  'discard-before-unmap': { migrate: CVM },
+  'map-before-shared': { migrate: CVM },
+  'attributes-before-zap': { migrate: CVM },
+  'rdm-bitmap-drift': { migrate: CVM },
+  'split-huge-mapping': { migrate: CVM },
+  'migrate-private-pages': { migrate: CVM },
 };
 
 export function demoOf(bug: BugName, kind: ScenarioKind): Partial<Settings> | undefined {

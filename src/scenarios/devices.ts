@@ -2,7 +2,7 @@ import { PAGE_SIZE } from '../host/constants.ts';
 import { type DeviceConfig, usesIommu } from '../host/devices/device-config.ts';
 import { type DeviceStats, deviceStats, dmaTrackingOf } from '../host/devices/device.ts';
 export type { DeviceStats };
-import { BufferPages, type IovaWindow, gfnEnd, iovaWindows } from '../host/devices/dma-buffers.ts';
+import { BufferPages, type GuestRange, type IovaWindow, gfnEnd, iovaWindows } from '../host/devices/dma-buffers.ts';
 import { VFIO_DMA_MAP_FLAG_READ, VFIO_DMA_MAP_FLAG_WRITE, VFIO_DEFAULT_DMA_ENTRY_LIMIT } from '../host/iommu/constants.ts';
 import { LockHolder } from '../host/iommu/domain-lock.ts';
 import type { IommuStats } from '../host/iommu/iommu.ts';
@@ -18,6 +18,12 @@ export interface DeviceSetup {
   /** Stop the run at the first device fault (otherwise count and go on; either way the run fails). */
   stopOnFault: boolean;
   devices: DeviceConfig[];
+  /**
+   * The part of a confidential guest's bounce buffers its devices use (set by the
+   * scenario): devices DMA only there, and nothing is mapped before the guest runs; VFIO's
+   * RAM discard listener maps shared memory as the VMM's conversion thread registers it.
+   */
+  sharedArea?: GuestRange;
 }
 
 export const NO_DEVICES: DeviceSetup = { backend: 'type1', dmaEntryLimit: VFIO_DEFAULT_DMA_ENTRY_LIMIT, stopOnFault: false, devices: [] };
@@ -57,6 +63,7 @@ export function attachDevices(vm: Vm, setup: DeviceSetup, seed: number): void {
   const rw = VFIO_DMA_MAP_FLAG_READ | VFIO_DMA_MAP_FLAG_WRITE;
   if (!iommu.lock.tryAcquire(LockHolder.VMM)) throw new Error('the IOMMU lock is taken before the VM runs');
   try {
+    if (setup.sharedArea !== undefined) return; // VFIO's RAM discard listener maps shared memory (kvm-cpu-exec.ts)
     if (onIommu.some((d) => d.identity)) {
       for (const s of vm.memory.slots) {
         const r = iommu.mapDma(s.baseGfn * PAGE_SIZE, s.pages * PAGE_SIZE, s.baseGfn * PAGE_SIZE, rw);

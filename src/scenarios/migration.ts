@@ -22,6 +22,9 @@ import type { IommuServiceEvent } from '../host/iommu/iommu-service.ts';
 import { type DestinationRun, resumeDestination } from './resume.ts';
 import { type Driver, type RunRolesOptions, runRoles } from './run-roles.ts';
 import type { Strategy } from '../drivers/strategy.ts';
+import type { KvmCpuExecEvent } from '../host/vmm/kvm-cpu-exec.ts';
+import type { Confidential } from './options.ts';
+import { CONFIDENTIAL_BLOCKER, type ConfidentialReport, bootConfidential, checkConfidentialMigration, confidentialVerdict, confidentialVmConfig, sharedAreaOf } from './confidential.ts';
 
 export interface MigrationScenario {
   tracking: TrackingMode;
@@ -40,6 +43,8 @@ export interface MigrationScenario {
   devices?: DeviceSetup;
   /** Each vCPU's dirty page rate limit from the start, pages per second (QEMU's set-vcpu-dirty-limit); 0 or unset for none. */
   dirtyLimit?: number;
+  /** A confidential guest (confidential.ts): its shared pages migrate, or a blocker refuses; default off. */
+  confidential?: Confidential;
 }
 
 export interface MigrationRunOptions {
@@ -92,6 +97,8 @@ export interface MigrationRunResult {
   dma?: DmaReport;
   /** How often each injected bug acted (a run where one never acted says so). */
   injections: InjectionReport[];
+  /** A confidential guest's migration: attributes, the private memory oracle, private memory read. */
+  confidential?: ConfidentialReport;
 }
 
 export function migrationVmConfig(s: MigrationScenario): VmConfig {
@@ -101,9 +108,20 @@ export function migrationVmConfig(s: MigrationScenario): VmConfig {
   const hostWrites = s.hostWriteEvery > 0 || devices.devices.some((d) => d.kind === 'gvt');
   const tracking = trackingFor(s.tracking, { ringEntries: s.ringEntries, hostWrites, noBackupBitmap: bugs.noBackupBitmap });
   const slots = slotLayout(s.memoryBytes, s.slots);
-  const config: VmConfig = { slots, vcpus: s.vcpus, tracking, pageHistory: s.pageHistory !== false };
+  const plain: VmConfig = { slots, vcpus: s.vcpus, tracking, pageHistory: s.pageHistory !== false };
+  const config = isConfidential(s) ? confidentialVmConfig(plain) : plain;
   const iommu = iommuConfigFor(devices, slots);
   return iommu ? { ...config, iommu } : config;
+}
+
+function isConfidential(s: MigrationScenario): boolean {
+  return s.confidential !== undefined && s.confidential !== 'off';
+}
+
+/** The scenario's devices; a confidential guest's use its shared bounce buffers. */
+function devicesOf(s: MigrationScenario): DeviceSetup {
+  const d = s.devices ?? NO_DEVICES;
+  return isConfidential(s) ? { ...d, sharedArea: sharedAreaOf(slotLayout(s.memoryBytes, s.slots), s.vcpus) } : d;
 }
 
 /** The roles of a migration, in the order runMigration starts them (a schedule names them by this index). */
@@ -111,13 +129,22 @@ export function roleNames(s: MigrationScenario): string[] {
   const devices = s.devices?.devices.length ?? 0;
   return [
     ...Array.from({ length: s.vcpus }, (_, i) => `vcpu${i}`), ...(s.hostWriteEvery > 0 ? ['host-writer'] : []),
-    ...Array.from({ length: devices }, (_, i) => `device${i}`), ...(devices > 0 ? ['iommu-service'] : []), 'migration', 'destination',
+    ...Array.from({ length: devices }, (_, i) => `device${i}`), ...(devices > 0 ? ['iommu-service'] : []), ...(isConfidential(s) ? ['vmm'] : []),
+    'migration', 'destination',
   ];
+}
+
+/** A migration refused at start by the confidential guest's blocker: nothing ran. */
+function blocked(): MigrationRunResult {
+  return {
+    status: 'failed', info: null, passes: [], reason: CONFIDENTIAL_BLOCKER, mismatches: [], mismatchCount: 0, pagesCompared: 0, errors: [], seconds: 0, injections: [],
+  };
 }
 
 /** Migrates a running, writing VM to an in-process destination and compares memory. */
 export async function runMigration(s: MigrationScenario, o: MigrationRunOptions): Promise<MigrationRunResult> {
   if (o.to && o.driver !== 'free') throw new UserError('--to tcp:... needs --driver free (the deterministic driver runs everything on one thread)');
+  if (s.confidential === 'blocker') return blocked();
   const config = migrationVmConfig(s);
   const source = createVmLayout(config);
   const target = createVmLayout({ ...config, pageHistory: false });
@@ -125,7 +152,8 @@ export async function runMigration(s: MigrationScenario, o: MigrationRunOptions)
   o.cancel?.addEventListener('abort', () => Atomics.store(new Int32Array(destWords), DestWord.CANCEL, 1), { once: true });
   const vm = vmFor(source, s.bugs);
   vm.populate();
-  const devices = s.devices ?? NO_DEVICES;
+  const devices = devicesOf(s);
+  if (devices.sharedArea) bootConfidential(vm, devices.sharedArea);
   attachDevices(vm, devices, s.seed);
   let driver: DeterministicDriver | null = null;
   if (o.driver === 'deterministic') vm.history?.useStepClock(() => driver?.stepCount ?? 0);
@@ -139,8 +167,14 @@ export async function runMigration(s: MigrationScenario, o: MigrationRunOptions)
   const result: MigrationRunResult = {
     status: 'passed', info: null, passes: [], reason: null, mismatches: [], mismatchCount: 0, pagesCompared: 0, errors: [], seconds: 0, injections: [],
   };
-  const onEvent = (e: MigrationEvent | IommuServiceEvent): void => {
+  /** What the private memory oracle found as the conversions ran (the VMM's thread reports it). */
+  const conversionFindings: string[] = [];
+  let conversionFindingCount = 0;
+  const onEvent = (e: MigrationEvent | IommuServiceEvent | KvmCpuExecEvent): void => {
     if (e.kind === 'iommu-error') { result.errors.push(`device ${e.device}: ${e.detail}`); return; }
+    if (e.kind === 'vm-stopped') { result.status = 'failed'; result.reason = `the VM stopped (internal error): vcpu${e.vcpu}: ${e.error}`; return; }
+    if (e.kind === 'vfio-register-failed') { result.status = 'failed'; result.reason = `VFIO could not register with slot ${e.slot}'s RamDiscardManager: ${e.error}`; return; }
+    if (e.kind === 'conversion-finding') { conversionFindings.push(e.finding); conversionFindingCount = e.count; return; }
     if (e.kind === 'pass') result.passes.push(e.stats);
     else { result.info = e.info; if (e.kind === 'failed') { result.status = 'failed'; result.reason = e.reason; } }
     o.onEvent?.(e);
@@ -150,6 +184,7 @@ export async function runMigration(s: MigrationScenario, o: MigrationRunOptions)
   if (s.hostWriteEvery > 0) specs.push({ kind: 'host-writer', every: s.hostWriteEvery, seed: s.seed });
   devices.devices.forEach((_, index) => specs.push({ kind: 'device', index, setup: devices, seed: s.seed }));
   if (vm.iommu) specs.push({ kind: 'iommu-service' });
+  if (isConfidential(s)) specs.push({ kind: 'vmm', bugs: s.bugs });
   const started = performance.now();
 
   const queue: Uint8Array[] = [];
@@ -162,7 +197,7 @@ export async function runMigration(s: MigrationScenario, o: MigrationRunOptions)
   if (!remote) specs.push({ kind: 'destination', layout: target, destWords, queue, ring });
   const run = await runRoles({
     driver: o.driver, specs, primary: 'migration', vm, layoutOf: (spec) => (spec.kind === 'destination' ? target : source),
-    bugs: s.bugs, seed: s.seed, onEvent: (e) => onEvent(e as MigrationEvent | IommuServiceEvent), watchdogMs: o.watchdogMs, burst: o.burst,
+    bugs: s.bugs, seed: s.seed, onEvent: (e) => onEvent(e as MigrationEvent | IommuServiceEvent | KvmCpuExecEvent), watchdogMs: o.watchdogMs, burst: o.burst,
     onTick: o.onTick, onDriver: (d) => { driver = d; }, strategy: o.strategy, fault: o.fault, heartbeat: o.heartbeat, replay: o.replay, replayThenStrategy: o.replayThenStrategy,
     onStep: o.onStep ? (n, role) => o.onStep!(n, role, vm) : undefined,
   });
@@ -211,6 +246,14 @@ export async function runMigration(s: MigrationScenario, o: MigrationRunOptions)
     result.mismatches = withHistory(cmp.mismatches, vm.memory, vm.history);
     result.mismatchCount = cmp.count;
     if (cmp.count > 0) result.status = 'failed';
+    if (isConfidential(s)) {
+      result.confidential = checkConfidentialMigration(vm, target, conversionFindings, conversionFindingCount);
+      const why = confidentialVerdict(result.confidential);
+      if (why !== null && result.status === 'passed') { result.status = 'failed'; result.reason = why; }
+      // Private memory is not migrated: the destination has the shared half and the attributes, not a guest to resume.
+      result.seconds = (performance.now() - started) / 1000;
+      return result;
+    }
   } else if (result.status === 'passed') {
     result.status = 'failed';
     result.errors.push('the migration thread ended without completing');

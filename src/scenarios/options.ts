@@ -23,6 +23,13 @@ import { LIMITS, type LimitName } from '../util/limits.ts';
 export type ScenarioKind = 'dirty-log-test' | 'migrate';
 export type Driver = 'free' | 'deterministic';
 export type OnDeviceFault = 'continue' | 'stop';
+/**
+ * A confidential guest (private memory in guest_memfd, converted at run time): `off`;
+ * `shared`, its shared pages migrate with the attributes; `blocker`, the migration is
+ * refused at start, as QEMU's SEV and TDX migration blockers do.
+ */
+export type Confidential = 'off' | 'shared' | 'blocker';
+export const CONFIDENTIAL: readonly Confidential[] = ['off', 'shared', 'blocker'];
 
 export const DRIVERS: readonly Driver[] = ['free', 'deterministic'];
 export const POLICIES: readonly ConvergencePolicy[] = ['fail', 'force', 'auto-converge', 'dirty-limit'];
@@ -71,6 +78,7 @@ export interface Settings {
   iommu: IommuBackendKind;
   dmaEntryLimit: number;
   onDeviceFault: OnDeviceFault;
+  confidential: Confidential;
 }
 export type SettingKey = keyof Settings;
 
@@ -410,6 +418,11 @@ export const OPTIONS = [
     help: 'continue (count device faults, the run fails at the end) or stop (the migration stops at the first)',
     parse: (r, w) => { const t = text(r); if (t !== 'continue' && t !== 'stop') throw new UserError(`${w}: '${t}' is not continue or stop`); return t; },
     format: (v) => v, defaults: same<OnDeviceFault>('continue'),
+  }),
+  def({
+    key: 'confidential', flag: '--confidential', arg: '<migration>', yaml: 'vm.confidential', kinds: MIGRATE,
+    help: 'a confidential guest (guest_memfd, workload convert): off; shared (its shared pages and the attributes migrate); blocker (the migration is refused, as QEMU\'s SEV blocker)',
+    parse: (r, w) => oneOf(r, w, CONFIDENTIAL, 'confidential mode', `one of: ${CONFIDENTIAL.join(', ')}`), format: (v) => v, defaults: same<Confidential>('off'),
   }),
 ] as const;
 

@@ -1,10 +1,11 @@
 import type { MigrationRunResult } from './migration.ts';
+import { confidentialVerdict } from './confidential.ts';
 import type { DirtyLogRunResult } from './run-dirty-log-test.ts';
 
 /** What went wrong in a run, in one word: what a hunt counts, shrinking preserves, and a scenario file may expect. */
 export type FailureKind =
   | 'lost-writes' | 'device-fault' | 'stale-iotlb' | 'sweep-broken' | 'guest-stalled' | 'not-converged' | 'migration-failed'
-  | 'lost-dirty-pages' | 'stuck' | 'crashed';
+  | 'lost-dirty-pages' | 'stuck' | 'crashed' | 'private-memory';
 
 export interface Failure {
   kind: FailureKind;
@@ -28,7 +29,7 @@ export interface Outcome {
 
 export const VERDICTS: readonly Outcome['verdict'][] = [
   'passed', 'lost-writes', 'device-fault', 'stale-iotlb', 'sweep-broken', 'guest-stalled', 'not-converged', 'migration-failed',
-  'lost-dirty-pages', 'stuck', 'crashed',
+  'lost-dirty-pages', 'stuck', 'crashed', 'private-memory',
 ];
 export const FACTS: readonly OutcomeFact[] = ['final-sync-surprise'];
 
@@ -37,6 +38,9 @@ export function failureOf(r: MigrationRunResult): Failure | null {
   if (r.status === 'passed') return null;
   if (r.status === 'stuck') return { kind: 'stuck', summary: r.errors[0]?.split('\n')[0] ?? 'no progress' };
   if (r.status === 'crashed') return { kind: 'crashed', summary: r.errors[0] ?? 'a worker crashed' };
+  // A confidential guest's private memory reached, read or left mapped: the cause of whatever else broke.
+  const priv = r.confidential ? confidentialVerdict(r.confidential) : null;
+  if (priv !== null) return { kind: 'private-memory', summary: priv };
   // The DMA oracle's findings first: a stale-IOTLB DMA or a device fault is the cause when pages are lost too.
   if (r.dma && r.dma.staleIotlb > 0) return { kind: 'stale-iotlb', summary: `${r.dma.staleIotlb} DMA(s) through stale IOTLB entries` };
   if (r.dma && r.dma.faults > 0) return { kind: 'device-fault', summary: `${r.dma.faults} device fault(s)` };

@@ -22,6 +22,10 @@ import { type MigrationEvent, type MigrationParams, precopy } from '../migration
 import { type DeviceSetup, deviceWindow } from './devices.ts';
 import { createDevice } from '../host/devices/devices.ts';
 import { type IommuServiceEvent, iommuService } from '../host/iommu/iommu-service.ts';
+import { type KvmCpuExecEvent, kvmCpuExec } from '../host/vmm/kvm-cpu-exec.ts';
+import { MemoryAttributes } from '../host/memory-attributes.ts';
+import { ConversionInjection } from '../host/vmm/conversion-bugs.ts';
+import { ConversionOracle } from '../oracles/private-memory-oracle.ts';
 
 /** A role described as plain data, so a worker thread can build it from its workerData. */
 export type RoleSpec =
@@ -36,7 +40,9 @@ export type RoleSpec =
   | { kind: 'destination-vmm'; opsPerVcpu: number }
   /** A device backend (src/host/devices); `setup` is the scenario's whole device list. */
   | { kind: 'device'; index: number; setup: DeviceSetup; seed: number }
-  | { kind: 'iommu-service' };
+  | { kind: 'iommu-service' }
+  /** A confidential guest's VMM: serves conversion exits (kvm-cpu-exec.ts), the private memory oracle watching. */
+  | { kind: 'vmm'; bugs: string[] };
 
 export function roleName(spec: RoleSpec): string {
   switch (spec.kind) {
@@ -48,6 +54,7 @@ export function roleName(spec: RoleSpec): string {
     case 'destination-vmm': return 'destination-vmm';
     case 'device': return `device${spec.index}`;
     case 'iommu-service': return 'iommu-service';
+    case 'vmm': return 'vmm';
   }
 }
 
@@ -83,7 +90,9 @@ export function buildRole(spec: RoleSpec, vm: Vm, report: (e: never) => void): R
     }
     case 'destination': {
       // The destination's memory is created for this migration (runMigration): fresh.
-      const dest = new Destination(new GuestMemory(spec.layout), new Int32Array(spec.destWords), undefined, true);
+      const memory = new GuestMemory(spec.layout);
+      const dest = new Destination(memory, new Int32Array(spec.destWords), undefined, true);
+      if (spec.layout.attributes !== null) dest.attributes = new MemoryAttributes(spec.layout.attributes, memory);
       return new DestinationRole(dest, spec.ring ? new RingSource(spec.ring) : new QueueSource(spec.queue!));
     }
     case 'destination-vmm':
@@ -91,9 +100,13 @@ export function buildRole(spec: RoleSpec, vm: Vm, report: (e: never) => void): R
     case 'device': {
       const config = spec.setup.devices[spec.index]!;
       const name = `device${spec.index}`;
-      return new GeneratorRole(name, createDevice(vm, spec.index, config, spec.seed, deviceWindow(spec.setup, spec.index, vm)).run());
+      return new GeneratorRole(name, createDevice(vm, spec.index, config, spec.seed, deviceWindow(spec.setup, spec.index, vm), spec.setup.sharedArea ?? null).run());
     }
     case 'iommu-service':
       return new GeneratorRole('iommu-service', iommuService(vm, report as (e: IommuServiceEvent) => void));
+    case 'vmm':
+      return new GeneratorRole('vmm', kvmCpuExec(vm, {
+        injection: new ConversionInjection(injectedBugs(spec.bugs).conversion, vm.acts), watch: new ConversionOracle(vm), report: report as (e: KvmCpuExecEvent) => void,
+      }));
   }
 }

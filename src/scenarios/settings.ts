@@ -5,7 +5,9 @@ import { DEFAULT_VCPU_DIRTY_LIMIT } from '../migration/precopy.ts';
 import { UserError } from '../util/errors.ts';
 import { LIMITS } from '../util/limits.ts';
 import { formatSize } from '../util/size.ts';
-import { checkDeviceSetup } from './devices.ts';
+import { type DeviceSetup, checkDeviceSetup } from './devices.ts';
+import { CONVERSION_AREA_PAGES } from '../guest/private-mem-conversions.ts';
+import { DEVICE_BUFFER_PAGES, SWIOTLB_PAGES } from '../guest/confidential-guest.ts';
 import { demoOf } from './demos.ts';
 import type { DirtyLogTestConfig } from './dirty-log-test.ts';
 import type { MigrationScenario } from './migration.ts';
@@ -134,6 +136,26 @@ export interface MigrationSetup {
   resumeOps?: number;
 }
 
+/**
+ * What a confidential guest needs: the convert workload, one memslot holding every
+ * vCPU's conversion area and the bounce buffers, and devices that reach guest memory at
+ * IOVA = GPA through VFIO's RAM discard listener (dma-engine with identity), so that they
+ * only ever reach shared memory.
+ */
+function checkConfidential(r: Resolved, devices: DeviceSetup): void {
+  const s = r.s;
+  if (s.workload !== 'convert') throw new UserError(`${r.where('workload')}: a confidential guest runs the convert workload (private_mem_conversions_test's guest), not ${s.workload}`);
+  if (s.slots !== 1) throw new UserError(`${r.where('slots')}: a confidential guest has one guest_memfd memslot here, not ${s.slots}`);
+  const need = s.vcpus * CONVERSION_AREA_PAGES + SWIOTLB_PAGES;
+  if (s.memoryBytes / PAGE_SIZE < need) {
+    throw new UserError(`${r.where('memoryBytes')}: ${formatSize(s.memoryBytes)} is too small for a confidential guest with ${s.vcpus} vCPUs: each converts its own ${CONVERSION_AREA_PAGES} pages (2 MiB + 4 KiB) and ${SWIOTLB_PAGES} pages of bounce buffers follow (${formatSize(need * PAGE_SIZE)} in all)`);
+  }
+  devices.devices.forEach((d, i) => {
+    if (d.kind !== 'dma-engine' || !d.identity) throw new UserError(`${r.where('devices')}: device ${i} (${d.kind}${d.identity ? ', identity' : ''}): a confidential guest's device is a dma-engine with identity (VFIO maps shared memory at IOVA = GPA as it becomes shared)`);
+    if (d.buffers > DEVICE_BUFFER_PAGES) throw new UserError(`${r.where('devices')}: device ${i} has ${d.buffers} buffers; a confidential guest's devices use ${DEVICE_BUFFER_PAGES} pages of its bounce buffers`);
+  });
+}
+
 /** A migration's scenario from resolved settings (cross-setting checks included). */
 export function buildMigration(r: Resolved): MigrationSetup {
   const s = r.s;
@@ -157,6 +179,7 @@ export function buildMigration(r: Resolved): MigrationSetup {
     hostWriteEvery: s.hostWriteEvery,
     pageHistory: s.pageHistory,
     devices,
+    confidential: s.confidential,
     params: {
       bandwidth: s.bandwidth,
       downtimeLimitMs: s.downtimeLimitMs,
@@ -168,6 +191,8 @@ export function buildMigration(r: Resolved): MigrationSetup {
       warmupOps: s.warmup ?? (s.driver === 'deterministic' ? Math.min(pages * 2, 20000) : pages),
     },
   };
+  if (s.confidential !== 'off') checkConfidential(r, devices);
+  else if (s.workload === 'convert') throw new UserError(`${r.where('workload')}: convert is a confidential guest's workload; it needs ${r.where('confidential')} shared or blocker`);
   for (const b of bugs) {
     const kinds = b.devices ?? [];
     if (kinds.length > 0 && !devices.devices.some((d) => kinds.includes(d.kind))) {
@@ -175,13 +200,15 @@ export function buildMigration(r: Resolved): MigrationSetup {
     }
   }
   let to: { host: string; port: number } | undefined;
+  if (s.to !== undefined && s.confidential !== 'off') throw new UserError(`${r.where('to')}: a confidential guest migrates to an in-process destination only (a destination process has no private memory to convert)`);
   if (s.to !== undefined) {
     if (!s.to.startsWith('tcp:')) throw new UserError(`${r.where('to')}: '${s.to}' is not tcp:HOST:PORT`);
     to = parseEndpoint(r.where('to'), s.to.slice(4), s.allowRemote);
   }
   if (to && s.driver !== 'free') throw new UserError(`${r.where('to')}: a TCP destination needs --driver free (the deterministic driver runs on one thread)`);
   if (to && s.resumeOps !== undefined) throw new UserError(`${r.where('resumeOps')}: a destination process resumes the guest itself (vmemlab destination --resume)`);
-  const resumeOps = to ? undefined : s.resumeOps ?? defaultResumeOps(pages, scenario.vcpus);
+  if (s.confidential !== 'off' && s.resumeOps !== undefined) throw new UserError(`${r.where('resumeOps')}: the destination does not resume a confidential guest (its private memory is not migrated)`);
+  const resumeOps = to || s.confidential !== 'off' ? undefined : s.resumeOps ?? defaultResumeOps(pages, scenario.vcpus);
   return { scenario, driver: s.driver, to, resumeOps, watchdogMs: s.watchdogMs, burst: s.burst };
 }
 

@@ -1,4 +1,3 @@
-import type { GuestMemory } from '../guest-memory.ts';
 import { Prng } from '../../util/prng.ts';
 import { type DeviceConfig, usesIommu } from './device-config.ts';
 
@@ -9,6 +8,9 @@ import { type DeviceConfig, usesIommu } from './device-config.ts';
  * more than the device has buffers: that page is never mapped (stray DMAs go there).
  */
 export interface IovaWindow { base: number; pages: number }
+
+/** Guest frames [baseGfn, baseGfn + pages). */
+export interface GuestRange { readonly baseGfn: number; readonly pages: number }
 
 export function iovaWindows(devices: readonly DeviceConfig[], gfnEnd: number): { windows: (IovaWindow | null)[]; iovaPages: number } {
   let next = Math.ceil(gfnEnd / 1024) * 1024 + 1024;
@@ -32,7 +34,8 @@ export class BufferPages {
   private cursor: number;
   private readonly gfns: number[];
 
-  constructor(private readonly config: DeviceConfig, device: number, seed: number, memory: GuestMemory) {
+  /** `memory`: the guest RAM buffers come from (all of it, or a confidential guest's shared bounce buffers). */
+  constructor(private readonly config: DeviceConfig, device: number, seed: number, memory: { readonly slots: readonly GuestRange[] }) {
     this.prng = new Prng(Prng.derive(seed, 4000 + device));
     // Every page of every slot, as gfns (the devices' view of RAM: GPAs).
     this.gfns = [];

@@ -6,7 +6,7 @@ import type { Iommu } from '../iommu/iommu.ts';
 import { DMA_ACTIVE, DMA_QUIESCED, DeviceWord, IommuWord, MailboxOp, MailboxWord, deviceBase } from '../iommu/iommu-layout.ts';
 import { type Steps, WaitCode, waitFor } from '../../roles/role.ts';
 import { DmaRecordKind } from '../iommu/dma-records.ts';
-import { BufferPages, type IovaWindow } from './dma-buffers.ts';
+import { BufferPages, type GuestRange, type IovaWindow } from './dma-buffers.ts';
 import { DEVICE_WRITER_BASE, type DeviceConfig } from './device-config.ts';
 import { type Device, type DeviceStats, deviceStats } from './device.ts';
 
@@ -37,13 +37,15 @@ export abstract class DmaDevice implements Device {
 
   constructor(
     readonly vm: Vm, readonly index: number, readonly config: DeviceConfig, seed: number, readonly window: IovaWindow,
+    /** A confidential guest's shared bounce buffers: buffers come from there, and DMA waits until the VMM mapped them. */
+    readonly sharedArea: GuestRange | null = null,
   ) {
     if (vm.iommu === null) throw new Error(`device ${index} (${config.kind}) needs an IOMMU`);
     this.iommu = vm.iommu;
     this.words = this.iommu.words;
     this.base = deviceBase(index);
     this.writer = DEVICE_WRITER_BASE + index;
-    this.pages = new BufferPages(config, index, seed, vm.memory);
+    this.pages = new BufferPages(config, index, seed, sharedArea !== null ? { slots: [sharedArea] } : vm.memory);
     this.buffers = this.pages.initial().map((gfn, index) => ({ index, iova: config.identity ? gfn : window.base + index, gfn, state: BufferState.MAPPED }));
   }
 
@@ -135,6 +137,12 @@ export abstract class DmaDevice implements Device {
     });
     Atomics.store(w, this.base + DeviceWord.MODE, DMA_ACTIVE);
     this.acknowledge();
+    // A confidential guest hands the device its bounce buffers once they are shared; VFIO
+    // maps them as it registers with the RamDiscardManager (the VMM's thread, running now).
+    while (this.sharedArea !== null && !this.buffers.every((b) => this.iommu.table.gfn(b.iova) === b.gfn)) {
+      yield* actor.gate();
+      yield waitFor(WaitCode.DMA_BUFFERS, this.index);
+    }
     for (const b of this.buffers) yield* this.afterMap(b);
     let nextAt = c.every;
     for (;;) {

@@ -7,6 +7,7 @@ import type { DirtySource, DirtySourceStats, SourceTally } from './dirty-source.
 import { dmaDirtySourcesFor } from './dma-dirty-sources.ts';
 import { KvmBitmapSource, KvmClearLogSource } from './kvm-bitmap-source.ts';
 import { KvmRingSource } from './kvm-ring-source.ts';
+import { VmmDirtySource } from './vmm-dirty-source.ts';
 
 /** How userspace tracks dirty pages with KVM: legacy GET, GET + CLEAR (manual protect), or the dirty ring. */
 export type TrackingMode = 'dirty-log' | 'clear-log' | 'dirty-ring';
@@ -53,7 +54,7 @@ export class DirtyLog {
       ? new KvmRingSource(vm, { harvestSkipEvery: o.harvestSkipEvery, deferReset: o.deferRingReset })
       : t.manualProtect ? new KvmClearLogSource(vm, { perChunk: o.clearPerChunk, clearAfterCopy: o.clearAfterCopy }) : new KvmBitmapSource(vm);
     this.ring = kvm instanceof KvmRingSource ? kvm : null;
-    this.sources = [kvm, ...(vm.iommu ? dmaDirtySourcesFor(vm.iommu) : [])];
+    this.sources = [kvm, ...(VmmDirtySource.needed(vm) ? [new VmmDirtySource(vm)] : []), ...(vm.iommu ? dmaDirtySourcesFor(vm.iommu) : [])];
     this.counts = this.sources.map((s) => ({ source: s.name, syncs: 0, pagesReported: 0 }));
   }
 

@@ -4,6 +4,7 @@ import type { Memslot } from '../memslot.ts';
 import { SPTE_WRITABLE } from '../spte.ts';
 import type { Vm } from '../vm.ts';
 import { RamBlockAttributes } from './ram-block-attributes.ts';
+import { Acted, ConversionInjection } from './conversion-bugs.ts';
 import type { Steps } from '../../roles/role.ts';
 import { KvmError, errnoName } from '../../util/errors.ts';
 import { hex } from '../../util/hex.ts';
@@ -19,9 +20,22 @@ const OK: ConvertResult = Object.freeze({ ret: 0, error: '' });
  */
 export class GuestMemfdRam {
   private readonly rdms = new Map<Memslot, RamBlockAttributes>();
+  /** Who watches the conversions' discards (the private memory oracle), as a tracepoint would. */
+  private readonly observers: ConversionObserver[] = [];
 
-  constructor(readonly vm: Vm) {
-    for (const slot of vm.memory.slots) if (slot.gmem !== null) this.rdms.set(slot, new RamBlockAttributes(slot));
+  constructor(readonly vm: Vm, readonly injection: ConversionInjection = ConversionInjection.NONE) {
+    for (const slot of vm.memory.slots) if (slot.gmem !== null) this.rdms.set(slot, new RamBlockAttributes(slot, injection));
+  }
+
+  /** Adds an observer; returns the function that removes it. */
+  observe(o: ConversionObserver): () => void {
+    this.observers.push(o);
+    return () => { const i = this.observers.indexOf(o); if (i >= 0) this.observers.splice(i, 1); };
+  }
+
+  /** Tells every observer (no observer: nothing is done). */
+  notify(f: (o: ConversionObserver) => void): void {
+    for (const o of this.observers) f(o);
   }
 
   rdmOf(slot: Memslot): RamBlockAttributes | undefined {
@@ -40,6 +54,16 @@ export class GuestMemfdRam {
       yield* this.vm.setMemoryAttributes({ address: slot.baseGfn * PAGE_SIZE, size: slot.pages * PAGE_SIZE, attributes: KVM_MEMORY_ATTRIBUTE_PRIVATE, flags: 0 });
     }
   }
+}
+
+/** What a conversion shows an observer, at the points where the order matters. */
+export interface ConversionObserver {
+  /** kvm_convert_memory starts on pages [page, page + count) of `slot`. */
+  converting(slot: Memslot, page: number, count: number, toPrivate: boolean): void;
+  /** The shared memory of those pages was discarded (ram_block_discard_range returned). */
+  sharedDiscarded(slot: Memslot, page: number, count: number): void;
+  /** The guest_memfd pages were punched (fallocate PUNCH_HOLE returned). */
+  gmemPunched(slot: Memslot, page: number, count: number): void;
 }
 
 /**
@@ -81,20 +105,50 @@ export function* kvmConvertMemory(ram: GuestMemfdRam, start: number, size: numbe
   const page = start / PAGE_SIZE - slot.baseGfn;
   const pages = Math.min(size / PAGE_SIZE, slot.pages - page);
   const attributes = toPrivate ? KVM_MEMORY_ATTRIBUTE_PRIVATE : 0;
-  try {
-    yield* vm.setMemoryAttributes({ address: start, size: pages * PAGE_SIZE, attributes, flags: 0 });
-  } catch (e) {
-    if (!(e instanceof KvmError)) throw e;
-    return { ret: -e.errno, error: `failed to set memory (${hex(start)}+${hex(pages * PAGE_SIZE)}) with attr ${hex(attributes)} error '${errnoName(e.errno)}'` };
-  }
-  const changed = yield* rdm.stateChange(page * PAGE_SIZE, pages * PAGE_SIZE, toPrivate);
-  if (changed.ret !== 0) {
+  const bugs = ram.injection.bugs;
+  ram.notify((o) => o.converting(slot, page, pages, toPrivate));
+  const setAttributes = function* (): Steps<ConvertResult | null> {
+    try {
+      yield* vm.setMemoryAttributes({ address: start, size: pages * PAGE_SIZE, attributes, flags: 0 });
+    } catch (e) {
+      if (!(e instanceof KvmError)) throw e;
+      return { ret: -e.errno, error: `failed to set memory (${hex(start)}+${hex(pages * PAGE_SIZE)}) with attr ${hex(attributes)} error '${errnoName(e.errno)}'` };
+    }
+    return null;
+  };
+  const stateChange = function* (): Steps<ConvertResult | null> {
+    const changed = yield* rdm.stateChange(page * PAGE_SIZE, pages * PAGE_SIZE, toPrivate);
+    if (changed.ret === 0) return null;
     return { ret: changed.ret, error: `Failed to notify the listener the state change of (${hex(start)} + ${hex(size)}) to ${to}: ${changed.detail}` };
+  };
+  const discard = function* (): Steps {
+    if (toPrivate) {
+      yield* ramBlockDiscardRange(vm, slot, page, pages);
+      ram.notify((o) => o.sharedDiscarded(slot, page, pages));
+    } else {
+      yield* kvmGmemFallocate(vm, slot, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, page * PAGE_SIZE, pages * PAGE_SIZE);
+      ram.notify((o) => o.gmemPunched(slot, page, pages));
+    }
+  };
+  const listening = rdm.listeners.length > 0;
+  if (!toPrivate && bugs.mapBeforeShared) {
+    // map-before-shared: the listeners map the range while KVM still says private.
+    if (listening && !rdm.isPopulated(page * PAGE_SIZE, pages * PAGE_SIZE)) ram.injection.acted(Acted.MAP_BEFORE_SHARED);
+    const failed = (yield* stateChange()) ?? (yield* setAttributes());
+    if (failed !== null) return failed;
+    yield* discard();
+    return OK;
   }
-  if (toPrivate) {
-    yield* ramBlockDiscardRange(vm, slot, page, pages);
-  } else {
-    yield* kvmGmemFallocate(vm, slot, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, page * PAGE_SIZE, pages * PAGE_SIZE);
+  const failed = yield* setAttributes();
+  if (failed !== null) return failed;
+  if (toPrivate && bugs.discardBeforeUnmap) {
+    // discard-before-unmap: the shared memory goes while VFIO still maps it; a DMA meanwhile writes freed memory.
+    if (listening && !rdm.isDiscarded(page * PAGE_SIZE, pages * PAGE_SIZE)) ram.injection.acted(Acted.DISCARD_BEFORE_UNMAP);
+    yield* discard();
+    return (yield* stateChange()) ?? OK;
   }
+  const changed = yield* stateChange();
+  if (changed !== null) return changed;
+  yield* discard();
   return OK;
 }

@@ -1,5 +1,6 @@
 import { EINVAL, PAGE_SIZE } from '../constants.ts';
 import { PageBitmap } from '../dirty-bitmap.ts';
+import { Acted, ConversionInjection } from './conversion-bugs.ts';
 import type { Steps } from '../../roles/role.ts';
 import { errnoName } from '../../util/errors.ts';
 import { hex } from '../../util/hex.ts';
@@ -77,7 +78,7 @@ export class RamBlockAttributes {
   /** rdl_list, newest first, each with its registered section (rdl->section). */
   private readonly rdlList: { rdl: RamDiscardListener; section: RamSection }[] = [];
 
-  constructor(readonly block: RamBlock) {
+  constructor(readonly block: RamBlock, readonly injection: ConversionInjection = ConversionInjection.NONE) {
     this.blocks = block.pages;
     this.size = block.pages * RamBlockAttributes.BLOCK_SIZE;
     this.bitmap = new PageBitmap(this.blocks, block.rdmBitmap ?? undefined);
@@ -99,6 +100,15 @@ export class RamBlockAttributes {
     const first = Math.floor(offset / bs);
     const last = first + Math.floor(size / bs) - 1;
     return this.findNext(first, last + 1, false) > last;
+  }
+
+  /** Every block of the range is discarded (private): nothing in it is populated. */
+  isDiscarded(offset: number, size: number): boolean {
+    this.checkInside(offset, size, 'isDiscarded');
+    const bs = RamBlockAttributes.BLOCK_SIZE;
+    const first = Math.floor(offset / bs);
+    const last = first + Math.floor(size / bs) - 1;
+    return this.findNext(first, last + 1, true) > last;
   }
 
   /** Blocks populated (shared) now. */
@@ -132,7 +142,9 @@ export class RamBlockAttributes {
     if (toPrivate) {
       if (isDiscarded) return RDM_OK;
       if (isPopulated) {
-        this.fill(first, nbits, false);
+        // rdm-bitmap-drift: the bits stay set, so the bitmap says shared where KVM says private.
+        if (this.injection.bugs.rdmBitmapDrift) this.injection.acted(Acted.RDM_BITMAP_DRIFT, nbits);
+        else this.fill(first, nbits, false);
         yield* this.notifyDiscard(offset, size);
         return RDM_OK;
       }
@@ -216,7 +228,10 @@ export class RamBlockAttributes {
   private *notifyDiscard(offset: number, size: number): Steps {
     for (const { rdl, section } of [...this.rdlList]) {
       const s = intersectSection(section, offset, size);
-      if (s !== null) yield* rdl.notifyDiscard(s);
+      if (s === null) continue;
+      // convert-without-unmap: the listener never hears, so VFIO keeps mapping memory that is now private.
+      if (this.injection.bugs.convertWithoutUnmap) { this.injection.acted(Acted.CONVERT_WITHOUT_UNMAP); continue; }
+      yield* rdl.notifyDiscard(s);
     }
   }
 

@@ -5,6 +5,7 @@ import type { IoctlResult, Iommu } from '../iommu/iommu.ts';
 import type { Steps } from '../../roles/role.ts';
 import { RDM_OK, type RamBlockAttributes, type RamDiscardListener, type RamDiscardResult, type RamSection } from './ram-block-attributes.ts';
 import { hex } from '../../util/hex.ts';
+import { Acted, ConversionInjection } from './conversion-bugs.ts';
 
 /**
  * KVM_CAP_NR_MEMSLOTS on x86 is KVM_USER_MEM_SLOTS, which QEMU's kvm_get_max_memslots()
@@ -27,10 +28,12 @@ export interface VfioContainer {
   readonly vrdlList: VfioRamDiscardListener[];
   /** QEMU's error_report for the failures it only prints (a failed unmap on discard). */
   readonly report: (detail: string) => void;
+  /** Injected conversion bugs (split-huge-mapping lives in the listener). */
+  readonly injection: ConversionInjection;
 }
 
 /** A container over `iommu`, read as QEMU's vfio_connect_container reads it (vfio_get_info_dma_avail). */
-export function vfioContainer(iommu: Iommu, o: { maxMemslots?: number; report?: (detail: string) => void } = {}): VfioContainer {
+export function vfioContainer(iommu: Iommu, o: { maxMemslots?: number; report?: (detail: string) => void; injection?: ConversionInjection } = {}): VfioContainer {
   const s = iommu.stats();
   return {
     iommu,
@@ -38,10 +41,13 @@ export function vfioContainer(iommu: Iommu, o: { maxMemslots?: number; report?: 
     maxMemslots: o.maxMemslots ?? KVM_USER_MEM_SLOTS,
     vrdlList: [],
     report: o.report ?? (() => {}),
+    injection: o.injection ?? ConversionInjection.NONE,
   };
 }
 
 const alignDown = (n: number, a: number): number => Math.floor(n / a) * a;
+/** What split-huge-mapping maps at once: a 2 MiB huge page's worth. */
+const HUGE_CHUNK = 512 * PAGE_SIZE;
 const roundUp = (n: number, a: number): number => Math.ceil(n / a) * a;
 
 /**
@@ -79,10 +85,14 @@ export class VfioRamDiscardListener implements RamDiscardListener {
   *notifyPopulate(section: RamSection): Steps<RamDiscardResult> {
     const end = section.offsetWithinRegion + section.size;
     const ramBase = this.rdm.block.baseGfn * PAGE_SIZE;
+    const injection = this.container.injection;
+    // split-huge-mapping: 2 MiB chunks (fewer entries), which a later 4 KiB discard cannot unmap.
+    const step = injection.bugs.splitHugeMapping ? HUGE_CHUNK : this.granularity;
     let next: number;
     for (let start = section.offsetWithinRegion; start < end; start = next) {
       // Aligned within the region, so any granule can be unmapped alone later.
-      next = Math.min(roundUp(start + 1, this.granularity), end);
+      next = Math.min(roundUp(start + 1, step), end);
+      if (next - start > this.granularity) injection.acted(Acted.SPLIT_HUGE_MAPPING);
       const iova = start - section.offsetWithinRegion + section.offsetWithinAddressSpace;
       const r = yield* this.dmaMap(iova, next - start, ramBase + start, section.readonly === true);
       if (r.ret !== 0) {

@@ -107,5 +107,14 @@ export class VmmControl {
     }
   }
 
+  /** vm_stop(RUN_STATE_INTERNAL_ERROR): every vCPU is asked to stop, and the VM is marked stopped for good. */
+  stopOnInternalError(): void {
+    Atomics.store(this.g, GlobalWord.VM_INTERNAL_ERROR, 1);
+    for (let v = 0; v < this.vcpus; v++) this.requestStop(v);
+  }
+
+  /** The VM was stopped on an internal error: no guest progress will come. */
+  stoppedOnError(): boolean { return Atomics.load(this.g, GlobalWord.VM_INTERNAL_ERROR) !== 0; }
+
   setIteration(it: number): void { Atomics.store(this.g, GlobalWord.ITERATION, it); }
 }

@@ -1,0 +1,102 @@
+import { GlobalWord } from '../layout.ts';
+import type { ConversionInjection } from './conversion-bugs.ts';
+import { HostActor } from '../host-actor.ts';
+import type { Vm } from '../vm.ts';
+import { type Steps, WaitCode, waitFor } from '../../roles/role.ts';
+import { ExitHandler } from './exit-handler.ts';
+import { GuestMemfdRam } from './kvm-convert-memory.ts';
+import { wholeSection } from './ram-block-attributes.ts';
+import { vfioContainer, vfioRamDiscardRegisterListener } from './vfio-ram-discard-listener.ts';
+import { VmmControl } from './vmm-control.ts';
+import { markVmmDirty } from './vmm-dirty-source.ts';
+
+/** What the VMM's conversion thread reports: a conversion that stopped the VM, VFIO refusing to register, what the conversion oracle found. */
+export type KvmCpuExecEvent =
+  | { kind: 'vm-stopped'; vcpu: number; error: string }
+  | { kind: 'vfio-register-failed'; slot: number; error: string }
+  | { kind: 'conversion-finding'; finding: string; count: number };
+
+/** Who watches the conversions from the VMM's thread (the private memory oracle), as a tracepoint consumer would. */
+export interface ConversionWatch {
+  /** Before anything is converted: observe `ram` and witness its listeners. */
+  attach(ram: GuestMemfdRam): Steps;
+  /** After each conversion that succeeded, of [gpa, gpa + size). */
+  converted(ram: GuestMemfdRam, gpa: number, size: number): void;
+  /** The findings not taken yet, described (the first few), and how many there are in all. */
+  take(): string[];
+  readonly count: number;
+}
+
+/**
+ * The userspace half of a confidential guest's vCPU threads (QEMU's kvm_cpu_exec, the
+ * exits a conversion makes): KVM_EXIT_HYPERCALL (KVM_HC_MAP_GPA_RANGE) and
+ * KVM_EXIT_MEMORY_FAULT are served with kvm_convert_memory, then the vCPU re-enters.
+ * QEMU's vCPU threads do this each for itself; vmemlab serves every vCPU from one role,
+ * which sleeps on the exit doorbell in between.
+ *
+ * First, VFIO's listener registers with each guest_memfd RAM block's RamDiscardManager
+ * (vfio_listener_region_add -> ram_discard_manager_register_listener): its replay maps
+ * what is shared already (the bounce buffers the guest shared at boot).
+ *
+ * `watch` (the private memory oracle) sees every conversion from here; what it finds is
+ * reported as it is found. `injection` carries the run's injected conversion bugs.
+ *
+ * It is a host actor: the VM's stop (migration's completion) waits until a conversion
+ * under way has finished, as QEMU's pause_all_vcpus waits for each vCPU thread to leave
+ * kvm_cpu_exec, and no conversion starts while the VM is stopped. A conversion that fails
+ * stops the VM (vm_stop(RUN_STATE_INTERNAL_ERROR)): the vCPU stays in its exit.
+ */
+export function* kvmCpuExec(vm: Vm, o: { injection: ConversionInjection; watch: ConversionWatch | null; report: (e: KvmCpuExecEvent) => void }): Steps {
+  const { injection, watch, report } = o;
+  const ram = new GuestMemfdRam(vm, injection);
+  const exits = new ExitHandler(new VmmControl(vm));
+  const g = vm.global;
+  const reportFindings = (): void => {
+    if (watch !== null) for (const finding of watch.take()) report({ kind: 'conversion-finding', finding, count: watch.count });
+  };
+  exits.onConvert = {
+    before: () => { Atomics.add(g, GlobalWord.CONVERSIONS_STARTED, 1); },
+    after: (gpa, size) => {
+      markVmmDirty(vm, gpa, size);
+      watch?.converted(ram, gpa, size);
+      Atomics.add(g, GlobalWord.CONVERSIONS_DONE, 1);
+      reportFindings();
+    },
+  };
+  const actor = new HostActor(g);
+  yield* actor.gate();
+  if (watch !== null) yield* watch.attach(ram);
+  if (vm.iommu !== null) {
+    const container = vfioContainer(vm.iommu, { injection });
+    for (const [slot, rdm] of ram.blocks) {
+      const r = yield* vfioRamDiscardRegisterListener(container, rdm, wholeSection(slot));
+      if (!r.ok) { report({ kind: 'vfio-register-failed', slot: slot.id, error: r.error }); return yield* stopped(exits.vmm, actor, g); }
+    }
+  }
+  reportFindings();
+  for (;;) {
+    yield* actor.gate();
+    const rung = Atomics.load(g, GlobalWord.EXIT_DOORBELL); // before the look: an exit after it wakes us
+    if (exits.hypercall() === null && exits.memoryFault() === null) {
+      yield waitFor(WaitCode.VCPU_EXITS, 0, 0, { array: g, index: GlobalWord.EXIT_DOORBELL, value: rung });
+      continue;
+    }
+    const failed = (yield* exits.serviceHypercalls(ram)) ?? (yield* exits.serviceMemoryFaults(ram));
+    reportFindings();
+    if (failed !== null) { report({ kind: 'vm-stopped', ...failed }); return yield* stopped(exits.vmm, actor, g); }
+    yield undefined;
+  }
+}
+
+/**
+ * An internal error stops the VM for good (QEMU's vm_stop(RUN_STATE_INTERNAL_ERROR)):
+ * every vCPU stops, nothing is served any more, but pauses are still honoured (migration,
+ * which may still move the stopped VM, waits for them).
+ */
+function* stopped(vmm: VmmControl, actor: HostActor, g: Int32Array): Steps {
+  vmm.stopOnInternalError();
+  for (;;) {
+    yield* actor.gate();
+    yield waitFor(WaitCode.VCPU_EXITS, 0, 0, { array: g, index: GlobalWord.EXIT_DOORBELL, value: Atomics.load(g, GlobalWord.EXIT_DOORBELL) });
+  }
+}
