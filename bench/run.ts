@@ -50,6 +50,7 @@ const CASES: Case[] = [
   { id: 'write-path/ring/255MiB', file: 'write-path.ts', args: ['ring', '255'], processes: 3 },
   { id: 'write-path/bitmap/4MiB', file: 'write-path.ts', args: ['bitmap', '4'], processes: 3 },
   { id: 'write-path/ring/4MiB', file: 'write-path.ts', args: ['ring', '4'], processes: 3 },
+  { id: 'write-path/confidential/4MiB', file: 'write-path.ts', args: ['confidential', '4'], processes: 3 },
   { id: 'fault-path/ring', file: 'fault-path.ts', args: ['ring'], processes: 3 },
   { id: 'fault-path/bitmap', file: 'fault-path.ts', args: ['bitmap'], processes: 3 },
   { id: 'ring-harvest/sequential', file: 'ring-harvest.ts', args: ['sequential'], processes: 3 },

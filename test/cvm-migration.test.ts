@@ -12,7 +12,11 @@ import { StreamDecoder, encodeAttributes, encodeComplete, encodeHeader } from '.
 import { CONFIDENTIAL_BLOCKER } from '../src/scenarios/confidential.ts';
 import { runMigration } from '../src/scenarios/migration.ts';
 import { failureOf } from '../src/scenarios/outcome.ts';
-import { migrationSetup } from '../src/scenarios/settings.ts';
+import { buildMigration, migrationSetup, resolve } from '../src/scenarios/settings.ts';
+import { loadScenario } from '../src/scenarios/scenario-file.ts';
+import { mkdtempSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { UserError } from '../src/util/errors.ts';
 import { MANUAL, drive, frameOf } from './helpers.ts';
 
@@ -89,10 +93,24 @@ describe('a confidential scenario refuses what it cannot run, naming the setting
     expect(refused({ ...CVM, devices: ['mdev'] })).toMatch(/^--device: device 0 \(mdev\): a confidential guest's device is a dma-engine with identity/);
     expect(refused({ ...CVM, devices: ['dma-engine:identity,buffers=300'] })).toBe('--device: device 0 has 300 buffers; a confidential guest\'s devices use 128 pages of its bounce buffers');
   });
+  it('more shared memory than the type1 container can map: refused before it runs, as VFIO\'s registration check, naming the limit and the figure', () => {
+    expect(refused({ ...CVM, memoryBytes: '256MiB' })).toBe('--memory: 256MiB of guest_memfd memory can take 65536 DMA mappings of 4 KiB, and the 32763 other memslots KVM allows one each: 98299 > --dma-entry-limit 65535 (type1\'s dma_entry_limit), so VFIO would refuse to register ("possibly running out of DMA mappings"); use less memory, a larger limit, or --iommu iommufd');
+    expect(refused({ ...CVM, memoryBytes: '128MiB' }), '32768 + 32763 fits').toBe('accepted');
+    expect(refused({ ...CVM, memoryBytes: '256MiB', dmaEntryLimit: '98299' })).toBe('accepted');
+    expect(refused({ ...CVM, memoryBytes: '256MiB', iommu: 'iommufd' })).toBe('accepted');
+  });
+
   it('a TCP destination, and resuming on the destination', () => {
     expect(refused({ ...CVM, to: 'tcp:127.0.0.1:4444' })).toMatch(/^--to: a confidential guest migrates to an in-process destination only/);
     expect(refused({ ...CVM, resumeOps: '10' })).toMatch(/^--resume-ops: the destination does not resume a confidential guest/);
   });
+  it('in a scenario file, a default that does not fit is blamed on the confidential setting that was written', () => {
+    const path = join(mkdtempSync(join(tmpdir(), 'vmemlab-')), 'cvm.yaml');
+    writeFileSync(path, 'kind: migrate\nvm: {confidential: shared}\n');
+    const f = loadScenario(path);
+    expect(() => buildMigration(resolve(f.kind, [f.layer]))).toThrow(`${path}: vm.confidential: a confidential guest runs the convert workload (private_mem_conversions_test's guest), not hotset`);
+  });
+
   it('an unknown confidential mode', () => {
     expect(refused({ ...CVM, confidential: 'yes' })).toBe('--confidential: unknown confidential mode \'yes\' (one of: off, shared, blocker)');
   });

@@ -44,6 +44,10 @@ export class ConfidentialGuest implements Workload {
   }
 
   next(op: GuestOp, ctx: GuestContext): void {
+    // A TD's MapGPA answered RETRY is called again before anything else (tdx_map_gpa loops
+    // until it is done), and its result is read before a burst's MapGPA could overwrite R10
+    // (a burst's are single pages: one chunk, never RETRY).
+    if (this.conversions.settleMapGpa(ctx)) { this.conversions.next(op, ctx); return; }
     if (this.burst.length === 0 && ++this.n % BURST_EVERY === 0) this.burst = this.nextBurst();
     const b = this.burst.shift();
     if (b === undefined) { this.conversions.next(op, ctx); return; }

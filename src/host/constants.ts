@@ -59,11 +59,26 @@ export const KVM_MAP_GPA_RANGE_PAGE_SZ_4K = 0;
 export const KVM_MAP_GPA_RANGE_PAGE_SZ_2M = 1;
 export const KVM_MAP_GPA_RANGE_PAGE_SZ_1G = 2;
 export const KVM_MAP_GPA_RANGE_ENCRYPTED = 1 << 4;
+/** a2 for a conversion to shared (include/uapi/linux/kvm_para.h); TDX's chunks carry this or ENCRYPTED, never a page-size hint. */
+export const KVM_MAP_GPA_RANGE_DECRYPTED = 0 << 4;
 /** What the guest's RAX gets for an unknown or refused hypercall (KVM_ENOSYS is 1000, KVM_EINVAL is EINVAL). */
 export const KVM_ENOSYS = 1000;
 export const KVM_EINVAL = 22;
 /** KVM_CAP_EXIT_HYPERCALL: args[0] is the mask of hypercalls that exit to userspace (1 << KVM_HC_MAP_GPA_RANGE). */
 export const KVM_CAP_EXIT_HYPERCALL = 201;
+/**
+ * TDX's MapGPA (arch/x86/include/asm/shared/tdx.h; arch/x86/kvm/vmx/tdx.c): the leaf a TD
+ * puts in R11 for TDG.VP.VMCALL<MapGPA>, and the TDVMCALL status codes KVM returns in R10.
+ * u64 values (bit 63 marks an error), hence bigint: 2^63 + 2 is not a double.
+ */
+export const TDVMCALL_MAP_GPA = 0x10001;
+export const TDVMCALL_STATUS_SUCCESS = 0x0000000000000000n;
+export const TDVMCALL_STATUS_RETRY = 0x0000000000000001n;
+export const TDVMCALL_STATUS_INVALID_OPERAND = 0x8000000000000000n;
+export const TDVMCALL_STATUS_ALIGN_ERROR = 0x8000000000000002n;
+export const TDVMCALL_STATUS_SUBFUNC_UNSUPPORTED = 0x8000000000000003n;
+/** KVM serves a MapGPA at most this much at a time, checking for a pending interrupt between chunks (tdx.c). */
+export const TDX_MAP_GPA_MAX_LEN = 2 * 1024 * 1024;
 /** fallocate(2) modes guest_memfd takes (kvm_gmem_fallocate). */
 export const FALLOC_FL_KEEP_SIZE = 0x01;
 export const FALLOC_FL_PUNCH_HOLE = 0x02;

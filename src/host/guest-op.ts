@@ -40,6 +40,14 @@ export interface GuestContext {
   iteration: number;
   /** What the guest's last hypercall returned in RAX (0, or -KVM_ENOSYS, -KVM_EINVAL, or what the VMM left in hypercall.ret). */
   hypercallRet?: number;
+  /**
+   * A TD (VmConfig.mapGpa 'tdx'): what its last TDG.VP.VMCALL<MapGPA> left in R10, the
+   * TDVMCALL status (TDVMCALL_STATUS_*, a u64), and in R11: on RETRY the GPA to call again
+   * from, on an error the GPA KVM stopped at, on success the leaf (TDVMCALL_MAP_GPA) as the
+   * guest passed it. Unset on other VMs.
+   */
+  tdvmcallStatus?: bigint;
+  tdvmcallR11?: number;
 }
 
 export interface Workload {

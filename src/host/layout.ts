@@ -33,6 +33,9 @@ export type DirtyTracking =
   | { kind: 'bitmap'; manualProtect: boolean; initiallySet: boolean }
   | { kind: 'ring'; entries: number; withBitmap: boolean };
 
+/** VmConfig.mapGpa: KVM's hypercall or TDX's MapGPA. */
+export type MapGpaAbi = 'kvm' | 'tdx';
+
 export interface VmConfig {
   slots: MemslotConfig[];
   vcpus: number;
@@ -43,6 +46,17 @@ export interface VmConfig {
   iommu?: IommuConfig;
   /** KVM_CAP_EXIT_HYPERCALL's mask: bit n, hypercall n exits to the VMM (1 << KVM_HC_MAP_GPA_RANGE); 0 or unset: none does. */
   exitHypercalls?: number;
+  /**
+   * How a guest's explicit conversion (OpKind.MAP_GPA_RANGE) reaches KVM. 'kvm' (the
+   * default): the KVM_HC_MAP_GPA_RANGE hypercall as __kvm_emulate_hypercall forwards it
+   * (e.g. a KVM_X86_SW_PROTECTED_VM guest), one KVM_EXIT_HYPERCALL for the whole range,
+   * the result in RAX.
+   * 'tdx': a TD's TDG.VP.VMCALL<MapGPA> (arch/x86/kvm/vmx/tdx.c, tdx_map_gpa), one
+   * KVM_EXIT_HYPERCALL per TDX_MAP_GPA_MAX_LEN (2 MiB) chunk; between chunks a pending
+   * interrupt (VcpuRequest.PENDING_INTERRUPT) ends the call with TDVMCALL_STATUS_RETRY and
+   * the GPA to resume from; the status in R10, that GPA in R11 (GuestContext.tdvmcall*).
+   */
+  mapGpa?: MapGpaAbi;
   /**
    * The VM type has private memory (kvm_arch_has_private_mem: KVM_X86_SW_PROTECTED_VM,
    * SNP, TDX): KVM_MEMORY_ATTRIBUTE_PRIVATE is supported and slots may take
@@ -214,6 +228,15 @@ export const VcpuRequest = {
   THROTTLE: LINE_WORDS + 2,
   /** Dirty page rate limit, pages per second; 0: none (QEMU's set-vcpu-dirty-limit). */
   DIRTY_LIMIT: LINE_WORDS + 3,
+  /**
+   * Non-zero: an interrupt is pending for the vCPU (what kvm_vcpu_has_events sees: a
+   * posted interrupt's ON bit, a pending NMI), set by whoever raises it (a test, an
+   * interrupt source role). vmemlab's guests take no interrupts, so the vCPU looks at it
+   * in one place, where KVM's answer changes the guest's result: between two chunks of a
+   * TDX MapGPA (tdx_complete_vmcall_map_gpa), where it returns TDVMCALL_STATUS_RETRY and
+   * clears the word (the interrupt is delivered on that entry).
+   */
+  PENDING_INTERRUPT: LINE_WORDS + 4,
 } as const;
 export const VCPU_BLOCK_WORDS = 3 * LINE_WORDS;
 

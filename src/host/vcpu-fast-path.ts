@@ -1,4 +1,5 @@
-import { REGION_PAGES_SHIFT } from './layout.ts';
+import { KVM_MEMORY_ATTRIBUTE_PRIVATE } from './constants.ts';
+import { GlobalWord, REGION_PAGES_SHIFT } from './layout.ts';
 import { type Memslot, PAGE_WORDS, REGION_PAGE_MASK, stampWord } from './memslot.ts';
 import type { Vm } from './vm.ts';
 import { type GuestContext, type GuestOp, OpKind, type Workload, type Write64Workload } from './guest-op.ts';
@@ -17,8 +18,9 @@ import { type GuestContext, type GuestOp, OpKind, type Workload, type Write64Wor
  * compiled on its own, as tsx does). Checked against the originals when the
  * module loads (Phase.WALK by vcpu.ts, which defines it).
  */
-const enum K { WRITE64 = 1, STORE8 = 2, INC8 = 3, READ = 4, MAP_GPA_RANGE = 5, REGION_SHIFT = 19, REGION_MASK = (1 << 19) - 1, PAGE_WORDS = 1024, WALK = 1 }
+const enum K { WRITE64 = 1, STORE8 = 2, INC8 = 3, READ = 4, MAP_GPA_RANGE = 5, REGION_SHIFT = 19, REGION_MASK = (1 << 19) - 1, PAGE_WORDS = 1024, WALK = 1, PRIVATE = 8 }
 if (
+  (K.PRIVATE as number) !== KVM_MEMORY_ATTRIBUTE_PRIVATE ||
   (K.WRITE64 as number) !== OpKind.WRITE64 || (K.STORE8 as number) !== OpKind.STORE8 || (K.INC8 as number) !== OpKind.INC8
   || (K.READ as number) !== OpKind.READ || (K.MAP_GPA_RANGE as number) !== OpKind.MAP_GPA_RANGE || (K.REGION_SHIFT as number) !== REGION_PAGES_SHIFT
   || (K.REGION_MASK as number) !== REGION_PAGE_MASK || (K.PAGE_WORDS as number) !== PAGE_WORDS
@@ -38,6 +40,12 @@ export interface VcpuFastState {
   readonly writes: Write64Workload | undefined;
   readonly tlb: Int32Array;
   readonly tlbGen: number;
+  /**
+   * On a VM with private memory, KVM's attribute byte per page (VM-wide): private
+   * accesses and reads are left to the phases (which check them against it), and every
+   * store here is checked by the stale-store probe. Null elsewhere.
+   */
+  readonly attributeBytes: Uint8Array | null;
   seq: number;
   ops: number;
   progress: number;
@@ -46,6 +54,16 @@ export interface VcpuFastState {
   slot: Memslot | undefined;
   page: number;
   phase: number;
+}
+
+/**
+ * The private memory oracle's probe: a store retired through a shared translation of a
+ * page whose attribute says private (KVM_SET_MEMORY_ATTRIBUTES must zap and flush before
+ * it changes the attribute). Counted with the first frame, in shared words.
+ */
+export function countStaleStore(global: Int32Array, gfn: number): void {
+  Atomics.add(global, GlobalWord.STALE_STORES, 1);
+  Atomics.compareExchange(global, GlobalWord.STALE_STORE_FIRST_GFN, 0, gfn + 1);
 }
 
 /** runWriteHits' RAM view before it has found a region (never written: the gfn range is empty). */
@@ -86,10 +104,12 @@ export function runTlbHits(v: VcpuFastState, limit: number): number {
   let curWords: Uint32Array | undefined;
   let missSlot: Memslot | undefined;
   let missPage = 0;
+  const attrs = v.attributeBytes;
   while (n < limit) {
     workload.next(op, ctx);
-    // A hypercall is no memory access: left pending in TRANSLATE for advance().
-    if ((op.kind as number) === K.MAP_GPA_RANGE) { v.opPending = true; break; }
+    // A hypercall is no memory access: left pending in TRANSLATE for advance(). So are,
+    // with private memory, a private access and a read (checked against the attribute there).
+    if ((op.kind as number) === K.MAP_GPA_RANGE || (attrs !== null && (op.private === true || (op.kind as number) === K.READ))) { v.opPending = true; break; }
     const gfn = op.gfn;
     if (!(gfn >= curBase && gfn < curEnd)) {
       const found = memory.findSlot(gfn);
@@ -129,6 +149,7 @@ export function runTlbHits(v: VcpuFastState, limit: number): number {
         bytes[at] = kind === K.INC8 ? (bytes[at]! + 1) & 0xff : op.value;
         s.stamp(p, writer, ++seq, iteration);
       }
+      if (attrs !== null && (attrs[gfn + curTlb]! & K.PRIVATE) !== 0) countStaleStore(v.vm.global, gfn);
     }
     slot = s;
     page = p;
@@ -175,6 +196,7 @@ export function runWriteHits(v: VcpuFastState, limit: number): number {
   let w = NO_RAM;
   let gfn = 0;
   let pending = false;
+  const attrs = v.attributeBytes;
   while (n < limit) {
     gfn = source.nextWriteGfn();
     if (!(gfn >= base && gfn < end)) {
@@ -193,6 +215,8 @@ export function runWriteHits(v: VcpuFastState, limit: number): number {
     w[i + 1] = hi;
     w[i + 2] = stamp;
     w[i + 3] = ++seq;
+    // With private memory: the probe (a Write64Workload's writes are all shared).
+    if (attrs !== null && (attrs[gfn + tlbOffset]! & K.PRIVATE) !== 0) countStaleStore(v.vm.global, gfn);
     n++;
   }
   if (limit > 0) v.opIteration = iteration;

@@ -1,12 +1,13 @@
 import {
   KVM_EINVAL, KVM_ENOSYS, KVM_EXIT_DIRTY_RING_FULL, KVM_EXIT_HYPERCALL, KVM_EXIT_MEMORY_FAULT, KVM_EXIT_MMIO, KVM_HC_MAP_GPA_RANGE,
-  KVM_MAP_GPA_RANGE_ENCRYPTED, KVM_MEMORY_EXIT_FLAG_PRIVATE, PAGE_SIZE,
+  KVM_MAP_GPA_RANGE_DECRYPTED, KVM_MAP_GPA_RANGE_ENCRYPTED, KVM_MEMORY_EXIT_FLAG_PRIVATE, PAGE_SIZE, TDVMCALL_MAP_GPA,
+  TDVMCALL_STATUS_INVALID_OPERAND, TDVMCALL_STATUS_RETRY, TDVMCALL_STATUS_SUBFUNC_UNSUPPORTED, TDVMCALL_STATUS_SUCCESS, TDX_MAP_GPA_MAX_LEN,
 } from './constants.ts';
 import {
   GlobalWord, IN_GUEST_MODE, OUTSIDE_GUEST_MODE, VcpuRequest, VcpuRunState, VcpuWord, slotIsReadonly,
 } from './layout.ts';
 import type { Memslot } from './memslot.ts';
-import { FAST_PATH_MISS_PHASE, type VcpuFastState, runTlbHits, runWriteHits } from './vcpu-fast-path.ts';
+import { FAST_PATH_MISS_PHASE, type VcpuFastState, countStaleStore, runTlbHits, runWriteHits } from './vcpu-fast-path.ts';
 import { SPTE_PRIVATE, SPTE_WRITABLE, mapPagePrivate } from './spte.ts';
 import type { Vm } from './vm.ts';
 import { type GuestContext, type GuestOp, OpKind, type Workload, type Write64Workload, isWrite64Workload } from './guest-op.ts';
@@ -26,6 +27,9 @@ export const enum Phase {
   STORE = 3,
 }
 if (FAST_PATH_MISS_PHASE !== Phase.WALK) throw new Error('vcpu.ts: Phase.WALK out of step with vcpu-fast-path.ts');
+
+/** TDX_MAP_GPA_MAX_LEN in frames: one MapGPA chunk. */
+const TDX_MAP_GPA_MAX_PAGES = TDX_MAP_GPA_MAX_LEN / PAGE_SIZE;
 
 /** PACED: a write-protect fault waits for the dirty limit (nothing was done). */
 const enum Advance { PROGRESS, RETIRED, BOUNDARY, PACED }
@@ -78,10 +82,12 @@ export class Vcpu implements Role, VcpuFastState {
   readonly writes: Write64Workload | undefined;
   /**
    * On a VM with private memory: the TLB of private accesses (a TDX vCPU's secure-EPT
-   * translations, apart from the shared ones in `tlb`); every access then takes the
-   * phases, where it is checked against the memory attributes (no fast path). Else null.
+   * translations, apart from the shared ones in `tlb`); private accesses and reads then
+   * take the phases, where they are checked against the memory attributes. Else null.
    */
   private readonly tlbPrivate: Int32Array | null;
+  /** On a VM with private memory: KVM's attribute byte per page (VM-wide numbering), for the fast path's stale-store probe; else null. */
+  readonly attributeBytes: Uint8Array | null;
 
   private readonly words: Int32Array;
   private readonly global: Int32Array;
@@ -108,6 +114,8 @@ export class Vcpu implements Role, VcpuFastState {
   private pacedAtFault = false;
   /** The pending operation is a hypercall that exited to the VMM: on re-entry it completes with hypercall.ret. */
   private hypercallExited = false;
+  /** VmConfig.mapGpa 'tdx': the MapGPA in flight, tdx->map_gpa_next and map_gpa_end in frames; else null. */
+  private readonly tdxMapGpa: { next: number; end: number } | null;
   private pacedUs = 0;
 
   constructor(readonly vm: Vm, readonly index: number, readonly workload: Workload, pacing: VcpuPacing = {}) {
@@ -117,6 +125,8 @@ export class Vcpu implements Role, VcpuFastState {
     this.base = vm.vcpuBase(index);
     this.tlb = new Int32Array(vm.memory.totalPages);
     this.tlbPrivate = vm.attributes !== null ? new Int32Array(vm.memory.totalPages) : null;
+    this.tdxMapGpa = vm.layout.config.mapGpa === 'tdx' ? { next: 0, end: 0 } : null;
+    this.attributeBytes = vm.layout.attributes !== null ? new Uint8Array(vm.layout.attributes) : null;
     this.runSeq = Atomics.load(this.words, this.base + VcpuRequest.RUN_SEQ);
     this.writes = isWrite64Workload(workload) ? workload : undefined;
     this.clock = pacing.clock ?? WALL_CLOCK;
@@ -171,7 +181,7 @@ export class Vcpu implements Role, VcpuFastState {
     this.paceMs = 0;
     while (retired < maxOps) {
       // Between operations, TLB hits take the fast path; anything else, one phase at a time.
-      if (this.phase === Phase.TRANSLATE && !this.opPending && this.tlbPrivate === null) {
+      if (this.phase === Phase.TRANSLATE && !this.opPending) {
         retired += this.writes !== undefined ? runWriteHits(this, maxOps - retired) : runTlbHits(this, maxOps - retired);
         if (retired >= maxOps) break;
       }
@@ -444,15 +454,14 @@ export class Vcpu implements Role, VcpuFastState {
    * KVM_CAP_EXIT_HYPERCALL enabled it, the guest gets -KVM_ENOSYS; no pages or a range
    * that wraps, -KVM_EINVAL; otherwise the vCPU exits with KVM_EXIT_HYPERCALL (ret preset
    * to 0) and, when the VMM re-enters it, complete_hypercall_exit puts hypercall.ret in
-   * the guest's RAX and the instruction retires.
+   * the guest's RAX and the instruction retires. A TD's MapGPA is tdvmcallMapGpa.
    */
   private mapGpaRange(): Advance {
+    if (this.tdxMapGpa !== null) return this.tdvmcallMapGpa(this.tdxMapGpa);
     const ctx = this.ctx;
-    const w = this.words;
-    const b = this.base;
     if (this.hypercallExited) {
       this.hypercallExited = false;
-      ctx.hypercallRet = Atomics.load(w, b + VcpuWord.HYPERCALL_RET);
+      ctx.hypercallRet = Atomics.load(this.words, this.base + VcpuWord.HYPERCALL_RET);
       return this.retire();
     }
     if (((this.vm.layout.config.exitHypercalls ?? 0) & (1 << KVM_HC_MAP_GPA_RANGE)) === 0) {
@@ -465,17 +474,70 @@ export class Vcpu implements Role, VcpuFastState {
       ctx.hypercallRet = -KVM_EINVAL;
       return this.retire();
     }
-    const gpa = op.gfn * PAGE_SIZE;
+    return this.mapGpaExit(op.gfn, op.value, (op.private === true ? KVM_MAP_GPA_RANGE_ENCRYPTED : 0) | (op.offset & 0xf));
+  }
+
+  /** KVM_EXIT_HYPERCALL for KVM_HC_MAP_GPA_RANGE: a0 the GPA, a1 the pages, a2 the attributes, ret preset to 0. */
+  private mapGpaExit(gfn: number, pages: number, attributes: number): Advance {
+    const w = this.words;
+    const b = this.base;
+    const gpa = gfn * PAGE_SIZE;
     Atomics.store(w, b + VcpuWord.HYPERCALL_NR, KVM_HC_MAP_GPA_RANGE);
     Atomics.store(w, b + VcpuWord.HYPERCALL_ARG0_LO, gpa >>> 0);
     Atomics.store(w, b + VcpuWord.HYPERCALL_ARG0_HI, (gpa / 4294967296) >>> 0);
-    Atomics.store(w, b + VcpuWord.HYPERCALL_ARG1, op.value);
-    Atomics.store(w, b + VcpuWord.HYPERCALL_ARG2, (op.private === true ? KVM_MAP_GPA_RANGE_ENCRYPTED : 0) | (op.offset & 0xf));
+    Atomics.store(w, b + VcpuWord.HYPERCALL_ARG1, pages);
+    Atomics.store(w, b + VcpuWord.HYPERCALL_ARG2, attributes);
     Atomics.store(w, b + VcpuWord.HYPERCALL_RET, 0);
     this.hypercallExited = true;
     this.slot = undefined; // no write is interrupted: nothing pending for the oracles
     this.exitToVmm(KVM_EXIT_HYPERCALL);
     return Advance.BOUNDARY;
+  }
+
+  /**
+   * A TD's TDG.VP.VMCALL<MapGPA> as KVM serves it (arch/x86/kvm/vmx/tdx.c). tdx_map_gpa:
+   * without KVM_CAP_EXIT_HYPERCALL's bit, TDVMCALL_STATUS_SUBFUNC_UNSUPPORTED; an empty or
+   * wrapping span, TDVMCALL_STATUS_INVALID_OPERAND; R11 the GPA either way (a0 is a frame
+   * and the shared bit is the operation's `private`, so ALIGN_ERROR and a span across the
+   * shared bit cannot arise). Else __tdx_map_gpa exits for the first chunk: at most
+   * TDX_MAP_GPA_MAX_LEN, a2 ENCRYPTED or DECRYPTED (no page-size hint). On re-entry,
+   * tdx_complete_vmcall_map_gpa: a non-zero hypercall.ret ends the call with
+   * INVALID_OPERAND, R11 the chunk's GPA (as merged; kvm-x86 later mapped EAGAIN to
+   * RETRY); else map_gpa_next moves 2 MiB on and, past the end, the call succeeds; else a
+   * pending interrupt (kvm_vcpu_has_events; here VcpuRequest.PENDING_INTERRUPT) ends it
+   * with TDVMCALL_STATUS_RETRY, R11 the GPA to call again from; else KVM exits for the
+   * next chunk without entering the guest (here the instruction stays pending and exits
+   * again at once). The chunks exist so that a long conversion does not hold off
+   * interrupts ("to prevent issues with guest lockup detection").
+   */
+  private tdvmcallMapGpa(m: { next: number; end: number }): Advance {
+    const op = this.op;
+    const attributes = op.private === true ? KVM_MAP_GPA_RANGE_ENCRYPTED : KVM_MAP_GPA_RANGE_DECRYPTED;
+    if (this.hypercallExited) {
+      this.hypercallExited = false;
+      const w = this.words;
+      const b = this.base;
+      if (Atomics.load(w, b + VcpuWord.HYPERCALL_RET) !== 0) return this.tdvmcallDone(TDVMCALL_STATUS_INVALID_OPERAND, m.next * PAGE_SIZE);
+      m.next += TDX_MAP_GPA_MAX_PAGES;
+      if (m.next >= m.end) return this.tdvmcallDone(TDVMCALL_STATUS_SUCCESS, TDVMCALL_MAP_GPA);
+      // The interrupt is delivered on the entry that returns RETRY: the word is taken.
+      if (Atomics.exchange(w, b + VcpuRequest.PENDING_INTERRUPT, 0) !== 0) return this.tdvmcallDone(TDVMCALL_STATUS_RETRY, m.next * PAGE_SIZE);
+      return this.mapGpaExit(m.next, Math.min(m.end - m.next, TDX_MAP_GPA_MAX_PAGES), attributes);
+    }
+    if (((this.vm.layout.config.exitHypercalls ?? 0) & (1 << KVM_HC_MAP_GPA_RANGE)) === 0) {
+      return this.tdvmcallDone(TDVMCALL_STATUS_SUBFUNC_UNSUPPORTED, op.gfn * PAGE_SIZE);
+    }
+    if (!(op.value > 0) || op.gfn + op.value > 2 ** 52) return this.tdvmcallDone(TDVMCALL_STATUS_INVALID_OPERAND, op.gfn * PAGE_SIZE);
+    m.next = op.gfn;
+    m.end = op.gfn + op.value;
+    return this.mapGpaExit(m.next, Math.min(op.value, TDX_MAP_GPA_MAX_PAGES), attributes);
+  }
+
+  /** The TDVMCALL returns to the TD: R10 the status, R11 as KVM left it; the instruction retires. */
+  private tdvmcallDone(status: bigint, r11: number): Advance {
+    this.ctx.tdvmcallStatus = status;
+    this.ctx.tdvmcallR11 = r11;
+    return this.retire();
   }
 
   /** Phase TRANSLATE: fetch the next operation if none is pending, translate, check the TLB. */
@@ -545,10 +607,7 @@ export class Vcpu implements Role, VcpuFastState {
    */
   private checkKindAtStore(): void {
     const slot = this.slot!;
-    if (this.vm.attributes!.isPrivate(slot, this.page) === this.privateAccess()) return;
-    const g = this.global;
-    Atomics.add(g, GlobalWord.STALE_STORES, 1);
-    Atomics.compareExchange(g, GlobalWord.STALE_STORE_FIRST_GFN, 0, slot.baseGfn + this.page + 1);
+    if (this.vm.attributes!.isPrivate(slot, this.page) !== this.privateAccess()) countStaleStore(this.global, slot.baseGfn + this.page);
   }
 
   private retire(): Advance {

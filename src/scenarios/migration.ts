@@ -5,7 +5,7 @@ import { type InjectionReport, injectionReport } from '../bugs/acted.ts';
 import type { DeterministicDriver } from '../drivers/deterministic.ts';
 import type { WorkloadOptions } from '../guest/workload.ts';
 import { GuestMemory } from '../host/guest-memory.ts';
-import { GlobalWord, type VmConfig, createVmLayout } from '../host/layout.ts';
+import { GlobalWord, type MapGpaAbi, type VmConfig, createVmLayout } from '../host/layout.ts';
 import type { Vm } from '../host/vm.ts';
 import { VmmControl } from '../host/vmm/vmm-control.ts';
 import { DEST_WORDS, DestWord } from '../migration/channel.ts';
@@ -45,6 +45,8 @@ export interface MigrationScenario {
   dirtyLimit?: number;
   /** A confidential guest (confidential.ts): its shared pages migrate, or a blocker refuses; default off. */
   confidential?: Confidential;
+  /** A confidential guest's explicit conversions (VmConfig.mapGpa): KVM's hypercall (default) or a TD's MapGPA. */
+  mapGpa?: MapGpaAbi;
 }
 
 export interface MigrationRunOptions {
@@ -109,7 +111,7 @@ export function migrationVmConfig(s: MigrationScenario): VmConfig {
   const tracking = trackingFor(s.tracking, { ringEntries: s.ringEntries, hostWrites, noBackupBitmap: bugs.noBackupBitmap });
   const slots = slotLayout(s.memoryBytes, s.slots);
   const plain: VmConfig = { slots, vcpus: s.vcpus, tracking, pageHistory: s.pageHistory !== false };
-  const config = isConfidential(s) ? confidentialVmConfig(plain) : plain;
+  const config = isConfidential(s) ? { ...confidentialVmConfig(plain), ...(s.mapGpa === 'tdx' ? { mapGpa: s.mapGpa } : {}) } : plain;
   const iommu = iommuConfigFor(devices, slots);
   return iommu ? { ...config, iommu } : config;
 }

@@ -6,6 +6,7 @@ import { checkRingSize } from '../host/dirty-ring.ts';
 import { DEVICE_DEFAULTS, DEVICE_KINDS, type DeviceConfig, type DeviceKind } from '../host/devices/device-config.ts';
 import { VFIO_DEFAULT_DMA_ENTRY_LIMIT } from '../host/iommu/constants.ts';
 import type { IommuBackendKind } from '../host/iommu/iommu-layout.ts';
+import type { MapGpaAbi } from '../host/layout.ts';
 import { WORKLOAD_NAMES, type WorkloadName } from '../guest/workload.ts';
 import type { ConvergencePolicy } from '../migration/precopy.ts';
 import { UserError } from '../util/errors.ts';
@@ -30,6 +31,8 @@ export type OnDeviceFault = 'continue' | 'stop';
  */
 export type Confidential = 'off' | 'shared' | 'blocker';
 export const CONFIDENTIAL: readonly Confidential[] = ['off', 'shared', 'blocker'];
+/** How a confidential guest's explicit conversions reach KVM (VmConfig.mapGpa): KVM's hypercall or a TD's MapGPA. */
+export const MAP_GPA_ABIS: readonly MapGpaAbi[] = ['kvm', 'tdx'];
 
 export const DRIVERS: readonly Driver[] = ['free', 'deterministic'];
 export const POLICIES: readonly ConvergencePolicy[] = ['fail', 'force', 'auto-converge', 'dirty-limit'];
@@ -79,6 +82,7 @@ export interface Settings {
   dmaEntryLimit: number;
   onDeviceFault: OnDeviceFault;
   confidential: Confidential;
+  mapGpa: MapGpaAbi;
 }
 export type SettingKey = keyof Settings;
 
@@ -423,6 +427,11 @@ export const OPTIONS = [
     key: 'confidential', flag: '--confidential', arg: '<migration>', yaml: 'vm.confidential', kinds: MIGRATE,
     help: 'a confidential guest (guest_memfd, workload convert): off; shared (its shared pages and the attributes migrate); blocker (the migration is refused, as QEMU\'s SEV blocker)',
     parse: (r, w) => oneOf(r, w, CONFIDENTIAL, 'confidential mode', `one of: ${CONFIDENTIAL.join(', ')}`), format: (v) => v, defaults: same<Confidential>('off'),
+  }),
+  def({
+    key: 'mapGpa', flag: '--map-gpa', arg: '<abi>', yaml: 'vm.map_gpa', kinds: MIGRATE,
+    help: 'a confidential guest\'s explicit conversions: kvm (KVM_HC_MAP_GPA_RANGE, one exit per call) or tdx (a TD\'s TDG.VP.VMCALL<MapGPA>: one KVM_EXIT_HYPERCALL per 2 MiB chunk, TDVMCALL_STATUS_RETRY between chunks when an interrupt is pending)',
+    parse: (r, w) => oneOf(r, w, MAP_GPA_ABIS, 'MapGPA ABI', 'kvm or tdx'), format: (v) => v, defaults: same<MapGpaAbi>('kvm'),
   }),
 ] as const;
 

@@ -8,6 +8,7 @@ import { formatSize } from '../util/size.ts';
 import { type DeviceSetup, checkDeviceSetup } from './devices.ts';
 import { CONVERSION_AREA_PAGES } from '../guest/private-mem-conversions.ts';
 import { DEVICE_BUFFER_PAGES, SWIOTLB_PAGES } from '../guest/confidential-guest.ts';
+import { KVM_USER_MEM_SLOTS } from '../host/constants.ts';
 import { demoOf } from './demos.ts';
 import type { DirtyLogTestConfig } from './dirty-log-test.ts';
 import type { MigrationScenario } from './migration.ts';
@@ -144,15 +145,24 @@ export interface MigrationSetup {
  */
 function checkConfidential(r: Resolved, devices: DeviceSetup): void {
   const s = r.s;
-  if (s.workload !== 'convert') throw new UserError(`${r.where('workload')}: a confidential guest runs the convert workload (private_mem_conversions_test's guest), not ${s.workload}`);
-  if (s.slots !== 1) throw new UserError(`${r.where('slots')}: a confidential guest has one guest_memfd memslot here, not ${s.slots}`);
+  // A default the user did not set is not what is wrong: name the confidential setting instead.
+  const where = (key: SettingKey): string => (r.given(key) ? r.where(key) : r.where('confidential'));
+  if (s.workload !== 'convert') throw new UserError(`${where('workload')}: a confidential guest runs the convert workload (private_mem_conversions_test's guest), not ${s.workload}`);
+  if (s.slots !== 1) throw new UserError(`${where('slots')}: a confidential guest has one guest_memfd memslot here, not ${s.slots}`);
   const need = s.vcpus * CONVERSION_AREA_PAGES + SWIOTLB_PAGES;
   if (s.memoryBytes / PAGE_SIZE < need) {
-    throw new UserError(`${r.where('memoryBytes')}: ${formatSize(s.memoryBytes)} is too small for a confidential guest with ${s.vcpus} vCPUs: each converts its own ${CONVERSION_AREA_PAGES} pages (2 MiB + 4 KiB) and ${SWIOTLB_PAGES} pages of bounce buffers follow (${formatSize(need * PAGE_SIZE)} in all)`);
+    throw new UserError(`${where('memoryBytes')}: ${formatSize(s.memoryBytes)} is too small for a confidential guest with ${s.vcpus} vCPUs: each converts its own ${CONVERSION_AREA_PAGES} pages (2 MiB + 4 KiB) and ${SWIOTLB_PAGES} pages of bounce buffers follow (${formatSize(need * PAGE_SIZE)} in all)`);
+  }
+  // vfio_ram_discard_register_listener's check, before anything runs: one 4 KiB mapping per
+  // page of the guest_memfd block, plus one for each other memslot KVM allows, must fit the
+  // container's dma_entry_limit (iommufd has none).
+  const mappings = s.memoryBytes / PAGE_SIZE + KVM_USER_MEM_SLOTS - 1;
+  if (devices.devices.length > 0 && devices.backend === 'type1' && mappings > devices.dmaEntryLimit) {
+    throw new UserError(`${where('memoryBytes')}: ${formatSize(s.memoryBytes)} of guest_memfd memory can take ${s.memoryBytes / PAGE_SIZE} DMA mappings of 4 KiB, and the ${KVM_USER_MEM_SLOTS - 1} other memslots KVM allows one each: ${mappings} > ${r.where('dmaEntryLimit')} ${devices.dmaEntryLimit} (type1's dma_entry_limit), so VFIO would refuse to register ("possibly running out of DMA mappings"); use less memory, a larger limit, or ${r.where('iommu')} iommufd`);
   }
   devices.devices.forEach((d, i) => {
-    if (d.kind !== 'dma-engine' || !d.identity) throw new UserError(`${r.where('devices')}: device ${i} (${d.kind}${d.identity ? ', identity' : ''}): a confidential guest's device is a dma-engine with identity (VFIO maps shared memory at IOVA = GPA as it becomes shared)`);
-    if (d.buffers > DEVICE_BUFFER_PAGES) throw new UserError(`${r.where('devices')}: device ${i} has ${d.buffers} buffers; a confidential guest's devices use ${DEVICE_BUFFER_PAGES} pages of its bounce buffers`);
+    if (d.kind !== 'dma-engine' || !d.identity) throw new UserError(`${where('devices')}: device ${i} (${d.kind}${d.identity ? ', identity' : ''}): a confidential guest's device is a dma-engine with identity (VFIO maps shared memory at IOVA = GPA as it becomes shared)`);
+    if (d.buffers > DEVICE_BUFFER_PAGES) throw new UserError(`${where('devices')}: device ${i} has ${d.buffers} buffers; a confidential guest's devices use ${DEVICE_BUFFER_PAGES} pages of its bounce buffers`);
   });
 }
 
@@ -180,6 +190,7 @@ export function buildMigration(r: Resolved): MigrationSetup {
     pageHistory: s.pageHistory,
     devices,
     confidential: s.confidential,
+    ...(s.mapGpa !== 'kvm' ? { mapGpa: s.mapGpa } : {}),
     params: {
       bandwidth: s.bandwidth,
       downtimeLimitMs: s.downtimeLimitMs,
@@ -193,6 +204,7 @@ export function buildMigration(r: Resolved): MigrationSetup {
   };
   if (s.confidential !== 'off') checkConfidential(r, devices);
   else if (s.workload === 'convert') throw new UserError(`${r.where('workload')}: convert is a confidential guest's workload; it needs ${r.where('confidential')} shared or blocker`);
+  if (s.mapGpa !== 'kvm' && s.confidential === 'off') throw new UserError(`${r.where('mapGpa')}: ${s.mapGpa} is how a confidential guest converts memory; it needs ${r.where('confidential')} shared or blocker`);
   for (const b of bugs) {
     const kinds = b.devices ?? [];
     if (kinds.length > 0 && !devices.devices.some((d) => kinds.includes(d.kind))) {
