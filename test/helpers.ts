@@ -2,7 +2,7 @@ import { DeterministicDriver, ReplayScheduler } from '../src/drivers/determinist
 import { Packr } from 'msgpackr';
 import { type Role, Step, type Steps, type Wait } from '../src/roles/role.ts';
 import { type GuestOp, OpKind, type Workload } from '../src/host/guest-op.ts';
-import { type DirtyTracking, type MemslotConfig, createVmLayout } from '../src/host/layout.ts';
+import { type DirtyTracking, type MemslotConfig, VcpuRunState, createVmLayout } from '../src/host/layout.ts';
 import { Vcpu } from '../src/host/vcpu.ts';
 import { type KernelBugs, Vm } from '../src/host/vm.ts';
 import { VmmControl } from '../src/host/vmm/vmm-control.ts';
@@ -103,4 +103,15 @@ export function frameOf(record: object, payload = new Uint8Array(0)): Uint8Array
   buf.set(head, 8);
   buf.set(payload, at);
   return buf;
+}
+
+/** Steps until the vCPU retired one more operation or exited; returns what happened. */
+export function runOne(v: Vcpu): 'retired' | 'exited' {
+  const target = v.retired + 1;
+  for (let i = 0; i < 100; i++) {
+    v.step();
+    if (v.retired >= target) return 'retired';
+    if (v.runState === VcpuRunState.EXITED) return 'exited';
+  }
+  throw new Error('neither retired nor exited in 100 steps');
 }

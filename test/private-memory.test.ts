@@ -6,7 +6,7 @@ import {
 } from '../src/host/constants.ts';
 import { OpKind } from '../src/host/guest-op.ts';
 import { kvmGmemFallocate } from '../src/host/guest-memfd.ts';
-import { GLOBAL_WORDS, GlobalWord, type MemslotConfig, VcpuRequest, VcpuRunState, VcpuWord, createVmLayout } from '../src/host/layout.ts';
+import { GLOBAL_WORDS, GlobalWord, type MemslotConfig, VcpuRequest, VcpuWord, createVmLayout } from '../src/host/layout.ts';
 import { invalidMemoryAttributes, slotRanges } from '../src/host/memory-attributes.ts';
 import { MmuInvalidate } from '../src/host/mmu-invalidate.ts';
 import { SPTE_PRIVATE, SPTE_WRITABLE } from '../src/host/spte.ts';
@@ -14,7 +14,7 @@ import { Phase, Vcpu } from '../src/host/vcpu.ts';
 import { MMU_LOCK_HOLDER_KVM, Vm } from '../src/host/vm.ts';
 import { KvmError } from '../src/util/errors.ts';
 import { Step } from '../src/roles/role.ts';
-import { MANUAL, Ops, RING, drive } from './helpers.ts';
+import { MANUAL, Ops, RING, drive, runOne } from './helpers.ts';
 
 /*
  * Private memory on the KVM side: KVM_SET_MEMORY_ATTRIBUTES, guest_memfd slots and their
@@ -37,16 +37,6 @@ function cvm(o: { vcpus?: number; ring?: boolean; exitHypercalls?: number } = {}
 
 const attrs = (gfn: number, pages: number, attributes: number) => ({ address: gfn * PAGE_SIZE, size: pages * PAGE_SIZE, attributes, flags: 0 });
 
-/** Steps until the vCPU retired one more operation or exited; returns what happened. */
-function runOne(v: Vcpu): 'retired' | 'exited' {
-  const target = v.retired + 1;
-  for (let i = 0; i < 100; i++) {
-    v.step();
-    if (v.retired >= target) return 'retired';
-    if (v.runState === VcpuRunState.EXITED) return 'exited';
-  }
-  throw new Error('neither retired nor exited in 100 steps');
-}
 
 function memoryFault(vm: Vm, v = 0): { reason: number; flags: number; gpa: number; size: number } {
   const b = vm.vcpuBase(v);

@@ -9,7 +9,7 @@ import {
   CONVERSION_AREA_PAGES, CONVERSION_RANGES, PrivateMemConversions, WHOLE_AREA_RANGE, conversionValue,
 } from '../src/guest/private-mem-conversions.ts';
 import { VFIO_DEFAULT_DMA_ENTRY_LIMIT } from '../src/host/iommu/constants.ts';
-import { type MapGpaAbi, VcpuRequest, VcpuRunState, VcpuWord, createVmLayout } from '../src/host/layout.ts';
+import { type MapGpaAbi, VcpuRequest, VcpuWord, createVmLayout } from '../src/host/layout.ts';
 import { Vcpu } from '../src/host/vcpu.ts';
 import { Vm } from '../src/host/vm.ts';
 import { ExitHandler } from '../src/host/vmm/exit-handler.ts';
@@ -23,7 +23,7 @@ import { runMigration, migrationVmConfig } from '../src/scenarios/migration.ts';
 import { migrationSetup } from '../src/scenarios/settings.ts';
 import { Prng } from '../src/util/prng.ts';
 import { UserError } from '../src/util/errors.ts';
-import { DeterministicDriver, MANUAL, Ops, VmmControl, drive } from './helpers.ts';
+import { DeterministicDriver, MANUAL, Ops, VmmControl, drive, runOne } from './helpers.ts';
 
 /*
  * A TD's MapGPA (VmConfig.mapGpa 'tdx'; arch/x86/kvm/vmx/tdx.c, tdx_map_gpa and
@@ -54,16 +54,6 @@ function hypercall(vm: Vm): { reason: number; nr: number; gpa: number; pages: nu
   };
 }
 
-/** Steps until the vCPU retired one more operation or exited. */
-function runOne(v: Vcpu): 'retired' | 'exited' {
-  const target = v.retired + 1;
-  for (let i = 0; i < 100; i++) {
-    v.step();
-    if (v.retired >= target) return 'retired';
-    if (v.runState === VcpuRunState.EXITED) return 'exited';
-  }
-  throw new Error('neither retired nor exited in 100 steps');
-}
 
 /** The VMM re-enters KVM_RUN, leaving `ret` in kvm_run.hypercall.ret. */
 function reenter(vm: Vm, ret = 0): void {

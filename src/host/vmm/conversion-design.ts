@@ -1,12 +1,10 @@
-import { EINVAL, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, KVM_MEMORY_ATTRIBUTE_PRIVATE, KVM_USER_MEM_SLOTS, PAGE_SIZE } from '../constants.ts';
+import { FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, KVM_MEMORY_ATTRIBUTE_PRIVATE, KVM_USER_MEM_SLOTS, PAGE_SIZE } from '../constants.ts';
 import { kvmGmemFallocate } from '../guest-memfd.ts';
 import type { Iommu } from '../iommu/iommu.ts';
 import type { Memslot } from '../memslot.ts';
 import type { Vm } from '../vm.ts';
-import { type ConvertResult, ramBlockDiscardRange } from './kvm-convert-memory.ts';
+import { type ConvertResult, kvmSetMemoryAttributes, ramBlockDiscardRange } from './kvm-convert-memory.ts';
 import type { Steps } from '../../roles/role.ts';
-import { KvmError, errnoName } from '../../util/errors.ts';
-import { hex } from '../../util/hex.ts';
 
 /**
  * How a VMM converts guest memory between private and shared when a device is assigned
@@ -89,37 +87,11 @@ export const Ioctl = {
   PUNCH_HOLE: 'fallocate(PUNCH_HOLE)',
 } as const;
 
-/** The memslot run a conversion acts on, or the result it ends with at once. */
-export type ConversionTarget = { slot: Memslot; page: number; pages: number } | { result: ConvertResult };
-
-/**
- * kvm_convert_memory's first checks (accel/kvm/kvm-all.c), shared by every design: an
- * unaligned or empty range is -EINVAL (printed by nobody); memory_region_find at `start`,
- * the range clipped to its region; a range outside every region is ignored to shared
- * (TDX guests share vMMIO) and -EINVAL to private; memory without guest_memfd is refused.
- */
-export function conversionTarget(vm: Vm, start: number, size: number, toPrivate: boolean): ConversionTarget {
-  if (start % PAGE_SIZE !== 0 || size % PAGE_SIZE !== 0 || size <= 0) return { result: { ret: -EINVAL, error: '' } };
-  const slot = vm.memory.findSlot(start / PAGE_SIZE);
-  if (slot === undefined) return { result: toPrivate ? { ret: -EINVAL, error: '' } : CONVERT_OK };
-  if (slot.gmem === null) {
-    return { result: { ret: -EINVAL, error: `Convert non guest_memfd backed memory region (${hex(start)} ,+ ${hex(size)}) to ${toPrivate ? 'private' : 'shared'}` } };
-  }
-  const page = start / PAGE_SIZE - slot.baseGfn;
-  return { slot, page, pages: Math.min(size / PAGE_SIZE, slot.pages - page) };
-}
+export { type ConversionTarget, conversionTarget } from './kvm-convert-memory.ts';
 
 /** KVM_SET_MEMORY_ATTRIBUTES for a slot run, its failure worded as kvm_set_memory_attributes prints it. */
-export function* setAttributes(vm: Vm, slot: Memslot, page: number, pages: number, toPrivate: boolean): Steps<ConvertResult> {
-  const start = (slot.baseGfn + page) * PAGE_SIZE;
-  const attributes = toPrivate ? KVM_MEMORY_ATTRIBUTE_PRIVATE : 0;
-  try {
-    yield* vm.setMemoryAttributes({ address: start, size: pages * PAGE_SIZE, attributes, flags: 0 });
-  } catch (e) {
-    if (!(e instanceof KvmError)) throw e;
-    return { ret: -e.errno, error: `failed to set memory (${hex(start)}+${hex(pages * PAGE_SIZE)}) with attr ${hex(attributes)} error '${errnoName(e.errno)}'` };
-  }
-  return CONVERT_OK;
+export function setAttributes(vm: Vm, slot: Memslot, page: number, pages: number, toPrivate: boolean): Steps<ConvertResult> {
+  return kvmSetMemoryAttributes(vm, (slot.baseGfn + page) * PAGE_SIZE, pages, toPrivate ? KVM_MEMORY_ATTRIBUTE_PRIVATE : 0);
 }
 
 /** A bitmap's bytes as QEMU allocates it (bitmap_new: whole unsigned longs). */

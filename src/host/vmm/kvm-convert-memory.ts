@@ -80,6 +80,37 @@ export function* ramBlockDiscardRange(vm: Vm, slot: Memslot, page: number, count
   vm.mmuInvalidate.end();
 }
 
+/** The memslot run a conversion acts on, or the result it ends with at once. */
+export type ConversionTarget = { slot: Memslot; page: number; pages: number } | { result: ConvertResult };
+
+/**
+ * kvm_convert_memory's first checks (accel/kvm/kvm-all.c), shared by every design: an
+ * unaligned or empty range is -EINVAL (printed by nobody); memory_region_find at `start`,
+ * the range clipped to its region; a range outside every region is ignored to shared
+ * (TDX guests share vMMIO) and -EINVAL to private; memory without guest_memfd is refused.
+ */
+export function conversionTarget(vm: Vm, start: number, size: number, toPrivate: boolean): ConversionTarget {
+  if (start % PAGE_SIZE !== 0 || size % PAGE_SIZE !== 0 || size <= 0) return { result: { ret: -EINVAL, error: '' } };
+  const slot = vm.memory.findSlot(start / PAGE_SIZE);
+  if (slot === undefined) return { result: toPrivate ? { ret: -EINVAL, error: '' } : OK };
+  if (slot.gmem === null) {
+    return { result: { ret: -EINVAL, error: `Convert non guest_memfd backed memory region (${hex(start)} ,+ ${hex(size)}) to ${toPrivate ? 'private' : 'shared'}` } };
+  }
+  const page = start / PAGE_SIZE - slot.baseGfn;
+  return { slot, page, pages: Math.min(size / PAGE_SIZE, slot.pages - page) };
+}
+
+/** QEMU's kvm_set_memory_attributes: KVM_SET_MEMORY_ATTRIBUTES over `pages` pages from `start`, a failure worded as QEMU prints it. */
+export function* kvmSetMemoryAttributes(vm: Vm, start: number, pages: number, attributes: number): Steps<ConvertResult> {
+  try {
+    yield* vm.setMemoryAttributes({ address: start, size: pages * PAGE_SIZE, attributes, flags: 0 });
+  } catch (e) {
+    if (!(e instanceof KvmError)) throw e;
+    return { ret: -e.errno, error: `failed to set memory (${hex(start)}+${hex(pages * PAGE_SIZE)}) with attr ${hex(attributes)} error '${errnoName(e.errno)}'` };
+  }
+  return OK;
+}
+
 /**
  * QEMU's kvm_convert_memory (accel/kvm/kvm-all.c), in its order: KVM_SET_MEMORY_ATTRIBUTES;
  * then ram_block_attributes_state_change, which tells the RamDiscardManager's listeners
@@ -91,30 +122,16 @@ export function* ramBlockDiscardRange(vm: Vm, slot: Memslot, page: number, count
 export function* kvmConvertMemory(ram: GuestMemfdRam, start: number, size: number, toPrivate: boolean): Steps<ConvertResult> {
   const vm = ram.vm;
   const to = toPrivate ? 'private' : 'shared';
-  if (start % PAGE_SIZE !== 0 || size % PAGE_SIZE !== 0 || size <= 0) return { ret: -EINVAL, error: '' };
-  // memory_region_find: the section at `start`, clipped to its region.
-  const slot = vm.memory.findSlot(start / PAGE_SIZE);
-  if (slot === undefined) {
-    // "Ignore converting non-assigned region to shared": TDX guests share vMMIO explicitly.
-    return toPrivate ? { ret: -EINVAL, error: '' } : OK;
-  }
-  const rdm = ram.rdmOf(slot);
-  if (rdm === undefined) {
-    return { ret: -EINVAL, error: `Convert non guest_memfd backed memory region (${hex(start)} ,+ ${hex(size)}) to ${to}` };
-  }
-  const page = start / PAGE_SIZE - slot.baseGfn;
-  const pages = Math.min(size / PAGE_SIZE, slot.pages - page);
+  const t = conversionTarget(vm, start, size, toPrivate);
+  if ('result' in t) return t.result;
+  const { slot, page, pages } = t;
+  const rdm = ram.rdmOf(slot)!; // every guest_memfd slot has one
   const attributes = toPrivate ? KVM_MEMORY_ATTRIBUTE_PRIVATE : 0;
   const bugs = ram.injection.bugs;
   ram.notify((o) => o.converting(slot, page, pages, toPrivate));
   const setAttributes = function* (): Steps<ConvertResult | null> {
-    try {
-      yield* vm.setMemoryAttributes({ address: start, size: pages * PAGE_SIZE, attributes, flags: 0 });
-    } catch (e) {
-      if (!(e instanceof KvmError)) throw e;
-      return { ret: -e.errno, error: `failed to set memory (${hex(start)}+${hex(pages * PAGE_SIZE)}) with attr ${hex(attributes)} error '${errnoName(e.errno)}'` };
-    }
-    return null;
+    const r = yield* kvmSetMemoryAttributes(vm, start, pages, attributes);
+    return r.ret === 0 ? null : r;
   };
   const stateChange = function* (): Steps<ConvertResult | null> {
     const changed = yield* rdm.stateChange(page * PAGE_SIZE, pages * PAGE_SIZE, toPrivate);

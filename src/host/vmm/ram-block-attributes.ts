@@ -95,20 +95,21 @@ export class RamBlockAttributes {
    * the range is taken in whole blocks from the one holding `offset`.
    */
   isPopulated(offset: number, size: number): boolean {
-    this.checkInside(offset, size, 'isPopulated');
-    const bs = RamBlockAttributes.BLOCK_SIZE;
-    const first = Math.floor(offset / bs);
-    const last = first + Math.floor(size / bs) - 1;
-    return this.findNext(first, last + 1, false) > last;
+    return this.allBlocks(offset, size, true, 'isPopulated');
   }
 
   /** Every block of the range is discarded (private): nothing in it is populated. */
   isDiscarded(offset: number, size: number): boolean {
-    this.checkInside(offset, size, 'isDiscarded');
+    return this.allBlocks(offset, size, false, 'isDiscarded');
+  }
+
+  /** Every block of the range (whole blocks from the one holding `offset`) is populated, or every one discarded. */
+  private allBlocks(offset: number, size: number, populated: boolean, what: string): boolean {
+    this.checkInside(offset, size, what);
     const bs = RamBlockAttributes.BLOCK_SIZE;
     const first = Math.floor(offset / bs);
     const last = first + Math.floor(size / bs) - 1;
-    return this.findNext(first, last + 1, true) > last;
+    return this.findNext(first, last + 1, !populated) > last;
   }
 
   /** Blocks populated (shared) now. */
