@@ -61,6 +61,16 @@ describe('a confidential guest migrates its shared half', () => {
     expect(r.confidential!.sharedPages + r.confidential!.privatePages).toBe(2048);
   });
 
+  it('a conversion that runs while the migration thread yields before a batch\'s first page is not a private read (seeds where it did)', async () => {
+    // Three vCPUs and a 4 MiB/s cap: conversions land in the flush before a batch's first
+    // page; the probe must count from before that page's check, not from after the flush.
+    for (const seed of [130, 133, 136]) {
+      const r = await runMigration(cvm({ vcpus: '3', memoryBytes: '12MiB', bandwidth: '4MiB', seed: String(seed) }), DET);
+      expect(r.status, `seed ${seed}: ${r.reason ?? ''}`).toBe('passed');
+      expect(r.confidential!.privateTouches).toBe(0);
+    }
+  });
+
   it('migrate-private-pages: the migration thread reads the discarded (private) pages; the probe catches it on every seed, and it acted', async () => {
     for (const seed of [1, 2, 3]) {
       const r = await runMigration(cvm({ seed: String(seed), inject: ['migrate-private-pages'] }), DET);

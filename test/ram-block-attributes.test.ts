@@ -424,6 +424,7 @@ describe('VFIO RAM discard listener (QEMU hw/vfio/listener.c)', () => {
     expect(r.ok).toBe(false);
     if (r.ok) return;
     expect(r.reason).toBe('replay');
+    expect(r.ret, 'the failed map\'s errno').toBe(-ENOSPC);
     expect(r.error).toMatch(/Failed to register RAM discard listener: vfio_ram_discard_notify_populate: VFIO_IOMMU_MAP_DMA: ENOSPC/);
     expect(mapped(iommu, 0, 8)).toBe('00000000');
     expect(iommu.stats().entries).toBe(12);

@@ -1,5 +1,5 @@
 import { describe, expect, it } from 'vitest';
-import { EEXIST, EINVAL, PAGE_SIZE } from '../src/host/constants.ts';
+import { EEXIST, EINVAL, ENOSPC, PAGE_SIZE } from '../src/host/constants.ts';
 import { VFIO_DMA_MAP_FLAG_READ, VFIO_DMA_MAP_FLAG_WRITE } from '../src/host/iommu/constants.ts';
 import type { IommuBackendKind } from '../src/host/iommu/iommu-layout.ts';
 import { IoPte } from '../src/host/iommu/iommu-layout.ts';
@@ -262,6 +262,7 @@ describe('VFIO RAM discard listener edges (QEMU hw/vfio/listener.c)', () => {
     expect(r).toEqual({
       ok: false,
       reason: 'dma-mappings',
+      ret: -ENOSPC,
       error: 'vfio_ram_discard_register_listener: possibly running out of DMA mappings: 8 mappings of 4096 bytes for 1 RAM discard section(s)'
         + ' + 9 other memslots > 16. Maximum possible DMA mappings: 16, Maximum possible memslots: 10 (raise type1\'s dma_entry_limit, or use iommufd)',
     });

@@ -60,8 +60,8 @@ export class InPlaceGuestMemfd {
    * private, every page must be free of extra references first (nothing converted
    * otherwise: -EAGAIN naming the first held page). Then KVM's view follows (zap and
    * flush, attributes stored: Vm.setMemoryAttributes), then the file's shareability.
-   * `ignorePins` converts held pages anyway (the catalogued bug
-   * inplace-convert-while-pinned); how many it converted so is returned.
+   * `ignorePins` converts held pages anyway (the bug inplace-convert-while-pinned, not
+   * catalogued yet); how many it converted so is returned.
    */
   *convert(vm: Vm, page: number, count: number, toPrivate: boolean, ignorePins = false): Steps<InPlaceConvertResult> {
     let held = 0;

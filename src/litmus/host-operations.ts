@@ -1,5 +1,5 @@
 import {
-  EEXIST, EFAULT, EINVAL, ENOSPC, EXIT_REASON_NAMES, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, KVM_DIRTY_GFN_F_DIRTY,
+  EFAULT, EXIT_REASON_NAMES, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, KVM_DIRTY_GFN_F_DIRTY,
   KVM_DIRTY_GFN_F_RESET, KVM_MEMORY_ATTRIBUTE_PRIVATE, PAGE_SIZE,
 } from '../host/constants.ts';
 import type { PassthroughDma } from '../host/devices/passthrough-dma.ts';
@@ -211,7 +211,7 @@ export class HostOperations {
         r.notes.push(`vfio_ram_discard_register_listener for slot ${slotName(slot)} (the replay maps what is shared)`);
         const before = vm.iommu!.stats().entries;
         const reg = yield* vfioRamDiscardRegisterListener(cvm.container!, cvm.ram!.rdmOf(slot)!, wholeSection(slot));
-        if (!reg.ok) throw new KvmError(reg.reason === 'dma-mappings' ? ENOSPC : reg.error.includes('EEXIST') ? EEXIST : EINVAL, 'vfio_ram_discard_register_listener', reg.error);
+        if (!reg.ok) throw new KvmError(-reg.ret, 'vfio_ram_discard_register_listener', reg.error);
         r.notes.push(`registered; ${vm.iommu!.stats().entries - before} mapping(s) made`);
         return;
       }

@@ -68,7 +68,7 @@ export const EXPECT_KEYS: Record<string, string[]> = {
   'serve-exits': ['error'],
 };
 
-/** The VM has private memory: a slot with KVM_MEM_GUEST_MEMFD. */
+/** The VM's type has private memory (the loader sets it when a slot has KVM_MEM_GUEST_MEMFD). */
 export function hasPrivateMemory(vm: VmConfig): boolean {
   return vm.privateMem === true;
 }

@@ -169,7 +169,7 @@ export function* precopy(
     let sentZero = 0;
     const batch: number[] = [];
     let batchSlot: Memslot | null = null;
-    /** Conversions finished when the batch's first page was checked (pagesOf). */
+    /** Conversions finished before the batch's first page was checked (pagesOf). */
     let doneAtCheck = 0;
     const flush = function* (): Steps {
       // Cancelled, or the destination failed: nothing more goes out (the pass ends at once).
@@ -197,6 +197,8 @@ export function* precopy(
         const g = slot.firstPage + page;
         if ((g & 31) === 0 && dirty.words[g >>> 5] === 0) { page += 31; continue; } // a clean word: skip 32 pages
         if (!dirty.isDirty(g)) continue;
+        // Conversions finished before this page's check (pagesOf's probe excuses any conversion since).
+        const doneBeforeCheck = slot.rdmBitmap !== null ? Atomics.load(vm.global, GlobalWord.CONVERSIONS_DONE) : 0;
         if (slot.rdmBitmap !== null && (slot.rdmBitmap[page >>> 5]! & (1 << (page & 31))) === 0) {
           // ramblock_page_is_discarded: a private page's shared memory is discarded; even
           // reading it might populate it again (migration/ram.c). Never read, never sent.
@@ -210,7 +212,8 @@ export function* precopy(
           yield* log.beforeCopy(slot, page, dirty);
         }
         if (batchSlot !== slot || batch.length >= p.batchPages) { yield* flush(); batchSlot = slot; }
-        if (batch.length === 0) doneAtCheck = Atomics.load(vm.global, GlobalWord.CONVERSIONS_DONE);
+        // The batch's first page was checked first: its count is the oldest, which excuses the most.
+        if (batch.length === 0) doneAtCheck = doneBeforeCheck;
         batch.push(page);
         dirty.words[g >>> 5]! &= ~(1 << (g & 31));
       }

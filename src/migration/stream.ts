@@ -86,7 +86,10 @@ export function encodeSync(pass: number): Uint8Array {
 }
 
 export function encodeAttributes(slot: number, shared: Uint32Array): Uint8Array {
-  return frame({ t: 'attributes', slot, shared: new Uint8Array(shared.buffer.slice(shared.byteOffset, shared.byteOffset + shared.byteLength)) }, 0).buf;
+  const bytes = new Uint8Array(shared.length * 4);
+  const dv = new DataView(bytes.buffer);
+  for (let i = 0; i < shared.length; i++) dv.setUint32(i * 4, shared[i]!, true);
+  return frame({ t: 'attributes', slot, shared: bytes }, 0).buf;
 }
 
 export function encodeComplete(normal: number, zero: number, checksum: number): Uint8Array {
@@ -255,7 +258,8 @@ export class StreamDecoder {
       throw new StreamError(`${where}: attributes for slot ${slot.id} must be ${bytes} bytes (one bit per page of ${slot.pages}), got ${raw instanceof Uint8Array ? raw.length : typeof raw}`);
     }
     const shared = new Uint32Array(bytes / 4);
-    new Uint8Array(shared.buffer).set(raw);
+    const dv = new DataView(raw.buffer, raw.byteOffset, raw.byteLength);
+    for (let i = 0; i < shared.length; i++) shared[i] = dv.getUint32(i * 4, true);
     return { t: 'attributes', slot: slotField, shared };
   }
 

@@ -430,7 +430,7 @@ export const OPTIONS = [
   }),
   def({
     key: 'mapGpa', flag: '--map-gpa', arg: '<abi>', yaml: 'vm.map_gpa', kinds: MIGRATE,
-    help: 'a confidential guest\'s explicit conversions: kvm (KVM_HC_MAP_GPA_RANGE, one exit per call) or tdx (a TD\'s TDG.VP.VMCALL<MapGPA>: one KVM_EXIT_HYPERCALL per 2 MiB chunk, TDVMCALL_STATUS_RETRY between chunks when an interrupt is pending)',
+    help: 'a confidential guest\'s explicit conversions: kvm (KVM_HC_MAP_GPA_RANGE, one exit per call) or tdx (a TD\'s TDG.VP.VMCALL<MapGPA>: one KVM_EXIT_HYPERCALL per 2 MiB chunk; RETRY between chunks needs a pending interrupt, which nothing in a scenario raises)',
     parse: (r, w) => oneOf(r, w, MAP_GPA_ABIS, 'MapGPA ABI', 'kvm or tdx'), format: (v) => v, defaults: same<MapGpaAbi>('kvm'),
   }),
 ] as const;

@@ -9,6 +9,7 @@ import { type DeviceSetup, checkDeviceSetup } from './devices.ts';
 import { CONVERSION_AREA_PAGES } from '../guest/private-mem-conversions.ts';
 import { DEVICE_BUFFER_PAGES, SWIOTLB_PAGES } from '../guest/confidential-guest.ts';
 import { KVM_USER_MEM_SLOTS } from '../host/constants.ts';
+import { possibleDmaMappings } from '../host/vmm/vfio-ram-discard-listener.ts';
 import { demoOf } from './demos.ts';
 import type { DirtyLogTestConfig } from './dirty-log-test.ts';
 import type { MigrationScenario } from './migration.ts';
@@ -156,7 +157,7 @@ function checkConfidential(r: Resolved, devices: DeviceSetup): void {
   // vfio_ram_discard_register_listener's check, before anything runs: one 4 KiB mapping per
   // page of the guest_memfd block, plus one for each other memslot KVM allows, must fit the
   // container's dma_entry_limit (iommufd has none).
-  const mappings = s.memoryBytes / PAGE_SIZE + KVM_USER_MEM_SLOTS - 1;
+  const mappings = possibleDmaMappings(s.memoryBytes / PAGE_SIZE, 1);
   if (devices.devices.length > 0 && devices.backend === 'type1' && mappings > devices.dmaEntryLimit) {
     throw new UserError(`${where('memoryBytes')}: ${formatSize(s.memoryBytes)} of guest_memfd memory can take ${s.memoryBytes / PAGE_SIZE} DMA mappings of 4 KiB, and the ${KVM_USER_MEM_SLOTS - 1} other memslots KVM allows one each: ${mappings} > ${r.where('dmaEntryLimit')} ${devices.dmaEntryLimit} (type1's dma_entry_limit), so VFIO would refuse to register ("possibly running out of DMA mappings"); use less memory, a larger limit, or ${r.where('iommu')} iommufd`);
   }

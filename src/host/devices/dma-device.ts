@@ -139,7 +139,7 @@ export abstract class DmaDevice implements Device {
     this.acknowledge();
     // A confidential guest hands the device its bounce buffers once they are shared; VFIO
     // maps them as it registers with the RamDiscardManager (the VMM's thread, running now).
-    while (this.sharedArea !== null && !this.buffers.every((b) => this.iommu.table.gfn(b.iova) === b.gfn)) {
+    while (this.sharedArea !== null && !this.buffers.every((b) => this.iommu.table.present(b.iova) && this.iommu.table.gfn(b.iova) === b.gfn)) {
       yield* actor.gate();
       yield waitFor(WaitCode.DMA_BUFFERS, this.index);
     }

@@ -4,6 +4,7 @@ import type { Iommu } from '../iommu/iommu.ts';
 import type { Memslot } from '../memslot.ts';
 import type { Vm } from '../vm.ts';
 import { type ConvertResult, kvmSetMemoryAttributes, ramBlockDiscardRange } from './kvm-convert-memory.ts';
+import { possibleDmaMappings } from './vfio-ram-discard-listener.ts';
 import type { Steps } from '../../roles/role.ts';
 
 /**
@@ -123,7 +124,7 @@ export function vfioDmaMappingsCheck(iommu: Iommu, mappings: number, sections: n
   const s = iommu.stats();
   if (s.dmaEntryLimit === null) return null;
   const max = Math.max(0, s.dmaEntryLimit - s.entries);
-  if (mappings + KVM_USER_MEM_SLOTS - sections <= max) return null;
+  if (possibleDmaMappings(mappings, sections) <= max) return null;
   return `possibly running out of DMA mappings: ${mappings} mappings of ${PAGE_SIZE} bytes for ${sections} section(s) + ${KVM_USER_MEM_SLOTS - sections} other memslots > ${max}. `
     + `Maximum possible DMA mappings: ${max}, Maximum possible memslots: ${KVM_USER_MEM_SLOTS} (raise type1's dma_entry_limit, or use iommufd)`;
 }

@@ -38,8 +38,8 @@ export class ExitHandler {
   /** vCPUs the progress check found stalled. */
   readonly stalled = new Set<number>();
 
-  /** Called before each conversion, and after each that succeeded (the VMM marks what it changed for migration). */
-  onConvert: { before(): void; after(gpa: number, size: number): void } | null = null;
+  /** Called before each conversion and after it, failed or not (the VMM marks what it changed for migration). */
+  onConvert: { before(): void; after(gpa: number, size: number, ok: boolean): void } | null = null;
 
   constructor(readonly vmm: VmmControl, private readonly ringFullUnhandled = false) {
     this.parkedAtCheck = new Array<number>(vmm.vcpus).fill(-1);
@@ -117,8 +117,8 @@ export class ExitHandler {
   private *convert(ram: GuestMemfdRam, vcpu: number, gpa: number, size: number, toPrivate: boolean): Steps<ExitError | null> {
     this.onConvert?.before();
     const r = yield* kvmConvertMemory(ram, gpa, size, toPrivate);
+    this.onConvert?.after(gpa, size, r.ret >= 0);
     if (r.ret < 0) return { vcpu, error: `kvm_convert_memory(0x${gpa.toString(16)}, 0x${size.toString(16)}) failed: ${r.error || `ret ${r.ret}`}` };
-    this.onConvert?.after(gpa, size);
     this.vmm.reenter(vcpu);
     return null;
   }

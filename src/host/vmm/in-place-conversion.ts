@@ -14,7 +14,8 @@ import { hex } from '../../util/hex.ts';
 
 export interface InPlaceOptions extends DesignOptions {
   /**
-   * The catalogued bug inplace-convert-while-pinned: shared -> private goes ahead while
+   * The bug inplace-convert-while-pinned (not in the catalog yet: it needs this design in a
+   * scenario): shared -> private goes ahead while
    * VFIO's pin still holds the page (the VMM skips the unmap, and guest_memfd's
    * reference check lets it through): the device keeps its mapping, and its pin, of a
    * page that is now private.

@@ -56,9 +56,11 @@ export function* kvmCpuExec(vm: Vm, o: { injection: ConversionInjection; watch: 
   };
   exits.onConvert = {
     before: () => { Atomics.add(g, GlobalWord.CONVERSIONS_STARTED, 1); },
-    after: (gpa, size) => {
+    after: (gpa, size, ok) => {
+      // A failed conversion may have changed part of the range all the same: migration looks at it again.
       markVmmDirty(vm, gpa, size);
-      watch?.converted(ram, gpa, size);
+      if (ok) watch?.converted(ram, gpa, size);
+      // Finished either way: a read racing it is excused only while it runs (precopy.ts pagesOf).
       Atomics.add(g, GlobalWord.CONVERSIONS_DONE, 1);
       reportFindings();
     },

@@ -1,4 +1,4 @@
-import { EINVAL, ENOSPC, PAGE_SIZE } from '../constants.ts';
+import { PAGE_SIZE } from '../constants.ts';
 import type { Vm } from '../vm.ts';
 import {
   CONVERT_OK, type ConversionDesign, type DesignOptions, type ConversionStats, Ioctl, IoctlCounts, bitmapBytes, conversionTarget,
@@ -36,7 +36,7 @@ export class RdmConversion implements ConversionDesign {
     this.container = this.o.registrationCheck === false ? { ...base, dmaMaxMappings: 0 } : base;
     for (const [slot, rdm] of this.ram.blocks) {
       const r = yield* vfioRamDiscardRegisterListener(this.container, rdm, wholeSection(slot));
-      if (!r.ok) return { ret: r.reason === 'dma-mappings' ? -ENOSPC : -EINVAL, error: r.error };
+      if (!r.ok) return { ret: r.ret, error: r.error };
     }
     return CONVERT_OK;
   }

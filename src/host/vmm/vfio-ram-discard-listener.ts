@@ -1,4 +1,4 @@
-import { ENOENT, KVM_USER_MEM_SLOTS, PAGE_SIZE } from '../constants.ts';
+import { ENOENT, ENOSPC, KVM_USER_MEM_SLOTS, PAGE_SIZE } from '../constants.ts';
 import { VFIO_DMA_MAP_FLAG_READ, VFIO_DMA_MAP_FLAG_WRITE } from '../iommu/constants.ts';
 import { LockHolder } from '../iommu/domain-lock.ts';
 import type { IoctlResult, Iommu } from '../iommu/iommu.ts';
@@ -133,8 +133,20 @@ export class VfioRamDiscardListener implements RamDiscardListener {
 /** What vfio_ram_discard_register_listener ended with. */
 export type VfioRamDiscardRegistration =
   | { ok: true; listener: VfioRamDiscardListener }
-  /** replay: a populated part could not be mapped (QEMU exits); dma-mappings: the container's limit could be exceeded. */
-  | { ok: false; reason: 'replay' | 'dma-mappings'; error: string };
+  /**
+   * replay: a populated part could not be mapped (QEMU exits), `ret` the map's -errno;
+   * dma-mappings: the container's limit could be exceeded, `ret` -ENOSPC.
+   */
+  | { ok: false; reason: 'replay' | 'dma-mappings'; ret: number; error: string };
+
+/**
+ * The registration check's figure: every RAM discard section's mappings (one per granule)
+ * plus one for each other memslot KVM could have (kvm_get_max_memslots). More than the
+ * container can hold and QEMU refuses the device ("possibly running out of DMA mappings").
+ */
+export function possibleDmaMappings(mappings: number, sections: number, maxMemslots = KVM_USER_MEM_SLOTS): number {
+  return mappings + maxMemslots - sections;
+}
 
 /**
  * vfio_ram_discard_register_listener, for a RAM section whose memory region has a
@@ -156,16 +168,16 @@ export function* vfioRamDiscardRegisterListener(container: VfioContainer, rdm: R
   container.vrdlList.unshift(vrdl);
   if (replay.ret !== 0) {
     yield* vfioRamDiscardUnregisterListener(container, rdm, section);
-    return { ok: false, reason: 'replay', error: replay.detail };
+    return { ok: false, reason: 'replay', ret: replay.ret, error: replay.detail };
   }
   if (container.dmaMaxMappings !== 0) {
     let mappings = 0;
     for (const v of container.vrdlList) mappings += v.maxMappings;
     const sections = container.vrdlList.length;
-    if (mappings + container.maxMemslots - sections > container.dmaMaxMappings) {
+    if (possibleDmaMappings(mappings, sections, container.maxMemslots) > container.dmaMaxMappings) {
       yield* vfioRamDiscardUnregisterListener(container, rdm, section);
       return {
-        ok: false, reason: 'dma-mappings',
+        ok: false, reason: 'dma-mappings', ret: -ENOSPC,
         error: `vfio_ram_discard_register_listener: possibly running out of DMA mappings: ${mappings} mappings of ${vrdl.granularity} bytes for ${sections} RAM discard section(s)`
           + ` + ${container.maxMemslots - sections} other memslots > ${container.dmaMaxMappings}. Maximum possible DMA mappings: ${container.dmaMaxMappings},`
           + ` Maximum possible memslots: ${container.maxMemslots} (raise type1's dma_entry_limit, or use iommufd)`,
