@@ -116,9 +116,13 @@ describe('a confidential scenario refuses what it cannot run, naming the setting
   });
   it('in a scenario file, a default that does not fit is blamed on the confidential setting that was written', () => {
     const path = join(mkdtempSync(join(tmpdir(), 'vmemlab-')), 'cvm.yaml');
-    writeFileSync(path, 'kind: migrate\nvm: {confidential: shared}\n');
+    writeFileSync(path, 'kind: migrate\nvm: {confidential: shared}\ndevices: [{kind: dma-engine, identity: true}]\n');
     const f = loadScenario(path);
-    expect(() => buildMigration(resolve(f.kind, [f.layer]))).toThrow(`${path}: vm.confidential: a confidential guest runs the convert workload (private_mem_conversions_test's guest), not hotset`);
+    expect(() => buildMigration(resolve(f.kind, [f.layer]))).toThrow(`${path}: vm.confidential: 256MiB of guest_memfd memory can take 65536 DMA mappings of 4 KiB`);
+  });
+
+  it('a confidential guest runs the convert workload unless told otherwise', () => {
+    expect(migrationSetup({ confidential: 'shared' } as never).scenario.workload.name).toBe('convert');
   });
 
   it('an unknown confidential mode', () => {

@@ -170,6 +170,8 @@ function checkConfidential(r: Resolved, devices: DeviceSetup): void {
 /** A migration's scenario from resolved settings (cross-setting checks included). */
 export function buildMigration(r: Resolved): MigrationSetup {
   const s = r.s;
+  // A confidential guest's workload is convert unless another was asked for (and refused below).
+  if (s.confidential !== 'off' && !r.given('workload')) s.workload = 'convert';
   const { bugs, mode } = bugsAndMode(r, 'migrate');
   // QEMU's migrate_caps_check: the dirty-limit capability needs KVM's dirty ring.
   if (s.policy === 'dirty-limit' && mode !== 'dirty-ring') throw new UserError(`${r.where('policy')}: dirty-limit needs the dirty ring (QEMU's dirty-limit capability requires dirty-ring-size), not ${r.where('tracking')} ${mode}`);
