@@ -1,5 +1,6 @@
 import { KVM_MEMORY_ATTRIBUTE_PRIVATE, PAGE_SIZE } from '../host/constants.ts';
 import type { MemoryAttributes } from '../host/memory-attributes.ts';
+import type { Memslot } from '../host/memslot.ts';
 import type { GuestMemory } from '../host/guest-memory.ts';
 import { DEST_WORDS, DestState, DestWord } from './channel.ts';
 import { PAGE_NORMAL, type PageBatch, type StreamRecord, type StreamSlot, StreamDecoder, StreamError } from './stream.ts';
@@ -97,6 +98,17 @@ export class Destination {
   }
 
   /**
+   * QEMU's ram_handle_zero: write only if the page is not zero already, so that untouched
+   * destination memory stays uncommitted (and, if fresh, is not even read).
+   */
+  private zeroPage(slot: Memslot, page: number): void {
+    const untouched = this.written !== null && this.written[slot.firstPage + page] === 0;
+    if (untouched || slot.isZeroPage(page)) return;
+    const off = slot.byteOffset(page);
+    slot.bytes(page).fill(0, off, off + PAGE_SIZE);
+  }
+
+  /**
    * A confidential guest's shared/private state of one slot, as the destination's VMM
    * converts its memory before the guest runs: each private page gets the PRIVATE
    * attribute and its shared memory is discarded (zeros; QEMU's ram_block_discard_range),
@@ -111,10 +123,7 @@ export class Destination {
     for (let page = 0; page < slot.pages; page++) {
       const shared = (r.shared[page >>> 5]! & (1 << (page & 31))) !== 0;
       this.attributes.store({ slot, page, count: 1 }, shared ? 0 : KVM_MEMORY_ATTRIBUTE_PRIVATE);
-      if (!shared && (this.written === null || this.written[slot.firstPage + page] !== 0) && !slot.isZeroPage(page)) {
-        const off = slot.byteOffset(page);
-        slot.bytes(page).fill(0, off, off + PAGE_SIZE);
-      }
+      if (!shared) this.zeroPage(slot, page);
     }
     slot.rdmBitmap?.set(r.shared);
   }
@@ -135,10 +144,7 @@ export class Destination {
       const dst = slot.bytes(page);
       const off = slot.byteOffset(page);
       if (kinds[i] !== PAGE_NORMAL) {
-        // QEMU's ram_handle_zero: write only if the page is not zero already, so that
-        // untouched destination memory stays uncommitted (and, if fresh, is not even read).
-        const untouched = this.written !== null && this.written[slot.firstPage + page] === 0;
-        if (!untouched && !slot.isZeroPage(page)) dst.fill(0, off, off + PAGE_SIZE);
+        this.zeroPage(slot, page);
         this.stats.zero++;
         i++;
         continue;

@@ -1,9 +1,10 @@
 import { PAGE_SIZE } from '../host/constants.ts';
 import type { Memslot } from '../host/memslot.ts';
+import { slotRanges } from '../host/memory-attributes.ts';
 import type { Vm } from '../host/vm.ts';
 import type { ConversionObserver, GuestMemfdRam } from '../host/vmm/kvm-convert-memory.ts';
 import type { ConversionWatch } from '../host/vmm/kvm-cpu-exec.ts';
-import { RDM_OK, type RamDiscardListener, type RamDiscardResult, type RamSection, wholeSection } from '../host/vmm/ram-block-attributes.ts';
+import { RDM_OK, type RamBlockAttributes, type RamDiscardListener, type RamDiscardResult, type RamSection, wholeSection } from '../host/vmm/ram-block-attributes.ts';
 import type { Steps } from '../roles/role.ts';
 import { hex } from '../util/hex.ts';
 
@@ -24,6 +25,12 @@ export type PrivateMemoryFindingKind = (typeof PRIVATE_MEMORY_FINDING_KINDS)[num
 
 export interface PrivateMemoryFinding { kind: PrivateMemoryFindingKind; slot: number; gfn: number; detail: string }
 
+/** The RamDiscardManager disagrees with KVM's attribute (`priv`) on a page: the finding, worded after `when`, or null. */
+function rdmDrift(slot: Memslot, rdm: RamBlockAttributes, page: number, priv: boolean, when: string): PrivateMemoryFinding | null {
+  if (rdm.isPopulated(page * PAGE_SIZE, PAGE_SIZE) !== priv) return null;
+  return { kind: 'rdm-drift', slot: slot.id, gfn: slot.baseGfn + page, detail: `${when} ${priv ? 'private' : 'shared'}, the RamDiscardManager ${priv ? 'populated (shared)' : 'discarded (private)'}` };
+}
+
 export function checkPrivateMemory(vm: Vm, ram: GuestMemfdRam, max = 16): { findings: PrivateMemoryFinding[]; count: number } {
   const attributes = vm.attributes;
   const findings: PrivateMemoryFinding[] = [];
@@ -38,9 +45,8 @@ export function checkPrivateMemory(vm: Vm, ram: GuestMemfdRam, max = 16): { find
     for (let page = 0; page < slot.pages; page++) {
       const gfn = slot.baseGfn + page;
       const priv = attributes.isPrivate(slot, page);
-      if (rdm.isPopulated(page * PAGE_SIZE, PAGE_SIZE) === priv) {
-        found({ kind: 'rdm-drift', slot: slot.id, gfn, detail: `KVM says ${priv ? 'private' : 'shared'}, the RamDiscardManager ${priv ? 'populated (shared)' : 'discarded (private)'}` });
-      }
+      const drift = rdmDrift(slot, rdm, page, priv, 'KVM says');
+      if (drift !== null) found(drift);
       if (!priv) continue;
       const iova = mappedAt.get(gfn);
       if (iova !== undefined) found({ kind: 'mapping-left', slot: slot.id, gfn, detail: `private, still mapped in the IOMMU at IOVA ${hex(iova * PAGE_SIZE)}` });
@@ -102,14 +108,12 @@ export class ConversionOracle implements ConversionObserver, RamDiscardListener,
   /** ConversionWatch: after a conversion, over its range the RamDiscardManager says shared exactly where KVM does. */
   converted(ram: GuestMemfdRam, gpa: number, size: number): void {
     const first = gpa / PAGE_SIZE;
-    for (let gfn = first; gfn < first + size / PAGE_SIZE; gfn++) {
-      const slot = this.vm.memory.findSlot(gfn);
-      const rdm = slot && ram.rdmOf(slot);
-      if (!slot || !rdm) continue;
-      const page = gfn - slot.baseGfn;
-      const priv = this.vm.attributes!.isPrivate(slot, page);
-      if (rdm.isPopulated(page * PAGE_SIZE, PAGE_SIZE) === priv) {
-        this.record({ kind: 'rdm-drift', slot: slot.id, gfn, detail: `after its conversion KVM says ${priv ? 'private' : 'shared'}, the RamDiscardManager ${priv ? 'populated (shared)' : 'discarded (private)'}` });
+    for (const { slot, page: from, count } of slotRanges(this.vm.memory, first, first + size / PAGE_SIZE)) {
+      const rdm = ram.rdmOf(slot);
+      if (rdm === undefined) continue;
+      for (let page = from; page < from + count; page++) {
+        const drift = rdmDrift(slot, rdm, page, this.vm.attributes!.isPrivate(slot, page), 'after its conversion KVM says');
+        if (drift !== null) this.record(drift);
       }
     }
   }

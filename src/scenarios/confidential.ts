@@ -39,12 +39,13 @@ export function sharedAreaOf(slots: readonly GuestRange[], vcpus: number): Guest
  * kvm_set_phys_mem sets the PRIVATE attribute over each guest_memfd slot), then the guest
  * shares all its bounce buffers at once (a conversion, with no listener registered yet:
  * VFIO's listener registers as the VMM's conversion thread starts, and its replay maps
- * them). `area` is the devices' part (sharedAreaOf).
+ * them).
  */
-export function bootConfidential(vm: Vm, area: GuestRange): void {
+export function bootConfidential(vm: Vm): void {
   const ram = new GuestMemfdRam(vm);
   runAlone(ram.setupPrivate(), 'setting guest memory private');
-  const r = runAlone(kvmConvertMemory(ram, area.baseGfn * PAGE_SIZE, SWIOTLB_PAGES * PAGE_SIZE, false), 'sharing the bounce buffers');
+  const swiotlb = swiotlbBase(vm.memory.slots[0]!.baseGfn, vm.layout.config.vcpus);
+  const r = runAlone(kvmConvertMemory(ram, swiotlb * PAGE_SIZE, SWIOTLB_PAGES * PAGE_SIZE, false), 'sharing the bounce buffers');
   if (r.ret < 0) throw new Error(`sharing the bounce buffers failed: ${r.error || r.ret}`);
 }
 

@@ -155,7 +155,7 @@ export async function runMigration(s: MigrationScenario, o: MigrationRunOptions)
   const vm = vmFor(source, s.bugs);
   vm.populate();
   const devices = devicesOf(s);
-  if (devices.sharedArea) bootConfidential(vm, devices.sharedArea);
+  if (isConfidential(s)) bootConfidential(vm);
   attachDevices(vm, devices, s.seed);
   let driver: DeterministicDriver | null = null;
   if (o.driver === 'deterministic') vm.history?.useStepClock(() => driver?.stepCount ?? 0);

@@ -1,5 +1,6 @@
 import { type PageBitmap, popcount32 } from '../dirty-bitmap.ts';
 import { PAGE_SIZE } from '../constants.ts';
+import { slotRanges } from '../memory-attributes.ts';
 import type { Memslot } from '../memslot.ts';
 import type { Vm } from '../vm.ts';
 import type { Steps } from '../../roles/role.ts';
@@ -14,13 +15,9 @@ import type { DirtySource, SourceTally } from './dirty-source.ts';
  */
 export function markVmmDirty(vm: Vm, gpa: number, size: number): void {
   const first = Math.floor(gpa / PAGE_SIZE);
-  const end = first + Math.ceil(size / PAGE_SIZE);
-  for (let gfn = first; gfn < end;) {
-    const slot = vm.memory.findSlot(gfn);
-    if (slot === undefined || slot.vmmDirtyBitmap === null) { gfn++; continue; }
-    const to = Math.min(end, slot.endGfn);
-    for (let p = gfn - slot.baseGfn; p < to - slot.baseGfn; p++) Atomics.or(slot.vmmDirtyBitmap, p >>> 5, 1 << (p & 31));
-    gfn = to;
+  for (const { slot, page, count } of slotRanges(vm.memory, first, first + Math.ceil(size / PAGE_SIZE))) {
+    const words = slot.vmmDirtyBitmap;
+    if (words !== null) for (let p = page; p < page + count; p++) Atomics.or(words, p >>> 5, 1 << (p & 31));
   }
 }
 
