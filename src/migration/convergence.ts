@@ -63,6 +63,8 @@ export function expectedDowntime(m: PassMeasure, p: ConvergenceParams): { bandwi
   const ms = Math.max(m.ms, 1e-3);
   const bandwidth = (m.bytesSent * 1000) / ms;
   const bw = p.bandwidth > 0 ? Math.min(bandwidth, p.bandwidth) : bandwidth;
+  // Nothing left converges whatever the bandwidth (QEMU: must_precopy <= threshold_size, 0 <= 0), even after a pass that sent nothing.
+  if (m.remainingBytes === 0) return { bandwidth, expectedMs: 0 };
   return { bandwidth, expectedMs: bw > 0 ? (m.remainingBytes * 1000) / bw : Infinity };
 }
 
