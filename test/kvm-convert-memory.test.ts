@@ -174,7 +174,7 @@ describe('the private memory oracle', () => {
       'shared-not-discarded: slot 1 gfn 0x205: private, its shared memory still holds data',
     ]);
     expect(r.count).toBe(5);
-    expect(checkPrivateMemory(vm, ram, 2)).toMatchObject({ count: 5, findings: [{ gfn: G + 2 }, { gfn: G + 2 }] });
+    expect(checkPrivateMemory(vm, ram, { max: 2 })).toMatchObject({ count: 5, findings: [{ gfn: G + 2 }, { gfn: G + 2 }] });
   });
 });
 

@@ -3,6 +3,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { CATALOG } from '../src/bugs/catalog.ts';
+import { CONVERSION_DESIGNS, type ConversionDesignName } from '../src/host/vmm/conversion-design.ts';
 import { formatLitmusOutcome, loadLitmus, parseLitmus, runLitmus } from '../src/litmus/index.ts';
 import { UserError } from '../src/util/errors.ts';
 
@@ -65,6 +66,8 @@ describe('injected bugs make the examples that show them fail', () => {
     ['attributes-before-zap', '14-zap-before-attributes.yaml', 'expect.findings: expected [], actual: [stale-store]'],
     ['rdm-bitmap-drift', '15-late-listener-replays-shared.yaml', 'expect.iommu[0x100]: expected unmapped, actual: 0x100'],
     ['split-huge-mapping', '16-map-per-granule.yaml', "actors.host[3] 'dma 0x201 4': expected faulted: true, actual: false"],
+    ['inplace-convert-while-pinned', '17-inplace-unmap-before-private.yaml', "actors.host[3] 'dma 0x100 6': expected faulted: true, actual: false"],
+    ['inplace-convert-while-pinned', '17-inplace-unmap-before-private.yaml', 'expect.findings: expected [], actual: [mapping-left]'],
   ];
 
   it.each(cases)('%s fails %s', (bug, f, message) => {
@@ -72,6 +75,15 @@ describe('injected bugs make the examples that show them fail', () => {
     expect(o.passed).toBe(false);
     expect(o.failures.some((l) => l.startsWith(`${join(DIR, f)}: `) && l.includes(message)), o.failures.join('\n')).toBe(true);
     expect(o.log[1]).toContain(`injected bugs: ${bug}`);
+    // The bug did act (vm.acts), and the trace says so.
+    expect(o.injections.map((i) => [i.bug, i.acted > 0])).toEqual([[bug, true]]);
+    expect(o.log.some((l) => l.startsWith(`injected bug ${bug}: acted `))).toBe(true);
+  });
+
+  it('a bug that never acted is reported as such', () => {
+    const o = runLitmus(loadLitmus(join(DIR, '03-two-writes-log-once.yaml')), { bugs: ['inplace-convert-while-pinned'] });
+    expect(o.injections).toEqual([{ bug: 'inplace-convert-while-pinned', acted: 0, idle: expect.any(String) }]);
+    expect(o.log.some((l) => l.startsWith('injected bug inplace-convert-while-pinned: never acted ('))).toBe(true);
   });
 
   it('every catalogued kernel or userspace bug is caught by some example', () => {
@@ -338,6 +350,8 @@ interleaving: [host, vcpu0, vcpu0, host]
   });
 });
 
+const INPLACE = '17-inplace-unmap-before-private.yaml';
+
 describe('confidential memory in litmus files', () => {
   const base = text('10-private-memory-conversion.yaml');
 
@@ -371,8 +385,81 @@ describe('confidential memory in litmus files', () => {
     [base.replace('tracking: dirty-log', 'tracking: dirty-log\nexpect_nothing: 1'), 'expect_nothing: unknown field'],
     [text('11-convert-unmaps-before-private.yaml').replace('iommu: type1', 'iommu: vfio'), "vm.iommu: expected"],
     [text('11-convert-unmaps-before-private.yaml').replace('iommu: type1', 'iommu: {backend: iommufd, dma_entry_limit: 5}'), 'vm.iommu.dma_entry_limit: only type1 has a dma_entry_limit'],
+    [edited(INPLACE, 'conversion_design: in-place', 'conversion_design: in-pace'), "vm.conversion_design: 'in-pace' is not one of: rdm, notifier, in-place, kvm-iommu"],
+    [edited(INPLACE, 'flags: [GUEST_MEMFD]', 'flags: []'), 'vm.conversion_design: in-place converts guest_memfd memory: the VM needs a slot with flags [GUEST_MEMFD]'],
+    [edited(INPLACE, '  iommu: type1\n', ''), 'vm.conversion_design: in-place attaches an assigned device: the VM needs vm.iommu (type1 or iommufd)'],
+    [edited(INPLACE, '  host:\n', '  host:\n    - vfio-register 1\n'), "actors.host[0]: 'vfio-register 1': with vm.conversion_design in-place the design attaches the device in its set-up"],
   ])('bad input is one line naming the file, the field and the value (%#)', (source, message) => {
     const msg = userError(() => parseLitmus(source, 'bad.yaml'));
     expect(msg.split('\n').some((l) => l.startsWith('bad.yaml: ') && l.includes(message)), msg).toBe(true);
+  });
+});
+
+describe('conversion designs (vm.conversion_design)', () => {
+  /** A page shared, written by the device, taken back: with rdm the file registers VFIO's listener itself. */
+  const file = (design: ConversionDesignName): string => `name: ${design} converts for the device
+vm:
+  slots: [{id: 1, base_gfn: 0x100, pages: 16, flags: [GUEST_MEMFD]}]
+  iommu: type1
+  conversion_design: ${design}
+tracking: dirty-log
+actors:
+  host:${design === 'rdm' ? '\n    - vfio-register 1' : ''}
+    - convert 0x100 2 shared
+    - {op: dma 0x101 5, expect: {faulted: false}}
+    - convert 0x101 1 private
+    - {op: dma 0x101 6, expect: {faulted: true}}
+    - {op: dma-read 0x100, expect: {faulted: false, value: 0}}
+interleaving: [${design === 'rdm' ? 'host, ' : ''}host, host, host, host, host]
+expect:
+  attributes: {0x100: shared, 0x101: private}
+  rdm: {0x100: shared, 0x101: private}
+  iommu: {0x100: 0x100, 0x101: unmapped}
+  findings: []
+`;
+
+  it.each(CONVERSION_DESIGNS)('%s runs a convert shared / private / DMA file clean', (design) => {
+    const o = run(file(design), `${design}.yaml`);
+    expect(o.failures).toEqual([]);
+    expect(o.log[1]!.includes(`conversion design ${design}`)).toBe(design !== 'rdm');
+  });
+
+  it('rdm, given or by default, is QEMU\'s as before: the file registers VFIO\'s listener itself', () => {
+    const o = run(edited(INPLACE, 'conversion_design: in-place', 'conversion_design: rdm'), 'rdm.yaml');
+    // rdm has no device attached until the file registers VFIO's listener: the first DMA faults.
+    expect(o.failures).toEqual(["rdm.yaml: interleaving[1] 'host': actors.host[1] 'dma 0x100 5': expected faulted: false, actual: true"]);
+    expect(run(file('rdm').replace('  conversion_design: rdm\n', '')).failures).toEqual([]);
+  });
+
+  it('a design whose set-up fails fails the run with the design\'s error', () => {
+    const o = run(edited(INPLACE, 'iommu: type1', 'iommu: {backend: type1, dma_entry_limit: 100}'), 'limit.yaml');
+    expect(o.passed).toBe(false);
+    expect(o.failures).toHaveLength(1);
+    expect(o.failures[0]).toMatch(/^limit\.yaml: vm\.conversion_design: the in-place design's set-up failed: vfio: possibly running out of DMA mappings: .*; the run stops here$/);
+    expect(o.log).toContain('the run stopped early: operations in flight and final expectations were not checked');
+  });
+
+  it('a vCPU\'s exits are served through the design, and the oracle checks each conversion', () => {
+    const src = `name: exits in place
+vm:
+  slots: [{id: 1, base_gfn: 0x100, pages: 16, flags: [GUEST_MEMFD]}]
+  iommu: iommufd
+  conversion_design: in-place
+tracking: dirty-log
+actors:
+  vcpu0: [{op: map-gpa 0x100 1 shared, expect: {exit: KVM_EXIT_HYPERCALL}}, {op: write 0x100 3 private, expect: {exit: KVM_EXIT_MEMORY_FAULT}}]
+  host: [serve-exits, {op: dma 0x100 4, expect: {faulted: false}}, serve-exits, {op: dma 0x100 5, expect: {faulted: true}}]
+interleaving: [vcpu0, host, vcpu0, host, vcpu0, host, vcpu0, host]
+expect:
+  attributes: {0x100: private}
+  iommu: {0x100: unmapped}
+  private_pages: {0x100: 3}
+  findings: []
+`;
+    expect(run(src, 'exits.yaml').failures).toEqual([]);
+    // The bug keeps the page mapped through the conversion the private write asked for.
+    const o = run(src, 'exits.yaml', ['inplace-convert-while-pinned']);
+    expect(o.failures).toContain("exits.yaml: interleaving[7] 'host': actors.host[3] 'dma 0x100 5': expected faulted: true, actual: false");
+    expect(o.log.join('\n')).toContain('ORACLE: mapping-left: slot 1 gfn 0x100: converted to private');
   });
 });

@@ -250,6 +250,16 @@ export const CATALOG: readonly CatalogEntry[] = [
     commands: ['migrate'],
     neverActed: 'no private page was dirty when the migration thread sent (the guest converted nothing to private, or every private page was clean)',
   },
+  {
+    name: 'inplace-convert-while-pinned',
+    wrong: 'With in-place conversion (--conversion-design in-place), the VMM converts shared memory to private without VFIO unmapping it first, and guest_memfd lets the conversion through although VFIO\'s pin still holds the page.',
+    effect: 'The device keeps its mapping, and its pin, of a page that is now private: its DMA reaches private memory, and the page can never be freed while the pin lasts.',
+    reference: 'the guest_memfd in-place conversion series (KVM_SET_MEMORY_ATTRIBUTES2 refuses shared -> private with EAGAIN while a folio has references beyond guest_memfd\'s own); the seed discussion "Enable shared device assignment" (VFIO must unmap before the conversion, map after)',
+    modes: ['dirty-ring', 'dirty-log', 'clear-log'],
+    detectedBy: 'private memory oracle: a page converted to private still mapped in the IOMMU (mapping-left), checked after each conversion and on the stopped source',
+    commands: ['migrate'],
+    neverActed: 'no conversion to private found a page VFIO had pinned (the device\'s buffers were never converted back while mapped)',
+  },
 ];
 
 /**
@@ -259,7 +269,7 @@ export const CATALOG: readonly CatalogEntry[] = [
  */
 export const CONFIDENTIAL_BUGS: readonly BugName[] = [
   'convert-without-unmap', 'discard-before-unmap', 'map-before-shared', 'attributes-before-zap', 'rdm-bitmap-drift', 'split-huge-mapping',
-  'migrate-private-pages',
+  'migrate-private-pages', 'inplace-convert-while-pinned',
 ];
 
 export type { BugName };

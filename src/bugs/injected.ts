@@ -51,6 +51,7 @@ export function injectedBugs(names: readonly string[]): InjectedBugs {
       mapBeforeShared: has('map-before-shared'),
       rdmBitmapDrift: has('rdm-bitmap-drift'),
       splitHugeMapping: has('split-huge-mapping'),
+      inplaceConvertWhilePinned: has('inplace-convert-while-pinned'),
     },
   };
 }

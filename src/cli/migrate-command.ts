@@ -88,6 +88,12 @@ export function describeResult(r: MigrationRunResult): string[] {
   const c = r.confidential;
   if (c) {
     lines.push(`confidential guest: ${c.conversions} conversions; at the end ${c.privatePages} pages private, ${c.sharedPages} shared (only shared pages are migrated)`);
+    if (c.design) {
+      const d = c.design.stats;
+      const ioctls = Object.entries(d.ioctls).map(([name, n]) => `${name} ${n}`).join(', ');
+      const books = Object.entries(d.bookkeeping).map(([what, bytes]) => `${what} ${bytes} bytes`).join(', ') || 'none beside KVM\'s attributes';
+      lines.push(`conversion design ${c.design.name}: ${d.conversions} conversions (the boot's included), ${d.iommuEntries} container mappings (${d.pagesMapped} pages reachable); ioctls: ${ioctls}; bookkeeping: ${books}`);
+    }
     for (const f of c.findings) lines.push(`private memory oracle: ${f}`);
   }
   if (r.reason) lines.push(`migration failed: ${r.reason}`);

@@ -11,7 +11,7 @@ export const INJECTABLE_BUGS = [
   'no-backup-bitmap', 'ring-full-exit-unhandled', 'copy-before-reset', 'copy-before-clear', 'skip-final-sync',
   'untracked-dma', 'stale-iotlb-after-unmap', 'gpa-as-iova', 'read-pin-dirties',
   'convert-without-unmap', 'discard-before-unmap', 'map-before-shared', 'attributes-before-zap', 'rdm-bitmap-drift',
-  'split-huge-mapping', 'migrate-private-pages',
+  'split-huge-mapping', 'migrate-private-pages', 'inplace-convert-while-pinned',
 ] as const;
 export type BugName = (typeof INJECTABLE_BUGS)[number];
 
@@ -21,9 +21,9 @@ export const enum Acted {
   NO_BACKUP_BITMAP, RING_FULL_EXIT_UNHANDLED, COPY_BEFORE_RESET, COPY_BEFORE_CLEAR, SKIP_FINAL_SYNC,
   UNTRACKED_DMA, STALE_IOTLB_AFTER_UNMAP, GPA_AS_IOVA, READ_PIN_DIRTIES,
   CONVERT_WITHOUT_UNMAP, DISCARD_BEFORE_UNMAP, MAP_BEFORE_SHARED, ATTRIBUTES_BEFORE_ZAP, RDM_BITMAP_DRIFT,
-  SPLIT_HUGE_MAPPING, MIGRATE_PRIVATE_PAGES,
+  SPLIT_HUGE_MAPPING, MIGRATE_PRIVATE_PAGES, INPLACE_CONVERT_WHILE_PINNED,
 }
-if (INJECTABLE_BUGS.indexOf('migrate-private-pages') !== (Acted.MIGRATE_PRIVATE_PAGES as number)) throw new Error('injections.ts: Acted out of step with INJECTABLE_BUGS');
+if (INJECTABLE_BUGS.indexOf('inplace-convert-while-pinned') !== (Acted.INPLACE_CONVERT_WHILE_PINNED as number)) throw new Error('injections.ts: Acted out of step with INJECTABLE_BUGS');
 
 /** Two lines of counters, room for every bug (the sites are rare paths: contention does not matter). */
 export const INJECTION_WORDS = 2 * LINE_WORDS;

@@ -167,6 +167,12 @@ export const GlobalWord = {
   STALE_STORE_FIRST_GFN: 8 * LINE_WORDS + 5,
   /** Non-zero: the VMM stopped the VM on an internal error (vm_stop(RUN_STATE_INTERNAL_ERROR)); it will not run again. */
   VM_INTERNAL_ERROR: 8 * LINE_WORDS + 6,
+  /**
+   * Non-zero until the VMM has booted the guest (QEMU's vm_start after machine init): the
+   * vCPUs are created but do not enter the guest, and migration does not begin. Zero from
+   * the start unless the VMM boots in its own thread (a conversion design's VMM, kvm-cpu-exec.ts).
+   */
+  VM_START_PENDING: 8 * LINE_WORDS + 7,
 } as const;
 export const GLOBAL_WORDS = 9 * LINE_WORDS;
 

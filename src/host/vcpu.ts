@@ -237,6 +237,11 @@ export class Vcpu implements Role, VcpuFastState {
       }
       if (!this.enterGuest()) return Boundary.TRANSITION;
     } else if (this.state === VcpuRunState.CREATED) {
+      const pending = Atomics.load(this.global, GlobalWord.VM_START_PENDING);
+      if (pending !== 0) {
+        this.wait = waitFor(WaitCode.VM_START, 0, 0, { array: this.global, index: GlobalWord.VM_START_PENDING, value: pending });
+        return Boundary.BLOCKED;
+      }
       if (!this.enterGuest()) return Boundary.TRANSITION;
     }
     const gen = Atomics.load(this.global, GlobalWord.FLUSH_GEN);

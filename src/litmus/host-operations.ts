@@ -4,6 +4,7 @@ import {
 } from '../host/constants.ts';
 import type { PassthroughDma } from '../host/devices/passthrough-dma.ts';
 import { kvmGmemFallocate } from '../host/guest-memfd.ts';
+import type { DesignConversion } from '../host/vmm/design-conversion.ts';
 import { type GuestMemfdRam, kvmConvertMemory } from '../host/vmm/kvm-convert-memory.ts';
 import { wholeSection } from '../host/vmm/ram-block-attributes.ts';
 import { type VfioContainer, vfioRamDiscardRegisterListener } from '../host/vmm/vfio-ram-discard-listener.ts';
@@ -25,12 +26,18 @@ import { hex } from './syntax.ts';
  * waits for vCPUs) that records its results and notes in the operation's record. What
  * the host collected and copied is kept for the file's final expectations.
  */
-/** A confidential VM's VMM side: its guest_memfd RAM, VFIO's container and device, and the oracle watching them. */
+/**
+ * A confidential VM's VMM side: its guest_memfd RAM, VFIO's container and device, and the
+ * oracle watching them; with a conversion design other than rdm, the design, which
+ * converts instead of kvm_convert_memory (then `ram` only reads the RAM blocks' shared
+ * bitmaps, which DesignConversion keeps in step, and `container` is null).
+ */
 export interface ConfidentialHost {
   ram: GuestMemfdRam | null;
   container: VfioContainer | null;
   dma: PassthroughDma | null;
   oracle: ConversionOracle;
+  design: DesignConversion | null;
 }
 
 export class HostOperations {
@@ -191,10 +198,15 @@ export class HostOperations {
         r.notes.push('done');
         return;
       case 'convert': {
-        r.notes.push(`kvm_convert_memory ${range(op.gfn, op.count)} to ${op.private ? 'private' : 'shared'}`);
-        const c = yield* kvmConvertMemory(cvm.ram!, op.gfn * PAGE_SIZE, op.count * PAGE_SIZE, op.private);
+        const [gpa, size] = [op.gfn * PAGE_SIZE, op.count * PAGE_SIZE];
+        const design = cvm.design;
+        r.notes.push(`${design === null ? 'kvm_convert_memory' : `the ${design.design.name} design converts`} ${range(op.gfn, op.count)} to ${op.private ? 'private' : 'shared'}`);
+        const mapped = (): number => vm.iommu?.stats().pagesMapped ?? 0;
+        const before = mapped();
+        const c = design === null ? yield* kvmConvertMemory(cvm.ram!, gpa, size, op.private) : yield* design.convert(gpa, size, op.private);
         if (c.ret < 0) throw new KvmError(-c.ret, 'kvm_convert_memory', c.error || `ret ${c.ret}`);
-        r.notes.push('converted');
+        r.notes.push(vm.iommu === null ? 'converted' : `converted; IOVA pages mapped: ${before} -> ${mapped()}`);
+        cvm.oracle.converted(cvm.ram!, gpa, size);
         return;
       }
       case 'punch-hole': {
@@ -234,7 +246,8 @@ export class HostOperations {
         const hc = this.exits.hypercall();
         if (mf !== null) r.notes.push(`vcpu${mf.vcpu}: KVM_EXIT_MEMORY_FAULT at ${hex(mf.gpa)} (${mf.flags !== 0 ? 'private' : 'shared'} access)`);
         if (hc !== null) r.notes.push(`vcpu${hc.vcpu}: KVM_EXIT_HYPERCALL KVM_HC_MAP_GPA_RANGE ${hex(hc.args[0])}+${hc.args[1]} pages`);
-        const failed = (yield* this.exits.serviceHypercalls(cvm.ram!)) ?? (yield* this.exits.serviceMemoryFaults(cvm.ram!));
+        const converter = cvm.design ?? cvm.ram!;
+        const failed = (yield* this.exits.serviceHypercalls(converter)) ?? (yield* this.exits.serviceMemoryFaults(converter));
         if (failed !== null) throw new KvmError(EFAULT, 'kvm_cpu_exec', `vcpu${failed.vcpu}: ${failed.error} (QEMU stops the VM)`);
         r.notes.push(mf === null && hc === null ? 'no exit to serve' : 'converted, KVM_RUN again');
         return;

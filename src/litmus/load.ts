@@ -6,6 +6,7 @@ import { VFIO_DEFAULT_DMA_ENTRY_LIMIT } from '../host/iommu/constants.ts';
 import { PRIVATE_MEMORY_FINDING_KINDS } from '../oracles/private-memory-oracle.ts';
 import { checkRingSize } from '../host/dirty-ring.ts';
 import type { DirtyTracking, MemslotConfig, VmConfig } from '../host/layout.ts';
+import type { ConversionDesignName } from '../host/vmm/conversion-design.ts';
 import { UserError } from '../util/errors.ts';
 import { LIMITS } from '../util/limits.ts';
 import { checkKeys, readUserFile } from '../util/user-file.ts';
@@ -71,9 +72,10 @@ class SpecBuilder {
         iovaPages: Math.max(1, end), devices: 1, tracking: ['iommu'],
       };
     }
+    const design = this.design(f, vm);
     if (this.problems.length > 0) throw new UserError(this.problems.join('\n'));
 
-    const ctx: OpContext = { vm };
+    const ctx: OpContext = { vm, design };
     const actors = Object.keys(f.actors);
     const vcpuOps: LitmusOp<VcpuOp>[][] = Array.from({ length: vcpus }, () => []);
     let hostOps: LitmusOp<HostOp>[] = [];
@@ -94,7 +96,7 @@ class SpecBuilder {
     const expect = this.finalExpect(f, slots);
     if (this.problems.length > 0) throw new UserError(this.problems.join('\n'));
     return {
-      file: this.file, name: f.name, description: (f.description ?? '').trim(), bugs, vm,
+      file: this.file, name: f.name, description: (f.description ?? '').trim(), bugs, vm, design,
       actors, vcpuOps, hostOps, interleaving: interleaving as InterleavingEntry[], expect,
     };
   }
@@ -167,6 +169,15 @@ class SpecBuilder {
     if ((bits & KVM_MEM_GUEST_MEMFD) && (bits & KVM_MEM_READONLY)) this.fail(path, 'KVM_MEM_GUEST_MEMFD with KVM_MEM_READONLY (KVM refuses the pair: EINVAL)');
     if (bits & ~(KVM_MEM_READONLY | KVM_MEM_LOG_DIRTY_PAGES | KVM_MEM_GUEST_MEMFD)) this.fail(path, `unknown flag bits in ${show(flags)}`);
     return bits & (KVM_MEM_READONLY | KVM_MEM_GUEST_MEMFD);
+  }
+
+  /** vm.conversion_design: a design other than QEMU's converts guest_memfd memory for an assigned device, so it needs both. */
+  private design(f: LitmusFile, vm: VmConfig): ConversionDesignName {
+    const design = f.vm.conversion_design ?? 'rdm';
+    if (design === 'rdm') return design;
+    if (!vm.slots.some((s) => (s.flags & KVM_MEM_GUEST_MEMFD) !== 0)) this.fail('vm.conversion_design', `${design} converts guest_memfd memory: the VM needs a slot with flags [GUEST_MEMFD]`);
+    if (vm.iommu === undefined) this.fail('vm.conversion_design', `${design} attaches an assigned device: the VM needs vm.iommu (type1 or iommufd)`);
+    return design;
   }
 
   private vcpuCount(f: LitmusFile): number {

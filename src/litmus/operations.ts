@@ -1,5 +1,6 @@
 import { KVM_MEM_GUEST_MEMFD } from '../host/constants.ts';
 import type { MemslotConfig, VmConfig } from '../host/layout.ts';
+import type { ConversionDesignName } from '../host/vmm/conversion-design.ts';
 import type { EntryMatcher, HostOp, OpExpect, VcpuOp } from './spec.ts';
 import {
   type Parsed, hex, parseErrno, parseExitReason, parseGfns, parseInteger, parseRingFlags, show,
@@ -82,6 +83,7 @@ function kindWord(token: string | undefined, text: string): Parsed<boolean> {
 /** What an operation may refer to. */
 export interface OpContext {
   vm: VmConfig;
+  design: ConversionDesignName;
 }
 
 const ok = <T>(value: T): Parsed<T> => ({ ok: true, value });
@@ -250,6 +252,7 @@ export function parseHostOp(text: string, ctx: OpContext): Parsed<HostOp> {
     case 'vfio-register': {
       const r = needIommu();
       if (r) return r;
+      if (ctx.design !== 'rdm') return bad(`'${text}': with vm.conversion_design ${ctx.design} the design attaches the device in its set-up (only rdm registers VFIO's RAM discard listener here)`);
       const s = slotRef(args[0]!, ctx, text);
       if (!s.ok) return s;
       if ((ctx.vm.slots[s.value]!.flags & KVM_MEM_GUEST_MEMFD) === 0) return bad(`'${text}': slot ${args[0]} has no guest_memfd, so no RamDiscardManager to listen to`);

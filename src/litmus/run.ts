@@ -1,3 +1,4 @@
+import { type InjectionReport, injectionReport } from '../bugs/acted.ts';
 import { findBug } from '../bugs/catalog.ts';
 import { injectedBugs } from '../bugs/injected.ts';
 import { DeterministicDriver, ReplayScheduler } from '../drivers/deterministic.ts';
@@ -14,6 +15,9 @@ import { OpKind } from '../host/guest-op.ts';
 import { KvmError } from '../util/errors.ts';
 import { PassthroughDma } from '../host/devices/passthrough-dma.ts';
 import { ConversionInjection } from '../host/vmm/conversion-bugs.ts';
+import { discardsSharedMemory } from '../host/vmm/conversion-design.ts';
+import { injectedConversionDesign } from '../host/vmm/conversion-designs.ts';
+import { DesignConversion } from '../host/vmm/design-conversion.ts';
 import { GuestMemfdRam } from '../host/vmm/kvm-convert-memory.ts';
 import { vfioContainer } from '../host/vmm/vfio-ram-discard-listener.ts';
 import { ConversionOracle, checkPrivateMemory, describePrivateMemoryFinding } from '../oracles/private-memory-oracle.ts';
@@ -36,6 +40,8 @@ export interface LitmusOutcome {
   failures: string[];
   /** A readable trace: each interleaving step and what it did. */
   log: string[];
+  /** How often each injected bug acted (vm.acts), and why not when it never did. */
+  injections: InjectionReport[];
 }
 
 export interface LitmusRunOptions {
@@ -105,6 +111,11 @@ class LitmusRun {
     this.vmm = new VmmControl(this.vm);
     // The file is the VMM: it says when exits are answered (reenter), so none is answered here on its own.
     this.exits = new ExitHandler(this.vmm);
+    const cvm = this.cvm;
+    if (cvm?.ram) {
+      // As kvm_cpu_exec's watch: each conversion an exit asked for is checked once it succeeded.
+      this.exits.onConvert = { before: () => {}, after: (gpa, size, ok) => { if (ok) cvm.oracle.converted(cvm.ram!, gpa, size); } };
+    }
     const idleSlot = this.vm.memory.slots[0]!;
     const attributes = this.vm.attributes;
     this.workloads = spec.vcpuOps.map(() => new ScriptWorkload(idleSlot.baseGfn, () => attributes?.isPrivate(idleSlot, 0) ?? false));
@@ -122,21 +133,47 @@ class LitmusRun {
    * QEMU's side of a VM with private memory or an assigned device: each guest_memfd slot's
    * RAM block starts private (kvm_set_phys_mem), the private memory oracle witnesses the
    * RamDiscardManagers and the conversions from the start, and VFIO's container and the
-   * device wait for the file's vfio-register and dma operations.
+   * device wait for the file's vfio-register and dma operations. With another conversion
+   * design, the design does the set-up (bootDesign) and converts; the RAM blocks'
+   * RamBlockAttributes then only read the shared bitmaps DesignConversion keeps.
    */
   private confidentialHost(bugs: ConversionInjection['bugs']): ConfidentialHost {
     const vm = this.vm;
     const injection = new ConversionInjection(bugs, vm.acts);
     const oracle = new ConversionOracle(vm);
+    const report = (d: string): void => { this.hostOps.current?.notes.push(`QEMU reports: ${d}`); };
+    const name = this.spec.design;
+    const design = name === 'rdm' ? null
+      : new DesignConversion(injectedConversionDesign(name, vm, injection, report));
     let ram: GuestMemfdRam | null = null;
     if (vm.attributes !== null) {
       ram = new GuestMemfdRam(vm, injection);
-      runAlone(ram.setupPrivate(), 'litmus: guest_memfd memory made private');
-      runAlone(oracle.attach(ram), 'litmus: the private memory oracle registers');
+      if (design === null) {
+        runAlone(ram.setupPrivate(), 'litmus: guest_memfd memory made private');
+        runAlone(oracle.attach(ram), 'litmus: the private memory oracle registers');
+      }
     }
-    const container = vm.iommu === null ? null
-      : vfioContainer(vm.iommu, { injection, report: (d) => { this.hostOps.current?.notes.push(`QEMU reports: ${d}`); } });
-    return { ram, container, dma: vm.iommu === null ? null : new PassthroughDma(vm), oracle };
+    const container = vm.iommu === null || design !== null ? null : vfioContainer(vm.iommu, { injection, report });
+    return { ram, container, dma: vm.iommu === null ? null : new PassthroughDma(vm), oracle, design };
+  }
+
+  /**
+   * The design's set-up (guest_memfd memory private, the device attached), as the VMM's
+   * machine init runs it before any vCPU; the file shares nothing at boot (it converts).
+   * Returns false, with the design's error as the failure, when the set-up fails.
+   */
+  private bootDesign(): boolean {
+    const design = this.cvm?.design;
+    if (!design) return true;
+    const name = design.design.name;
+    const r = runAlone(design.boot([]), `litmus: the ${name} design's set-up`);
+    if (r.ret >= 0) {
+      this.log.push(`the ${name} design's set-up: guest_memfd memory private, the device attached`);
+      return true;
+    }
+    this.failures.push(`${this.spec.file}: vm.conversion_design: the ${name} design's set-up failed: ${r.error || `ret ${r.ret}`}; the run stops here`);
+    this.log.push(`the ${name} design's set-up failed`);
+    return false;
   }
 
   /** The oracle's findings since `before` (its count then), as trace text. */
@@ -154,12 +191,14 @@ class LitmusRun {
     this.log.push(`${s.name} (${s.file})`);
     this.log.push(`vm: ${this.vm.memory.slots.map((m) => `slot ${slotName(m)} GFNs ${hex(m.baseGfn)}..${hex(m.endGfn - 1)}`).join(', ')}; `
       + `${this.vcpus.length} vCPU${this.vcpus.length === 1 ? '' : 's'}; ${trackingText(this.vm)}`
+      + (s.design !== 'rdm' ? `; conversion design ${s.design}` : '')
       + (this.bugs.length > 0 ? `; injected bugs: ${this.bugs.join(', ')}` : ''));
     if (this.bugs.includes('ring-full-exit-unhandled')) {
       this.log.push('note: ring-full-exit-unhandled changes nothing here: in a litmus test the file is the VMM and says how exits are handled');
     }
-    let stopped = false;
+    let stopped = !this.bootDesign();
     for (const e of s.interleaving) {
+      if (stopped) break;
       this.entry = e;
       if (!(e.vcpu === null ? this.hostEntry(e) : this.vcpuEntry(e, e.vcpu))) { stopped = true; break; }
     }
@@ -169,8 +208,10 @@ class LitmusRun {
     } else {
       this.endOfRun();
     }
+    const injections = injectionReport(this.vm, this.bugs);
+    for (const i of injections) this.log.push(`injected bug ${i.bug}: ${i.acted > 0 ? `acted ${i.acted} time${i.acted === 1 ? '' : 's'}` : `never acted (${i.idle})`}`);
     this.log.push(`${this.driver.stepCount} steps in all (${this.failures.length === 0 ? 'passed' : `${this.failures.length} failure${this.failures.length === 1 ? '' : 's'}`})`);
-    return { file: s.file, name: s.name, passed: this.failures.length === 0, failures: this.failures, log: this.log };
+    return { file: s.file, name: s.name, passed: this.failures.length === 0, failures: this.failures, log: this.log, injections };
   }
 
   private endOfRun(): void {
@@ -189,7 +230,8 @@ class LitmusRun {
     if (cvm?.ram && !this.host.busy && this.vm.mmuInvalidate.inProgress() === 0) {
       // No conversion under way: the rules that hold between conversions.
       const before = cvm.oracle.count;
-      for (const f of checkPrivateMemory(this.vm, cvm.ram).findings) cvm.oracle.record(f);
+      // In place, a private page keeps its memory in guest_memfd's one file: nothing is discarded.
+      for (const f of checkPrivateMemory(this.vm, cvm.ram, { discards: discardsSharedMemory(this.spec.design) }).findings) cvm.oracle.record(f);
       for (const l of this.newFindings(before)) this.log.push(`at the end: ${l}`);
     }
     const findings = cvm === null ? [] : [...cvm.oracle.kinds];

@@ -1,4 +1,5 @@
 import { z } from 'zod';
+import { CONVERSION_DESIGNS } from '../host/vmm/conversion-design.ts';
 import { fieldPath, show } from './syntax.ts';
 
 /**
@@ -96,6 +97,8 @@ export const LitmusFileSchema = strict({
     vcpus: z.int().min(1).max(64).optional(),
     /** An IOMMU with one assigned device (VFIO maps through it; IOVA = GPA). */
     iommu: IommuSchema.optional(),
+    /** How the host converts guest_memfd memory (conversion-design.ts); rdm, QEMU's, unless given. */
+    conversion_design: z.enum(CONVERSION_DESIGNS).optional(),
   }),
   tracking: TrackingSchema,
   actors: z.record(z.string(), z.array(OpEntrySchema)),

@@ -1,4 +1,5 @@
 import type { VmConfig } from '../host/layout.ts';
+import type { ConversionDesignName } from '../host/vmm/conversion-design.ts';
 
 /**
  * A litmus test as loaded from its file (load.ts): a small VM, the operations each actor
@@ -14,6 +15,12 @@ export interface LitmusSpec {
   /** Bugs from the catalog (src/bugs/catalog.ts) the file itself injects. */
   bugs: string[];
   vm: VmConfig;
+  /**
+   * How `convert` and `serve-exits` convert (vm.conversion_design): rdm is QEMU's
+   * kvm_convert_memory over the RamDiscardManager, with VFIO's listener registered by
+   * the file (vfio-register); another design attaches the device in its own set-up.
+   */
+  design: ConversionDesignName;
   /** Actor names in file order: `host` and `vcpuN`. */
   actors: string[];
   /** Scripted guest operations of each vCPU, indexed by vCPU number (empty when it has none). */
@@ -67,11 +74,11 @@ export type HostOp =
   | { kind: 'release'; vcpu: number }
   /** KVM_SET_MEMORY_ATTRIBUTES alone (no VMM bookkeeping), each step interleavable. */
   | { kind: 'set-attributes'; gfn: number; count: number; private: boolean }
-  /** QEMU's kvm_convert_memory: attributes, RamDiscardManager listeners, discard of the unused backing. */
+  /** QEMU's kvm_convert_memory: attributes, RamDiscardManager listeners, discard of the unused backing (or the design's conversion). */
   | { kind: 'convert'; gfn: number; count: number; private: boolean }
   /** fallocate(PUNCH_HOLE | KEEP_SIZE) on the guest_memfd of the pages' slot. */
   | { kind: 'punch-hole'; gfn: number; count: number }
-  /** vfio_ram_discard_register_listener for a slot's RAM block (the replay maps what is shared). */
+  /** vfio_ram_discard_register_listener for a slot's RAM block (the replay maps what is shared); design rdm only. */
   | { kind: 'vfio-register'; slot: number }
   /** The assigned device's DMA write (or read) at an IOVA page (VFIO maps IOVA = GPA). */
   | { kind: 'dma'; iova: number; value: number }

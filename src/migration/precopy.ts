@@ -239,6 +239,9 @@ export function* precopy(
 
   // Let the guest run first, so that memory is written and keeps being written.
   for (;;) {
+    // A guest the VMM is still booting has not started: there is nothing to migrate yet.
+    const booting = Atomics.load(vm.global, GlobalWord.VM_START_PENDING);
+    if (booting !== 0) { yield waitFor(WaitCode.VM_START, 0, 0, { array: vm.global, index: GlobalWord.VM_START_PENDING, value: booting }); continue; }
     const ops = vmm.totalOps();
     // A VM stopped on an internal error makes no progress: it is migrated as it is, as QEMU migrates a stopped VM.
     if (ops >= p.warmupOps || vmm.stoppedOnError()) break;

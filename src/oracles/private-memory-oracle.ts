@@ -31,7 +31,10 @@ function rdmDrift(slot: Memslot, rdm: RamBlockAttributes, page: number, priv: bo
   return { kind: 'rdm-drift', slot: slot.id, gfn: slot.baseGfn + page, detail: `${when} ${priv ? 'private' : 'shared'}, the RamDiscardManager ${priv ? 'populated (shared)' : 'discarded (private)'}` };
 }
 
-export function checkPrivateMemory(vm: Vm, ram: GuestMemfdRam, max = 16): { findings: PrivateMemoryFinding[]; count: number } {
+/** `discards`: the design discards a private page's shared memory (in place, nothing is). */
+export function checkPrivateMemory(vm: Vm, ram: GuestMemfdRam, o: { max?: number; discards?: boolean } = {}): { findings: PrivateMemoryFinding[]; count: number } {
+  const max = o.max ?? 16;
+  const discards = o.discards ?? true;
   const attributes = vm.attributes;
   const findings: PrivateMemoryFinding[] = [];
   let count = 0;
@@ -50,7 +53,7 @@ export function checkPrivateMemory(vm: Vm, ram: GuestMemfdRam, max = 16): { find
       if (!priv) continue;
       const iova = mappedAt.get(gfn);
       if (iova !== undefined) found({ kind: 'mapping-left', slot: slot.id, gfn, detail: `private, still mapped in the IOMMU at IOVA ${hex(iova * PAGE_SIZE)}` });
-      if (!slot.isZeroPage(page)) found({ kind: 'shared-not-discarded', slot: slot.id, gfn, detail: 'private, its shared memory still holds data' });
+      if (discards && !slot.isZeroPage(page)) found({ kind: 'shared-not-discarded', slot: slot.id, gfn, detail: 'private, its shared memory still holds data' });
     }
   }
   return { findings, count };
@@ -105,15 +108,22 @@ export class ConversionOracle implements ConversionObserver, RamDiscardListener,
     return out;
   }
 
-  /** ConversionWatch: after a conversion, over its range the RamDiscardManager says shared exactly where KVM does. */
+  /**
+   * ConversionWatch: after a conversion, over its range the RamDiscardManager (or the
+   * design's record the VMM keeps in its bitmap) says shared exactly where KVM does, and
+   * the IOMMU maps none of the pages that are private now.
+   */
   converted(ram: GuestMemfdRam, gpa: number, size: number): void {
     const first = gpa / PAGE_SIZE;
     for (const { slot, page: from, count } of slotRanges(this.vm.memory, first, first + size / PAGE_SIZE)) {
       const rdm = ram.rdmOf(slot);
       if (rdm === undefined) continue;
       for (let page = from; page < from + count; page++) {
-        const drift = rdmDrift(slot, rdm, page, this.vm.attributes!.isPrivate(slot, page), 'after its conversion KVM says');
+        const priv = this.vm.attributes!.isPrivate(slot, page);
+        const drift = rdmDrift(slot, rdm, page, priv, 'after its conversion KVM says');
         if (drift !== null) this.record(drift);
+        const gfn = slot.baseGfn + page;
+        if (priv && this.mapped(gfn)) this.record({ kind: 'mapping-left', slot: slot.id, gfn, detail: `converted to private, still mapped in the IOMMU at IOVA ${hex(gfn * PAGE_SIZE)}` });
       }
     }
   }

@@ -1,6 +1,6 @@
 import { PAGE_SIZE } from '../host/constants.ts';
 import type { GuestMemory } from '../host/guest-memory.ts';
-import { type PageStamp, describeWriter } from '../host/memslot.ts';
+import { type Memslot, type PageStamp, describeWriter } from '../host/memslot.ts';
 import { type PageHistory, type PageHistoryEvent, describeHistory } from '../host/page-history.ts';
 
 export interface StampMismatch {
@@ -17,7 +17,8 @@ export interface StampMismatch {
  * must equal its source page, byte for byte. A mismatch is a lost write; the stamps say
  * who wrote each side last and with which sequence number.
  */
-export function compareMemory(source: GuestMemory, destination: GuestMemory, max = 16): { pages: number; mismatches: StampMismatch[]; count: number } {
+/** `skip`: pages not to compare (a confidential guest's private pages where their shared memory is not discarded). */
+export function compareMemory(source: GuestMemory, destination: GuestMemory, max = 16, skip?: (slot: Memslot, page: number) => boolean): { pages: number; mismatches: StampMismatch[]; count: number } {
   const mismatches: StampMismatch[] = [];
   let pages = 0;
   let count = 0;
@@ -25,6 +26,7 @@ export function compareMemory(source: GuestMemory, destination: GuestMemory, max
     const d = destination.slotByField(s.slotField);
     if (!d) throw new Error(`destination has no slot ${s.asId}:${s.id}`);
     for (let page = 0; page < s.pages; page++) {
+      if (skip?.(s, page) === true) continue;
       pages++;
       const so = s.byteOffset(page);
       const a = Buffer.from(s.bytes(page).buffer, so, PAGE_SIZE);

@@ -47,6 +47,8 @@ export const enum WaitCode {
   VCPU_EXITS = 15,
   /** A device waits until the VMM has mapped its buffers (a confidential guest's shared bounce buffers). */
   DMA_BUFFERS = 16,
+  /** A vCPU or the migration thread waits for the VMM to boot the guest (GlobalWord.VM_START_PENDING). */
+  VM_START = 17,
 }
 
 export interface Wait {

@@ -4,6 +4,8 @@ import { GuestMemory } from '../host/guest-memory.ts';
 import { GlobalWord, type VmConfig, type VmLayout } from '../host/layout.ts';
 import { MemoryAttributes } from '../host/memory-attributes.ts';
 import type { Vm } from '../host/vm.ts';
+import { type ConversionDesignName, type ConversionStats, discardsSharedMemory } from '../host/vmm/conversion-design.ts';
+import type { BootRange } from '../host/vmm/design-conversion.ts';
 import { GuestMemfdRam, kvmConvertMemory } from '../host/vmm/kvm-convert-memory.ts';
 import { DEVICE_BUFFER_PAGES, SWIOTLB_PAGES, swiotlbBase } from '../guest/confidential-guest.ts';
 import { checkPrivateMemory, describePrivateMemoryFinding } from '../oracles/private-memory-oracle.ts';
@@ -44,9 +46,16 @@ export function sharedAreaOf(slots: readonly GuestRange[], vcpus: number): Guest
 export function bootConfidential(vm: Vm): void {
   const ram = new GuestMemfdRam(vm);
   runAlone(ram.setupPrivate(), 'setting guest memory private');
+  for (const b of bootSharedRanges(vm)) {
+    const r = runAlone(kvmConvertMemory(ram, b.gpa, b.size, false), 'sharing the bounce buffers');
+    if (r.ret < 0) throw new Error(`sharing the bounce buffers failed: ${r.error || r.ret}`);
+  }
+}
+
+/** What the guest shares as it boots: all its bounce buffers (confidential-guest.ts). */
+export function bootSharedRanges(vm: Vm): BootRange[] {
   const swiotlb = swiotlbBase(vm.memory.slots[0]!.baseGfn, vm.layout.config.vcpus);
-  const r = runAlone(kvmConvertMemory(ram, swiotlb * PAGE_SIZE, SWIOTLB_PAGES * PAGE_SIZE, false), 'sharing the bounce buffers');
-  if (r.ret < 0) throw new Error(`sharing the bounce buffers failed: ${r.error || r.ret}`);
+  return [{ gpa: swiotlb * PAGE_SIZE, size: SWIOTLB_PAGES * PAGE_SIZE }];
 }
 
 /** What a confidential guest's migration is checked for, besides its shared memory (the stamp oracle). */
@@ -72,10 +81,14 @@ export interface ConfidentialReport {
   /** vCPU stores of the kind the page's attribute no longer said (through a translation that outlived the change), and the first frame. */
   staleStores: number;
   firstStaleGfn: number | null;
+  /** A conversion design other than QEMU's: what it did, as the VM stopped (IOMMU entries, ioctls by name, bookkeeping). */
+  design?: { name: ConversionDesignName; stats: ConversionStats };
 }
 
 /** The confidential checks after a migration completed: attributes equal, the source's private memory oracle, private memory never read. */
-export function checkConfidentialMigration(vm: Vm, target: VmLayout, duringConversions: readonly string[] = [], countDuring = 0): ConfidentialReport {
+export function checkConfidentialMigration(vm: Vm, target: VmLayout, o: { design: ConversionDesignName; findings?: readonly string[]; count?: number } = { design: 'rdm' }): ConfidentialReport {
+  const duringConversions = o.findings ?? [];
+  const countDuring = o.count ?? 0;
   const dest = new GuestMemory(target);
   const destAttrs = new MemoryAttributes(target.attributes!, dest);
   const report: ConfidentialReport = {
@@ -91,7 +104,7 @@ export function checkConfidentialMigration(vm: Vm, target: VmLayout, duringConve
       }
     }
   }
-  const atEnd = checkPrivateMemory(vm, new GuestMemfdRam(vm));
+  const atEnd = checkPrivateMemory(vm, new GuestMemfdRam(vm), { discards: discardsSharedMemory(o.design) });
   report.findings = [...duringConversions, ...atEnd.findings.map(describePrivateMemoryFinding)];
   report.findingCount = countDuring + atEnd.count;
   report.privateTouches = Atomics.load(vm.global, GlobalWord.PRIVATE_TOUCHES);

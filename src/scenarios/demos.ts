@@ -79,6 +79,7 @@ export const DEMOS: Record<BugName, Demo> = {
   'rdm-bitmap-drift': { migrate: CVM },
   'split-huge-mapping': { migrate: CVM },
   'migrate-private-pages': { migrate: CVM },
+  'inplace-convert-while-pinned': { migrate: { ...CVM, conversionDesign: 'in-place' } },
 };
 
 export function demoOf(bug: BugName, kind: ScenarioKind): Partial<Settings> | undefined {

@@ -5,6 +5,7 @@ import { type InjectionReport, injectionReport } from '../bugs/acted.ts';
 import type { DeterministicDriver } from '../drivers/deterministic.ts';
 import type { WorkloadOptions } from '../guest/workload.ts';
 import { GuestMemory } from '../host/guest-memory.ts';
+import type { Memslot } from '../host/memslot.ts';
 import { GlobalWord, type MapGpaAbi, type VmConfig, createVmLayout } from '../host/layout.ts';
 import type { Vm } from '../host/vm.ts';
 import { VmmControl } from '../host/vmm/vmm-control.ts';
@@ -24,7 +25,8 @@ import { type Driver, type RunRolesOptions, runRoles } from './run-roles.ts';
 import type { Strategy } from '../drivers/strategy.ts';
 import type { KvmCpuExecEvent } from '../host/vmm/kvm-cpu-exec.ts';
 import type { Confidential } from './options.ts';
-import { CONFIDENTIAL_BLOCKER, type ConfidentialReport, bootConfidential, checkConfidentialMigration, confidentialVerdict, confidentialVmConfig, sharedAreaOf } from './confidential.ts';
+import { type ConversionDesignName, discardsSharedMemory } from '../host/vmm/conversion-design.ts';
+import { CONFIDENTIAL_BLOCKER, type ConfidentialReport, bootConfidential, bootSharedRanges, checkConfidentialMigration, confidentialVerdict, confidentialVmConfig, sharedAreaOf } from './confidential.ts';
 
 export interface MigrationScenario {
   tracking: TrackingMode;
@@ -47,6 +49,8 @@ export interface MigrationScenario {
   confidential?: Confidential;
   /** A confidential guest's explicit conversions (VmConfig.mapGpa): KVM's hypercall (default) or a TD's MapGPA. */
   mapGpa?: MapGpaAbi;
+  /** How the VMM converts a confidential guest's memory with a device assigned (conversion-design.ts); default rdm, what QEMU merged. */
+  conversionDesign?: ConversionDesignName;
 }
 
 export interface MigrationRunOptions {
@@ -120,6 +124,12 @@ function isConfidential(s: MigrationScenario): boolean {
   return s.confidential !== undefined && s.confidential !== 'off';
 }
 
+/** A conversion design other than QEMU's, which the VMM's thread runs (kvm-cpu-exec.ts). */
+function designOf(s: MigrationScenario): Exclude<ConversionDesignName, 'rdm'> | undefined {
+  const d = s.conversionDesign;
+  return isConfidential(s) && d !== undefined && d !== 'rdm' ? d : undefined;
+}
+
 /** The scenario's devices; a confidential guest's use its shared bounce buffers. */
 function devicesOf(s: MigrationScenario): DeviceSetup {
   const d = s.devices ?? NO_DEVICES;
@@ -155,7 +165,10 @@ export async function runMigration(s: MigrationScenario, o: MigrationRunOptions)
   const vm = vmFor(source, s.bugs);
   vm.populate();
   const devices = devicesOf(s);
-  if (isConfidential(s)) bootConfidential(vm);
+  // QEMU's design boots here; another boots in the VMM's thread, where its state lives, while the vCPUs wait.
+  const design = designOf(s);
+  if (isConfidential(s) && design === undefined) bootConfidential(vm);
+  if (design !== undefined) Atomics.store(vm.global, GlobalWord.VM_START_PENDING, 1);
   attachDevices(vm, devices, s.seed);
   let driver: DeterministicDriver | null = null;
   if (o.driver === 'deterministic') vm.history?.useStepClock(() => driver?.stepCount ?? 0);
@@ -172,9 +185,13 @@ export async function runMigration(s: MigrationScenario, o: MigrationRunOptions)
   /** What the private memory oracle found as the conversions ran (the VMM's thread reports it). */
   const conversionFindings: string[] = [];
   let conversionFindingCount = 0;
+  let designStats: ConfidentialReport['design'];
   const onEvent = (e: MigrationEvent | IommuServiceEvent | KvmCpuExecEvent): void => {
     if (e.kind === 'iommu-error') { result.errors.push(`device ${e.device}: ${e.detail}`); return; }
     if (e.kind === 'vm-stopped') { result.status = 'failed'; result.reason = `the VM stopped (internal error): vcpu${e.vcpu}: ${e.error}`; return; }
+    if (e.kind === 'boot-failed') { result.status = 'failed'; result.reason = `the VMM could not boot the guest (conversion design ${s.conversionDesign}): ${e.error}`; return; }
+    if (e.kind === 'design-error') { result.errors.push(`vmm: ${e.detail}`); return; }
+    if (e.kind === 'design-stats') { designStats = { name: e.name, stats: e.stats }; return; }
     if (e.kind === 'vfio-register-failed') { result.status = 'failed'; result.reason = `VFIO could not register with slot ${e.slot}'s RamDiscardManager: ${e.error}`; return; }
     if (e.kind === 'conversion-finding') { conversionFindings.push(e.finding); conversionFindingCount = e.count; return; }
     if (e.kind === 'pass') result.passes.push(e.stats);
@@ -186,7 +203,7 @@ export async function runMigration(s: MigrationScenario, o: MigrationRunOptions)
   if (s.hostWriteEvery > 0) specs.push({ kind: 'host-writer', every: s.hostWriteEvery, seed: s.seed });
   devices.devices.forEach((_, index) => specs.push({ kind: 'device', index, setup: devices, seed: s.seed }));
   if (vm.iommu) specs.push({ kind: 'iommu-service' });
-  if (isConfidential(s)) specs.push({ kind: 'vmm', bugs: s.bugs });
+  if (isConfidential(s)) specs.push({ kind: 'vmm', bugs: s.bugs, ...(design !== undefined ? { design: { name: design, boot: bootSharedRanges(vm) } } : {}) });
   const started = performance.now();
 
   const queue: Uint8Array[] = [];
@@ -243,13 +260,16 @@ export async function runMigration(s: MigrationScenario, o: MigrationRunOptions)
     result.reason = `the guest stalled: ${stalled.map((v) => `vcpu${v}`).join(', ')} sat in the same KVM_EXIT_DIRTY_RING_FULL across frames of a pass: the VMM never answered it`;
   }
   if (result.info?.status === 'completed') {
-    const cmp = compareMemory(new GuestMemory(source), new GuestMemory(target));
+    // A private page whose shared memory the design keeps (in place) is not guest memory: not compared.
+    const privateKept = isConfidential(s) && !discardsSharedMemory(s.conversionDesign ?? 'rdm') ? (slot: Memslot, page: number) => vm.attributes!.isPrivate(slot, page) : undefined;
+    const cmp = compareMemory(new GuestMemory(source), new GuestMemory(target), 16, privateKept);
     result.pagesCompared = cmp.pages;
     result.mismatches = withHistory(cmp.mismatches, vm.memory, vm.history);
     result.mismatchCount = cmp.count;
     if (cmp.count > 0) result.status = 'failed';
     if (isConfidential(s)) {
-      result.confidential = checkConfidentialMigration(vm, target, conversionFindings, conversionFindingCount);
+      result.confidential = checkConfidentialMigration(vm, target, { design: s.conversionDesign ?? 'rdm', findings: conversionFindings, count: conversionFindingCount });
+      if (designStats !== undefined) result.confidential.design = designStats;
       const why = confidentialVerdict(result.confidential);
       if (why !== null && result.status === 'passed') { result.status = 'failed'; result.reason = why; }
       // Private memory is not migrated: the destination has the shared half and the attributes, not a guest to resume.

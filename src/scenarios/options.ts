@@ -7,6 +7,7 @@ import { DEVICE_DEFAULTS, DEVICE_KINDS, type DeviceConfig, type DeviceKind } fro
 import { VFIO_DEFAULT_DMA_ENTRY_LIMIT } from '../host/iommu/constants.ts';
 import type { IommuBackendKind } from '../host/iommu/iommu-layout.ts';
 import type { MapGpaAbi } from '../host/layout.ts';
+import { CONVERSION_DESIGNS, type ConversionDesignName } from '../host/vmm/conversion-design.ts';
 import { WORKLOAD_NAMES, type WorkloadName } from '../guest/workload.ts';
 import type { ConvergencePolicy } from '../migration/precopy.ts';
 import { UserError } from '../util/errors.ts';
@@ -83,6 +84,7 @@ export interface Settings {
   onDeviceFault: OnDeviceFault;
   confidential: Confidential;
   mapGpa: MapGpaAbi;
+  conversionDesign: ConversionDesignName;
 }
 export type SettingKey = keyof Settings;
 
@@ -432,6 +434,11 @@ export const OPTIONS = [
     key: 'mapGpa', flag: '--map-gpa', arg: '<abi>', yaml: 'vm.map_gpa', kinds: MIGRATE,
     help: 'a confidential guest\'s explicit conversions: kvm (KVM_HC_MAP_GPA_RANGE, one exit per call) or tdx (a TD\'s TDG.VP.VMCALL<MapGPA>: one KVM_EXIT_HYPERCALL per 2 MiB chunk; RETRY between chunks needs a pending interrupt, which nothing in a scenario raises)',
     parse: (r, w) => oneOf(r, w, MAP_GPA_ABIS, 'MapGPA ABI', 'kvm or tdx'), format: (v) => v, defaults: same<MapGpaAbi>('kvm'),
+  }),
+  def({
+    key: 'conversionDesign', flag: '--conversion-design', arg: '<design>', yaml: 'vm.conversion_design', kinds: MIGRATE,
+    help: 'how the VMM converts a confidential guest\'s memory with a device assigned: rdm (QEMU\'s RamDiscardManager, the default), notifier (a conversion notifier list VFIO registers with), in-place (guest_memfd holds both; VFIO unmaps before a page turns private), kvm-iommu (KVM updates the device\'s IOMMU table itself)',
+    parse: (r, w) => oneOf(r, w, CONVERSION_DESIGNS, 'conversion design', `one of: ${CONVERSION_DESIGNS.join(', ')}`), format: (v) => v, defaults: same<ConversionDesignName>('rdm'),
   }),
 ] as const;
 

@@ -22,7 +22,7 @@ import { type MigrationEvent, type MigrationParams, precopy } from '../migration
 import { type DeviceSetup, deviceWindow } from './devices.ts';
 import { createDevice } from '../host/devices/devices.ts';
 import { type IommuServiceEvent, iommuService } from '../host/iommu/iommu-service.ts';
-import { type KvmCpuExecEvent, kvmCpuExec } from '../host/vmm/kvm-cpu-exec.ts';
+import { type KvmCpuExecEvent, type KvmCpuExecOptions, kvmCpuExec } from '../host/vmm/kvm-cpu-exec.ts';
 import { MemoryAttributes } from '../host/memory-attributes.ts';
 import { ConversionInjection } from '../host/vmm/conversion-bugs.ts';
 import { ConversionOracle } from '../oracles/private-memory-oracle.ts';
@@ -42,7 +42,7 @@ export type RoleSpec =
   | { kind: 'device'; index: number; setup: DeviceSetup; seed: number }
   | { kind: 'iommu-service' }
   /** A confidential guest's VMM: serves conversion exits (kvm-cpu-exec.ts), the private memory oracle watching. */
-  | { kind: 'vmm'; bugs: string[] };
+  | { kind: 'vmm'; bugs: string[]; design?: KvmCpuExecOptions['design'] };
 
 export function roleName(spec: RoleSpec): string {
   switch (spec.kind) {
@@ -107,6 +107,7 @@ export function buildRole(spec: RoleSpec, vm: Vm, report: (e: never) => void): R
     case 'vmm':
       return new GeneratorRole('vmm', kvmCpuExec(vm, {
         injection: new ConversionInjection(injectedBugs(spec.bugs).conversion, vm.acts), watch: new ConversionOracle(vm), report: report as (e: KvmCpuExecEvent) => void,
+        ...(spec.design !== undefined ? { design: spec.design } : {}),
       }));
   }
 }

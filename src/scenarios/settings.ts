@@ -158,8 +158,12 @@ function checkConfidential(r: Resolved, devices: DeviceSetup): void {
   // page of the guest_memfd block, plus one for each other memslot KVM allows, must fit the
   // container's dma_entry_limit (iommufd has none).
   const mappings = possibleDmaMappings(s.memoryBytes / PAGE_SIZE, 1);
-  if (devices.devices.length > 0 && devices.backend === 'type1' && mappings > devices.dmaEntryLimit) {
+  // KVM keeping the IOMMU table itself maps nothing through the container.
+  if (s.conversionDesign !== 'kvm-iommu' && devices.devices.length > 0 && devices.backend === 'type1' && mappings > devices.dmaEntryLimit) {
     throw new UserError(`${where('memoryBytes')}: ${formatSize(s.memoryBytes)} of guest_memfd memory can take ${s.memoryBytes / PAGE_SIZE} DMA mappings of 4 KiB, and the ${KVM_USER_MEM_SLOTS - 1} other memslots KVM allows one each: ${mappings} > ${r.where('dmaEntryLimit')} ${devices.dmaEntryLimit} (type1's dma_entry_limit), so VFIO would refuse to register ("possibly running out of DMA mappings"); use less memory, a larger limit, or ${r.where('iommu')} iommufd`);
+  }
+  if (s.conversionDesign !== 'rdm' && devices.devices.length === 0) {
+    throw new UserError(`${r.where('conversionDesign')}: ${s.conversionDesign} is a way to keep an assigned device in step with conversions; add one (--device dma-engine,identity)`);
   }
   devices.devices.forEach((d, i) => {
     if (d.kind !== 'dma-engine' || !d.identity) throw new UserError(`${where('devices')}: device ${i} (${d.kind}${d.identity ? ', identity' : ''}): a confidential guest's device is a dma-engine with identity (VFIO maps shared memory at IOVA = GPA as it becomes shared)`);
@@ -194,6 +198,7 @@ export function buildMigration(r: Resolved): MigrationSetup {
     devices,
     confidential: s.confidential,
     ...(s.mapGpa !== 'kvm' ? { mapGpa: s.mapGpa } : {}),
+    ...(s.conversionDesign !== 'rdm' ? { conversionDesign: s.conversionDesign } : {}),
     params: {
       bandwidth: s.bandwidth,
       downtimeLimitMs: s.downtimeLimitMs,
@@ -207,6 +212,10 @@ export function buildMigration(r: Resolved): MigrationSetup {
   };
   if (s.confidential !== 'off') checkConfidential(r, devices);
   else if (s.workload === 'convert') throw new UserError(`${r.where('workload')}: convert is a confidential guest's workload; it needs ${r.where('confidential')} shared or blocker`);
+  if (s.conversionDesign !== 'rdm' && s.confidential === 'off') throw new UserError(`${r.where('conversionDesign')}: ${s.conversionDesign} is how the VMM converts a confidential guest's memory; it needs ${r.where('confidential')} shared or blocker`);
+  if (bugs.some((b) => b.name === 'inplace-convert-while-pinned') && s.conversionDesign !== 'in-place') {
+    throw new UserError(`${r.where('inject')} inplace-convert-while-pinned: this bug lives in the in-place conversion design; it needs ${r.where('conversionDesign')} in-place, not ${s.conversionDesign}`);
+  }
   if (s.mapGpa !== 'kvm' && s.confidential === 'off') throw new UserError(`${r.where('mapGpa')}: ${s.mapGpa} is how a confidential guest converts memory; it needs ${r.where('confidential')} shared or blocker`);
   for (const b of bugs) {
     const kinds = b.devices ?? [];

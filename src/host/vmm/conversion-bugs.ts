@@ -16,6 +16,8 @@ export interface ConversionBugs {
   rdmBitmapDrift?: boolean;
   /** VFIO's listener maps in 2 MiB chunks, not per 4 KiB granule: a later 4 KiB unmap would split one (EINVAL). */
   splitHugeMapping?: boolean;
+  /** The in-place design (in-place-conversion.ts): shared -> private while VFIO's pin still holds the page. */
+  inplaceConvertWhilePinned?: boolean;
 }
 
 /** The flags and the counters their sites report to (null: nobody counts, as in unit tests). */

@@ -24,6 +24,15 @@ export type ConversionDesignName = 'rdm' | 'notifier' | 'in-place' | 'kvm-iommu'
 
 export const CONVERSION_DESIGNS: readonly ConversionDesignName[] = ['rdm', 'notifier', 'in-place', 'kvm-iommu'];
 
+/**
+ * Whether the design discards a private page's shared memory (the last step of
+ * kvm_convert_memory). In place it does not: the page stays in guest_memfd's one file, and
+ * its shared view keeps what it held, which is then no finding and not guest memory to compare.
+ */
+export function discardsSharedMemory(name: ConversionDesignName): boolean {
+  return name !== 'in-place';
+}
+
 export interface ConversionStats {
   /** Mappings userspace holds in the container (type1 vfio_dma entries, iommufd areas): what dma_entry_limit counts. */
   iommuEntries: number;

@@ -1,4 +1,5 @@
 import type { Vm } from '../vm.ts';
+import type { ConversionInjection } from './conversion-bugs.ts';
 import type { ConversionDesign, ConversionDesignName } from './conversion-design.ts';
 import { InPlaceConversion, type InPlaceOptions } from './in-place-conversion.ts';
 import { KvmIommuConversion } from './kvm-iommu-conversion.ts';
@@ -13,4 +14,13 @@ export function createConversionDesign(name: ConversionDesignName, vm: Vm, o: In
     case 'in-place': return new InPlaceConversion(vm, o);
     case 'kvm-iommu': return new KvmIommuConversion(vm);
   }
+}
+
+/**
+ * A design for a running guest: the run's injected conversion bugs (the in-place design
+ * honours inplace-convert-while-pinned and counts it acting) and where QEMU's printed
+ * errors go.
+ */
+export function injectedConversionDesign(name: ConversionDesignName, vm: Vm, injection: ConversionInjection, report: (detail: string) => void): ConversionDesign {
+  return createConversionDesign(name, vm, { report, convertWhilePinned: injection.bugs.inplaceConvertWhilePinned === true, injection });
 }

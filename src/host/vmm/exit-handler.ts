@@ -4,7 +4,7 @@ import {
 } from '../constants.ts';
 import { VcpuWord } from '../layout.ts';
 import type { Steps } from '../../roles/role.ts';
-import { type GuestMemfdRam, kvmConvertMemory } from './kvm-convert-memory.ts';
+import { type ConvertResult, GuestMemfdRam, kvmConvertMemory } from './kvm-convert-memory.ts';
 import type { VmmControl } from './vmm-control.ts';
 
 /** kvm_run.memory_fault of a vCPU parked in KVM_EXIT_MEMORY_FAULT. */
@@ -12,6 +12,12 @@ export interface MemoryFault { vcpu: number; gpa: number; size: number; flags: n
 
 /** kvm_run.hypercall of a vCPU parked in KVM_EXIT_HYPERCALL. */
 export interface Hypercall { vcpu: number; nr: number; args: [number, number, number] }
+
+/**
+ * What converts guest memory for the exits: QEMU's kvm_convert_memory over the RAM
+ * blocks' RamDiscardManagers, or a conversion design's convert (conversion-design.ts).
+ */
+export type MemoryConverter = GuestMemfdRam | { readonly name: string; convert(start: number, size: number, toPrivate: boolean): Steps<ConvertResult> };
 
 /** Why the VMM stops the VM (QEMU: vm_stop(RUN_STATE_INTERNAL_ERROR)); the vCPU stays in its exit. */
 export interface ExitError { vcpu: number; error: string }
@@ -76,7 +82,7 @@ export class ExitHandler {
    * re-enters. Returns null when every such exit was answered, else the first error: QEMU
    * then stops the VM (vm_stop(RUN_STATE_INTERNAL_ERROR)) and the vCPU stays in its exit.
    */
-  *serviceMemoryFaults(ram: GuestMemfdRam): Steps<ExitError | null> {
+  *serviceMemoryFaults(ram: MemoryConverter): Steps<ExitError | null> {
     for (let f = this.memoryFault(); f !== null; f = this.memoryFault()) {
       if ((f.flags & ~KVM_MEMORY_EXIT_FLAG_PRIVATE) !== 0) {
         return { vcpu: f.vcpu, error: `KVM_EXIT_MEMORY_FAULT: Unknown flag 0x${f.flags.toString(16)}` };
@@ -104,7 +110,7 @@ export class ExitHandler {
    * shared and re-enters with hypercall.ret left at 0; any other hypercall, or a failed
    * conversion, is the error that stops the VM.
    */
-  *serviceHypercalls(ram: GuestMemfdRam): Steps<ExitError | null> {
+  *serviceHypercalls(ram: MemoryConverter): Steps<ExitError | null> {
     for (let h = this.hypercall(); h !== null; h = this.hypercall()) {
       if (h.nr !== KVM_HC_MAP_GPA_RANGE) return { vcpu: h.vcpu, error: `KVM_EXIT_HYPERCALL: unknown hypercall ${h.nr}` };
       const [gpa, npages, attrs] = h.args;
@@ -114,11 +120,12 @@ export class ExitHandler {
     return null;
   }
 
-  private *convert(ram: GuestMemfdRam, vcpu: number, gpa: number, size: number, toPrivate: boolean): Steps<ExitError | null> {
+  private *convert(ram: MemoryConverter, vcpu: number, gpa: number, size: number, toPrivate: boolean): Steps<ExitError | null> {
     this.onConvert?.before();
-    const r = yield* kvmConvertMemory(ram, gpa, size, toPrivate);
+    const r = ram instanceof GuestMemfdRam ? yield* kvmConvertMemory(ram, gpa, size, toPrivate) : yield* ram.convert(gpa, size, toPrivate);
     this.onConvert?.after(gpa, size, r.ret >= 0);
-    if (r.ret < 0) return { vcpu, error: `kvm_convert_memory(0x${gpa.toString(16)}, 0x${size.toString(16)}) failed: ${r.error || `ret ${r.ret}`}` };
+    const what = ram instanceof GuestMemfdRam ? 'kvm_convert_memory' : `the ${ram.name} design's conversion`;
+    if (r.ret < 0) return { vcpu, error: `${what}(0x${gpa.toString(16)}, 0x${size.toString(16)}) failed: ${r.error || `ret ${r.ret}`}` };
     this.vmm.reenter(vcpu);
     return null;
   }

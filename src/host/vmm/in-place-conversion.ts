@@ -7,6 +7,7 @@ import type { Vm } from '../vm.ts';
 import {
   CONVERT_OK, type ConversionDesign, type ConversionStats, type DesignOptions, IoctlCounts, conversionTarget, vfioDmaMappingsCheck,
 } from './conversion-design.ts';
+import { Acted, type ConversionInjection } from './conversion-bugs.ts';
 import { CountingIommu } from './counting-iommu.ts';
 import type { ConvertResult } from './kvm-convert-memory.ts';
 import type { Steps } from '../../roles/role.ts';
@@ -14,13 +15,14 @@ import { hex } from '../../util/hex.ts';
 
 export interface InPlaceOptions extends DesignOptions {
   /**
-   * The bug inplace-convert-while-pinned (not in the catalog yet: it needs this design in a
-   * scenario): shared -> private goes ahead while
-   * VFIO's pin still holds the page (the VMM skips the unmap, and guest_memfd's
-   * reference check lets it through): the device keeps its mapping, and its pin, of a
-   * page that is now private.
+   * The bug inplace-convert-while-pinned: shared -> private goes ahead while VFIO's pin
+   * still holds the page (the VMM skips the unmap, and guest_memfd's reference check
+   * lets it through): the device keeps its mapping, and its pin, of a page that is now
+   * private.
    */
   convertWhilePinned?: boolean;
+  /** Where the bug's acting is counted (vm.acts in a scenario). */
+  injection?: ConversionInjection;
 }
 
 /** The guest_memfd conversion ioctl's name. */
@@ -82,6 +84,7 @@ export class InPlaceConversion implements ConversionDesign {
       this.counts.add(SET_ATTRIBUTES2);
       const r = yield* file.convert(this.vm, page, pages, true, this.o.convertWhilePinned === true);
       this.acted += r.convertedWhilePinned;
+      if (r.convertedWhilePinned > 0) this.o.injection?.acted(Acted.INPLACE_CONVERT_WHILE_PINNED, r.convertedWhilePinned);
       return r.ret === 0 ? CONVERT_OK : { ret: r.ret, error: `failed to convert ${what}: ${r.detail}` };
     }
     this.counts.add(SET_ATTRIBUTES2);
