@@ -75,6 +75,7 @@ const CASES: Case[] = [
   { id: 'iommu/entry-limit', file: 'iommu.ts', args: ['entry-limit'] },
   { id: 'cvm/designs', file: 'cvm-designs.ts', args: ['designs'] },
   { id: 'cvm/16GiB', file: 'cvm-designs.ts', args: ['16GiB'] },
+  { id: 'cvm/guest', file: 'cvm-designs.ts', args: ['guest'] },
   { id: 'hunt/throughput', file: 'hunt.ts', args: ['throughput'] },
   { id: 'hunt/shrink', file: 'hunt.ts', args: ['shrink'] },
 ];
