@@ -265,7 +265,8 @@ export const CATALOG: readonly CatalogEntry[] = [
 /**
  * The confidential-VM bugs: their demonstrations are confidential guests (`--confidential
  * shared`), and they do not depend on KVM's dirty tracking mode (any mode shows them).
- * test/cvm-bugs.test.ts and the litmus files examples/litmus/1*-*.yaml catch each too.
+ * test/cvm-bugs.test.ts (test/cvm-designs-migration.test.ts for the in-place design's) and the
+ * litmus files examples/litmus/1*-*.yaml catch each too.
  */
 export const CONFIDENTIAL_BUGS: readonly BugName[] = [
   'convert-without-unmap', 'discard-before-unmap', 'map-before-shared', 'attributes-before-zap', 'rdm-bitmap-drift', 'split-huge-mapping',

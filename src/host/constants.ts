@@ -66,6 +66,14 @@ export const KVM_ENOSYS = 1000;
 export const KVM_EINVAL = 22;
 /** KVM_CAP_EXIT_HYPERCALL: args[0] is the mask of hypercalls that exit to userspace (1 << KVM_HC_MAP_GPA_RANGE). */
 export const KVM_CAP_EXIT_HYPERCALL = 201;
+/** KVM_CAP_DISABLE_QUIRKS2: args[0] is the mask of KVM_X86_QUIRK_* to disable; a bit KVM does not support: EINVAL. */
+export const KVM_CAP_DISABLE_QUIRKS2 = 213;
+/**
+ * arch/x86/include/uapi/asm/kvm.h. On (the default): on Intel, KVM ignores the guest's PAT
+ * (EPT WB + IPAT) unless non-coherent DMA is registered. Not disableable on a CPU without
+ * self-snoop; TDX disables it for every TD (tdx_vm_init). See host/memory-type.ts.
+ */
+export const KVM_X86_QUIRK_IGNORE_GUEST_PAT = 1 << 9;
 /**
  * TDX's MapGPA (arch/x86/include/asm/shared/tdx.h; arch/x86/kvm/vmx/tdx.c): the leaf a TD
  * puts in R11 for TDG.VP.VMCALL<MapGPA>, and the TDVMCALL status codes KVM returns in R10.

@@ -71,6 +71,11 @@ export interface VmConfig {
    * not currently supported"), and so does vmemlab without this option.
    */
   logSharedGuestMemfd?: boolean;
+  /**
+   * KVM_CAP_DISABLE_QUIRKS2's mask (KVM_X86_QUIRK_*), as kvm->arch.disabled_quirks; 0 or
+   * unset: every quirk on. Only KVM_X86_QUIRK_IGNORE_GUEST_PAT acts (host/memory-type.ts).
+   */
+  disabledQuirks?: number;
 }
 
 export interface MemslotLayout extends MemslotConfig {
@@ -173,8 +178,10 @@ export const GlobalWord = {
    * the start unless the VMM boots in its own thread (a conversion design's VMM, kvm-cpu-exec.ts).
    */
   VM_START_PENDING: 8 * LINE_WORDS + 7,
+  /** kvm->arch.noncoherent_dma_count: non-coherent DMA registrations (kvm_arch_register_noncoherent_dma; host/memory-type.ts). */
+  NONCOHERENT_DMA_COUNT: 9 * LINE_WORDS,
 } as const;
-export const GLOBAL_WORDS = 9 * LINE_WORDS;
+export const GLOBAL_WORDS = 10 * LINE_WORDS;
 
 /** Words a vCPU writes (first line of its block). */
 export const VcpuWord = {

@@ -1,5 +1,6 @@
 import {
   EINVAL, ENOENT, ENXIO, KVM_CLEAR_LOG_ALIGN, KVM_MEMORY_ATTRIBUTE_PRIVATE, KVM_MEM_LOG_DIRTY_PAGES,
+  KVM_X86_QUIRK_IGNORE_GUEST_PAT,
 } from './constants.ts';
 import { SharedDirtyBitmap, popcount32 } from './dirty-bitmap.ts';
 import { DirtyRing } from './dirty-ring.ts';
@@ -13,6 +14,7 @@ import {
 } from './spte.ts';
 import { type KvmMemoryAttributes, MemoryAttributes, gfnRange, invalidMemoryAttributes, slotRanges } from './memory-attributes.ts';
 import { MmuInvalidate } from './mmu-invalidate.ts';
+import { type NoncoherentDmaUnregister, kvmCheckHasQuirk, vmxGetMtMask } from './memory-type.ts';
 import { TlbShootdown } from './tlb-shootdown.ts';
 import { Iommu } from './iommu/iommu.ts';
 import { Acted, InjectionCounters } from './injections.ts';
@@ -154,6 +156,64 @@ export class Vm {
       yield undefined;
     }
     this.mmuInvalidate.end();
+  }
+
+  /** kvm->arch.disabled_quirks (VmConfig.disabledQuirks, KVM_CAP_DISABLE_QUIRKS2). */
+  get disabledQuirks(): number {
+    return this.layout.config.disabledQuirks ?? 0;
+  }
+
+  /** kvm_arch_has_noncoherent_dma. */
+  noncoherentDma(): boolean {
+    return Atomics.load(this.global, GlobalWord.NONCOHERENT_DMA_COUNT) !== 0;
+  }
+
+  /**
+   * vmx_get_mt_mask for `gfn` as the VM is now: the EPT memory type and IPAT bits a new
+   * SPTE gets (host/memory-type.ts). `isMmio` defaults to "outside every memslot", standing
+   * in for host MMIO until vmemlab has device-memory slots (KVM gives such a gfn an MMIO
+   * SPTE, with no memory type).
+   */
+  getMtMask(gfn: number, isMmio = this.memory.findSlot(gfn) === undefined): number {
+    return vmxGetMtMask({ isMmio, noncoherentDma: this.noncoherentDma(), disabledQuirks: this.disabledQuirks });
+  }
+
+  /**
+   * kvm_arch_register_noncoherent_dma (VFIO, for a device that cannot be forced to snoop):
+   * count it; the first one starts honouring the guest's PAT. Returns the SPTEs zapped.
+   */
+  *registerNoncoherentDma(): Steps<number> {
+    if (Atomics.add(this.global, GlobalWord.NONCOHERENT_DMA_COUNT, 1) !== 0) return 0;
+    return yield* this.noncoherentDmaAssignmentStartOrStop();
+  }
+
+  /**
+   * kvm_arch_unregister_noncoherent_dma: the last one stops honouring the guest's PAT.
+   * Refused, the count unchanged, when nothing is registered: KVM does not check, and a
+   * count of -1 reads as registered (kvm_vfio_update_coherency only unregisters what it
+   * registered, so only a caller's bug gets there).
+   */
+  *unregisterNoncoherentDma(): Steps<NoncoherentDmaUnregister> {
+    const g = this.global;
+    for (;;) {
+      const count = Atomics.load(g, GlobalWord.NONCOHERENT_DMA_COUNT);
+      if (count === 0) return { ok: false, error: 'kvm_arch_unregister_noncoherent_dma: no non-coherent DMA is registered' };
+      if (Atomics.compareExchange(g, GlobalWord.NONCOHERENT_DMA_COUNT, count, count - 1) !== count) continue;
+      return { ok: true, zapped: count === 1 ? yield* this.noncoherentDmaAssignmentStartOrStop() : 0 };
+    }
+  }
+
+  /**
+   * kvm_noncoherent_dma_assignment_start_or_stop: IPAT changes for every gfn, so zap every
+   * SPTE (kvm_zap_gfn_range over all gfns: begin, zap, flush, end) for faults to rebuild
+   * them; with the quirk off the guest's PAT is honoured either way and nothing changes.
+   */
+  private *noncoherentDmaAssignmentStartOrStop(): Steps<number> {
+    if (!kvmCheckHasQuirk(this.disabledQuirks, KVM_X86_QUIRK_IGNORE_GUEST_PAT)) return 0;
+    const end = Math.max(0, ...this.memory.slots.map((s) => s.endGfn)); // only memslot gfns have SPTEs
+    const zapped = yield* this.invalidateGfnRange(0, end, SPTE_WRITABLE | SPTE_PRIVATE);
+    this.mmuInvalidate.end();
+    return zapped;
   }
 
   /** Maps every slot: pages start present and writable unless the slot is read-only. */

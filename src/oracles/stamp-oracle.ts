@@ -15,9 +15,9 @@ export interface StampMismatch {
 /**
  * The stamp oracle: after the final copy, with the source paused, every destination page
  * must equal its source page, byte for byte. A mismatch is a lost write; the stamps say
- * who wrote each side last and with which sequence number.
+ * who wrote each side last and with which sequence number. `skip`: pages not to compare
+ * (a confidential guest's private pages where the design keeps their shared memory).
  */
-/** `skip`: pages not to compare (a confidential guest's private pages where their shared memory is not discarded). */
 export function compareMemory(source: GuestMemory, destination: GuestMemory, max = 16, skip?: (slot: Memslot, page: number) => boolean): { pages: number; mismatches: StampMismatch[]; count: number } {
   const mismatches: StampMismatch[] = [];
   let pages = 0;
