@@ -180,6 +180,14 @@ export class CpuCache {
     }
   }
 
+  /** A CPU reads all of VM-wide page `frame` through a WB mapping (the migration thread's read), into `into` at `at`. */
+  readPage(frame: number, into: Uint8Array, at: number): void {
+    for (let l = 0; l < LINES_PER_PAGE; l++) {
+      const o = at + l * CACHE_LINE_SIZE;
+      this.read(CacheAccess.WB, frame * LINES_PER_PAGE + l, 0, into.subarray(o, o + CACHE_LINE_SIZE));
+    }
+  }
+
   /** A device reads by DMA: snooped, a dirty line's data; no-snoop, DRAM. Never allocates. */
   dmaRead(access: CacheAccess.DMA_SNOOP | CacheAccess.DMA_NO_SNOOP, key: number, offset: number, out: Uint8Array): CacheServed {
     checkSpan(offset, out.length);

@@ -18,6 +18,13 @@ export const enum OpKind {
    * shared; `offset` is the page-size hint. The result lands in GuestContext.hypercallRet.
    */
   MAP_GPA_RANGE = 5,
+  /**
+   * The guest changes the memory type its page tables give `value` pages from `gfn` on
+   * (the PAT index bits of their PTEs) to `offset`, an X86_MEMTYPE_* (memory-type.ts); on
+   * a VM with the CPU cache model the vCPU's accesses to them then take it into account
+   * (as far as the EPT memory type lets them). Elsewhere it changes nothing.
+   */
+  SET_PAT = 6,
 }
 
 /** One guest operation, filled in place by a workload (no allocation per operation). */

@@ -13,6 +13,8 @@ import { INJECTION_WORDS } from './injections.ts';
  */
 
 import { LINE_WORDS } from './cache-line.ts';
+import { type CpuCacheConfig, type CpuCacheLayout, createCpuCacheLayout } from './cpu-cache.ts';
+import { X86_MEMTYPE_WB } from './memory-type.ts';
 export { LINE_WORDS };
 /** Guest RAM is split into regions of at most 2 GiB so guests over 4 GiB work. */
 export const REGION_PAGES_SHIFT = 19;
@@ -76,6 +78,13 @@ export interface VmConfig {
    * unset: every quirk on. Only KVM_X86_QUIRK_IGNORE_GUEST_PAT acts (host/memory-type.ts).
    */
   disabledQuirks?: number;
+  /**
+   * A CPU cache in front of guest memory (cpu-cache.ts), where page aliasing can happen:
+   * vCPU accesses then take the memory type their SPTE and the guest's PAT give, devices'
+   * DMA snoops it, the migration thread reads through it. Unset: no cache model, and the
+   * write path as without it. Not with privateMem (guest_memfd memory is not modelled behind it).
+   */
+  cpuCache?: CpuCacheConfig;
 }
 
 export interface MemslotLayout extends MemslotConfig {
@@ -124,6 +133,8 @@ export interface VmLayout {
   injections: SharedArrayBuffer;
   /** One byte per page (VM-wide numbering): KVM's memory attributes, when VmConfig.privateMem. */
   attributes: SharedArrayBuffer | null;
+  /** VmConfig.cpuCache: the cache, and one byte per page (VM-wide numbering) with the memory type the guest's PAT gives its mapping of the page (X86_MEMTYPE_WB at first). */
+  cpuCache: { cache: CpuCacheLayout; guestPat: SharedArrayBuffer } | null;
 }
 
 /** Words of `global`, each on its own line. */
@@ -275,6 +286,7 @@ export function slotFieldOf(slot: { id: number; asId: number }): number {
 }
 
 export function createVmLayout(config: VmConfig): VmLayout {
+  if (config.cpuCache && config.privateMem) throw new Error('createVmLayout: a CPU cache model and private memory together are not modelled');
   let firstPage = 0;
   const slots = config.slots.map((s): MemslotLayout => {
     const regions: SharedArrayBuffer[] = [];
@@ -322,7 +334,15 @@ export function createVmLayout(config: VmConfig): VmLayout {
     iommu: config.iommu ? createIommuLayout(config.iommu, firstPage) : null,
     injections: new SharedArrayBuffer(INJECTION_WORDS * 4),
     attributes: config.privateMem ? new SharedArrayBuffer(Math.max(1, firstPage)) : null,
+    cpuCache: config.cpuCache ? { cache: createCpuCacheLayout(config.cpuCache), guestPat: guestPatBuffer(firstPage) } : null,
   };
+}
+
+/** The guest's PAT type per page, all write-back as a guest's page tables start. */
+function guestPatBuffer(pages: number): SharedArrayBuffer {
+  const b = new SharedArrayBuffer(Math.max(1, pages));
+  new Uint8Array(b).fill(X86_MEMTYPE_WB);
+  return b;
 }
 
 /** check_memory_region_flags for KVM_MEM_GUEST_MEMFD (virt/kvm/kvm_main.c). */

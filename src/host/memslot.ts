@@ -129,6 +129,17 @@ export class Memslot {
   }
 
   /**
+   * The first 16 bytes writeU64Stamped leaves in a page (value, stamp), put in `into`:
+   * what a store through the CPU cache model writes (cpu-cache.ts).
+   */
+  static stampedBytes(into: Uint32Array, value: number, writer: number, seq: number, iteration: number): void {
+    into[0] = value >>> 0;
+    into[1] = (value / 4294967296) >>> 0;
+    into[2] = stampWord(writer, iteration);
+    into[3] = seq;
+  }
+
+  /**
    * Writes the oracle stamp next to the workload's bytes (which use bytes 0-7): who
    * wrote (writer id), that writer's sequence number, and the guest iteration.
    */

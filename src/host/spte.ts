@@ -1,14 +1,40 @@
+import { VMX_EPT_IPAT_BIT, VMX_EPT_MT_EPTE_SHIFT, VMX_EPT_MT_MASK, X86_MEMTYPE_WB } from './memory-type.ts';
 import type { Memslot } from './memslot.ts';
 
 /**
  * Second-level page-table entry state, one byte per page in shared memory. vmemlab keeps
  * what dirty tracking and private memory need: whether the page is mapped writable to
- * its shared memory, or mapped to its private (guest_memfd) memory. A zapped SPTE is 0:
- * the next access faults. (Memory type will take further bits.)
+ * its shared memory, or mapped to its private (guest_memfd) memory, and, on a VM with the
+ * CPU cache model, the EPT memory type KVM gave it. A zapped SPTE is 0: the next access
+ * faults.
  */
 export const SPTE_WRITABLE = 1 << 0;
 /** Mapped to the slot's guest_memfd page (private; never write-protected: KVM does not log private memory). */
 export const SPTE_PRIVATE = 1 << 1;
+
+/**
+ * The EPT memory type field (vmx_get_mt_mask's value, memory-type.ts) as an SPTE keeps it:
+ * bits 2-4 the type XOR WB (so that 0 is WB), bit 5 set when IPAT is clear (the guest's PAT
+ * takes part), bit 6 once a fault computed them. 0 in all three is WB + IPAT, what KVM
+ * gives every page while no non-coherent DMA is registered.
+ */
+const SPTE_MT_SHIFT = 2;
+const SPTE_MT_MASK = 7 << SPTE_MT_SHIFT;
+const SPTE_HONOUR_PAT = 1 << 5;
+export const SPTE_MT_SET = 1 << 6;
+
+/** The EPT memory type bits (VMX_EPT_MT_MASK | VMX_EPT_IPAT_BIT) of an SPTE value. */
+export function spteMtMask(spte: number): number {
+  const type = ((spte & SPTE_MT_MASK) >>> SPTE_MT_SHIFT) ^ X86_MEMTYPE_WB;
+  return (type << VMX_EPT_MT_EPTE_SHIFT) | ((spte & SPTE_HONOUR_PAT) !== 0 ? 0 : VMX_EPT_IPAT_BIT);
+}
+
+/** Gives the page's SPTE the memory type `mtMask` (vmx_get_mt_mask's value) unless a fault already did since it was installed. */
+export function setSpteMemoryType(slot: Memslot, page: number, mtMask: number): void {
+  if ((slot.spte[page]! & SPTE_MT_SET) !== 0) return;
+  const type = ((mtMask & VMX_EPT_MT_MASK) >>> VMX_EPT_MT_EPTE_SHIFT) ^ X86_MEMTYPE_WB;
+  Atomics.or(slot.spte, page, SPTE_MT_SET | (type << SPTE_MT_SHIFT) | ((mtMask & VMX_EPT_IPAT_BIT) !== 0 ? 0 : SPTE_HONOUR_PAT));
+}
 
 export function spteWritable(slot: Memslot, page: number): boolean {
   return (slot.spte[page]! & SPTE_WRITABLE) !== 0;
@@ -58,7 +84,8 @@ export function zapSptes(slot: Memslot, page: number, count: number, kinds: numb
   const spte = slot.spte;
   for (let p = page; p < page + count; p++) {
     if ((spte[p]! & kinds) === 0) continue;
-    Atomics.and(spte, p, ~kinds & 0xff);
+    // An SPTE maps one kind at a time: zapped, nothing of it is left (its memory type included).
+    Atomics.store(spte, p, 0);
     zapped++;
   }
   return zapped;

@@ -6,9 +6,12 @@ import {
 import {
   GlobalWord, IN_GUEST_MODE, OUTSIDE_GUEST_MODE, VcpuRequest, VcpuRunState, VcpuWord, slotIsReadonly,
 } from './layout.ts';
-import type { Memslot } from './memslot.ts';
+import { Memslot } from './memslot.ts';
+import { CACHE_LINE_SIZE, CacheAccess, type CpuCache, lineKey } from './cpu-cache.ts';
+import { type MemoryType, X86_MEMTYPE_WB, X86_MEMTYPE_WC, effectiveMemoryType } from './memory-type.ts';
+import { slotRanges } from './memory-attributes.ts';
 import { FAST_PATH_MISS_PHASE, type VcpuFastState, countStaleStore, runTlbHits, runWriteHits } from './vcpu-fast-path.ts';
-import { SPTE_PRIVATE, SPTE_WRITABLE, mapPagePrivate } from './spte.ts';
+import { SPTE_PRIVATE, SPTE_WRITABLE, mapPagePrivate, spteMtMask } from './spte.ts';
 import type { Vm } from './vm.ts';
 import { type GuestContext, type GuestOp, OpKind, type Workload, type Write64Workload, isWrite64Workload } from './guest-op.ts';
 import { NOT_WAITING, type Role, Step, type Wait, WaitCode, waitFor } from '../roles/role.ts';
@@ -88,6 +91,14 @@ export class Vcpu implements Role, VcpuFastState {
   private readonly tlbPrivate: Int32Array | null;
   /** On a VM with private memory: KVM's attribute byte per page (VM-wide numbering), for the fast path's stale-store probe; else null. */
   readonly attributeBytes: Uint8Array | null;
+  /**
+   * On a VM with the CPU cache model (VmConfig.cpuCache): the cache every access goes
+   * through as its memory type says; no fast path then (it stores to memory directly).
+   */
+  private readonly cache: CpuCache | null;
+  /** Scratch for a store through the cache: the value and the stamp, as writeU64Stamped lays them out. */
+  private readonly line32 = new Uint32Array(4);
+  private readonly line8 = new Uint8Array(this.line32.buffer);
 
   private readonly words: Int32Array;
   private readonly global: Int32Array;
@@ -129,6 +140,7 @@ export class Vcpu implements Role, VcpuFastState {
     this.attributeBytes = vm.layout.attributes !== null ? new Uint8Array(vm.layout.attributes) : null;
     this.runSeq = Atomics.load(this.words, this.base + VcpuRequest.RUN_SEQ);
     this.writes = isWrite64Workload(workload) ? workload : undefined;
+    this.cache = vm.cache;
     this.clock = pacing.clock ?? WALL_CLOCK;
     this.opBucket = pacing.opRate !== undefined && pacing.opRate > 0 ? bucketFor(pacing.opRate, this.clock.nowMs()) : null;
   }
@@ -181,7 +193,7 @@ export class Vcpu implements Role, VcpuFastState {
     this.paceMs = 0;
     while (retired < maxOps) {
       // Between operations, TLB hits take the fast path; anything else, one phase at a time.
-      if (this.phase === Phase.TRANSLATE && !this.opPending) {
+      if (this.phase === Phase.TRANSLATE && !this.opPending && this.cache === null) {
         retired += this.writes !== undefined ? runWriteHits(this, maxOps - retired) : runTlbHits(this, maxOps - retired);
         if (retired >= maxOps) break;
       }
@@ -570,11 +582,16 @@ export class Vcpu implements Role, VcpuFastState {
   private readOrHypercall(): Advance {
     const op = this.op;
     if (op.kind === OpKind.MAP_GPA_RANGE) return this.mapGpaRange();
+    if (op.kind === OpKind.SET_PAT) return this.setPat();
     const slot = this.vm.memory.findSlot(op.gfn);
     if (slot === undefined) return this.mmioExit();
     const page = op.gfn - slot.baseGfn;
     this.slot = slot;
     this.page = page;
+    if (this.cache !== null) {
+      this.cache.read(this.cacheAccess(slot, page), lineKey(slot.firstPage + page, 0), 0, this.line8.subarray(0, 8));
+      return this.retire();
+    }
     if (this.tlbPrivate !== null) {
       // On a VM with private memory a read is checked against the attribute all the same.
       const priv = op.private === true;
@@ -586,8 +603,59 @@ export class Vcpu implements Role, VcpuFastState {
     return this.retire();
   }
 
+  /**
+   * SET_PAT: the guest's page tables give the pages another memory type. The guest's own
+   * TLB entries are not modelled apart: each access reads the type afresh (as after the
+   * INVLPG a guest does when it changes a PTE).
+   */
+  private setPat(): Advance {
+    const op = this.op;
+    const pat = this.vm.guestPat;
+    if (pat !== null) {
+      for (const r of slotRanges(this.vm.memory, op.gfn, op.gfn + op.value)) pat.fill(op.offset, r.slot.firstPage + r.page, r.slot.firstPage + r.page + r.count);
+    }
+    return this.retire();
+  }
+
+  /**
+   * How an access to the page treats the cache: the EPT memory type its SPTE got at the
+   * fault (vmx_get_mt_mask), combined with the guest's PAT type unless IPAT is set
+   * (effectiveMemoryType). WB goes through the cache, WC is write-combining, and UC, UC-,
+   * WT and WP go to memory as UC (simplified: WT and WP would update a cached copy too).
+   */
+  private cacheAccess(slot: Memslot, page: number): CacheAccess.WB | CacheAccess.UC | CacheAccess.WC {
+    const type = effectiveMemoryType(spteMtMask(slot.spte[page]!), this.vm.guestPat![slot.firstPage + page]! as MemoryType);
+    return type === X86_MEMTYPE_WB ? CacheAccess.WB : type === X86_MEMTYPE_WC ? CacheAccess.WC : CacheAccess.UC;
+  }
+
+  /** Phase STORE through the CPU cache: the same bytes as writeU64Stamped (or the byte and the stamp), by the access's memory type. */
+  private cachedStore(): Advance {
+    const cache = this.cache!;
+    const slot = this.slot!;
+    const page = this.page;
+    const op = this.op;
+    const access = this.cacheAccess(slot, page);
+    const frame = slot.firstPage + page;
+    Memslot.stampedBytes(this.line32, op.value, this.index + 1, ++this.seq, this.opIteration);
+    if (op.kind === OpKind.WRITE64) {
+      cache.write(access, lineKey(frame, 0), 0, this.line8);
+      return this.retire();
+    }
+    const key = lineKey(frame, op.offset);
+    const at = op.offset % CACHE_LINE_SIZE;
+    const one = this.line8.subarray(0, 1);
+    if (op.kind === OpKind.INC8) {
+      cache.read(access, key, at, one);
+      one[0] = (one[0]! + 1) & 0xff;
+    } else one[0] = op.value;
+    cache.write(access, key, at, one);
+    cache.write(access, lineKey(frame, 0), 8, this.line8.subarray(8, 16));
+    return this.retire();
+  }
+
   /** Phase STORE: store the data and the stamp; the operation retires. */
   private store(): Advance {
+    if (this.cache !== null) return this.cachedStore();
     // A private access stores to the slot's guest_memfd page (checked at its fault).
     const slot = this.privateAccess() ? this.slot!.gmem! : this.slot!;
     const page = this.page;

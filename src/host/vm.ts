@@ -8,12 +8,13 @@ import { GuestMemory } from './guest-memory.ts';
 import {
   type DirtyTracking, GlobalWord, VCPU_BLOCK_WORDS, VcpuWord, type VmLayout, slotIsReadonly, slotLogsDirtyPages,
 } from './layout.ts';
-import type { Memslot, PageStamp } from './memslot.ts';
+import { Memslot, type PageStamp } from './memslot.ts';
 import {
-  SPTE_PRIVATE, SPTE_WRITABLE, makeSpteWritable, mapSlotWritable, writeProtectMask32, writeProtectSlot, zapSptes,
+  SPTE_PRIVATE, SPTE_WRITABLE, makeSpteWritable, setSpteMemoryType, mapSlotWritable, writeProtectMask32, writeProtectSlot, zapSptes,
 } from './spte.ts';
 import { type KvmMemoryAttributes, MemoryAttributes, gfnRange, invalidMemoryAttributes, slotRanges } from './memory-attributes.ts';
 import { MmuInvalidate } from './mmu-invalidate.ts';
+import { CacheAccess, CpuCache, guestDram, lineKey } from './cpu-cache.ts';
 import { type NoncoherentDmaUnregister, kvmCheckHasQuirk, vmxGetMtMask } from './memory-type.ts';
 import { TlbShootdown } from './tlb-shootdown.ts';
 import { Iommu } from './iommu/iommu.ts';
@@ -70,6 +71,10 @@ export class Vm {
   /** KVM's memory attributes, when the VM type has private memory (VmConfig.privateMem). */
   readonly attributes: MemoryAttributes | null;
   readonly mmuInvalidate: MmuInvalidate;
+  /** VmConfig.cpuCache: the CPU cache in front of guest memory (cpu-cache.ts), else null. */
+  readonly cache: CpuCache | null;
+  /** With the cache: the memory type the guest's PAT gives each page (VM-wide numbering), else null. */
+  readonly guestPat: Uint8Array | null;
 
   constructor(readonly layout: VmLayout, readonly bugs: KernelBugs = {}) {
     this.memory = new GuestMemory(layout);
@@ -87,6 +92,8 @@ export class Vm {
     this.acts = new InjectionCounters(layout.injections);
     this.iommu = layout.iommu ? new Iommu(layout.iommu, this.memory, bugs, this.acts) : null;
     this.attributes = layout.attributes ? new MemoryAttributes(layout.attributes, this.memory) : null;
+    this.cache = layout.cpuCache ? new CpuCache(layout.cpuCache.cache, guestDram(this.memory)) : null;
+    this.guestPat = layout.cpuCache ? new Uint8Array(layout.cpuCache.guestPat) : null;
     this.mmuInvalidate = new MmuInvalidate(this.global);
   }
 
@@ -307,6 +314,8 @@ export class Vm {
     // between the push and the SPTE update would re-protect the page, and the late
     // update would leave it writable with nothing left in the log.
     this.tracepoints.active?.writeFault(vcpu, slot, page);
+    // The memory type first (before the SPTE is usable), and only where the cache model is: elsewhere every SPTE stays WB + IPAT.
+    if (this.cache !== null) setSpteMemoryType(slot, page, this.getMtMask(slot.baseGfn + page, false));
     makeSpteWritable(slot, page);
     return this.markPageDirtyInSlot(slot, page, vcpu);
   }
@@ -316,8 +325,15 @@ export class Vm {
    * `vcpu` is the running vCPU whose context the write happens in, or -1 for none.
    */
   writeGuest(slot: Memslot, page: number, value: number, stamp: PageStamp, vcpu: number): void {
-    slot.writeU64(page, value);
-    slot.stamp(page, stamp.writer, stamp.seq, stamp.iteration);
+    if (this.cache === null) {
+      slot.writeU64(page, value);
+      slot.stamp(page, stamp.writer, stamp.seq, stamp.iteration);
+    } else {
+      // KVM writes through the kernel's mapping of the page: write-back.
+      const bytes = new Uint32Array(4);
+      Memslot.stampedBytes(bytes, value, stamp.writer, stamp.seq, stamp.iteration);
+      this.cache.write(CacheAccess.WB, lineKey(slot.firstPage + page, 0), 0, new Uint8Array(bytes.buffer));
+    }
     Atomics.add(this.global, GlobalWord.HOST_WRITES, 1);
     if (!this.bugs.untrackedHostWrite) this.markPageDirtyInSlot(slot, page, vcpu);
     else if (slotLogsDirtyPages(this.flags(slot))) this.acts.acted(Acted.UNTRACKED_HOST_WRITE);

@@ -5,6 +5,7 @@ import type { Memslot } from '../host/memslot.ts';
 import { COPY_COMPLETION } from '../host/tracepoints.ts';
 import type { Vm } from '../host/vm.ts';
 import { GlobalWord } from '../host/layout.ts';
+import type { CpuCache } from '../host/cpu-cache.ts';
 import { DirtyLog } from '../host/vmm/dirty-log.ts';
 import type { SourceTally } from '../host/vmm/dirty-source.ts';
 import { ExitHandler } from '../host/vmm/exit-handler.ts';
@@ -180,7 +181,7 @@ export function* precopy(
       if (cancelled() || destinationFailed()) { batch.length = 0; return; }
       const s = batchSlot;
       vm.tracepoints.active?.copied(s, batch, copyStage);
-      const enc = encodePages(s.slotField, batch, pagesOf(s, vm.global, doneAtCheck), inPlace);
+      const enc = encodePages(s.slotField, batch, vm.cache !== null ? cachedPagesOf(s, vm.cache) : pagesOf(s, vm.global, doneAtCheck), inPlace);
       send(enc.frame);
       limiter.charge(stats.sent(enc.normal, enc.zero));
       sentNormal += enc.normal; sentZero += enc.zero;
@@ -357,6 +358,26 @@ export function* precopy(
   };
   end({ kind: 'completed', info: info('completed', doneAt - stoppingAt) });
 }
+
+/**
+ * A slot's guest memory read through the CPU cache model (VmConfig.cpuCache), as the
+ * migration thread's memcpy reads it: write-back, so a line cached from before a UC or WC
+ * write is what it sends (page aliasing), and a dirty line is read from the cache.
+ */
+function cachedPagesOf(slot: Memslot, cache: CpuCache): PageSource {
+  const scratch = new Uint8Array(PAGE_SIZE);
+  return {
+    isZero: (page) => {
+      cache.readPage(slot.firstPage + page, scratch, 0);
+      return Buffer.from(scratch.buffer).equals(ZERO_PAGE_BYTES);
+    },
+    copy: (page, count, into, at) => {
+      for (let i = 0; i < count; i++) cache.readPage(slot.firstPage + page + i, into, at + i * PAGE_SIZE);
+    },
+  };
+}
+
+const ZERO_PAGE_BYTES = Buffer.alloc(PAGE_SIZE);
 
 /**
  * A slot's guest memory as encodePages reads it. A guest_memfd slot's reads are watched:

@@ -6,6 +6,7 @@ import type { DeterministicDriver } from '../drivers/deterministic.ts';
 import type { WorkloadOptions } from '../guest/workload.ts';
 import { GuestMemory } from '../host/guest-memory.ts';
 import type { Memslot } from '../host/memslot.ts';
+import type { CpuCacheConfig } from '../host/cpu-cache.ts';
 import { GlobalWord, type MapGpaAbi, type VmConfig, createVmLayout } from '../host/layout.ts';
 import type { Vm } from '../host/vm.ts';
 import { VmmControl } from '../host/vmm/vmm-control.ts';
@@ -51,6 +52,8 @@ export interface MigrationScenario {
   mapGpa?: MapGpaAbi;
   /** How the VMM converts a confidential guest's memory with a device assigned (conversion-design.ts); default rdm, what QEMU merged. */
   conversionDesign?: ConversionDesignName;
+  /** A CPU cache model in front of the source's memory (VmConfig.cpuCache); unset: none. */
+  cpuCache?: CpuCacheConfig;
 }
 
 export interface MigrationRunOptions {
@@ -114,7 +117,7 @@ export function migrationVmConfig(s: MigrationScenario): VmConfig {
   const hostWrites = s.hostWriteEvery > 0 || devices.devices.some((d) => d.kind === 'gvt');
   const tracking = trackingFor(s.tracking, { ringEntries: s.ringEntries, hostWrites, noBackupBitmap: bugs.noBackupBitmap });
   const slots = slotLayout(s.memoryBytes, s.slots);
-  const plain: VmConfig = { slots, vcpus: s.vcpus, tracking, pageHistory: s.pageHistory !== false };
+  const plain: VmConfig = { slots, vcpus: s.vcpus, tracking, pageHistory: s.pageHistory !== false, ...(s.cpuCache ? { cpuCache: s.cpuCache } : {}) };
   const config = isConfidential(s) ? { ...confidentialVmConfig(plain), ...(s.mapGpa === 'tdx' ? { mapGpa: s.mapGpa } : {}) } : plain;
   const iommu = iommuConfigFor(devices, slots);
   return iommu ? { ...config, iommu } : config;
@@ -159,7 +162,8 @@ export async function runMigration(s: MigrationScenario, o: MigrationRunOptions)
   if (s.confidential === 'blocker') return blocked();
   const config = migrationVmConfig(s);
   const source = createVmLayout(config);
-  const target = createVmLayout({ ...config, pageHistory: false });
+  // The destination's memory is written by the stream (DRAM); it models no cache of its own.
+  const target = createVmLayout({ ...config, pageHistory: false, cpuCache: undefined });
   const destWords = new SharedArrayBuffer(DEST_WORDS * 4);
   o.cancel?.addEventListener('abort', () => Atomics.store(new Int32Array(destWords), DestWord.CANCEL, 1), { once: true });
   const vm = vmFor(source, s.bugs);
@@ -245,6 +249,7 @@ export async function runMigration(s: MigrationScenario, o: MigrationRunOptions)
       result.errors.push(`the destination sent no page digests within ${o.watchdogMs / 1000} s of completing: nothing was verified`);
     }
     if (completed && end?.digests) {
+      vm.cache?.wbinvd();
       const cmp = compareDigests(new GuestMemory(source), end.digests);
       result.pagesCompared = cmp.pages;
       result.mismatchCount = cmp.count;
@@ -261,6 +266,8 @@ export async function runMigration(s: MigrationScenario, o: MigrationRunOptions)
   }
   if (result.info?.status === 'completed') {
     // A private page whose shared memory the design keeps (in place) is not guest memory: not compared.
+    // The stamp oracle compares what the source's memory architecturally holds: its cached lines written back first.
+    vm.cache?.wbinvd();
     const privateKept = isConfidential(s) && !discardsSharedMemory(s.conversionDesign ?? 'rdm') ? (slot: Memslot, page: number) => vm.attributes!.isPrivate(slot, page) : undefined;
     const cmp = compareMemory(new GuestMemory(source), new GuestMemory(target), 16, privateKept);
     result.pagesCompared = cmp.pages;

@@ -1,4 +1,6 @@
 import { GlobalWord } from '../layout.ts';
+import { CacheAccess, lineKey } from '../cpu-cache.ts';
+import { Memslot } from '../memslot.ts';
 import { HostActor } from '../host-actor.ts';
 import type { Vm } from '../vm.ts';
 import { VFIO_DMA_MAP_FLAG_READ, VFIO_DMA_MAP_FLAG_WRITE } from '../iommu/constants.ts';
@@ -67,6 +69,10 @@ export abstract class DmaDevice implements Device {
   protected *beforeUnmap(_b: Buffer): Steps { /* nothing by default */ }
   /** Drops cached translations (an IOTLB invalidation, or the device quiescing). */
   protected dropTranslations(): void { /* no cache by default */ }
+  /** Scratch for a DMA write through the CPU cache model: the value and the stamp. */
+  private readonly line32 = new Uint32Array(4);
+  private readonly line8 = new Uint8Array(this.line32.buffer);
+
   /** DMA reads and writes done (kept here, published to the shared counters now and then). */
   writes = 0;
   reads = 0;
@@ -83,7 +89,13 @@ export abstract class DmaDevice implements Device {
     if (slot === undefined) return;
     const page = gfn - slot.baseGfn;
     const iteration = Atomics.load(this.vm.global, GlobalWord.ITERATION);
-    slot.writeU64Stamped(page, iteration, this.writer, ++this.seq, iteration);
+    const cache = this.vm.cache;
+    if (cache === null) slot.writeU64Stamped(page, iteration, this.writer, ++this.seq, iteration);
+    else {
+      // A snooped DMA write: a cached copy of the line is written back and invalidated first.
+      Memslot.stampedBytes(this.line32, iteration, this.writer, ++this.seq, iteration);
+      cache.dmaWrite(CacheAccess.DMA_SNOOP, lineKey(slot.firstPage + page, 0), 0, this.line8);
+    }
     this.writes++;
   }
 
