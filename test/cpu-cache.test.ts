@@ -119,6 +119,36 @@ describe('DMA: snooped and no-snoop', () => {
   });
 });
 
+describe('the stale read oracle', () => {
+  it('counts by reader every read that missed the line\'s latest write: a UC read of a dirty line, a no-snoop DMA read of one, a WB hit on a clean line DRAM no longer matches', () => {
+    const { cache, key, slot, byte, read } = setup({ sets: 128, ways: 4 }); // a page's 64 lines fit
+    cache.write(CacheAccess.WB, key, 0, byte(1));
+    read(CacheAccess.UC);
+    cache.dmaRead(CacheAccess.DMA_NO_SNOOP, key, 0, new Uint8Array(1));
+    expect(cache.staleReads()).toEqual({ cpu: 1, device: 1, migration: 0, firstKey: key });
+    cache.clflush(key);
+    // The migration thread reads the page (clean lines), the guest writes it WC, the migration thread reads it again.
+    const page = new Uint8Array(PAGE_SIZE);
+    cache.readPage(slot.firstPage + 3, page, 0);
+    cache.write(CacheAccess.WC, key, 0, byte(2));
+    cache.readPage(slot.firstPage + 3, page, 0);
+    expect(page[128], 'line 2 of page 3: the stale copy').toBe(1);
+    expect(cache.staleReads().migration).toBe(1);
+  });
+
+  it('counts nothing when every access is coherent: WB reads and writes, snooped DMA, UC after a flush', () => {
+    const { cache, key, byte, read } = setup();
+    cache.write(CacheAccess.WB, key, 0, byte(1));
+    expect(read(CacheAccess.WB)).toBe(1);
+    cache.dmaRead(CacheAccess.DMA_SNOOP, key, 0, new Uint8Array(1));
+    cache.dmaWrite(CacheAccess.DMA_SNOOP, key, 0, byte(3));
+    expect(read(CacheAccess.WB)).toBe(3);
+    cache.clflush(key);
+    expect(read(CacheAccess.UC)).toBe(3);
+    expect(cache.staleReads()).toEqual({ cpu: 0, device: 0, migration: 0, firstKey: null });
+  });
+});
+
 describe('capacity, replacement and flushes', () => {
   it('WBINVD writes back every dirty line and invalidates all; it returns the lines written back', () => {
     const { cache, slot, dram } = setup({ sets: 64, ways: 4 });

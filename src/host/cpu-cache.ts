@@ -71,8 +71,17 @@ export interface CpuCacheConfig {
 
 export const DEFAULT_CPU_CACHE: CpuCacheConfig = { sets: 512, ways: 8, seed: 1, selfSnoop: false };
 
-/** Counters, one word each after the sets. */
-export const enum CacheStat { HITS = 0, FILLS, EVICTIONS, WRITEBACKS, BYPASSES, COUNT }
+/**
+ * Counters, one word each after the sets. STALE_*: reads that returned something other
+ * than the line's latest write in the model's order (the stale read oracle), by who read:
+ * a WB hit on a clean line that DRAM no longer matches (something wrote DRAM behind the
+ * cache: a UC or WC store, no-snoop DMA), or a DRAM read (UC, WC, no-snoop DMA) of a line
+ * that is dirty in the cache. STALE_FIRST_KEY: the first such line's key + 1.
+ */
+export const enum CacheStat { HITS = 0, FILLS, EVICTIONS, WRITEBACKS, BYPASSES, STALE_CPU, STALE_DEVICE, STALE_MIGRATION, STALE_FIRST_KEY, COUNT }
+
+/** Who reads, for the stale read oracle's count. */
+export const enum CacheReader { CPU = CacheStat.STALE_CPU, DEVICE = CacheStat.STALE_DEVICE, MIGRATION = CacheStat.STALE_MIGRATION }
 
 export interface CpuCacheLayout {
   config: CpuCacheConfig;
@@ -151,12 +160,18 @@ export class CpuCache {
    * A CPU reads `out.length` bytes at `offset` within line `key` (one line: offset +
    * length <= 64) through a mapping of memory type `access` (WB, UC or WC).
    */
-  read(access: CacheAccess.WB | CacheAccess.UC | CacheAccess.WC, key: number, offset: number, out: Uint8Array): CacheServed {
+  read(access: CacheAccess.WB | CacheAccess.UC | CacheAccess.WC, key: number, offset: number, out: Uint8Array, reader = CacheReader.CPU): CacheServed {
     checkSpan(offset, out.length);
     const set = this.lock(key);
     try {
-      if (access !== CacheAccess.WB) return this.bypass(set, key, () => { out.set(this.dram.line(key).subarray(offset, offset + out.length)); });
+      if (access !== CacheAccess.WB) {
+        return this.bypass(set, key, () => {
+          this.checkDramRead(set, key, reader);
+          out.set(this.dram.line(key).subarray(offset, offset + out.length));
+        });
+      }
       const { way, served } = this.fill(set, key);
+      if (served === CacheServed.CACHE) this.checkCleanHit(set, way, key, reader);
       const at = this.lineAt(set, way) + offset;
       out.set(this.data.subarray(at, at + out.length));
       return served;
@@ -181,10 +196,10 @@ export class CpuCache {
   }
 
   /** A CPU reads all of VM-wide page `frame` through a WB mapping (the migration thread's read), into `into` at `at`. */
-  readPage(frame: number, into: Uint8Array, at: number): void {
+  readPage(frame: number, into: Uint8Array, at: number, reader = CacheReader.MIGRATION): void {
     for (let l = 0; l < LINES_PER_PAGE; l++) {
       const o = at + l * CACHE_LINE_SIZE;
-      this.read(CacheAccess.WB, frame * LINES_PER_PAGE + l, 0, into.subarray(o, o + CACHE_LINE_SIZE));
+      this.read(CacheAccess.WB, frame * LINES_PER_PAGE + l, 0, into.subarray(o, o + CACHE_LINE_SIZE), reader);
     }
   }
 
@@ -194,6 +209,7 @@ export class CpuCache {
     const set = this.lock(key);
     try {
       const way = access === CacheAccess.DMA_SNOOP ? this.find(set, key) : -1;
+      if (access === CacheAccess.DMA_NO_SNOOP) this.checkDramRead(set, key, CacheReader.DEVICE);
       if (way >= 0) {
         const at = this.lineAt(set, way) + offset;
         out.set(this.data.subarray(at, at + out.length));
@@ -278,7 +294,31 @@ export class CpuCache {
     return Atomics.load(this.w, this.statsAt + s);
   }
 
+  /** The stale read oracle's counts (CacheReader), and the first stale line's key or null. */
+  staleReads(): { cpu: number; device: number; migration: number; firstKey: number | null } {
+    const first = this.stat(CacheStat.STALE_FIRST_KEY);
+    return { cpu: this.stat(CacheStat.STALE_CPU), device: this.stat(CacheStat.STALE_DEVICE), migration: this.stat(CacheStat.STALE_MIGRATION), firstKey: first > 0 ? first - 1 : null };
+  }
+
   // --- one set, its lock held ---
+
+  /** A WB hit on a clean line: coherent, it equals DRAM; if DRAM changed behind the cache, the reader got stale data. */
+  private checkCleanHit(set: number, way: number, key: number, reader: CacheReader): void {
+    if (this.w[this.wayWord(set, way) + 1] !== 0) return;
+    const at = this.lineAt(set, way);
+    if (!sameBytes(this.data, at, this.dram.line(key))) this.stale(key, reader);
+  }
+
+  /** A read of DRAM while the line is dirty in the cache: the latest write is not what it gets. */
+  private checkDramRead(set: number, key: number, reader: CacheReader): void {
+    const way = this.find(set, key);
+    if (way >= 0 && this.w[this.wayWord(set, way) + 1] !== 0) this.stale(key, reader);
+  }
+
+  private stale(key: number, reader: CacheReader): void {
+    Atomics.add(this.w, this.statsAt + reader, 1);
+    Atomics.compareExchange(this.w, this.statsAt + CacheStat.STALE_FIRST_KEY, 0, key + 1);
+  }
 
   /** UC and WC: DRAM only; with self-snoop, a cached copy is written back and invalidated first. */
   private bypass(set: number, key: number, access: () => void): CacheServed {
@@ -372,6 +412,11 @@ export class CpuCache {
     Atomics.store(this.w, at, 0);
     Atomics.notify(this.w, at, 1);
   }
+}
+
+function sameBytes(a: Uint8Array, at: number, line: Uint8Array): boolean {
+  for (let i = 0; i < CACHE_LINE_SIZE; i++) if (a[at + i] !== line[i]) return false;
+  return true;
 }
 
 function checkSpan(offset: number, length: number): void {
