@@ -59,21 +59,27 @@ describe('a vCPU\'s accesses through the cache', () => {
     expect(dram(2)).toBe(0);
   });
 
-  it('page aliasing: a line cached WB before the guest writes the page UC is what a later WB read returns, until a CLFLUSH', () => {
+  it('page aliasing: the guest\'s SET_PAT flushes the page (cpa_flush), but a line the migration thread caches afterwards is what its next WB read returns after a UC store', () => {
     const { vm, slot, key } = cachedVm();
     complete(vm.registerNoncoherentDma());
     const v = new Vcpu(vm, 0, new Ops([
       { gfn: G + 3, value: 1 }, // WB: the line is cached, dirty
       { kind: OpKind.SET_PAT, gfn: G + 3, value: 1, offset: X86_MEMTYPE_UC },
-      { gfn: G + 3, value: 2 }, // UC: DRAM only, the cached copy untouched
+      { gfn: G + 3, value: 2 }, // UC: memory only
     ]));
-    retire(v, 3);
+    retire(v, 2);
+    expect(vm.cache!.state(key(3)), 'set_memory_uc flushed the line').toBe('invalid');
+    expect(slot.readU64(3)).toBe(1);
     const page = new Uint8Array(4096);
-    vm.cache!.readPage(slot.firstPage + 3, page, 0);
-    expect(new DataView(page.buffer).getUint32(0, true), 'the migration thread\'s WB read: the stale cached line').toBe(1);
+    vm.cache!.readPage(slot.firstPage + 3, page, 0); // the migration thread's read fills clean lines
+    retire(v, 1);
     expect(slot.readU64(3)).toBe(2);
-    vm.cache!.clflush(key(3));
-    expect(slot.readU64(3), 'and its write-back then overwrites the UC store').toBe(1);
+    vm.cache!.readPage(slot.firstPage + 3, page, 0);
+    expect(new DataView(page.buffer).getUint32(0, true), 'its next WB read: the stale cached line').toBe(1);
+    expect(vm.cache!.staleReads()).toMatchObject({ migration: 1, cpu: 0, device: 0 });
+    vm.cache!.clflushPage(slot.firstPage + 3);
+    vm.cache!.readPage(slot.firstPage + 3, page, 0);
+    expect(new DataView(page.buffer).getUint32(0, true), 'flushed first, it reads memory').toBe(2);
   });
 
   it('the fault path computes the type only on a VM with the cache model: elsewhere SPTEs keep no memory type bits', () => {

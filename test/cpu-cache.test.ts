@@ -1,9 +1,10 @@
 import { Worker } from 'node:worker_threads';
 import { describe, expect, it } from 'vitest';
 import {
-  CACHE_LINE_SIZE, CacheAccess, CacheServed, CacheStat, CpuCache, type CpuCacheConfig, type Dram, createCpuCacheLayout, guestDram, lineKey,
+  CACHE_LINE_SIZE, CacheAccess, CacheServed, CacheStat, CpuCache, type CpuCacheConfig, type Dram, createCpuCacheLayout, lineKey,
 } from '../src/host/cpu-cache.ts';
 import { PAGE_SIZE } from '../src/host/constants.ts';
+import { guestDram } from '../src/host/guest-dram.ts';
 import { MANUAL, makeVm } from './helpers.ts';
 
 /**

@@ -96,6 +96,10 @@ export function describeResult(r: MigrationRunResult): string[] {
     }
     for (const f of c.findings) lines.push(`private memory oracle: ${f}`);
   }
+  if (r.cache) {
+    const st = r.cache.staleReads;
+    lines.push(`CPU cache model: stale reads by vCPUs ${st.cpu}, devices ${st.device}, the migration thread ${st.migration}${st.firstGfn !== null ? ` (first gfn 0x${st.firstGfn.toString(16)})` : ''}; pages the migration thread flushed before reading ${r.cache.migrationPageFlushes}; lines written back ${r.cache.writebacks}`);
+  }
   if (r.reason) lines.push(`migration failed: ${r.reason}`);
   for (const m of r.mismatches) lines.push(describeMismatch(m));
   const d = r.destination;

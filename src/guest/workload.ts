@@ -1,5 +1,6 @@
 import { UserError } from '../util/errors.ts';
 import { ConfidentialGuest } from './confidential-guest.ts';
+import { RenderGuest, renderAreaOf } from './render-guest.ts';
 import { Prng } from '../util/prng.ts';
 import { type GuestContext, type GuestOp, OpKind, type Workload, type Write64Workload } from '../host/guest-op.ts';
 
@@ -9,7 +10,7 @@ export interface GuestRange {
   pages: number;
 }
 
-export const WORKLOAD_NAMES = ['random', 'sweep', 'hotset', 'perf', 'scatter', 'convert'] as const;
+export const WORKLOAD_NAMES = ['random', 'sweep', 'hotset', 'perf', 'scatter', 'convert', 'render'] as const;
 export type WorkloadName = (typeof WORKLOAD_NAMES)[number];
 
 export interface WorkloadOptions {
@@ -157,5 +158,11 @@ export function createWorkload(o: WorkloadOptions, ranges: GuestRange[], vcpu: n
     case 'scatter': return new ScatterWorkload(space, prng);
     // private_mem_conversions_test's guest over each vCPU's own area, from the start of guest memory, and the bounce buffers.
     case 'convert': return new ConfidentialGuest(space.gfn(0), vcpu, vcpus);
+    case 'render': {
+      // The render buffers are the first range's last pages; the rest of memory is indexed around them.
+      const area = renderAreaOf(ranges[0]!);
+      const before = ranges[0]!.pages - area.pages;
+      return new RenderGuest(area, { pages: space.pages - area.pages, gfn: (i) => space.gfn(i < before ? i : i + area.pages) }, prng);
+    }
   }
 }

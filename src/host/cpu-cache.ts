@@ -1,5 +1,4 @@
 import { PAGE_SIZE } from './constants.ts';
-import type { GuestMemory } from './guest-memory.ts';
 
 /**
  * The CPU caches in front of guest memory, for the places where page aliasing can happen
@@ -33,7 +32,7 @@ import type { GuestMemory } from './guest-memory.ts';
  */
 
 export const CACHE_LINE_SIZE = 64;
-const LINES_PER_PAGE = PAGE_SIZE / CACHE_LINE_SIZE;
+export const LINES_PER_PAGE = PAGE_SIZE / CACHE_LINE_SIZE;
 
 /** How an access treats the cache: the memory type of the mapping a CPU used, or a device's snoop attribute. */
 export const enum CacheAccess {
@@ -69,7 +68,8 @@ export interface CpuCacheConfig {
   selfSnoop: boolean;
 }
 
-export const DEFAULT_CPU_CACHE: CpuCacheConfig = { sets: 512, ways: 8, seed: 1, selfSnoop: false };
+/** 2 MiB, 8 ways: a small last-level cache (real ones hold tens of MiB), enough to keep a render guest's buffers between two migration passes. */
+export const DEFAULT_CPU_CACHE: CpuCacheConfig = { sets: 4096, ways: 8, seed: 1, selfSnoop: false };
 
 /**
  * Counters, one word each after the sets. STALE_*: reads that returned something other
@@ -78,7 +78,7 @@ export const DEFAULT_CPU_CACHE: CpuCacheConfig = { sets: 512, ways: 8, seed: 1, 
  * cache: a UC or WC store, no-snoop DMA), or a DRAM read (UC, WC, no-snoop DMA) of a line
  * that is dirty in the cache. STALE_FIRST_KEY: the first such line's key + 1.
  */
-export const enum CacheStat { HITS = 0, FILLS, EVICTIONS, WRITEBACKS, BYPASSES, STALE_CPU, STALE_DEVICE, STALE_MIGRATION, STALE_FIRST_KEY, COUNT }
+export const enum CacheStat { HITS = 0, FILLS, EVICTIONS, WRITEBACKS, BYPASSES, STALE_CPU, STALE_DEVICE, STALE_MIGRATION, STALE_FIRST_KEY, MIGRATION_PAGE_FLUSHES, COUNT }
 
 /** Who reads, for the stale read oracle's count. */
 export const enum CacheReader { CPU = CacheStat.STALE_CPU, DEVICE = CacheStat.STALE_DEVICE, MIGRATION = CacheStat.STALE_MIGRATION }
@@ -124,21 +124,6 @@ export interface Dram {
 /** The key of the line holding byte `offset` of VM-wide page `frame` (Memslot.firstPage + page). */
 export function lineKey(frame: number, offset: number): number {
   return frame * LINES_PER_PAGE + Math.floor(offset / CACHE_LINE_SIZE);
-}
-
-/** Guest memory as DRAM: VM-wide frames, in memslot order (Memslot.firstPage). */
-export function guestDram(memory: GuestMemory): Dram {
-  const slots = [...memory.slots].sort((a, b) => a.firstPage - b.firstPage);
-  return {
-    line(key: number): Uint8Array {
-      const frame = Math.floor(key / LINES_PER_PAGE);
-      const slot = slots.find((s) => frame >= s.firstPage && frame < s.firstPage + s.pages);
-      if (slot === undefined) throw new Error(`cpu cache: no memslot holds frame ${frame}`);
-      const page = frame - slot.firstPage;
-      const at = slot.byteOffset(page) + (key % LINES_PER_PAGE) * CACHE_LINE_SIZE;
-      return slot.bytes(page).subarray(at, at + CACHE_LINE_SIZE);
-    },
-  };
 }
 
 export class CpuCache {
@@ -255,8 +240,12 @@ export class CpuCache {
     }
   }
 
-  /** CLFLUSH of every line of VM-wide page `frame` (what a migration thread's clflush of a page does). Returns the lines that were cached. */
-  clflushPage(frame: number): number {
+  /**
+   * CLFLUSH of every line of VM-wide page `frame` (a guest's cpa_flush, or the migration
+   * thread flushing a page before it reads it: `byMigration`, counted). Returns the lines that were cached.
+   */
+  clflushPage(frame: number, byMigration = false): number {
+    if (byMigration) this.count(CacheStat.MIGRATION_PAGE_FLUSHES);
     let n = 0;
     for (let l = 0; l < LINES_PER_PAGE; l++) if (this.clflush(frame * LINES_PER_PAGE + l)) n++;
     return n;

@@ -604,15 +604,21 @@ export class Vcpu implements Role, VcpuFastState {
   }
 
   /**
-   * SET_PAT: the guest's page tables give the pages another memory type. The guest's own
-   * TLB entries are not modelled apart: each access reads the type afresh (as after the
-   * INVLPG a guest does when it changes a PTE).
+   * SET_PAT: the guest's page tables give the pages another memory type, and the guest
+   * flushes their cache lines (set_memory_wc and friends end in cpa_flush). The guest's
+   * own TLB entries are not modelled apart: each access reads the type afresh (as after
+   * the INVLPG a guest does when it changes a PTE).
    */
   private setPat(): Advance {
     const op = this.op;
     const pat = this.vm.guestPat;
     if (pat !== null) {
-      for (const r of slotRanges(this.vm.memory, op.gfn, op.gfn + op.value)) pat.fill(op.offset, r.slot.firstPage + r.page, r.slot.firstPage + r.page + r.count);
+      for (const r of slotRanges(this.vm.memory, op.gfn, op.gfn + op.value)) {
+        const first = r.slot.firstPage + r.page;
+        pat.fill(op.offset, first, first + r.count);
+        // Linux's cpa_flush: a cache attribute change flushes the range's lines (CLFLUSH), so no copy of the old type is left cached.
+        for (let f = first; f < first + r.count; f++) this.cache!.clflushPage(f);
+      }
     }
     return this.retire();
   }

@@ -14,7 +14,8 @@ import {
 } from './spte.ts';
 import { type KvmMemoryAttributes, MemoryAttributes, gfnRange, invalidMemoryAttributes, slotRanges } from './memory-attributes.ts';
 import { MmuInvalidate } from './mmu-invalidate.ts';
-import { CacheAccess, CpuCache, guestDram, lineKey } from './cpu-cache.ts';
+import { CacheAccess, CpuCache, lineKey } from './cpu-cache.ts';
+import { guestDram } from './guest-dram.ts';
 import { type NoncoherentDmaUnregister, kvmCheckHasQuirk, vmxGetMtMask } from './memory-type.ts';
 import { TlbShootdown } from './tlb-shootdown.ts';
 import { Iommu } from './iommu/iommu.ts';

@@ -10,6 +10,7 @@ import { type IommuBackendKind, type IommuConfig, IommuWord } from '../host/iomm
 import type { Vm } from '../host/vm.ts';
 import type { DmaRecord } from '../host/iommu/dma-records.ts';
 import { UserError } from '../util/errors.ts';
+import { runAlone } from '../roles/role.ts';
 
 /** The IOMMU and devices of a scenario. */
 export interface DeviceSetup {
@@ -24,6 +25,13 @@ export interface DeviceSetup {
    * RAM discard listener maps shared memory as the VMM's conversion thread registers it.
    */
   sharedArea?: GuestRange;
+  /** Where the devices' buffers are when the guest says (a render guest's buffers, render-guest.ts); mapped before the guest runs. */
+  bufferArea?: GuestRange;
+}
+
+/** The range the devices take their buffers from, if the scenario gives one. */
+export function deviceArea(setup: DeviceSetup): GuestRange | null {
+  return setup.sharedArea ?? setup.bufferArea ?? null;
 }
 
 export const NO_DEVICES: DeviceSetup = { backend: 'type1', dmaEntryLimit: VFIO_DEFAULT_DMA_ENTRY_LIMIT, stopOnFault: false, devices: [] };
@@ -73,7 +81,7 @@ export function attachDevices(vm: Vm, setup: DeviceSetup, seed: number): void {
     setup.devices.forEach((d, i) => {
       const w = windows[i];
       if (w == null || d.identity) return;
-      new BufferPages(d, i, seed, vm.memory).initial().forEach((gfn, b) => {
+      new BufferPages(d, i, seed, setup.bufferArea !== undefined ? { slots: [setup.bufferArea] } : vm.memory).initial().forEach((gfn, b) => {
         const r = iommu.mapDma((w.base + b) * PAGE_SIZE, PAGE_SIZE, gfn * PAGE_SIZE, rw);
         if (r.ret < 0) throw new UserError(`device ${i} (${d.kind}), buffer ${b}: ${r.detail}`);
       });
@@ -81,6 +89,9 @@ export function attachDevices(vm: Vm, setup: DeviceSetup, seed: number): void {
   } finally {
     iommu.lock.release();
   }
+  // KVM_DEV_VFIO_FILE_ADD of a group whose device cannot be made to snoop: VFIO registers
+  // non-coherent DMA with KVM once for all of them (kvm_vfio_update_coherency), before the guest runs.
+  if (setup.devices.some((d) => !d.snoop)) runAlone(vm.registerNoncoherentDma(), 'registering non-coherent DMA');
 }
 
 export function deviceWindow(setup: DeviceSetup, index: number, vm: Vm): IovaWindow | null {

@@ -6,7 +6,8 @@ import type { DeterministicDriver } from '../drivers/deterministic.ts';
 import type { WorkloadOptions } from '../guest/workload.ts';
 import { GuestMemory } from '../host/guest-memory.ts';
 import type { Memslot } from '../host/memslot.ts';
-import type { CpuCacheConfig } from '../host/cpu-cache.ts';
+import { hex } from '../util/hex.ts';
+import { CacheStat, type CpuCacheConfig, LINES_PER_PAGE } from '../host/cpu-cache.ts';
 import { GlobalWord, type MapGpaAbi, type VmConfig, createVmLayout } from '../host/layout.ts';
 import type { Vm } from '../host/vm.ts';
 import { VmmControl } from '../host/vmm/vmm-control.ts';
@@ -25,7 +26,8 @@ import { type DestinationRun, resumeDestination } from './resume.ts';
 import { type Driver, type RunRolesOptions, runRoles } from './run-roles.ts';
 import type { Strategy } from '../drivers/strategy.ts';
 import type { KvmCpuExecEvent } from '../host/vmm/kvm-cpu-exec.ts';
-import type { Confidential } from './options.ts';
+import type { Confidential, NoncoherentMigration } from './options.ts';
+import { renderAreaOf } from '../guest/render-guest.ts';
 import { type ConversionDesignName, discardsSharedMemory } from '../host/vmm/conversion-design.ts';
 import { CONFIDENTIAL_BLOCKER, type ConfidentialReport, bootConfidential, bootSharedRanges, checkConfidentialMigration, confidentialVerdict, confidentialVmConfig, sharedAreaOf } from './confidential.ts';
 
@@ -54,6 +56,8 @@ export interface MigrationScenario {
   conversionDesign?: ConversionDesignName;
   /** A CPU cache model in front of the source's memory (VmConfig.cpuCache); unset: none. */
   cpuCache?: CpuCacheConfig;
+  /** What the migration does about a device doing non-coherent DMA (options.ts NoncoherentMigration); default block, as QEMU. */
+  noncoherentMigration?: NoncoherentMigration;
 }
 
 export interface MigrationRunOptions {
@@ -108,6 +112,26 @@ export interface MigrationRunResult {
   injections: InjectionReport[];
   /** A confidential guest's migration: attributes, the private memory oracle, private memory read. */
   confidential?: ConfidentialReport;
+  /** With the CPU cache model: the stale read oracle by reader, pages the migration thread flushed, lines written back. */
+  cache?: CacheReport;
+}
+
+export interface CacheReport {
+  staleReads: { cpu: number; device: number; migration: number; firstGfn: number | null };
+  migrationPageFlushes: number;
+  writebacks: number;
+}
+
+function cacheReport(vm: Vm): CacheReport | undefined {
+  const c = vm.cache;
+  if (c === null) return undefined;
+  const st = c.staleReads();
+  const frame = st.firstKey === null ? null : Math.floor(st.firstKey / LINES_PER_PAGE);
+  const slot = frame === null ? undefined : vm.memory.slots.find((x) => frame >= x.firstPage && frame < x.firstPage + x.pages);
+  return {
+    staleReads: { cpu: st.cpu, device: st.device, migration: st.migration, firstGfn: slot === undefined ? null : slot.baseGfn + frame! - slot.firstPage },
+    migrationPageFlushes: c.stat(CacheStat.MIGRATION_PAGE_FLUSHES), writebacks: c.stat(CacheStat.WRITEBACKS),
+  };
 }
 
 export function migrationVmConfig(s: MigrationScenario): VmConfig {
@@ -133,10 +157,18 @@ function designOf(s: MigrationScenario): Exclude<ConversionDesignName, 'rdm'> | 
   return isConfidential(s) && d !== undefined && d !== 'rdm' ? d : undefined;
 }
 
-/** The scenario's devices; a confidential guest's use its shared bounce buffers. */
+/** The scenario's devices; a confidential guest's use its shared bounce buffers, a render guest's its render buffers. */
 function devicesOf(s: MigrationScenario): DeviceSetup {
   const d = s.devices ?? NO_DEVICES;
-  return isConfidential(s) ? { ...d, sharedArea: sharedAreaOf(slotLayout(s.memoryBytes, s.slots), s.vcpus) } : d;
+  if (isConfidential(s)) return { ...d, sharedArea: sharedAreaOf(slotLayout(s.memoryBytes, s.slots), s.vcpus) };
+  return s.workload.name === 'render' ? { ...d, bufferArea: renderAreaOf(slotLayout(s.memoryBytes, s.slots)[0]!) } : d;
+}
+
+/** QEMU's virtio-gpu with virgl registers a migration blocker; vmemlab's for any device doing non-coherent DMA. */
+export const NONCOHERENT_BLOCKER = 'a device does non-coherent DMA (snoop=false): virgl is not yet migratable (a migration blocker, as QEMU\'s virtio-gpu registers)';
+
+function noncoherentBlocked(s: MigrationScenario): boolean {
+  return (s.noncoherentMigration ?? 'block') === 'block' && (s.devices?.devices ?? []).some((d) => !d.snoop);
 }
 
 /** The roles of a migration, in the order runMigration starts them (a schedule names them by this index). */
@@ -149,17 +181,18 @@ export function roleNames(s: MigrationScenario): string[] {
   ];
 }
 
-/** A migration refused at start by the confidential guest's blocker: nothing ran. */
-function blocked(): MigrationRunResult {
+/** A migration refused at start by a migration blocker: nothing ran. */
+function blocked(reason: string): MigrationRunResult {
   return {
-    status: 'failed', info: null, passes: [], reason: CONFIDENTIAL_BLOCKER, mismatches: [], mismatchCount: 0, pagesCompared: 0, errors: [], seconds: 0, injections: [],
+    status: 'failed', info: null, passes: [], reason, mismatches: [], mismatchCount: 0, pagesCompared: 0, errors: [], seconds: 0, injections: [],
   };
 }
 
 /** Migrates a running, writing VM to an in-process destination and compares memory. */
 export async function runMigration(s: MigrationScenario, o: MigrationRunOptions): Promise<MigrationRunResult> {
   if (o.to && o.driver !== 'free') throw new UserError('--to tcp:... needs --driver free (the deterministic driver runs everything on one thread)');
-  if (s.confidential === 'blocker') return blocked();
+  if (s.confidential === 'blocker') return blocked(CONFIDENTIAL_BLOCKER);
+  if (noncoherentBlocked(s)) return blocked(NONCOHERENT_BLOCKER);
   const config = migrationVmConfig(s);
   const source = createVmLayout(config);
   // The destination's memory is written by the stream (DRAM); it models no cache of its own.
@@ -216,7 +249,8 @@ export async function runMigration(s: MigrationScenario, o: MigrationRunOptions)
   const remote = o.to ? connectDestination(o.to.host, o.to.port, new Int32Array(destWords), o.watchdogMs / 2) : null;
   const ring = o.driver === 'free' && !remote ? createStreamRing() : undefined;
   const workerPort = remote?.workerPort;
-  specs.push({ kind: 'migration', params: s.params, bugs: s.bugs, destWords, queue, port: workerPort, ring, clockSteps: o.driver === 'free' ? undefined : () => driver?.stepCount ?? 0 });
+  const params = s.noncoherentMigration !== undefined && s.noncoherentMigration !== 'block' ? { ...s.params, noncoherent: s.noncoherentMigration } : s.params;
+  specs.push({ kind: 'migration', params, bugs: s.bugs, destWords, queue, port: workerPort, ring, clockSteps: o.driver === 'free' ? undefined : () => driver?.stepCount ?? 0 });
   if (!remote) specs.push({ kind: 'destination', layout: target, destWords, queue, ring });
   const run = await runRoles({
     driver: o.driver, specs, primary: 'migration', vm, layoutOf: (spec) => (spec.kind === 'destination' ? target : source),
@@ -229,6 +263,15 @@ export async function runMigration(s: MigrationScenario, o: MigrationRunOptions)
   result.steps = run.steps;
   result.schedule = run.schedule;
   result.injections = injectionReport(vm, s.bugs);
+  const cache = cacheReport(vm);
+  if (cache !== undefined) {
+    result.cache = cache;
+    // A device that read DRAM while the latest write sat in a CPU cache consumed stale data (the guest's PAT was not honoured).
+    if (cache.staleReads.device > 0 && result.status === 'passed') {
+      result.status = 'failed';
+      result.reason = `a device read stale data ${cache.staleReads.device} times: its no-snoop DMA read memory while a newer write sat in the CPU cache (first gfn ${hex(cache.staleReads.firstGfn ?? 0)})`;
+    }
+  }
   const dma = dmaReport(vm, devices);
   if (dma) {
     result.dma = dma;
@@ -274,6 +317,10 @@ export async function runMigration(s: MigrationScenario, o: MigrationRunOptions)
     result.mismatches = withHistory(cmp.mismatches, vm.memory, vm.history);
     result.mismatchCount = cmp.count;
     if (cmp.count > 0) result.status = 'failed';
+    const stale = result.cache?.staleReads.migration ?? 0;
+    if (cmp.count > 0 && stale > 0 && result.reason === null) {
+      result.reason = `the migration thread sent stale data: ${stale} of its write-back reads hit a cache line older than memory (a UC or WC store or no-snoop DMA wrote behind the cache; first gfn ${hex(result.cache!.staleReads.firstGfn ?? 0)}); --noncoherent-migration clflush-before-read flushes each page first`;
+    }
     if (isConfidential(s)) {
       result.confidential = checkConfidentialMigration(vm, target, { design: s.conversionDesign ?? 'rdm', findings: conversionFindings, count: conversionFindingCount });
       if (designStats !== undefined) result.confidential.design = designStats;

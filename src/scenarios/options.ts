@@ -30,6 +30,17 @@ export type OnDeviceFault = 'continue' | 'stop';
  * `shared`, its shared pages migrate with the attributes; `blocker`, the migration is
  * refused at start, as QEMU's SEV and TDX migration blockers do.
  */
+/** The CPU cache model (cpu-cache.ts) in front of the source's memory: off, on, or on with a self-snooping CPU. */
+export type CpuCacheMode = 'off' | 'on' | 'self-snoop';
+export const CPU_CACHE_MODES: readonly CpuCacheMode[] = ['off', 'on', 'self-snoop'];
+/**
+ * What a migration does about a device doing non-coherent DMA (the seed discussion's
+ * proposals): `block`, a migration blocker, as QEMU's virgl ("virgl is not yet
+ * migratable"); `clflush-before-read`, the migration thread flushes each page before it
+ * reads it; `none`, nothing (it may send stale cache lines: the bug).
+ */
+export type NoncoherentMigration = 'block' | 'clflush-before-read' | 'none';
+export const NONCOHERENT_MIGRATIONS: readonly NoncoherentMigration[] = ['block', 'clflush-before-read', 'none'];
 export type Confidential = 'off' | 'shared' | 'blocker';
 export const CONFIDENTIAL: readonly Confidential[] = ['off', 'shared', 'blocker'];
 /** How a confidential guest's explicit conversions reach KVM (VmConfig.mapGpa): KVM's hypercall or a TD's MapGPA. */
@@ -85,6 +96,8 @@ export interface Settings {
   confidential: Confidential;
   mapGpa: MapGpaAbi;
   conversionDesign: ConversionDesignName;
+  cpuCache: CpuCacheMode;
+  noncoherentMigration: NoncoherentMigration;
 }
 export type SettingKey = keyof Settings;
 
@@ -224,15 +237,15 @@ function parseInject(raw: Raw, where: string): BugName[] {
 /** The device options, each a DeviceConfig field, by the name flags and files give them. */
 const DEVICE_FIELDS: Record<string, keyof Omit<DeviceConfig, 'kind'>> = {
   every: 'every', buffers: 'buffers', 'write-percent': 'writePercent', 'remap-every': 'remapEvery', pattern: 'pattern',
-  tracking: 'tracking', 'stray-every': 'strayEvery', iotlb: 'iotlbEntries', identity: 'identity',
+  tracking: 'tracking', 'stray-every': 'strayEvery', iotlb: 'iotlbEntries', identity: 'identity', snoop: 'snoop',
 };
 export const DEVICE_KEYS = Object.keys(DEVICE_FIELDS);
 
 /** One device option's value into `d`; errors name `at` (the device and the key). */
 function deviceOption(d: DeviceConfig, field: keyof Omit<DeviceConfig, 'kind'>, key: string, value: Raw, at: string): void {
-  if (field === 'identity') {
+  if (field === 'identity' || field === 'snoop') {
     if (value !== undefined && value !== true && value !== false && value !== 'true' && value !== 'false') throw new UserError(`${at}: '${text(value)}' is not true or false`);
-    d.identity = value !== false && value !== 'false';
+    d[field] = value !== false && value !== 'false';
     return;
   }
   if (value === undefined) throw new UserError(`${at}: needs a value (${key}=...)`);
@@ -308,7 +321,7 @@ export function deviceEntry(d: DeviceConfig): Record<string, unknown> {
 function formatDevice(d: DeviceConfig): string {
   const opts = Object.entries(DEVICE_FIELDS)
     .filter(([, f]) => d[f] !== DEVICE_DEFAULTS[f])
-    .map(([k, f]) => (f === 'identity' ? k : `${k}=${String(d[f])}`));
+    .map(([k, f]) => (f === 'identity' && d.identity ? k : `${k}=${String(d[f])}`));
   return opts.length ? `${d.kind}:${opts.join(',')}` : d.kind;
 }
 
@@ -439,6 +452,16 @@ export const OPTIONS = [
     key: 'conversionDesign', flag: '--conversion-design', arg: '<design>', yaml: 'vm.conversion_design', kinds: MIGRATE,
     help: 'how the VMM converts a confidential guest\'s memory with a device assigned: rdm (QEMU\'s RamDiscardManager, the default), notifier (a conversion notifier list VFIO registers with), in-place (guest_memfd holds both; VFIO unmaps before a page turns private), kvm-iommu (KVM updates the device\'s IOMMU table itself)',
     parse: (r, w) => oneOf(r, w, CONVERSION_DESIGNS, 'conversion design', `one of: ${CONVERSION_DESIGNS.join(', ')}`), format: (v) => v, defaults: same<ConversionDesignName>('rdm'),
+  }),
+  def({
+    key: 'cpuCache', flag: '--cpu-cache', arg: '<mode>', yaml: 'vm.cpu_cache', kinds: MIGRATE,
+    help: 'a CPU cache model in front of guest memory, where page aliasing shows: off; on (vCPU accesses by their memory type, devices snoop unless snoop=false, the migration thread reads through it); self-snoop (a CPU that writes a cached copy back before a UC or WC access)',
+    parse: (r, w) => oneOf(r, w, CPU_CACHE_MODES, 'CPU cache mode', `one of: ${CPU_CACHE_MODES.join(', ')}`), format: (v) => v, defaults: same<CpuCacheMode>('off'),
+  }),
+  def({
+    key: 'noncoherentMigration', flag: '--noncoherent-migration', arg: '<policy>', yaml: 'migration.noncoherent', kinds: MIGRATE,
+    help: 'with a device doing non-coherent DMA (snoop=false): block (a migration blocker, as QEMU\'s virgl), clflush-before-read (the migration thread flushes each page before it reads it), none (nothing: stale cache lines may be sent)',
+    parse: (r, w) => oneOf(r, w, NONCOHERENT_MIGRATIONS, 'non-coherent migration policy', `one of: ${NONCOHERENT_MIGRATIONS.join(', ')}`), format: (v) => v, defaults: same<NoncoherentMigration>('block'),
   }),
 ] as const;
 

@@ -19,7 +19,7 @@ import { DestinationRole, QueueSource } from '../migration/destination-role.ts';
 import { RingChannel, RingSource } from '../migration/stream-ring.ts';
 import { runResumedGuest } from '../migration/incoming.ts';
 import { type MigrationEvent, type MigrationParams, precopy } from '../migration/precopy.ts';
-import { type DeviceSetup, deviceWindow } from './devices.ts';
+import { type DeviceSetup, deviceArea, deviceWindow } from './devices.ts';
 import { createDevice } from '../host/devices/devices.ts';
 import { type IommuServiceEvent, iommuService } from '../host/iommu/iommu-service.ts';
 import { type KvmCpuExecEvent, type KvmCpuExecOptions, kvmCpuExec } from '../host/vmm/kvm-cpu-exec.ts';
@@ -100,7 +100,7 @@ export function buildRole(spec: RoleSpec, vm: Vm, report: (e: never) => void): R
     case 'device': {
       const config = spec.setup.devices[spec.index]!;
       const name = `device${spec.index}`;
-      return new GeneratorRole(name, createDevice(vm, spec.index, config, spec.seed, deviceWindow(spec.setup, spec.index, vm), spec.setup.sharedArea ?? null).run());
+      return new GeneratorRole(name, createDevice(vm, spec.index, config, spec.seed, deviceWindow(spec.setup, spec.index, vm), deviceArea(spec.setup)).run());
     }
     case 'iommu-service':
       return new GeneratorRole('iommu-service', iommuService(vm, report as (e: IommuServiceEvent) => void));

@@ -1,6 +1,7 @@
 import { type BugName, CATALOG, type CatalogEntry, type TrackingMode } from '../bugs/catalog.ts';
 import { PAGE_SIZE } from '../host/constants.ts';
 import { DEFAULT_WORKLOAD } from '../guest/workload.ts';
+import { DEFAULT_CPU_CACHE } from '../host/cpu-cache.ts';
 import { DEFAULT_VCPU_DIRTY_LIMIT } from '../migration/precopy.ts';
 import { UserError } from '../util/errors.ts';
 import { LIMITS } from '../util/limits.ts';
@@ -199,6 +200,8 @@ export function buildMigration(r: Resolved): MigrationSetup {
     confidential: s.confidential,
     ...(s.mapGpa !== 'kvm' ? { mapGpa: s.mapGpa } : {}),
     ...(s.conversionDesign !== 'rdm' ? { conversionDesign: s.conversionDesign } : {}),
+    ...(s.cpuCache !== 'off' ? { cpuCache: { ...DEFAULT_CPU_CACHE, seed: s.seed, selfSnoop: s.cpuCache === 'self-snoop' } } : {}),
+    noncoherentMigration: s.noncoherentMigration,
     params: {
       bandwidth: s.bandwidth,
       downtimeLimitMs: s.downtimeLimitMs,
@@ -212,6 +215,10 @@ export function buildMigration(r: Resolved): MigrationSetup {
   };
   if (s.confidential !== 'off') checkConfidential(r, devices);
   else if (s.workload === 'convert') throw new UserError(`${r.where('workload')}: convert is a confidential guest's workload; it needs ${r.where('confidential')} shared or blocker`);
+  if (s.cpuCache !== 'off' && s.confidential !== 'off') throw new UserError(`${r.where('cpuCache')}: the CPU cache model is not modelled with a confidential guest's private memory; it needs ${r.where('confidential')} off`);
+  devices.devices.forEach((d, i) => {
+    if (!d.snoop && s.cpuCache === 'off') throw new UserError(`${r.where('devices')}: device ${i} (${d.kind}, snoop=false): no-snoop DMA differs from snooped DMA only with the CPU cache model; add ${r.where('cpuCache')} on`);
+  });
   if (s.conversionDesign !== 'rdm' && s.confidential === 'off') throw new UserError(`${r.where('conversionDesign')}: ${s.conversionDesign} is how the VMM converts a confidential guest's memory; it needs ${r.where('confidential')} shared or blocker`);
   if (bugs.some((b) => b.name === 'inplace-convert-while-pinned') && s.conversionDesign !== 'in-place') {
     throw new UserError(`${r.where('inject')} inplace-convert-while-pinned: this bug lives in the in-place conversion design; it needs ${r.where('conversionDesign')} in-place, not ${s.conversionDesign}`);

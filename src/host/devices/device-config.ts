@@ -36,10 +36,17 @@ export interface DeviceConfig {
    * never remapped. Otherwise each buffer is its own 4 KiB mapping in the device's window.
    */
   identity: boolean;
+  /**
+   * The device's DMA snoops the CPU caches (the default). false: PCIe No Snoop, as a GPU a
+   * virtio-gpu backend drives: its DMA reads and writes DRAM only (with the CPU cache model,
+   * cpu-cache.ts), and VFIO registers non-coherent DMA with KVM (kvm_vfio_update_coherency),
+   * which then honours the guest's PAT.
+   */
+  snoop: boolean;
 }
 
 export const DEVICE_DEFAULTS: Omit<DeviceConfig, 'kind'> = {
-  every: 16, buffers: 64, writePercent: 75, remapEvery: 32, pattern: 'random', tracking: 'iommu', strayEvery: 0, iotlbEntries: 32, identity: false,
+  every: 16, buffers: 64, writePercent: 75, remapEvery: 32, pattern: 'random', tracking: 'iommu', strayEvery: 0, iotlbEntries: 32, identity: false, snoop: true,
 };
 
 export { DEVICE_WRITER_BASE } from '../memslot.ts';

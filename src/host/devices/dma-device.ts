@@ -92,16 +92,18 @@ export abstract class DmaDevice implements Device {
     const cache = this.vm.cache;
     if (cache === null) slot.writeU64Stamped(page, iteration, this.writer, ++this.seq, iteration);
     else {
-      // A snooped DMA write: a cached copy of the line is written back and invalidated first.
+      // Snooped, a cached copy of the line is written back and invalidated first; no-snoop, DRAM alone.
       Memslot.stampedBytes(this.line32, iteration, this.writer, ++this.seq, iteration);
-      cache.dmaWrite(CacheAccess.DMA_SNOOP, lineKey(slot.firstPage + page, 0), 0, this.line8);
+      cache.dmaWrite(this.config.snoop ? CacheAccess.DMA_SNOOP : CacheAccess.DMA_NO_SNOOP, lineKey(slot.firstPage + page, 0), 0, this.line8);
     }
     this.writes++;
   }
 
   protected load(gfn: number): void {
     const slot = this.vm.memory.findSlot(gfn);
-    if (slot !== undefined) slot.readU64(gfn - slot.baseGfn);
+    const cache = this.vm.cache;
+    if (slot !== undefined && cache === null) slot.readU64(gfn - slot.baseGfn);
+    else if (slot !== undefined) cache!.dmaRead(this.config.snoop ? CacheAccess.DMA_SNOOP : CacheAccess.DMA_NO_SNOOP, lineKey(slot.firstPage + gfn - slot.baseGfn, 0), 0, this.line8);
     this.reads++;
   }
 

@@ -1,0 +1,85 @@
+import { describe, expect, it } from 'vitest';
+import { NONCOHERENT_BLOCKER, runMigration } from '../src/scenarios/migration.ts';
+import { failureOf } from '../src/scenarios/outcome.ts';
+import { migrationSetup } from '../src/scenarios/settings.ts';
+import { UserError } from '../src/util/errors.ts';
+import { complete } from './helpers.ts';
+
+/**
+ * A guest rendering through a device that does not snoop (render workload, dma-engine with
+ * snoop=false), migrating with the CPU cache model on: the guest's WC stores and the
+ * device's DMA reach memory behind the cache, and the migration thread reads write-back.
+ * Each policy the seed discussion weighed, on the same guest.
+ */
+const RENDER = { cpuCache: 'on', workload: 'render', memoryBytes: '4MiB', vcpus: '2', devices: ['dma-engine:snoop=false,every=4,buffers=32,remap-every=0'] };
+const DET = { driver: 'deterministic' as const, watchdogMs: 10_000, burst: 64 };
+
+function render(extra: Record<string, unknown> = {}) {
+  return migrationSetup({ ...RENDER, driver: 'deterministic', ...extra } as never).scenario;
+}
+
+describe('migrating a guest with a non-coherent device', () => {
+  for (const seed of [1, 2, 3]) {
+    it(`seed ${seed}: none sends stale cache lines (lost writes, the stale read oracle names the migration thread); clflush-before-read moves every write`, async () => {
+      const none = await runMigration(render({ seed: String(seed), noncoherentMigration: 'none' }), DET);
+      expect(none.status).toBe('failed');
+      expect(none.mismatchCount).toBeGreaterThan(0);
+      expect(none.cache!.staleReads.migration).toBeGreaterThan(0);
+      expect(none.cache!.migrationPageFlushes).toBe(0);
+      expect(none.reason).toMatch(/^the migration thread sent stale data: \d+ of its write-back reads hit a cache line older than memory/);
+      expect(failureOf(none)?.kind).toBe('lost-writes');
+
+      const flushed = await runMigration(render({ seed: String(seed), noncoherentMigration: 'clflush-before-read' }), DET);
+      expect(flushed.status, `${flushed.reason ?? ''} ${flushed.errors.join('; ')}`).toBe('passed');
+      expect(flushed.cache!.staleReads).toEqual({ cpu: 0, device: 0, migration: 0, firstGfn: null });
+      expect(flushed.cache!.migrationPageFlushes, 'every page read was flushed first').toBeGreaterThan(0);
+      expect(flushed.dma!.devices[0]!.dmaWrites).toBeGreaterThan(0);
+    });
+  }
+
+  it('block (QEMU\'s answer, the default): the migration is refused at once with the blocker\'s reason, nothing ran', async () => {
+    const r = await runMigration(render(), DET);
+    expect(r).toMatchObject({ status: 'failed', reason: NONCOHERENT_BLOCKER, info: null, passes: [] });
+    expect(failureOf(r)?.kind).toBe('migration-failed');
+  });
+
+  it('free-run: clflush-before-read passes with real threads', async () => {
+    const { scenario } = migrationSetup({ ...RENDER, driver: 'free', noncoherentMigration: 'clflush-before-read', dirtyLimit: '1MB/s', warmup: '500' } as never);
+    const r = await runMigration(scenario, { driver: 'free', watchdogMs: 30_000, burst: 64 });
+    expect(r.status, `${r.reason ?? ''} ${r.errors.join('; ')}`).toBe('passed');
+    expect(r.cache!.staleReads.migration).toBe(0);
+  });
+
+  it('a snooped device leaves KVM ignoring the guest\'s PAT: its WC mapping is WB, nothing is stale, nothing needs flushing', async () => {
+    const r = await runMigration(render({ devices: ['dma-engine:every=4,buffers=32,remap-every=0'], noncoherentMigration: 'none' }), DET);
+    expect(r.status, `${r.reason ?? ''}`).toBe('passed');
+    expect(r.cache!.staleReads).toEqual({ cpu: 0, device: 0, migration: 0, firstGfn: null });
+  });
+
+  it('non-coherent DMA unregistered behind the device\'s back: KVM ignores the guest\'s PAT again, the WC buffers are cached, and the device reads stale data', async () => {
+    const r = await runMigration(render({ noncoherentMigration: 'clflush-before-read' }), {
+      ...DET,
+      prepare: (vm) => {
+        const u = complete(vm.unregisterNoncoherentDma());
+        expect(u.ok).toBe(true);
+      },
+    });
+    expect(r.status).toBe('failed');
+    expect(r.cache!.staleReads.device).toBeGreaterThan(0);
+    expect(r.reason).toMatch(/^a device read stale data \d+ times: its no-snoop DMA read memory while a newer write sat in the CPU cache \(first gfn 0x[0-9a-f]+\)$/);
+  });
+});
+
+describe('what a scenario with the cache model refuses, naming the setting', () => {
+  const refused = (raw: Record<string, unknown>): string => {
+    try { migrationSetup(raw as never); } catch (e) { expect(e).toBeInstanceOf(UserError); return (e as Error).message; }
+    return 'accepted';
+  };
+  it('a no-snoop device without the cache model, the cache model with a confidential guest, unknown values', () => {
+    expect(refused({ ...RENDER, cpuCache: 'off' })).toBe('--device: device 0 (dma-engine, snoop=false): no-snoop DMA differs from snooped DMA only with the CPU cache model; add --cpu-cache on');
+    expect(refused({ cpuCache: 'on', confidential: 'shared', memoryBytes: '8MiB', devices: ['dma-engine:identity,buffers=16'] })).toBe('--cpu-cache: the CPU cache model is not modelled with a confidential guest\'s private memory; it needs --confidential off');
+    expect(refused({ cpuCache: 'big' })).toBe('--cpu-cache: unknown CPU cache mode \'big\' (one of: off, on, self-snoop)');
+    expect(refused({ noncoherentMigration: 'pray' })).toBe('--noncoherent-migration: unknown non-coherent migration policy \'pray\' (one of: block, clflush-before-read, none)');
+    expect(refused({ devices: ['dma-engine:snoop=maybe'], cpuCache: 'on' })).toBe('--device: device 0 \'dma-engine:snoop=maybe\': snoop: \'maybe\' is not true or false');
+  });
+});
