@@ -260,7 +260,44 @@ export const CATALOG: readonly CatalogEntry[] = [
     commands: ['migrate'],
     neverActed: 'no conversion to private found a page VFIO had pinned (the device\'s buffers were never converted back while mapped)',
   },
+  {
+    name: 'no-zap-on-noncoherent-transition',
+    wrong: 'When the first device doing non-coherent DMA registers (kvm_arch_register_noncoherent_dma, 0 -> 1), KVM does not zap the SPTEs: those built before keep WB + IPAT.',
+    effect: 'The guest\'s write-combining mapping of its buffers is ignored on every page already mapped: its stores stay in the CPU cache, and the device, which does not snoop, reads older data from memory.',
+    reference: 'arch/x86/kvm/x86.c kvm_noncoherent_dma_assignment_start_or_stop (kvm_zap_gfn_range over all gfns); arch/x86/kvm/vmx/vmx.c vmx_get_mt_mask',
+    modes: ['dirty-ring', 'dirty-log', 'clear-log'],
+    detectedBy: 'stale read oracle: a device\'s no-snoop DMA read a line that was dirty in the CPU cache (outcome stale-data)',
+    commands: ['migrate'],
+    neverActed: 'no SPTE was present when non-coherent DMA was registered',
+  },
+  {
+    name: 'migrate-noncoherent-without-flush',
+    wrong: 'With a device doing non-coherent DMA, the migration thread reads each page write-back without flushing it from the CPU caches first (--noncoherent-migration clflush-before-read skips its clflush).',
+    effect: 'A line the migration thread cached in an earlier pass, which the guest\'s WC stores or the device\'s no-snoop DMA went around, is what it reads and sends: the destination gets stale data (page aliasing).',
+    reference: 'the seed discussion on honouring guest memory types ("live migration reads all guest memory WB and can send stale data"; the clflush-before-read proposal); Intel SDM vol. 3A 12.12.4, aliasing',
+    modes: ['dirty-ring', 'dirty-log', 'clear-log'],
+    detectedBy: 'stamp oracle (lost writes), with the stale read oracle naming the migration thread',
+    commands: ['migrate'],
+    neverActed: 'no page was read while non-coherent DMA was registered',
+  },
+  {
+    name: 'missing-migration-blocker',
+    wrong: 'The device model of a device doing non-coherent DMA registers no migration blocker (QEMU\'s virtio-gpu with virgl registers "virgl is not yet migratable"), and nothing else is done about its memory.',
+    effect: 'The migration runs, reading write-back what the guest and the device wrote behind the CPU cache: stale lines may be sent.',
+    reference: 'QEMU hw/display/virtio-gpu-gl.c / virtio-gpu-base.c (migrate_add_blocker for virgl)',
+    modes: ['dirty-ring', 'dirty-log', 'clear-log'],
+    detectedBy: 'the blocker oracle: a migration started although a device doing non-coherent DMA needed a blocker (outcome blocker-ignored)',
+    commands: ['migrate'],
+    neverActed: 'the scenario has no device doing non-coherent DMA, or its policy is not block',
+  },
 ];
+
+/**
+ * The bugs of memory types and non-coherent DMA: their demonstrations are a guest
+ * rendering through a no-snoop device with the CPU cache model, independent of KVM's
+ * dirty tracking mode. test/noncoherent-migration.test.ts shows each step by step.
+ */
+export const NONCOHERENT_BUGS: readonly BugName[] = ['no-zap-on-noncoherent-transition', 'migrate-noncoherent-without-flush', 'missing-migration-blocker'];
 
 /**
  * The confidential-VM bugs: their demonstrations are confidential guests (`--confidential

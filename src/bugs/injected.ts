@@ -19,6 +19,8 @@ export interface InjectedBugs {
   migration: MigrationBugs;
   /** The VMM's conversion mistakes: pass them to GuestMemfdRam and vfioContainer (as a ConversionInjection with vm.acts). */
   conversion: ConversionBugs;
+  /** QEMU's device model registers no migration blocker for a device doing non-coherent DMA. */
+  missingMigrationBlocker: boolean;
 }
 
 export function injectedBugs(names: readonly string[]): InjectedBugs {
@@ -34,6 +36,7 @@ export function injectedBugs(names: readonly string[]): InjectedBugs {
       untrackedDma: has('untracked-dma'),
       gpaAsIova: has('gpa-as-iova'),
       attributesBeforeZap: has('attributes-before-zap'),
+      noZapOnNoncoherentTransition: has('no-zap-on-noncoherent-transition'),
     },
     harvestSkipEvery: has('harvest-skips-entry') ? 16 : 0,
     noBackupBitmap: has('no-backup-bitmap'),
@@ -44,7 +47,9 @@ export function injectedBugs(names: readonly string[]): InjectedBugs {
       skipFinalSync: has('skip-final-sync'),
       ringFullExitUnhandled: has('ring-full-exit-unhandled'),
       migratePrivatePages: has('migrate-private-pages'),
+      noncoherentWithoutFlush: has('migrate-noncoherent-without-flush'),
     },
+    missingMigrationBlocker: has('missing-migration-blocker'),
     conversion: {
       convertWithoutUnmap: has('convert-without-unmap'),
       discardBeforeUnmap: has('discard-before-unmap'),

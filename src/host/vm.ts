@@ -44,6 +44,8 @@ export interface KernelBugs {
   gpaAsIova?: boolean;
   /** KVM_SET_MEMORY_ATTRIBUTES stores the new attributes before it zaps the old kind's SPTEs and flushes. */
   attributesBeforeZap?: boolean;
+  /** kvm_noncoherent_dma_assignment_start_or_stop leaves the SPTEs as they are: built before, they keep WB + IPAT. */
+  noZapOnNoncoherentTransition?: boolean;
 }
 
 /**
@@ -218,6 +220,13 @@ export class Vm {
    */
   private *noncoherentDmaAssignmentStartOrStop(): Steps<number> {
     if (!kvmCheckHasQuirk(this.disabledQuirks, KVM_X86_QUIRK_IGNORE_GUEST_PAT)) return 0;
+    if (this.bugs.noZapOnNoncoherentTransition) {
+      // The SPTEs built with the old IPAT stay: each present one is a page the guest's PAT still cannot reach.
+      let present = 0;
+      for (const s of this.memory.slots) for (let p = 0; p < s.pages; p++) if ((s.spte[p]! & (SPTE_WRITABLE | SPTE_PRIVATE)) !== 0) present++;
+      if (present > 0) this.acts.acted(Acted.NO_ZAP_ON_NONCOHERENT_TRANSITION, present);
+      return 0;
+    }
     const end = Math.max(0, ...this.memory.slots.map((s) => s.endGfn)); // only memslot gfns have SPTEs
     const zapped = yield* this.invalidateGfnRange(0, end, SPTE_WRITABLE | SPTE_PRIVATE);
     this.mmuInvalidate.end();

@@ -62,6 +62,8 @@ export interface MigrationBugs {
   copyBeforeClear: boolean;
   /** Completion without the final sync of the dirty log. */
   skipFinalSync: boolean;
+  /** clflush-before-read does not flush: the page is read as it is (counted each time a flush was due). */
+  noncoherentWithoutFlush?: boolean;
   /** The VMM never reaps on a KVM_EXIT_DIRTY_RING_FULL exit (the vCPU stays in it). */
   ringFullExitUnhandled?: boolean;
   /** harvest-skips-entry: the ring harvest drops every Nth entry (0: never). */
@@ -85,8 +87,13 @@ export function* precopy(
 ): Steps {
   const mem = vm.memory;
   const vmm = new VmmControl(vm);
-  /** Whether to flush each page before reading it: the policy asks, and a non-coherent device is registered now. */
-  const flushFirst = (): boolean => p.noncoherent === 'clflush-before-read' && vm.noncoherentDma();
+  /** Whether to flush each of `pages` pages before reading them: the policy asks, and a non-coherent device is registered now. */
+  const flushFirst = (pages: number): boolean => {
+    if (p.noncoherent !== 'clflush-before-read' || !vm.noncoherentDma()) return false;
+    if (!bugs.noncoherentWithoutFlush) return true;
+    vm.acts.acted(Acted.MIGRATE_NONCOHERENT_WITHOUT_FLUSH, pages);
+    return false;
+  };
   const exits = new ExitHandler(vmm, bugs.ringFullExitUnhandled === true);
   const log = new DirtyLog(vm, {
     clearPerChunk: true, harvestSkipEvery: bugs.harvestSkipEvery, deferRingReset: bugs.copyBeforeReset, clearAfterCopy: bugs.copyBeforeClear,
@@ -191,7 +198,7 @@ export function* precopy(
       if (cancelled() || destinationFailed()) { batch.length = 0; return; }
       const s = batchSlot;
       vm.tracepoints.active?.copied(s, batch, copyStage);
-      const enc = encodePages(s.slotField, batch, vm.cache !== null ? cachedPagesOf(s, vm.cache, flushFirst()) : pagesOf(s, vm.global, doneAtCheck), inPlace);
+      const enc = encodePages(s.slotField, batch, vm.cache !== null ? cachedPagesOf(s, vm.cache, flushFirst(batch.length)) : pagesOf(s, vm.global, doneAtCheck), inPlace);
       send(enc.frame);
       limiter.charge(stats.sent(enc.normal, enc.zero));
       sentNormal += enc.normal; sentZero += enc.zero;

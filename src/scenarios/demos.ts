@@ -52,6 +52,17 @@ const CVM: Partial<Settings> = {
   devices: [device({ kind: 'dma-engine', identity: true, every: 8, buffers: 16, remapEvery: 0 })],
 };
 
+/**
+ * A guest rendering through a device that does not snoop, with the CPU cache model: two
+ * vCPUs writing their WC render buffers and ordinary memory, the device's no-snoop DMA in
+ * the same buffers; the migration thread flushes each page before it reads it (the bugs
+ * that need another policy say so).
+ */
+const NONCOHERENT: Partial<Settings> = {
+  cpuCache: 'on', workload: 'render', memoryBytes: 4 * MiB, vcpus: 2, hostWriteEvery: 0, noncoherentMigration: 'clflush-before-read',
+  devices: [device({ kind: 'dma-engine', snoop: false, every: 4, buffers: 32, remapEvery: 0 })],
+};
+
 export const DEMOS: Record<BugName, Demo> = {
   'skip-tlb-shootdown': { migrate: SWEEP, dirtyLogTest: DIRTY_LOG_TEST },
   'ring-full-ignored': { migrate: RANDOM, dirtyLogTest: DIRTY_LOG_TEST },
@@ -80,6 +91,9 @@ export const DEMOS: Record<BugName, Demo> = {
   'split-huge-mapping': { migrate: CVM },
   'migrate-private-pages': { migrate: CVM },
   'inplace-convert-while-pinned': { migrate: { ...CVM, conversionDesign: 'in-place' } },
+  'no-zap-on-noncoherent-transition': { migrate: NONCOHERENT },
+  'migrate-noncoherent-without-flush': { migrate: NONCOHERENT },
+  'missing-migration-blocker': { migrate: { ...NONCOHERENT, noncoherentMigration: 'block' } },
 };
 
 export function demoOf(bug: BugName, kind: ScenarioKind): Partial<Settings> | undefined {

@@ -1,5 +1,6 @@
 import type { TrackingMode } from '../bugs/catalog.ts';
 import { injectedBugs } from '../bugs/injected.ts';
+import { Acted } from '../host/injections.ts';
 import { trackingFor } from '../host/vmm/dirty-log.ts';
 import { type InjectionReport, injectionReport } from '../bugs/acted.ts';
 import type { DeterministicDriver } from '../drivers/deterministic.ts';
@@ -114,6 +115,8 @@ export interface MigrationRunResult {
   confidential?: ConfidentialReport;
   /** With the CPU cache model: the stale read oracle by reader, pages the migration thread flushed, lines written back. */
   cache?: CacheReport;
+  /** The blocker a device doing non-coherent DMA needs was not registered, and the migration ran: what it should have said. */
+  blockerIgnored?: string;
 }
 
 export interface CacheReport {
@@ -192,7 +195,9 @@ function blocked(reason: string): MigrationRunResult {
 export async function runMigration(s: MigrationScenario, o: MigrationRunOptions): Promise<MigrationRunResult> {
   if (o.to && o.driver !== 'free') throw new UserError('--to tcp:... needs --driver free (the deterministic driver runs everything on one thread)');
   if (s.confidential === 'blocker') return blocked(CONFIDENTIAL_BLOCKER);
-  if (noncoherentBlocked(s)) return blocked(NONCOHERENT_BLOCKER);
+  // missing-migration-blocker: the device model registers none, and the migration runs as if nothing were done.
+  const blockerMissing = noncoherentBlocked(s) && injectedBugs(s.bugs).missingMigrationBlocker;
+  if (noncoherentBlocked(s) && !blockerMissing) return blocked(NONCOHERENT_BLOCKER);
   const config = migrationVmConfig(s);
   const source = createVmLayout(config);
   // The destination's memory is written by the stream (DRAM); it models no cache of its own.
@@ -250,6 +255,7 @@ export async function runMigration(s: MigrationScenario, o: MigrationRunOptions)
   const ring = o.driver === 'free' && !remote ? createStreamRing() : undefined;
   const workerPort = remote?.workerPort;
   const params = s.noncoherentMigration !== undefined && s.noncoherentMigration !== 'block' ? { ...s.params, noncoherent: s.noncoherentMigration } : s.params;
+  if (blockerMissing) vm.acts.acted(Acted.MISSING_MIGRATION_BLOCKER);
   specs.push({ kind: 'migration', params, bugs: s.bugs, destWords, queue, port: workerPort, ring, clockSteps: o.driver === 'free' ? undefined : () => driver?.stepCount ?? 0 });
   if (!remote) specs.push({ kind: 'destination', layout: target, destWords, queue, ring });
   const run = await runRoles({
@@ -263,6 +269,12 @@ export async function runMigration(s: MigrationScenario, o: MigrationRunOptions)
   result.steps = run.steps;
   result.schedule = run.schedule;
   result.injections = injectionReport(vm, s.bugs);
+  if (blockerMissing && result.info !== null) {
+    // The oracle: a migration that started although a blocker had to refuse it.
+    result.blockerIgnored = 'the migration started although a device does non-coherent DMA (snoop=false): a migration blocker ("virgl is not yet migratable") should have refused it';
+    result.status = 'failed';
+    result.reason = result.blockerIgnored;
+  }
   const cache = cacheReport(vm);
   if (cache !== undefined) {
     result.cache = cache;
@@ -319,7 +331,8 @@ export async function runMigration(s: MigrationScenario, o: MigrationRunOptions)
     if (cmp.count > 0) result.status = 'failed';
     const stale = result.cache?.staleReads.migration ?? 0;
     if (cmp.count > 0 && stale > 0 && result.reason === null) {
-      result.reason = `the migration thread sent stale data: ${stale} of its write-back reads hit a cache line older than memory (a UC or WC store or no-snoop DMA wrote behind the cache; first gfn ${hex(result.cache!.staleReads.firstGfn ?? 0)}); --noncoherent-migration clflush-before-read flushes each page first`;
+      const hint = s.noncoherentMigration === 'clflush-before-read' ? '' : '; --noncoherent-migration clflush-before-read flushes each page first';
+      result.reason = `the migration thread sent stale data: ${stale} of its write-back reads hit a cache line older than memory (a UC or WC store or no-snoop DMA wrote behind the cache; first gfn ${hex(result.cache!.staleReads.firstGfn ?? 0)})${hint}`;
     }
     if (isConfidential(s)) {
       result.confidential = checkConfidentialMigration(vm, target, { design: s.conversionDesign ?? 'rdm', findings: conversionFindings, count: conversionFindingCount });

@@ -5,7 +5,7 @@ import type { DirtyLogRunResult } from './run-dirty-log-test.ts';
 /** What went wrong in a run, in one word: what a hunt counts, shrinking preserves, and a scenario file may expect. */
 export type FailureKind =
   | 'lost-writes' | 'device-fault' | 'stale-iotlb' | 'sweep-broken' | 'guest-stalled' | 'not-converged' | 'migration-failed'
-  | 'lost-dirty-pages' | 'stuck' | 'crashed' | 'private-memory';
+  | 'lost-dirty-pages' | 'stuck' | 'crashed' | 'private-memory' | 'stale-data' | 'blocker-ignored';
 
 export interface Failure {
   kind: FailureKind;
@@ -29,7 +29,7 @@ export interface Outcome {
 
 export const VERDICTS: readonly Outcome['verdict'][] = [
   'passed', 'lost-writes', 'device-fault', 'stale-iotlb', 'sweep-broken', 'guest-stalled', 'not-converged', 'migration-failed',
-  'lost-dirty-pages', 'stuck', 'crashed', 'private-memory',
+  'lost-dirty-pages', 'stuck', 'crashed', 'private-memory', 'stale-data', 'blocker-ignored',
 ];
 export const FACTS: readonly OutcomeFact[] = ['final-sync-surprise'];
 
@@ -41,6 +41,10 @@ export function failureOf(r: MigrationRunResult): Failure | null {
   // A confidential guest's private memory reached, read or left mapped: the cause of whatever else broke.
   const priv = r.confidential ? confidentialVerdict(r.confidential) : null;
   if (priv !== null) return { kind: 'private-memory', summary: priv };
+  // A migration that a blocker should have refused: whatever it lost follows from its running at all.
+  if (r.blockerIgnored !== undefined) return { kind: 'blocker-ignored', summary: r.blockerIgnored };
+  // A device that consumed stale data (the stale read oracle): the guest's memory type was not honoured.
+  if (r.cache && r.cache.staleReads.device > 0) return { kind: 'stale-data', summary: `a device read stale data ${r.cache.staleReads.device} time(s)` };
   // The DMA oracle's findings first: a stale-IOTLB DMA or a device fault is the cause when pages are lost too.
   if (r.dma && r.dma.staleIotlb > 0) return { kind: 'stale-iotlb', summary: `${r.dma.staleIotlb} DMA(s) through stale IOTLB entries` };
   if (r.dma && r.dma.faults > 0) return { kind: 'device-fault', summary: `${r.dma.faults} device fault(s)` };
