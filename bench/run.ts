@@ -76,6 +76,9 @@ const CASES: Case[] = [
   { id: 'cvm/designs', file: 'cvm-designs.ts', args: ['designs'] },
   { id: 'cvm/16GiB', file: 'cvm-designs.ts', args: ['16GiB'] },
   { id: 'cvm/guest', file: 'cvm-designs.ts', args: ['guest'] },
+  { id: 'noncoherent/cache', file: 'noncoherent.ts', args: ['cache'] },
+  { id: 'noncoherent/zap', file: 'noncoherent.ts', args: ['zap'] },
+  { id: 'noncoherent/policies', file: 'noncoherent.ts', args: ['policies'] },
   { id: 'hunt/throughput', file: 'hunt.ts', args: ['throughput'] },
   { id: 'hunt/shrink', file: 'hunt.ts', args: ['shrink'] },
 ];
