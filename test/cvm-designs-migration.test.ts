@@ -4,8 +4,7 @@ import { Step, WaitCode } from '../src/roles/role.ts';
 import { runMigration } from '../src/scenarios/migration.ts';
 import { failureOf } from '../src/scenarios/outcome.ts';
 import { migrationSetup } from '../src/scenarios/settings.ts';
-import { UserError } from '../src/util/errors.ts';
-import { MANUAL, makeVm, retire, vcpuWith } from './helpers.ts';
+import { MANUAL, makeVm, retire, vcpuWith, refusedMigration } from './helpers.ts';
 
 /**
  * The conversion designs (src/host/vmm/conversion-design.ts) running a confidential guest
@@ -95,10 +94,7 @@ describe('the VMM boots the guest before the vCPUs run (GlobalWord.VM_START_PEND
 });
 
 describe('a conversion design in a scenario refuses what it cannot run, naming the setting', () => {
-  const refused = (raw: Record<string, unknown>): string => {
-    try { migrationSetup(raw as never); } catch (e) { expect(e).toBeInstanceOf(UserError); return (e as Error).message; }
-    return 'accepted';
-  };
+  const refused = refusedMigration;
   it('without a confidential guest, without a device, an unknown design', () => {
     expect(refused({ conversionDesign: 'notifier' })).toBe('--conversion-design: notifier is how the VMM converts a confidential guest\'s memory; it needs --confidential shared or blocker');
     expect(refused({ ...CVM, devices: [], conversionDesign: 'in-place' })).toBe('--conversion-design: in-place is a way to keep an assigned device in step with conversions; add one (--device dma-engine,identity)');

@@ -17,8 +17,7 @@ import { loadScenario } from '../src/scenarios/scenario-file.ts';
 import { mkdtempSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { UserError } from '../src/util/errors.ts';
-import { MANUAL, drive, frameOf } from './helpers.ts';
+import { MANUAL, drive, frameOf, refusedMigration } from './helpers.ts';
 
 /**
  * A confidential guest migrating (src/scenarios/confidential.ts): vCPUs convert their
@@ -89,10 +88,7 @@ describe('a confidential guest migrates its shared half', () => {
 });
 
 describe('a confidential scenario refuses what it cannot run, naming the setting', () => {
-  const refused = (raw: Record<string, unknown>): string => {
-    try { migrationSetup(raw as never); } catch (e) { expect(e).toBeInstanceOf(UserError); return (e as Error).message; }
-    return 'accepted';
-  };
+  const refused = refusedMigration;
   it('another workload, or convert without a confidential guest', () => {
     expect(refused({ ...CVM, workload: 'hotset' })).toBe('--workload: a confidential guest runs the convert workload (private_mem_conversions_test\'s guest), not hotset');
     expect(refused({ workload: 'convert' })).toBe('--workload: convert is a confidential guest\'s workload; it needs --confidential shared or blocker');

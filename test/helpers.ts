@@ -6,6 +6,8 @@ import { type DirtyTracking, type MemslotConfig, VcpuRunState, createVmLayout } 
 import { Vcpu } from '../src/host/vcpu.ts';
 import { type KernelBugs, Vm } from '../src/host/vm.ts';
 import { VmmControl } from '../src/host/vmm/vmm-control.ts';
+import { migrationSetup } from '../src/scenarios/settings.ts';
+import { UserError } from '../src/util/errors.ts';
 
 /** A VM with one or more slots, populated (pages writable), vCPUs created but not run. */
 export function makeVm(o: { slots?: MemslotConfig[]; pages?: number; vcpus?: number; tracking: DirtyTracking; bugs?: KernelBugs }): Vm {
@@ -114,4 +116,13 @@ export function runOne(v: Vcpu): 'retired' | 'exited' {
     if (v.runState === VcpuRunState.EXITED) return 'exited';
   }
   throw new Error('neither retired nor exited in 100 steps');
+}
+
+/** The one line a migration's settings are refused with (a UserError), or 'accepted'. */
+export function refusedMigration(raw: Record<string, unknown>): string {
+  try { migrationSetup(raw as never); } catch (e) {
+    if (!(e instanceof UserError)) throw e;
+    return e.message;
+  }
+  return 'accepted';
 }
