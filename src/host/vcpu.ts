@@ -99,6 +99,10 @@ export class Vcpu implements Role, VcpuFastState {
   /** Scratch for a store through the cache: the value and the stamp, as writeU64Stamped lays them out. */
   private readonly line32 = new Uint32Array(4);
   private readonly line8 = new Uint8Array(this.line32.buffer);
+  /** Views of it: the value's first byte (STORE8, INC8), the value (a read), the stamp. */
+  private readonly byte0 = this.line8.subarray(0, 1);
+  private readonly value8 = this.line8.subarray(0, 8);
+  private readonly stamp8 = this.line8.subarray(8, 16);
 
   private readonly words: Int32Array;
   private readonly global: Int32Array;
@@ -589,7 +593,7 @@ export class Vcpu implements Role, VcpuFastState {
     this.slot = slot;
     this.page = page;
     if (this.cache !== null) {
-      this.cache.read(this.cacheAccess(slot, page), lineKey(slot.firstPage + page, 0), 0, this.line8.subarray(0, 8));
+      this.cache.read(this.cacheAccess(slot, page), lineKey(slot.firstPage + page, 0), 0, this.value8);
       return this.retire();
     }
     if (this.tlbPrivate !== null) {
@@ -649,13 +653,13 @@ export class Vcpu implements Role, VcpuFastState {
     }
     const key = lineKey(frame, op.offset);
     const at = op.offset % CACHE_LINE_SIZE;
-    const one = this.line8.subarray(0, 1);
+    const one = this.byte0;
     if (op.kind === OpKind.INC8) {
       cache.read(access, key, at, one);
       one[0] = (one[0]! + 1) & 0xff;
     } else one[0] = op.value;
     cache.write(access, key, at, one);
-    cache.write(access, lineKey(frame, 0), 8, this.line8.subarray(8, 16));
+    cache.write(access, lineKey(frame, 0), 8, this.stamp8);
     return this.retire();
   }
 
