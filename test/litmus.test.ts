@@ -68,6 +68,10 @@ describe('injected bugs make the examples that show them fail', () => {
     ['split-huge-mapping', '16-map-per-granule.yaml', "actors.host[3] 'dma 0x201 4': expected faulted: true, actual: false"],
     ['inplace-convert-while-pinned', '17-inplace-unmap-before-private.yaml', "actors.host[3] 'dma 0x100 6': expected faulted: true, actual: false"],
     ['inplace-convert-while-pinned', '17-inplace-unmap-before-private.yaml', 'expect.findings: expected [], actual: [mapping-left]'],
+    ['no-zap-on-noncoherent-transition', '18-noncoherent-registration-zaps.yaml', "actors.host[1] 'dma-read 0x100 no-snoop': expected value: 2, actual: 1"],
+    ['no-zap-on-noncoherent-transition', '18-noncoherent-registration-zaps.yaml', 'expect.stale.device: expected 0, actual: 1'],
+    ['migrate-noncoherent-without-flush', '19-migration-flushes-before-read.yaml', "actors.host[2] 'migration-read 0x100 flush-first': expected value: 7, actual: 0"],
+    ['migrate-noncoherent-without-flush', '19-migration-flushes-before-read.yaml', 'expect.stale.migration: expected 0, actual: 1'],
   ];
 
   it.each(cases)('%s fails %s', (bug, f, message) => {
@@ -295,7 +299,7 @@ interleaving: [host, vcpu0, vcpu0, host]
   it('an unknown operation, read from disk', () => {
     const path = join(tmp, 'x.yaml');
     writeFileSync(path, base.replace('read 0x100', 'wrte 0x100 1'));
-    expect(userError(() => loadLitmus(path))).toBe(`${path}: actors.vcpu0[1]: unknown operation 'wrte' (one of: write, write-pages, read, map-gpa)`);
+    expect(userError(() => loadLitmus(path))).toBe(`${path}: actors.vcpu0[1]: unknown operation 'wrte' (one of: write, write-pages, read, map-gpa, set-pat)`);
   });
 
   it('a missing file', () => {
@@ -344,7 +348,7 @@ interleaving: [host, vcpu0, vcpu0, host]
   it('reports every problem it finds, one per line', () => {
     const msg = userError(() => parseLitmus(base.replace('read 0x100', 'wrte 0x100 1').replace('harvest]', 'get-log 7]'), 'b.yaml'));
     expect(msg.split('\n')).toEqual([
-      "b.yaml: actors.vcpu0[1]: unknown operation 'wrte' (one of: write, write-pages, read, map-gpa)",
+      "b.yaml: actors.vcpu0[1]: unknown operation 'wrte' (one of: write, write-pages, read, map-gpa, set-pat)",
       "b.yaml: actors.host[1]: 'get-log 7': there is no slot 7 (slots: 1 at 0x100..0x1ff)",
     ]);
   });
@@ -461,5 +465,123 @@ expect:
     const o = run(src, 'exits.yaml', ['inplace-convert-while-pinned']);
     expect(o.failures).toContain("exits.yaml: interleaving[7] 'host': actors.host[3] 'dma 0x100 5': expected faulted: true, actual: false");
     expect(o.log.join('\n')).toContain('ORACLE: mapping-left: slot 1 gfn 0x100: converted to private');
+  });
+});
+
+const ZAPS = '18-noncoherent-registration-zaps.yaml';
+const FLUSHES = '19-migration-flushes-before-read.yaml';
+
+describe('the CPU cache model in litmus files (vm.cpu_cache)', () => {
+  it('host operations: KVM\'s WB write, snooped and no-snoop DMA, CLFLUSH, WBINVD and the migration thread\'s reads', () => {
+    const o = run(`name: host operations through the cache
+vm: {memory: 1MiB, iommu: type1, cpu_cache: on}
+tracking: dirty-log
+actors:
+  host:
+    - write-guest 0x103 3
+    - {op: wbinvd, expect: {written_back: 1}}
+    - write-guest 0x101 5
+    - {op: dma-read 0x101, expect: {value: 5}}
+    - {op: dma-read 0x101 no-snoop, expect: {value: 0}}
+    - {op: clflush 0x101, expect: {written_back: 1}}
+    - dma 0x102 9 no-snoop
+    - {op: migration-read 0x102 flush-first, expect: {value: 9}}
+    - dma 0x102 10 no-snoop
+    - {op: migration-read 0x102, expect: {value: 9}}
+    - write-guest 0x104 7
+    - dma 0x104 8 snoop
+    - write-guest 0x105 6
+interleaving: [host, host, host, host, host, host, host, host, host, host, host, host, host]
+expect:
+  pages: {0x101: 5, 0x102: 10, 0x103: 3, 0x104: 8, 0x105: 0}
+  cache: {0x101: invalid, 0x102: clean, 0x103: invalid, 0x104: invalid, 0x105: dirty}
+  copies: {0x102: 9}
+  stale_copies: [0x102]
+  stale: {cpu: 0, device: 1, migration: 1}
+`, 'host.yaml');
+    expect(o.failures).toEqual([]);
+    const trace = o.log.join('\n');
+    expect(trace).toContain('VFIO maps guest RAM for the device at IOVA = GPA: 1 mapping(s), one per memslot');
+    expect(trace).toContain('device DMA reads 5 from IOVA page 0x101 -> GFN 0x101 (snooped: the cached line, if any)');
+    expect(trace).toContain('device DMA with No Snoop reads 0 from IOVA page 0x101 -> GFN 0x101 (memory only, the cache not looked at); ORACLE: stale read (device): ');
+    expect(trace).toContain('no non-coherent DMA registered: not flushed, read write-back: 9');
+    expect(trace).toContain('read write-back: 9; ORACLE: stale read (migration): ');
+  });
+
+  it('vCPU accesses take the memory type of their SPTE and the guest\'s PAT; (un)registering non-coherent DMA zaps; the idle vCPU touches nothing', () => {
+    const o = run(`name: vCPU accesses through the cache
+vm: {memory: 1MiB, iommu: type1, cpu_cache: on}
+tracking: dirty-log
+actors:
+  vcpu0:
+    - write 0x105 6
+    - {op: read 0x105, expect: {value: 6}}
+    - set-pat 0x106 1 UC
+    - {op: write 0x106 1, expect: {faults: 1}}
+    - {op: read 0x106, expect: {value: 1}}
+  host:
+    - {op: register-noncoherent-dma, expect: {zapped: 256}}
+    - write-guest 0x106 2
+    - {op: unregister-noncoherent-dma, expect: {zapped: 1}}
+interleaving: [vcpu0, vcpu0, host with vcpu0, vcpu0, vcpu0, host, vcpu0, host with vcpu0]
+expect:
+  pages: {0x105: 0, 0x106: 1}
+  cache: {0x100: invalid, 0x105: dirty, 0x106: dirty}
+  stale: {cpu: 1, device: 0, migration: 0}
+`, 'vcpu.yaml');
+    expect(o.failures).toEqual([]);
+    const trace = o.log.join('\n');
+    expect(trace).toContain('stores 0x105 = 6 (WB: into the cache, the line dirty), retires');
+    expect(trace).toContain('reads 0x105 = 6 (WB: through the cache), retires');
+    expect(trace).toContain('vcpu0 steps to answer: acknowledges TLB flush 1 (drops its TLB); idle');
+    expect(trace).toContain('256 SPTE(s) zapped: faults rebuild them honouring the guest\'s PAT (no IPAT)');
+    expect(trace).toContain('the guest maps 0x106+1 UC (its PAT); cpa_flush flushes their lines (0 written back), retires');
+    expect(trace).toContain('write-protect fault on 0x106: SPTE made writable, memory type EPT WB (the guest\'s PAT honoured)');
+    expect(trace).toContain('stores 0x106 = 1 (UC: to memory), retires');
+    expect(trace).toContain('reads 0x106 = 1 (UC: from memory), retires; ORACLE: stale read (cpu): ');
+    expect(trace).toContain('kvm_arch_unregister_noncoherent_dma: noncoherent_dma_count 1 -> 0');
+    expect(trace).toContain('1 SPTE(s) zapped: faults rebuild them with WB + IPAT');
+  });
+
+  it('a self-snooping CPU writes a cached copy back and drops it before a WC store: the migration thread reads memory even without the flush', () => {
+    const o = run(edited(FLUSHES, 'cpu_cache: on', 'cpu_cache: self-snoop'), 'ss.yaml', ['migrate-noncoherent-without-flush']);
+    expect(o.failures).toEqual([]);
+    expect(o.log[1]).toContain('CPU cache model with self-snoop');
+    expect(o.injections.map((i) => [i.bug, i.acted])).toEqual([['migrate-noncoherent-without-flush', 2]]);
+  });
+
+  it('a stale read the file does not expect fails it, naming the reader', () => {
+    const o = run(edited(ZAPS, /\n  stale: [^\n]*\n/, '\n'), 'z.yaml', ['no-zap-on-noncoherent-transition']);
+    expect(o.failures).toContain('z.yaml: the stale read oracle found: 1 by device (write expect.stale to expect them)');
+  });
+
+  it.each([
+    [edited(ZAPS, 'cpu_cache: on', 'cpu_cache: maybe'), "vm.cpu_cache: 'maybe' is not one of: off, on, self-snoop"],
+    [edited('10-private-memory-conversion.yaml', 'vm:\n', 'vm:\n  cpu_cache: on\n'), 'vm.cpu_cache: the CPU cache model is not modelled with private memory: it needs slots without GUEST_MEMFD'],
+    [edited(ZAPS, 'cpu_cache: on', 'cpu_cache: off'), "actors.vcpu0[1]: 'set-pat 0x100 1 WC': set-pat needs the CPU cache model (vm.cpu_cache: on or self-snoop)"],
+    [edited(ZAPS, ', cpu_cache: on', ''), "actors.host[1]: 'dma-read 0x100 no-snoop': no-snoop DMA differs from snooped DMA only with the CPU cache model (vm.cpu_cache: on or self-snoop)"],
+    [edited(ZAPS, ', cpu_cache: on', ''), 'expect.cache: the VM has no CPU cache model (vm.cpu_cache: on or self-snoop)'],
+    [edited(ZAPS, ', cpu_cache: on', ''), 'expect.stale: the VM has no CPU cache model (vm.cpu_cache: on or self-snoop)'],
+    [edited(ZAPS, 'set-pat 0x100 1 WC', 'set-pat 0x100 1 WX'), "actors.vcpu0[1]: 'set-pat 0x100 1 WX': 'WX' is not a memory type (one of: UC, WC, WT, WP, WB, UC-)"],
+    [edited(ZAPS, 'set-pat 0x100 1 WC', 'set-pat 0x1ff 2 WC'), "actors.vcpu0[1]: 'set-pat 0x1ff 2 WC': 0x1ff+2 runs past the end of slot 1 (0x1ff)"],
+    [edited(ZAPS, 'set-pat 0x100 1 WC', 'set-pat 0x100 WC'), "actors.vcpu0[1]: 'set-pat 0x100 WC': set-pat takes 3 arguments (set-pat GFN COUNT UC|WC|WT|WP|WB|UC-)"],
+    [edited(ZAPS, 'dma-read 0x100 no-snoop', 'dma-read 0x100 nosnoop'), "actors.host[1]: 'dma-read 0x100 nosnoop': 'nosnoop' is not a snoop attribute (snoop or no-snoop)"],
+    [edited(ZAPS, ', iommu: type1', ''), "actors.host[0]: 'register-noncoherent-dma': register-noncoherent-dma needs an assigned device (vm.iommu: type1 or iommufd)"],
+    [edited(ZAPS, '    - {op: register-noncoherent-dma, expect: {zapped: 256}}\n', '    - unregister-noncoherent-dma\n'),
+      "actors.host[0]: 'unregister-noncoherent-dma': no non-coherent DMA is registered before it"],
+    [edited(ZAPS, 'expect: {zapped: 256}', 'expect: {written_back: 256}'), "actors.host[0].expect.written_back: 'written_back' does not apply to register-noncoherent-dma (it takes: zapped, error)"],
+    [edited(FLUSHES, 'migration-read 0x100 flush-first, expect: {value: 0}', 'migration-read 0x100 flush, expect: {value: 0}'),
+      "actors.host[1]: 'migration-read 0x100 flush': 'flush' is not flush-first (clflush-before-read), the only option"],
+    [edited(FLUSHES, 'migration-read 0x100 flush-first, expect: {value: 0}', 'copy 0x100'),
+      "actors.host[1]: 'copy 0x100': with vm.cpu_cache the migration thread reads through the CPU cache: write migration-read GFN [flush-first]"],
+    [edited(FLUSHES, ', cpu_cache: on', ''), "actors.host[1]: 'migration-read 0x100 flush-first': migration-read needs the CPU cache model (vm.cpu_cache: on or self-snoop)"],
+    [edited(FLUSHES, '    - register-noncoherent-dma\n', '    - wbinvd\n').replace(', cpu_cache: on', ''), "actors.host[0]: 'wbinvd': wbinvd needs the CPU cache model"],
+    [edited(FLUSHES, 'cache: {0x100: clean}', 'cache: {0x100: warm}'), "expect.cache.256: 'warm' is not one of: invalid, clean, dirty"],
+    [edited(FLUSHES, 'cache: {0x100: clean}', 'cache: {0x900: clean}'), 'expect.cache[0x900]: GFN 0x900 is in no memslot'],
+    [edited(FLUSHES, 'stale: {cpu: 0, device: 0, migration: 0}', 'stale: {gpu: 1}'), 'expect.stale.gpu: unknown field (fields here: cpu, device, migration)'],
+    [edited(FLUSHES, 'stale: {cpu: 0, device: 0, migration: 0}', 'stale: {cpu: -1}'), 'expect.stale.cpu: must be at least 0, got -1'],
+  ])('bad input is one line naming the file, the field and the value (%#)', (source, message) => {
+    const msg = userError(() => parseLitmus(source, 'bad.yaml'));
+    expect(msg.split('\n').some((l) => l.startsWith('bad.yaml: ') && l.includes(message)), msg).toBe(true);
   });
 });

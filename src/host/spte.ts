@@ -1,4 +1,6 @@
-import { VMX_EPT_IPAT_BIT, VMX_EPT_MT_EPTE_SHIFT, VMX_EPT_MT_MASK, X86_MEMTYPE_WB } from './memory-type.ts';
+import {
+  type EptMemoryType, type MemoryType, VMX_EPT_IPAT_BIT, VMX_EPT_MT_EPTE_SHIFT, VMX_EPT_MT_MASK, X86_MEMTYPE_WB, effectiveMemoryType,
+} from './memory-type.ts';
 import type { Memslot } from './memslot.ts';
 
 /**
@@ -27,6 +29,11 @@ export const SPTE_MT_SET = 1 << 6;
 export function spteMtMask(spte: number): number {
   const type = ((spte & SPTE_MT_MASK) >>> SPTE_MT_SHIFT) ^ X86_MEMTYPE_WB;
   return (type << VMX_EPT_MT_EPTE_SHIFT) | ((spte & SPTE_HONOUR_PAT) !== 0 ? 0 : VMX_EPT_IPAT_BIT);
+}
+
+/** The memory type an access through the SPTE takes: its EPT type, with the guest's PAT type `pat` unless IPAT is set. */
+export function spteAccessType(spte: number, pat: MemoryType): EptMemoryType {
+  return effectiveMemoryType(spteMtMask(spte), pat);
 }
 
 /** Gives the page's SPTE the memory type `mtMask` (vmx_get_mt_mask's value) unless a fault already did since it was installed. */

@@ -8,10 +8,10 @@ import {
 } from './layout.ts';
 import { Memslot } from './memslot.ts';
 import { CACHE_LINE_SIZE, CacheAccess, type CpuCache, lineKey } from './cpu-cache.ts';
-import { type MemoryType, X86_MEMTYPE_WB, X86_MEMTYPE_WC, effectiveMemoryType } from './memory-type.ts';
+import { type MemoryType, X86_MEMTYPE_WB, X86_MEMTYPE_WC } from './memory-type.ts';
 import { slotRanges } from './memory-attributes.ts';
 import { FAST_PATH_MISS_PHASE, type VcpuFastState, countStaleStore, runTlbHits, runWriteHits } from './vcpu-fast-path.ts';
-import { SPTE_PRIVATE, SPTE_WRITABLE, mapPagePrivate, spteMtMask } from './spte.ts';
+import { SPTE_PRIVATE, SPTE_WRITABLE, mapPagePrivate, spteAccessType } from './spte.ts';
 import type { Vm } from './vm.ts';
 import { type GuestContext, type GuestOp, OpKind, type Workload, type Write64Workload, isWrite64Workload } from './guest-op.ts';
 import { NOT_WAITING, type Role, Step, type Wait, WaitCode, waitFor } from '../roles/role.ts';
@@ -634,7 +634,7 @@ export class Vcpu implements Role, VcpuFastState {
    * WT and WP go to memory as UC (simplified: WT and WP would update a cached copy too).
    */
   private cacheAccess(slot: Memslot, page: number): CacheAccess.WB | CacheAccess.UC | CacheAccess.WC {
-    const type = effectiveMemoryType(spteMtMask(slot.spte[page]!), this.vm.guestPat![slot.firstPage + page]! as MemoryType);
+    const type = spteAccessType(slot.spte[page]!, this.vm.guestPat![slot.firstPage + page]! as MemoryType);
     return type === X86_MEMTYPE_WB ? CacheAccess.WB : type === X86_MEMTYPE_WC ? CacheAccess.WC : CacheAccess.UC;
   }
 

@@ -8,6 +8,7 @@ import {
 } from './observations.ts';
 import type { FinalExpect, GfnsMatcher } from './spec.ts';
 import { errnoText, exitText, hex } from './syntax.ts';
+import { STALE_READERS, firstLineState, latestValue, staleCounts } from './cache.ts';
 
 /** One expectation that did not hold: which, what was expected, what happened. */
 export interface Mismatch {
@@ -67,6 +68,8 @@ export function checkOp(r: OpRecord): Mismatch[] {
   num('reset', x.reset, r.reset);
   if (x.dirty !== undefined) push(gfnsMismatch('dirty', x.dirty, r.dirty ?? []));
   num('cleared', x.cleared, r.cleared);
+  num('zapped', x.zapped, r.zapped);
+  num('written_back', x.writtenBack, r.writtenBack);
   return out;
 }
 
@@ -87,7 +90,7 @@ export function staleCopies(s: FinalState): number[] {
   const out: number[] = [];
   for (const [gfn, v] of s.copies) {
     const slot = s.vm.memory.findSlot(gfn)!;
-    if (slot.readU64(gfn - slot.baseGfn) !== v) out.push(gfn);
+    if (latestValue(s.vm, slot, gfn - slot.baseGfn) !== v) out.push(gfn);
   }
   return out.sort((a, b) => a - b);
 }
@@ -148,6 +151,19 @@ export function checkFinal(x: FinalExpect, s: FinalState): Mismatch[] {
   if (x.findings !== undefined) {
     const got = [...new Set(s.findings ?? [])].sort();
     if (got.join() !== x.findings.join()) out.push({ what: 'expect.findings', expected: `[${x.findings.join(', ')}]`, actual: `[${got.join(', ')}]` });
+  }
+  const cache = s.vm.cache;
+  for (const { gfn, state } of x.cache ?? []) {
+    const p = page(gfn);
+    const got = firstLineState(cache!, p.slot, p.page);
+    if (got !== state) out.push({ what: `expect.cache[${hex(gfn)}]`, expected: state, actual: got });
+  }
+  if (x.stale !== undefined) {
+    const got = staleCounts(cache!);
+    for (const r of STALE_READERS) {
+      const want = x.stale[r];
+      if (want !== undefined && want !== got[r]) out.push({ what: `expect.stale.${r}`, expected: `${want}`, actual: `${got[r]}` });
+    }
   }
   const flushes = Atomics.load(s.vm.global, GlobalWord.FLUSHES);
   if (x.flushes !== undefined && x.flushes !== flushes) {

@@ -1,3 +1,6 @@
+import type { InjectedBugs } from '../bugs/injected.ts';
+import { CacheStat } from '../host/cpu-cache.ts';
+import { GlobalWord } from '../host/layout.ts';
 import {
   EFAULT, EXIT_REASON_NAMES, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, KVM_DIRTY_GFN_F_DIRTY,
   KVM_DIRTY_GFN_F_RESET, KVM_MEMORY_ATTRIBUTE_PRIVATE, PAGE_SIZE,
@@ -19,6 +22,7 @@ import type { Steps } from '../roles/role.ts';
 import { type HarvestedEntry, type OpRecord, elide, entryText, gfnsText, slotName } from './observations.ts';
 import type { HostOp } from './spec.ts';
 import { hex } from './syntax.ts';
+import { CachedDma, migrationRead } from './cache.ts';
 
 /**
  * The litmus file's host operations, as the VMM thread and the KVM code it calls run
@@ -49,15 +53,18 @@ export class HostOperations {
   private readonly lastGot = new Map<number, Uint32Array>();
   private hostSeq = 0;
   private readonly harvester: DirtyRingHarvester | null;
+  /** The assigned device's DMA through the CPU cache model, on a VM with one. */
+  private readonly cachedDma: CachedDma | null;
 
   /** The operation running now (VFIO's error_report goes into its notes). */
   current: OpRecord | null = null;
 
   constructor(
-    private readonly vm: Vm, private readonly vmm: VmmControl, private readonly exits: ExitHandler, private readonly harvestSkipEvery: number,
-    private readonly cvm: ConfidentialHost | null = null,
+    private readonly vm: Vm, private readonly vmm: VmmControl, private readonly exits: ExitHandler,
+    private readonly bugs: Pick<InjectedBugs, 'harvestSkipEvery' | 'migration'>, private readonly cvm: ConfidentialHost | null = null,
   ) {
     this.harvester = vm.rings ? new DirtyRingHarvester(vm.rings.length, vm.acts) : null;
+    this.cachedDma = vm.cache !== null && cvm?.dma ? new CachedDma(vm, cvm.dma.writer) : null;
   }
 
   private slotsOf(index: number | null): Memslot[] {
@@ -107,7 +114,7 @@ export class HostOperations {
               this.collected.add(e.gfn);
             }
             got.push(e);
-          }, this.harvestSkipEvery);
+          }, this.bugs.harvestSkipEvery);
         }
         r.harvested = got;
         r.notes.push(`harvested ${got.length} entr${got.length === 1 ? 'y' : 'ies'}${got.length > 0 ? `: ${elide(got.map(entryText), 6).join(', ')}` : ''}`);
@@ -181,6 +188,50 @@ export class HostOperations {
         this.vmm.release(op.vcpu);
         r.notes.push(`lets vcpu${op.vcpu} run again`);
         return;
+      case 'register-noncoherent-dma':
+      case 'unregister-noncoherent-dma': {
+        const register = op.kind === 'register-noncoherent-dma';
+        const count = Atomics.load(vm.global, GlobalWord.NONCOHERENT_DMA_COUNT);
+        r.notes.push(`kvm_arch_${register ? '' : 'un'}register_noncoherent_dma: noncoherent_dma_count ${count} -> ${count + (register ? 1 : -1)}`);
+        if (register) r.zapped = yield* vm.registerNoncoherentDma();
+        else {
+          const u = yield* vm.unregisterNoncoherentDma();
+          if (!u.ok) throw new Error(u.error); // the loader refuses an unregister with nothing registered
+          r.zapped = u.zapped;
+        }
+        // Only the 0 <-> 1 transitions change IPAT, so only they zap.
+        const edge = count === (register ? 0 : 1);
+        r.notes.push(!edge ? 'not the first or the last: no SPTE changes'
+          : r.zapped === 0 ? 'no SPTE zapped: any SPTE present keeps the memory type it was built with'
+            : `${r.zapped} SPTE(s) zapped: faults rebuild them ${register ? 'honouring the guest\'s PAT (no IPAT)' : 'with WB + IPAT'}`);
+        return;
+      }
+      case 'clflush':
+      case 'wbinvd': {
+        const cache = vm.cache!;
+        const before = cache.stat(CacheStat.WRITEBACKS);
+        if (op.kind === 'clflush') {
+          const { slot, page } = this.page(op.gfn);
+          r.notes.push(`CLFLUSH of every line of ${hex(op.gfn)}: ${cache.clflushPage(slot.firstPage + page)} were cached`);
+        } else {
+          cache.wbinvd();
+          r.notes.push('WBINVD: every line invalidated');
+        }
+        r.writtenBack = cache.stat(CacheStat.WRITEBACKS) - before;
+        r.notes.push(`${r.writtenBack} dirty line(s) written back to memory`);
+        return;
+      }
+      case 'migration-read': {
+        const { slot, page } = this.page(op.gfn);
+        const m = migrationRead(vm, slot, page, op.flushFirst, this.bugs.migration.noncoherentWithoutFlush === true);
+        r.value = m.value;
+        this.copies.set(op.gfn, r.value);
+        const flush = m.flush === 'flush' ? 'flushed from the cache first (clflush-before-read), then read'
+          : m.flush === 'skipped' ? 'NOT flushed first (the flush was skipped), read'
+            : op.flushFirst ? 'no non-coherent DMA registered: not flushed, read' : 'read';
+        r.notes.push(`the migration thread's copy of ${hex(op.gfn)}: ${flush} write-back: ${r.value}`);
+        return;
+      }
       default:
         yield* this.confidential(r, op);
     }
@@ -229,16 +280,20 @@ export class HostOperations {
       }
       case 'dma':
       case 'dma-read': {
-        const a = op.kind === 'dma' ? cvm.dma!.write(op.iova, op.value) : cvm.dma!.read(op.iova);
+        const c = this.cachedDma;
+        const a = op.kind === 'dma' ? (c ? c.write(op.iova, op.value, op.snoop) : cvm.dma!.write(op.iova, op.value))
+          : c ? c.read(op.iova, op.snoop) : cvm.dma!.read(op.iova);
+        const noSnoop = op.snoop ? '' : ' with No Snoop';
         if ('fault' in a) {
           r.faulted = true;
-          r.notes.push(`device DMA ${op.kind === 'dma' ? 'write' : 'read'} at IOVA page ${hex(op.iova)}: IOMMU fault (${a.fault})`);
+          r.notes.push(`device DMA ${op.kind === 'dma' ? 'write' : 'read'}${noSnoop} at IOVA page ${hex(op.iova)}: IOMMU fault (${a.fault})`);
           return;
         }
         r.faulted = false;
         if (op.kind === 'dma') cvm.oracle.dmaWrite(a.gfn);
         else r.value = a.value;
-        r.notes.push(`device DMA ${op.kind === 'dma' ? `writes ${a.value} to` : `reads ${a.value} from`} IOVA page ${hex(op.iova)} -> GFN ${hex(a.gfn)}`);
+        const how = c === null ? '' : op.snoop ? ' (snooped: the cached line, if any)' : ' (memory only, the cache not looked at)';
+        r.notes.push(`device DMA${noSnoop} ${op.kind === 'dma' ? `writes ${a.value} to` : `reads ${a.value} from`} IOVA page ${hex(op.iova)} -> GFN ${hex(a.gfn)}${how}`);
         return;
       }
       case 'serve-exits': {

@@ -15,6 +15,7 @@ import { type OpContext, parseHostOp, parseOpExpect, parseVcpuOp, slotsText, vcp
 import { type LitmusFile, LitmusFileSchema, type RawOpEntry, issueLines } from './schema.ts';
 import type { FinalExpect, HostOp, InterleavingEntry, LitmusOp, LitmusSpec, VcpuOp } from './spec.ts';
 import { fieldPath, hex, parseGfnList, parseInteger, show } from './syntax.ts';
+import { cpuCacheConfig } from './cache.ts';
 
 /** Reads and checks a litmus file; throws UserError naming the file and field on bad input. */
 export function loadLitmus(path: string): LitmusSpec {
@@ -73,6 +74,7 @@ class SpecBuilder {
       };
     }
     const design = this.design(f, vm);
+    this.cpuCache(f, vm);
     if (this.problems.length > 0) throw new UserError(this.problems.join('\n'));
 
     const ctx: OpContext = { vm, design };
@@ -84,6 +86,7 @@ class SpecBuilder {
       if (actor === 'host') {
         hostOps = this.ops(actor, entries, (text) => parseHostOp(text, ctx), ctx);
         this.checkClearBitmaps(hostOps, slots);
+        this.checkNoncoherentCount(hostOps);
         continue;
       }
       const m = /^vcpu(\d+)$/.exec(actor);
@@ -180,6 +183,14 @@ class SpecBuilder {
     return design;
   }
 
+  /** vm.cpu_cache: the cache model, which vmemlab does not model with private memory. */
+  private cpuCache(f: LitmusFile, vm: VmConfig): void {
+    const cache = cpuCacheConfig(f.vm.cpu_cache ?? 'off');
+    if (cache === undefined) return;
+    if (vm.privateMem) { this.fail('vm.cpu_cache', 'the CPU cache model is not modelled with private memory: it needs slots without GUEST_MEMFD'); return; }
+    vm.cpuCache = cache;
+  }
+
   private vcpuCount(f: LitmusFile): number {
     if (f.vm.vcpus !== undefined) return f.vm.vcpus;
     let n = 1;
@@ -239,6 +250,17 @@ class SpecBuilder {
     }
   }
 
+  /** The host runs its script in order, so the non-coherent DMA count at each operation is known: VFIO only unregisters what it registered. */
+  private checkNoncoherentCount(ops: LitmusOp<HostOp>[]): void {
+    let count = 0;
+    for (const o of ops) {
+      if (o.op.kind === 'register-noncoherent-dma') count++;
+      if (o.op.kind !== 'unregister-noncoherent-dma') continue;
+      if (count === 0) this.fail(o.where, `'${o.text}': no non-coherent DMA is registered before it (KVM would take the count below 0; kvm_vfio_update_coherency unregisters only what it registered)`);
+      else count--;
+    }
+  }
+
   private entry(e: LitmusFile['interleaving'][number], i: number, actors: string[], ctx: OpContext): InterleavingEntry | null {
     const path = ['interleaving', i];
     const text = (typeof e === 'string' ? e : e.run).trim();
@@ -290,9 +312,9 @@ class SpecBuilder {
     const out: FinalExpect = {};
     if (!x) return out;
     const inSlot = (g: number): boolean => slots.some((s) => g >= s.baseGfn && g < s.baseGfn + s.pages);
-    const gfnMap = <T>(field: string, m: Record<string, T> | undefined, value: (v: T, path: string) => number | boolean | null) => {
+    const gfnMap = <T, U = number | boolean>(field: string, m: Record<string, T> | undefined, value: (v: T, path: string) => U | null) => {
       if (m === undefined) return undefined;
-      const list: { gfn: number; v: number | boolean }[] = [];
+      const list: { gfn: number; v: U }[] = [];
       for (const [k, v] of Object.entries(m)) {
         const g = parseInteger(k);
         if (!g.ok) { this.fail(['expect', field, k], `${show(k)} is not a GFN`); continue; }
@@ -354,6 +376,16 @@ class SpecBuilder {
         if (!g.ok) { this.fail(`expect.iommu[${hex(iova.value)}]`, `${show(v)}: expected the GFN mapped there, or unmapped`); continue; }
         out.iommu.push({ iova: iova.value, gfn: g.value });
       }
+    }
+    const needCache = (field: string): void => {
+      if (cpuCacheConfig(f.vm.cpu_cache ?? 'off') === undefined) this.fail(`expect.${field}`, 'the VM has no CPU cache model (vm.cpu_cache: on or self-snoop)');
+    };
+    if (x.cache !== undefined) needCache('cache');
+    const cache = gfnMap('cache', x.cache, (v) => v);
+    if (cache) out.cache = cache.map(({ gfn, v }) => ({ gfn, state: v }));
+    if (x.stale !== undefined) {
+      needCache('stale');
+      out.stale = x.stale;
     }
     if (x.findings !== undefined) {
       x.findings.forEach((k, i) => {

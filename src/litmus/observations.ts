@@ -34,6 +34,10 @@ export interface OpRecord {
   reset?: number;
   dirty?: number[];
   cleared?: number;
+  /** register- / unregister-noncoherent-dma: SPTEs zapped. */
+  zapped?: number;
+  /** clflush / wbinvd: dirty lines written back. */
+  writtenBack?: number;
   error?: KvmError;
   /** Free text for the trace. */
   notes: string[];

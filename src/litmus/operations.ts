@@ -1,5 +1,6 @@
 import { KVM_MEM_GUEST_MEMFD } from '../host/constants.ts';
 import type { MemslotConfig, VmConfig } from '../host/layout.ts';
+import { MEMORY_TYPES, MEMORY_TYPE_NAMES } from '../host/memory-type.ts';
 import type { ConversionDesignName } from '../host/vmm/conversion-design.ts';
 import type { EntryMatcher, HostOp, OpExpect, VcpuOp } from './spec.ts';
 import {
@@ -17,6 +18,7 @@ export const VCPU_OPS: Record<VcpuOp['kind'] | 'write-pages', string> = {
   'write-pages': 'write-pages GFN COUNT VALUE [private|shared]',
   read: 'read GFN [private|shared]',
   'map-gpa': 'map-gpa GFN COUNT private|shared',
+  'set-pat': `set-pat GFN COUNT ${MEMORY_TYPES.map((t) => MEMORY_TYPE_NAMES[t]).join('|')}`,
 };
 
 export const HOST_OPS: Record<HostOp['kind'], string> = {
@@ -36,9 +38,14 @@ export const HOST_OPS: Record<HostOp['kind'], string> = {
   convert: 'convert GFN COUNT private|shared',
   'punch-hole': 'punch-hole GFN COUNT',
   'vfio-register': 'vfio-register SLOT',
-  dma: 'dma IOVA VALUE',
-  'dma-read': 'dma-read IOVA',
+  dma: 'dma IOVA VALUE [snoop|no-snoop]',
+  'dma-read': 'dma-read IOVA [snoop|no-snoop]',
   'serve-exits': 'serve-exits',
+  'register-noncoherent-dma': 'register-noncoherent-dma',
+  'unregister-noncoherent-dma': 'unregister-noncoherent-dma',
+  clflush: 'clflush GFN',
+  wbinvd: 'wbinvd',
+  'migration-read': 'migration-read GFN [flush-first]',
 };
 
 /** Expectation keys as written in files, per operation verb. */
@@ -48,6 +55,7 @@ export const EXPECT_KEYS: Record<string, string[]> = {
   'write-pages': VCPU_WRITE_KEYS,
   read: ['exit', 'value'],
   'map-gpa': ['exit'],
+  'set-pat': ['exit'],
   'enable-logging': ['error'],
   'disable-logging': ['error'],
   harvest: ['harvested', 'error'],
@@ -67,6 +75,11 @@ export const EXPECT_KEYS: Record<string, string[]> = {
   dma: ['faulted', 'error'],
   'dma-read': ['faulted', 'value', 'error'],
   'serve-exits': ['error'],
+  'register-noncoherent-dma': ['zapped', 'error'],
+  'unregister-noncoherent-dma': ['zapped', 'error'],
+  clflush: ['written_back', 'error'],
+  wbinvd: ['written_back', 'error'],
+  'migration-read': ['value', 'error'],
 };
 
 /** The VM's type has private memory (the loader sets it when a slot has KVM_MEM_GUEST_MEMFD). */
@@ -126,6 +139,15 @@ export function parseVcpuOp(text: string, actor: string, ctx: OpContext): Parsed
       const count = pageCount(t[2], text, ctx);
       return count.ok ? ok({ kind: 'map-gpa', gfn: gfn.value, count: count.value, private: priv }) : count;
     }
+    case 'set-pat': {
+      const c = needCache(text, ctx);
+      if (c) return c;
+      const r = slotRange(t.slice(1), text, ctx, false);
+      if (!r.ok) return r;
+      const type = MEMORY_TYPES.find((m) => MEMORY_TYPE_NAMES[m] === t[3]!.toUpperCase());
+      if (type === undefined) return bad(`'${text}': '${t[3]}' is not a memory type (one of: ${MEMORY_TYPES.map((m) => MEMORY_TYPE_NAMES[m]).join(', ')})`);
+      return ok({ kind: 'set-pat', ...r.value, type });
+    }
     default: {
       const count = pageCount(t[2], text, ctx);
       if (!count.ok) return count;
@@ -145,15 +167,20 @@ function pageCount(token: string | undefined, text: string, ctx: OpContext): Par
   return count;
 }
 
-/** GFN COUNT of pages inside one memslot with guest_memfd. */
-function gmemRange(args: string[], text: string, ctx: OpContext): Parsed<{ gfn: number; count: number }> {
+/** The CPU cache model's operations need vm.cpu_cache: without it memory types and caches change nothing. */
+function needCache(text: string, ctx: OpContext): Parsed<never> | null {
+  return ctx.vm.cpuCache ? null : bad(`'${text}': ${verbOf(text)} needs the CPU cache model (vm.cpu_cache: on or self-snoop)`);
+}
+
+/** GFN COUNT of pages inside one memslot (with guest_memfd when `gmem`). */
+function slotRange(args: string[], text: string, ctx: OpContext, gmem: boolean): Parsed<{ gfn: number; count: number }> {
   const gfn = num(args[0], 'GFN', text);
   if (!gfn.ok) return gfn;
   const count = pageCount(args[1], text, ctx);
   if (!count.ok) return count;
   const s = ctx.vm.slots.find((x) => gfn.value >= x.baseGfn && gfn.value < x.baseGfn + x.pages);
   if (s === undefined) return bad(`'${text}': GFN ${hex(gfn.value)} is in no memslot (${slotsText(ctx.vm.slots)})`);
-  if ((s.flags & KVM_MEM_GUEST_MEMFD) === 0) return bad(`'${text}': slot ${s.id} has no guest_memfd (flags [GUEST_MEMFD])`);
+  if (gmem && (s.flags & KVM_MEM_GUEST_MEMFD) === 0) return bad(`'${text}': slot ${s.id} has no guest_memfd (flags [GUEST_MEMFD])`);
   if (gfn.value + count.value > s.baseGfn + s.pages) return bad(`'${text}': ${hex(gfn.value)}+${count.value} runs past the end of slot ${s.id} (${hex(s.baseGfn + s.pages - 1)})`);
   return ok({ gfn: gfn.value, count: count.value });
 }
@@ -207,13 +234,23 @@ export function parseHostOp(text: string, ctx: OpContext): Parsed<HostOp> {
       return ok({ kind, slot: s.value, first: first.value, num: n.value, allOnes: args[3] === 'all-ones' });
     }
     case 'write-guest':
-    case 'copy': {
+    case 'copy':
+    case 'clflush':
+    case 'migration-read': {
+      // With the cache model the migration thread reads through it: a copy of memory alone is what no CPU reads.
+      if (kind === 'copy' && ctx.vm.cpuCache) return bad(`'${text}': with vm.cpu_cache the migration thread reads through the CPU cache: write migration-read GFN [flush-first]`);
+      const c = kind === 'clflush' || kind === 'migration-read' ? needCache(text, ctx) : null;
+      if (c) return c;
       const gfn = num(args[0], 'GFN', text);
       if (!gfn.ok) return gfn;
       if (!ctx.vm.slots.some((s) => gfn.value >= s.baseGfn && gfn.value < s.baseGfn + s.pages)) {
         return bad(`'${text}': GFN ${hex(gfn.value)} is in no memslot (${slotsText(ctx.vm.slots)})`);
       }
-      if (kind === 'copy') return ok({ kind, gfn: gfn.value });
+      if (kind === 'copy' || kind === 'clflush') return ok({ kind, gfn: gfn.value });
+      if (kind === 'migration-read') {
+        if (args[1] !== undefined && args[1] !== 'flush-first') return bad(`'${text}': '${args[1]}' is not flush-first (clflush-before-read), the only option`);
+        return ok({ kind, gfn: gfn.value, flushFirst: args[1] === 'flush-first' });
+      }
       const value = num(args[1], 'VALUE', text);
       return value.ok ? ok({ kind, gfn: gfn.value, value: value.value }) : value;
     }
@@ -243,7 +280,7 @@ export function parseHostOp(text: string, ctx: OpContext): Parsed<HostOp> {
     case 'set-attributes':
     case 'convert':
     case 'punch-hole': {
-      const r = gmemRange(args, text, ctx);
+      const r = slotRange(args, text, ctx, true);
       if (!r.ok) return r;
       if (kind === 'punch-hole') return ok({ kind, ...r.value });
       const k = kindWord(args[2], text);
@@ -264,12 +301,23 @@ export function parseHostOp(text: string, ctx: OpContext): Parsed<HostOp> {
       if (r) return r;
       const iova = num(args[0], 'IOVA', text);
       if (!iova.ok) return iova;
-      if (kind === 'dma-read') return ok({ kind, iova: iova.value });
+      const last = args[kind === 'dma' ? 2 : 1];
+      if (last !== undefined && last !== 'snoop' && last !== 'no-snoop') return bad(`'${text}': '${last}' is not a snoop attribute (snoop or no-snoop)`);
+      const snoop = last !== 'no-snoop';
+      // Without the cache model every DMA reaches memory alike: No Snoop would change nothing.
+      if (!snoop && !ctx.vm.cpuCache) return bad(`'${text}': no-snoop DMA differs from snooped DMA only with the CPU cache model (vm.cpu_cache: on or self-snoop)`);
+      if (kind === 'dma-read') return ok({ kind, iova: iova.value, snoop });
       const value = num(args[1], 'VALUE', text);
-      return value.ok ? ok({ kind, iova: iova.value, value: value.value }) : value;
+      return value.ok ? ok({ kind, iova: iova.value, value: value.value, snoop }) : value;
     }
     case 'serve-exits':
       return ok({ kind });
+    case 'register-noncoherent-dma':
+    case 'unregister-noncoherent-dma':
+      // VFIO registers for a device whose DMA cannot be made to snoop (kvm_vfio_update_coherency): an assigned device.
+      return needIommu() ?? ok({ kind });
+    case 'wbinvd':
+      return needCache(text, ctx) ?? ok({ kind });
   }
 }
 
@@ -341,6 +389,8 @@ export function parseOpExpect(
       case 'value': take(parseInteger(v), (x) => { e.value = x; }); break;
       case 'reset': take(parseInteger(v), (x) => { e.reset = x; }); break;
       case 'cleared': take(parseInteger(v), (x) => { e.cleared = x; }); break;
+      case 'zapped': take(parseInteger(v), (x) => { e.zapped = x; }); break;
+      case 'written_back': take(parseInteger(v), (x) => { e.writtenBack = x; }); break;
       case 'logged': take(parseGfns(v), (x) => { e.logged = x; }); break;
       case 'dirty': take(parseGfns(v), (x) => { e.dirty = x; }); break;
       case 'harvested': take(parseHarvested(v, ctx), (x) => { e.harvested = x; }); break;

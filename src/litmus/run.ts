@@ -4,7 +4,10 @@ import { injectedBugs } from '../bugs/injected.ts';
 import { DeterministicDriver, ReplayScheduler } from '../drivers/deterministic.ts';
 import { Step, type Wait, WaitCode } from '../roles/role.ts';
 import { describeWait } from '../drivers/describe-wait.ts';
-import { EXIT_REASON_NAMES, KVM_EXIT_MMIO } from '../host/constants.ts';
+import { EXIT_REASON_NAMES, KVM_EXIT_MMIO, KVM_MEM_READONLY, PAGE_SIZE } from '../host/constants.ts';
+import { CacheStat } from '../host/cpu-cache.ts';
+import { VFIO_DMA_MAP_FLAG_READ, VFIO_DMA_MAP_FLAG_WRITE } from '../host/iommu/constants.ts';
+import { MEMORY_TYPE_NAMES, type MemoryType } from '../host/memory-type.ts';
 import { GlobalWord, VcpuRunState, VcpuWord, createVmLayout } from '../host/layout.ts';
 import { Phase, Vcpu } from '../host/vcpu.ts';
 import { VmmControl } from '../host/vmm/vmm-control.ts';
@@ -29,6 +32,7 @@ import {
   type OpRecord, elide, gfnsText, guestOpCount, logEventText, newRecord, slotName,
 } from './observations.ts';
 import { ScriptWorkload } from './script-workload.ts';
+import { STALE_READERS, type StaleCounts, accessText, spteTypeText, staleCounts, staleReadLines, vcpuReadValue } from './cache.ts';
 import type { InterleavingEntry, LitmusSpec } from './spec.ts';
 import { hex } from './syntax.ts';
 
@@ -118,12 +122,12 @@ class LitmusRun {
     }
     const idleSlot = this.vm.memory.slots[0]!;
     const attributes = this.vm.attributes;
-    this.workloads = spec.vcpuOps.map(() => new ScriptWorkload(idleSlot.baseGfn, () => attributes?.isPrivate(idleSlot, 0) ?? false));
+    this.workloads = spec.vcpuOps.map(() => new ScriptWorkload(idleSlot.baseGfn, () => attributes?.isPrivate(idleSlot, 0) ?? false, this.vm.cache !== null));
     this.vcpus = this.workloads.map((w, i) => new Vcpu(this.vm, i, w));
     this.hostIndex = this.vcpus.length;
     this.driver = new DeterministicDriver([...this.vcpus, this.host], new ReplayScheduler(new Uint8Array(0)));
     this.roleNames = [...this.vcpus.map((v) => v.name), 'host'];
-    this.hostOps = new HostOperations(this.vm, this.vmm, this.exits, injected.harvestSkipEvery, this.cvm);
+    this.hostOps = new HostOperations(this.vm, this.vmm, this.exits, injected, this.cvm);
     this.records = [...spec.vcpuOps.map((ops) => ops.map(newRecord)), spec.hostOps.map(newRecord)];
     this.next = this.records.map(() => 0);
     this.active = this.records.map(() => null);
@@ -176,6 +180,34 @@ class LitmusRun {
     return false;
   }
 
+  /**
+   * A VM with the CPU cache model has no private memory, so VFIO's memory listener maps all
+   * of its RAM for the assigned device at IOVA = GPA before the guest runs
+   * (vfio_listener_region_add, one mapping per memslot, read-only for a read-only slot), as
+   * QEMU does for a device without a vIOMMU. Returns false, with the map's error as the
+   * failure, when one fails.
+   */
+  private mapGuestRam(): boolean {
+    const iommu = this.vm.iommu;
+    if (this.vm.cache === null || iommu === null) return true;
+    for (const s of this.spec.vm.slots) {
+      const prot = VFIO_DMA_MAP_FLAG_READ | ((s.flags & KVM_MEM_READONLY) !== 0 ? 0 : VFIO_DMA_MAP_FLAG_WRITE);
+      const r = iommu.mapDma(s.baseGfn * PAGE_SIZE, s.pages * PAGE_SIZE, s.baseGfn * PAGE_SIZE, prot);
+      if (r.ret < 0) {
+        this.failures.push(`${this.spec.file}: vm.iommu: VFIO cannot map slot ${slotName(s)} at IOVA = GPA: ${r.detail}; the run stops here`);
+        this.log.push('VFIO could not map guest RAM');
+        return false;
+      }
+    }
+    this.log.push(`VFIO maps guest RAM for the device at IOVA = GPA: ${this.spec.vm.slots.length} mapping(s), one per memslot`);
+    return true;
+  }
+
+  /** The stale read oracle's counts now, or null without the cache model. */
+  private staleNow(): StaleCounts | null {
+    return this.vm.cache === null ? null : staleCounts(this.vm.cache);
+  }
+
   /** The oracle's findings since `before` (its count then), as trace text. */
   private newFindings(before: number): string[] {
     const o = this.cvm?.oracle;
@@ -192,11 +224,12 @@ class LitmusRun {
     this.log.push(`vm: ${this.vm.memory.slots.map((m) => `slot ${slotName(m)} GFNs ${hex(m.baseGfn)}..${hex(m.endGfn - 1)}`).join(', ')}; `
       + `${this.vcpus.length} vCPU${this.vcpus.length === 1 ? '' : 's'}; ${trackingText(this.vm)}`
       + (s.design !== 'rdm' ? `; conversion design ${s.design}` : '')
+      + (s.vm.cpuCache ? `; CPU cache model${s.vm.cpuCache.selfSnoop ? ' with self-snoop' : ''}` : '')
       + (this.bugs.length > 0 ? `; injected bugs: ${this.bugs.join(', ')}` : ''));
     if (this.bugs.includes('ring-full-exit-unhandled')) {
       this.log.push('note: ring-full-exit-unhandled changes nothing here: in a litmus test the file is the VMM and says how exits are handled');
     }
-    let stopped = !this.bootDesign();
+    let stopped = !this.bootDesign() || !this.mapGuestRam();
     for (const e of s.interleaving) {
       if (stopped) break;
       this.entry = e;
@@ -234,6 +267,11 @@ class LitmusRun {
       for (const f of checkPrivateMemory(this.vm, cvm.ram, { discards: discardsSharedMemory(this.spec.design) }).findings) cvm.oracle.record(f);
       for (const l of this.newFindings(before)) this.log.push(`at the end: ${l}`);
     }
+    const stale = this.staleNow();
+    const staleBy = stale === null ? [] : STALE_READERS.filter((r) => stale[r] > 0);
+    if (this.spec.expect.stale === undefined && staleBy.length > 0) {
+      this.failures.push(`${this.spec.file}: the stale read oracle found: ${staleBy.map((r) => `${stale![r]} by ${r}`).join(', ')} (write expect.stale to expect them)`);
+    }
     const findings = cvm === null ? [] : [...cvm.oracle.kinds];
     if (this.spec.expect.findings === undefined && findings.length > 0) {
       this.failures.push(`${this.spec.file}: the private memory oracle found: ${cvm!.oracle.findings.map(describePrivateMemoryFinding).join('; ')} (write expect.findings to expect them)`);
@@ -243,7 +281,8 @@ class LitmusRun {
     const x = this.spec.expect;
     const checked = [x.pages && 'pages', x.collected && 'collected', x.copies && 'copies', x.staleCopies && 'stale_copies',
       x.sptes && 'sptes', x.lostHostWrites !== undefined && 'lost_host_writes', x.flushes !== undefined && 'flushes',
-      x.attributes && 'attributes', x.rdm && 'rdm', x.iommu && 'iommu', x.privatePages && 'private_pages', x.findings && 'findings'].filter(Boolean);
+      x.attributes && 'attributes', x.rdm && 'rdm', x.iommu && 'iommu', x.privatePages && 'private_pages', x.findings && 'findings',
+      x.cache && 'cache', x.stale && 'stale'].filter(Boolean);
     if (checked.length > 0) {
       this.log.push(`final: collected ${gfnsText([...this.hostOps.collected].sort((a, b) => a - b))}; checked ${checked.join(', ')}: ${mismatches.length === 0 ? 'as expected' : `${mismatches.length} mismatch${mismatches.length === 1 ? '' : 'es'}`}`);
     }
@@ -406,6 +445,9 @@ class LitmusRun {
     this.stepping = r;
     this.stepEvents = [];
     const found = this.cvm?.oracle.count ?? 0;
+    const stale = this.staleNow();
+    const cache = this.vm.cache;
+    const writebacks = cache?.stat(CacheStat.WRITEBACKS) ?? 0;
     let s: Step;
     try {
       s = this.driver.stepRole(v);
@@ -432,8 +474,10 @@ class LitmusRun {
     const g = vcpu.op.gfn;
     const priv = vcpu.op.private === true;
     const kind = this.vm.attributes === null ? '' : priv ? 'private ' : 'shared ';
-    /** What a read sees: guest_memfd for a private access, else the shared memory. */
-    const readValue = (): number => (priv ? vcpu.slot!.gmem! : vcpu.slot!).readU64(vcpu.page);
+    /** What a read sees: guest_memfd for a private access, with the cache model what its memory type read, else the shared memory. */
+    const readValue = (): number => cache !== null ? vcpuReadValue(this.vm, vcpu.slot!, vcpu.page) : (priv ? vcpu.slot!.gmem! : vcpu.slot!).readU64(vcpu.page);
+    /** With the cache model: the access's memory type, and where it went. */
+    const how = (store: boolean): string => cache === null ? '' : ` (${accessText(this.vm, vcpu.slot!, vcpu.page, store)})`;
     const retiredNow = vcpu.retired > before.retired;
     if (vcpu.op.kind === OpKind.MAP_GPA_RANGE) {
       parts.push(exited ? `KVM_HC_MAP_GPA_RANGE ${hex(g)}+${vcpu.op.value} to ${priv ? 'private' : 'shared'}: exits with ${EXIT_REASON_NAMES[reason] ?? reason}`
@@ -448,24 +492,27 @@ class LitmusRun {
       switch (phase) {
         case Phase.TRANSLATE:
           if (idle) parts.push('idle');
-          else if (vcpu.op.kind === OpKind.READ) parts.push(exited ? `read ${hex(g)}: no memslot${mmio}` : `${kind}reads ${hex(g)} = ${readValue()}, retires`);
+          else if (vcpu.op.kind === OpKind.SET_PAT) {
+            parts.push(`the guest maps ${hex(g)}+${vcpu.op.value} ${MEMORY_TYPE_NAMES[vcpu.op.offset as MemoryType]} (its PAT); cpa_flush flushes their lines (${cache!.stat(CacheStat.WRITEBACKS) - writebacks} written back), retires`);
+          } else if (vcpu.op.kind === OpKind.READ) parts.push(exited ? `read ${hex(g)}: no memslot${mmio}` : `${kind}reads ${hex(g)} = ${readValue()}${how(false)}, retires`);
           else parts.push(exited ? `write ${hex(g)}: no memslot${mmio}` : `${kind}write ${hex(g)} = ${vcpu.op.value}: TLB ${vcpu.phase === Phase.STORE ? 'hit' : 'miss'}`);
           break;
         case Phase.WALK:
           parts.push(exited ? `walk ${hex(g)}: read-only memslot${mmio}` : `walk ${hex(g)}: SPTE ${vcpu.phase === Phase.STORE ? 'writable, TLB filled' : 'write-protected'}`);
           break;
         case Phase.FAULT:
-          parts.push(this.vm.attributes === null ? `write-protect fault on ${hex(g)}: SPTE made writable`
+          parts.push(this.vm.attributes === null ? `write-protect fault on ${hex(g)}: SPTE made writable${cache === null ? '' : `, memory type ${spteTypeText(vcpu.slot!.spte[vcpu.page]!)}`}`
             : vcpu.phase === Phase.FAULT ? `${kind}fault on ${hex(g)}: mmu_lock is held, it faults again`
               : `${kind}fault on ${hex(g)}: SPTE installed (or, an MMU invalidation under way, the access retries)`);
           break;
         case Phase.STORE:
-          parts.push(`${kind}stores ${hex(g)} = ${vcpu.op.value}, retires`);
-          if (retiredNow) this.cvm?.oracle.storeRetired(v, g, priv);
+          parts.push(`${kind}stores ${hex(g)} = ${vcpu.op.value}${how(true)}, retires`);
+          // Only private memory has attributes for a store to be stale against (a VM may have a device and none).
+          if (retiredNow && this.vm.attributes !== null) this.cvm?.oracle.storeRetired(v, g, priv);
           break;
       }
     }
-    parts.push(...this.stepEvents, ...this.newFindings(found));
+    parts.push(...this.stepEvents, ...this.newFindings(found), ...staleReadLines(stale, this.staleNow()));
     if (retiredNow && !idle && r !== null) {
       r.retired++;
       if (r.op.op.kind === 'read') r.value = readValue();
@@ -483,6 +530,7 @@ class LitmusRun {
     const genBefore = Atomics.load(this.vm.global, GlobalWord.FLUSH_GEN);
     const notesBefore = r.notes.length;
     const found = this.cvm?.oracle.count ?? 0;
+    const stale = this.staleNow();
     this.stepping = r;
     this.stepEvents = [];
     let s: Step;
@@ -491,7 +539,7 @@ class LitmusRun {
     } finally {
       this.stepping = null;
     }
-    const parts = [...r.notes.slice(notesBefore), ...this.stepEvents, ...this.newFindings(found)];
+    const parts = [...r.notes.slice(notesBefore), ...this.stepEvents, ...this.newFindings(found), ...staleReadLines(stale, this.staleNow())];
     const gen = Atomics.load(this.vm.global, GlobalWord.FLUSH_GEN);
     if (gen !== genBefore) parts.push(`starts TLB flush ${gen}`);
     if (s === Step.DONE) {

@@ -1,5 +1,7 @@
 import { z } from 'zod';
 import { CONVERSION_DESIGNS } from '../host/vmm/conversion-design.ts';
+import { CPU_CACHE_MODES } from '../scenarios/options.ts';
+import { LINE_STATES } from './cache.ts';
 import { fieldPath, show } from './syntax.ts';
 
 /**
@@ -76,6 +78,10 @@ export const FinalExpectSchema = strict({
   iommu: z.record(z.string(), numberOrText).optional(),
   private_pages: z.record(z.string(), numberOrText).optional(),
   findings: z.array(z.string()).optional(),
+  /** vm.cpu_cache: GFN -> the state of the page's first line. */
+  cache: z.record(z.string(), z.enum(LINE_STATES)).optional(),
+  /** vm.cpu_cache: the stale read oracle's counts, by reader. */
+  stale: strict({ cpu: count.optional(), device: count.optional(), migration: count.optional() }).optional(),
 });
 
 export const IOMMU_BACKENDS = ['type1', 'iommufd'] as const;
@@ -99,6 +105,8 @@ export const LitmusFileSchema = strict({
     iommu: IommuSchema.optional(),
     /** How the host converts guest_memfd memory (conversion-design.ts); rdm, QEMU's, unless given. */
     conversion_design: z.enum(CONVERSION_DESIGNS).optional(),
+    /** A CPU cache model in front of guest memory (host/cpu-cache.ts): on, or on with a self-snooping CPU; off or absent: none. */
+    cpu_cache: z.enum(CPU_CACHE_MODES).optional(),
   }),
   tracking: TrackingSchema,
   actors: z.record(z.string(), z.array(OpEntrySchema)),

@@ -1,5 +1,7 @@
 import type { VmConfig } from '../host/layout.ts';
+import type { MemoryType } from '../host/memory-type.ts';
 import type { ConversionDesignName } from '../host/vmm/conversion-design.ts';
+import type { LineState, StaleReader } from './cache.ts';
 
 /**
  * A litmus test as loaded from its file (load.ts): a small VM, the operations each actor
@@ -56,7 +58,9 @@ export type VcpuOp =
   /** `read GFN [private|shared]`: the page's first 8 bytes. */
   | { kind: 'read'; gfn: number; private: boolean }
   /** `map-gpa GFN COUNT private|shared`: KVM_HC_MAP_GPA_RANGE (an exit to the VMM, which converts). */
-  | { kind: 'map-gpa'; gfn: number; count: number; private: boolean };
+  | { kind: 'map-gpa'; gfn: number; count: number; private: boolean }
+  /** `set-pat GFN COUNT TYPE`: the guest's PAT gives the pages another memory type, and cpa_flush flushes their lines. */
+  | { kind: 'set-pat'; gfn: number; count: number; type: MemoryType };
 
 /** The VMM/KVM side. `slot` is an index into `vm.slots`. */
 export type HostOp =
@@ -80,9 +84,17 @@ export type HostOp =
   | { kind: 'punch-hole'; gfn: number; count: number }
   /** vfio_ram_discard_register_listener for a slot's RAM block (the replay maps what is shared); design rdm only. */
   | { kind: 'vfio-register'; slot: number }
-  /** The assigned device's DMA write (or read) at an IOVA page (VFIO maps IOVA = GPA). */
-  | { kind: 'dma'; iova: number; value: number }
-  | { kind: 'dma-read'; iova: number }
+  /** The assigned device's DMA write (or read) at an IOVA page (VFIO maps IOVA = GPA); `snoop` false: PCIe No Snoop (vm.cpu_cache). */
+  | { kind: 'dma'; iova: number; value: number; snoop: boolean }
+  | { kind: 'dma-read'; iova: number; snoop: boolean }
+  /** kvm_arch_register_noncoherent_dma / kvm_arch_unregister_noncoherent_dma, as VFIO calls them (kvm_vfio_update_coherency). */
+  | { kind: 'register-noncoherent-dma' }
+  | { kind: 'unregister-noncoherent-dma' }
+  /** CLFLUSH of every line of a page, and WBINVD (vm.cpu_cache). */
+  | { kind: 'clflush'; gfn: number }
+  | { kind: 'wbinvd' }
+  /** The migration thread's write-back read of a page through the cache; `flushFirst`: clflush-before-read. */
+  | { kind: 'migration-read'; gfn: number; flushFirst: boolean }
   /** kvm_cpu_exec answering KVM_EXIT_MEMORY_FAULT and KVM_EXIT_HYPERCALL: convert, then re-enter. */
   | { kind: 'serve-exits' };
 
@@ -117,6 +129,10 @@ export interface OpExpect {
   /** get-log: the pages set in the returned bitmap, ascending. */
   dirty?: GfnsMatcher;
   cleared?: number;
+  /** register- / unregister-noncoherent-dma: SPTEs zapped. */
+  zapped?: number;
+  /** clflush / wbinvd: dirty lines written back to memory. */
+  writtenBack?: number;
 }
 
 export type OpExpectKey = keyof OpExpect;
@@ -140,13 +156,13 @@ export interface InterleavingEntry {
 }
 
 export interface FinalExpect {
-  /** Page values (first 8 bytes) at the end. */
+  /** Page values (first 8 bytes) at the end; with vm.cpu_cache, what memory holds (a dirty line's newer data is in the cache). */
   pages?: { gfn: number; value: number }[];
   /** Every page harvested or reported by get-log during the run, ascending. */
   collected?: number[];
-  /** The last copy of each page. */
+  /** The last copy (copy, or migration-read) of each page. */
   copies?: { gfn: number; value: number }[];
-  /** Copied pages whose last copy differs from guest memory at the end (lost writes). */
+  /** Copied pages whose last copy differs from the page's latest value at the end (lost writes; with vm.cpu_cache a dirty line's data). */
   staleCopies?: number[];
   sptes?: { gfn: number; writable: boolean }[];
   /** KVM's warning counter for host writes it could not log. */
@@ -163,4 +179,8 @@ export interface FinalExpect {
   privatePages?: { gfn: number; value: number }[];
   /** The private memory oracle's finding kinds over the run, sorted (`[]`: none). */
   findings?: string[];
+  /** vm.cpu_cache: the state of each page's first line in the CPU cache. */
+  cache?: { gfn: number; state: LineState }[];
+  /** vm.cpu_cache: the stale read oracle's count of each reader given. */
+  stale?: Partial<Record<StaleReader, number>>;
 }

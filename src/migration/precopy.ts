@@ -87,13 +87,7 @@ export function* precopy(
 ): Steps {
   const mem = vm.memory;
   const vmm = new VmmControl(vm);
-  /** Whether to flush each of `pages` pages before reading them: the policy asks, and a non-coherent device is registered now. */
-  const flushFirst = (pages: number): boolean => {
-    if (p.noncoherent !== 'clflush-before-read' || !vm.noncoherentDma()) return false;
-    if (!bugs.noncoherentWithoutFlush) return true;
-    vm.acts.acted(Acted.MIGRATE_NONCOHERENT_WITHOUT_FLUSH, pages);
-    return false;
-  };
+  const flushFirst = (pages: number): boolean => flushBeforeRead(vm, p.noncoherent === 'clflush-before-read', bugs.noncoherentWithoutFlush === true, pages) === 'flush';
   const exits = new ExitHandler(vmm, bugs.ringFullExitUnhandled === true);
   const log = new DirtyLog(vm, {
     clearPerChunk: true, harvestSkipEvery: bugs.harvestSkipEvery, deferRingReset: bugs.copyBeforeReset, clearAfterCopy: bugs.copyBeforeClear,
@@ -374,6 +368,21 @@ export function* precopy(
     stopMs: stoppedAt - stoppingAt, syncMs: syncedAt - stoppedAt, sendMs: sentAt - syncedAt, destinationMs: doneAt - sentAt,
   };
   end({ kind: 'completed', info: info('completed', doneAt - stoppingAt) });
+}
+
+/** What clflush-before-read does about pages the migration thread is about to read. */
+export type MigrationFlush = 'flush' | 'skipped' | 'not due';
+
+/**
+ * clflush-before-read's decision for `pages` pages the migration thread is about to read:
+ * flush them while the policy asks (`policy`) and non-coherent DMA is registered now;
+ * migrate-noncoherent-without-flush (`withoutFlush`) skips the flush, counted as acted.
+ */
+export function flushBeforeRead(vm: Vm, policy: boolean, withoutFlush: boolean, pages: number): MigrationFlush {
+  if (!policy || !vm.noncoherentDma()) return 'not due';
+  if (!withoutFlush) return 'flush';
+  vm.acts.acted(Acted.MIGRATE_NONCOHERENT_WITHOUT_FLUSH, pages);
+  return 'skipped';
 }
 
 /**

@@ -1,0 +1,166 @@
+import { PAGE_SIZE } from '../host/constants.ts';
+import { CacheAccess, type CpuCache, type CpuCacheConfig, DEFAULT_CPU_CACHE, lineKey } from '../host/cpu-cache.ts';
+import type { DmaAccess } from '../host/devices/passthrough-dma.ts';
+import { IoPte } from '../host/iommu/iommu-layout.ts';
+import {
+  type EptMemoryType, MEMORY_TYPE_NAMES, type MemoryType, X86_MEMTYPE_WB, eptIgnoresPat, eptMemoryType,
+} from '../host/memory-type.ts';
+import { Memslot } from '../host/memslot.ts';
+import { spteAccessType, spteMtMask } from '../host/spte.ts';
+import type { Vm } from '../host/vm.ts';
+import type { CpuCacheMode } from '../scenarios/options.ts';
+import { type MigrationFlush, flushBeforeRead } from '../migration/precopy.ts';
+import { hex } from './syntax.ts';
+
+/**
+ * The CPU cache model (host/cpu-cache.ts) as litmus files see it: the VM's cache from
+ * vm.cpu_cache, what a vCPU access through it got, the migration thread's and the
+ * device's reads and writes, and the stale read oracle's counts as trace lines.
+ */
+
+/**
+ * vm.cpu_cache: the migration scenarios' cache (2 MiB, 8 ways, seeded replacement, so a
+ * run repeats exactly), with or without self-snoop; `off`: none (no cache model at all).
+ */
+export function cpuCacheConfig(mode: CpuCacheMode): CpuCacheConfig | undefined {
+  return mode === 'off' ? undefined : { ...DEFAULT_CPU_CACHE, selfSnoop: mode === 'self-snoop' };
+}
+
+export type LineState = ReturnType<CpuCache['state']>;
+export const LINE_STATES: readonly LineState[] = ['invalid', 'clean', 'dirty'];
+
+/** The key of the page's first line: the one litmus operations write and read (the first 8 bytes and the stamp). */
+function firstLine(slot: Memslot, page: number): number {
+  return lineKey(slot.firstPage + page, 0);
+}
+
+/** Two little-endian u32 words as the u64 value Memslot.readU64 gives. */
+function u64(w: Uint32Array): number {
+  return w[0]! + w[1]! * 4294967296;
+}
+
+/** The first 8 bytes of a line as a DMA read of `access` returns them. */
+function dmaRead64(cache: CpuCache, access: CacheAccess.DMA_SNOOP | CacheAccess.DMA_NO_SNOOP, key: number): number {
+  const w = new Uint32Array(2);
+  cache.dmaRead(access, key, 0, new Uint8Array(w.buffer));
+  return u64(w);
+}
+
+/** The state of the page's first line in the cache. */
+export function firstLineState(cache: CpuCache, slot: Memslot, page: number): LineState {
+  return cache.state(firstLine(slot, page));
+}
+
+/** The memory type a vCPU access to the page takes now: its SPTE's EPT type with the guest's PAT (as vcpu.ts's cacheAccess computes it). */
+export function accessType(vm: Vm, slot: Memslot, page: number): EptMemoryType {
+  return spteAccessType(slot.spte[page]!, vm.guestPat![slot.firstPage + page]! as MemoryType);
+}
+
+/** Where a vCPU's store to (or read of) the page went, by its memory type, for the trace. */
+export function accessText(vm: Vm, slot: Memslot, page: number, store: boolean): string {
+  const type = accessType(vm, slot, page);
+  const cached = type === X86_MEMTYPE_WB;
+  return `${MEMORY_TYPE_NAMES[type]}: ${store ? (cached ? 'into the cache, the line dirty' : 'to memory') : (cached ? 'through the cache' : 'from memory')}`;
+}
+
+/** The memory type an SPTE got at its fault (vmx_get_mt_mask), for the trace. */
+export function spteTypeText(spte: number): string {
+  const mt = spteMtMask(spte);
+  return `EPT ${MEMORY_TYPE_NAMES[eptMemoryType(mt)]}${eptIgnoresPat(mt) ? ' + IPAT (the guest\'s PAT ignored)' : ' (the guest\'s PAT honoured)'}`;
+}
+
+/** The page's first 8 bytes as a snoop sees them: the cached data if any, else memory (no counter moves, nothing changes). */
+function snoop(cache: CpuCache, slot: Memslot, page: number): number {
+  return dmaRead64(cache, CacheAccess.DMA_SNOOP, firstLine(slot, page));
+}
+
+/** What a vCPU's read of the page's first 8 bytes just returned: a WB read left its line cached, any other went to memory. */
+export function vcpuReadValue(vm: Vm, slot: Memslot, page: number): number {
+  return accessType(vm, slot, page) === X86_MEMTYPE_WB ? snoop(vm.cache!, slot, page) : slot.readU64(page);
+}
+
+/** The page's latest value: a dirty line's data, else memory's (a clean line that differs from memory is the stale one). */
+export function latestValue(vm: Vm, slot: Memslot, page: number): number {
+  const cache = vm.cache;
+  return cache !== null && firstLineState(cache, slot, page) === 'dirty' ? snoop(cache, slot, page) : slot.readU64(page);
+}
+
+
+/**
+ * The migration thread's read of one page through the cache (precopy.ts cachedPagesOf):
+ * write-back; with `flushFirst` (--noncoherent-migration clflush-before-read) flushed from
+ * the cache first while non-coherent DMA is registered, as precopy's flushFirst decides,
+ * unless migrate-noncoherent-without-flush skips the flush (counted as acted).
+ */
+export function migrationRead(vm: Vm, slot: Memslot, page: number, flushFirst: boolean, withoutFlush: boolean): { value: number; flush: MigrationFlush } {
+  const cache = vm.cache!;
+  const frame = slot.firstPage + page;
+  const flush = flushBeforeRead(vm, flushFirst, withoutFlush, 1);
+  if (flush === 'flush') cache.clflushPage(frame, true);
+  const bytes = new Uint8Array(PAGE_SIZE);
+  cache.readPage(frame, bytes, 0);
+  return { value: u64(new Uint32Array(bytes.buffer, 0, 2)), flush };
+}
+
+/**
+ * The assigned device's DMA on a VM with the cache model: PassthroughDma's translation
+ * through the IOMMU, then the access snooped or with No Snoop, as dma-device.ts's store
+ * and load go through the cache for the scenarios' devices (PassthroughDma itself writes
+ * memory directly).
+ */
+export class CachedDma {
+  private seq = 0;
+
+  constructor(private readonly vm: Vm, private readonly writer: number) {}
+
+  private translate(iova: number, want: number): number | string {
+    const t = this.vm.iommu!.table;
+    if (!t.inRange(iova)) return `IOVA page ${hex(iova)} is outside the aperture`;
+    if ((t.flags(iova) & want) === 0) return `nothing maps IOVA ${hex(iova * PAGE_SIZE)} for ${want === IoPte.WRITE ? 'writing' : 'reading'}`;
+    return t.gfn(iova);
+  }
+
+  private key(gfn: number): number {
+    const slot = this.vm.memory.findSlot(gfn)!;
+    return firstLine(slot, gfn - slot.baseGfn);
+  }
+
+  /** A DMA write of `value` (stamped as the device's) into the first 8 bytes of IOVA page `iova`. */
+  write(iova: number, value: number, snoop: boolean): DmaAccess {
+    const gfn = this.translate(iova, IoPte.WRITE);
+    if (typeof gfn === 'string') return { fault: gfn };
+    const bytes = new Uint32Array(4);
+    Memslot.stampedBytes(bytes, value, this.writer, ++this.seq, 0);
+    this.vm.cache!.dmaWrite(snoop ? CacheAccess.DMA_SNOOP : CacheAccess.DMA_NO_SNOOP, this.key(gfn), 0, new Uint8Array(bytes.buffer));
+    return { gfn, value };
+  }
+
+  /** A DMA read of the first 8 bytes of IOVA page `iova`. */
+  read(iova: number, snoop: boolean): DmaAccess {
+    const gfn = this.translate(iova, IoPte.READ);
+    if (typeof gfn === 'string') return { fault: gfn };
+    return { gfn, value: dmaRead64(this.vm.cache!, snoop ? CacheAccess.DMA_SNOOP : CacheAccess.DMA_NO_SNOOP, this.key(gfn)) };
+  }
+}
+
+/** Who read stale data, as the stale read oracle counts it (CpuCache.staleReads). */
+export type StaleReader = 'cpu' | 'device' | 'migration';
+export const STALE_READERS: readonly StaleReader[] = ['cpu', 'device', 'migration'];
+export type StaleCounts = Record<StaleReader, number>;
+
+const STALE_TEXT: Record<StaleReader, string> = {
+  cpu: 'a vCPU read older data than the latest write (a WB hit on a line memory no longer matches, or a UC or WC read while the line was dirty in the cache)',
+  device: 'the device\'s no-snoop DMA read memory while a newer write sat dirty in the CPU cache',
+  migration: 'the migration thread\'s write-back read hit a cache line older than memory (a UC or WC store or no-snoop DMA wrote behind the cache)',
+};
+
+export function staleCounts(cache: CpuCache): StaleCounts {
+  const { cpu, device, migration } = cache.staleReads();
+  return { cpu, device, migration };
+}
+
+/** The stale reads between two counts (null: no cache model), one line per reader, named as `expect.stale` names it. */
+export function staleReadLines(before: StaleCounts | null, now: StaleCounts | null): string[] {
+  if (before === null || now === null) return [];
+  return STALE_READERS.filter((r) => now[r] > before[r]).map((r) => `ORACLE: stale read (${r}${now[r] - before[r] > 1 ? `, ${now[r] - before[r]} times` : ''}): ${STALE_TEXT[r]}`);
+}
