@@ -51,6 +51,12 @@ interface Narration {
   modes: Map<WriteEv, WriteMode>;
   /** What followed each re-protect shown: the remote TLB flush, or none. */
   flush: Map<HistEv, string>;
+  /**
+   * With the CPU cache model, the migration thread's write-back reads that hit a line older
+   * than memory (the stale read oracle), else null: a copy then sent what the cache held,
+   * which the page's stamp in memory does not show.
+   */
+  staleCopies: number | null;
 }
 
 export function narrateLostWrite(tr: PageTracer, m: StampMismatch, r: MigrationRunResult, note: string): Explanation {
@@ -100,7 +106,7 @@ export function narrateLostWrite(tr: PageTracer, m: StampMismatch, r: MigrationR
   const flush = new Map<HistEv, string>();
   for (const p of protects) if (sel.has(p)) flush.set(p, flushAfter(evs, p, protects.find((q) => q.step > p.step)?.step ?? Infinity));
 
-  const n: Narration = { evs, g, C, P, W1, Wd, fill, staleAck, modes, flush };
+  const n: Narration = { evs, g, C, P, W1, Wd, fill, staleAck, modes, flush, staleCopies: r.cache ? r.cache.staleReads.migration : null };
   const lines = cap(compose(evs.filter((e) => sel.has(e)), n), g);
   const more = r.mismatchCount > 1 ? ` (the first of ${r.mismatchCount} lost pages)` : '';
   return {
@@ -122,7 +128,12 @@ function flushAfter(evs: readonly PageEv[], p: HistEv, next: number): string {
 function fateOf(n: Narration): string {
   const { g, C, W1 } = n;
   if (C === undefined) return `the migration never copied ${g}`;
-  if (W1 === undefined) return `nothing wrote ${g} after its last copy at step ${C.step}, yet the destination differs`;
+  if (W1 === undefined) {
+    if (n.staleCopies !== null && n.staleCopies > 0) {
+      return `nothing wrote ${g} after its last copy at step ${C.step}: that copy read a line the CPU cache held from before a write that went around it (a UC or WC store, or no-snoop DMA), and sent it (page aliasing; the migration thread read stale data ${n.staleCopies} times)`;
+    }
+    return `nothing wrote ${g} after its last copy at step ${C.step}, yet the destination differs`;
+  }
   const after = n.evs.filter((e) => e.step > C.step);
   const log = after.find((e) => (e.k === 'event' && e.event === 'logged') || (e.k === 'bit' && e.set));
   if (log === undefined) {
@@ -213,7 +224,11 @@ function phrase(grp: PageEv[], n: Narration): string[] {
   } else if (spte && !spte.writable && !prot) {
     out.push(`${g}'s SPTE was write-protected`);
   }
-  if (copied) out.push(`the migration copied ${g} ${copied.code === COPY_COMPLETION ? 'at completion' : `(${copied.detail})`}: it sent ${stampText(copied.stamp)}`);
+  if (copied) {
+    const when = copied.code === COPY_COMPLETION ? 'at completion' : `(${copied.detail})`;
+    out.push(n.staleCopies === null ? `the migration copied ${g} ${when}: it sent ${stampText(copied.stamp)}`
+      : `the migration copied ${g} ${when}, reading it write-back through the CPU cache (memory held ${stampText(copied.stamp)})`);
+  }
   for (const e of grp) {
     if (e.k !== 'ring') continue;
     out.push(e.what === 'overwritten'
