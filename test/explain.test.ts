@@ -48,6 +48,15 @@ function seqs(r: MigrationRunResult): string {
 }
 
 describe('explainReplay: the causal chain of a lost write', () => {
+  it('migrate-noncoherent-without-flush: the copy read the page through the CPU cache, and sent a line older than memory', async () => {
+    const { file, result } = await replayOf('migrate-noncoherent-without-flush');
+    const e = await explainReplay(file);
+    wellFormed(e);
+    find(e, /^the migration copied gfn 0x[0-9a-f]+ .*reading it write-back through the CPU cache \(memory held seq \d+ from vcpu\d\)$/);
+    expect(e.conclusion).toMatch(/that copy read a line the CPU cache held from before a write that went around it \(a UC or WC store, or no-snoop DMA\), and sent it \(page aliasing; the migration thread read stale data \d+ times\)/);
+    expect(e.conclusion).toContain(seqs(result));
+  });
+
   it('skip-tlb-shootdown: re-protected with no flush, copied, then written through the stale TLB entry', async () => {
     const { file, result } = await replayOf('skip-tlb-shootdown');
     const m = result.mismatches[0]!;
