@@ -9,6 +9,7 @@
  *                                      and a 16 GiB guest with every SPTE present: time, SPTEs zapped
  *   tsx bench/noncoherent.ts policies  a guest rendering through a no-snoop device, migrating
  *                                      under each policy (deterministic: exact counts)
+ *   tsx bench/noncoherent.ts policies-free  the same under free run: time, downtime, guest throughput
  */
 import { DEFAULT_WORKLOAD, createWorkload } from '../src/guest/workload.ts';
 import { PAGE_SIZE } from '../src/host/constants.ts';
@@ -101,8 +102,46 @@ async function policies(): Promise<Figure[]> {
   return figures;
 }
 
+/**
+ * The same guest under free run (real threads): per policy, the medians of 3 runs of the
+ * total time, the downtime and the guest's throughput while it migrated (both vCPUs), with
+ * the pages flushed and the destination pages found stale (summed).
+ */
+async function policiesFree(): Promise<Figure[]> {
+  const base = { cpuCache: 'on', workload: 'render', memoryBytes: '4MiB', vcpus: '2', devices: ['dma-engine:snoop=false,every=4,buffers=32,remap-every=0'], driver: 'free' };
+  const figures: Figure[] = [];
+  for (const policy of ['none', 'clflush-before-read'] as const) {
+    const total: number[] = [];
+    const down: number[] = [];
+    const ops: number[] = [];
+    let flushed = 0;
+    let lost = 0;
+    let stale = 0;
+    const verdicts: string[] = [];
+    for (let rep = 0; rep < 3; rep++) {
+      const { scenario } = migrationSetup({ ...base, noncoherentMigration: policy, seed: String(rep + 1) } as never);
+      const r = await runMigration(scenario, { driver: 'free', watchdogMs: 60_000, burst: 64, resumeOps: 0 });
+      verdicts.push(r.status);
+      if (r.info === null) continue;
+      total.push(r.info.totalTimeMs);
+      down.push(r.info.downtimeMs);
+      ops.push(r.info.vcpus.reduce((n, v) => n + v.opsPerSecond, 0));
+      flushed += r.cache?.migrationPageFlushes ?? 0;
+      lost += r.mismatchCount;
+      stale += r.cache?.staleReads.migration ?? 0;
+    }
+    figures.push({
+      id: `noncoherent/policies-free/${policy}`, what: `the render guest with a no-snoop device migrating under free run, --noncoherent-migration ${policy} (3 runs)`,
+      figure: `${median(total).toFixed(0)} ms total, ${median(down).toFixed(0)} ms downtime, ${(median(ops) / 1e6).toFixed(2)} M guest ops/s`, value: median(total),
+      detail: `${policy}: ${verdicts.join(', ')}; medians: total ${median(total).toFixed(0)} ms, downtime ${median(down).toFixed(1)} ms, both vCPUs ${(median(ops) / 1e6).toFixed(2)} M ops/s while it migrated; `
+        + `summed: ${flushed} pages flushed, ${lost} destination pages stale, ${stale} stale write-back reads by the migration thread`,
+    });
+  }
+  return figures;
+}
+
 const [which = 'cache'] = caseArgs();
-const run = { cache, zap, policies }[which];
-if (run === undefined) throw new Error(`unknown case '${which}' (cache, zap, policies)`);
+const run = { cache, zap, policies, 'policies-free': policiesFree }[which];
+if (run === undefined) throw new Error(`unknown case '${which}' (cache, zap, policies, policies-free)`);
 emit(await run());
 process.exit(0);

@@ -79,6 +79,7 @@ const CASES: Case[] = [
   { id: 'noncoherent/cache', file: 'noncoherent.ts', args: ['cache'] },
   { id: 'noncoherent/zap', file: 'noncoherent.ts', args: ['zap'] },
   { id: 'noncoherent/policies', file: 'noncoherent.ts', args: ['policies'] },
+  { id: 'noncoherent/policies-free', file: 'noncoherent.ts', args: ['policies-free'] },
   { id: 'hunt/throughput', file: 'hunt.ts', args: ['throughput'] },
   { id: 'hunt/shrink', file: 'hunt.ts', args: ['shrink'] },
 ];
