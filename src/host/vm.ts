@@ -198,6 +198,20 @@ export class Vm {
   }
 
   /**
+   * A VM capability with which the VMM asks KVM to honour the guest's PAT (Kevin Tian's
+   * suggestion in the seed discussion; not merged, no name settled: vmemlab calls it
+   * KVM_CAP_NONCOHERENT_DMA): enabled once, for the VM's life, it registers non-coherent
+   * DMA as VFIO would. A second enable is EINVAL, as KVM_ENABLE_CAP answers a one-shot
+   * capability. Returns the SPTEs zapped.
+   */
+  *enableCapNoncoherentDma(): Steps<number> {
+    if (Atomics.compareExchange(this.global, GlobalWord.NONCOHERENT_CAP, 0, 1) !== 0) {
+      throw new KvmError(EINVAL, 'KVM_ENABLE_CAP', 'KVM_CAP_NONCOHERENT_DMA is already enabled');
+    }
+    return yield* this.registerNoncoherentDma();
+  }
+
+  /**
    * kvm_arch_unregister_noncoherent_dma: the last one stops honouring the guest's PAT.
    * Refused, the count unchanged, when nothing is registered: KVM does not check, and a
    * count of -1 reads as registered (kvm_vfio_update_coherency only unregisters what it

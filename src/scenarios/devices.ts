@@ -11,6 +11,8 @@ import type { Vm } from '../host/vm.ts';
 import type { DmaRecord } from '../host/iommu/dma-records.ts';
 import { UserError } from '../util/errors.ts';
 import { runAlone } from '../roles/role.ts';
+import { KVM_DEV_VIRTIO_NONCOHERENT, KVM_DEV_VIRTIO_NONCOHERENT_SET, KvmVirtioDevice } from '../host/kvm-virtio-device.ts';
+import type { NoncoherentRequest } from './options.ts';
 
 /** The IOMMU and devices of a scenario. */
 export interface DeviceSetup {
@@ -27,6 +29,8 @@ export interface DeviceSetup {
   sharedArea?: GuestRange;
   /** Where the devices' buffers are when the guest says (a render guest's buffers, render-guest.ts); mapped before the guest runs. */
   bufferArea?: GuestRange;
+  /** How KVM learns of a device doing non-coherent DMA (options.ts NoncoherentRequest); default vfio. */
+  noncoherentRequest?: NoncoherentRequest;
 }
 
 /** The range the devices take their buffers from, if the scenario gives one. */
@@ -89,9 +93,20 @@ export function attachDevices(vm: Vm, setup: DeviceSetup, seed: number): void {
   } finally {
     iommu.lock.release();
   }
-  // KVM_DEV_VFIO_FILE_ADD of a group whose device cannot be made to snoop: VFIO registers
-  // non-coherent DMA with KVM once for all of them (kvm_vfio_update_coherency), before the guest runs.
-  if (setup.devices.some((d) => !d.snoop)) runAlone(vm.registerNoncoherentDma(), 'registering non-coherent DMA');
+  if (setup.devices.some((d) => !d.snoop)) requestNoncoherent(vm, setup.noncoherentRequest ?? 'vfio');
+}
+
+/** Tells KVM, before the guest runs, that a device does non-coherent DMA, the scenario's way (or not at all). */
+function requestNoncoherent(vm: Vm, how: NoncoherentRequest): void {
+  switch (how) {
+    // KVM_DEV_VFIO_FILE_ADD of a group whose device cannot be made to snoop: VFIO registers
+    // non-coherent DMA once for all of them (kvm_vfio_update_coherency).
+    case 'vfio': runAlone(vm.registerNoncoherentDma(), 'VFIO registering non-coherent DMA'); return;
+    case 'capability': runAlone(vm.enableCapNoncoherentDma(), 'enabling the non-coherent DMA capability'); return;
+    // Kept for the run: releasing it (closing its fd) would unregister.
+    case 'kvm-virtio-device': runAlone(new KvmVirtioDevice(vm).setAttr(KVM_DEV_VIRTIO_NONCOHERENT, KVM_DEV_VIRTIO_NONCOHERENT_SET), 'KVM_SET_DEVICE_ATTR NONCOHERENT_SET'); return;
+    case 'none': return;
+  }
 }
 
 export function deviceWindow(setup: DeviceSetup, index: number, vm: Vm): IovaWindow | null {

@@ -41,6 +41,15 @@ export const CPU_CACHE_MODES: readonly CpuCacheMode[] = ['off', 'on', 'self-snoo
  */
 export type NoncoherentMigration = 'block' | 'clflush-before-read' | 'none';
 export const NONCOHERENT_MIGRATIONS: readonly NoncoherentMigration[] = ['block', 'clflush-before-read', 'none'];
+/**
+ * How KVM learns that a device does non-coherent DMA, so that it honours the guest's PAT
+ * (the seed discussion's ways, side by side): `vfio`, VFIO registers it for an assigned
+ * device (kvm_vfio_update_coherency); `capability`, the VMM enables a VM capability;
+ * `kvm-virtio-device`, the VMM sets NONCOHERENT_SET on a KVM virtio device (its virtio-gpu
+ * backend's GPU, which VFIO never sees); `none`, nobody tells KVM (the seeds' problem).
+ */
+export type NoncoherentRequest = 'vfio' | 'capability' | 'kvm-virtio-device' | 'none';
+export const NONCOHERENT_REQUESTS: readonly NoncoherentRequest[] = ['vfio', 'capability', 'kvm-virtio-device', 'none'];
 export type Confidential = 'off' | 'shared' | 'blocker';
 export const CONFIDENTIAL: readonly Confidential[] = ['off', 'shared', 'blocker'];
 /** How a confidential guest's explicit conversions reach KVM (VmConfig.mapGpa): KVM's hypercall or a TD's MapGPA. */
@@ -98,6 +107,7 @@ export interface Settings {
   conversionDesign: ConversionDesignName;
   cpuCache: CpuCacheMode;
   noncoherentMigration: NoncoherentMigration;
+  noncoherentRequest: NoncoherentRequest;
 }
 export type SettingKey = keyof Settings;
 
@@ -462,6 +472,11 @@ export const OPTIONS = [
     key: 'noncoherentMigration', flag: '--noncoherent-migration', arg: '<policy>', yaml: 'migration.noncoherent', kinds: MIGRATE,
     help: 'with a device doing non-coherent DMA (snoop=false): block (a migration blocker, as QEMU\'s virgl), clflush-before-read (the migration thread flushes each page before it reads it), none (nothing: stale cache lines may be sent)',
     parse: (r, w) => oneOf(r, w, NONCOHERENT_MIGRATIONS, 'non-coherent migration policy', `one of: ${NONCOHERENT_MIGRATIONS.join(', ')}`), format: (v) => v, defaults: same<NoncoherentMigration>('block'),
+  }),
+  def({
+    key: 'noncoherentRequest', flag: '--noncoherent-request', arg: '<way>', yaml: 'vm.noncoherent_request', kinds: MIGRATE,
+    help: 'how KVM learns of a device doing non-coherent DMA (snoop=false), so that it honours the guest\'s PAT: vfio (VFIO registers it for the assigned device), capability (a VM capability the VMM enables), kvm-virtio-device (NONCOHERENT_SET on a KVM virtio device), none (nobody tells KVM)',
+    parse: (r, w) => oneOf(r, w, NONCOHERENT_REQUESTS, 'way to request honouring', `one of: ${NONCOHERENT_REQUESTS.join(', ')}`), format: (v) => v, defaults: same<NoncoherentRequest>('vfio'),
   }),
 ] as const;
 

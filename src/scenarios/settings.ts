@@ -185,7 +185,10 @@ export function buildMigration(r: Resolved): MigrationSetup {
   }
   slotsFit(r);
   const pages = s.memoryBytes / PAGE_SIZE;
-  const devices = { backend: s.iommu, dmaEntryLimit: s.dmaEntryLimit, stopOnFault: s.onDeviceFault === 'stop', devices: s.devices };
+  const devices: DeviceSetup = {
+    backend: s.iommu, dmaEntryLimit: s.dmaEntryLimit, stopOnFault: s.onDeviceFault === 'stop', devices: s.devices,
+    ...(s.noncoherentRequest !== 'vfio' ? { noncoherentRequest: s.noncoherentRequest } : {}),
+  };
   if (devices.devices.length > LIMITS.devices.max) throw new UserError(`${r.where('devices')}: ${devices.devices.length} devices; at most ${LIMITS.devices.max} (${LIMITS.devices.why})`);
   checkDeviceSetup(devices, r.where('devices'));
   const scenario: MigrationScenario = {
@@ -216,6 +219,9 @@ export function buildMigration(r: Resolved): MigrationSetup {
   if (s.confidential !== 'off') checkConfidential(r, devices);
   else if (s.workload === 'convert') throw new UserError(`${r.where('workload')}: convert is a confidential guest's workload; it needs ${r.where('confidential')} shared or blocker`);
   if (s.cpuCache !== 'off' && s.confidential !== 'off') throw new UserError(`${r.where('cpuCache')}: the CPU cache model is not modelled with a confidential guest's private memory; it needs ${r.where('confidential')} off`);
+  if (s.noncoherentRequest !== 'vfio' && !devices.devices.some((d) => !d.snoop)) {
+    throw new UserError(`${r.where('noncoherentRequest')}: ${s.noncoherentRequest} is how KVM learns of a device doing non-coherent DMA; no device has snoop=false`);
+  }
   devices.devices.forEach((d, i) => {
     if (!d.snoop && s.cpuCache === 'off') throw new UserError(`${r.where('devices')}: device ${i} (${d.kind}, snoop=false): no-snoop DMA differs from snooped DMA only with the CPU cache model; add ${r.where('cpuCache')} on`);
   });
