@@ -82,6 +82,16 @@ describe('a vCPU\'s accesses through the cache', () => {
     expect(new DataView(page.buffer).getUint32(0, true), 'flushed first, it reads memory').toBe(2);
   });
 
+  it('a guest WBINVD is executed only while non-coherent DMA is registered (kvm_emulate_wbinvd): otherwise the dirty line stays', () => {
+    const { vm, dram, key } = cachedVm();
+    const v = new Vcpu(vm, 0, new Ops([{ gfn: G, value: 5 }, { kind: OpKind.WBINVD, gfn: G }, { gfn: G, value: 6 }, { kind: OpKind.WBINVD, gfn: G }]));
+    retire(v, 2);
+    expect([vm.cache!.state(key(0)), dram(0)], 'skipped: every device snoops').toEqual(['dirty', 0]);
+    complete(vm.registerNoncoherentDma(), [v]);
+    retire(v, 2);
+    expect([vm.cache!.state(key(0)), dram(0)], 'executed: written back and invalidated').toEqual(['invalid', 6]);
+  });
+
   it('the fault path computes the type only on a VM with the cache model: elsewhere SPTEs keep no memory type bits', () => {
     const vm = new Vm(createVmLayout({ slots: [{ id: 1, asId: 0, baseGfn: G, pages: 4, flags: 0 }], vcpus: 1, tracking: MANUAL }));
     vm.populate();

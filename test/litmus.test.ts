@@ -299,7 +299,7 @@ interleaving: [host, vcpu0, vcpu0, host]
   it('an unknown operation, read from disk', () => {
     const path = join(tmp, 'x.yaml');
     writeFileSync(path, base.replace('read 0x100', 'wrte 0x100 1'));
-    expect(userError(() => loadLitmus(path))).toBe(`${path}: actors.vcpu0[1]: unknown operation 'wrte' (one of: write, write-pages, read, map-gpa, set-pat)`);
+    expect(userError(() => loadLitmus(path))).toBe(`${path}: actors.vcpu0[1]: unknown operation 'wrte' (one of: write, write-pages, read, map-gpa, set-pat, wbinvd)`);
   });
 
   it('a missing file', () => {
@@ -348,7 +348,7 @@ interleaving: [host, vcpu0, vcpu0, host]
   it('reports every problem it finds, one per line', () => {
     const msg = userError(() => parseLitmus(base.replace('read 0x100', 'wrte 0x100 1').replace('harvest]', 'get-log 7]'), 'b.yaml'));
     expect(msg.split('\n')).toEqual([
-      "b.yaml: actors.vcpu0[1]: unknown operation 'wrte' (one of: write, write-pages, read, map-gpa, set-pat)",
+      "b.yaml: actors.vcpu0[1]: unknown operation 'wrte' (one of: write, write-pages, read, map-gpa, set-pat, wbinvd)",
       "b.yaml: actors.host[1]: 'get-log 7': there is no slot 7 (slots: 1 at 0x100..0x1ff)",
     ]);
   });

@@ -25,6 +25,12 @@ export const enum OpKind {
    * (as far as the EPT memory type lets them). Elsewhere it changes nothing.
    */
   SET_PAT = 6,
+  /**
+   * WBINVD: the guest writes back and invalidates its caches (a driver handing buffers to a
+   * device that does not snoop). It exits to KVM, which really flushes only while
+   * non-coherent DMA is registered (kvmEmulateWbinvd); otherwise it is a no-op.
+   */
+  WBINVD = 7,
 }
 
 /** One guest operation, filled in place by a workload (no allocation per operation). */

@@ -8,7 +8,7 @@ import {
 } from './layout.ts';
 import { Memslot } from './memslot.ts';
 import { CACHE_LINE_SIZE, CacheAccess, type CpuCache, lineKey } from './cpu-cache.ts';
-import { type MemoryType, X86_MEMTYPE_WB, X86_MEMTYPE_WC } from './memory-type.ts';
+import { type MemoryType, X86_MEMTYPE_WB, X86_MEMTYPE_WC, kvmEmulateWbinvd } from './memory-type.ts';
 import { slotRanges } from './memory-attributes.ts';
 import { FAST_PATH_MISS_PHASE, type VcpuFastState, countStaleStore, runTlbHits, runWriteHits } from './vcpu-fast-path.ts';
 import { SPTE_PRIVATE, SPTE_WRITABLE, mapPagePrivate, spteAccessType } from './spte.ts';
@@ -587,6 +587,11 @@ export class Vcpu implements Role, VcpuFastState {
     const op = this.op;
     if (op.kind === OpKind.MAP_GPA_RANGE) return this.mapGpaRange();
     if (op.kind === OpKind.SET_PAT) return this.setPat();
+    if (op.kind === OpKind.WBINVD) {
+      // kvm_emulate_wbinvd: flushed (on every CPU the vCPU ran on; here the one shared cache) only with non-coherent DMA.
+      if (this.cache !== null && kvmEmulateWbinvd(this.vm)) this.cache.wbinvd();
+      return this.retire();
+    }
     const slot = this.vm.memory.findSlot(op.gfn);
     if (slot === undefined) return this.mmioExit();
     const page = op.gfn - slot.baseGfn;

@@ -11,7 +11,7 @@ import { UserError } from '../util/errors.ts';
 import { LIMITS } from '../util/limits.ts';
 import { checkKeys, readUserFile } from '../util/user-file.ts';
 import { parseSize } from '../util/size.ts';
-import { type OpContext, parseHostOp, parseOpExpect, parseVcpuOp, slotsText, vcpuRef, verbOf } from './operations.ts';
+import { type OpContext, expectVerb, parseHostOp, parseOpExpect, parseVcpuOp, slotsText, vcpuRef, verbOf } from './operations.ts';
 import { type LitmusFile, LitmusFileSchema, type RawOpEntry, issueLines } from './schema.ts';
 import type { FinalExpect, HostOp, InterleavingEntry, LitmusOp, LitmusSpec, VcpuOp } from './spec.ts';
 import { fieldPath, hex, parseGfnList, parseInteger, show } from './syntax.ts';
@@ -231,7 +231,7 @@ class SpecBuilder {
       const p = parse(text);
       if (!p.ok) { this.fail(path, p.error); return; }
       const expect = typeof e === 'string' || e.expect === undefined ? {}
-        : parseOpExpect(verbOf(text), e.expect, ctx, (key, msg) => this.fail([...path, 'expect', key], msg));
+        : parseOpExpect(expectVerb(actor, verbOf(text)), e.expect, ctx, (key, msg) => this.fail([...path, 'expect', key], msg));
       const op: LitmusOp<T> = { actor, index: i, where: fieldPath(path), text, op: p.value, expect };
       if (typeof e !== 'string' && e.note !== undefined) op.note = e.note;
       out.push(op);

@@ -19,6 +19,7 @@ export const VCPU_OPS: Record<VcpuOp['kind'] | 'write-pages', string> = {
   read: 'read GFN [private|shared]',
   'map-gpa': 'map-gpa GFN COUNT private|shared',
   'set-pat': `set-pat GFN COUNT ${MEMORY_TYPES.map((t) => MEMORY_TYPE_NAMES[t]).join('|')}`,
+  wbinvd: 'wbinvd',
 };
 
 export const HOST_OPS: Record<HostOp['kind'], string> = {
@@ -56,6 +57,8 @@ export const EXPECT_KEYS: Record<string, string[]> = {
   read: ['exit', 'value'],
   'map-gpa': ['exit'],
   'set-pat': ['exit'],
+  // A vCPU's WBINVD (the host's `wbinvd` takes written_back and error).
+  'guest-wbinvd': ['exit'],
   'enable-logging': ['error'],
   'disable-logging': ['error'],
   harvest: ['harvested', 'error'],
@@ -127,6 +130,7 @@ export function parseVcpuOp(text: string, actor: string, ctx: OpContext): Parsed
     priv = k.value;
     if (!hasPrivateMemory(ctx.vm) && (priv || verb === 'map-gpa')) return bad(`'${text}': ${verb === 'map-gpa' ? 'KVM_HC_MAP_GPA_RANGE' : 'a private access'} needs private memory (a slot with flags [GUEST_MEMFD])`);
   }
+  if (verb === 'wbinvd') return needCache(text, ctx) ?? ok({ kind: 'wbinvd' });
   const gfn = num(t[1], 'GFN', text);
   if (!gfn.ok) return gfn;
   switch (verb) {
@@ -363,6 +367,11 @@ function slotField(token: string): Parsed<number> {
 
 export function slotsText(slots: readonly MemslotConfig[]): string {
   return 'slots: ' + slots.map((s) => `${s.asId ? `${s.asId}:` : ''}${s.id} at ${hex(s.baseGfn)}..${hex(s.baseGfn + s.pages - 1)}`).join(', ');
+}
+
+/** The key of EXPECT_KEYS for an actor's verb: `wbinvd` is a guest operation and a host one. */
+export function expectVerb(actor: string, verb: string): string {
+  return verb === 'wbinvd' && actor !== 'host' ? 'guest-wbinvd' : verb;
 }
 
 /** Parses an operation's `expect` mapping; `fail(key, message)` reports a bad field. */

@@ -7,7 +7,7 @@ import { describeWait } from '../drivers/describe-wait.ts';
 import { EXIT_REASON_NAMES, KVM_EXIT_MMIO, KVM_MEM_READONLY, PAGE_SIZE } from '../host/constants.ts';
 import { CacheStat } from '../host/cpu-cache.ts';
 import { VFIO_DMA_MAP_FLAG_READ, VFIO_DMA_MAP_FLAG_WRITE } from '../host/iommu/constants.ts';
-import { MEMORY_TYPE_NAMES, type MemoryType } from '../host/memory-type.ts';
+import { MEMORY_TYPE_NAMES, type MemoryType, kvmEmulateWbinvd } from '../host/memory-type.ts';
 import { GlobalWord, VcpuRunState, VcpuWord, createVmLayout } from '../host/layout.ts';
 import { Phase, Vcpu } from '../host/vcpu.ts';
 import { VmmControl } from '../host/vmm/vmm-control.ts';
@@ -492,7 +492,10 @@ class LitmusRun {
       switch (phase) {
         case Phase.TRANSLATE:
           if (idle) parts.push('idle');
-          else if (vcpu.op.kind === OpKind.SET_PAT) {
+          else if (vcpu.op.kind === OpKind.WBINVD) {
+            const written = cache!.stat(CacheStat.WRITEBACKS) - writebacks;
+            parts.push(kvmEmulateWbinvd(this.vm) ? `WBINVD: non-coherent DMA is registered, KVM executes it (${written} dirty line(s) written back), retires` : 'WBINVD: no non-coherent DMA, KVM skips it (nothing flushed), retires');
+          } else if (vcpu.op.kind === OpKind.SET_PAT) {
             parts.push(`the guest maps ${hex(g)}+${vcpu.op.value} ${MEMORY_TYPE_NAMES[vcpu.op.offset as MemoryType]} (its PAT); cpa_flush flushes their lines (${cache!.stat(CacheStat.WRITEBACKS) - writebacks} written back), retires`);
           } else if (vcpu.op.kind === OpKind.READ) parts.push(exited ? `read ${hex(g)}: no memslot${mmio}` : `${kind}reads ${hex(g)} = ${readValue()}${how(false)}, retires`);
           else parts.push(exited ? `write ${hex(g)}: no memslot${mmio}` : `${kind}write ${hex(g)} = ${vcpu.op.value}: TLB ${vcpu.phase === Phase.STORE ? 'hit' : 'miss'}`);

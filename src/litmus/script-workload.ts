@@ -35,8 +35,15 @@ export class ScriptWorkload implements Workload {
     op.offset = 0;
     if (a !== null && this.fetched < (a.kind === 'write' ? a.count : 1)) {
       this.lastIdle = false;
-      op.gfn = a.gfn + (a.kind === 'write' ? this.fetched : 0);
       this.fetched++;
+      if (a.kind === 'wbinvd') {
+        op.kind = OpKind.WBINVD;
+        op.gfn = this.idleGfn;
+        op.value = 0;
+        op.private = false;
+        return;
+      }
+      op.gfn = a.gfn + (a.kind === 'write' ? this.fetched - 1 : 0);
       if (a.kind === 'set-pat') {
         // SET_PAT's operands: `value` pages from `gfn` get memory type `offset`.
         op.kind = OpKind.SET_PAT;

@@ -60,7 +60,9 @@ export type VcpuOp =
   /** `map-gpa GFN COUNT private|shared`: KVM_HC_MAP_GPA_RANGE (an exit to the VMM, which converts). */
   | { kind: 'map-gpa'; gfn: number; count: number; private: boolean }
   /** `set-pat GFN COUNT TYPE`: the guest's PAT gives the pages another memory type, and cpa_flush flushes their lines. */
-  | { kind: 'set-pat'; gfn: number; count: number; type: MemoryType };
+  | { kind: 'set-pat'; gfn: number; count: number; type: MemoryType }
+  /** `wbinvd`: the guest's WBINVD, which KVM really executes only while non-coherent DMA is registered. */
+  | { kind: 'wbinvd' };
 
 /** The VMM/KVM side. `slot` is an index into `vm.slots`. */
 export type HostOp =
