@@ -189,10 +189,11 @@ export const GlobalWord = {
    * the start unless the VMM boots in its own thread (a conversion design's VMM, kvm-cpu-exec.ts).
    */
   VM_START_PENDING: 8 * LINE_WORDS + 7,
+  /** Non-zero once the VM capability asking to honour the guest's PAT was enabled (Vm.enableCapNoncoherentDma): written once. */
+  NONCOHERENT_CAP: 8 * LINE_WORDS + 8,
   /** kvm->arch.noncoherent_dma_count: non-coherent DMA registrations (kvm_arch_register_noncoherent_dma; host/memory-type.ts). */
   NONCOHERENT_DMA_COUNT: 9 * LINE_WORDS,
-  /** Non-zero once the VM capability asking to honour the guest's PAT was enabled (Vm.enableCapNoncoherentDma). */
-  NONCOHERENT_CAP: 9 * LINE_WORDS + 1,
+
 } as const;
 export const GLOBAL_WORDS = 10 * LINE_WORDS;
 
