@@ -10,7 +10,7 @@
 import { setFlagsFromString } from 'node:v8';
 import { runInNewContext } from 'node:vm';
 import { type Steps } from '../src/roles/role.ts';
-import { createVmLayout, type DirtyTracking, type MemslotConfig, VcpuWord } from '../src/host/layout.ts';
+import { createVmLayout, type DirtyTracking, type MemslotConfig, VcpuWord, type VmConfig } from '../src/host/layout.ts';
 import { Vm } from '../src/host/vm.ts';
 import type { Vcpu } from '../src/host/vcpu.ts';
 import { VmmControl } from '../src/host/vmm/vmm-control.ts';
@@ -107,9 +107,9 @@ export function drive<T>(steps: Steps<T>): T {
 }
 
 /** One memslot of `pages` pages at gfn 0x100, `vcpus` vCPUs, the given tracking. */
-export function singleSlotVm(pages: number, vcpus: number, tracking: DirtyTracking): Vm {
+export function singleSlotVm(pages: number, vcpus: number, tracking: DirtyTracking, extra: Partial<VmConfig> = {}): Vm {
   const slots: MemslotConfig[] = [{ id: 1, asId: 0, baseGfn: 0x100, pages, flags: 0 }];
-  const vm = new Vm(createVmLayout({ slots, vcpus, tracking }));
+  const vm = new Vm(createVmLayout({ slots, vcpus, tracking, ...extra }));
   vm.populate();
   return vm;
 }

@@ -14,21 +14,17 @@
 import { DEFAULT_WORKLOAD, createWorkload } from '../src/guest/workload.ts';
 import { PAGE_SIZE } from '../src/host/constants.ts';
 import { DEFAULT_CPU_CACHE } from '../src/host/cpu-cache.ts';
-import { createVmLayout } from '../src/host/layout.ts';
 import { Vcpu } from '../src/host/vcpu.ts';
-import { Vm } from '../src/host/vm.ts';
+import type { Vm } from '../src/host/vm.ts';
 import { runMigration } from '../src/scenarios/migration.ts';
 import { migrationSetup } from '../src/scenarios/settings.ts';
-import { BITMAP_MANUAL, type Figure, type Sample, alternate, caseArgs, drive, emit, median } from './harness.ts';
+import { BITMAP_MANUAL, type Figure, type Sample, alternate, caseArgs, drive, emit, median, singleSlotVm } from './harness.ts';
 
 const MiB = 1 << 20;
 const GiB = 1 << 30;
 
 function vmOf(bytes: number, cache: boolean): Vm {
-  const slots = [{ id: 1, asId: 0, baseGfn: 0x100, pages: bytes / PAGE_SIZE, flags: 0 }];
-  const vm = new Vm(createVmLayout({ slots, vcpus: 1, tracking: BITMAP_MANUAL, ...(cache ? { cpuCache: DEFAULT_CPU_CACHE } : {}) }));
-  vm.populate();
-  return vm;
+  return singleSlotVm(bytes / PAGE_SIZE, 1, BITMAP_MANUAL, cache ? { cpuCache: DEFAULT_CPU_CACHE } : {});
 }
 
 /** Runs the vCPU for at least `ms`: its operations retired. */

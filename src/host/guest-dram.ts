@@ -3,11 +3,10 @@ import type { GuestMemory } from './guest-memory.ts';
 
 /** Guest memory as the CPU cache model's DRAM: lines by VM-wide frame (Memslot.firstPage + page) * 64 + line. */
 export function guestDram(memory: GuestMemory): Dram {
-  const slots = [...memory.slots].sort((a, b) => a.firstPage - b.firstPage);
   return {
     line(key: number): Uint8Array {
       const frame = Math.floor(key / LINES_PER_PAGE);
-      const slot = slots.find((s) => frame >= s.firstPage && frame < s.firstPage + s.pages);
+      const slot = memory.slotOfFrame(frame);
       if (slot === undefined) throw new Error(`cpu cache: no memslot holds frame ${frame}`);
       const page = frame - slot.firstPage;
       const at = slot.byteOffset(page) + (key % LINES_PER_PAGE) * CACHE_LINE_SIZE;

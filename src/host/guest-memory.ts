@@ -46,6 +46,11 @@ export class GuestMemory {
     return undefined;
   }
 
+  /** The slot holding VM-wide page `frame` (Memslot.firstPage numbering), or undefined. */
+  slotOfFrame(frame: number): Memslot | undefined {
+    return this.slots.find((s) => frame >= s.firstPage && frame < s.firstPage + s.pages);
+  }
+
   /** The slot whose kvm_dirty_gfn.slot field is `slotField` (as_id << 16 | id). */
   slotByField(slotField: number): Memslot | undefined {
     const last = this.lastByField;

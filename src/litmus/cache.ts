@@ -1,7 +1,5 @@
 import { PAGE_SIZE } from '../host/constants.ts';
 import { CacheAccess, type CpuCache, type CpuCacheConfig, DEFAULT_CPU_CACHE, lineKey } from '../host/cpu-cache.ts';
-import type { DmaAccess } from '../host/devices/passthrough-dma.ts';
-import { IoPte } from '../host/iommu/iommu-layout.ts';
 import {
   type EptMemoryType, MEMORY_TYPE_NAMES, type MemoryType, X86_MEMTYPE_WB, eptIgnoresPat, eptMemoryType,
 } from '../host/memory-type.ts';
@@ -10,7 +8,6 @@ import { spteAccessType, spteMtMask } from '../host/spte.ts';
 import type { Vm } from '../host/vm.ts';
 import type { CpuCacheMode } from '../scenarios/options.ts';
 import { type MigrationFlush, flushBeforeRead } from '../migration/precopy.ts';
-import { hex } from './syntax.ts';
 
 /**
  * The CPU cache model (host/cpu-cache.ts) as litmus files see it: the VM's cache from
@@ -100,47 +97,6 @@ export function migrationRead(vm: Vm, slot: Memslot, page: number, flushFirst: b
   const bytes = new Uint8Array(PAGE_SIZE);
   cache.readPage(frame, bytes, 0);
   return { value: u64(new Uint32Array(bytes.buffer, 0, 2)), flush };
-}
-
-/**
- * The assigned device's DMA on a VM with the cache model: PassthroughDma's translation
- * through the IOMMU, then the access snooped or with No Snoop, as dma-device.ts's store
- * and load go through the cache for the scenarios' devices (PassthroughDma itself writes
- * memory directly).
- */
-export class CachedDma {
-  private seq = 0;
-
-  constructor(private readonly vm: Vm, private readonly writer: number) {}
-
-  private translate(iova: number, want: number): number | string {
-    const t = this.vm.iommu!.table;
-    if (!t.inRange(iova)) return `IOVA page ${hex(iova)} is outside the aperture`;
-    if ((t.flags(iova) & want) === 0) return `nothing maps IOVA ${hex(iova * PAGE_SIZE)} for ${want === IoPte.WRITE ? 'writing' : 'reading'}`;
-    return t.gfn(iova);
-  }
-
-  private key(gfn: number): number {
-    const slot = this.vm.memory.findSlot(gfn)!;
-    return firstLine(slot, gfn - slot.baseGfn);
-  }
-
-  /** A DMA write of `value` (stamped as the device's) into the first 8 bytes of IOVA page `iova`. */
-  write(iova: number, value: number, snoop: boolean): DmaAccess {
-    const gfn = this.translate(iova, IoPte.WRITE);
-    if (typeof gfn === 'string') return { fault: gfn };
-    const bytes = new Uint32Array(4);
-    Memslot.stampedBytes(bytes, value, this.writer, ++this.seq, 0);
-    this.vm.cache!.dmaWrite(snoop ? CacheAccess.DMA_SNOOP : CacheAccess.DMA_NO_SNOOP, this.key(gfn), 0, new Uint8Array(bytes.buffer));
-    return { gfn, value };
-  }
-
-  /** A DMA read of the first 8 bytes of IOVA page `iova`. */
-  read(iova: number, snoop: boolean): DmaAccess {
-    const gfn = this.translate(iova, IoPte.READ);
-    if (typeof gfn === 'string') return { fault: gfn };
-    return { gfn, value: dmaRead64(this.vm.cache!, snoop ? CacheAccess.DMA_SNOOP : CacheAccess.DMA_NO_SNOOP, this.key(gfn)) };
-  }
 }
 
 /** Who read stale data, as the stale read oracle counts it (CpuCache.staleReads). */

@@ -22,7 +22,7 @@ import type { Steps } from '../roles/role.ts';
 import { type HarvestedEntry, type OpRecord, elide, entryText, gfnsText, slotName } from './observations.ts';
 import type { HostOp } from './spec.ts';
 import { hex } from './syntax.ts';
-import { CachedDma, migrationRead } from './cache.ts';
+import { migrationRead } from './cache.ts';
 
 /**
  * The litmus file's host operations, as the VMM thread and the KVM code it calls run
@@ -53,8 +53,6 @@ export class HostOperations {
   private readonly lastGot = new Map<number, Uint32Array>();
   private hostSeq = 0;
   private readonly harvester: DirtyRingHarvester | null;
-  /** The assigned device's DMA through the CPU cache model, on a VM with one. */
-  private readonly cachedDma: CachedDma | null;
 
   /** The operation running now (VFIO's error_report goes into its notes). */
   current: OpRecord | null = null;
@@ -64,7 +62,6 @@ export class HostOperations {
     private readonly bugs: Pick<InjectedBugs, 'harvestSkipEvery' | 'migration'>, private readonly cvm: ConfidentialHost | null = null,
   ) {
     this.harvester = vm.rings ? new DirtyRingHarvester(vm.rings.length, vm.acts) : null;
-    this.cachedDma = vm.cache !== null && cvm?.dma ? new CachedDma(vm, cvm.dma.writer) : null;
   }
 
   private slotsOf(index: number | null): Memslot[] {
@@ -280,9 +277,7 @@ export class HostOperations {
       }
       case 'dma':
       case 'dma-read': {
-        const c = this.cachedDma;
-        const a = op.kind === 'dma' ? (c ? c.write(op.iova, op.value, op.snoop) : cvm.dma!.write(op.iova, op.value))
-          : c ? c.read(op.iova, op.snoop) : cvm.dma!.read(op.iova);
+        const a = op.kind === 'dma' ? cvm.dma!.write(op.iova, op.value, op.snoop) : cvm.dma!.read(op.iova, op.snoop);
         const noSnoop = op.snoop ? '' : ' with No Snoop';
         if ('fault' in a) {
           r.faulted = true;
@@ -292,7 +287,7 @@ export class HostOperations {
         r.faulted = false;
         if (op.kind === 'dma') cvm.oracle.dmaWrite(a.gfn);
         else r.value = a.value;
-        const how = c === null ? '' : op.snoop ? ' (snooped: the cached line, if any)' : ' (memory only, the cache not looked at)';
+        const how = vm.cache === null ? '' : op.snoop ? ' (snooped: the cached line, if any)' : ' (memory only, the cache not looked at)';
         r.notes.push(`device DMA${noSnoop} ${op.kind === 'dma' ? `writes ${a.value} to` : `reads ${a.value} from`} IOVA page ${hex(op.iova)} -> GFN ${hex(a.gfn)}${how}`);
         return;
       }

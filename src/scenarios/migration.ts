@@ -130,7 +130,7 @@ function cacheReport(vm: Vm): CacheReport | undefined {
   if (c === null) return undefined;
   const st = c.staleReads();
   const frame = st.firstKey === null ? null : Math.floor(st.firstKey / LINES_PER_PAGE);
-  const slot = frame === null ? undefined : vm.memory.slots.find((x) => frame >= x.firstPage && frame < x.firstPage + x.pages);
+  const slot = frame === null ? undefined : vm.memory.slotOfFrame(frame);
   return {
     staleReads: { cpu: st.cpu, device: st.device, migration: st.migration, firstGfn: slot === undefined ? null : slot.baseGfn + frame! - slot.firstPage },
     migrationPageFlushes: c.stat(CacheStat.MIGRATION_PAGE_FLUSHES), writebacks: c.stat(CacheStat.WRITEBACKS),

@@ -71,6 +71,8 @@ export abstract class DmaDevice implements Device {
   protected dropTranslations(): void { /* no cache by default */ }
   /** Scratch for a DMA write through the CPU cache model: the value and the stamp. */
   private readonly line32 = new Uint32Array(4);
+  /** How its DMA meets the CPU cache model: snooped, or with No Snoop (DeviceConfig.snoop). */
+  private get dmaAccess(): CacheAccess.DMA_SNOOP | CacheAccess.DMA_NO_SNOOP { return this.config.snoop ? CacheAccess.DMA_SNOOP : CacheAccess.DMA_NO_SNOOP; }
   private readonly line8 = new Uint8Array(this.line32.buffer);
 
   /** DMA reads and writes done (kept here, published to the shared counters now and then). */
@@ -94,7 +96,7 @@ export abstract class DmaDevice implements Device {
     else {
       // Snooped, a cached copy of the line is written back and invalidated first; no-snoop, DRAM alone.
       Memslot.stampedBytes(this.line32, iteration, this.writer, ++this.seq, iteration);
-      cache.dmaWrite(this.config.snoop ? CacheAccess.DMA_SNOOP : CacheAccess.DMA_NO_SNOOP, lineKey(slot.firstPage + page, 0), 0, this.line8);
+      cache.dmaWrite(this.dmaAccess, lineKey(slot.firstPage + page, 0), 0, this.line8);
     }
     this.writes++;
   }
@@ -102,8 +104,10 @@ export abstract class DmaDevice implements Device {
   protected load(gfn: number): void {
     const slot = this.vm.memory.findSlot(gfn);
     const cache = this.vm.cache;
-    if (slot !== undefined && cache === null) slot.readU64(gfn - slot.baseGfn);
-    else if (slot !== undefined) cache!.dmaRead(this.config.snoop ? CacheAccess.DMA_SNOOP : CacheAccess.DMA_NO_SNOOP, lineKey(slot.firstPage + gfn - slot.baseGfn, 0), 0, this.line8);
+    if (slot !== undefined) {
+      if (cache === null) slot.readU64(gfn - slot.baseGfn);
+      else cache.dmaRead(this.dmaAccess, lineKey(slot.firstPage + gfn - slot.baseGfn, 0), 0, this.line8);
+    }
     this.reads++;
   }
 
