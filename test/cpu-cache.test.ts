@@ -148,6 +148,41 @@ describe('the stale read oracle', () => {
     expect(read(CacheAccess.UC)).toBe(3);
     expect(cache.staleReads()).toEqual({ cpu: 0, device: 0, migration: 0, firstKey: null });
   });
+
+  it('counts a write-back that overwrites newer bytes a WC store or no-snoop DMA put in DRAM, and no other', () => {
+    const { cache, key, byte } = setup();
+    cache.write(CacheAccess.WB, key, 0, byte(1));
+    cache.write(CacheAccess.WC, key, 0, byte(2));
+    cache.clflush(key);
+    expect(cache.stat(CacheStat.OVERWRITES)).toBe(1);
+    expect(cache.staleReads().firstKey).toBe(key);
+    // A WB store over the same bytes makes the cached copy the latest again: its write-back loses nothing.
+    cache.write(CacheAccess.WB, key, 0, Uint8Array.of(1, 1, 1, 1));
+    cache.dmaWrite(CacheAccess.DMA_NO_SNOOP, key, 0, Uint8Array.of(5, 5, 5, 5));
+    cache.write(CacheAccess.WB, key, 0, Uint8Array.of(6, 6, 6, 6));
+    cache.wbinvd();
+    expect(cache.stat(CacheStat.OVERWRITES)).toBe(1);
+    // A clean copy under a WC store, dirtied elsewhere in the line: its write-back overwrites the WC bytes.
+    cache.read(CacheAccess.WB, key, 0, new Uint8Array(1));
+    cache.write(CacheAccess.WC, key, 0, byte(7));
+    cache.write(CacheAccess.WB, key, 32, byte(8));
+    cache.clflush(key);
+    expect(cache.stat(CacheStat.OVERWRITES)).toBe(2);
+  });
+
+  it('a DRAM read of bytes whose latest write is in DRAM (a WC store after the line was dirtied) is not stale; of the cached bytes it is', () => {
+    const { cache, key } = setup();
+    cache.write(CacheAccess.WB, key, 0, Uint8Array.of(1, 1, 1, 1));
+    cache.write(CacheAccess.WC, key, 0, Uint8Array.of(2, 2, 2, 2));
+    cache.dmaRead(CacheAccess.DMA_NO_SNOOP, key, 0, new Uint8Array(4));
+    expect(cache.staleReads().device, 'DRAM holds the latest write of these bytes').toBe(0);
+    cache.write(CacheAccess.WB, key, 16, Uint8Array.of(3));
+    cache.dmaRead(CacheAccess.DMA_NO_SNOOP, key, 16, new Uint8Array(1));
+    expect(cache.staleReads().device).toBe(1);
+    // A WB read of the WC bytes hits the older cached copy: stale for the CPU.
+    cache.read(CacheAccess.WB, key, 0, new Uint8Array(4));
+    expect(cache.staleReads().cpu).toBe(1);
+  });
 });
 
 describe('capacity, replacement and flushes', () => {

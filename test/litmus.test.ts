@@ -578,7 +578,7 @@ expect:
     [edited(FLUSHES, '    - register-noncoherent-dma\n', '    - wbinvd\n').replace(', cpu_cache: on', ''), "actors.host[0]: 'wbinvd': wbinvd needs the CPU cache model"],
     [edited(FLUSHES, 'cache: {0x100: clean}', 'cache: {0x100: warm}'), "expect.cache.256: 'warm' is not one of: invalid, clean, dirty"],
     [edited(FLUSHES, 'cache: {0x100: clean}', 'cache: {0x900: clean}'), 'expect.cache[0x900]: GFN 0x900 is in no memslot'],
-    [edited(FLUSHES, 'stale: {cpu: 0, device: 0, migration: 0}', 'stale: {gpu: 1}'), 'expect.stale.gpu: unknown field (fields here: cpu, device, migration)'],
+    [edited(FLUSHES, 'stale: {cpu: 0, device: 0, migration: 0}', 'stale: {gpu: 1}'), 'expect.stale.gpu: unknown field (fields here: cpu, device, migration, overwrite)'],
     [edited(FLUSHES, 'stale: {cpu: 0, device: 0, migration: 0}', 'stale: {cpu: -1}'), 'expect.stale.cpu: must be at least 0, got -1'],
   ])('bad input is one line naming the file, the field and the value (%#)', (source, message) => {
     const msg = userError(() => parseLitmus(source, 'bad.yaml'));

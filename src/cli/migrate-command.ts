@@ -98,7 +98,7 @@ export function describeResult(r: MigrationRunResult): string[] {
   }
   if (r.cache) {
     const st = r.cache.staleReads;
-    lines.push(`CPU cache model: stale reads by vCPUs ${st.cpu}, devices ${st.device}, the migration thread ${st.migration}${st.firstGfn !== null ? ` (first gfn 0x${st.firstGfn.toString(16)})` : ''}; pages the migration thread flushed before reading ${r.cache.migrationPageFlushes}; lines written back ${r.cache.writebacks}`);
+    lines.push(`CPU cache model: stale reads by vCPUs ${st.cpu}, devices ${st.device}, the migration thread ${st.migration}${st.firstGfn !== null ? ` (first gfn 0x${st.firstGfn.toString(16)})` : ''}; pages the migration thread flushed before reading ${r.cache.migrationPageFlushes}; lines written back ${r.cache.writebacks}${r.cache.overwrites > 0 ? `, ${r.cache.overwrites} of them over newer data in memory` : ''}`);
   }
   if (r.reason) lines.push(`migration failed: ${r.reason}`);
   for (const m of r.mismatches) lines.push(describeMismatch(m));

@@ -78,7 +78,12 @@ export const DEFAULT_CPU_CACHE: CpuCacheConfig = { sets: 4096, ways: 8, seed: 1,
  * cache: a UC or WC store, no-snoop DMA), or a DRAM read (UC, WC, no-snoop DMA) of a line
  * that is dirty in the cache. STALE_FIRST_KEY: the first such line's key + 1.
  */
-export const enum CacheStat { HITS = 0, FILLS, EVICTIONS, WRITEBACKS, BYPASSES, STALE_CPU, STALE_DEVICE, STALE_MIGRATION, STALE_FIRST_KEY, MIGRATION_PAGE_FLUSHES, COUNT }
+export const enum CacheStat {
+  HITS = 0, FILLS, EVICTIONS, WRITEBACKS, BYPASSES, STALE_CPU, STALE_DEVICE, STALE_MIGRATION, STALE_FIRST_KEY, MIGRATION_PAGE_FLUSHES,
+  /** Write-backs of a dirty line that overwrote newer bytes a UC/WC store or no-snoop DMA had put in DRAM (the aliasing's lost write). */
+  OVERWRITES,
+  COUNT,
+}
 
 /** Who reads, for the stale read oracle's count. */
 export const enum CacheReader { CPU = CacheStat.STALE_CPU, DEVICE = CacheStat.STALE_DEVICE, MIGRATION = CacheStat.STALE_MIGRATION }
@@ -151,12 +156,12 @@ export class CpuCache {
     try {
       if (access !== CacheAccess.WB) {
         return this.bypass(set, key, () => {
-          this.checkDramRead(set, key, reader);
+          this.checkDramRead(set, key, offset, out.length, reader);
           out.set(this.dram.line(key).subarray(offset, offset + out.length));
         });
       }
       const { way, served } = this.fill(set, key);
-      if (served === CacheServed.CACHE) this.checkCleanHit(set, way, key, reader);
+      if (served === CacheServed.CACHE) this.checkHit(set, way, key, offset, out.length, reader);
       const at = this.lineAt(set, way) + offset;
       out.set(this.data.subarray(at, at + out.length));
       return served;
@@ -170,10 +175,12 @@ export class CpuCache {
     checkSpan(offset, src.length);
     const set = this.lock(key);
     try {
-      if (access !== CacheAccess.WB) return this.bypass(set, key, () => { this.dram.line(key).set(src, offset); });
+      if (access !== CacheAccess.WB) return this.bypass(set, key, () => { this.dramWrite(set, key, offset, src); });
       const { way, served } = this.fill(set, key);
       this.data.set(src, this.lineAt(set, way) + offset);
-      this.w[this.wayWord(set, way) + 1] = 1; // dirty
+      // Dirty; the bytes written are newest here again, whatever a bypassing store put in DRAM.
+      const ww = this.wayWord(set, way);
+      this.w[ww + 1] = (this.w[ww + 1]! | DIRTY) & ~chunksCovered(offset, src.length);
       return served;
     } finally {
       this.unlock(set);
@@ -194,7 +201,7 @@ export class CpuCache {
     const set = this.lock(key);
     try {
       const way = access === CacheAccess.DMA_SNOOP ? this.find(set, key) : -1;
-      if (access === CacheAccess.DMA_NO_SNOOP) this.checkDramRead(set, key, CacheReader.DEVICE);
+      if (access === CacheAccess.DMA_NO_SNOOP) this.checkDramRead(set, key, offset, out.length, CacheReader.DEVICE);
       if (way >= 0) {
         const at = this.lineAt(set, way) + offset;
         out.set(this.data.subarray(at, at + out.length));
@@ -220,7 +227,7 @@ export class CpuCache {
         const way = this.find(set, key);
         if (way >= 0) this.evict(set, way, key);
       }
-      this.dram.line(key).set(src, offset);
+      this.dramWrite(set, key, offset, src);
       return CacheServed.DRAM;
     } finally {
       this.unlock(set);
@@ -260,7 +267,7 @@ export class CpuCache {
         const ww = this.wayWord(set, way);
         const tag = this.w[ww]!;
         if (tag === 0) continue;
-        if (this.w[ww + 1] !== 0) written++;
+        if ((this.w[ww + 1]! & DIRTY) !== 0) written++;
         this.evict(set, way, tag - 1);
       }
       this.unlock(set);
@@ -273,7 +280,7 @@ export class CpuCache {
     const set = this.lock(key);
     try {
       const way = this.find(set, key);
-      return way < 0 ? 'invalid' : this.w[this.wayWord(set, way) + 1] !== 0 ? 'dirty' : 'clean';
+      return way < 0 ? 'invalid' : (this.w[this.wayWord(set, way) + 1]! & DIRTY) !== 0 ? 'dirty' : 'clean';
     } finally {
       this.unlock(set);
     }
@@ -291,17 +298,55 @@ export class CpuCache {
 
   // --- one set, its lock held ---
 
-  /** A WB hit on a clean line: coherent, it equals DRAM; if DRAM changed behind the cache, the reader got stale data. */
-  private checkCleanHit(set: number, way: number, key: number, reader: CacheReader): void {
-    if (this.w[this.wayWord(set, way) + 1] !== 0) return;
+  /**
+   * A WB hit: stale where a byte read differs from DRAM because DRAM changed behind the
+   * cache (any byte of a clean line; a marked chunk of a dirty one, whose other bytes are
+   * the latest writes).
+   */
+  private checkHit(set: number, way: number, key: number, offset: number, length: number, reader: CacheReader): void {
+    const state = this.w[this.wayWord(set, way) + 1]!;
+    if (state === DIRTY) return;
     const at = this.lineAt(set, way);
-    if (!sameBytes(this.data, at, this.dram.line(key))) this.stale(key, reader);
+    const dram = this.dram.line(key);
+    const dirty = (state & DIRTY) !== 0;
+    for (let i = offset; i < offset + length; i++) {
+      if (this.data[at + i] !== dram[i] && (!dirty || (state & chunkBit(i)) !== 0)) { this.stale(key, reader); return; }
+    }
   }
 
-  /** A read of DRAM while the line is dirty in the cache: the latest write is not what it gets. */
-  private checkDramRead(set: number, key: number, reader: CacheReader): void {
+  /**
+   * A read of DRAM while the line is dirty in the cache: stale where a byte read differs
+   * from the cached copy and the cache holds the latest write for it (not a chunk a
+   * bypassing store wrote to DRAM since).
+   */
+  private checkDramRead(set: number, key: number, offset: number, length: number, reader: CacheReader): void {
     const way = this.find(set, key);
-    if (way >= 0 && this.w[this.wayWord(set, way) + 1] !== 0) this.stale(key, reader);
+    if (way < 0) return;
+    const state = this.w[this.wayWord(set, way) + 1]!;
+    if ((state & DIRTY) === 0) return;
+    const at = this.lineAt(set, way);
+    const dram = this.dram.line(key);
+    for (let i = offset; i < offset + length; i++) {
+      if (this.data[at + i] !== dram[i] && (state & chunkBit(i)) === 0) { this.stale(key, reader); return; }
+    }
+  }
+
+  /**
+   * A UC/WC store or a DMA write puts `src` in DRAM. Left under a cached copy (no
+   * self-snoop, no snoop), those bytes are newer than the copy, whose write-back (once
+   * dirty) will overwrite them: the chunks are marked, and counted as overwritten then.
+   */
+  private dramWrite(set: number, key: number, offset: number, src: Uint8Array): void {
+    this.dram.line(key).set(src, offset);
+    const way = this.find(set, key);
+    if (way < 0) return;
+    const ww = this.wayWord(set, way);
+    this.w[ww + 1] = this.w[ww + 1]! | chunksTouched(offset, src.length);
+  }
+
+  private overwrote(key: number): void {
+    this.count(CacheStat.OVERWRITES);
+    Atomics.compareExchange(this.w, this.statsAt + CacheStat.STALE_FIRST_KEY, 0, key + 1);
   }
 
   private stale(key: number, reader: CacheReader): void {
@@ -342,10 +387,12 @@ export class CpuCache {
   /** Writes the line back if dirty and invalidates the way. */
   private evict(set: number, way: number, key: number): void {
     const ww = this.wayWord(set, way);
-    if (this.w[ww + 1] !== 0) {
+    const state = this.w[ww + 1]!;
+    if ((state & DIRTY) !== 0) {
       const at = this.lineAt(set, way);
       this.dram.line(key).set(this.data.subarray(at, at + CACHE_LINE_SIZE));
       this.count(CacheStat.WRITEBACKS);
+      if ((state & ~DIRTY) !== 0) this.overwrote(key);
     }
     this.w[ww] = 0;
     this.w[ww + 1] = 0;
@@ -403,9 +450,29 @@ export class CpuCache {
   }
 }
 
-function sameBytes(a: Uint8Array, at: number, line: Uint8Array): boolean {
-  for (let i = 0; i < CACHE_LINE_SIZE; i++) if (a[at + i] !== line[i]) return false;
-  return true;
+/**
+ * A way's state word: DIRTY, and the 4-byte chunks whose latest write is in DRAM (a
+ * bypassing store since the line was filled or last written there), one bit each above it.
+ */
+const DIRTY = 1;
+const CHUNK = 4;
+
+function chunkBit(byte: number): number {
+  return 2 << ((byte / CHUNK) | 0);
+}
+
+/** The chunks a store of `length` bytes at `offset` touches. */
+function chunksTouched(offset: number, length: number): number {
+  let m = 0;
+  for (let c = (offset / CHUNK) | 0; c * CHUNK < offset + length; c++) m |= 2 << c;
+  return m;
+}
+
+/** The chunks a store of `length` bytes at `offset` covers whole. */
+function chunksCovered(offset: number, length: number): number {
+  let m = 0;
+  for (let c = Math.ceil(offset / CHUNK); (c + 1) * CHUNK <= offset + length; c++) m |= 2 << c;
+  return m;
 }
 
 function checkSpan(offset: number, length: number): void {

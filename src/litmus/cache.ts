@@ -1,5 +1,5 @@
 import { PAGE_SIZE } from '../host/constants.ts';
-import { CacheAccess, type CpuCache, type CpuCacheConfig, DEFAULT_CPU_CACHE, lineKey } from '../host/cpu-cache.ts';
+import { CacheAccess, CacheStat, type CpuCache, type CpuCacheConfig, DEFAULT_CPU_CACHE, lineKey } from '../host/cpu-cache.ts';
 import {
   type EptMemoryType, MEMORY_TYPE_NAMES, type MemoryType, X86_MEMTYPE_WB, eptIgnoresPat, eptMemoryType,
 } from '../host/memory-type.ts';
@@ -99,24 +99,28 @@ export function migrationRead(vm: Vm, slot: Memslot, page: number, flushFirst: b
   return { value: u64(new Uint32Array(bytes.buffer, 0, 2)), flush };
 }
 
-/** Who read stale data, as the stale read oracle counts it (CpuCache.staleReads). */
-export type StaleReader = 'cpu' | 'device' | 'migration';
-export const STALE_READERS: readonly StaleReader[] = ['cpu', 'device', 'migration'];
+/**
+ * Who read stale data, as the stale read oracle counts it (CpuCache.staleReads), and
+ * `overwrite`: a write-back that overwrote newer data in memory (CacheStat.OVERWRITES).
+ */
+export type StaleReader = 'cpu' | 'device' | 'migration' | 'overwrite';
+export const STALE_READERS: readonly StaleReader[] = ['cpu', 'device', 'migration', 'overwrite'];
 export type StaleCounts = Record<StaleReader, number>;
 
 const STALE_TEXT: Record<StaleReader, string> = {
   cpu: 'a vCPU read older data than the latest write (a WB hit on a line memory no longer matches, or a UC or WC read while the line was dirty in the cache)',
   device: 'the device\'s no-snoop DMA read memory while a newer write sat dirty in the CPU cache',
   migration: 'the migration thread\'s write-back read hit a cache line older than memory (a UC or WC store or no-snoop DMA wrote behind the cache)',
+  overwrite: 'a dirty cache line was written back over newer data a UC or WC store or no-snoop DMA had put in memory',
 };
 
 export function staleCounts(cache: CpuCache): StaleCounts {
   const { cpu, device, migration } = cache.staleReads();
-  return { cpu, device, migration };
+  return { cpu, device, migration, overwrite: cache.stat(CacheStat.OVERWRITES) };
 }
 
 /** The stale reads between two counts (null: no cache model), one line per reader, named as `expect.stale` names it. */
 export function staleReadLines(before: StaleCounts | null, now: StaleCounts | null): string[] {
   if (before === null || now === null) return [];
-  return STALE_READERS.filter((r) => now[r] > before[r]).map((r) => `ORACLE: stale read (${r}${now[r] - before[r] > 1 ? `, ${now[r] - before[r]} times` : ''}): ${STALE_TEXT[r]}`);
+  return STALE_READERS.filter((r) => now[r] > before[r]).map((r) => `ORACLE: ${r === 'overwrite' ? 'write-back over newer data' : 'stale read'} (${r}${now[r] - before[r] > 1 ? `, ${now[r] - before[r]} times` : ''}): ${STALE_TEXT[r]}`);
 }

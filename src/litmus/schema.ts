@@ -80,8 +80,8 @@ export const FinalExpectSchema = strict({
   findings: z.array(z.string()).optional(),
   /** vm.cpu_cache: GFN -> the state of the page's first line. */
   cache: z.record(z.string(), z.enum(LINE_STATES)).optional(),
-  /** vm.cpu_cache: the stale read oracle's counts, by reader. */
-  stale: strict({ cpu: count.optional(), device: count.optional(), migration: count.optional() }).optional(),
+  /** vm.cpu_cache: the stale read oracle's counts, by reader, and write-backs over newer data (overwrite). */
+  stale: strict({ cpu: count.optional(), device: count.optional(), migration: count.optional(), overwrite: count.optional() }).optional(),
 });
 
 export const IOMMU_BACKENDS = ['type1', 'iommufd'] as const;

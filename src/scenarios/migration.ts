@@ -123,6 +123,8 @@ export interface CacheReport {
   staleReads: { cpu: number; device: number; migration: number; firstGfn: number | null };
   migrationPageFlushes: number;
   writebacks: number;
+  /** Write-backs of dirty lines that overwrote newer bytes a UC/WC store or no-snoop DMA had put in memory (lost to the aliasing). */
+  overwrites: number;
 }
 
 function cacheReport(vm: Vm): CacheReport | undefined {
@@ -133,7 +135,7 @@ function cacheReport(vm: Vm): CacheReport | undefined {
   const slot = frame === null ? undefined : vm.memory.slotOfFrame(frame);
   return {
     staleReads: { cpu: st.cpu, device: st.device, migration: st.migration, firstGfn: slot === undefined ? null : slot.baseGfn + frame! - slot.firstPage },
-    migrationPageFlushes: c.stat(CacheStat.MIGRATION_PAGE_FLUSHES), writebacks: c.stat(CacheStat.WRITEBACKS),
+    migrationPageFlushes: c.stat(CacheStat.MIGRATION_PAGE_FLUSHES), writebacks: c.stat(CacheStat.WRITEBACKS), overwrites: c.stat(CacheStat.OVERWRITES),
   };
 }
 
@@ -282,6 +284,10 @@ export async function runMigration(s: MigrationScenario, o: MigrationRunOptions)
     if (cache.staleReads.device > 0 && result.status === 'passed') {
       result.status = 'failed';
       result.reason = `a device read stale data ${cache.staleReads.device} times: its no-snoop DMA read memory while a newer write sat in the CPU cache (first gfn ${hex(cache.staleReads.firstGfn ?? 0)})`;
+    }
+    if (cache.overwrites > 0 && result.status === 'passed') {
+      result.status = 'failed';
+      result.reason = `a write-back overwrote newer data ${cache.overwrites} times: a dirty cached line was written back over what a UC or WC store or no-snoop DMA had put in memory (first gfn ${hex(cache.staleReads.firstGfn ?? 0)})`;
     }
   }
   const dma = dmaReport(vm, devices);

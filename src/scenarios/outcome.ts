@@ -45,6 +45,8 @@ export function failureOf(r: MigrationRunResult): Failure | null {
   if (r.blockerIgnored !== undefined) return { kind: 'blocker-ignored', summary: r.blockerIgnored };
   // A device that consumed stale data (the stale read oracle): the guest's memory type was not honoured.
   if (r.cache && r.cache.staleReads.device > 0) return { kind: 'stale-data', summary: `a device read stale data ${r.cache.staleReads.device} time(s)` };
+  // A dirty line written back over a newer UC/WC store or no-snoop DMA: the newer data is gone.
+  if (r.cache && r.cache.overwrites > 0) return { kind: 'stale-data', summary: `a write-back overwrote newer data ${r.cache.overwrites} time(s)` };
   // The DMA oracle's findings first: a stale-IOTLB DMA or a device fault is the cause when pages are lost too.
   if (r.dma && r.dma.staleIotlb > 0) return { kind: 'stale-iotlb', summary: `${r.dma.staleIotlb} DMA(s) through stale IOTLB entries` };
   if (r.dma && r.dma.faults > 0) return { kind: 'device-fault', summary: `${r.dma.faults} device fault(s)` };
