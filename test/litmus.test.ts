@@ -72,6 +72,10 @@ describe('injected bugs make the examples that show them fail', () => {
     ['no-zap-on-noncoherent-transition', '18-noncoherent-registration-zaps.yaml', 'expect.stale.device: expected 0, actual: 1'],
     ['migrate-noncoherent-without-flush', '19-migration-flushes-before-read.yaml', "actors.host[2] 'migration-read 0x100 flush-first': expected value: 7, actual: 0"],
     ['migrate-noncoherent-without-flush', '19-migration-flushes-before-read.yaml', 'expect.stale.migration: expected 0, actual: 1'],
+    ['wbinvd-noop', '21-guest-wbinvd-before-wc.yaml', "actors.host[2] 'clflush 0x100': expected written_back: 0, actual: 1"],
+    ['wbinvd-noop', '21-guest-wbinvd-before-wc.yaml', 'expect.stale.overwrite: expected 0, actual: 1'],
+    ['noncoherent-unbalanced', '22-vfio-coherency-counts-every-device.yaml', "actors.host[2] 'dma-read 0x100 no-snoop': expected value: 1, actual: 0"],
+    ['noncoherent-unbalanced', '22-vfio-coherency-counts-every-device.yaml', 'expect.stale.device: expected 0, actual: 1'],
   ];
 
   it.each(cases)('%s fails %s', (bug, f, message) => {
@@ -564,7 +568,7 @@ expect:
     [edited(ZAPS, ', cpu_cache: on', ''), 'expect.stale: the VM has no CPU cache model (vm.cpu_cache: on or self-snoop)'],
     [edited(ZAPS, 'set-pat 0x100 1 WC', 'set-pat 0x100 1 WX'), "actors.vcpu0[1]: 'set-pat 0x100 1 WX': 'WX' is not a memory type (one of: UC, WC, WT, WP, WB, UC-)"],
     [edited(ZAPS, 'set-pat 0x100 1 WC', 'set-pat 0x1ff 2 WC'), "actors.vcpu0[1]: 'set-pat 0x1ff 2 WC': 0x1ff+2 runs past the end of slot 1 (0x1ff)"],
-    [edited(ZAPS, 'set-pat 0x100 1 WC', 'set-pat 0x100 WC'), "actors.vcpu0[1]: 'set-pat 0x100 WC': set-pat takes 3 arguments (set-pat GFN COUNT UC|WC|WT|WP|WB|UC-)"],
+    [edited(ZAPS, 'set-pat 0x100 1 WC', 'set-pat 0x100 WC'), "actors.vcpu0[1]: 'set-pat 0x100 WC': set-pat takes 3 arguments (set-pat GFN COUNT UC|WC|WT|WP|WB|UC- [no-clflush])"],
     [edited(ZAPS, 'dma-read 0x100 no-snoop', 'dma-read 0x100 nosnoop'), "actors.host[1]: 'dma-read 0x100 nosnoop': 'nosnoop' is not a snoop attribute (snoop or no-snoop)"],
     [edited(ZAPS, ', iommu: type1', ''), "actors.host[0]: 'register-noncoherent-dma': register-noncoherent-dma needs an assigned device (vm.iommu: type1 or iommufd)"],
     [edited(ZAPS, '    - {op: register-noncoherent-dma, expect: {zapped: 256}}\n', '    - unregister-noncoherent-dma\n'),

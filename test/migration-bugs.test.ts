@@ -26,7 +26,8 @@ function caught(bug: string, r: Awaited<ReturnType<typeof runMigration>>): numbe
   if (bug === 'stale-iotlb-after-unmap') return r.dma?.staleIotlb ?? 0;
   if (bug === 'gpa-as-iova') return r.dma?.faults ?? 0;
   if (bug === 'ring-full-exit-unhandled') return /^the guest stalled/.test(r.reason ?? '') ? 1 : 0;
-  if (bug === 'no-zap-on-noncoherent-transition') return r.cache?.staleReads.device ?? 0;
+  if (bug === 'no-zap-on-noncoherent-transition' || bug === 'noncoherent-unbalanced') return r.cache?.staleReads.device ?? 0;
+  if (bug === 'wbinvd-noop') return (r.cache?.staleReads.device ?? 0) + (r.cache?.overwrites ?? 0);
   if (bug === 'missing-migration-blocker') return failureOf(r)?.kind === 'blocker-ignored' ? 1 : 0;
   if (bug === 'migrate-noncoherent-without-flush') return Math.min(r.mismatchCount, r.cache?.staleReads.migration ?? 0);
   return r.mismatchCount;

@@ -3,6 +3,10 @@ import { NONCOHERENT_BLOCKER, runMigration } from '../src/scenarios/migration.ts
 import { failureOf } from '../src/scenarios/outcome.ts';
 import { migrationSetup } from '../src/scenarios/settings.ts';
 import { complete, refusedMigration } from './helpers.ts';
+import { RENDER_WBINVD_DRIVER, RenderGuest, renderHandover } from '../src/guest/render-guest.ts';
+import { type GuestOp, OpKind, SET_PAT_NO_CLFLUSH } from '../src/host/guest-op.ts';
+import { X86_MEMTYPE_WC } from '../src/host/memory-type.ts';
+import { Prng } from '../src/util/prng.ts';
 
 /**
  * A guest rendering through a device that does not snoop (render workload, dma-engine with
@@ -66,6 +70,34 @@ describe('migrating a guest with a non-coherent device', () => {
     expect(r.status).toBe('failed');
     expect(r.cache!.staleReads.device).toBeGreaterThan(0);
     expect(r.reason).toMatch(/^a device read stale data \d+ times: its no-snoop DMA read memory while a newer write sat in the CPU cache \(first gfn 0x[0-9a-f]+\)$/);
+  });
+});
+
+describe('render-wbinvd: a driver that flushes with WBINVD as it maps its buffers WC', () => {
+  it('vCPU 0 writes its buffers WB, maps them WC leaving the flush to a WBINVD, then renders; the other vCPUs never touch them', () => {
+    const area = { baseGfn: 1000, pages: 4 };
+    const other = { pages: 100, gfn: (i: number) => i };
+    const op = { kind: OpKind.READ, gfn: 0, value: 0, offset: 0 } as GuestOp;
+    const seq = (w: RenderGuest, n: number) => Array.from({ length: n }, () => { w.next(op, { iteration: 1 }); return { ...op }; });
+    const driver = seq(new RenderGuest(area, other, new Prng(1), RENDER_WBINVD_DRIVER), 12);
+    expect(driver.slice(0, 4).map((o) => [o.kind, o.gfn])).toEqual([1000, 1001, 1002, 1003].map((g) => [OpKind.WRITE64, g]));
+    expect(driver[4]).toMatchObject({ kind: OpKind.SET_PAT, gfn: 1000, value: 4, offset: X86_MEMTYPE_WC | SET_PAT_NO_CLFLUSH });
+    expect(driver[5]!.kind).toBe(OpKind.WBINVD);
+    expect(driver.slice(6).some((o) => o.gfn >= 1000), 'it renders into its buffers').toBe(true);
+    expect(renderHandover(area, 'render-wbinvd'), 'the devices wait for those first operations').toEqual({ vcpu: 0, ops: 6 });
+    const others = seq(new RenderGuest(area, other, new Prng(2), null), 50);
+    expect(others.every((o) => o.kind === OpKind.WRITE64 && o.gfn < 100)).toBe(true);
+  });
+
+  it('with KVM executing the WBINVD nothing is stale and nothing overwritten, deterministic and free-run', async () => {
+    const det = await runMigration(render({ workload: 'render-wbinvd', noncoherentMigration: 'clflush-before-read' }), DET);
+    expect(det.status, `${det.reason ?? ''}`).toBe('passed');
+    expect([det.cache!.staleReads.device, det.cache!.overwrites]).toEqual([0, 0]);
+    expect(det.dma!.devices[0]!.dmaReads + det.dma!.devices[0]!.dmaWrites, 'the device ran after the handover').toBeGreaterThan(0);
+    const { scenario } = migrationSetup({ ...RENDER, workload: 'render-wbinvd', driver: 'free', noncoherentMigration: 'clflush-before-read', dirtyLimit: '1MB/s', warmup: '500' } as never);
+    const free = await runMigration(scenario, { driver: 'free', watchdogMs: 30_000, burst: 64 });
+    expect(free.status, `${free.reason ?? ''} ${free.errors.join('; ')}`).toBe('passed');
+    expect(free.cache!.overwrites).toBe(0);
   });
 });
 

@@ -1,6 +1,7 @@
 import { describe, expect, it } from 'vitest';
 import { ENXIO, EINVAL } from '../src/host/constants.ts';
 import { GlobalWord } from '../src/host/layout.ts';
+import { KvmVfio } from '../src/host/kvm-vfio.ts';
 import { KVM_DEV_VIRTIO_NONCOHERENT, KVM_DEV_VIRTIO_NONCOHERENT_SET, KvmVirtioDevice } from '../src/host/kvm-virtio-device.ts';
 import { runMigration } from '../src/scenarios/migration.ts';
 import { failureOf } from '../src/scenarios/outcome.ts';
@@ -37,6 +38,31 @@ describe('the KVM virtio device (KVM_DEV_TYPE_VIRTIO)', () => {
     complete(d.release());
     expect(count(vm), 'VFIO\'s registration stands').toBe(1);
     expect(errno(() => complete(d.setAttr(KVM_DEV_VIRTIO_NONCOHERENT, KVM_DEV_VIRTIO_NONCOHERENT_SET)))).toBe(ENXIO);
+  });
+});
+
+describe('KVM\'s VFIO device (kvm_vfio_update_coherency)', () => {
+  it('registers once while any file cannot enforce coherency, whatever the order; a coherent file alone registers nothing', () => {
+    for (const order of [[false, true, false], [true, false, true]]) {
+      const vm = makeVm({ tracking: MANUAL, pages: 8 });
+      const kv = new KvmVfio(vm);
+      const zapped = order.map((coherent) => complete(kv.fileAdd(coherent)));
+      expect(zapped.filter((z) => z > 0), `order ${order}: one 0 -> 1 transition`).toEqual([8]);
+      expect([count(vm), kv.registered]).toEqual([1, true]);
+    }
+    const vm = makeVm({ tracking: MANUAL, pages: 8 });
+    complete(new KvmVfio(vm).fileAdd(true));
+    expect(count(vm)).toBe(0);
+  });
+
+  it('noncoherent-unbalanced: a coherent file added after a non-coherent one unregisters (1 -> 0, every SPTE zapped), and the bug says it acted', () => {
+    const vm = makeVm({ tracking: MANUAL, pages: 8, bugs: { noncoherentUnbalanced: true } });
+    const kv = new KvmVfio(vm, true);
+    complete(kv.fileAdd(false));
+    vm.populate();
+    expect(complete(kv.fileAdd(true))).toBe(8);
+    expect([count(vm), kv.registered]).toEqual([0, false]);
+    expect(vm.acts.count('noncoherent-unbalanced')).toBe(1);
   });
 });
 

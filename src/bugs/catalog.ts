@@ -290,6 +290,26 @@ export const CATALOG: readonly CatalogEntry[] = [
     commands: ['migrate'],
     neverActed: 'the scenario has no device doing non-coherent DMA, or its policy is not block',
   },
+  {
+    name: 'wbinvd-noop',
+    wrong: 'KVM skips the guest\'s WBINVD even while non-coherent DMA is registered (need_emulate_wbinvd answers no), as it rightly does without it.',
+    effect: 'A guest that flushes with WBINVD (cpa_flush on a CPU without CLFLUSH, as its driver maps buffers it used through WB write-combining) keeps dirty lines cached: their later write-back overwrites what the guest then wrote WC and the device wrote, and the device reads what the cache still holds back.',
+    reference: 'arch/x86/kvm/x86.c kvm_emulate_wbinvd_noskip / need_emulate_wbinvd (kvm_arch_has_noncoherent_dma); arch/x86/mm/pat/set_memory.c cpa_flush',
+    modes: ['dirty-ring', 'dirty-log', 'clear-log'],
+    detectedBy: 'the CPU cache model: a write-back over newer data in memory, or a no-snoop DMA read of a line still dirty in the cache (outcome stale-data)',
+    commands: ['migrate'],
+    neverActed: 'the guest executed no WBINVD while non-coherent DMA was registered (--workload render-wbinvd does)',
+  },
+  {
+    name: 'noncoherent-unbalanced',
+    wrong: 'kvm_vfio_update_coherency decides from the VFIO file just added instead of all of them: a coherent device added after a non-coherent one unregisters non-coherent DMA, and KVM\'s count no longer matches the devices.',
+    effect: 'KVM stops honouring the guest\'s PAT (every SPTE is zapped and rebuilt WB + IPAT) while the non-coherent device still works: the guest\'s WC stores land in the CPU cache, and the device reads older data from memory.',
+    reference: 'virt/kvm/vfio.c kvm_vfio_update_coherency (list_for_each_entry over kv->file_list); arch/x86/kvm/x86.c kvm_arch_unregister_noncoherent_dma',
+    modes: ['dirty-ring', 'dirty-log', 'clear-log'],
+    detectedBy: 'stale read oracle: a device\'s no-snoop DMA read a line that was dirty in the CPU cache (outcome stale-data)',
+    commands: ['migrate'],
+    neverActed: 'no coherent device was added after a non-coherent one (--noncoherent-request vfio with two devices, the coherent one second)',
+  },
 ];
 
 /**
@@ -297,7 +317,9 @@ export const CATALOG: readonly CatalogEntry[] = [
  * rendering through a no-snoop device with the CPU cache model, independent of KVM's
  * dirty tracking mode. test/noncoherent-migration.test.ts shows each step by step.
  */
-export const NONCOHERENT_BUGS: readonly BugName[] = ['no-zap-on-noncoherent-transition', 'migrate-noncoherent-without-flush', 'missing-migration-blocker'];
+export const NONCOHERENT_BUGS: readonly BugName[] = [
+  'no-zap-on-noncoherent-transition', 'migrate-noncoherent-without-flush', 'missing-migration-blocker', 'wbinvd-noop', 'noncoherent-unbalanced',
+];
 
 /**
  * The confidential-VM bugs: their demonstrations are confidential guests (`--confidential

@@ -37,6 +37,8 @@ export function injectedBugs(names: readonly string[]): InjectedBugs {
       gpaAsIova: has('gpa-as-iova'),
       attributesBeforeZap: has('attributes-before-zap'),
       noZapOnNoncoherentTransition: has('no-zap-on-noncoherent-transition'),
+      wbinvdNoop: has('wbinvd-noop'),
+      noncoherentUnbalanced: has('noncoherent-unbalanced'),
     },
     harvestSkipEvery: has('harvest-skips-entry') ? 16 : 0,
     noBackupBitmap: has('no-backup-bitmap'),

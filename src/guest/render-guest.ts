@@ -1,4 +1,4 @@
-import { type GuestContext, type GuestOp, OpKind, type Workload } from '../host/guest-op.ts';
+import { type GuestContext, type GuestOp, OpKind, SET_PAT_NO_CLFLUSH, type Workload } from '../host/guest-op.ts';
 import { X86_MEMTYPE_WC } from '../host/memory-type.ts';
 import type { Prng } from '../util/prng.ts';
 
@@ -27,27 +27,73 @@ export function renderAreaOf(first: RenderRange): RenderRange {
 export class RenderGuest implements Workload {
   private mapped = false;
   private turn = 0;
+  /** render-wbinvd: the area's pages written through WB so far, then the flush still to do. */
+  private cleared = 0;
+  private flushPending = false;
 
   constructor(
     private readonly area: RenderRange,
     /** The rest of guest memory the guest writes (its pages, outside the area), by index. */
     private readonly other: { pages: number; gfn(i: number): number },
     private readonly prng: Prng,
+    /** The render-wbinvd guest's driver (RenderDriver), or render's; null: a vCPU that never touches the area. */
+    private readonly driver: RenderDriver | null = RENDER_DRIVER,
   ) {}
 
   next(op: GuestOp, ctx: GuestContext): void {
-    if (!this.mapped) {
+    const d = this.driver;
+    op.value = ctx.iteration;
+    op.offset = 0;
+    if (d !== null && d.clearFirst && this.cleared < this.area.pages) {
+      // The buffers in use through the kernel's WB mapping before the driver takes them.
+      op.kind = OpKind.WRITE64;
+      op.gfn = this.area.baseGfn + this.cleared++;
+      return;
+    }
+    if (d !== null && !this.mapped) {
       this.mapped = true;
+      this.flushPending = d.flush === 'wbinvd';
       op.kind = OpKind.SET_PAT;
       op.gfn = this.area.baseGfn;
       op.value = this.area.pages;
-      op.offset = X86_MEMTYPE_WC;
+      op.offset = X86_MEMTYPE_WC | (this.flushPending ? SET_PAT_NO_CLFLUSH : 0);
+      return;
+    }
+    if (this.flushPending) {
+      this.flushPending = false;
+      op.kind = OpKind.WBINVD;
+      op.gfn = this.area.baseGfn;
       return;
     }
     op.kind = OpKind.WRITE64;
-    op.value = ctx.iteration;
-    op.offset = 0;
-    const toArea = (this.turn++ & 1) === 0 || this.other.pages === 0;
+    const toArea = (d !== null && (this.turn++ & 1) === 0) || this.other.pages === 0;
     op.gfn = toArea ? this.area.baseGfn + this.prng.below(this.area.pages) : this.other.gfn(this.prng.below(this.other.pages));
   }
 }
+
+/**
+ * When the render guest hands its buffers to the devices: render at once; render-wbinvd
+ * once vCPU 0's driver has written them, mapped them WC and flushed (its first
+ * area.pages + 2 operations). The device's DMA before that would race with the guest, not KVM.
+ */
+export function renderHandover(area: RenderRange, workload: 'render' | 'render-wbinvd'): { vcpu: number; ops: number } | undefined {
+  return workload === 'render-wbinvd' ? { vcpu: 0, ops: area.pages + 2 } : undefined;
+}
+
+/** How a render guest's driver takes its buffers. */
+export interface RenderDriver {
+  /** The buffers were written through a WB mapping before the driver maps them WC. */
+  clearFirst: boolean;
+  /** How its cpa_flush flushes them when it does: CLFLUSH per line, or WBINVD (a CPU without CLFLUSH). */
+  flush: 'clflush' | 'wbinvd';
+}
+
+/** render: every vCPU maps the fresh buffers WC, CLFLUSH flushing them. */
+export const RENDER_DRIVER: RenderDriver = { clearFirst: false, flush: 'clflush' };
+/**
+ * render-wbinvd: vCPU 0 alone drives the GPU (the others write the rest of memory); its
+ * buffers were in use through WB first, and its CPU has no CLFLUSH, so the change to WC
+ * ends in a WBINVD, which KVM must really execute (non-coherent DMA is registered) or the
+ * dirty lines stay cached and their write-back later overwrites the WC data.
+ */
+export const RENDER_WBINVD_DRIVER: RenderDriver = { clearFirst: true, flush: 'wbinvd' };

@@ -1,6 +1,6 @@
 import { UserError } from '../util/errors.ts';
 import { ConfidentialGuest } from './confidential-guest.ts';
-import { RenderGuest, renderAreaOf } from './render-guest.ts';
+import { RENDER_DRIVER, RENDER_WBINVD_DRIVER, RenderGuest, renderAreaOf } from './render-guest.ts';
 import { Prng } from '../util/prng.ts';
 import { type GuestContext, type GuestOp, OpKind, type Workload, type Write64Workload } from '../host/guest-op.ts';
 
@@ -10,8 +10,13 @@ export interface GuestRange {
   pages: number;
 }
 
-export const WORKLOAD_NAMES = ['random', 'sweep', 'hotset', 'perf', 'scatter', 'convert', 'render'] as const;
+export const WORKLOAD_NAMES = ['random', 'sweep', 'hotset', 'perf', 'scatter', 'convert', 'render', 'render-wbinvd'] as const;
 export type WorkloadName = (typeof WORKLOAD_NAMES)[number];
+
+/** A guest rendering through a GPU (render-guest.ts): its devices' buffers are its render buffers. */
+export function isRenderWorkload(name: WorkloadName): boolean {
+  return name === 'render' || name === 'render-wbinvd';
+}
 
 export interface WorkloadOptions {
   name: WorkloadName;
@@ -158,11 +163,13 @@ export function createWorkload(o: WorkloadOptions, ranges: GuestRange[], vcpu: n
     case 'scatter': return new ScatterWorkload(space, prng);
     // private_mem_conversions_test's guest over each vCPU's own area, from the start of guest memory, and the bounce buffers.
     case 'convert': return new ConfidentialGuest(space.gfn(0), vcpu, vcpus);
-    case 'render': {
+    case 'render':
+    case 'render-wbinvd': {
       // The render buffers are the first range's last pages; the rest of memory is indexed around them.
       const area = renderAreaOf(ranges[0]!);
       const before = ranges[0]!.pages - area.pages;
-      return new RenderGuest(area, { pages: space.pages - area.pages, gfn: (i) => space.gfn(i < before ? i : i + area.pages) }, prng);
+      const driver = o.name === 'render' ? RENDER_DRIVER : vcpu === 0 ? RENDER_WBINVD_DRIVER : null;
+      return new RenderGuest(area, { pages: space.pages - area.pages, gfn: (i) => space.gfn(i < before ? i : i + area.pages) }, prng, driver);
     }
   }
 }

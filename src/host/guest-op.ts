@@ -33,6 +33,15 @@ export const enum OpKind {
   WBINVD = 7,
 }
 
+/** SET_PAT's `offset`: the memory type in its low bits ... */
+export const SET_PAT_TYPE = 0xff;
+/**
+ * ... and this flag when the guest's cpa_flush does not CLFLUSH the range: on a CPU without
+ * CLFLUSH (a VMM can hide it, QEMU's `-cpu ...,-clflush`) it flushes with WBINVD on every
+ * CPU instead (cpa_flush -> cpa_flush_all, arch/x86/mm/pat/set_memory.c): the next operation.
+ */
+export const SET_PAT_NO_CLFLUSH = 0x100;
+
 /** One guest operation, filled in place by a workload (no allocation per operation). */
 export interface GuestOp {
   kind: OpKind;

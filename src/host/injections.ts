@@ -13,6 +13,7 @@ export const INJECTABLE_BUGS = [
   'convert-without-unmap', 'discard-before-unmap', 'map-before-shared', 'attributes-before-zap', 'rdm-bitmap-drift',
   'split-huge-mapping', 'migrate-private-pages', 'inplace-convert-while-pinned',
   'no-zap-on-noncoherent-transition', 'migrate-noncoherent-without-flush', 'missing-migration-blocker',
+  'wbinvd-noop', 'noncoherent-unbalanced',
 ] as const;
 export type BugName = (typeof INJECTABLE_BUGS)[number];
 
@@ -24,8 +25,9 @@ export const enum Acted {
   CONVERT_WITHOUT_UNMAP, DISCARD_BEFORE_UNMAP, MAP_BEFORE_SHARED, ATTRIBUTES_BEFORE_ZAP, RDM_BITMAP_DRIFT,
   SPLIT_HUGE_MAPPING, MIGRATE_PRIVATE_PAGES, INPLACE_CONVERT_WHILE_PINNED,
   NO_ZAP_ON_NONCOHERENT_TRANSITION, MIGRATE_NONCOHERENT_WITHOUT_FLUSH, MISSING_MIGRATION_BLOCKER,
+  WBINVD_NOOP, NONCOHERENT_UNBALANCED,
 }
-if (INJECTABLE_BUGS.indexOf('missing-migration-blocker') !== (Acted.MISSING_MIGRATION_BLOCKER as number)) throw new Error('injections.ts: Acted out of step with INJECTABLE_BUGS');
+if (INJECTABLE_BUGS.indexOf('noncoherent-unbalanced') !== (Acted.NONCOHERENT_UNBALANCED as number)) throw new Error('injections.ts: Acted out of step with INJECTABLE_BUGS');
 
 /** Two lines of counters, room for every bug (the sites are rare paths: contention does not matter). */
 export const INJECTION_WORDS = 2 * LINE_WORDS;

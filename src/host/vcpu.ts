@@ -13,7 +13,8 @@ import { slotRanges } from './memory-attributes.ts';
 import { FAST_PATH_MISS_PHASE, type VcpuFastState, countStaleStore, runTlbHits, runWriteHits } from './vcpu-fast-path.ts';
 import { SPTE_PRIVATE, SPTE_WRITABLE, mapPagePrivate, spteAccessType } from './spte.ts';
 import type { Vm } from './vm.ts';
-import { type GuestContext, type GuestOp, OpKind, type Workload, type Write64Workload, isWrite64Workload } from './guest-op.ts';
+import { type GuestContext, type GuestOp, OpKind, SET_PAT_NO_CLFLUSH, SET_PAT_TYPE, type Workload, type Write64Workload, isWrite64Workload } from './guest-op.ts';
+import { Acted } from './injections.ts';
 import { NOT_WAITING, type Role, Step, type Wait, WaitCode, waitFor } from '../roles/role.ts';
 import { type Clock, WALL_CLOCK } from '../roles/clock.ts';
 import { type TokenBucket, bucketFor } from '../util/token-bucket.ts';
@@ -588,8 +589,7 @@ export class Vcpu implements Role, VcpuFastState {
     if (op.kind === OpKind.MAP_GPA_RANGE) return this.mapGpaRange();
     if (op.kind === OpKind.SET_PAT) return this.setPat();
     if (op.kind === OpKind.WBINVD) {
-      // kvm_emulate_wbinvd: flushed (on every CPU the vCPU ran on; here the one shared cache) only with non-coherent DMA.
-      if (this.cache !== null && kvmEmulateWbinvd(this.vm)) this.cache.wbinvd();
+      this.emulateWbinvd();
       return this.retire();
     }
     const slot = this.vm.memory.findSlot(op.gfn);
@@ -613,10 +613,22 @@ export class Vcpu implements Role, VcpuFastState {
   }
 
   /**
+   * The guest's WBINVD exits to KVM (kvm_emulate_wbinvd), which writes back and invalidates
+   * (on every CPU the vCPU ran on; here the one shared cache) only with non-coherent DMA.
+   */
+  private emulateWbinvd(): void {
+    if (this.cache === null || !kvmEmulateWbinvd(this.vm)) return;
+    // wbinvd-noop: KVM skips it all the same, and the guest's dirty lines stay cached.
+    if (this.vm.bugs.wbinvdNoop) this.vm.acts.acted(Acted.WBINVD_NOOP);
+    else this.cache.wbinvd();
+  }
+
+  /**
    * SET_PAT: the guest's page tables give the pages another memory type, and the guest
-   * flushes their cache lines (set_memory_wc and friends end in cpa_flush). The guest's
-   * own TLB entries are not modelled apart: each access reads the type afresh (as after
-   * the INVLPG a guest does when it changes a PTE).
+   * flushes their cache lines (set_memory_wc and friends end in cpa_flush), with CLFLUSH
+   * unless the operation says the guest flushes otherwise (SET_PAT_NO_CLFLUSH: a WBINVD
+   * follows). The guest's own TLB entries are not modelled apart: each access reads the
+   * type afresh (as after the INVLPG a guest does when it changes a PTE).
    */
   private setPat(): Advance {
     const op = this.op;
@@ -624,7 +636,8 @@ export class Vcpu implements Role, VcpuFastState {
     if (pat !== null) {
       for (const r of slotRanges(this.vm.memory, op.gfn, op.gfn + op.value)) {
         const first = r.slot.firstPage + r.page;
-        pat.fill(op.offset, first, first + r.count);
+        pat.fill(op.offset & SET_PAT_TYPE, first, first + r.count);
+        if ((op.offset & SET_PAT_NO_CLFLUSH) !== 0) continue;
         // Linux's cpa_flush: a cache attribute change flushes the range's lines (CLFLUSH), so no copy of the old type is left cached.
         for (let f = first; f < first + r.count; f++) this.cache!.clflushPage(f);
       }

@@ -46,6 +46,10 @@ export interface KernelBugs {
   attributesBeforeZap?: boolean;
   /** kvm_noncoherent_dma_assignment_start_or_stop leaves the SPTEs as they are: built before, they keep WB + IPAT. */
   noZapOnNoncoherentTransition?: boolean;
+  /** A guest's WBINVD is skipped even while non-coherent DMA is registered (need_emulate_wbinvd always false). */
+  wbinvdNoop?: boolean;
+  /** kvm_vfio_update_coherency decides from the file just added, not from all of them (kvm-vfio.ts). */
+  noncoherentUnbalanced?: boolean;
 }
 
 /**
@@ -506,6 +510,11 @@ export class Vm {
   };
 
   /** Guest operations retired by all vCPUs (each publishes its count at its step boundary): the guest's clock for devices that pace by it. */
+  /** The operations vCPU `v` has retired (published in bursts). */
+  vcpuOps(v: number): number {
+    return Atomics.load(this.vcpuWords, this.vcpuBase(v) + VcpuWord.OPS);
+  }
+
   guestOps(): number {
     let n = 0;
     for (let v = 0; v < this.layout.config.vcpus; v++) n += Atomics.load(this.vcpuWords, this.vcpuBase(v) + VcpuWord.OPS);

@@ -1,3 +1,4 @@
+import { KvmVfio } from '../host/kvm-vfio.ts';
 import type { InjectedBugs } from '../bugs/injected.ts';
 import { CacheStat } from '../host/cpu-cache.ts';
 import { GlobalWord } from '../host/layout.ts';
@@ -52,6 +53,8 @@ export class HostOperations {
   /** The bitmap the last KVM_GET_DIRTY_LOG returned, per slot (a CLEAR clears what GET got). */
   private readonly lastGot = new Map<number, Uint32Array>();
   private hostSeq = 0;
+  /** KVM's VFIO device, created by the first vfio-file-add. */
+  private kvmVfio: KvmVfio | null = null;
   private readonly harvester: DirtyRingHarvester | null;
 
   /** The operation running now (VFIO's error_report goes into its notes). */
@@ -201,6 +204,14 @@ export class HostOperations {
         r.notes.push(!edge ? 'not the first or the last: no SPTE changes'
           : r.zapped === 0 ? 'no SPTE zapped: any SPTE present keeps the memory type it was built with'
             : `${r.zapped} SPTE(s) zapped: faults rebuild them ${register ? 'honouring the guest\'s PAT (no IPAT)' : 'with WB + IPAT'}`);
+        return;
+      }
+      case 'vfio-file-add': {
+        this.kvmVfio ??= new KvmVfio(vm, vm.bugs.noncoherentUnbalanced === true);
+        const count = Atomics.load(vm.global, GlobalWord.NONCOHERENT_DMA_COUNT);
+        r.zapped = yield* this.kvmVfio.fileAdd(op.coherent);
+        const now = Atomics.load(vm.global, GlobalWord.NONCOHERENT_DMA_COUNT);
+        r.notes.push(`KVM_DEV_VFIO_FILE_ADD of a ${op.coherent ? 'coherent' : 'non-coherent'} device; kvm_vfio_update_coherency: noncoherent_dma_count ${count} -> ${now}${r.zapped > 0 ? `, ${r.zapped} SPTE(s) zapped` : ''}`);
         return;
       }
       case 'clflush':

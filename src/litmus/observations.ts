@@ -34,7 +34,7 @@ export interface OpRecord {
   reset?: number;
   dirty?: number[];
   cleared?: number;
-  /** register- / unregister-noncoherent-dma: SPTEs zapped. */
+  /** register- / unregister-noncoherent-dma, vfio-file-add: SPTEs zapped. */
   zapped?: number;
   /** clflush / wbinvd: dirty lines written back. */
   writtenBack?: number;

@@ -18,7 +18,7 @@ export const VCPU_OPS: Record<VcpuOp['kind'] | 'write-pages', string> = {
   'write-pages': 'write-pages GFN COUNT VALUE [private|shared]',
   read: 'read GFN [private|shared]',
   'map-gpa': 'map-gpa GFN COUNT private|shared',
-  'set-pat': `set-pat GFN COUNT ${MEMORY_TYPES.map((t) => MEMORY_TYPE_NAMES[t]).join('|')}`,
+  'set-pat': `set-pat GFN COUNT ${MEMORY_TYPES.map((t) => MEMORY_TYPE_NAMES[t]).join('|')} [no-clflush]`,
   wbinvd: 'wbinvd',
 };
 
@@ -44,6 +44,7 @@ export const HOST_OPS: Record<HostOp['kind'], string> = {
   'serve-exits': 'serve-exits',
   'register-noncoherent-dma': 'register-noncoherent-dma',
   'unregister-noncoherent-dma': 'unregister-noncoherent-dma',
+  'vfio-file-add': 'vfio-file-add coherent|noncoherent',
   clflush: 'clflush GFN',
   wbinvd: 'wbinvd',
   'migration-read': 'migration-read GFN [flush-first]',
@@ -80,6 +81,7 @@ export const EXPECT_KEYS: Record<string, string[]> = {
   'serve-exits': ['error'],
   'register-noncoherent-dma': ['zapped', 'error'],
   'unregister-noncoherent-dma': ['zapped', 'error'],
+  'vfio-file-add': ['zapped', 'error'],
   clflush: ['written_back', 'error'],
   wbinvd: ['written_back', 'error'],
   'migration-read': ['value', 'error'],
@@ -117,7 +119,10 @@ export function parseVcpuOp(text: string, actor: string, ctx: OpContext): Parsed
     return bad(`unknown operation '${verb}' (one of: ${Object.keys(VCPU_OPS).join(', ')})`);
   }
   const usage = VCPU_OPS[verb as keyof typeof VCPU_OPS];
-  const words = usage.split(' ').slice(1);
+  // set-pat's trailing no-clflush: the guest's cpa_flush leaves the flush to a WBINVD (a CPU without CLFLUSH).
+  const noClflush = verb === 'set-pat' && t.at(-1) === 'no-clflush';
+  if (noClflush) t.pop();
+  const words = usage.split(' ').slice(1).filter((w) => w !== '[no-clflush]');
   // A trailing private|shared is the access's kind (a TDX guest's shared bit); map-gpa requires it.
   const optionalKind = words.at(-1) === '[private|shared]';
   const hasKind = verb === 'map-gpa' || (optionalKind && (t.at(-1) === 'private' || t.at(-1) === 'shared') && t.length - 1 === words.length);
@@ -150,7 +155,7 @@ export function parseVcpuOp(text: string, actor: string, ctx: OpContext): Parsed
       if (!r.ok) return r;
       const type = MEMORY_TYPES.find((m) => MEMORY_TYPE_NAMES[m] === t[3]!.toUpperCase());
       if (type === undefined) return bad(`'${text}': '${t[3]}' is not a memory type (one of: ${MEMORY_TYPES.map((m) => MEMORY_TYPE_NAMES[m]).join(', ')})`);
-      return ok({ kind: 'set-pat', ...r.value, type });
+      return ok({ kind: 'set-pat', ...r.value, type, clflush: !noClflush });
     }
     default: {
       const count = pageCount(t[2], text, ctx);
@@ -320,6 +325,11 @@ export function parseHostOp(text: string, ctx: OpContext): Parsed<HostOp> {
     case 'unregister-noncoherent-dma':
       // VFIO registers for a device whose DMA cannot be made to snoop (kvm_vfio_update_coherency): an assigned device.
       return needIommu() ?? ok({ kind });
+    case 'vfio-file-add': {
+      const w = t[1];
+      if (w !== 'coherent' && w !== 'noncoherent') return bad(`'${text}': '${w ?? ''}' is not coherent or noncoherent (whether the device's file enforces cache coherency)`);
+      return needIommu() ?? ok({ kind, coherent: w === 'coherent' });
+    }
     case 'wbinvd':
       return needCache(text, ctx) ?? ok({ kind });
   }

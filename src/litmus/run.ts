@@ -14,7 +14,7 @@ import { VmmControl } from '../host/vmm/vmm-control.ts';
 import { Vm } from '../host/vm.ts';
 import { NoTracepoints, type PageDirtied } from '../host/tracepoints.ts';
 import { ExitHandler } from '../host/vmm/exit-handler.ts';
-import { OpKind } from '../host/guest-op.ts';
+import { OpKind, SET_PAT_NO_CLFLUSH, SET_PAT_TYPE } from '../host/guest-op.ts';
 import { KvmError } from '../util/errors.ts';
 import { PassthroughDma } from '../host/devices/passthrough-dma.ts';
 import { ConversionInjection } from '../host/vmm/conversion-bugs.ts';
@@ -494,9 +494,11 @@ class LitmusRun {
           if (idle) parts.push('idle');
           else if (vcpu.op.kind === OpKind.WBINVD) {
             const written = cache!.stat(CacheStat.WRITEBACKS) - writebacks;
-            parts.push(kvmEmulateWbinvd(this.vm) ? `WBINVD: non-coherent DMA is registered, KVM executes it (${written} dirty line(s) written back), retires` : 'WBINVD: no non-coherent DMA, KVM skips it (nothing flushed), retires');
+            parts.push(!kvmEmulateWbinvd(this.vm) ? 'WBINVD: no non-coherent DMA, KVM skips it (nothing flushed), retires'
+              : this.vm.bugs.wbinvdNoop ? 'WBINVD: non-coherent DMA is registered, but KVM skips it all the same (wbinvd-noop: nothing flushed), retires'
+                : `WBINVD: non-coherent DMA is registered, KVM executes it (${written} dirty line(s) written back), retires`);
           } else if (vcpu.op.kind === OpKind.SET_PAT) {
-            parts.push(`the guest maps ${hex(g)}+${vcpu.op.value} ${MEMORY_TYPE_NAMES[vcpu.op.offset as MemoryType]} (its PAT); cpa_flush flushes their lines (${cache!.stat(CacheStat.WRITEBACKS) - writebacks} written back), retires`);
+            parts.push(`the guest maps ${hex(g)}+${vcpu.op.value} ${MEMORY_TYPE_NAMES[(vcpu.op.offset & SET_PAT_TYPE) as MemoryType]} (its PAT); ${(vcpu.op.offset & SET_PAT_NO_CLFLUSH) !== 0 ? 'cpa_flush leaves the flush to a WBINVD' : `cpa_flush flushes their lines (${cache!.stat(CacheStat.WRITEBACKS) - writebacks} written back)`}, retires`);
           } else if (vcpu.op.kind === OpKind.READ) parts.push(exited ? `read ${hex(g)}: no memslot${mmio}` : `${kind}reads ${hex(g)} = ${readValue()}${how(false)}, retires`);
           else parts.push(exited ? `write ${hex(g)}: no memslot${mmio}` : `${kind}write ${hex(g)} = ${vcpu.op.value}: TLB ${vcpu.phase === Phase.STORE ? 'hit' : 'miss'}`);
           break;

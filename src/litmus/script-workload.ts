@@ -1,4 +1,4 @@
-import { type GuestOp, OpKind, type Workload } from '../host/guest-op.ts';
+import { type GuestOp, OpKind, SET_PAT_NO_CLFLUSH, type Workload } from '../host/guest-op.ts';
 import type { VcpuOp } from './spec.ts';
 
 /**
@@ -48,7 +48,7 @@ export class ScriptWorkload implements Workload {
         // SET_PAT's operands: `value` pages from `gfn` get memory type `offset`.
         op.kind = OpKind.SET_PAT;
         op.value = a.count;
-        op.offset = a.type;
+        op.offset = a.type | (a.clflush ? 0 : SET_PAT_NO_CLFLUSH);
         op.private = false;
         return;
       }

@@ -59,8 +59,11 @@ export type VcpuOp =
   | { kind: 'read'; gfn: number; private: boolean }
   /** `map-gpa GFN COUNT private|shared`: KVM_HC_MAP_GPA_RANGE (an exit to the VMM, which converts). */
   | { kind: 'map-gpa'; gfn: number; count: number; private: boolean }
-  /** `set-pat GFN COUNT TYPE`: the guest's PAT gives the pages another memory type, and cpa_flush flushes their lines. */
-  | { kind: 'set-pat'; gfn: number; count: number; type: MemoryType }
+  /**
+   * `set-pat GFN COUNT TYPE [no-clflush]`: the guest's PAT gives the pages another memory
+   * type, and cpa_flush flushes their lines (CLFLUSH), or with no-clflush leaves it to a WBINVD.
+   */
+  | { kind: 'set-pat'; gfn: number; count: number; type: MemoryType; clflush: boolean }
   /** `wbinvd`: the guest's WBINVD, which KVM really executes only while non-coherent DMA is registered. */
   | { kind: 'wbinvd' };
 
@@ -92,6 +95,8 @@ export type HostOp =
   /** kvm_arch_register_noncoherent_dma / kvm_arch_unregister_noncoherent_dma, as VFIO calls them (kvm_vfio_update_coherency). */
   | { kind: 'register-noncoherent-dma' }
   | { kind: 'unregister-noncoherent-dma' }
+  /** `vfio-file-add coherent|noncoherent`: KVM_DEV_VFIO_FILE_ADD of a device file; kvm_vfio_update_coherency then (un)registers. */
+  | { kind: 'vfio-file-add'; coherent: boolean }
   /** CLFLUSH of every line of a page, and WBINVD (vm.cpu_cache). */
   | { kind: 'clflush'; gfn: number }
   | { kind: 'wbinvd' }
@@ -131,7 +136,7 @@ export interface OpExpect {
   /** get-log: the pages set in the returned bitmap, ascending. */
   dirty?: GfnsMatcher;
   cleared?: number;
-  /** register- / unregister-noncoherent-dma: SPTEs zapped. */
+  /** register- / unregister-noncoherent-dma, vfio-file-add: SPTEs zapped. */
   zapped?: number;
   /** clflush / wbinvd: dirty lines written back to memory. */
   writtenBack?: number;

@@ -94,6 +94,10 @@ export const DEMOS: Record<BugName, Demo> = {
   'no-zap-on-noncoherent-transition': { migrate: NONCOHERENT },
   'migrate-noncoherent-without-flush': { migrate: NONCOHERENT },
   'missing-migration-blocker': { migrate: { ...NONCOHERENT, noncoherentMigration: 'block' } },
+  // The driver's buffers dirty in the cache when it maps them WC and flushes with WBINVD.
+  'wbinvd-noop': { migrate: { ...NONCOHERENT, workload: 'render-wbinvd' } },
+  // A second, coherent device added after the non-coherent one.
+  'noncoherent-unbalanced': { migrate: { ...NONCOHERENT, devices: [...NONCOHERENT.devices!, device({ kind: 'dma-engine', every: 4, buffers: 32, remapEvery: 0 })] } },
 };
 
 export function demoOf(bug: BugName, kind: ScenarioKind): Partial<Settings> | undefined {

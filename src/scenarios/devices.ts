@@ -2,7 +2,7 @@ import { PAGE_SIZE } from '../host/constants.ts';
 import { type DeviceConfig, usesIommu } from '../host/devices/device-config.ts';
 import { type DeviceStats, deviceStats, dmaTrackingOf } from '../host/devices/device.ts';
 export type { DeviceStats };
-import { BufferPages, type GuestRange, type IovaWindow, gfnEnd, iovaWindows } from '../host/devices/dma-buffers.ts';
+import { BufferPages, type DeviceArea, type GuestRange, type IovaWindow, gfnEnd, iovaWindows } from '../host/devices/dma-buffers.ts';
 import { VFIO_DMA_MAP_FLAG_READ, VFIO_DMA_MAP_FLAG_WRITE, VFIO_DEFAULT_DMA_ENTRY_LIMIT } from '../host/iommu/constants.ts';
 import { LockHolder } from '../host/iommu/domain-lock.ts';
 import type { IommuStats } from '../host/iommu/iommu.ts';
@@ -12,6 +12,7 @@ import type { DmaRecord } from '../host/iommu/dma-records.ts';
 import { UserError } from '../util/errors.ts';
 import { runAlone } from '../roles/role.ts';
 import { KVM_DEV_VIRTIO_NONCOHERENT, KVM_DEV_VIRTIO_NONCOHERENT_SET, KvmVirtioDevice } from '../host/kvm-virtio-device.ts';
+import { KvmVfio } from '../host/kvm-vfio.ts';
 import type { NoncoherentRequest } from './options.ts';
 
 /** The IOMMU and devices of a scenario. */
@@ -28,13 +29,13 @@ export interface DeviceSetup {
    */
   sharedArea?: GuestRange;
   /** Where the devices' buffers are when the guest says (a render guest's buffers, render-guest.ts); mapped before the guest runs. */
-  bufferArea?: GuestRange;
+  bufferArea?: DeviceArea;
   /** How KVM learns of a device doing non-coherent DMA (options.ts NoncoherentRequest); default vfio. */
   noncoherentRequest?: NoncoherentRequest;
 }
 
 /** The range the devices take their buffers from, if the scenario gives one. */
-export function deviceArea(setup: DeviceSetup): GuestRange | null {
+export function deviceArea(setup: DeviceSetup): DeviceArea | null {
   return setup.sharedArea ?? setup.bufferArea ?? null;
 }
 
@@ -93,15 +94,19 @@ export function attachDevices(vm: Vm, setup: DeviceSetup, seed: number): void {
   } finally {
     iommu.lock.release();
   }
-  if (setup.devices.some((d) => !d.snoop)) requestNoncoherent(vm, setup.noncoherentRequest ?? 'vfio');
+  if (setup.devices.some((d) => !d.snoop)) requestNoncoherent(vm, setup.noncoherentRequest ?? 'vfio', setup.devices);
 }
 
 /** Tells KVM, before the guest runs, that a device does non-coherent DMA, the scenario's way (or not at all). */
-function requestNoncoherent(vm: Vm, how: NoncoherentRequest): void {
+function requestNoncoherent(vm: Vm, how: NoncoherentRequest, devices: readonly DeviceConfig[]): void {
   switch (how) {
-    // KVM_DEV_VFIO_FILE_ADD of a group whose device cannot be made to snoop: VFIO registers
-    // non-coherent DMA once for all of them (kvm_vfio_update_coherency).
-    case 'vfio': runAlone(vm.registerNoncoherentDma(), 'VFIO registering non-coherent DMA'); return;
+    // KVM_DEV_VFIO_FILE_ADD of each device's file, in order: VFIO registers non-coherent DMA
+    // once for all of them when one cannot be made to snoop (kvm_vfio_update_coherency).
+    case 'vfio': {
+      const kv = new KvmVfio(vm, vm.bugs.noncoherentUnbalanced === true);
+      for (const [i, d] of devices.entries()) runAlone(kv.fileAdd(d.snoop), `KVM_DEV_VFIO_FILE_ADD of device ${i}`);
+      return;
+    }
     case 'capability': runAlone(vm.enableCapNoncoherentDma(), 'enabling the non-coherent DMA capability'); return;
     // Kept for the run: releasing it (closing its fd) would unregister.
     case 'kvm-virtio-device': runAlone(new KvmVirtioDevice(vm).setAttr(KVM_DEV_VIRTIO_NONCOHERENT, KVM_DEV_VIRTIO_NONCOHERENT_SET), 'KVM_SET_DEVICE_ATTR NONCOHERENT_SET'); return;

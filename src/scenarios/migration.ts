@@ -4,7 +4,7 @@ import { Acted } from '../host/injections.ts';
 import { trackingFor } from '../host/vmm/dirty-log.ts';
 import { type InjectionReport, injectionReport } from '../bugs/acted.ts';
 import type { DeterministicDriver } from '../drivers/deterministic.ts';
-import type { WorkloadOptions } from '../guest/workload.ts';
+import { type WorkloadOptions, isRenderWorkload } from '../guest/workload.ts';
 import { GuestMemory } from '../host/guest-memory.ts';
 import type { Memslot } from '../host/memslot.ts';
 import { hex } from '../util/hex.ts';
@@ -28,7 +28,7 @@ import { type Driver, type RunRolesOptions, runRoles } from './run-roles.ts';
 import type { Strategy } from '../drivers/strategy.ts';
 import type { KvmCpuExecEvent } from '../host/vmm/kvm-cpu-exec.ts';
 import type { Confidential, NoncoherentMigration } from './options.ts';
-import { renderAreaOf } from '../guest/render-guest.ts';
+import { renderAreaOf, renderHandover } from '../guest/render-guest.ts';
 import { type ConversionDesignName, discardsSharedMemory } from '../host/vmm/conversion-design.ts';
 import { CONFIDENTIAL_BLOCKER, type ConfidentialReport, bootConfidential, bootSharedRanges, checkConfidentialMigration, confidentialVerdict, confidentialVmConfig, sharedAreaOf } from './confidential.ts';
 
@@ -166,7 +166,10 @@ function designOf(s: MigrationScenario): Exclude<ConversionDesignName, 'rdm'> | 
 function devicesOf(s: MigrationScenario): DeviceSetup {
   const d = s.devices ?? NO_DEVICES;
   if (isConfidential(s)) return { ...d, sharedArea: sharedAreaOf(slotLayout(s.memoryBytes, s.slots), s.vcpus) };
-  return s.workload.name === 'render' ? { ...d, bufferArea: renderAreaOf(slotLayout(s.memoryBytes, s.slots)[0]!) } : d;
+  if (!isRenderWorkload(s.workload.name)) return d;
+  const area = renderAreaOf(slotLayout(s.memoryBytes, s.slots)[0]!);
+  const handover = renderHandover(area, s.workload.name as 'render' | 'render-wbinvd');
+  return { ...d, bufferArea: handover !== undefined ? { ...area, handover } : area };
 }
 
 /** QEMU's virtio-gpu with virgl registers a migration blocker; vmemlab's for any device doing non-coherent DMA. */

@@ -12,6 +12,15 @@ export interface IovaWindow { base: number; pages: number }
 /** Guest frames [baseGfn, baseGfn + pages). */
 export interface GuestRange { readonly baseGfn: number; readonly pages: number }
 
+/** The guest range a device's buffers come from, and when the guest hands them over. */
+export interface DeviceArea extends GuestRange {
+  /**
+   * The guest's driver hands the buffers over once vCPU `vcpu` has retired `ops`
+   * operations (its set-up: render-guest.ts); the device does no DMA before. Absent: at once.
+   */
+  readonly handover?: { readonly vcpu: number; readonly ops: number };
+}
+
 export function iovaWindows(devices: readonly DeviceConfig[], gfnEnd: number): { windows: (IovaWindow | null)[]; iovaPages: number } {
   let next = Math.ceil(gfnEnd / 1024) * 1024 + 1024;
   const windows = devices.map((d) => {

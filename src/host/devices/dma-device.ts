@@ -8,7 +8,7 @@ import type { Iommu } from '../iommu/iommu.ts';
 import { DMA_ACTIVE, DMA_QUIESCED, DeviceWord, IommuWord, MailboxOp, MailboxWord, deviceBase } from '../iommu/iommu-layout.ts';
 import { type Steps, WaitCode, waitFor } from '../../roles/role.ts';
 import { DmaRecordKind } from '../iommu/dma-records.ts';
-import { BufferPages, type GuestRange, type IovaWindow } from './dma-buffers.ts';
+import { BufferPages, type DeviceArea, type IovaWindow } from './dma-buffers.ts';
 import { DEVICE_WRITER_BASE, type DeviceConfig } from './device-config.ts';
 import { type Device, type DeviceStats, deviceStats } from './device.ts';
 
@@ -39,8 +39,8 @@ export abstract class DmaDevice implements Device {
 
   constructor(
     readonly vm: Vm, readonly index: number, readonly config: DeviceConfig, seed: number, readonly window: IovaWindow,
-    /** A confidential guest's shared bounce buffers: buffers come from there, and DMA waits until the VMM mapped them. */
-    readonly sharedArea: GuestRange | null = null,
+    /** Where buffers come from: a confidential guest's shared bounce buffers (DMA waits until the VMM mapped them), a render guest's buffers (DMA waits for their handover). */
+    readonly sharedArea: DeviceArea | null = null,
   ) {
     if (vm.iommu === null) throw new Error(`device ${index} (${config.kind}) needs an IOMMU`);
     this.iommu = vm.iommu;
@@ -160,6 +160,11 @@ export abstract class DmaDevice implements Device {
     while (this.sharedArea !== null && !this.buffers.every((b) => this.iommu.table.present(b.iova) && this.iommu.table.gfn(b.iova) === b.gfn)) {
       yield* actor.gate();
       yield waitFor(WaitCode.DMA_BUFFERS, this.index);
+    }
+    const handover = this.sharedArea?.handover;
+    while (handover !== undefined && this.vm.vcpuOps(handover.vcpu) < handover.ops) {
+      yield* actor.gate();
+      yield waitFor(WaitCode.GUEST_OPS, handover.ops, this.vm.vcpuOps(handover.vcpu));
     }
     for (const b of this.buffers) yield* this.afterMap(b);
     let nextAt = c.every;

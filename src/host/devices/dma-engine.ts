@@ -5,7 +5,7 @@ import { DeviceWord, IoPte, IommuWord } from '../iommu/iommu-layout.ts';
 import type { Vm } from '../vm.ts';
 import type { Steps } from '../../roles/role.ts';
 import { DmaRecordKind } from '../iommu/dma-records.ts';
-import type { GuestRange, IovaWindow } from './dma-buffers.ts';
+import type { DeviceArea, IovaWindow } from './dma-buffers.ts';
 import { type Buffer, DmaDevice } from './dma-device.ts';
 import type { DeviceConfig } from './device-config.ts';
 
@@ -20,7 +20,7 @@ export class DmaEngine extends DmaDevice {
   readonly iotlb: DeviceIotlb;
   private readonly hwDirty: boolean;
 
-  constructor(vm: Vm, index: number, config: DeviceConfig, seed: number, window: IovaWindow, sharedArea: GuestRange | null = null) {
+  constructor(vm: Vm, index: number, config: DeviceConfig, seed: number, window: IovaWindow, sharedArea: DeviceArea | null = null) {
     super(vm, index, config, seed, window, sharedArea);
     this.iotlb = new DeviceIotlb(config.iotlbEntries);
     this.hwDirty = config.tracking === 'iommu' && this.iommu.backend === 'iommufd';

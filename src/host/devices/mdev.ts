@@ -5,7 +5,7 @@ import { DeviceWord, IoPte } from '../iommu/iommu-layout.ts';
 import type { Vm } from '../vm.ts';
 import type { Steps } from '../../roles/role.ts';
 import { DmaRecordKind } from '../iommu/dma-records.ts';
-import type { GuestRange, IovaWindow } from './dma-buffers.ts';
+import type { DeviceArea, IovaWindow } from './dma-buffers.ts';
 import { type Buffer, DmaDevice } from './dma-device.ts';
 import type { DeviceConfig } from './device-config.ts';
 
@@ -25,7 +25,7 @@ export class Mdev extends DmaDevice {
   /** The gfn each pinned buffer's pin returned, by buffer index (-1: not pinned). */
   private readonly pinned: Int32Array;
 
-  constructor(vm: Vm, index: number, config: DeviceConfig, seed: number, window: IovaWindow, sharedArea: GuestRange | null = null) {
+  constructor(vm: Vm, index: number, config: DeviceConfig, seed: number, window: IovaWindow, sharedArea: DeviceArea | null = null) {
     super(vm, index, config, seed, window, sharedArea);
     this.pinned = new Int32Array(config.buffers).fill(-1);
   }
