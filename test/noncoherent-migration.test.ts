@@ -4,8 +4,10 @@ import { failureOf } from '../src/scenarios/outcome.ts';
 import { migrationSetup } from '../src/scenarios/settings.ts';
 import { complete, refusedMigration } from './helpers.ts';
 import { RENDER_WBINVD_DRIVER, RenderGuest, renderHandover } from '../src/guest/render-guest.ts';
-import { type GuestOp, OpKind, SET_PAT_NO_CLFLUSH } from '../src/host/guest-op.ts';
-import { X86_MEMTYPE_WC } from '../src/host/memory-type.ts';
+import { type GuestOp, OpKind, SET_PAT_COHERENT_ACK, SET_PAT_NO_CLFLUSH } from '../src/host/guest-op.ts';
+import { CoherentSwitch, GlobalWord } from '../src/host/layout.ts';
+import { X86_MEMTYPE_WB, X86_MEMTYPE_WC } from '../src/host/memory-type.ts';
+import type { Vm } from '../src/host/vm.ts';
 import { Prng } from '../src/util/prng.ts';
 
 /**
@@ -73,6 +75,49 @@ describe('migrating a guest with a non-coherent device', () => {
   });
 });
 
+describe('switch-to-coherent: guest and host return to coherent DMA before the migration reads anything', () => {
+  for (const seed of [1, 2, 3]) {
+    it(`seed ${seed}: both switched, the migration moves every write without a flush; the host alone sends stale lines while the guest still writes WC`, async () => {
+      let source: Vm | undefined;
+      const both = await runMigration(render({ seed: String(seed), noncoherentMigration: 'switch-to-coherent' }), { ...DET, prepare: (vm) => { source = vm; } });
+      expect(both.status, `${both.reason ?? ''}`).toBe('passed');
+      expect(both.cache).toMatchObject({ staleReads: { cpu: 0, device: 0, migration: 0 }, migrationPageFlushes: 0, overwrites: 0 });
+      expect([Atomics.load(source!.global, GlobalWord.DEVICES_SNOOP), Atomics.load(source!.global, GlobalWord.COHERENT_SWITCH)]).toEqual([1, CoherentSwitch.DONE]);
+      expect(source!.guestPat![source!.memory.slots[0]!.pages - 1], 'the render buffers are WB again').toBe(X86_MEMTYPE_WB);
+
+      const hostOnly = await runMigration(render({ seed: String(seed), noncoherentMigration: 'switch-host-only' }), { ...DET, prepare: (vm) => { source = vm; } });
+      expect(hostOnly.status).toBe('failed');
+      expect(hostOnly.mismatchCount).toBeGreaterThan(0);
+      expect(hostOnly.cache!.staleReads.migration).toBeGreaterThan(0);
+      expect(hostOnly.reason).toMatch(/the guest still writes its buffers WC: switch-to-coherent switches the guest too$/);
+      expect([Atomics.load(source!.global, GlobalWord.DEVICES_SNOOP), Atomics.load(source!.global, GlobalWord.COHERENT_SWITCH)]).toEqual([1, CoherentSwitch.NONE]);
+    });
+  }
+
+  it('free-run: switch-to-coherent passes with real threads', async () => {
+    const { scenario } = migrationSetup({ ...RENDER, driver: 'free', noncoherentMigration: 'switch-to-coherent', dirtyLimit: '1MB/s', warmup: '500' } as never);
+    const r = await runMigration(scenario, { driver: 'free', watchdogMs: 30_000, burst: 64 });
+    expect(r.status, `${r.reason ?? ''} ${r.errors.join('; ')}`).toBe('passed');
+    expect(r.cache).toMatchObject({ staleReads: { migration: 0 }, migrationPageFlushes: 0, overwrites: 0 });
+  });
+
+  it('the driver maps its buffers WB once, at the device\'s request, and says so', () => {
+    const area = { baseGfn: 1000, pages: 4 };
+    const w = new RenderGuest(area, { pages: 100, gfn: (i: number) => i }, new Prng(1));
+    const op = { kind: OpKind.READ, gfn: 0, value: 0, offset: 0 } as GuestOp;
+    w.next(op, { iteration: 1 });
+    expect(op).toMatchObject({ kind: OpKind.SET_PAT, offset: X86_MEMTYPE_WC });
+    w.next(op, { iteration: 1, coherentSwitch: true });
+    expect(op).toMatchObject({ kind: OpKind.SET_PAT, gfn: 1000, value: 4, offset: X86_MEMTYPE_WB | SET_PAT_COHERENT_ACK });
+    for (let i = 0; i < 10; i++) { w.next(op, { iteration: 1, coherentSwitch: true }); expect(op.kind).toBe(OpKind.WRITE64); }
+  });
+
+  it('switch-to-coherent needs a guest with a driver to switch', () => {
+    expect(() => migrationSetup({ ...RENDER, workload: 'random', noncoherentMigration: 'switch-to-coherent' } as never))
+      .toThrow('--noncoherent-migration: switch-to-coherent asks the guest\'s driver to map its buffers WB again; it needs a guest with one (--workload render or render-wbinvd, not random)');
+  });
+});
+
 describe('render-wbinvd: a driver that flushes with WBINVD as it maps its buffers WC', () => {
   it('vCPU 0 writes its buffers WB, maps them WC leaving the flush to a WBINVD, then renders; the other vCPUs never touch them', () => {
     const area = { baseGfn: 1000, pages: 4 };
@@ -107,7 +152,7 @@ describe('what a scenario with the cache model refuses, naming the setting', () 
     expect(refused({ ...RENDER, cpuCache: 'off' })).toBe('--device: device 0 (dma-engine, snoop=false): no-snoop DMA differs from snooped DMA only with the CPU cache model; add --cpu-cache on');
     expect(refused({ cpuCache: 'on', confidential: 'shared', memoryBytes: '8MiB', devices: ['dma-engine:identity,buffers=16'] })).toBe('--cpu-cache: the CPU cache model is not modelled with a confidential guest\'s private memory; it needs --confidential off');
     expect(refused({ cpuCache: 'big' })).toBe('--cpu-cache: unknown CPU cache mode \'big\' (one of: off, on, self-snoop)');
-    expect(refused({ noncoherentMigration: 'pray' })).toBe('--noncoherent-migration: unknown non-coherent migration policy \'pray\' (one of: block, clflush-before-read, none)');
+    expect(refused({ noncoherentMigration: 'pray' })).toBe('--noncoherent-migration: unknown non-coherent migration policy \'pray\' (one of: block, clflush-before-read, switch-to-coherent, switch-host-only, none)');
     expect(refused({ devices: ['dma-engine:snoop=maybe'], cpuCache: 'on' })).toBe('--device: device 0 \'dma-engine:snoop=maybe\': snoop: \'maybe\' is not true or false');
   });
 });

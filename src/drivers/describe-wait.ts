@@ -33,6 +33,7 @@ export function describeWait(code: number, arg: number, arg2: number, roleNames:
     case WaitCode.IOMMU_REQUEST: return 'waits for map/unmap requests';
     case WaitCode.VCPU_EXITS: return 'waits for a vCPU to exit (KVM_EXIT_HYPERCALL or KVM_EXIT_MEMORY_FAULT to serve)';
     case WaitCode.DMA_BUFFERS: return 'waits for the VMM to map its DMA buffers (shared memory VFIO maps as it registers)';
+    case WaitCode.GUEST_COHERENT: return 'waits for the guest\'s driver to map its buffers WB again (switch-to-coherent)';
     case WaitCode.VM_START: return 'waits for the VMM to boot the guest (its conversion design\'s set-up and the boot\'s conversions)';
     case WaitCode.NONE: return 'is not waiting (busy or finished)';
   }

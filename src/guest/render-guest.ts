@@ -1,5 +1,5 @@
-import { type GuestContext, type GuestOp, OpKind, SET_PAT_NO_CLFLUSH, type Workload } from '../host/guest-op.ts';
-import { X86_MEMTYPE_WC } from '../host/memory-type.ts';
+import { type GuestContext, type GuestOp, OpKind, SET_PAT_COHERENT_ACK, SET_PAT_NO_CLFLUSH, type Workload } from '../host/guest-op.ts';
+import { X86_MEMTYPE_WB, X86_MEMTYPE_WC } from '../host/memory-type.ts';
 import type { Prng } from '../util/prng.ts';
 
 /** A guest memory range. */
@@ -30,6 +30,8 @@ export class RenderGuest implements Workload {
   /** render-wbinvd: the area's pages written through WB so far, then the flush still to do. */
   private cleared = 0;
   private flushPending = false;
+  /** switch-to-coherent: the buffers mapped WB again at the device's request. */
+  private coherent = false;
 
   constructor(
     private readonly area: RenderRange,
@@ -63,6 +65,16 @@ export class RenderGuest implements Workload {
       this.flushPending = false;
       op.kind = OpKind.WBINVD;
       op.gfn = this.area.baseGfn;
+      return;
+    }
+    if (d !== null && ctx.coherentSwitch === true && !this.coherent) {
+      // The device asks for coherent DMA again: the driver maps its buffers WB (cpa_flush
+      // flushing them), then says so; it renders through the cache from now on.
+      this.coherent = true;
+      op.kind = OpKind.SET_PAT;
+      op.gfn = this.area.baseGfn;
+      op.value = this.area.pages;
+      op.offset = X86_MEMTYPE_WB | SET_PAT_COHERENT_ACK;
       return;
     }
     op.kind = OpKind.WRITE64;

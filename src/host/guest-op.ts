@@ -41,6 +41,11 @@ export const SET_PAT_TYPE = 0xff;
  * CPU instead (cpa_flush -> cpa_flush_all, arch/x86/mm/pat/set_memory.c): the next operation.
  */
 export const SET_PAT_NO_CLFLUSH = 0x100;
+/**
+ * ... and this one when the change answers the device's request to return to coherent DMA
+ * (GuestContext.coherentSwitch): once it is done, the driver tells the device (CoherentSwitch.DONE).
+ */
+export const SET_PAT_COHERENT_ACK = 0x200;
 
 /** One guest operation, filled in place by a workload (no allocation per operation). */
 export interface GuestOp {
@@ -70,6 +75,12 @@ export interface GuestContext {
    */
   tdvmcallStatus?: bigint;
   tdvmcallR11?: number;
+  /**
+   * The device asked the guest's driver to go back to coherent DMA (a virtio-gpu
+   * configuration change before a migration: switch-to-coherent). Read only on a VM with
+   * the CPU cache model.
+   */
+  coherentSwitch?: boolean;
 }
 
 export interface Workload {

@@ -191,11 +191,18 @@ export const GlobalWord = {
   VM_START_PENDING: 8 * LINE_WORDS + 7,
   /** Non-zero once the VM capability asking to honour the guest's PAT was enabled (Vm.enableCapNoncoherentDma): written once. */
   NONCOHERENT_CAP: 8 * LINE_WORDS + 8,
+  /** Non-zero: every device's DMA snoops now, whatever its DeviceConfig.snoop (the host's half of switch-to-coherent). */
+  DEVICES_SNOOP: 8 * LINE_WORDS + 9,
+  /** CoherentSwitch: the device asking the guest's driver to map its buffers WB again, and the driver's answer. */
+  COHERENT_SWITCH: 8 * LINE_WORDS + 10,
   /** kvm->arch.noncoherent_dma_count: non-coherent DMA registrations (kvm_arch_register_noncoherent_dma; host/memory-type.ts). */
   NONCOHERENT_DMA_COUNT: 9 * LINE_WORDS,
 
 } as const;
 export const GLOBAL_WORDS = 10 * LINE_WORDS;
+
+/** GlobalWord.COHERENT_SWITCH's values (switch-to-coherent, migration/switch-to-coherent.ts). */
+export const enum CoherentSwitch { NONE = 0, REQUESTED = 1, DONE = 2 }
 
 /** Words a vCPU writes (first line of its block). */
 export const VcpuWord = {

@@ -4,7 +4,7 @@ import {
   TDVMCALL_STATUS_INVALID_OPERAND, TDVMCALL_STATUS_RETRY, TDVMCALL_STATUS_SUBFUNC_UNSUPPORTED, TDVMCALL_STATUS_SUCCESS, TDX_MAP_GPA_MAX_LEN,
 } from './constants.ts';
 import {
-  GlobalWord, IN_GUEST_MODE, OUTSIDE_GUEST_MODE, VcpuRequest, VcpuRunState, VcpuWord, slotIsReadonly,
+  CoherentSwitch, GlobalWord, IN_GUEST_MODE, OUTSIDE_GUEST_MODE, VcpuRequest, VcpuRunState, VcpuWord, slotIsReadonly,
 } from './layout.ts';
 import { Memslot } from './memslot.ts';
 import { CACHE_LINE_SIZE, CacheAccess, type CpuCache, lineKey } from './cpu-cache.ts';
@@ -13,7 +13,7 @@ import { slotRanges } from './memory-attributes.ts';
 import { FAST_PATH_MISS_PHASE, type VcpuFastState, countStaleStore, runTlbHits, runWriteHits } from './vcpu-fast-path.ts';
 import { SPTE_PRIVATE, SPTE_WRITABLE, mapPagePrivate, spteAccessType } from './spte.ts';
 import type { Vm } from './vm.ts';
-import { type GuestContext, type GuestOp, OpKind, SET_PAT_NO_CLFLUSH, SET_PAT_TYPE, type Workload, type Write64Workload, isWrite64Workload } from './guest-op.ts';
+import { type GuestContext, type GuestOp, OpKind, SET_PAT_COHERENT_ACK, SET_PAT_NO_CLFLUSH, SET_PAT_TYPE, type Workload, type Write64Workload, isWrite64Workload } from './guest-op.ts';
 import { Acted } from './injections.ts';
 import { NOT_WAITING, type Role, Step, type Wait, WaitCode, waitFor } from '../roles/role.ts';
 import { type Clock, WALL_CLOCK } from '../roles/clock.ts';
@@ -286,6 +286,7 @@ export class Vcpu implements Role, VcpuFastState {
       return Boundary.TRANSITION;
     }
     this.ctx.iteration = Atomics.load(this.global, GlobalWord.ITERATION);
+    if (this.cache !== null) this.ctx.coherentSwitch = Atomics.load(this.global, GlobalWord.COHERENT_SWITCH) === CoherentSwitch.REQUESTED;
     this.throttle = Math.min(99, Atomics.load(w, b + VcpuRequest.THROTTLE));
     const limit = Atomics.load(w, b + VcpuRequest.DIRTY_LIMIT);
     if (limit !== this.dirtyLimit) {
@@ -641,6 +642,10 @@ export class Vcpu implements Role, VcpuFastState {
         // Linux's cpa_flush: a cache attribute change flushes the range's lines (CLFLUSH), so no copy of the old type is left cached.
         for (let f = first; f < first + r.count; f++) this.cache!.clflushPage(f);
       }
+    }
+    if ((op.offset & SET_PAT_COHERENT_ACK) !== 0) {
+      Atomics.store(this.global, GlobalWord.COHERENT_SWITCH, CoherentSwitch.DONE);
+      Atomics.notify(this.global, GlobalWord.COHERENT_SWITCH);
     }
     return this.retire();
   }

@@ -1,3 +1,4 @@
+import { switchToCoherent } from './switch-to-coherent.ts';
 import { PAGE_SIZE } from '../host/constants.ts';
 import { PageBitmap } from '../host/dirty-bitmap.ts';
 import { Acted } from '../host/injections.ts';
@@ -45,11 +46,13 @@ export interface MigrationParams {
   /**
    * With non-coherent DMA registered and the CPU cache model: `clflush-before-read`, each
    * page is flushed from the CPU caches before the migration thread reads it, so what a
-   * UC/WC store or no-snoop DMA put in memory is what it reads; `none` (the default here,
+   * UC/WC store or no-snoop DMA put in memory is what it reads; `switch-to-coherent`, guest
+   * and host return to coherent DMA before the first read, `switch-host-only` the host
+   * alone (switch-to-coherent.ts); `none` (the default here,
    * and the bug): read as it is, write-back. (QEMU's own answer, a migration blocker, is
    * the scenario's: scenarios/migration.ts.)
    */
-  noncoherent?: 'clflush-before-read' | 'none';
+  noncoherent?: 'clflush-before-read' | 'switch-to-coherent' | 'switch-host-only' | 'none';
 }
 
 /** The reason a migration ends with when its destination failed (the TCP bridge may know more: scenarios/migration.ts). */
@@ -261,6 +264,8 @@ export function* precopy(
     yield waitFor(WaitCode.GUEST_OPS, p.warmupOps, ops);
   }
   const t0 = clock.nowMs();
+  // The switch back to coherent DMA comes first, and counts in the migration's time.
+  if (p.noncoherent === 'switch-to-coherent' || p.noncoherent === 'switch-host-only') yield* switchToCoherent(vm, p.noncoherent === 'switch-to-coherent');
   const stats = new MigrationStats(t0, mem.slots.reduce((s, x) => s + x.pages, 0) * PAGE_SIZE, p.downtimeLimitMs);
   stats.countersAtStart = vcpuCounters(vmm);
   /** The dirty limits in force before the migration (set-vcpu-dirty-limit), restored at its end. */

@@ -49,6 +49,8 @@ export const enum WaitCode {
   DMA_BUFFERS = 16,
   /** A vCPU or the migration thread waits for the VMM to boot the guest (GlobalWord.VM_START_PENDING). */
   VM_START = 17,
+  /** The migration thread waits for the guest's driver to map its buffers WB again (GlobalWord.COHERENT_SWITCH). */
+  GUEST_COHERENT = 18,
 }
 
 export interface Wait {

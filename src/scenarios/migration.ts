@@ -340,7 +340,9 @@ export async function runMigration(s: MigrationScenario, o: MigrationRunOptions)
     if (cmp.count > 0) result.status = 'failed';
     const stale = result.cache?.staleReads.migration ?? 0;
     if (cmp.count > 0 && stale > 0 && result.reason === null) {
-      const hint = s.noncoherentMigration === 'clflush-before-read' ? '' : '; --noncoherent-migration clflush-before-read flushes each page first';
+      const hint = s.noncoherentMigration === 'clflush-before-read' ? ''
+        : s.noncoherentMigration === 'switch-host-only' ? '; the devices snoop now, but the guest still writes its buffers WC: switch-to-coherent switches the guest too'
+          : '; --noncoherent-migration clflush-before-read flushes each page first';
       result.reason = `the migration thread sent stale data: ${stale} of its write-back reads hit a cache line older than memory (a UC or WC store or no-snoop DMA wrote behind the cache; first gfn ${hex(result.cache!.staleReads.firstGfn ?? 0)})${hint}`;
     }
     if (isConfidential(s)) {

@@ -37,10 +37,12 @@ export const CPU_CACHE_MODES: readonly CpuCacheMode[] = ['off', 'on', 'self-snoo
  * What a migration does about a device doing non-coherent DMA (the seed discussion's
  * proposals): `block`, a migration blocker, as QEMU's virgl ("virgl is not yet
  * migratable"); `clflush-before-read`, the migration thread flushes each page before it
- * reads it; `none`, nothing (it may send stale cache lines: the bug).
+ * reads it; `switch-to-coherent`, the devices snoop and the guest maps its buffers WB
+ * again before the migration reads anything; `switch-host-only`, the devices alone (broken
+ * while the guest still writes WC); `none`, nothing (it may send stale cache lines: the bug).
  */
-export type NoncoherentMigration = 'block' | 'clflush-before-read' | 'none';
-export const NONCOHERENT_MIGRATIONS: readonly NoncoherentMigration[] = ['block', 'clflush-before-read', 'none'];
+export type NoncoherentMigration = 'block' | 'clflush-before-read' | 'switch-to-coherent' | 'switch-host-only' | 'none';
+export const NONCOHERENT_MIGRATIONS: readonly NoncoherentMigration[] = ['block', 'clflush-before-read', 'switch-to-coherent', 'switch-host-only', 'none'];
 /**
  * How KVM learns that a device does non-coherent DMA, so that it honours the guest's PAT
  * (the seed discussion's ways, side by side): `vfio`, VFIO registers it for an assigned

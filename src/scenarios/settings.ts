@@ -1,6 +1,6 @@
 import { type BugName, CATALOG, type CatalogEntry, type TrackingMode } from '../bugs/catalog.ts';
 import { PAGE_SIZE } from '../host/constants.ts';
-import { DEFAULT_WORKLOAD } from '../guest/workload.ts';
+import { DEFAULT_WORKLOAD, isRenderWorkload } from '../guest/workload.ts';
 import { DEFAULT_CPU_CACHE } from '../host/cpu-cache.ts';
 import { DEFAULT_VCPU_DIRTY_LIMIT } from '../migration/precopy.ts';
 import { UserError } from '../util/errors.ts';
@@ -221,6 +221,9 @@ export function buildMigration(r: Resolved): MigrationSetup {
   if (s.cpuCache !== 'off' && s.confidential !== 'off') throw new UserError(`${r.where('cpuCache')}: the CPU cache model is not modelled with a confidential guest's private memory; it needs ${r.where('confidential')} off`);
   if (s.noncoherentRequest !== 'vfio' && !devices.devices.some((d) => !d.snoop)) {
     throw new UserError(`${r.where('noncoherentRequest')}: ${s.noncoherentRequest} is how KVM learns of a device doing non-coherent DMA; no device has snoop=false`);
+  }
+  if (s.noncoherentMigration === 'switch-to-coherent' && !isRenderWorkload(s.workload)) {
+    throw new UserError(`${r.where('noncoherentMigration')}: switch-to-coherent asks the guest's driver to map its buffers WB again; it needs a guest with one (${r.where('workload')} render or render-wbinvd, not ${s.workload})`);
   }
   devices.devices.forEach((d, i) => {
     if (!d.snoop && s.cpuCache === 'off') throw new UserError(`${r.where('devices')}: device ${i} (${d.kind}, snoop=false): no-snoop DMA differs from snooped DMA only with the CPU cache model; add ${r.where('cpuCache')} on`);

@@ -71,8 +71,10 @@ export abstract class DmaDevice implements Device {
   protected dropTranslations(): void { /* no cache by default */ }
   /** Scratch for a DMA write through the CPU cache model: the value and the stamp. */
   private readonly line32 = new Uint32Array(4);
-  /** How its DMA meets the CPU cache model: snooped, or with No Snoop (DeviceConfig.snoop). */
-  private get dmaAccess(): CacheAccess.DMA_SNOOP | CacheAccess.DMA_NO_SNOOP { return this.config.snoop ? CacheAccess.DMA_SNOOP : CacheAccess.DMA_NO_SNOOP; }
+  /** How its DMA meets the CPU cache model: snooped, or with No Snoop (DeviceConfig.snoop) until the host switches every device to snooping. */
+  private get dmaAccess(): CacheAccess.DMA_SNOOP | CacheAccess.DMA_NO_SNOOP {
+    return this.config.snoop || Atomics.load(this.vm.global, GlobalWord.DEVICES_SNOOP) !== 0 ? CacheAccess.DMA_SNOOP : CacheAccess.DMA_NO_SNOOP;
+  }
   private readonly line8 = new Uint8Array(this.line32.buffer);
 
   /** DMA reads and writes done (kept here, published to the shared counters now and then). */
