@@ -1,5 +1,6 @@
 import { describe, expect, it } from 'vitest';
-import { KVM_X86_QUIRK_IGNORE_GUEST_PAT } from '../src/host/constants.ts';
+import { KVM_MEM_DMA, KVM_X86_QUIRK_IGNORE_GUEST_PAT } from '../src/host/constants.ts';
+import type { Memslot } from '../src/host/memslot.ts';
 import {
   GLOBAL_WORDS, GlobalWord, IN_GUEST_MODE, LINE_WORDS, type MemslotConfig, VCPU_BLOCK_WORDS, VcpuWord, createVmLayout,
 } from '../src/host/layout.ts';
@@ -88,14 +89,17 @@ describe('vmx_get_mt_mask and the effective memory type', () => {
     for (const reserved of [2, 3, 7]) expect(() => eptMemoryType(reserved << VMX_EPT_MT_EPTE_SHIFT)).toThrow(/misconfiguration/);
   });
 
-  it('Vm.getMtMask: RAM in a memslot WB + IPAT, outside every memslot UC; the guest PAT decides once non-coherent DMA is registered', () => {
-    const vm = vmWith();
-    expect(vm.getMtMask(0x100)).toBe(EPT_WB_IPAT);
-    expect(vm.getMtMask(0x200)).toBe(EPT_UC);
-    expect(vm.getMtMask(0x100, true)).toBe(EPT_UC);
+  it('Vm.getMtMask: RAM WB + IPAT, device memory UC; the guest PAT decides once non-coherent DMA is registered, or in a KVM_MEM_DMA slot', () => {
+    const vm = new Vm(createVmLayout({
+      slots: [{ id: 1, asId: 0, baseGfn: 0x100, pages: 8, flags: 0 }, { id: 2, asId: 0, baseGfn: 0x200, pages: 8, flags: 0, hostMmio: true },
+        { id: 3, asId: 0, baseGfn: 0x300, pages: 8, flags: KVM_MEM_DMA }],
+      vcpus: 1, tracking: LEGACY,
+    }));
+    const [ram, vram, dma] = vm.memory.slots as [Memslot, Memslot, Memslot];
+    expect([vm.getMtMask(ram), vm.getMtMask(vram), vm.getMtMask(dma)]).toEqual([EPT_WB_IPAT, EPT_UC, EPT_WB]);
     complete(vm.registerNoncoherentDma());
-    expect(vm.getMtMask(0x100)).toBe(EPT_WB);
-    expect(vmWith(QUIRK_OFF).getMtMask(0x100)).toBe(EPT_WB);
+    expect([vm.getMtMask(ram), vm.getMtMask(vram), vm.getMtMask(dma)]).toEqual([EPT_WB, EPT_UC, EPT_WB]);
+    expect(vmWith(QUIRK_OFF).getMtMask(vmWith().memory.slots[0]!)).toBe(EPT_WB);
   });
 });
 
@@ -169,7 +173,7 @@ describe('non-coherent DMA registration (kvm_arch_register/unregister_noncoheren
     expect(presentSptes(vm)).toBe(0);
     expect(flushes(vm)).toBe(before + 1);
     expect(vm.noncoherentDma()).toBe(false);
-    expect(vm.getMtMask(0x100)).toBe(EPT_WB_IPAT);
+    expect(vm.getMtMask(vm.memory.slots[0]!)).toBe(EPT_WB_IPAT);
   });
 
   it('an unbalanced unregister is refused and leaves the count, the SPTEs and the TLBs alone', () => {

@@ -29,7 +29,9 @@ function caught(bug: string, r: Awaited<ReturnType<typeof runMigration>>): numbe
   if (bug === 'no-zap-on-noncoherent-transition' || bug === 'noncoherent-unbalanced') return r.cache?.staleReads.device ?? 0;
   if (bug === 'wbinvd-noop') return (r.cache?.staleReads.device ?? 0) + (r.cache?.overwrites ?? 0);
   if (bug === 'missing-migration-blocker') return failureOf(r)?.kind === 'blocker-ignored' ? 1 : 0;
-  if (bug === 'migrate-noncoherent-without-flush') return Math.min(r.mismatchCount, r.cache?.staleReads.migration ?? 0);
+  if (bug === 'mmio-mapped-wb') return r.cache?.machineChecks.count ?? 0;
+  if (bug === 'vmm-touches-kvm-only-slot') return r.kvmOnlyTouches?.count ?? 0;
+  if (bug === 'migrate-noncoherent-without-flush' || bug === 'dma-slot-with-dirty-logging') return Math.min(r.mismatchCount, r.cache?.staleReads.migration ?? 0);
   return r.mismatchCount;
 }
 

@@ -8,6 +8,7 @@ import { type GuestOp, OpKind, SET_PAT_COHERENT_ACK, SET_PAT_NO_CLFLUSH } from '
 import { CoherentSwitch, GlobalWord } from '../src/host/layout.ts';
 import { X86_MEMTYPE_WB, X86_MEMTYPE_WC } from '../src/host/memory-type.ts';
 import type { Vm } from '../src/host/vm.ts';
+import { DEVICE_WRITER_BASE } from '../src/host/memslot.ts';
 import { Prng } from '../src/util/prng.ts';
 
 /**
@@ -135,8 +136,14 @@ describe('render-wbinvd: a driver that flushes with WBINVD as it maps its buffer
   });
 
   it('with KVM executing the WBINVD nothing is stale and nothing overwritten, deterministic and free-run', async () => {
-    const det = await runMigration(render({ workload: 'render-wbinvd', noncoherentMigration: 'clflush-before-read' }), DET);
+    let source: Vm | undefined;
+    const det = await runMigration(render({ workload: 'render-wbinvd', noncoherentMigration: 'clflush-before-read' }), { ...DET, prepare: (vm) => { source = vm; } });
     expect(det.status, `${det.reason ?? ''}`).toBe('passed');
+    // The buffers are vCPU 0's and the device's alone: the other vCPU never wrote them.
+    const slot = source!.memory.slots[0]!;
+    const writers = new Set(Array.from({ length: 64 }, (_, i) => slot.stampOf(slot.pages - 64 + i).writer));
+    expect([...writers].every((w) => w === 1 || w === DEVICE_WRITER_BASE), `writers ${[...writers]}`).toBe(true);
+    expect(writers.has(1)).toBe(true);
     expect([det.cache!.staleReads.device, det.cache!.overwrites]).toEqual([0, 0]);
     expect(det.dma!.devices[0]!.dmaReads + det.dma!.devices[0]!.dmaWrites, 'the device ran after the handover').toBeGreaterThan(0);
     const { scenario } = migrationSetup({ ...RENDER, workload: 'render-wbinvd', driver: 'free', noncoherentMigration: 'clflush-before-read', dirtyLimit: '1MB/s', warmup: '500' } as never);
@@ -152,7 +159,7 @@ describe('what a scenario with the cache model refuses, naming the setting', () 
     expect(refused({ ...RENDER, cpuCache: 'off' })).toBe('--device: device 0 (dma-engine, snoop=false): no-snoop DMA differs from snooped DMA only with the CPU cache model; add --cpu-cache on');
     expect(refused({ cpuCache: 'on', confidential: 'shared', memoryBytes: '8MiB', devices: ['dma-engine:identity,buffers=16'] })).toBe('--cpu-cache: the CPU cache model is not modelled with a confidential guest\'s private memory; it needs --confidential off');
     expect(refused({ cpuCache: 'big' })).toBe('--cpu-cache: unknown CPU cache mode \'big\' (one of: off, on, self-snoop)');
-    expect(refused({ noncoherentMigration: 'pray' })).toBe('--noncoherent-migration: unknown non-coherent migration policy \'pray\' (one of: block, clflush-before-read, switch-to-coherent, switch-host-only, none)');
+    expect(refused({ noncoherentMigration: 'pray' })).toBe('--noncoherent-migration: unknown non-coherent migration policy \'pray\' (one of: block, clflush-before-read, switch-to-coherent, switch-host-only, device-state, none)');
     expect(refused({ devices: ['dma-engine:snoop=maybe'], cpuCache: 'on' })).toBe('--device: device 0 \'dma-engine:snoop=maybe\': snoop: \'maybe\' is not true or false');
   });
 });

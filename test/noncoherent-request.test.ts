@@ -95,6 +95,6 @@ describe('the ways side by side, on the render guest', () => {
 
   it('a way to request honouring without a device doing non-coherent DMA is refused, naming the setting', () => {
     expect(refusedMigration({ noncoherentRequest: 'capability' })).toBe('--noncoherent-request: capability is how KVM learns of a device doing non-coherent DMA; no device has snoop=false');
-    expect(refusedMigration({ noncoherentRequest: 'sometimes' })).toBe('--noncoherent-request: unknown way to request honouring \'sometimes\' (one of: vfio, capability, kvm-virtio-device, none)');
+    expect(refusedMigration({ noncoherentRequest: 'sometimes' })).toBe('--noncoherent-request: unknown way to request honouring \'sometimes\' (one of: vfio, capability, kvm-virtio-device, kvm-mem-dma, none)');
   });
 });

@@ -310,6 +310,36 @@ export const CATALOG: readonly CatalogEntry[] = [
     commands: ['migrate'],
     neverActed: 'no coherent device was added after a non-coherent one (--noncoherent-request vfio with two devices, the coherent one second)',
   },
+  {
+    name: 'dma-slot-with-dirty-logging',
+    wrong: 'KVM lets dirty logging start on a KVM_MEM_DMA slot and keeps honouring the guest\'s PAT there, where the two flags should exclude each other (forcing WB with a zap, or refusing).',
+    effect: 'The guest keeps writing its buffers write-combining, behind the CPU cache, while the migration thread reads them write-back: a line it cached in one pass is stale in the next, and the destination gets old data. The host switching its device to snooping does not help.',
+    reference: 'the 2020 RFC "KVM: x86: honor guest memory type" (KVM_MEM_DMA) and Sean Christopherson\'s review (make it exclusive with KVM_MEM_LOG_DIRTY_PAGES, forcing WB when migration starts)',
+    modes: ['dirty-ring', 'dirty-log', 'clear-log'],
+    detectedBy: 'stamp oracle (lost writes), with the stale read oracle naming the migration thread',
+    commands: ['migrate'],
+    neverActed: 'dirty logging never started on a KVM_MEM_DMA slot (--noncoherent-request kvm-mem-dma with --blob ram)',
+  },
+  {
+    name: 'mmio-mapped-wb',
+    wrong: 'vmx_get_mt_mask has no clause for host MMIO: a memslot backed by device memory (a GPU\'s VRAM blob) gets RAM\'s memory type, WB + IPAT while no non-coherent DMA is registered.',
+    effect: 'The guest\'s accesses to the device memory are cacheable whatever its PAT says: a machine check on real hardware.',
+    reference: 'arch/x86/kvm/vmx/vmx.c vmx_get_mt_mask ("Force UC for host MMIO regions, as allowing the guest to access MMIO with cacheable accesses will result in Machine Checks"); kvm_is_mmio_pfn',
+    modes: ['dirty-ring', 'dirty-log', 'clear-log'],
+    detectedBy: 'machine check oracle: a cacheable (WB) access to device memory (outcome machine-check)',
+    commands: ['migrate'],
+    neverActed: 'no SPTE of a device-memory slot was built (--blob kvm-only-vram)',
+  },
+  {
+    name: 'vmm-touches-kvm-only-slot',
+    wrong: 'The migration treats a KVM_MEM_KVM_ONLY slot (a GPU blob only KVM maps; the device saves it as its own state) as RAM: it logs, reads and sends its pages.',
+    effect: 'The VMM reads memory it has no business mapping (GPU state, device memory); on a real host there is no mapping to read, or what it reads is not what the device will restore.',
+    reference: 'Yan Zhao\'s proposal of slots only KVM maps, in the seed discussion on honouring guest memory types (a virgl GPU buffer is GPU state that virglrenderer saves itself)',
+    modes: ['dirty-ring', 'dirty-log', 'clear-log'],
+    detectedBy: 'KVM-only slot oracle: the VMM\'s migration read a page of a KVM-only slot (outcome kvm-only-touched)',
+    commands: ['migrate'],
+    neverActed: 'the VM has no KVM-only slot (--blob kvm-only-ram or kvm-only-vram)',
+  },
 ];
 
 /**
@@ -319,6 +349,7 @@ export const CATALOG: readonly CatalogEntry[] = [
  */
 export const NONCOHERENT_BUGS: readonly BugName[] = [
   'no-zap-on-noncoherent-transition', 'migrate-noncoherent-without-flush', 'missing-migration-blocker', 'wbinvd-noop', 'noncoherent-unbalanced',
+  'dma-slot-with-dirty-logging', 'mmio-mapped-wb', 'vmm-touches-kvm-only-slot',
 ];
 
 /**

@@ -39,6 +39,8 @@ export function injectedBugs(names: readonly string[]): InjectedBugs {
       noZapOnNoncoherentTransition: has('no-zap-on-noncoherent-transition'),
       wbinvdNoop: has('wbinvd-noop'),
       noncoherentUnbalanced: has('noncoherent-unbalanced'),
+      dmaSlotWithDirtyLogging: has('dma-slot-with-dirty-logging'),
+      mmioMappedWb: has('mmio-mapped-wb'),
     },
     harvestSkipEvery: has('harvest-skips-entry') ? 16 : 0,
     noBackupBitmap: has('no-backup-bitmap'),
@@ -50,6 +52,7 @@ export function injectedBugs(names: readonly string[]): InjectedBugs {
       ringFullExitUnhandled: has('ring-full-exit-unhandled'),
       migratePrivatePages: has('migrate-private-pages'),
       noncoherentWithoutFlush: has('migrate-noncoherent-without-flush'),
+      vmmTouchesKvmOnlySlot: has('vmm-touches-kvm-only-slot'),
     },
     missingMigrationBlocker: has('missing-migration-blocker'),
     conversion: {

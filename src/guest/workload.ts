@@ -30,6 +30,8 @@ export interface WorkloadOptions {
   randomOrder: boolean;
   /** Operations per second each vCPU runs at most (the guest is that busy); 0: as fast as it can. */
   opRate?: number;
+  /** render, render-wbinvd: where the render buffers are when not the first range's last pages (a blob resource's memslot, one whole range). */
+  renderArea?: GuestRange;
 }
 
 export const DEFAULT_WORKLOAD: WorkloadOptions = {
@@ -166,9 +168,15 @@ export function createWorkload(o: WorkloadOptions, ranges: GuestRange[], vcpu: n
     case 'render':
     case 'render-wbinvd': {
       // The render buffers are the first range's last pages; the rest of memory is indexed around them.
+      const driver = o.name === 'render' ? RENDER_DRIVER : vcpu === 0 ? RENDER_WBINVD_DRIVER : null;
+      const blob = o.renderArea;
+      if (blob !== undefined) {
+        // The buffers are a range of their own; the guest's other writes go to the rest.
+        const rest = new PageSpace(ranges.filter((r) => r.baseGfn !== blob.baseGfn));
+        return new RenderGuest(blob, rest, prng, driver);
+      }
       const area = renderAreaOf(ranges[0]!);
       const before = ranges[0]!.pages - area.pages;
-      const driver = o.name === 'render' ? RENDER_DRIVER : vcpu === 0 ? RENDER_WBINVD_DRIVER : null;
       return new RenderGuest(area, { pages: space.pages - area.pages, gfn: (i) => space.gfn(i < before ? i : i + area.pages) }, prng, driver);
     }
   }

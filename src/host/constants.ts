@@ -10,6 +10,15 @@ export const KVM_USER_MEM_SLOTS = 32764;
 export const KVM_MEM_LOG_DIRTY_PAGES = 1 << 0;
 export const KVM_MEM_READONLY = 1 << 1;
 export const KVM_MEM_GUEST_MEMFD = 1 << 2;
+/**
+ * Proposals, not merged (their values are vmemlab's): KVM_MEM_DMA, the 2020 RFC "KVM: x86:
+ * honor guest memory type": KVM honours the guest's PAT in this slot alone (a device does
+ * non-coherent DMA to it); Sean Christopherson asked that it exclude
+ * KVM_MEM_LOG_DIRTY_PAGES. KVM_MEM_KVM_ONLY, Yan Zhao's slot that only KVM maps: the VMM
+ * must never read or write it (a virgl GPU buffer is GPU state, saved by the device).
+ */
+export const KVM_MEM_DMA = 1 << 3;
+export const KVM_MEM_KVM_ONLY = 1 << 4;
 
 // Capabilities.
 export const KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 = 168;

@@ -13,7 +13,7 @@ export const INJECTABLE_BUGS = [
   'convert-without-unmap', 'discard-before-unmap', 'map-before-shared', 'attributes-before-zap', 'rdm-bitmap-drift',
   'split-huge-mapping', 'migrate-private-pages', 'inplace-convert-while-pinned',
   'no-zap-on-noncoherent-transition', 'migrate-noncoherent-without-flush', 'missing-migration-blocker',
-  'wbinvd-noop', 'noncoherent-unbalanced',
+  'wbinvd-noop', 'noncoherent-unbalanced', 'dma-slot-with-dirty-logging', 'mmio-mapped-wb', 'vmm-touches-kvm-only-slot',
 ] as const;
 export type BugName = (typeof INJECTABLE_BUGS)[number];
 
@@ -25,9 +25,9 @@ export const enum Acted {
   CONVERT_WITHOUT_UNMAP, DISCARD_BEFORE_UNMAP, MAP_BEFORE_SHARED, ATTRIBUTES_BEFORE_ZAP, RDM_BITMAP_DRIFT,
   SPLIT_HUGE_MAPPING, MIGRATE_PRIVATE_PAGES, INPLACE_CONVERT_WHILE_PINNED,
   NO_ZAP_ON_NONCOHERENT_TRANSITION, MIGRATE_NONCOHERENT_WITHOUT_FLUSH, MISSING_MIGRATION_BLOCKER,
-  WBINVD_NOOP, NONCOHERENT_UNBALANCED,
+  WBINVD_NOOP, NONCOHERENT_UNBALANCED, DMA_SLOT_WITH_DIRTY_LOGGING, MMIO_MAPPED_WB, VMM_TOUCHES_KVM_ONLY_SLOT,
 }
-if (INJECTABLE_BUGS.indexOf('noncoherent-unbalanced') !== (Acted.NONCOHERENT_UNBALANCED as number)) throw new Error('injections.ts: Acted out of step with INJECTABLE_BUGS');
+if (INJECTABLE_BUGS.indexOf('vmm-touches-kvm-only-slot') !== (Acted.VMM_TOUCHES_KVM_ONLY_SLOT as number)) throw new Error('injections.ts: Acted out of step with INJECTABLE_BUGS');
 
 /** Two lines of counters, room for every bug (the sites are rare paths: contention does not matter). */
 export const INJECTION_WORDS = 2 * LINE_WORDS;

@@ -1,5 +1,5 @@
 import {
-  EINVAL, KVM_DIRTY_GFN_SIZE, KVM_MEM_GUEST_MEMFD, KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, PAGE_SIZE,
+  EINVAL, KVM_DIRTY_GFN_SIZE, KVM_MEM_DMA, KVM_MEM_GUEST_MEMFD, KVM_MEM_KVM_ONLY, KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, PAGE_SIZE,
 } from './constants.ts';
 import { KvmError } from '../util/errors.ts';
 import { createPageHistoryBuffer } from './page-history-buffer.ts';
@@ -29,6 +29,12 @@ export interface MemslotConfig {
   pages: number;
   /** KVM_MEM_* flags. KVM_MEM_LOG_DIRTY_PAGES is set when logging starts. */
   flags: number;
+  /**
+   * The slot's memory is device memory (a GPU's VRAM BAR behind a blob resource), not
+   * RAM: kvm_is_mmio_pfn, so vmx_get_mt_mask gives it UC; a cacheable access to it is a
+   * machine check. Unset: RAM.
+   */
+  hostMmio?: boolean;
 }
 
 export type DirtyTracking =
@@ -85,7 +91,15 @@ export interface VmConfig {
    * write path as without it. Not with privateMem (guest_memfd memory is not modelled behind it).
    */
   cpuCache?: CpuCacheConfig;
+  /**
+   * What KVM does when dirty logging starts on a KVM_MEM_DMA slot (the exclusion Sean
+   * asked for): 'force-wb' (the default) stops honouring the guest's PAT there, zapping the
+   * slot so faults rebuild it WB + IPAT, until logging stops; 'refuse' answers EINVAL.
+   */
+  dmaSlotLogging?: DmaSlotLogging;
 }
+
+export type DmaSlotLogging = 'force-wb' | 'refuse';
 
 export interface MemslotLayout extends MemslotConfig {
   /** Index of this slot's first page in the VM-wide page numbering (TLB, oracles). */
@@ -191,6 +205,12 @@ export const GlobalWord = {
   VM_START_PENDING: 8 * LINE_WORDS + 7,
   /** Non-zero once the VM capability asking to honour the guest's PAT was enabled (Vm.enableCapNoncoherentDma): written once. */
   NONCOHERENT_CAP: 8 * LINE_WORDS + 8,
+  /** The machine check oracle: cacheable accesses to host MMIO (Vm.machineCheck), and the first gfn + 1. */
+  MACHINE_CHECKS: 8 * LINE_WORDS + 11,
+  MACHINE_CHECK_FIRST_GFN: 8 * LINE_WORDS + 12,
+  /** The KVM-only slot oracle: pages of KVM_MEM_KVM_ONLY slots the VMM's generic paths touched (Vm.kvmOnlyTouched), and the first gfn + 1. */
+  KVM_ONLY_TOUCHES: 8 * LINE_WORDS + 13,
+  KVM_ONLY_TOUCH_FIRST_GFN: 8 * LINE_WORDS + 14,
   /** Non-zero: every device's DMA snoops now, whatever its DeviceConfig.snoop (the host's half of switch-to-coherent). */
   DEVICES_SNOOP: 8 * LINE_WORDS + 9,
   /** CoherentSwitch: the device asking the guest's driver to map its buffers WB again, and the driver's answer. */
@@ -305,6 +325,7 @@ export function createVmLayout(config: VmConfig): VmLayout {
     }
     const gmem = (s.flags & KVM_MEM_GUEST_MEMFD) !== 0;
     if (gmem) checkGuestMemfdSlot(config, s);
+    if (gmem && (s.flags & (KVM_MEM_DMA | KVM_MEM_KVM_ONLY)) !== 0) throw new KvmError(EINVAL, 'KVM_SET_USER_MEMORY_REGION2', `slot ${s.id}: KVM_MEM_DMA or KVM_MEM_KVM_ONLY on a KVM_MEM_GUEST_MEMFD slot`);
     const layout: MemslotLayout = {
       ...s,
       firstPage,

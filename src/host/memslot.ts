@@ -1,4 +1,4 @@
-import { PAGE_SIZE } from './constants.ts';
+import { KVM_MEM_KVM_ONLY, PAGE_SIZE } from './constants.ts';
 import { REGION_PAGES, REGION_PAGES_SHIFT, type MemslotLayout, slotFieldOf } from './layout.ts';
 
 /**
@@ -64,6 +64,10 @@ export class Memslot {
   readonly rdmBitmap: Uint32Array | null;
   /** Pages the VMM changed itself, for migration (MemslotLayout.vmmDirtyBitmap), or null. */
   readonly vmmDirtyBitmap: Int32Array | null;
+  /** Device memory, not RAM (MemslotConfig.hostMmio). */
+  readonly hostMmio: boolean;
+  /** KVM_MEM_KVM_ONLY: the VMM's generic paths (migration, dumps) must never touch it. */
+  readonly kvmOnly: boolean;
 
   constructor(layout: MemslotLayout, index: number) {
     this.id = layout.id;
@@ -81,6 +85,8 @@ export class Memslot {
     this.dirtyBitmap = new Int32Array(layout.dirtyBitmap);
     this.rdmBitmap = layout.rdmBitmap !== null ? new Uint32Array(layout.rdmBitmap) : null;
     this.vmmDirtyBitmap = layout.vmmDirtyBitmap !== null ? new Int32Array(layout.vmmDirtyBitmap) : null;
+    this.hostMmio = layout.hostMmio === true;
+    this.kvmOnly = (layout.flags & KVM_MEM_KVM_ONLY) !== 0;
     this.gmem = layout.gmem !== null ? new Memslot({ ...layout, regions: layout.gmem, gmem: null, rdmBitmap: null, vmmDirtyBitmap: null }, index) : null;
   }
 

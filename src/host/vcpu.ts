@@ -8,7 +8,7 @@ import {
 } from './layout.ts';
 import { Memslot } from './memslot.ts';
 import { CACHE_LINE_SIZE, CacheAccess, type CpuCache, lineKey } from './cpu-cache.ts';
-import { type MemoryType, X86_MEMTYPE_WB, X86_MEMTYPE_WC, kvmEmulateWbinvd } from './memory-type.ts';
+import { type MemoryType, X86_MEMTYPE_WB, X86_MEMTYPE_WC, effectiveMemoryType, kvmEmulateWbinvd } from './memory-type.ts';
 import { slotRanges } from './memory-attributes.ts';
 import { FAST_PATH_MISS_PHASE, type VcpuFastState, countStaleStore, runTlbHits, runWriteHits } from './vcpu-fast-path.ts';
 import { SPTE_PRIVATE, SPTE_WRITABLE, mapPagePrivate, spteAccessType } from './spte.ts';
@@ -657,8 +657,16 @@ export class Vcpu implements Role, VcpuFastState {
    * WT and WP go to memory as UC (simplified: WT and WP would update a cached copy too).
    */
   private cacheAccess(slot: Memslot, page: number): CacheAccess.WB | CacheAccess.UC | CacheAccess.WC {
-    const type = spteAccessType(slot.spte[page]!, this.vm.guestPat![slot.firstPage + page]! as MemoryType);
-    return type === X86_MEMTYPE_WB ? CacheAccess.WB : type === X86_MEMTYPE_WC ? CacheAccess.WC : CacheAccess.UC;
+    const spte = slot.spte[page]!;
+    const pat = this.vm.guestPat![slot.firstPage + page]! as MemoryType;
+    // A zapped SPTE: the access faults and KVM builds it anew (reads take no walk here: the type is what that fault gives).
+    const type = spte === 0 ? effectiveMemoryType(this.vm.getMtMask(slot), pat) : spteAccessType(spte, pat);
+    if (type === X86_MEMTYPE_WB) {
+      // A cacheable access to device memory: a machine check (why vmx_get_mt_mask forces UC there).
+      if (slot.hostMmio) this.vm.machineCheck(slot, page);
+      return CacheAccess.WB;
+    }
+    return type === X86_MEMTYPE_WC ? CacheAccess.WC : CacheAccess.UC;
   }
 
   /** Phase STORE through the CPU cache: the same bytes as writeU64Stamped (or the byte and the stamp), by the access's memory type. */

@@ -1,5 +1,6 @@
 import {
-  EINVAL, ENOENT, ENXIO, KVM_CLEAR_LOG_ALIGN, KVM_MEMORY_ATTRIBUTE_PRIVATE, KVM_MEM_LOG_DIRTY_PAGES,
+  EINVAL, ENOENT, ENXIO, KVM_CLEAR_LOG_ALIGN, KVM_MEMORY_ATTRIBUTE_PRIVATE, KVM_MEM_DMA, KVM_MEM_GUEST_MEMFD, KVM_MEM_KVM_ONLY,
+  KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY,
   KVM_X86_QUIRK_IGNORE_GUEST_PAT,
 } from './constants.ts';
 import { SharedDirtyBitmap, popcount32 } from './dirty-bitmap.ts';
@@ -24,6 +25,18 @@ import { KvmError } from '../util/errors.ts';
 import { PageHistory } from './page-history.ts';
 import { HARVEST_BITMAP, HostWriteLog, ProtectBy, TracepointSet } from './tracepoints.ts';
 import { type Steps, WaitCode, waitFor } from '../roles/role.ts';
+
+const MEMSLOT_FLAG_NAMES: [number, string][] = [
+  [KVM_MEM_LOG_DIRTY_PAGES, 'KVM_MEM_LOG_DIRTY_PAGES'], [KVM_MEM_READONLY, 'KVM_MEM_READONLY'], [KVM_MEM_GUEST_MEMFD, 'KVM_MEM_GUEST_MEMFD'],
+  [KVM_MEM_DMA, 'KVM_MEM_DMA'], [KVM_MEM_KVM_ONLY, 'KVM_MEM_KVM_ONLY'],
+];
+
+/** KVM_MEM_* flag names, `|`-joined (unknown bits in hex). */
+export function memslotFlagNames(flags: number): string {
+  const names = MEMSLOT_FLAG_NAMES.filter(([f]) => (flags & f) !== 0).map(([, n]) => n);
+  const rest = flags & ~MEMSLOT_FLAG_NAMES.reduce((m, [f]) => m | f, 0);
+  return [...names, ...(rest !== 0 ? [`0x${rest.toString(16)}`] : [])].join('|') || '0';
+}
 
 /** mmu_lock's holder id for KVM's own invalidations (vCPUs hold it as their index + 1). */
 export const MMU_LOCK_HOLDER_KVM = 0x10000;
@@ -50,6 +63,10 @@ export interface KernelBugs {
   wbinvdNoop?: boolean;
   /** kvm_vfio_update_coherency decides from the file just added, not from all of them (kvm-vfio.ts). */
   noncoherentUnbalanced?: boolean;
+  /** Dirty logging starts on a KVM_MEM_DMA slot as on any other: KVM keeps honouring the guest's PAT there. */
+  dmaSlotWithDirtyLogging?: boolean;
+  /** vmx_get_mt_mask has no clause for host MMIO: device memory gets RAM's memory type. */
+  mmioMappedWb?: boolean;
 }
 
 /**
@@ -182,14 +199,44 @@ export class Vm {
     return Atomics.load(this.global, GlobalWord.NONCOHERENT_DMA_COUNT) !== 0;
   }
 
+  /** KVM honours the guest's PAT somewhere: non-coherent DMA is registered, or a slot has KVM_MEM_DMA. */
+  honoursGuestPat(): boolean {
+    return this.noncoherentDma() || this.memory.slots.some((s) => (this.flags(s) & KVM_MEM_DMA) !== 0);
+  }
+
   /**
-   * vmx_get_mt_mask for `gfn` as the VM is now: the EPT memory type and IPAT bits a new
-   * SPTE gets (host/memory-type.ts). `isMmio` defaults to "outside every memslot", standing
-   * in for host MMIO until vmemlab has device-memory slots (KVM gives such a gfn an MMIO
-   * SPTE, with no memory type).
+   * vmx_get_mt_mask for a page of `slot` as the VM is now: the EPT memory type and IPAT
+   * bits a new SPTE gets (host/memory-type.ts). Device memory (MemslotConfig.hostMmio) is
+   * host MMIO; a KVM_MEM_DMA slot has the guest's PAT honoured as if non-coherent DMA
+   * were registered (slotHonoursPat).
    */
-  getMtMask(gfn: number, isMmio = this.memory.findSlot(gfn) === undefined): number {
-    return vmxGetMtMask({ isMmio, noncoherentDma: this.noncoherentDma(), disabledQuirks: this.disabledQuirks });
+  getMtMask(slot: Memslot): number {
+    let isMmio = slot.hostMmio;
+    // mmio-mapped-wb: the host MMIO clause is missing, and device memory is typed as RAM.
+    if (isMmio && this.bugs.mmioMappedWb) { this.acts.acted(Acted.MMIO_MAPPED_WB); isMmio = false; }
+    return vmxGetMtMask({ isMmio, noncoherentDma: this.noncoherentDma() || this.slotHonoursPat(slot), disabledQuirks: this.disabledQuirks });
+  }
+
+  /**
+   * KVM_MEM_DMA (constants.ts): the guest's PAT is honoured in this slot, except while it
+   * logs dirty pages under 'force-wb' (VmConfig.dmaSlotLogging; 'refuse' never gets there).
+   */
+  slotHonoursPat(slot: Memslot): boolean {
+    const flags = this.flags(slot);
+    if ((flags & KVM_MEM_DMA) === 0) return false;
+    return (flags & KVM_MEM_LOG_DIRTY_PAGES) === 0 || this.bugs.dmaSlotWithDirtyLogging === true;
+  }
+
+  /** The machine check oracle: a cacheable access to host MMIO (a vCPU's, through an SPTE that was not UC). */
+  machineCheck(slot: Memslot, page: number): void {
+    Atomics.add(this.global, GlobalWord.MACHINE_CHECKS, 1);
+    Atomics.compareExchange(this.global, GlobalWord.MACHINE_CHECK_FIRST_GFN, 0, slot.baseGfn + page + 1);
+  }
+
+  /** The KVM-only slot oracle: the VMM's generic path (migration, a dump) read or wrote a KVM_MEM_KVM_ONLY slot's page. */
+  kvmOnlyTouched(slot: Memslot, page: number, pages = 1): void {
+    Atomics.add(this.global, GlobalWord.KVM_ONLY_TOUCHES, pages);
+    Atomics.compareExchange(this.global, GlobalWord.KVM_ONLY_TOUCH_FIRST_GFN, 0, slot.baseGfn + page + 1);
   }
 
   /**
@@ -251,9 +298,15 @@ export class Vm {
     return zapped;
   }
 
-  /** Maps every slot: pages start present and writable unless the slot is read-only. */
+  /** Maps every slot: pages start present and writable unless the slot is read-only; with the cache model, typed as vmx_get_mt_mask says. */
   populate(): void {
-    for (const s of this.memory.slots) if (!slotIsReadonly(this.flags(s))) mapSlotWritable(s);
+    for (const s of this.memory.slots) {
+      if (slotIsReadonly(this.flags(s))) continue;
+      mapSlotWritable(s);
+      if (this.cache === null) continue;
+      const mt = this.getMtMask(s);
+      for (let p = 0; p < s.pages; p++) setSpteMemoryType(s, p, mt);
+    }
   }
 
   flags(slot: Memslot): number {
@@ -280,7 +333,17 @@ export class Vm {
   *enableDirtyLogging(slot: Memslot): Steps {
     // check_memory_region_flags: "Dirty logging private memory is not currently supported".
     if (slot.gmem !== null && this.layout.config.logSharedGuestMemfd !== true) throw new KvmError(EINVAL, 'KVM_SET_USER_MEMORY_REGION2', `slot ${slot.id}: KVM_MEM_LOG_DIRTY_PAGES on a KVM_MEM_GUEST_MEMFD slot`);
+    const dma = (this.flags(slot) & KVM_MEM_DMA) !== 0;
+    if (dma && this.bugs.dmaSlotWithDirtyLogging) this.acts.acted(Acted.DMA_SLOT_WITH_DIRTY_LOGGING);
+    else if (dma && this.layout.config.dmaSlotLogging === 'refuse') {
+      throw new KvmError(EINVAL, 'KVM_SET_USER_MEMORY_REGION', `slot ${slot.id}: KVM_MEM_LOG_DIRTY_PAGES on a KVM_MEM_DMA slot (the two exclude each other)`);
+    }
     Atomics.or(this.slotFlags, slot.index, KVM_MEM_LOG_DIRTY_PAGES);
+    if (dma && !this.bugs.dmaSlotWithDirtyLogging) {
+      // force-wb: the guest's PAT no longer counts here; zap so that faults rebuild every SPTE WB + IPAT.
+      yield* this.invalidateGfnRange(slot.baseGfn, slot.endGfn, SPTE_WRITABLE);
+      this.mmuInvalidate.end();
+    }
     const t = this.tracking;
     if (t.kind === 'bitmap' && t.manualProtect && t.initiallySet) {
       this.bitmaps[slot.index]!.setAll();
@@ -292,6 +355,26 @@ export class Vm {
     yield* this.flushRemoteTlbs();
   }
 
+  /**
+   * KVM_SET_USER_MEMORY_REGION on an existing slot, the same range, new flags
+   * (KVM_MR_FLAGS_ONLY): only KVM_MEM_LOG_DIRTY_PAGES may change. KVM refuses a change of
+   * KVM_MEM_READONLY or KVM_MEM_GUEST_MEMFD with EINVAL (__kvm_set_memory_region), and
+   * vmemlab the proposals' KVM_MEM_DMA and KVM_MEM_KVM_ONLY likewise (fixed for the slot's
+   * life: a change would need every SPTE's memory type and every mapping rebuilt). Nothing
+   * changes on a refusal.
+   */
+  *setMemslotFlags(slot: Memslot, flags: number): Steps {
+    const old = this.flags(slot);
+    const fixed = (flags ^ old) & ~KVM_MEM_LOG_DIRTY_PAGES;
+    if (fixed !== 0) throw new KvmError(EINVAL, 'KVM_SET_USER_MEMORY_REGION', `slot ${slot.id}: ${memslotFlagNames(fixed)} cannot change on an existing slot (only KVM_MEM_LOG_DIRTY_PAGES can)`);
+    if ((flags & ~old & KVM_MEM_LOG_DIRTY_PAGES) !== 0) yield* this.enableDirtyLogging(slot);
+    else if ((old & ~flags & KVM_MEM_LOG_DIRTY_PAGES) !== 0) this.disableDirtyLogging(slot);
+  }
+
+  /**
+   * Logging off. A KVM_MEM_DMA slot forced to WB keeps its WB + IPAT SPTEs until they are
+   * zapped (left: a completed migration's source does not run again).
+   */
   disableDirtyLogging(slot: Memslot): void {
     Atomics.and(this.slotFlags, slot.index, ~KVM_MEM_LOG_DIRTY_PAGES);
     // A read-only slot stays unmapped for writes (populate leaves it so): its writes exit to MMIO.
@@ -343,7 +426,7 @@ export class Vm {
     // update would leave it writable with nothing left in the log.
     this.tracepoints.active?.writeFault(vcpu, slot, page);
     // The memory type first (before the SPTE is usable), and only where the cache model is: elsewhere every SPTE stays WB + IPAT.
-    if (this.cache !== null) setSpteMemoryType(slot, page, this.getMtMask(slot.baseGfn + page, false));
+    if (this.cache !== null) setSpteMemoryType(slot, page, this.getMtMask(slot));
     makeSpteWritable(slot, page);
     return this.markPageDirtyInSlot(slot, page, vcpu);
   }

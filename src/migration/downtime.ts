@@ -9,6 +9,8 @@ export interface CompletionStats {
   finalSync: { source: string; pages: number }[];
   /** Pages the final pass sent. */
   pagesSent: number;
+  /** device-state: pages of KVM-only slots the device's save handler sent, in the downtime too. */
+  deviceStatePages?: number;
   /** Stopping the vCPUs and pausing the host actors. */
   stopMs: number;
   syncMs: number;

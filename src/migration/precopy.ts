@@ -1,4 +1,6 @@
+import { KvmError } from '../util/errors.ts';
 import { switchToCoherent } from './switch-to-coherent.ts';
+import { blobStateOf } from '../host/devices/blob-state.ts';
 import { PAGE_SIZE } from '../host/constants.ts';
 import { PageBitmap } from '../host/dirty-bitmap.ts';
 import { Acted } from '../host/injections.ts';
@@ -48,11 +50,13 @@ export interface MigrationParams {
    * page is flushed from the CPU caches before the migration thread reads it, so what a
    * UC/WC store or no-snoop DMA put in memory is what it reads; `switch-to-coherent`, guest
    * and host return to coherent DMA before the first read, `switch-host-only` the host
-   * alone (switch-to-coherent.ts); `none` (the default here,
+   * alone (switch-to-coherent.ts); `device-state`, the KVM-only slots (which RAM
+   * migration never reads) are saved by the device's save handler once the VM is stopped
+   * (devices/blob-state.ts); `none` (the default here,
    * and the bug): read as it is, write-back. (QEMU's own answer, a migration blocker, is
    * the scenario's: scenarios/migration.ts.)
    */
-  noncoherent?: 'clflush-before-read' | 'switch-to-coherent' | 'switch-host-only' | 'none';
+  noncoherent?: 'clflush-before-read' | 'switch-to-coherent' | 'switch-host-only' | 'device-state' | 'none';
 }
 
 /** The reason a migration ends with when its destination failed (the TCP bridge may know more: scenarios/migration.ts). */
@@ -73,6 +77,8 @@ export interface MigrationBugs {
   harvestSkipEvery?: number;
   /** migrate-private-pages: discarded (private) pages are read and sent like any other (QEMU's 2024 bug). */
   migratePrivatePages?: boolean;
+  /** vmm-touches-kvm-only-slot: a KVM_MEM_KVM_ONLY slot is migrated like RAM (read by the migration thread). */
+  vmmTouchesKvmOnlySlot?: boolean;
 }
 
 /**
@@ -147,6 +153,7 @@ export function* precopy(
     const before = dirty.count();
     yield* log.sync(dirty, final, tally);
     if (!bugs.migratePrivatePages) clearDiscarded();
+    clearKvmOnly();
     chunkCleared.fill(0);
     const found = dirty.count() - before;
     foundTotal += found;
@@ -166,6 +173,16 @@ export function* precopy(
       const at = slot.firstPage >>> 5; // a multiple of 64: the slot's words line up
       for (let i = 0; i < rdm.length; i++) dirty.words[at + i]! &= rdm[i]!;
     }
+  }
+
+  /**
+   * A KVM_MEM_KVM_ONLY slot is not RAM the VMM may read: its pages leave the bitmap (the
+   * VMM never maps it; the device saves it: device-state). vmm-touches-kvm-only-slot keeps
+   * them, and the pass reads them like any RAM.
+   */
+  function clearKvmOnly(): void {
+    if (bugs.vmmTouchesKvmOnlySlot) return;
+    for (const slot of mem.slots) if (slot.kvmOnly) dirty.words.fill(0, slot.firstPage >>> 5, (slot.firstPage + slot.pages + 31) >>> 5);
   }
 
   /** Answers ring-full exits: QEMU reaps into the migration bitmap and re-enters. */
@@ -194,6 +211,11 @@ export function* precopy(
       // The wait ends early on a cancel or a failed destination: the batch is dropped then too (no frame past the credit window).
       if (cancelled() || destinationFailed()) { batch.length = 0; return; }
       const s = batchSlot;
+      if (s.kvmOnly) {
+        // The oracle: the VMM's generic path reads a slot only KVM may map.
+        vm.kvmOnlyTouched(s, batch[0]!, batch.length);
+        vm.acts.acted(Acted.VMM_TOUCHES_KVM_ONLY_SLOT, batch.length);
+      }
       vm.tracepoints.active?.copied(s, batch, copyStage);
       const enc = encodePages(s.slotField, batch, vm.cache !== null ? cachedPagesOf(s, vm.cache, flushFirst(batch.length)) : pagesOf(s, vm.global, doneAtCheck), inPlace);
       send(enc.frame);
@@ -238,6 +260,29 @@ export function* precopy(
     return [sentNormal, sentZero];
   }
 
+  /**
+   * device-state: the device's save handler sends each KVM-only slot's pages, read through
+   * the device's own access (blobStateOf), in the stopped VM's downtime. Returns the pages.
+   */
+  function* sendDeviceState(): Steps<number> {
+    let pages = 0;
+    for (const slot of mem.slots) {
+      if (!slot.kvmOnly) continue;
+      const source = blobStateOf(vm, slot);
+      for (let page = 0; page < slot.pages; page += p.batchPages) {
+        yield* waitForCredit(false);
+        if (cancelled() || destinationFailed()) return pages;
+        const n = Math.min(p.batchPages, slot.pages - page);
+        const enc = encodePages(slot.slotField, Array.from({ length: n }, (_, i) => page + i), source, inPlace);
+        send(enc.frame);
+        stats.sent(enc.normal, enc.zero);
+        pages += n;
+        yield undefined;
+      }
+    }
+    return pages;
+  }
+
   function info(status: MigrationInfo['status'], downtimeMs: number): MigrationInfo {
     return stats.info(status, downtimeMs, clock.nowMs(), {
       remainingPages: dirty.count(), syncs: log.syncs, throttle: throttle.cpuPercent, dirtyLimit: throttle.dirtyLimit,
@@ -279,7 +324,15 @@ export function* precopy(
   // Setup.
   send(encodeHeader(mem.slots.map((s) => ({ id: s.id, asId: s.asId, baseGfn: s.baseGfn, pages: s.pages }))));
   for (const slot of mem.slots) for (let page = 0; page < slot.pages; page++) dirty.mark(slot.firstPage + page);
-  yield* log.start();
+  clearKvmOnly();
+  try {
+    yield* log.start();
+  } catch (e) {
+    // KVM refused to log a slot (a KVM_MEM_DMA slot under dma-slot-logging refuse): QEMU's log_global_start fails, and so does the migration.
+    if (!(e instanceof KvmError)) throw e;
+    end({ kind: 'failed', reason: `dirty logging could not start: ${e.message}`, info: info('failed', 0) });
+    return;
+  }
   yield* syncLog(false);
   stats.setupTimeMs = clock.nowMs() - t0;
 
@@ -353,6 +406,7 @@ export function* precopy(
   const pagesLeft = dirty.count();
   copyStage = COPY_COMPLETION;
   yield* sendDirty(false);
+  const deviceStatePages = p.noncoherent === 'device-state' ? yield* sendDeviceState() : 0;
   // A confidential guest's shared/private state, as the RamDiscardManager has it, once the VM is stopped.
   for (const slot of mem.slots) if (slot.rdmBitmap !== null) send(encodeAttributes(slot.slotField, slot.rdmBitmap));
   send(encodeComplete(stats.normal, stats.zero, crc));
@@ -369,7 +423,7 @@ export function* precopy(
   }
   const doneAt = clock.nowMs();
   stats.completion = {
-    estimatedPages, finalSync, pagesSent: pagesLeft,
+    estimatedPages, finalSync, pagesSent: pagesLeft, ...(deviceStatePages > 0 ? { deviceStatePages } : {}),
     stopMs: stoppedAt - stoppingAt, syncMs: syncedAt - stoppedAt, sendMs: sentAt - syncedAt, destinationMs: doneAt - sentAt,
   };
   end({ kind: 'completed', info: info('completed', doneAt - stoppingAt) });

@@ -15,11 +15,11 @@ import { type Steps, WaitCode, waitFor } from '../roles/role.ts';
  *
  * The host alone (`withGuest` false: switch-host-only) is not enough: the guest still
  * writes its buffers WC, behind the cache, and a line the migration thread cached in one
- * pass is stale in the next. Returns whether anything was switched (false: no
- * non-coherent DMA was registered, nothing to do).
+ * pass is stale in the next. Returns whether anything was switched (false: KVM honours
+ * the guest's PAT nowhere, nothing to do).
  */
 export function* switchToCoherent(vm: Vm, withGuest: boolean): Steps<boolean> {
-  if (vm.cache === null || !vm.noncoherentDma()) return false;
+  if (vm.cache === null || !vm.honoursGuestPat()) return false;
   Atomics.store(vm.global, GlobalWord.DEVICES_SNOOP, 1);
   if (!withGuest) return true;
   Atomics.store(vm.global, GlobalWord.COHERENT_SWITCH, CoherentSwitch.REQUESTED);

@@ -98,6 +98,11 @@ export const DEMOS: Record<BugName, Demo> = {
   'wbinvd-noop': { migrate: { ...NONCOHERENT, workload: 'render-wbinvd' } },
   // A second, coherent device added after the non-coherent one.
   'noncoherent-unbalanced': { migrate: { ...NONCOHERENT, devices: [...NONCOHERENT.devices!, device({ kind: 'dma-engine', every: 4, buffers: 32, remapEvery: 0 })] } },
+  // The buffers in a host RAM blob with KVM_MEM_DMA; the host switches the device to snooping, KVM must force WB while logging.
+  'dma-slot-with-dirty-logging': { migrate: { ...NONCOHERENT, blob: 'ram', noncoherentRequest: 'kvm-mem-dma', noncoherentMigration: 'switch-host-only' } },
+  // virgl's case: the buffers in the GPU's device memory, which only KVM maps; nobody registers non-coherent DMA.
+  'mmio-mapped-wb': { migrate: { ...NONCOHERENT, blob: 'kvm-only-vram', noncoherentRequest: 'none', noncoherentMigration: 'device-state' } },
+  'vmm-touches-kvm-only-slot': { migrate: { ...NONCOHERENT, blob: 'kvm-only-ram', noncoherentMigration: 'device-state' } },
 };
 
 export function demoOf(bug: BugName, kind: ScenarioKind): Partial<Settings> | undefined {

@@ -9,7 +9,9 @@ import { GuestMemory } from '../host/guest-memory.ts';
 import type { Memslot } from '../host/memslot.ts';
 import { hex } from '../util/hex.ts';
 import { CacheStat, type CpuCacheConfig, LINES_PER_PAGE } from '../host/cpu-cache.ts';
-import { GlobalWord, type MapGpaAbi, type VmConfig, createVmLayout } from '../host/layout.ts';
+import { type DmaSlotLogging, GlobalWord, type MapGpaAbi, type MemslotConfig, type VmConfig, createVmLayout } from '../host/layout.ts';
+import { KVM_MEM_DMA, KVM_MEM_KVM_ONLY } from '../host/constants.ts';
+import type { GuestRange } from '../host/devices/dma-buffers.ts';
 import type { Vm } from '../host/vm.ts';
 import { VmmControl } from '../host/vmm/vmm-control.ts';
 import { DEST_WORDS, DestWord } from '../migration/channel.ts';
@@ -27,8 +29,8 @@ import { type DestinationRun, resumeDestination } from './resume.ts';
 import { type Driver, type RunRolesOptions, runRoles } from './run-roles.ts';
 import type { Strategy } from '../drivers/strategy.ts';
 import type { KvmCpuExecEvent } from '../host/vmm/kvm-cpu-exec.ts';
-import type { Confidential, NoncoherentMigration } from './options.ts';
-import { renderAreaOf, renderHandover } from '../guest/render-guest.ts';
+import type { Blob, Confidential, NoncoherentMigration } from './options.ts';
+import { RENDER_PAGES, renderAreaOf, renderHandover } from '../guest/render-guest.ts';
 import { type ConversionDesignName, discardsSharedMemory } from '../host/vmm/conversion-design.ts';
 import { CONFIDENTIAL_BLOCKER, type ConfidentialReport, bootConfidential, bootSharedRanges, checkConfidentialMigration, confidentialVerdict, confidentialVmConfig, sharedAreaOf } from './confidential.ts';
 
@@ -59,6 +61,34 @@ export interface MigrationScenario {
   cpuCache?: CpuCacheConfig;
   /** What the migration does about a device doing non-coherent DMA (options.ts NoncoherentMigration); default block, as QEMU. */
   noncoherentMigration?: NoncoherentMigration;
+  /** The render guest's buffers in a GPU blob resource's memslot (options.ts Blob); default off. */
+  blob?: Blob;
+  /** What KVM does when dirty logging starts on a KVM_MEM_DMA slot (VmConfig.dmaSlotLogging); default force-wb. */
+  dmaSlotLogging?: DmaSlotLogging;
+}
+
+/**
+ * The scenario's memslots: guest RAM (slotLayout), then the blob resource's slot, if any,
+ * one gfn past the last (RENDER_PAGES pages: the render buffers), with KVM_MEM_KVM_ONLY for
+ * the KVM-only blobs, device memory for VRAM, and KVM_MEM_DMA when that is how the VMM
+ * asks KVM to honour the guest's PAT.
+ */
+export function scenarioSlots(s: Pick<MigrationScenario, 'memoryBytes' | 'slots' | 'blob' | 'devices'>): MemslotConfig[] {
+  const ram = slotLayout(s.memoryBytes, s.slots);
+  if (!hasBlob(s)) return ram;
+  const last = ram.at(-1)!;
+  const flags = (s.blob !== 'ram' ? KVM_MEM_KVM_ONLY : 0) | (s.devices?.noncoherentRequest === 'kvm-mem-dma' ? KVM_MEM_DMA : 0);
+  return [...ram, { id: last.id + 1, asId: 0, baseGfn: last.baseGfn + last.pages + 1, pages: RENDER_PAGES, flags, ...(s.blob === 'kvm-only-vram' ? { hostMmio: true } : {}) }];
+}
+
+function hasBlob(s: Pick<MigrationScenario, 'blob'>): boolean {
+  return s.blob !== undefined && s.blob !== 'off';
+}
+
+/** Where the render guest's buffers are: its blob's slot, or the last pages of guest RAM. */
+function renderAreaFor(s: MigrationScenario): GuestRange {
+  const slots = scenarioSlots(s);
+  return hasBlob(s) ? slots.at(-1)! : renderAreaOf(slots[0]!);
 }
 
 export interface MigrationRunOptions {
@@ -117,6 +147,8 @@ export interface MigrationRunResult {
   cache?: CacheReport;
   /** The blocker a device doing non-coherent DMA needs was not registered, and the migration ran: what it should have said. */
   blockerIgnored?: string;
+  /** The KVM-only slot oracle, when the VM has such a slot: pages of it the VMM's generic paths touched. */
+  kvmOnlyTouches?: { count: number; firstGfn: number | null };
 }
 
 export interface CacheReport {
@@ -125,6 +157,8 @@ export interface CacheReport {
   writebacks: number;
   /** Write-backs of dirty lines that overwrote newer bytes a UC/WC store or no-snoop DMA had put in memory (lost to the aliasing). */
   overwrites: number;
+  /** The machine check oracle: cacheable (WB) accesses to device memory, and the first gfn. */
+  machineChecks: { count: number; firstGfn: number | null };
 }
 
 function cacheReport(vm: Vm): CacheReport | undefined {
@@ -136,7 +170,14 @@ function cacheReport(vm: Vm): CacheReport | undefined {
   return {
     staleReads: { cpu: st.cpu, device: st.device, migration: st.migration, firstGfn: slot === undefined ? null : slot.baseGfn + frame! - slot.firstPage },
     migrationPageFlushes: c.stat(CacheStat.MIGRATION_PAGE_FLUSHES), writebacks: c.stat(CacheStat.WRITEBACKS), overwrites: c.stat(CacheStat.OVERWRITES),
+    machineChecks: firstOf(vm, GlobalWord.MACHINE_CHECKS, GlobalWord.MACHINE_CHECK_FIRST_GFN),
   };
+}
+
+/** A counter of the global words and the first gfn (+ 1) it recorded. */
+function firstOf(vm: Vm, count: number, first: number): { count: number; firstGfn: number | null } {
+  const f = Atomics.load(vm.global, first);
+  return { count: Atomics.load(vm.global, count), firstGfn: f > 0 ? f - 1 : null };
 }
 
 export function migrationVmConfig(s: MigrationScenario): VmConfig {
@@ -145,8 +186,11 @@ export function migrationVmConfig(s: MigrationScenario): VmConfig {
   // Writes by KVM with no running vCPU (host writer, GVT-g) need the ring's backup bitmap.
   const hostWrites = s.hostWriteEvery > 0 || devices.devices.some((d) => d.kind === 'gvt');
   const tracking = trackingFor(s.tracking, { ringEntries: s.ringEntries, hostWrites, noBackupBitmap: bugs.noBackupBitmap });
-  const slots = slotLayout(s.memoryBytes, s.slots);
-  const plain: VmConfig = { slots, vcpus: s.vcpus, tracking, pageHistory: s.pageHistory !== false, ...(s.cpuCache ? { cpuCache: s.cpuCache } : {}) };
+  const slots = scenarioSlots(s);
+  const plain: VmConfig = {
+    slots, vcpus: s.vcpus, tracking, pageHistory: s.pageHistory !== false, ...(s.cpuCache ? { cpuCache: s.cpuCache } : {}),
+    ...(s.dmaSlotLogging !== undefined ? { dmaSlotLogging: s.dmaSlotLogging } : {}),
+  };
   const config = isConfidential(s) ? { ...confidentialVmConfig(plain), ...(s.mapGpa === 'tdx' ? { mapGpa: s.mapGpa } : {}) } : plain;
   const iommu = iommuConfigFor(devices, slots);
   return iommu ? { ...config, iommu } : config;
@@ -167,7 +211,7 @@ function devicesOf(s: MigrationScenario): DeviceSetup {
   const d = s.devices ?? NO_DEVICES;
   if (isConfidential(s)) return { ...d, sharedArea: sharedAreaOf(slotLayout(s.memoryBytes, s.slots), s.vcpus) };
   if (!isRenderWorkload(s.workload.name)) return d;
-  const area = renderAreaOf(slotLayout(s.memoryBytes, s.slots)[0]!);
+  const area = renderAreaFor(s);
   const handover = renderHandover(area, s.workload.name as 'render' | 'render-wbinvd');
   return { ...d, bufferArea: handover !== undefined ? { ...area, handover } : area };
 }
@@ -246,7 +290,9 @@ export async function runMigration(s: MigrationScenario, o: MigrationRunOptions)
     o.onEvent?.(e);
   };
   const specs: RoleSpec[] = [];
-  for (let i = 0; i < s.vcpus; i++) specs.push({ kind: 'vcpu', index: i, workload: s.workload, seed: s.seed });
+  // A blob's slot holds the render buffers; without one they are the last pages of guest RAM, as the workload finds them itself.
+  const workload = isRenderWorkload(s.workload.name) && hasBlob(s) ? { ...s.workload, renderArea: renderAreaFor(s) } : s.workload;
+  for (let i = 0; i < s.vcpus; i++) specs.push({ kind: 'vcpu', index: i, workload, seed: s.seed });
   if (s.hostWriteEvery > 0) specs.push({ kind: 'host-writer', every: s.hostWriteEvery, seed: s.seed });
   devices.devices.forEach((_, index) => specs.push({ kind: 'device', index, setup: devices, seed: s.seed }));
   if (vm.iommu) specs.push({ kind: 'iommu-service' });
@@ -280,6 +326,13 @@ export async function runMigration(s: MigrationScenario, o: MigrationRunOptions)
     result.status = 'failed';
     result.reason = result.blockerIgnored;
   }
+  if (vm.memory.slots.some((x) => x.kvmOnly)) {
+    result.kvmOnlyTouches = firstOf(vm, GlobalWord.KVM_ONLY_TOUCHES, GlobalWord.KVM_ONLY_TOUCH_FIRST_GFN);
+    if (result.kvmOnlyTouches.count > 0 && result.status === 'passed') {
+      result.status = 'failed';
+      result.reason = `the VMM touched a KVM-only slot: the migration thread read its pages ${result.kvmOnlyTouches.count} times as RAM (first gfn ${hex(result.kvmOnlyTouches.firstGfn ?? 0)}); only KVM maps it, and the device saves it`;
+    }
+  }
   const cache = cacheReport(vm);
   if (cache !== undefined) {
     result.cache = cache;
@@ -287,6 +340,11 @@ export async function runMigration(s: MigrationScenario, o: MigrationRunOptions)
     if (cache.staleReads.device > 0 && result.status === 'passed') {
       result.status = 'failed';
       result.reason = `a device read stale data ${cache.staleReads.device} times: its no-snoop DMA read memory while a newer write sat in the CPU cache (first gfn ${hex(cache.staleReads.firstGfn ?? 0)})`;
+    }
+    if (cache.machineChecks.count > 0) {
+      // A machine check is the host's end: it comes before whatever else the run saw.
+      result.status = 'failed';
+      result.reason = `a machine check: ${cache.machineChecks.count} cacheable (WB) accesses to device memory (first gfn ${hex(cache.machineChecks.firstGfn ?? 0)}): its EPT memory type must be UC (vmx_get_mt_mask's host MMIO rule)`;
     }
     if (cache.overwrites > 0 && result.status === 'passed') {
       result.status = 'failed';
@@ -361,7 +419,7 @@ export async function runMigration(s: MigrationScenario, o: MigrationRunOptions)
   if (result.info?.status === 'completed') {
     // Host writes land on byte 0 of random pages: the sweep pattern holds only without them.
     const sweepCheck = s.workload.name === 'sweep' && s.hostWriteEvery === 0 && devices.devices.length === 0;
-    const d = await resumeDestination(target, { ...o, workload: s.workload, seed: s.seed, opsPerVcpu: o.resumeOps ?? 0, sweepCheck, cancel: o.cancel });
+    const d = await resumeDestination(target, { ...o, workload, seed: s.seed, opsPerVcpu: o.resumeOps ?? 0, sweepCheck, cancel: o.cancel });
     result.destination = d;
     if (d.status !== 'passed' && result.status === 'passed') result.status = d.status;
   }

@@ -6,7 +6,7 @@ import { checkRingSize } from '../host/dirty-ring.ts';
 import { DEVICE_DEFAULTS, DEVICE_KINDS, type DeviceConfig, type DeviceKind } from '../host/devices/device-config.ts';
 import { VFIO_DEFAULT_DMA_ENTRY_LIMIT } from '../host/iommu/constants.ts';
 import type { IommuBackendKind } from '../host/iommu/iommu-layout.ts';
-import type { MapGpaAbi } from '../host/layout.ts';
+import { type DmaSlotLogging, type MapGpaAbi } from '../host/layout.ts';
 import { CONVERSION_DESIGNS, type ConversionDesignName } from '../host/vmm/conversion-design.ts';
 import { WORKLOAD_NAMES, type WorkloadName } from '../guest/workload.ts';
 import type { ConvergencePolicy } from '../migration/precopy.ts';
@@ -32,6 +32,7 @@ export type OnDeviceFault = 'continue' | 'stop';
  */
 /** The CPU cache model (cpu-cache.ts) in front of the source's memory: off, on, or on with a self-snooping CPU. */
 export type CpuCacheMode = 'off' | 'on' | 'self-snoop';
+export const DMA_SLOT_LOGGING: readonly DmaSlotLogging[] = ['force-wb', 'refuse'];
 export const CPU_CACHE_MODES: readonly CpuCacheMode[] = ['off', 'on', 'self-snoop'];
 /**
  * What a migration does about a device doing non-coherent DMA (the seed discussion's
@@ -39,10 +40,12 @@ export const CPU_CACHE_MODES: readonly CpuCacheMode[] = ['off', 'on', 'self-snoo
  * migratable"); `clflush-before-read`, the migration thread flushes each page before it
  * reads it; `switch-to-coherent`, the devices snoop and the guest maps its buffers WB
  * again before the migration reads anything; `switch-host-only`, the devices alone (broken
- * while the guest still writes WC); `none`, nothing (it may send stale cache lines: the bug).
+ * while the guest still writes WC); `device-state`, RAM migration skips the KVM-only blob
+ * slot and the device saves it as its own state once the VM is stopped; `none`, nothing
+ * (it may send stale cache lines: the bug).
  */
-export type NoncoherentMigration = 'block' | 'clflush-before-read' | 'switch-to-coherent' | 'switch-host-only' | 'none';
-export const NONCOHERENT_MIGRATIONS: readonly NoncoherentMigration[] = ['block', 'clflush-before-read', 'switch-to-coherent', 'switch-host-only', 'none'];
+export type NoncoherentMigration = 'block' | 'clflush-before-read' | 'switch-to-coherent' | 'switch-host-only' | 'device-state' | 'none';
+export const NONCOHERENT_MIGRATIONS: readonly NoncoherentMigration[] = ['block', 'clflush-before-read', 'switch-to-coherent', 'switch-host-only', 'device-state', 'none'];
 /**
  * How KVM learns that a device does non-coherent DMA, so that it honours the guest's PAT
  * (the seed discussion's ways, side by side): `vfio`, VFIO registers it for an assigned
@@ -50,8 +53,17 @@ export const NONCOHERENT_MIGRATIONS: readonly NoncoherentMigration[] = ['block',
  * `kvm-virtio-device`, the VMM sets NONCOHERENT_SET on a KVM virtio device (its virtio-gpu
  * backend's GPU, which VFIO never sees); `none`, nobody tells KVM (the seeds' problem).
  */
-export type NoncoherentRequest = 'vfio' | 'capability' | 'kvm-virtio-device' | 'none';
-export const NONCOHERENT_REQUESTS: readonly NoncoherentRequest[] = ['vfio', 'capability', 'kvm-virtio-device', 'none'];
+export type NoncoherentRequest = 'vfio' | 'capability' | 'kvm-virtio-device' | 'kvm-mem-dma' | 'none';
+export const NONCOHERENT_REQUESTS: readonly NoncoherentRequest[] = ['vfio', 'capability', 'kvm-virtio-device', 'kvm-mem-dma', 'none'];
+/**
+ * A blob resource of the render guest's GPU, mapped into the guest through a memslot of
+ * its own (its render buffers are there): `ram`, host RAM the VMM maps too and migrates;
+ * `kvm-only-ram`, host RAM only KVM maps (KVM_MEM_KVM_ONLY); `kvm-only-vram`, the GPU's
+ * device memory (a VRAM BAR: host MMIO), only KVM maps; `off`, none (the buffers are the
+ * last pages of guest RAM).
+ */
+export type Blob = 'off' | 'ram' | 'kvm-only-ram' | 'kvm-only-vram';
+export const BLOBS: readonly Blob[] = ['off', 'ram', 'kvm-only-ram', 'kvm-only-vram'];
 export type Confidential = 'off' | 'shared' | 'blocker';
 export const CONFIDENTIAL: readonly Confidential[] = ['off', 'shared', 'blocker'];
 /** How a confidential guest's explicit conversions reach KVM (VmConfig.mapGpa): KVM's hypercall or a TD's MapGPA. */
@@ -110,6 +122,8 @@ export interface Settings {
   cpuCache: CpuCacheMode;
   noncoherentMigration: NoncoherentMigration;
   noncoherentRequest: NoncoherentRequest;
+  blob: Blob;
+  dmaSlotLogging: DmaSlotLogging;
 }
 export type SettingKey = keyof Settings;
 
@@ -472,13 +486,23 @@ export const OPTIONS = [
   }),
   def({
     key: 'noncoherentMigration', flag: '--noncoherent-migration', arg: '<policy>', yaml: 'migration.noncoherent', kinds: MIGRATE,
-    help: 'with a device doing non-coherent DMA (snoop=false): block (a migration blocker, as QEMU\'s virgl), clflush-before-read (the migration thread flushes each page before it reads it), none (nothing: stale cache lines may be sent)',
+    help: 'with a device doing non-coherent DMA (snoop=false): block (a migration blocker, as QEMU\'s virgl), clflush-before-read (the migration thread flushes each page before it reads it), switch-to-coherent (the devices snoop and the guest maps its buffers WB again first), switch-host-only (the devices alone), device-state (RAM migration skips the KVM-only blob, which the device saves as its state), none (nothing: stale cache lines may be sent)',
     parse: (r, w) => oneOf(r, w, NONCOHERENT_MIGRATIONS, 'non-coherent migration policy', `one of: ${NONCOHERENT_MIGRATIONS.join(', ')}`), format: (v) => v, defaults: same<NoncoherentMigration>('block'),
   }),
   def({
     key: 'noncoherentRequest', flag: '--noncoherent-request', arg: '<way>', yaml: 'vm.noncoherent_request', kinds: MIGRATE,
-    help: 'how KVM learns of a device doing non-coherent DMA (snoop=false), so that it honours the guest\'s PAT: vfio (VFIO registers it for the assigned device), capability (a VM capability the VMM enables), kvm-virtio-device (NONCOHERENT_SET on a KVM virtio device), none (nobody tells KVM)',
+    help: 'how KVM learns of a device doing non-coherent DMA (snoop=false), so that it honours the guest\'s PAT: vfio (VFIO registers it for the assigned device), capability (a VM capability the VMM enables), kvm-virtio-device (NONCOHERENT_SET on a KVM virtio device), kvm-mem-dma (the KVM_MEM_DMA flag on the blob\'s memslot: that slot alone), none (nobody tells KVM)',
     parse: (r, w) => oneOf(r, w, NONCOHERENT_REQUESTS, 'way to request honouring', `one of: ${NONCOHERENT_REQUESTS.join(', ')}`), format: (v) => v, defaults: same<NoncoherentRequest>('vfio'),
+  }),
+  def({
+    key: 'blob', flag: '--blob', arg: '<memory>', yaml: 'vm.blob', kinds: MIGRATE,
+    help: 'the render guest\'s buffers in a GPU blob resource mapped through a memslot of its own: off (the last pages of guest RAM); ram (host RAM); kvm-only-ram (host RAM only KVM maps: KVM_MEM_KVM_ONLY); kvm-only-vram (the GPU\'s device memory, host MMIO, only KVM maps)',
+    parse: (r, w) => oneOf(r, w, BLOBS, 'blob memory', `one of: ${BLOBS.join(', ')}`), format: (v) => v, defaults: same<Blob>('off'),
+  }),
+  def({
+    key: 'dmaSlotLogging', flag: '--dma-slot-logging', arg: '<rule>', yaml: 'vm.dma_slot_logging', kinds: MIGRATE,
+    help: 'what KVM does when dirty logging starts on a KVM_MEM_DMA slot (the two exclude each other): force-wb (stop honouring the guest\'s PAT there, zapping the slot) or refuse (EINVAL: the migration cannot start)',
+    parse: (r, w) => oneOf(r, w, DMA_SLOT_LOGGING, 'rule for dirty logging on a KVM_MEM_DMA slot', `one of: ${DMA_SLOT_LOGGING.join(', ')}`), format: (v) => v, defaults: same<DmaSlotLogging>('force-wb'),
   }),
 ] as const;
 

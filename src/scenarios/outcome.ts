@@ -5,7 +5,7 @@ import type { DirtyLogRunResult } from './run-dirty-log-test.ts';
 /** What went wrong in a run, in one word: what a hunt counts, shrinking preserves, and a scenario file may expect. */
 export type FailureKind =
   | 'lost-writes' | 'device-fault' | 'stale-iotlb' | 'sweep-broken' | 'guest-stalled' | 'not-converged' | 'migration-failed'
-  | 'lost-dirty-pages' | 'stuck' | 'crashed' | 'private-memory' | 'stale-data' | 'blocker-ignored';
+  | 'lost-dirty-pages' | 'stuck' | 'crashed' | 'private-memory' | 'stale-data' | 'blocker-ignored' | 'machine-check' | 'kvm-only-touched';
 
 export interface Failure {
   kind: FailureKind;
@@ -29,7 +29,7 @@ export interface Outcome {
 
 export const VERDICTS: readonly Outcome['verdict'][] = [
   'passed', 'lost-writes', 'device-fault', 'stale-iotlb', 'sweep-broken', 'guest-stalled', 'not-converged', 'migration-failed',
-  'lost-dirty-pages', 'stuck', 'crashed', 'private-memory', 'stale-data', 'blocker-ignored',
+  'lost-dirty-pages', 'stuck', 'crashed', 'private-memory', 'stale-data', 'blocker-ignored', 'machine-check', 'kvm-only-touched',
 ];
 export const FACTS: readonly OutcomeFact[] = ['final-sync-surprise'];
 
@@ -43,6 +43,10 @@ export function failureOf(r: MigrationRunResult): Failure | null {
   if (priv !== null) return { kind: 'private-memory', summary: priv };
   // A migration that a blocker should have refused: whatever it lost follows from its running at all.
   if (r.blockerIgnored !== undefined) return { kind: 'blocker-ignored', summary: r.blockerIgnored };
+  // A machine check stops the host: nothing after it counts.
+  if (r.cache && r.cache.machineChecks.count > 0) return { kind: 'machine-check', summary: `${r.cache.machineChecks.count} cacheable access(es) to device memory` };
+  // The VMM reading a slot only KVM maps: what it sent was never its to read.
+  if (r.kvmOnlyTouches && r.kvmOnlyTouches.count > 0) return { kind: 'kvm-only-touched', summary: `the VMM touched ${r.kvmOnlyTouches.count} page(s) of a KVM-only slot` };
   // A device that consumed stale data (the stale read oracle): the guest's memory type was not honoured.
   if (r.cache && r.cache.staleReads.device > 0) return { kind: 'stale-data', summary: `a device read stale data ${r.cache.staleReads.device} time(s)` };
   // A dirty line written back over a newer UC/WC store or no-snoop DMA: the newer data is gone.

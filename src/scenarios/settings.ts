@@ -139,6 +139,18 @@ export interface MigrationSetup {
   resumeOps?: number;
 }
 
+/** A blob resource's slot and what goes with it, each refusal one line naming the setting. */
+function checkBlob(r: Resolved, s: Settings): void {
+  const blob = s.blob;
+  if (blob !== 'off' && !isRenderWorkload(s.workload)) throw new UserError(`${r.where('blob')}: ${blob} holds a render guest's buffers; it needs ${r.where('workload')} render or render-wbinvd, not ${s.workload}`);
+  if (blob !== 'off' && s.cpuCache === 'off') throw new UserError(`${r.where('blob')}: a blob resource's memory types show only with the CPU cache model; add ${r.where('cpuCache')} on`);
+  if (s.noncoherentRequest === 'kvm-mem-dma' && blob === 'off') throw new UserError(`${r.where('noncoherentRequest')}: kvm-mem-dma sets KVM_MEM_DMA on the blob resource's memslot; it needs ${r.where('blob')} ram, kvm-only-ram or kvm-only-vram`);
+  if (r.given('dmaSlotLogging') && s.noncoherentRequest !== 'kvm-mem-dma') throw new UserError(`${r.where('dmaSlotLogging')}: ${s.dmaSlotLogging} is what KVM does with a KVM_MEM_DMA slot; it needs ${r.where('noncoherentRequest')} kvm-mem-dma`);
+  const kvmOnly = blob === 'kvm-only-ram' || blob === 'kvm-only-vram';
+  if (s.noncoherentMigration === 'device-state' && !kvmOnly) throw new UserError(`${r.where('noncoherentMigration')}: device-state has the device save a KVM-only blob; it needs ${r.where('blob')} kvm-only-ram or kvm-only-vram`);
+  if (kvmOnly && s.noncoherentMigration !== 'device-state') throw new UserError(`${r.where('blob')}: ${blob} is a slot RAM migration never reads; it needs ${r.where('noncoherentMigration')} device-state (the device saves it)`);
+}
+
 /**
  * What a confidential guest needs: the convert workload, one memslot holding every
  * vCPU's conversion area and the bounce buffers, and devices that reach guest memory at
@@ -205,6 +217,8 @@ export function buildMigration(r: Resolved): MigrationSetup {
     ...(s.conversionDesign !== 'rdm' ? { conversionDesign: s.conversionDesign } : {}),
     ...(s.cpuCache !== 'off' ? { cpuCache: { ...DEFAULT_CPU_CACHE, seed: s.seed, selfSnoop: s.cpuCache === 'self-snoop' } } : {}),
     noncoherentMigration: s.noncoherentMigration,
+    ...(s.blob !== 'off' ? { blob: s.blob } : {}),
+    ...(s.dmaSlotLogging !== 'force-wb' ? { dmaSlotLogging: s.dmaSlotLogging } : {}),
     params: {
       bandwidth: s.bandwidth,
       downtimeLimitMs: s.downtimeLimitMs,
@@ -222,6 +236,7 @@ export function buildMigration(r: Resolved): MigrationSetup {
   if (s.noncoherentRequest !== 'vfio' && !devices.devices.some((d) => !d.snoop)) {
     throw new UserError(`${r.where('noncoherentRequest')}: ${s.noncoherentRequest} is how KVM learns of a device doing non-coherent DMA; no device has snoop=false`);
   }
+  checkBlob(r, s);
   if (s.noncoherentMigration === 'switch-to-coherent' && !isRenderWorkload(s.workload)) {
     throw new UserError(`${r.where('noncoherentMigration')}: switch-to-coherent asks the guest's driver to map its buffers WB again; it needs a guest with one (${r.where('workload')} render or render-wbinvd, not ${s.workload})`);
   }
