@@ -76,6 +76,11 @@ describe('injected bugs make the examples that show them fail', () => {
     ['wbinvd-noop', '21-guest-wbinvd-before-wc.yaml', 'expect.stale.overwrite: expected 0, actual: 1'],
     ['noncoherent-unbalanced', '22-vfio-coherency-counts-every-device.yaml', "actors.host[2] 'dma-read 0x100 no-snoop': expected value: 1, actual: 0"],
     ['noncoherent-unbalanced', '22-vfio-coherency-counts-every-device.yaml', 'expect.stale.device: expected 0, actual: 1'],
+    ['dma-slot-with-dirty-logging', '23-dma-slot-forced-wb-while-logging.yaml', "actors.host[0] 'enable-logging 1': expected zapped: 16, actual: 0"],
+    ['dma-slot-with-dirty-logging', '23-dma-slot-forced-wb-while-logging.yaml', "actors.host[3] 'migration-read 0x100': expected value: 2, actual: 1"],
+    ['dma-slot-with-dirty-logging', '23-dma-slot-forced-wb-while-logging.yaml', 'expect.stale.migration: expected 0, actual: 1'],
+    ['mmio-mapped-wb', '24-device-memory-is-uc.yaml', 'expect.machine_checks: expected 0, actual: 1'],
+    ['mmio-mapped-wb', '24-device-memory-is-uc.yaml', 'expect.pages[0x200]: expected 3, actual: 0'],
   ];
 
   it.each(cases)('%s fails %s', (bug, f, message) => {
@@ -474,6 +479,8 @@ expect:
 
 const ZAPS = '18-noncoherent-registration-zaps.yaml';
 const FLUSHES = '19-migration-flushes-before-read.yaml';
+const DMA_SLOT = '23-dma-slot-forced-wb-while-logging.yaml';
+const DEVICE_MEMORY = '24-device-memory-is-uc.yaml';
 
 describe('the CPU cache model in litmus files (vm.cpu_cache)', () => {
   it('host operations: KVM\'s WB write, snooped and no-snoop DMA, CLFLUSH, WBINVD and the migration thread\'s reads', () => {
@@ -554,6 +561,49 @@ expect:
     expect(o.injections.map((i) => [i.bug, i.acted])).toEqual([['migrate-noncoherent-without-flush', 2]]);
   });
 
+  it('enable-logging on a KVM_MEM_DMA slot says what KVM did: force-wb zaps the slot; with the bug nothing is zapped', () => {
+    const trace = runLitmus(loadLitmus(join(DIR, DMA_SLOT))).log.join('\n');
+    expect(trace).toContain('vm: slot 1 GFNs 0x100..0x10f (KVM_MEM_DMA); ');
+    expect(trace).toContain('KVM_SET_USER_MEMORY_REGION: slot 1 (KVM_MEM_DMA) +KVM_MEM_LOG_DIRTY_PAGES (write-protects every page)');
+    expect(trace).toContain('KVM_MEM_DMA, force-wb: KVM stops honouring the guest\'s PAT in the slot while it logs: the slot zapped, 16 SPTE(s), faults rebuild them WB + IPAT; done');
+    expect(trace).toContain('write-protect fault on 0x100: SPTE made writable, memory type EPT WB + IPAT (the guest\'s PAT ignored)');
+    const bug = runLitmus(loadLitmus(join(DIR, DMA_SLOT)), { bugs: ['dma-slot-with-dirty-logging'] }).log.join('\n');
+    expect(bug).toContain('KVM_MEM_DMA: KVM still honours the guest\'s PAT in the slot while it logs (dma-slot-with-dirty-logging: nothing zapped)');
+    expect(bug).toContain('read write-back: 1; ORACLE: stale read (migration): ');
+  });
+
+  it('vm.dma_slot_logging refuse: enable-logging on a KVM_MEM_DMA slot fails with EINVAL, the op\'s error expectation, and the PAT stays honoured', () => {
+    const src = (expect: string): string => `name: refused
+vm:
+  slots: [{id: 1, base_gfn: 0x100, pages: 16, flags: [DMA]}, {id: 2, base_gfn: 0x200, pages: 16, flags: [KVM_ONLY]}]
+  cpu_cache: on
+  dma_slot_logging: refuse
+tracking: dirty-log
+actors:
+  vcpu0: [set-pat 0x100 1 WC, write 0x100 1]
+  host: [${expect}, enable-logging 2]
+interleaving: [host, vcpu0, vcpu0, host with vcpu0]
+expect: {pages: {0x100: 1}, cache: {0x100: invalid}}
+`;
+    const o = run(src('{op: enable-logging 1, expect: {error: EINVAL}}'), 'refuse.yaml');
+    expect(o.failures).toEqual([]);
+    const trace = o.log.join('\n');
+    expect(o.log[1]).toBe('vm: slot 1 GFNs 0x100..0x10f (KVM_MEM_DMA), slot 2 GFNs 0x200..0x20f (KVM_MEM_KVM_ONLY); 1 vCPU; dirty log (legacy GET_DIRTY_LOG); '
+      + 'CPU cache model; KVM refuses dirty logging on a KVM_MEM_DMA slot');
+    expect(trace).toContain('fails: KVM_SET_USER_MEMORY_REGION: EINVAL: slot 1: KVM_MEM_LOG_DIRTY_PAGES on a KVM_MEM_DMA slot (the two exclude each other)');
+    expect(trace).toContain('stores 0x100 = 1 (WC: to memory), retires');
+    expect(run(src('enable-logging 1'), 'refuse.yaml').failures).toEqual([
+      "refuse.yaml: interleaving[0] 'host': actors.host[0] 'enable-logging 1': expected error: none, actual: KVM_SET_USER_MEMORY_REGION: EINVAL: slot 1: KVM_MEM_LOG_DIRTY_PAGES on a KVM_MEM_DMA slot (the two exclude each other)",
+    ]);
+  });
+
+  it('device memory: the trace says a store went to it, and a machine check the file does not expect fails it', () => {
+    expect(runLitmus(loadLitmus(join(DIR, DEVICE_MEMORY))).log.join('\n')).toContain('stores 0x200 = 3 (UC: to device memory), retires');
+    const o = run(edited(DEVICE_MEMORY, '  machine_checks: 0\n', ''), 'mce.yaml', ['mmio-mapped-wb']);
+    expect(o.failures).toContain('mce.yaml: the machine check oracle found: 1 cacheable access to device memory, the first at 0x200 (write expect.machine_checks to expect them)');
+    expect(o.log.join('\n')).toContain('stores 0x200 = 3 (WB: into the cache, the line dirty), retires; ORACLE: machine check: a cacheable (WB) access to device memory at 0x200');
+  });
+
   it('a stale read the file does not expect fails it, naming the reader', () => {
     const o = run(edited(ZAPS, /\n  stale: [^\n]*\n/, '\n'), 'z.yaml', ['no-zap-on-noncoherent-transition']);
     expect(o.failures).toContain('z.yaml: the stale read oracle found: 1 by device (write expect.stale to expect them)');
@@ -584,6 +634,20 @@ expect:
     [edited(FLUSHES, 'cache: {0x100: clean}', 'cache: {0x900: clean}'), 'expect.cache[0x900]: GFN 0x900 is in no memslot'],
     [edited(FLUSHES, 'stale: {cpu: 0, device: 0, migration: 0}', 'stale: {gpu: 1}'), 'expect.stale.gpu: unknown field (fields here: cpu, device, migration, overwrite)'],
     [edited(FLUSHES, 'stale: {cpu: 0, device: 0, migration: 0}', 'stale: {cpu: -1}'), 'expect.stale.cpu: must be at least 0, got -1'],
+    [edited(DMA_SLOT, 'flags: [KVM_MEM_DMA]', 'flags: [KVM_MEM_DMAX]'),
+      "vm.slots[0].flags[0]: unknown memslot flag 'KVM_MEM_DMAX' (one of: KVM_MEM_READONLY, KVM_MEM_GUEST_MEMFD, KVM_MEM_DMA, KVM_MEM_KVM_ONLY)"],
+    [edited(DMA_SLOT, 'flags: [KVM_MEM_DMA]', 'flags: 64'), 'vm.slots[0].flags: unknown flag bits in 64'],
+    [edited(DMA_SLOT, '  cpu_cache: on\n', ''), 'vm.slots[0].flags: KVM_MEM_DMA (KVM honours the guest\'s PAT in the slot) needs the CPU cache model (vm.cpu_cache: on or self-snoop)'],
+    [edited(DEVICE_MEMORY, '  cpu_cache: on\n', ''), 'vm.slots[1].host_mmio: device memory (vmx_get_mt_mask types it UC) needs the CPU cache model (vm.cpu_cache: on or self-snoop)'],
+    [edited(DEVICE_MEMORY, '  cpu_cache: on\n', '').replace('host_mmio: true', 'host_mmio: false'), 'expect.machine_checks: the VM has no CPU cache model (vm.cpu_cache: on or self-snoop)'],
+    [edited(DEVICE_MEMORY, 'host_mmio: true', 'host_mmio: 1'), 'vm.slots[1].host_mmio: expected a boolean, got 1'],
+    [edited(DEVICE_MEMORY, 'machine_checks: 0', 'machine_checks: -1'), 'expect.machine_checks: must be at least 0, got -1'],
+    [edited(DMA_SLOT, 'cpu_cache: on', 'cpu_cache: on\n  dma_slot_logging: forbid'), "vm.dma_slot_logging: 'forbid' is not one of: force-wb, refuse"],
+    [edited(DEVICE_MEMORY, 'cpu_cache: on', 'cpu_cache: on\n  dma_slot_logging: refuse'),
+      'vm.dma_slot_logging: refuse is what KVM does when dirty logging starts on a KVM_MEM_DMA slot: the VM needs a slot with flags [KVM_MEM_DMA]'],
+    [edited('10-private-memory-conversion.yaml', 'flags: [GUEST_MEMFD]', 'flags: [GUEST_MEMFD, KVM_MEM_DMA]'), 'vm.slots[0].flags: KVM_MEM_GUEST_MEMFD with KVM_MEM_DMA (KVM refuses the pair: EINVAL)'],
+    [edited('10-private-memory-conversion.yaml', 'flags: [GUEST_MEMFD]', 'flags: 20'), 'vm.slots[0].flags: KVM_MEM_GUEST_MEMFD with KVM_MEM_KVM_ONLY (KVM refuses the pair: EINVAL)'],
+    [edited(DMA_SLOT, '{op: enable-logging 1, expect: {zapped: 16}}', '{op: get-log 1, expect: {zapped: 16}}'), "actors.host[0].expect.zapped: 'zapped' does not apply to get-log (it takes: dirty, error)"],
   ])('bad input is one line naming the file, the field and the value (%#)', (source, message) => {
     const msg = userError(() => parseLitmus(source, 'bad.yaml'));
     expect(msg.split('\n').some((l) => l.startsWith('bad.yaml: ') && l.includes(message)), msg).toBe(true);

@@ -99,6 +99,13 @@ export function describeResult(r: MigrationRunResult): string[] {
   if (r.cache) {
     const st = r.cache.staleReads;
     lines.push(`CPU cache model: stale reads by vCPUs ${st.cpu}, devices ${st.device}, the migration thread ${st.migration}${st.firstGfn !== null ? ` (first gfn 0x${st.firstGfn.toString(16)})` : ''}; pages the migration thread flushed before reading ${r.cache.migrationPageFlushes}; lines written back ${r.cache.writebacks}${r.cache.overwrites > 0 ? `, ${r.cache.overwrites} of them over newer data in memory` : ''}`);
+    const mc = r.cache.machineChecks;
+    if (mc.count > 0) lines.push(`machine checks: ${mc.count} cacheable accesses to device memory (first gfn 0x${(mc.firstGfn ?? 0).toString(16)})`);
+  }
+  if (r.kvmOnlyTouches) {
+    const t = r.kvmOnlyTouches;
+    const saved = r.info?.completion?.deviceStatePages;
+    lines.push(`KVM-only slot: the VMM touched it ${t.count} times${t.firstGfn !== null ? ` (first gfn 0x${t.firstGfn.toString(16)})` : ''}${saved !== undefined ? `; the device saved its ${saved} pages in the downtime` : ''}`);
   }
   if (r.reason) lines.push(`migration failed: ${r.reason}`);
   for (const m of r.mismatches) lines.push(describeMismatch(m));

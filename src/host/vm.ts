@@ -328,9 +328,11 @@ export class Vm {
   /**
    * KVM_SET_USER_MEMORY_REGION adding KVM_MEM_LOG_DIRTY_PAGES. Write-protects the slot
    * unless manual protect with INITIALLY_SET is on, in which case the bitmap starts
-   * all-ones and protection comes with the first CLEAR. Then flushes remote TLBs.
+   * all-ones and protection comes with the first CLEAR. Then flushes remote TLBs. A
+   * KVM_MEM_DMA slot is zapped first (force-wb) or refused (VmConfig.dmaSlotLogging).
+   * Returns the SPTEs the zap cleared.
    */
-  *enableDirtyLogging(slot: Memslot): Steps {
+  *enableDirtyLogging(slot: Memslot): Steps<number> {
     // check_memory_region_flags: "Dirty logging private memory is not currently supported".
     if (slot.gmem !== null && this.layout.config.logSharedGuestMemfd !== true) throw new KvmError(EINVAL, 'KVM_SET_USER_MEMORY_REGION2', `slot ${slot.id}: KVM_MEM_LOG_DIRTY_PAGES on a KVM_MEM_GUEST_MEMFD slot`);
     const dma = (this.flags(slot) & KVM_MEM_DMA) !== 0;
@@ -339,20 +341,22 @@ export class Vm {
       throw new KvmError(EINVAL, 'KVM_SET_USER_MEMORY_REGION', `slot ${slot.id}: KVM_MEM_LOG_DIRTY_PAGES on a KVM_MEM_DMA slot (the two exclude each other)`);
     }
     Atomics.or(this.slotFlags, slot.index, KVM_MEM_LOG_DIRTY_PAGES);
+    let zapped = 0;
     if (dma && !this.bugs.dmaSlotWithDirtyLogging) {
       // force-wb: the guest's PAT no longer counts here; zap so that faults rebuild every SPTE WB + IPAT.
-      yield* this.invalidateGfnRange(slot.baseGfn, slot.endGfn, SPTE_WRITABLE);
+      zapped = yield* this.invalidateGfnRange(slot.baseGfn, slot.endGfn, SPTE_WRITABLE);
       this.mmuInvalidate.end();
     }
     const t = this.tracking;
     if (t.kind === 'bitmap' && t.manualProtect && t.initiallySet) {
       this.bitmaps[slot.index]!.setAll();
-      return;
+      return zapped;
     }
     writeProtectSlot(slot);
     this.tracepoints.active?.writeProtectedRange(slot, 0, slot.pages, ProtectBy.ENABLE_LOGGING);
     yield undefined;
     yield* this.flushRemoteTlbs();
+    return zapped;
   }
 
   /**

@@ -3,6 +3,7 @@ import { CacheAccess, CacheStat, type CpuCache, type CpuCacheConfig, DEFAULT_CPU
 import {
   type EptMemoryType, MEMORY_TYPE_NAMES, type MemoryType, X86_MEMTYPE_WB, eptIgnoresPat, eptMemoryType,
 } from '../host/memory-type.ts';
+import { GlobalWord } from '../host/layout.ts';
 import { Memslot } from '../host/memslot.ts';
 import { spteAccessType, spteMtMask } from '../host/spte.ts';
 import type { Vm } from '../host/vm.ts';
@@ -12,7 +13,8 @@ import { type MigrationFlush, flushBeforeRead } from '../migration/precopy.ts';
 /**
  * The CPU cache model (host/cpu-cache.ts) as litmus files see it: the VM's cache from
  * vm.cpu_cache, what a vCPU access through it got, the migration thread's and the
- * device's reads and writes, and the stale read oracle's counts as trace lines.
+ * device's reads and writes, and the stale read and machine check oracles' counts as
+ * trace lines.
  */
 
 /**
@@ -53,11 +55,15 @@ export function accessType(vm: Vm, slot: Memslot, page: number): EptMemoryType {
   return spteAccessType(slot.spte[page]!, vm.guestPat![slot.firstPage + page]! as MemoryType);
 }
 
-/** Where a vCPU's store to (or read of) the page went, by its memory type, for the trace. */
+/**
+ * Where a vCPU's store to (or read of) the page went, by its memory type, for the trace: a
+ * host MMIO slot's memory is device memory (a WB access to it is the machine check oracle's line).
+ */
 export function accessText(vm: Vm, slot: Memslot, page: number, store: boolean): string {
   const type = accessType(vm, slot, page);
   const cached = type === X86_MEMTYPE_WB;
-  return `${MEMORY_TYPE_NAMES[type]}: ${store ? (cached ? 'into the cache, the line dirty' : 'to memory') : (cached ? 'through the cache' : 'from memory')}`;
+  const memory = slot.hostMmio ? 'device memory' : 'memory';
+  return `${MEMORY_TYPE_NAMES[type]}: ${store ? (cached ? 'into the cache, the line dirty' : `to ${memory}`) : (cached ? 'through the cache' : `from ${memory}`)}`;
 }
 
 /** The memory type an SPTE got at its fault (vmx_get_mt_mask), for the trace. */
@@ -123,4 +129,21 @@ export function staleCounts(cache: CpuCache): StaleCounts {
 export function staleReadLines(before: StaleCounts | null, now: StaleCounts | null): string[] {
   if (before === null || now === null) return [];
   return STALE_READERS.filter((r) => now[r] > before[r]).map((r) => `ORACLE: ${r === 'overwrite' ? 'write-back over newer data' : 'stale read'} (${r}${now[r] - before[r] > 1 ? `, ${now[r] - before[r]} times` : ''}): ${STALE_TEXT[r]}`);
+}
+
+/** The machine check oracle's count (Vm.machineCheck): cacheable accesses to device memory. */
+export function machineChecks(vm: Vm): number {
+  return Atomics.load(vm.global, GlobalWord.MACHINE_CHECKS);
+}
+
+/** The first GFN the machine check oracle counted, or null. */
+export function firstMachineCheckGfn(vm: Vm): number | null {
+  const g = Atomics.load(vm.global, GlobalWord.MACHINE_CHECK_FIRST_GFN);
+  return g === 0 ? null : g - 1;
+}
+
+/** The machine checks between two counts, as a line named as `expect.machine_checks` names it; `at`: the access's page. */
+export function machineCheckLines(before: number, now: number, at: string): string[] {
+  if (now <= before) return [];
+  return [`ORACLE: machine check${now - before > 1 ? ` (${now - before} times)` : ''}: a cacheable (WB) access to device memory at ${at}; vmx_get_mt_mask types host MMIO UC so that none happens`];
 }

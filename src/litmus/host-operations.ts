@@ -4,7 +4,7 @@ import { CacheStat } from '../host/cpu-cache.ts';
 import { GlobalWord } from '../host/layout.ts';
 import {
   EFAULT, EXIT_REASON_NAMES, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, KVM_DIRTY_GFN_F_DIRTY,
-  KVM_DIRTY_GFN_F_RESET, KVM_MEMORY_ATTRIBUTE_PRIVATE, PAGE_SIZE,
+  KVM_DIRTY_GFN_F_RESET, KVM_MEMORY_ATTRIBUTE_PRIVATE, KVM_MEM_DMA, PAGE_SIZE,
 } from '../host/constants.ts';
 import type { PassthroughDma } from '../host/devices/passthrough-dma.ts';
 import { kvmGmemFallocate } from '../host/guest-memfd.ts';
@@ -91,9 +91,15 @@ export class HostOperations {
     const vm = this.vm;
     switch (op.kind) {
       case 'enable-logging':
+        r.zapped = 0;
         for (const s of this.slotsOf(op.slot)) {
-          r.notes.push(`KVM_SET_USER_MEMORY_REGION: slot ${slotName(s)} +KVM_MEM_LOG_DIRTY_PAGES (${vm.manualProtect && vm.tracking.kind === 'bitmap' && vm.tracking.initiallySet ? 'bitmap all set, nothing write-protected' : 'write-protects every page'})`);
-          yield* vm.enableDirtyLogging(s);
+          const dma = (vm.flags(s) & KVM_MEM_DMA) !== 0;
+          r.notes.push(`KVM_SET_USER_MEMORY_REGION: slot ${slotName(s)}${dma ? ' (KVM_MEM_DMA)' : ''} +KVM_MEM_LOG_DIRTY_PAGES (${vm.manualProtect && vm.tracking.kind === 'bitmap' && vm.tracking.initiallySet ? 'bitmap all set, nothing write-protected' : 'write-protects every page'})`);
+          // dma_slot_logging refuse: EINVAL, which the op reports (and its `error` expectation takes) as any refused ioctl.
+          const zapped = yield* vm.enableDirtyLogging(s);
+          r.zapped += zapped;
+          if (dma && zapped > 0) r.notes.push(`KVM_MEM_DMA, force-wb: KVM stops honouring the guest's PAT in the slot while it logs: the slot zapped, ${zapped} SPTE(s), faults rebuild them WB + IPAT`);
+          if (dma && vm.slotHonoursPat(s)) r.notes.push('KVM_MEM_DMA: KVM still honours the guest\'s PAT in the slot while it logs (dma-slot-with-dirty-logging: nothing zapped)');
         }
         r.notes.push('done');
         return;
@@ -244,6 +250,7 @@ export class HostOperations {
         yield* this.confidential(r, op);
     }
   }
+
 
   /** The operations on private memory, VFIO and the assigned device. */
   private *confidential(r: OpRecord, op: HostOp): Steps<void> {

@@ -1,7 +1,9 @@
 import { type TrackingMode, trackingFor } from '../host/vmm/dirty-log.ts';
 import { parseDocument } from 'yaml';
 import { findBug } from '../bugs/catalog.ts';
-import { KVM_HC_MAP_GPA_RANGE, KVM_MEM_GUEST_MEMFD, KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, PAGE_SIZE } from '../host/constants.ts';
+import {
+  KVM_HC_MAP_GPA_RANGE, KVM_MEM_DMA, KVM_MEM_GUEST_MEMFD, KVM_MEM_KVM_ONLY, KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, PAGE_SIZE,
+} from '../host/constants.ts';
 import { VFIO_DEFAULT_DMA_ENTRY_LIMIT } from '../host/iommu/constants.ts';
 import { PRIVATE_MEMORY_FINDING_KINDS } from '../oracles/private-memory-oracle.ts';
 import { checkRingSize } from '../host/dirty-ring.ts';
@@ -75,6 +77,7 @@ class SpecBuilder {
     }
     const design = this.design(f, vm);
     this.cpuCache(f, vm);
+    this.dmaSlotLogging(f, vm);
     if (this.problems.length > 0) throw new UserError(this.problems.join('\n'));
 
     const ctx: OpContext = { vm, design };
@@ -130,14 +133,18 @@ class SpecBuilder {
       return [{ id: 1, asId: 0, baseGfn: 0x100, pages: bytes / PAGE_SIZE, flags: 0 }];
     }
     const out: (MemslotConfig & { at: number })[] = [];
+    const cache = cpuCacheConfig(f.vm.cpu_cache ?? 'off') !== undefined;
     slots!.forEach((s, i) => {
       const base = parseInteger(s.base_gfn);
       if (!base.ok) { this.fail(['vm', 'slots', i, 'base_gfn'], base.error); return; }
       const flags = this.slotFlags(s.flags, ['vm', 'slots', i, 'flags']);
+      // Both change only the memory type of the slot's SPTEs (vmx_get_mt_mask), which nothing but the cache model acts on.
+      if ((flags & KVM_MEM_DMA) !== 0 && !cache) this.fail(['vm', 'slots', i, 'flags'], 'KVM_MEM_DMA (KVM honours the guest\'s PAT in the slot) needs the CPU cache model (vm.cpu_cache: on or self-snoop)');
+      if (s.host_mmio === true && !cache) this.fail(['vm', 'slots', i, 'host_mmio'], 'device memory (vmx_get_mt_mask types it UC) needs the CPU cache model (vm.cpu_cache: on or self-snoop)');
       const asId = s.as_id ?? 0;
       const dup = out.find((o) => o.id === s.id && o.asId === asId);
       if (dup) { this.fail(['vm', 'slots', i, 'id'], `slot ${s.id} (as_id ${asId}) is already vm.slots[${dup.at}]`); return; }
-      const cfg = { id: s.id, asId, baseGfn: base.value, pages: s.pages, flags, at: i };
+      const cfg = { id: s.id, asId, baseGfn: base.value, pages: s.pages, flags, ...(s.host_mmio === true ? { hostMmio: true } : {}), at: i };
       const end = cfg.baseGfn + cfg.pages;
       // vmemlab has one GFN space for all address spaces, so no two slots may overlap.
       const hit = out.find((o) => cfg.baseGfn < o.baseGfn + o.pages && o.baseGfn < end);
@@ -158,20 +165,27 @@ class SpecBuilder {
       KVM_MEM_READONLY, READONLY: KVM_MEM_READONLY,
       KVM_MEM_LOG_DIRTY_PAGES, LOG_DIRTY_PAGES: KVM_MEM_LOG_DIRTY_PAGES,
       KVM_MEM_GUEST_MEMFD, GUEST_MEMFD: KVM_MEM_GUEST_MEMFD,
+      KVM_MEM_DMA, DMA: KVM_MEM_DMA,
+      KVM_MEM_KVM_ONLY, KVM_ONLY: KVM_MEM_KVM_ONLY,
     };
+    const known = KVM_MEM_READONLY | KVM_MEM_GUEST_MEMFD | KVM_MEM_DMA | KVM_MEM_KVM_ONLY;
     let bits = 0;
     if (typeof flags === 'number') bits = flags;
     else {
       flags.forEach((n, i) => {
         const b = names[n.toUpperCase()];
-        if (b === undefined) this.fail([...path, i], `unknown memslot flag ${show(n)} (one of: KVM_MEM_READONLY, KVM_MEM_GUEST_MEMFD)`);
+        if (b === undefined) this.fail([...path, i], `unknown memslot flag ${show(n)} (one of: KVM_MEM_READONLY, KVM_MEM_GUEST_MEMFD, KVM_MEM_DMA, KVM_MEM_KVM_ONLY)`);
         else bits |= b;
       });
     }
     if (bits & KVM_MEM_LOG_DIRTY_PAGES) this.fail(path, 'KVM_MEM_LOG_DIRTY_PAGES is set by the host operation enable-logging, not here');
     if ((bits & KVM_MEM_GUEST_MEMFD) && (bits & KVM_MEM_READONLY)) this.fail(path, 'KVM_MEM_GUEST_MEMFD with KVM_MEM_READONLY (KVM refuses the pair: EINVAL)');
-    if (bits & ~(KVM_MEM_READONLY | KVM_MEM_LOG_DIRTY_PAGES | KVM_MEM_GUEST_MEMFD)) this.fail(path, `unknown flag bits in ${show(flags)}`);
-    return bits & (KVM_MEM_READONLY | KVM_MEM_GUEST_MEMFD);
+    // As createVmLayout refuses them: a guest_memfd slot is private memory, not a device's buffer.
+    for (const [b, name] of [[KVM_MEM_DMA, 'KVM_MEM_DMA'], [KVM_MEM_KVM_ONLY, 'KVM_MEM_KVM_ONLY']] as const) {
+      if ((bits & KVM_MEM_GUEST_MEMFD) && (bits & b)) this.fail(path, `KVM_MEM_GUEST_MEMFD with ${name} (KVM refuses the pair: EINVAL)`);
+    }
+    if (bits & ~(known | KVM_MEM_LOG_DIRTY_PAGES)) this.fail(path, `unknown flag bits in ${show(flags)}`);
+    return bits & known;
   }
 
   /** vm.conversion_design: a design other than QEMU's converts guest_memfd memory for an assigned device, so it needs both. */
@@ -189,6 +203,14 @@ class SpecBuilder {
     if (cache === undefined) return;
     if (vm.privateMem) { this.fail('vm.cpu_cache', 'the CPU cache model is not modelled with private memory: it needs slots without GUEST_MEMFD'); return; }
     vm.cpuCache = cache;
+  }
+
+  /** vm.dma_slot_logging: what KVM does when dirty logging starts on a KVM_MEM_DMA slot, so the VM needs one. */
+  private dmaSlotLogging(f: LitmusFile, vm: VmConfig): void {
+    const rule = f.vm.dma_slot_logging;
+    if (rule === undefined) return;
+    if (!vm.slots.some((s) => (s.flags & KVM_MEM_DMA) !== 0)) this.fail('vm.dma_slot_logging', `${rule} is what KVM does when dirty logging starts on a KVM_MEM_DMA slot: the VM needs a slot with flags [KVM_MEM_DMA]`);
+    vm.dmaSlotLogging = rule;
   }
 
   private vcpuCount(f: LitmusFile): number {
@@ -386,6 +408,10 @@ class SpecBuilder {
     if (x.stale !== undefined) {
       needCache('stale');
       out.stale = x.stale;
+    }
+    if (x.machine_checks !== undefined) {
+      needCache('machine_checks');
+      out.machineChecks = x.machine_checks;
     }
     if (x.findings !== undefined) {
       x.findings.forEach((k, i) => {

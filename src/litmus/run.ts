@@ -8,14 +8,15 @@ import { EXIT_REASON_NAMES, KVM_EXIT_MMIO, KVM_MEM_READONLY, PAGE_SIZE } from '.
 import { CacheStat } from '../host/cpu-cache.ts';
 import { VFIO_DMA_MAP_FLAG_READ, VFIO_DMA_MAP_FLAG_WRITE } from '../host/iommu/constants.ts';
 import { MEMORY_TYPE_NAMES, type MemoryType, kvmEmulateWbinvd } from '../host/memory-type.ts';
-import { GlobalWord, VcpuRunState, VcpuWord, createVmLayout } from '../host/layout.ts';
+import { GlobalWord, VcpuRunState, VcpuWord, type VmLayout, createVmLayout } from '../host/layout.ts';
 import { Phase, Vcpu } from '../host/vcpu.ts';
 import { VmmControl } from '../host/vmm/vmm-control.ts';
-import { Vm } from '../host/vm.ts';
+import { Vm, memslotFlagNames } from '../host/vm.ts';
+import type { Memslot } from '../host/memslot.ts';
 import { NoTracepoints, type PageDirtied } from '../host/tracepoints.ts';
 import { ExitHandler } from '../host/vmm/exit-handler.ts';
 import { OpKind, SET_PAT_NO_CLFLUSH, SET_PAT_TYPE } from '../host/guest-op.ts';
-import { KvmError } from '../util/errors.ts';
+import { KvmError, UserError } from '../util/errors.ts';
 import { PassthroughDma } from '../host/devices/passthrough-dma.ts';
 import { ConversionInjection } from '../host/vmm/conversion-bugs.ts';
 import { discardsSharedMemory } from '../host/vmm/conversion-design.ts';
@@ -32,7 +33,10 @@ import {
   type OpRecord, elide, gfnsText, guestOpCount, logEventText, newRecord, slotName,
 } from './observations.ts';
 import { ScriptWorkload } from './script-workload.ts';
-import { STALE_READERS, type StaleCounts, accessText, spteTypeText, staleCounts, staleReadLines, vcpuReadValue } from './cache.ts';
+import {
+  STALE_READERS, type StaleCounts, accessText, firstMachineCheckGfn, machineCheckLines, machineChecks, spteTypeText, staleCounts, staleReadLines,
+  vcpuReadValue,
+} from './cache.ts';
 import type { InterleavingEntry, LitmusSpec } from './spec.ts';
 import { hex } from './syntax.ts';
 
@@ -103,7 +107,15 @@ class LitmusRun {
     const injected = injectedBugs(this.bugs);
     const t = spec.vm.tracking;
     const tracking = t.kind === 'ring' && injected.noBackupBitmap ? { ...t, withBitmap: false } : t;
-    this.vm = new Vm(createVmLayout({ ...spec.vm, tracking }), injected.kernel);
+    let layout: VmLayout;
+    try {
+      layout = createVmLayout({ ...spec.vm, tracking });
+    } catch (e) {
+      // KVM_SET_USER_MEMORY_REGION refusing a slot the loader let through: the file's mistake, in one line.
+      if (e instanceof KvmError) throw new UserError(`${spec.file}: vm.slots: ${e.message}`);
+      throw e;
+    }
+    this.vm = new Vm(layout, injected.kernel);
     this.vm.populate();
     // The faults and dirty-log pushes of the running operation, from KVM's tracepoints.
     const run = this;
@@ -221,10 +233,11 @@ class LitmusRun {
   run(): LitmusOutcome {
     const s = this.spec;
     this.log.push(`${s.name} (${s.file})`);
-    this.log.push(`vm: ${this.vm.memory.slots.map((m) => `slot ${slotName(m)} GFNs ${hex(m.baseGfn)}..${hex(m.endGfn - 1)}`).join(', ')}; `
+    this.log.push(`vm: ${this.vm.memory.slots.map((m) => `slot ${slotName(m)} GFNs ${hex(m.baseGfn)}..${hex(m.endGfn - 1)}${slotKindText(this.vm, m)}`).join(', ')}; `
       + `${this.vcpus.length} vCPU${this.vcpus.length === 1 ? '' : 's'}; ${trackingText(this.vm)}`
       + (s.design !== 'rdm' ? `; conversion design ${s.design}` : '')
       + (s.vm.cpuCache ? `; CPU cache model${s.vm.cpuCache.selfSnoop ? ' with self-snoop' : ''}` : '')
+      + (s.vm.dmaSlotLogging === 'refuse' ? '; KVM refuses dirty logging on a KVM_MEM_DMA slot' : '')
       + (this.bugs.length > 0 ? `; injected bugs: ${this.bugs.join(', ')}` : ''));
     if (this.bugs.includes('ring-full-exit-unhandled')) {
       this.log.push('note: ring-full-exit-unhandled changes nothing here: in a litmus test the file is the VMM and says how exits are handled');
@@ -272,6 +285,10 @@ class LitmusRun {
     if (this.spec.expect.stale === undefined && staleBy.length > 0) {
       this.failures.push(`${this.spec.file}: the stale read oracle found: ${staleBy.map((r) => `${stale![r]} by ${r}`).join(', ')} (write expect.stale to expect them)`);
     }
+    const mces = machineChecks(this.vm);
+    if (this.spec.expect.machineChecks === undefined && mces > 0) {
+      this.failures.push(`${this.spec.file}: the machine check oracle found: ${mces} cacheable access${mces === 1 ? '' : 'es'} to device memory, the first at ${hex(firstMachineCheckGfn(this.vm)!)} (write expect.machine_checks to expect them)`);
+    }
     const findings = cvm === null ? [] : [...cvm.oracle.kinds];
     if (this.spec.expect.findings === undefined && findings.length > 0) {
       this.failures.push(`${this.spec.file}: the private memory oracle found: ${cvm!.oracle.findings.map(describePrivateMemoryFinding).join('; ')} (write expect.findings to expect them)`);
@@ -282,7 +299,7 @@ class LitmusRun {
     const checked = [x.pages && 'pages', x.collected && 'collected', x.copies && 'copies', x.staleCopies && 'stale_copies',
       x.sptes && 'sptes', x.lostHostWrites !== undefined && 'lost_host_writes', x.flushes !== undefined && 'flushes',
       x.attributes && 'attributes', x.rdm && 'rdm', x.iommu && 'iommu', x.privatePages && 'private_pages', x.findings && 'findings',
-      x.cache && 'cache', x.stale && 'stale'].filter(Boolean);
+      x.cache && 'cache', x.stale && 'stale', x.machineChecks !== undefined && 'machine_checks'].filter(Boolean);
     if (checked.length > 0) {
       this.log.push(`final: collected ${gfnsText([...this.hostOps.collected].sort((a, b) => a - b))}; checked ${checked.join(', ')}: ${mismatches.length === 0 ? 'as expected' : `${mismatches.length} mismatch${mismatches.length === 1 ? '' : 'es'}`}`);
     }
@@ -446,6 +463,7 @@ class LitmusRun {
     this.stepEvents = [];
     const found = this.cvm?.oracle.count ?? 0;
     const stale = this.staleNow();
+    const mces = machineChecks(this.vm);
     const cache = this.vm.cache;
     const writebacks = cache?.stat(CacheStat.WRITEBACKS) ?? 0;
     let s: Step;
@@ -517,7 +535,7 @@ class LitmusRun {
           break;
       }
     }
-    parts.push(...this.stepEvents, ...this.newFindings(found), ...staleReadLines(stale, this.staleNow()));
+    parts.push(...this.stepEvents, ...this.newFindings(found), ...staleReadLines(stale, this.staleNow()), ...machineCheckLines(mces, machineChecks(this.vm), hex(g)));
     if (retiredNow && !idle && r !== null) {
       r.retired++;
       if (r.op.op.kind === 'read') r.value = readValue();
@@ -573,6 +591,13 @@ function notes(e: InterleavingEntry, r: OpRecord | null): string {
 
 function blockedText(b: boolean | number): string {
   return typeof b === 'number' ? `waiting for vcpu${b}` : `${b}`;
+}
+
+/** A slot's flags and kind for the trace's vm line: nothing for a plain RAM slot. */
+function slotKindText(vm: Vm, m: Memslot): string {
+  const flags = vm.flags(m);
+  const kinds = [...(flags !== 0 ? [memslotFlagNames(flags)] : []), ...(m.hostMmio ? ['device memory'] : [])];
+  return kinds.length > 0 ? ` (${kinds.join(', ')})` : '';
 }
 
 function trackingText(vm: Vm): string {

@@ -1,6 +1,6 @@
 import { z } from 'zod';
 import { CONVERSION_DESIGNS } from '../host/vmm/conversion-design.ts';
-import { CPU_CACHE_MODES } from '../scenarios/options.ts';
+import { CPU_CACHE_MODES, DMA_SLOT_LOGGING } from '../scenarios/options.ts';
 import { LINE_STATES } from './cache.ts';
 import { fieldPath, show } from './syntax.ts';
 
@@ -38,6 +38,8 @@ export const SlotSchema = strict({
   pages: z.int().min(1, { error: (iss) => `a slot needs at least one page, got ${show(iss.input)}` }),
   /** KVM_MEM_* flags: a number, or names (KVM_MEM_READONLY / readonly). */
   flags: z.union([z.int().min(0), z.array(z.string())]).optional(),
+  /** Device memory (a GPU's VRAM BAR), not RAM: vmx_get_mt_mask types it UC (vm.cpu_cache). */
+  host_mmio: z.boolean().optional(),
 });
 
 export const TRACKING_MODES = ['dirty-log', 'clear-log', 'dirty-ring'] as const;
@@ -82,6 +84,8 @@ export const FinalExpectSchema = strict({
   cache: z.record(z.string(), z.enum(LINE_STATES)).optional(),
   /** vm.cpu_cache: the stale read oracle's counts, by reader, and write-backs over newer data (overwrite). */
   stale: strict({ cpu: count.optional(), device: count.optional(), migration: count.optional(), overwrite: count.optional() }).optional(),
+  /** vm.cpu_cache: the machine check oracle's count (cacheable accesses to device memory). */
+  machine_checks: count.optional(),
 });
 
 export const IOMMU_BACKENDS = ['type1', 'iommufd'] as const;
@@ -107,6 +111,8 @@ export const LitmusFileSchema = strict({
     conversion_design: z.enum(CONVERSION_DESIGNS).optional(),
     /** A CPU cache model in front of guest memory (host/cpu-cache.ts): on, or on with a self-snooping CPU; off or absent: none. */
     cpu_cache: z.enum(CPU_CACHE_MODES).optional(),
+    /** What KVM does when dirty logging starts on a KVM_MEM_DMA slot: force-wb (the default) or refuse. */
+    dma_slot_logging: z.enum(DMA_SLOT_LOGGING).optional(),
   }),
   tracking: TrackingSchema,
   actors: z.record(z.string(), z.array(OpEntrySchema)),

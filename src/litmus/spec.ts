@@ -136,7 +136,7 @@ export interface OpExpect {
   /** get-log: the pages set in the returned bitmap, ascending. */
   dirty?: GfnsMatcher;
   cleared?: number;
-  /** register- / unregister-noncoherent-dma, vfio-file-add: SPTEs zapped. */
+  /** register- / unregister-noncoherent-dma, vfio-file-add, enable-logging (a KVM_MEM_DMA slot forced to WB): SPTEs zapped. */
   zapped?: number;
   /** clflush / wbinvd: dirty lines written back to memory. */
   writtenBack?: number;
@@ -190,4 +190,6 @@ export interface FinalExpect {
   cache?: { gfn: number; state: LineState }[];
   /** vm.cpu_cache: the stale read oracle's count of each reader given. */
   stale?: Partial<Record<StaleReader, number>>;
+  /** vm.cpu_cache: the machine check oracle's count (cacheable accesses to device memory, Vm.machineCheck). */
+  machineChecks?: number;
 }
