@@ -515,7 +515,7 @@ expect:
     expect(trace).toContain('VFIO maps guest RAM for the device at IOVA = GPA: 1 mapping(s), one per memslot');
     expect(trace).toContain('device DMA reads 5 from IOVA page 0x101 -> GFN 0x101 (snooped: the cached line, if any)');
     expect(trace).toContain('device DMA with No Snoop reads 0 from IOVA page 0x101 -> GFN 0x101 (memory only, the cache not looked at); ORACLE: stale read (device): ');
-    expect(trace).toContain('no non-coherent DMA registered: not flushed, read write-back: 9');
+    expect(trace).toContain('no non-coherent DMA registered, no KVM_MEM_DMA slot: not flushed, read write-back: 9');
     expect(trace).toContain('read write-back: 9; ORACLE: stale read (migration): ');
   });
 

@@ -137,6 +137,18 @@ describe('blob resources and the device-state policy in a migration', () => {
     expect(r.cache!.staleReads).toMatchObject({ device: 0, migration: 0 });
   });
 
+  it('clflush-before-read flushes a KVM_MEM_DMA slot alone (the device still does no-snoop DMA there), and that is enough even under dma-slot-with-dirty-logging', async () => {
+    const settings = { blob: 'ram', noncoherentRequest: 'kvm-mem-dma', noncoherentMigration: 'clflush-before-read' };
+    const forced = await run(settings);
+    expect(forced.status, `${forced.reason ?? ''}`).toBe('passed');
+    const sent = forced.info!.normalPages + forced.info!.zeroPages;
+    expect(forced.cache!.migrationPageFlushes).toBeGreaterThan(0);
+    expect(forced.cache!.migrationPageFlushes, 'the blob\'s pages alone: no non-coherent DMA is registered').toBeLessThan(sent / 4);
+    const bug = await runMigration(migrationSetup({ ...base, ...settings, inject: ['dma-slot-with-dirty-logging'] } as never).scenario, { driver: 'deterministic', watchdogMs: 10_000, burst: 64 });
+    expect(bug.injections).toEqual([expect.objectContaining({ bug: 'dma-slot-with-dirty-logging', idle: null })]);
+    expect(bug.status, `${bug.reason ?? ''}`).toBe('passed');
+  });
+
   it('refuses what does not fit, each in one line naming the setting', () => {
     const refused = (extra: Record<string, string>): string => { try { migrationSetup({ ...base, ...extra } as never); } catch (e) { return (e as Error).message; } return ''; };
     expect(refused({ blob: 'ram', workload: 'random' })).toBe('--blob: ram holds a render guest\'s buffers; it needs --workload render or render-wbinvd, not random');

@@ -92,13 +92,13 @@ export function latestValue(vm: Vm, slot: Memslot, page: number): number {
 /**
  * The migration thread's read of one page through the cache (precopy.ts cachedPagesOf):
  * write-back; with `flushFirst` (--noncoherent-migration clflush-before-read) flushed from
- * the cache first while non-coherent DMA is registered, as precopy's flushFirst decides,
+ * the cache first while KVM honours the guest's PAT there, as precopy's flushFirst decides,
  * unless migrate-noncoherent-without-flush skips the flush (counted as acted).
  */
 export function migrationRead(vm: Vm, slot: Memslot, page: number, flushFirst: boolean, withoutFlush: boolean): { value: number; flush: MigrationFlush } {
   const cache = vm.cache!;
   const frame = slot.firstPage + page;
-  const flush = flushBeforeRead(vm, flushFirst, withoutFlush, 1);
+  const flush = flushBeforeRead(vm, slot, flushFirst, withoutFlush, 1);
   if (flush === 'flush') cache.clflushPage(frame, true);
   const bytes = new Uint8Array(PAGE_SIZE);
   cache.readPage(frame, bytes, 0);

@@ -242,7 +242,7 @@ export class HostOperations {
         this.copies.set(op.gfn, r.value);
         const flush = m.flush === 'flush' ? 'flushed from the cache first (clflush-before-read), then read'
           : m.flush === 'skipped' ? 'NOT flushed first (the flush was skipped), read'
-            : op.flushFirst ? 'no non-coherent DMA registered: not flushed, read' : 'read';
+            : op.flushFirst ? 'no non-coherent DMA registered, no KVM_MEM_DMA slot: not flushed, read' : 'read';
         r.notes.push(`the migration thread's copy of ${hex(op.gfn)}: ${flush} write-back: ${r.value}`);
         return;
       }

@@ -1,7 +1,7 @@
 import { KvmError } from '../util/errors.ts';
 import { switchToCoherent } from './switch-to-coherent.ts';
 import { blobStateOf } from '../host/devices/blob-state.ts';
-import { PAGE_SIZE } from '../host/constants.ts';
+import { KVM_MEM_DMA, PAGE_SIZE } from '../host/constants.ts';
 import { PageBitmap } from '../host/dirty-bitmap.ts';
 import { Acted } from '../host/injections.ts';
 import type { Memslot } from '../host/memslot.ts';
@@ -96,7 +96,7 @@ export function* precopy(
 ): Steps {
   const mem = vm.memory;
   const vmm = new VmmControl(vm);
-  const flushFirst = (pages: number): boolean => flushBeforeRead(vm, p.noncoherent === 'clflush-before-read', bugs.noncoherentWithoutFlush === true, pages) === 'flush';
+  const flushFirst = (slot: Memslot, pages: number): boolean => flushBeforeRead(vm, slot, p.noncoherent === 'clflush-before-read', bugs.noncoherentWithoutFlush === true, pages) === 'flush';
   const exits = new ExitHandler(vmm, bugs.ringFullExitUnhandled === true);
   const log = new DirtyLog(vm, {
     clearPerChunk: true, harvestSkipEvery: bugs.harvestSkipEvery, deferRingReset: bugs.copyBeforeReset, clearAfterCopy: bugs.copyBeforeClear,
@@ -217,7 +217,7 @@ export function* precopy(
         vm.acts.acted(Acted.VMM_TOUCHES_KVM_ONLY_SLOT, batch.length);
       }
       vm.tracepoints.active?.copied(s, batch, copyStage);
-      const enc = encodePages(s.slotField, batch, vm.cache !== null ? cachedPagesOf(s, vm.cache, flushFirst(batch.length)) : pagesOf(s, vm.global, doneAtCheck), inPlace);
+      const enc = encodePages(s.slotField, batch, vm.cache !== null ? cachedPagesOf(s, vm.cache, flushFirst(s, batch.length)) : pagesOf(s, vm.global, doneAtCheck), inPlace);
       send(enc.frame);
       limiter.charge(stats.sent(enc.normal, enc.zero));
       sentNormal += enc.normal; sentZero += enc.zero;
@@ -433,12 +433,16 @@ export function* precopy(
 export type MigrationFlush = 'flush' | 'skipped' | 'not due';
 
 /**
- * clflush-before-read's decision for `pages` pages the migration thread is about to read:
- * flush them while the policy asks (`policy`) and non-coherent DMA is registered now;
- * migrate-noncoherent-without-flush (`withoutFlush`) skips the flush, counted as acted.
+ * clflush-before-read's decision for `pages` pages of `slot` the migration thread is about
+ * to read: flush them while the policy asks (`policy`) and memory may change behind the
+ * cache there: non-coherent DMA registered (any page: the guest may map any page WC and
+ * the device reach it), or a KVM_MEM_DMA slot (that slot alone, as the flag was meant to
+ * let KVM flush only it: a device's no-snoop DMA goes there, even while logging forces the
+ * guest's side WB); migrate-noncoherent-without-flush (`withoutFlush`) skips the flush,
+ * counted as acted.
  */
-export function flushBeforeRead(vm: Vm, policy: boolean, withoutFlush: boolean, pages: number): MigrationFlush {
-  if (!policy || !vm.noncoherentDma()) return 'not due';
+export function flushBeforeRead(vm: Vm, slot: Memslot, policy: boolean, withoutFlush: boolean, pages: number): MigrationFlush {
+  if (!policy || !(vm.noncoherentDma() || (vm.flags(slot) & KVM_MEM_DMA) !== 0)) return 'not due';
   if (!withoutFlush) return 'flush';
   vm.acts.acted(Acted.MIGRATE_NONCOHERENT_WITHOUT_FLUSH, pages);
   return 'skipped';
