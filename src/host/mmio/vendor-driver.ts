@@ -1,0 +1,181 @@
+import { EFAULT } from '../constants.ts';
+import { DeviceMmio, type DeviceMmioLayout, NO_OWNER, createDeviceMmioLayout } from './device-mmio.ts';
+
+/**
+ * The vendor driver of a mediated device shared by several VMs (a vGPU's), as the 2016
+ * design of mapping MMIO on fault has it: each VM sees a virtual BAR whose pages are
+ * backed by slices of the device's physical MMIO (device-mmio.ts) that the driver
+ * allocates and frees at run time, per VM and per resource (a VM that launches more
+ * graphics work gets more of resource A). Nothing is mapped at mmap time; on the first
+ * access the fault handler asks `validateMapRequest(vm, pos)` which slice backs BAR page
+ * `pos` for that VM, how much to map and with what protection, or refuses.
+ *
+ * The virtual BAR is laid out by resource: resource r holds BAR pages
+ * [barOffset, barOffset + maxPages), backed by a contiguous slice of up to maxPages
+ * physical pages once allocated; a BAR page past the allocation (or of a resource not
+ * allocated yet: the guest touching the BAR before the allocation was communicated, the
+ * race the 2016 thread raised) is refused.
+ *
+ * Shared memory, for the driver's own thread and the vCPU threads whose faults call the
+ * validate callback: the allocation table under one lock word (the driver's mutex, held
+ * for a lookup or an update, never across a step).
+ */
+export interface MmioResource {
+  name: string;
+  /** First BAR page of the resource in every VM's virtual BAR. */
+  barOffset: number;
+  /** Its most pages. */
+  maxPages: number;
+  /** Mapped read-only (a status page) or read-write. */
+  writable: boolean;
+}
+
+export interface VendorDriverLayout {
+  vms: number;
+  barPages: number;
+  resources: MmioResource[];
+  mmio: DeviceMmioLayout;
+  /** Word 0: the lock; then per (vm, resource): first pfn + 1 (0: not allocated), pages. */
+  table: SharedArrayBuffer;
+}
+
+const LOCK = 0;
+const SLOT_WORDS = 2;
+const TABLE_BASE = 1;
+
+export function createVendorDriverLayout(o: { vms: number; mmioPages: number; resources: MmioResource[] }): VendorDriverLayout {
+  const barPages = Math.max(0, ...o.resources.map((r) => r.barOffset + r.maxPages));
+  const byOffset = [...o.resources].sort((a, b) => a.barOffset - b.barOffset);
+  byOffset.forEach((r, i) => {
+    const next = byOffset[i + 1];
+    if (r.maxPages < 1 || r.barOffset < 0 || (next !== undefined && r.barOffset + r.maxPages > next.barOffset)) {
+      throw new Error(`vendor driver: resource ${r.name} at BAR page ${r.barOffset}, ${r.maxPages} pages, overlaps or is empty`);
+    }
+  });
+  return {
+    vms: o.vms, barPages, resources: o.resources, mmio: createDeviceMmioLayout(o.mmioPages),
+    table: new SharedArrayBuffer((TABLE_BASE + o.vms * o.resources.length * SLOT_WORDS) * 4),
+  };
+}
+
+/** validate_map_request's answer: map `pages` BAR pages from `barPage` on to physical pages from `pfn`, or refuse. */
+export type MapRequest =
+  | { ok: true; barPage: number; pfn: number; pages: number; writable: boolean }
+  | { ok: false; errno: number; why: string };
+
+/** A slice the driver gave a VM. */
+export interface MmioSlice { vm: number; resource: number; pfn: number; pages: number }
+
+export class VendorDriver {
+  readonly mmio: DeviceMmio;
+  readonly barPages: number;
+  readonly resources: readonly MmioResource[];
+  private readonly t: Int32Array;
+
+  constructor(readonly layout: VendorDriverLayout) {
+    this.mmio = new DeviceMmio(layout.mmio);
+    this.barPages = layout.barPages;
+    this.resources = layout.resources;
+    this.t = new Int32Array(layout.table);
+  }
+
+  /**
+   * validate_map_request(mdev, pos, &virtaddr, &pfn, &size, &prot) for BAR page `pos` of
+   * VM `vm`: the whole allocated part of the resource holding it, from its first BAR page.
+   */
+  validateMapRequest(vm: number, pos: number): MapRequest {
+    const r = this.resources.findIndex((x) => pos >= x.barOffset && pos < x.barOffset + x.maxPages);
+    if (r < 0) return { ok: false, errno: EFAULT, why: `BAR page ${pos} belongs to no resource` };
+    const res = this.resources[r]!;
+    this.lock();
+    try {
+      const { pfn, pages } = this.slot(vm, r);
+      if (pfn === NO_OWNER) return { ok: false, errno: EFAULT, why: `resource ${res.name} is not allocated to vm${vm}` };
+      if (pos >= res.barOffset + pages) return { ok: false, errno: EFAULT, why: `BAR page ${pos} is past vm${vm}'s ${pages} page(s) of ${res.name}` };
+      return { ok: true, barPage: res.barOffset, pfn, pages, writable: res.writable };
+    } finally {
+      this.unlock();
+    }
+  }
+
+  /** The slice of resource `r` VM `vm` holds, or null. */
+  sliceOf(vm: number, r: number): MmioSlice | null {
+    this.lock();
+    try {
+      const { pfn, pages } = this.slot(vm, r);
+      return pfn === NO_OWNER ? null : { vm, resource: r, pfn, pages };
+    } finally {
+      this.unlock();
+    }
+  }
+
+  /**
+   * Gives VM `vm` `pages` contiguous free physical pages for resource `r` (first fit), or
+   * null when none are free or it holds that resource already. The pages change owner.
+   */
+  allocate(vm: number, r: number, pages: number): MmioSlice | null {
+    const res = this.resources[r];
+    if (res === undefined || pages < 1 || pages > res.maxPages) throw new Error(`vendor driver: ${pages} pages of resource ${r}`);
+    this.lock();
+    try {
+      if (this.slot(vm, r).pfn !== NO_OWNER) return null;
+      const pfn = this.firstFree(pages);
+      if (pfn < 0) return null;
+      for (let p = pfn; p < pfn + pages; p++) this.mmio.setOwner(p, vm);
+      const at = this.slotAt(vm, r);
+      Atomics.store(this.t, at, pfn + 1);
+      Atomics.store(this.t, at + 1, pages);
+      return { vm, resource: r, pfn, pages };
+    } finally {
+      this.unlock();
+    }
+  }
+
+  /**
+   * Takes resource `r` back from VM `vm`: its pages are free for another VM. The caller
+   * has zapped every user mapping of them first (unmap_mapping_range): after this,
+   * nothing may reach them for `vm` (vfio-bar-mapping.ts).
+   */
+  free(vm: number, r: number): MmioSlice | null {
+    this.lock();
+    try {
+      const { pfn, pages } = this.slot(vm, r);
+      if (pfn === NO_OWNER) return null;
+      for (let p = pfn; p < pfn + pages; p++) this.mmio.setOwner(p, NO_OWNER);
+      const at = this.slotAt(vm, r);
+      Atomics.store(this.t, at, 0);
+      Atomics.store(this.t, at + 1, 0);
+      return { vm, resource: r, pfn, pages };
+    } finally {
+      this.unlock();
+    }
+  }
+
+  private firstFree(pages: number): number {
+    let run = 0;
+    for (let p = 0; p < this.mmio.pages; p++) {
+      run = this.mmio.owner(p) === NO_OWNER ? run + 1 : 0;
+      if (run === pages) return p - pages + 1;
+    }
+    return -1;
+  }
+
+  private slotAt(vm: number, r: number): number {
+    if (!Number.isInteger(vm) || vm < 0 || vm >= this.layout.vms) throw new Error(`vendor driver: no vm${vm}`);
+    return TABLE_BASE + (vm * this.resources.length + r) * SLOT_WORDS;
+  }
+
+  private slot(vm: number, r: number): { pfn: number; pages: number } {
+    const at = this.slotAt(vm, r);
+    return { pfn: Atomics.load(this.t, at) - 1, pages: Atomics.load(this.t, at + 1) };
+  }
+
+  private lock(): void {
+    while (Atomics.compareExchange(this.t, LOCK, 0, 1) !== 0) Atomics.wait(this.t, LOCK, 1, 1);
+  }
+
+  private unlock(): void {
+    Atomics.store(this.t, LOCK, 0);
+    Atomics.notify(this.t, LOCK, 1);
+  }
+}
