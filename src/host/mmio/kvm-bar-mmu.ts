@@ -1,0 +1,171 @@
+import { MMU_LOCK_HOLDER_KVM, type Vm } from '../vm.ts';
+import type { Steps } from '../../roles/role.ts';
+import type { DeviceMmio } from './device-mmio.ts';
+import type { BarPte, MmuNotifier, VfioBarMapping } from './vfio-bar-mapping.ts';
+
+/**
+ * KVM's side of a VM's virtual BAR (a memslot over a VM_PFNMAP VMA): the SPTEs it builds
+ * from the VMA's entries, the two halves of a fault, accesses through the SPTEs with the
+ * isolation oracles, and the MMU notifier the VMA calls when its entries go.
+ *
+ * A fault (arch/x86/kvm/mmu/mmu.c, kvm_mmu_faultin_pfn -> hva_to_pfn_remapped) reads
+ * mmu_invalidate_seq first, then looks the pfn up in the VMA (follow_pfn) and, when
+ * nothing maps the page, faults it in (fixup_user_fault: the driver's fault handler, which
+ * validates; vfio-bar-mapping.ts); a refusal is the vCPU's KVM_EXIT_MEMORY_FAULT / EFAULT.
+ * Then, under mmu_lock, the install retries if an invalidation covered the gfn since that
+ * read (mmu_invalidate_retry_gfn), else it builds the SPTE from what it looked up: the pfn,
+ * writable only if the VMA entry is, and the page's generation (for the stale SPTE oracle).
+ * The halves are separate calls, so a zap can come between them, as it can in KVM.
+ *
+ * The SPTEs live in shared memory (per BAR page: pfn + 1, writable, generation), one block
+ * per VM; the oracles count in their own words.
+ */
+export interface KvmBarMmuLayout {
+  /** The VM's id among those sharing the device (VendorDriver's numbering). */
+  vm: number;
+  /** The guest frame of BAR page 0 (the BAR's memslot). */
+  baseGfn: number;
+  barPages: number;
+  sptes: SharedArrayBuffer;
+  /** BarFinding counters, then the first finding's BAR page + 1 per kind. */
+  findings: SharedArrayBuffer;
+}
+
+const SPTE_WORDS = 3;
+const SPTE_WRITABLE = 1;
+
+/** What the isolation oracles find at an access through an SPTE. */
+export const enum BarFinding {
+  /** The pfn belongs to another VM's slice. */
+  CROSS_VM = 0,
+  /** The page changed hands since the SPTE was built from it: a zap was missed. */
+  STALE_SPTE,
+  /** The SPTE maps a page the VMA does not map (it was never validated, or was zapped there). */
+  UNVALIDATED,
+  /** A write through an SPTE whose VMA entry is read-only. */
+  READ_ONLY_WRITE,
+  COUNT,
+}
+export const BAR_FINDING_NAMES = ['cross-vm-access', 'stale-spte', 'unvalidated-mapping', 'read-only-write'] as const;
+
+export function createKvmBarMmuLayout(vm: number, baseGfn: number, barPages: number): KvmBarMmuLayout {
+  return {
+    vm, baseGfn, barPages,
+    sptes: new SharedArrayBuffer(barPages * SPTE_WORDS * 4),
+    findings: new SharedArrayBuffer(BarFinding.COUNT * 2 * 4),
+  };
+}
+
+/** kvm_mmu_faultin_pfn's half: the sequence read first, and what the VMA maps. */
+export type BarFaultIn = { ok: true; seq: number; pte: BarPte } | { ok: false; errno: number; why: string };
+
+/** An access through the BAR's SPTE: done (a read's value), or none usable: the caller faults. */
+export type BarAccess = { done: true; value: number } | { done: false };
+
+export class KvmBarMmu implements MmuNotifier {
+  readonly vm: number;
+  readonly baseGfn: number;
+  readonly barPages: number;
+  private readonly s: Int32Array;
+  private readonly f: Int32Array;
+
+  constructor(readonly layout: KvmBarMmuLayout, private readonly kvm: Vm, private readonly mapping: VfioBarMapping, private readonly mmio: DeviceMmio) {
+    this.vm = layout.vm;
+    this.baseGfn = layout.baseGfn;
+    this.barPages = layout.barPages;
+    this.s = new Int32Array(layout.sptes);
+    this.f = new Int32Array(layout.findings);
+    if (mapping.barPages !== layout.barPages || mapping.vm !== layout.vm) throw new Error(`KVM BAR MMU: vm${layout.vm}'s ${layout.barPages} pages against a mapping of vm${mapping.vm}'s ${mapping.barPages}`);
+  }
+
+  /** The SPTE of BAR page `page`, or null when none is present. */
+  spte(page: number): BarPte | null {
+    const at = this.at(page);
+    const pfn = Atomics.load(this.s, at) - 1;
+    if (pfn < 0) return null;
+    return { pfn, writable: (Atomics.load(this.s, at + 1) & SPTE_WRITABLE) !== 0, generation: Atomics.load(this.s, at + 2) };
+  }
+
+  /** The first half of a fault on BAR page `page`: the sequence, then follow_pfn, and the driver's fault handler on a miss. */
+  faultin(page: number, write: boolean): BarFaultIn {
+    const seq = this.kvm.mmuInvalidate.seq();
+    const present = this.mapping.pte(page);
+    if (present !== null && (!write || present.writable)) return { ok: true, seq, pte: present };
+    const f = this.mapping.fault(page, write);
+    if (!f.ok) return f;
+    return { ok: true, seq, pte: f.pte };
+  }
+
+  /**
+   * The second half, under mmu_lock: 'retry' when an invalidation covered the page since
+   * the sequence was read (RET_PF_RETRY: the vCPU faults again), 'busy' when mmu_lock is
+   * held (the vCPU re-enters and faults again), else the SPTE is built.
+   */
+  install(page: number, f: Extract<BarFaultIn, { ok: true }>, holder: number): 'installed' | 'retry' | 'busy' {
+    const inv = this.kvm.mmuInvalidate;
+    if (!inv.tryLock(holder)) return 'busy';
+    try {
+      if (inv.retry(f.seq, this.baseGfn + page)) return 'retry';
+      const at = this.at(page);
+      Atomics.store(this.s, at + 1, f.pte.writable ? SPTE_WRITABLE : 0);
+      Atomics.store(this.s, at + 2, f.pte.generation);
+      Atomics.store(this.s, at, f.pte.pfn + 1);
+      return 'installed';
+    } finally {
+      inv.unlock();
+    }
+  }
+
+  /**
+   * A guest access to BAR page `page` through its SPTE: a read returns the MMIO word, a
+   * write stores `value`. No SPTE, or a write through a read-only one: not done (the
+   * vCPU faults). The oracles check the pfn's owner and generation, and that the VMA
+   * still maps what the SPTE does.
+   */
+  access(page: number, write: boolean, value = 0): BarAccess {
+    const spte = this.spte(page);
+    if (spte === null || (write && !spte.writable)) return { done: false };
+    if (this.mmio.owner(spte.pfn) !== this.vm) this.find(BarFinding.CROSS_VM, page);
+    if (this.mmio.generation(spte.pfn) !== spte.generation) this.find(BarFinding.STALE_SPTE, page);
+    const pte = this.mapping.pte(page);
+    if (pte === null || pte.pfn !== spte.pfn) this.find(BarFinding.UNVALIDATED, page);
+    else if (write && !pte.writable) this.find(BarFinding.READ_ONLY_WRITE, page);
+    if (write) { this.mmio.write32(spte.pfn, value); return { done: true, value }; }
+    return { done: true, value: this.mmio.read32(spte.pfn) };
+  }
+
+  /** kvm_mmu_notifier_invalidate_range_start over BAR pages: begin, zap the SPTEs, flush remote TLBs. Returns the SPTEs zapped. */
+  *invalidateRangeStart(pos: number, count: number): Steps<number> {
+    const inv = this.kvm.mmuInvalidate;
+    while (!inv.tryLock(MMU_LOCK_HOLDER_KVM)) yield undefined;
+    inv.begin(this.baseGfn + pos, this.baseGfn + pos + count);
+    let zapped = 0;
+    for (let p = pos; p < pos + count; p++) if (Atomics.exchange(this.s, this.at(p), 0) !== 0) zapped++;
+    inv.unlock();
+    if (zapped > 0) yield* this.kvm.flushRemoteTlbs();
+    return zapped;
+  }
+
+  /** kvm_mmu_notifier_invalidate_range_end: faults that waited on the range may install again. */
+  invalidateRangeEnd(): void {
+    this.kvm.mmuInvalidate.end();
+  }
+
+  /** The oracles' counts by finding, and the first BAR page each was seen at (or null). */
+  findings(): { kind: (typeof BAR_FINDING_NAMES)[number]; count: number; firstPage: number | null }[] {
+    return BAR_FINDING_NAMES.map((kind, i) => {
+      const first = Atomics.load(this.f, BarFinding.COUNT + i);
+      return { kind, count: Atomics.load(this.f, i), firstPage: first > 0 ? first - 1 : null };
+    });
+  }
+
+  private find(kind: BarFinding, page: number): void {
+    Atomics.add(this.f, kind, 1);
+    Atomics.compareExchange(this.f, BarFinding.COUNT + kind, 0, page + 1);
+  }
+
+  private at(page: number): number {
+    if (!Number.isInteger(page) || page < 0 || page >= this.barPages) throw new Error(`BAR page ${page} outside the ${this.barPages}-page BAR`);
+    return page * SPTE_WORDS;
+  }
+}
