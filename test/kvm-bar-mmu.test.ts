@@ -1,12 +1,15 @@
 import { describe, expect, it } from 'vitest';
 import { EFAULT } from '../src/host/constants.ts';
-import { createVmLayout } from '../src/host/layout.ts';
+import { VcpuWord, createVmLayout } from '../src/host/layout.ts';
+import { KVM_EXIT_MEMORY_FAULT } from '../src/host/constants.ts';
+import { OpKind } from '../src/host/guest-op.ts';
+import { Vcpu } from '../src/host/vcpu.ts';
 import { KvmBarMmu, createKvmBarMmuLayout } from '../src/host/mmio/kvm-bar-mmu.ts';
 import { reclaimResource } from '../src/host/mmio/reclaim.ts';
 import { type MmioResource, VendorDriver, createVendorDriverLayout } from '../src/host/mmio/vendor-driver.ts';
 import { VfioBarMapping, createVfioBarMappingLayout } from '../src/host/mmio/vfio-bar-mapping.ts';
 import { Vm } from '../src/host/vm.ts';
-import { MANUAL, complete } from './helpers.ts';
+import { MANUAL, Ops, complete, retire } from './helpers.ts';
 
 /**
  * KVM's side of a VM's virtual BAR: a fault in two halves (the invalidation sequence and
@@ -118,5 +121,49 @@ describe('the slice taken back between the halves of a fault', () => {
       { kind: 'stale-spte', count: 1, firstPage: 1 },
       { kind: 'unvalidated-mapping', count: 1, firstPage: 1 },
     ]);
+  });
+});
+
+describe('a vCPU\'s accesses to a virtual BAR (VmConfig.bars)', () => {
+  function vmWithBar() {
+    const driverLayout = createVendorDriverLayout({ vms: 1, mmioPages: 4, resources: RESOURCES });
+    const barPages = new VendorDriver(driverLayout).barPages;
+    const kvm = new Vm(createVmLayout({
+      slots: [{ id: 1, asId: 0, baseGfn: 0x100, pages: 8, flags: 0 }], vcpus: 1, tracking: MANUAL,
+      bars: [{ mmu: createKvmBarMmuLayout(0, BAR_GFN, barPages), mapping: createVfioBarMappingLayout(0, barPages), driver: driverLayout }],
+    }));
+    kvm.populate();
+    return { kvm, bar: kvm.bars[0]! };
+  }
+  const exitReason = (kvm: Vm) => Atomics.load(kvm.vcpuWords, VcpuWord.EXIT_REASON);
+  /** The faults the vCPU took (its private count: the published word lags a step). */
+  const faults = (v: Vcpu): number => (v as unknown as { faults: number }).faults;
+
+  it('a store faults in two steps, then reaches the slice; a read through the SPTE needs no fault; RAM is as before', () => {
+    const { kvm, bar } = vmWithBar();
+    bar.driver.allocate(0, 1, 2);
+    const v = new Vcpu(kvm, 0, new Ops([{ gfn: BAR_GFN + 1, value: 42 }, { gfn: BAR_GFN + 1, value: 0, kind: OpKind.READ }, { gfn: 0x100, value: 5 }]));
+    retire(v, 1);
+    expect(bar.driver.mmio.read32(0)).toBe(42);
+    expect(bar.mmu.spte(1)).toMatchObject({ pfn: 0, writable: true });
+    expect(faults(v)).toBe(1);
+    retire(v, 2);
+    expect(faults(v), 'the read went through the SPTE; the RAM store found its page writable').toBe(1);
+    expect(kvm.memory.slots[0]!.readU64(0)).toBe(5);
+  });
+
+  it('a zap between the halves: the install retries, and the fault after it is refused: KVM_EXIT_MEMORY_FAULT at the BAR page\'s GPA', () => {
+    const { kvm, bar } = vmWithBar();
+    bar.driver.allocate(0, 1, 2);
+    const v = new Vcpu(kvm, 0, new Ops([{ gfn: BAR_GFN + 2, value: 7 }]));
+    for (let i = 0; i < 20 && faults(v) === 0; i++) v.step(); // entry, then the first half
+    expect(faults(v)).toBe(1);
+    complete(reclaimResource(bar.driver, bar.mapping, 1), [v]);
+    for (let i = 0; i < 20 && exitReason(kvm) === 0; i++) v.step();
+    expect(exitReason(kvm)).toBe(KVM_EXIT_MEMORY_FAULT);
+    expect(Atomics.load(kvm.vcpuWords, VcpuWord.MMIO_GPA_LO)).toBe((BAR_GFN + 2) * 4096);
+    expect(bar.mmu.spte(2)).toBeNull();
+    expect(v.retired).toBe(0);
+    expect(clean(bar.mmu)).toBe(true);
   });
 });

@@ -1,5 +1,8 @@
 import { GlobalWord } from './layout.ts';
 
+/** mmu_lock's holder id for KVM's own invalidations (vCPUs hold it as their index + 1). */
+export const MMU_LOCK_HOLDER_KVM = 0x10000;
+
 /**
  * KVM's MMU invalidation protocol (virt/kvm/kvm_main.c, kvm_mmu_invalidate_begin/_end;
  * include/linux/kvm_host.h, mmu_invalidate_retry_gfn): whoever changes what a range of

@@ -15,6 +15,7 @@ import { SPTE_PRIVATE, SPTE_WRITABLE, mapPagePrivate, spteAccessType } from './s
 import type { Vm } from './vm.ts';
 import { type GuestContext, type GuestOp, OpKind, SET_PAT_COHERENT_ACK, SET_PAT_NO_CLFLUSH, SET_PAT_TYPE, type Workload, type Write64Workload, isWrite64Workload } from './guest-op.ts';
 import { Acted } from './injections.ts';
+import type { BarFaultIn } from './mmio/kvm-bar-mmu.ts';
 import { NOT_WAITING, type Role, Step, type Wait, WaitCode, waitFor } from '../roles/role.ts';
 import { type Clock, WALL_CLOCK } from '../roles/clock.ts';
 import { type TokenBucket, bucketFor } from '../util/token-bucket.ts';
@@ -130,6 +131,8 @@ export class Vcpu implements Role, VcpuFastState {
   private pacedAtFault = false;
   /** The pending operation is a hypercall that exited to the VMM: on re-entry it completes with hypercall.ret. */
   private hypercallExited = false;
+  /** A BAR fault between its halves: what the first looked up (KvmBarMmu.faultin), for the install at the next step. */
+  private barFault: Extract<BarFaultIn, { ok: true }> | null = null;
   /** VmConfig.mapGpa 'tdx': the MapGPA in flight, tdx->map_gpa_next and map_gpa_end in frames; else null. */
   private readonly tdxMapGpa: { next: number; end: number } | null;
   private pacedUs = 0;
@@ -575,7 +578,7 @@ export class Vcpu implements Role, VcpuFastState {
     }
     if (op.kind >= OpKind.READ) return this.readOrHypercall();
     const slot = this.vm.memory.findSlot(op.gfn);
-    if (slot === undefined) return this.mmioExit();
+    if (slot === undefined) return this.barOrMmio();
     const page = op.gfn - slot.baseGfn;
     this.slot = slot;
     this.page = page;
@@ -594,7 +597,7 @@ export class Vcpu implements Role, VcpuFastState {
       return this.retire();
     }
     const slot = this.vm.memory.findSlot(op.gfn);
-    if (slot === undefined) return this.mmioExit();
+    if (slot === undefined) return this.barOrMmio();
     const page = op.gfn - slot.baseGfn;
     this.slot = slot;
     this.page = page;
@@ -730,6 +733,34 @@ export class Vcpu implements Role, VcpuFastState {
     this.ops++;
     this.progress++;
     return Advance.RETIRED;
+  }
+
+  /**
+   * An access outside every memslot: a mediated device's virtual BAR page (mmio/), else
+   * KVM_EXIT_MMIO. Through its SPTE the access is done at once; without one the fault
+   * runs in two steps, so that a zap can come between the lookup and the install
+   * (KvmBarMmu), and the access is tried again after. A refused fault is
+   * KVM_EXIT_MEMORY_FAULT (KVM_RUN's EFAULT). BAR pages are walked every time: no TLB entry.
+   */
+  private barOrMmio(): Advance {
+    const op = this.op;
+    const bar = this.vm.barAt(op.gfn);
+    if (bar === undefined) return this.mmioExit();
+    this.slot = undefined; // no memslot page pending: nothing for the oracles of RAM
+    const page = op.gfn - bar.mmu.baseGfn;
+    const write = op.kind < OpKind.READ;
+    if (this.barFault !== null) {
+      const installed = bar.mmu.install(page, this.barFault, this.index + 1);
+      if (installed === 'busy') return Advance.BOUNDARY;
+      this.barFault = null;
+      return Advance.PROGRESS;
+    }
+    if (bar.mmu.access(page, write, op.value).done) return this.retire();
+    const f = bar.mmu.faultin(page, write);
+    if (!f.ok) return this.memoryFaultExit(false);
+    this.faults++;
+    this.barFault = f;
+    return Advance.PROGRESS;
   }
 
   private mmioExit(): Advance {

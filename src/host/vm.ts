@@ -14,12 +14,15 @@ import {
   SPTE_PRIVATE, SPTE_WRITABLE, makeSpteWritable, setSpteMemoryType, mapSlotWritable, writeProtectMask32, writeProtectSlot, zapSptes,
 } from './spte.ts';
 import { type KvmMemoryAttributes, MemoryAttributes, gfnRange, invalidMemoryAttributes, slotRanges } from './memory-attributes.ts';
-import { MmuInvalidate } from './mmu-invalidate.ts';
+import { MMU_LOCK_HOLDER_KVM, MmuInvalidate } from './mmu-invalidate.ts';
 import { CacheAccess, CpuCache, lineKey } from './cpu-cache.ts';
 import { guestDram } from './guest-dram.ts';
 import { type NoncoherentDmaUnregister, kvmCheckHasQuirk, vmxGetMtMask } from './memory-type.ts';
 import { TlbShootdown } from './tlb-shootdown.ts';
 import { Iommu } from './iommu/iommu.ts';
+import { KvmBarMmu } from './mmio/kvm-bar-mmu.ts';
+import { VfioBarMapping } from './mmio/vfio-bar-mapping.ts';
+import { VendorDriver } from './mmio/vendor-driver.ts';
 import { Acted, InjectionCounters } from './injections.ts';
 import { KvmError } from '../util/errors.ts';
 import { PageHistory } from './page-history.ts';
@@ -38,8 +41,10 @@ export function memslotFlagNames(flags: number): string {
   return [...names, ...(rest !== 0 ? [`0x${rest.toString(16)}`] : [])].join('|') || '0';
 }
 
-/** mmu_lock's holder id for KVM's own invalidations (vCPUs hold it as their index + 1). */
-export const MMU_LOCK_HOLDER_KVM = 0x10000;
+export { MMU_LOCK_HOLDER_KVM } from './mmu-invalidate.ts';
+
+/** A mediated device's virtual BAR in this VM (Vm.bars). */
+export interface VmBar { mmu: KvmBarMmu; mapping: VfioBarMapping; driver: VendorDriver }
 
 /** Kernel bugs a Vm can be built with (see src/bugs/catalog.ts). */
 export interface KernelBugs {
@@ -99,6 +104,8 @@ export class Vm {
   readonly cache: CpuCache | null;
   /** With the cache: the memory type the guest's PAT gives each page (VM-wide numbering), else null. */
   readonly guestPat: Uint8Array | null;
+  /** Mediated devices' virtual BARs (VmConfig.bars): KVM's side, the VMM's mapping (whose zaps reach KVM here, in whatever thread zaps), the vendor driver. */
+  readonly bars: readonly VmBar[];
 
   constructor(readonly layout: VmLayout, readonly bugs: KernelBugs = {}) {
     this.memory = new GuestMemory(layout);
@@ -118,6 +125,13 @@ export class Vm {
     this.attributes = layout.attributes ? new MemoryAttributes(layout.attributes, this.memory) : null;
     this.cache = layout.cpuCache ? new CpuCache(layout.cpuCache.cache, guestDram(this.memory)) : null;
     this.guestPat = layout.cpuCache ? new Uint8Array(layout.cpuCache.guestPat) : null;
+    this.bars = (layout.config.bars ?? []).map((b) => {
+      const driver = new VendorDriver(b.driver);
+      const mapping = new VfioBarMapping(b.mapping, driver);
+      const mmu = new KvmBarMmu(b.mmu, this, mapping, driver.mmio);
+      mapping.register(mmu);
+      return { mmu, mapping, driver };
+    });
     this.mmuInvalidate = new MmuInvalidate(this.global);
   }
 
@@ -597,6 +611,12 @@ export class Vm {
   };
 
   /** Guest operations retired by all vCPUs (each publishes its count at its step boundary): the guest's clock for devices that pace by it. */
+  /** The virtual BAR holding guest frame `gfn`, or undefined. */
+  barAt(gfn: number): VmBar | undefined {
+    for (const b of this.bars) if (gfn >= b.mmu.baseGfn && gfn < b.mmu.baseGfn + b.mmu.barPages) return b;
+    return undefined;
+  }
+
   /** The operations vCPU `v` has retired (published in bursts). */
   vcpuOps(v: number): number {
     return Atomics.load(this.vcpuWords, this.vcpuBase(v) + VcpuWord.OPS);

@@ -1,7 +1,10 @@
-import { MMU_LOCK_HOLDER_KVM, type Vm } from '../vm.ts';
+import { MMU_LOCK_HOLDER_KVM, type MmuInvalidate } from '../mmu-invalidate.ts';
 import type { Steps } from '../../roles/role.ts';
 import type { DeviceMmio } from './device-mmio.ts';
 import type { BarPte, MmuNotifier, VfioBarMapping } from './vfio-bar-mapping.ts';
+import { KVM_BAR_FINDINGS, KVM_BAR_SPTE_WORDS, type KvmBarMmuLayout } from './bar-layouts.ts';
+export type { KvmBarMmuLayout } from './bar-layouts.ts';
+export { createKvmBarMmuLayout } from './bar-layouts.ts';
 
 /**
  * KVM's side of a VM's virtual BAR (a memslot over a VM_PFNMAP VMA): the SPTEs it builds
@@ -20,18 +23,7 @@ import type { BarPte, MmuNotifier, VfioBarMapping } from './vfio-bar-mapping.ts'
  * The SPTEs live in shared memory (per BAR page: pfn + 1, writable, generation), one block
  * per VM; the oracles count in their own words.
  */
-export interface KvmBarMmuLayout {
-  /** The VM's id among those sharing the device (VendorDriver's numbering). */
-  vm: number;
-  /** The guest frame of BAR page 0 (the BAR's memslot). */
-  baseGfn: number;
-  barPages: number;
-  sptes: SharedArrayBuffer;
-  /** BarFinding counters, then the first finding's BAR page + 1 per kind. */
-  findings: SharedArrayBuffer;
-}
-
-const SPTE_WORDS = 3;
+const SPTE_WORDS = KVM_BAR_SPTE_WORDS;
 const SPTE_WRITABLE = 1;
 
 /** What the isolation oracles find at an access through an SPTE. */
@@ -46,21 +38,20 @@ export const enum BarFinding {
   READ_ONLY_WRITE,
   COUNT,
 }
+if ((BarFinding.COUNT as number) !== KVM_BAR_FINDINGS) throw new Error('kvm-bar-mmu.ts: BarFinding out of step with KVM_BAR_FINDINGS');
 export const BAR_FINDING_NAMES = ['cross-vm-access', 'stale-spte', 'unvalidated-mapping', 'read-only-write'] as const;
-
-export function createKvmBarMmuLayout(vm: number, baseGfn: number, barPages: number): KvmBarMmuLayout {
-  return {
-    vm, baseGfn, barPages,
-    sptes: new SharedArrayBuffer(barPages * SPTE_WORDS * 4),
-    findings: new SharedArrayBuffer(BarFinding.COUNT * 2 * 4),
-  };
-}
 
 /** kvm_mmu_faultin_pfn's half: the sequence read first, and what the VMA maps. */
 export type BarFaultIn = { ok: true; seq: number; pte: BarPte } | { ok: false; errno: number; why: string };
 
 /** An access through the BAR's SPTE: done (a read's value), or none usable: the caller faults. */
 export type BarAccess = { done: true; value: number } | { done: false };
+
+/** What of KVM the BAR's MMU needs: the invalidation sequence and mmu_lock, and remote TLB flushes. */
+export interface KvmMmu {
+  readonly mmuInvalidate: MmuInvalidate;
+  flushRemoteTlbs(): Steps;
+}
 
 export class KvmBarMmu implements MmuNotifier {
   readonly vm: number;
@@ -69,7 +60,7 @@ export class KvmBarMmu implements MmuNotifier {
   private readonly s: Int32Array;
   private readonly f: Int32Array;
 
-  constructor(readonly layout: KvmBarMmuLayout, private readonly kvm: Vm, private readonly mapping: VfioBarMapping, private readonly mmio: DeviceMmio) {
+  constructor(readonly layout: KvmBarMmuLayout, private readonly kvm: KvmMmu, private readonly mapping: VfioBarMapping, private readonly mmio: DeviceMmio) {
     this.vm = layout.vm;
     this.baseGfn = layout.baseGfn;
     this.barPages = layout.barPages;

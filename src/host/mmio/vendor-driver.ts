@@ -1,5 +1,8 @@
 import { EFAULT } from '../constants.ts';
-import { DeviceMmio, type DeviceMmioLayout, NO_OWNER, createDeviceMmioLayout } from './device-mmio.ts';
+import { DeviceMmio, NO_OWNER } from './device-mmio.ts';
+import { type MmioResource, VENDOR_SLOT_WORDS, VENDOR_TABLE_BASE, type VendorDriverLayout } from './bar-layouts.ts';
+export type { MmioResource, VendorDriverLayout } from './bar-layouts.ts';
+export { createVendorDriverLayout } from './bar-layouts.ts';
 
 /**
  * The vendor driver of a mediated device shared by several VMs (a vGPU's), as the 2016
@@ -20,45 +23,12 @@ import { DeviceMmio, type DeviceMmioLayout, NO_OWNER, createDeviceMmioLayout } f
  * validate callback: the allocation table under one lock word (the driver's mutex, held
  * for a lookup or an update, never across a step).
  */
-export interface MmioResource {
-  name: string;
-  /** First BAR page of the resource in every VM's virtual BAR. */
-  barOffset: number;
-  /** Its most pages. */
-  maxPages: number;
-  /** Mapped read-only (a status page) or read-write. */
-  writable: boolean;
-}
-
-export interface VendorDriverLayout {
-  vms: number;
-  barPages: number;
-  resources: MmioResource[];
-  mmio: DeviceMmioLayout;
-  /** Word 0: the lock; then per (vm, resource): first pfn + 1 (0: not allocated), pages. */
-  table: SharedArrayBuffer;
-}
-
-const LOCK = 0;
-const SLOT_WORDS = 2;
-const TABLE_BASE = 1;
-
-export function createVendorDriverLayout(o: { vms: number; mmioPages: number; resources: MmioResource[] }): VendorDriverLayout {
-  const barPages = Math.max(0, ...o.resources.map((r) => r.barOffset + r.maxPages));
-  const byOffset = [...o.resources].sort((a, b) => a.barOffset - b.barOffset);
-  byOffset.forEach((r, i) => {
-    const next = byOffset[i + 1];
-    if (r.maxPages < 1 || r.barOffset < 0 || (next !== undefined && r.barOffset + r.maxPages > next.barOffset)) {
-      throw new Error(`vendor driver: resource ${r.name} at BAR page ${r.barOffset}, ${r.maxPages} pages, overlaps or is empty`);
-    }
-  });
-  return {
-    vms: o.vms, barPages, resources: o.resources, mmio: createDeviceMmioLayout(o.mmioPages),
-    table: new SharedArrayBuffer((TABLE_BASE + o.vms * o.resources.length * SLOT_WORDS) * 4),
-  };
-}
-
 /** validate_map_request's answer: map `pages` BAR pages from `barPage` on to physical pages from `pfn`, or refuse. */
+/** The driver's table: word 0 the lock, then per (vm, resource) the slot's words (bar-layouts.ts). */
+const LOCK = 0;
+const SLOT_WORDS = VENDOR_SLOT_WORDS;
+const TABLE_BASE = VENDOR_TABLE_BASE;
+
 export type MapRequest =
   | { ok: true; barPage: number; pfn: number; pages: number; writable: boolean }
   | { ok: false; errno: number; why: string };

@@ -1,6 +1,9 @@
 import { EFAULT, EINVAL } from '../constants.ts';
 import type { Steps } from '../../roles/role.ts';
 import type { MapRequest, VendorDriver } from './vendor-driver.ts';
+import { MAPPING_PTE_BASE, MAPPING_PTE_WORDS, type VfioBarMappingLayout } from './bar-layouts.ts';
+export type { VfioBarMappingLayout } from './bar-layouts.ts';
+export { createVfioBarMappingLayout } from './bar-layouts.ts';
 
 /**
  * A VM's virtual BAR as the VMM mmap()s it from VFIO: a VM_PFNMAP VMA over `barPages`
@@ -21,21 +24,10 @@ import type { MapRequest, VendorDriver } from './vendor-driver.ts';
  * SPTEs and flushes TLBs. "Whoever called remap_pfn_range is also going to call
  * unmap_mapping_range before the underlying pages are freed" is all KVM relies on.
  */
-export interface VfioBarMappingLayout {
-  vm: number;
-  barPages: number;
-  /** Word 0: the lock (mmap_lock for the entries); then per page: pfn + 1, flags, generation. */
-  ptes: SharedArrayBuffer;
-}
-
 const LOCK = 0;
-const PTE_BASE = 1;
-const PTE_WORDS = 3;
+const PTE_BASE = MAPPING_PTE_BASE;
+const PTE_WORDS = MAPPING_PTE_WORDS;
 const PTE_WRITABLE = 1;
-
-export function createVfioBarMappingLayout(vm: number, barPages: number): VfioBarMappingLayout {
-  return { vm, barPages, ptes: new SharedArrayBuffer((PTE_BASE + barPages * PTE_WORDS) * 4) };
-}
 
 /** What a BAR page's entry maps, or null. */
 export interface BarPte { pfn: number; writable: boolean; generation: number }

@@ -1,0 +1,89 @@
+import { type DeviceMmioLayout, createDeviceMmioLayout } from './device-mmio.ts';
+
+/**
+ * The shared-memory layouts of a mediated device's MMIO mapped on fault, apart from the
+ * classes that use them, so that a VM's layout (layout.ts) can carry them without importing
+ * KVM's side: the vendor driver's (vendor-driver.ts), a VM's VFIO BAR mapping's
+ * (vfio-bar-mapping.ts) and KVM's SPTEs for it (kvm-bar-mmu.ts).
+ */
+
+/** The vendor driver's table: the lock word, then per (vm, resource) first pfn + 1 and pages. */
+export const VENDOR_TABLE_BASE = 1;
+export const VENDOR_SLOT_WORDS = 2;
+/** A BAR mapping's page table: the lock word, then per BAR page pfn + 1, flags, generation. */
+export const MAPPING_PTE_BASE = 1;
+export const MAPPING_PTE_WORDS = 3;
+/** KVM's BAR SPTEs: per BAR page pfn + 1, flags, generation; the oracles' findings (kvm-bar-mmu.ts BarFinding). */
+export const KVM_BAR_SPTE_WORDS = 3;
+export const KVM_BAR_FINDINGS = 4;
+
+export interface MmioResource {
+  name: string;
+  /** First BAR page of the resource in every VM's virtual BAR. */
+  barOffset: number;
+  /** Its most pages. */
+  maxPages: number;
+  /** Mapped read-only (a status page) or read-write. */
+  writable: boolean;
+}
+
+export interface VendorDriverLayout {
+  vms: number;
+  barPages: number;
+  resources: MmioResource[];
+  mmio: DeviceMmioLayout;
+  /** Word 0: the lock; then per (vm, resource): first pfn + 1 (0: not allocated), pages. */
+  table: SharedArrayBuffer;
+}
+
+export function createVendorDriverLayout(o: { vms: number; mmioPages: number; resources: MmioResource[] }): VendorDriverLayout {
+  const barPages = Math.max(0, ...o.resources.map((r) => r.barOffset + r.maxPages));
+  const byOffset = [...o.resources].sort((a, b) => a.barOffset - b.barOffset);
+  byOffset.forEach((r, i) => {
+    const next = byOffset[i + 1];
+    if (r.maxPages < 1 || r.barOffset < 0 || (next !== undefined && r.barOffset + r.maxPages > next.barOffset)) {
+      throw new Error(`vendor driver: resource ${r.name} at BAR page ${r.barOffset}, ${r.maxPages} pages, overlaps or is empty`);
+    }
+  });
+  return {
+    vms: o.vms, barPages, resources: o.resources, mmio: createDeviceMmioLayout(o.mmioPages),
+    table: new SharedArrayBuffer((VENDOR_TABLE_BASE + o.vms * o.resources.length * VENDOR_SLOT_WORDS) * 4),
+  };
+}
+
+export interface VfioBarMappingLayout {
+  vm: number;
+  barPages: number;
+  /** Word 0: the lock (mmap_lock for the entries); then per page: pfn + 1, flags, generation. */
+  ptes: SharedArrayBuffer;
+}
+
+export function createVfioBarMappingLayout(vm: number, barPages: number): VfioBarMappingLayout {
+  return { vm, barPages, ptes: new SharedArrayBuffer((MAPPING_PTE_BASE + barPages * MAPPING_PTE_WORDS) * 4) };
+}
+
+export interface KvmBarMmuLayout {
+  /** The VM's id among those sharing the device (VendorDriver's numbering). */
+  vm: number;
+  /** The guest frame of BAR page 0 (the BAR's memslot). */
+  baseGfn: number;
+  barPages: number;
+  sptes: SharedArrayBuffer;
+  /** BarFinding counters, then the first finding's BAR page + 1 per kind. */
+  findings: SharedArrayBuffer;
+}
+
+export function createKvmBarMmuLayout(vm: number, baseGfn: number, barPages: number): KvmBarMmuLayout {
+  return {
+    vm, baseGfn, barPages,
+    sptes: new SharedArrayBuffer(barPages * KVM_BAR_SPTE_WORDS * 4),
+    findings: new SharedArrayBuffer(KVM_BAR_FINDINGS * 2 * 4),
+  };
+}
+
+/** A mediated device's BAR in a VM: KVM's SPTEs, the VMM's mapping of it, and the device's vendor driver (shared by the VMs). */
+export interface VmBarLayout {
+  mmu: KvmBarMmuLayout;
+  mapping: VfioBarMappingLayout;
+  driver: VendorDriverLayout;
+}
