@@ -2,7 +2,7 @@ import {
   EINVAL, KVM_DIRTY_GFN_SIZE, KVM_MEM_DMA, KVM_MEM_GUEST_MEMFD, KVM_MEM_KVM_ONLY, KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, PAGE_SIZE,
 } from './constants.ts';
 import { KvmError } from '../util/errors.ts';
-import type { VmBarLayout } from './mmio/bar-layouts.ts';
+import type { VmBarLayout } from './bar-layouts.ts';
 import { createPageHistoryBuffer } from './page-history-buffer.ts';
 import { type IommuConfig, type IommuLayout, createIommuLayout } from './iommu/iommu-layout.ts';
 import { INJECTION_WORDS } from './injections.ts';

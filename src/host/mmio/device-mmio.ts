@@ -1,32 +1,14 @@
 import { PAGE_SIZE } from '../constants.ts';
-
-/**
- * A mediated device's physical MMIO as the host sees it (a vGPU's BAR: registers and VRAM):
- * shared memory of `pages` pages that the vendor driver carves into slices for the VMs
- * sharing the device, at run time (vendor-driver.ts). Each page records its owner (the VM
- * whose slice holds it, as VM id + 1; 0 free) and a generation bumped every time it
- * changes hands, so that an access through a mapping made for an earlier owner can be
- * told from one through a current mapping (the isolation oracles). A pfn here is a page
- * index into this region.
- */
-export interface DeviceMmioLayout {
-  pages: number;
-  /** The MMIO's contents. */
-  data: SharedArrayBuffer;
-  /** Per page: owner (VM id + 1, 0 free), generation. */
-  pageWords: SharedArrayBuffer;
-}
-
-export const enum MmioPageWord { OWNER = 0, GENERATION = 1, WORDS = 2 }
-
-export function createDeviceMmioLayout(pages: number): DeviceMmioLayout {
-  if (!Number.isInteger(pages) || pages < 1) throw new Error(`device MMIO: ${pages} pages`);
-  return { pages, data: new SharedArrayBuffer(pages * PAGE_SIZE), pageWords: new SharedArrayBuffer(pages * MmioPageWord.WORDS * 4) };
-}
+import { type DeviceMmioLayout, MmioPageWord } from '../bar-layouts.ts';
+export { type DeviceMmioLayout, MmioPageWord, createDeviceMmioLayout } from '../bar-layouts.ts';
 
 /** No VM owns the page. */
 export const NO_OWNER = -1;
 
+/**
+ * A mediated device's physical MMIO (its layout, and why the pages carry owners and
+ * generations, in bar-layouts.ts): each page's owner and generation, and its words.
+ */
 export class DeviceMmio {
   readonly pages: number;
   readonly u32: Uint32Array;

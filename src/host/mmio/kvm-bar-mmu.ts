@@ -2,9 +2,9 @@ import { MMU_LOCK_HOLDER_KVM, type MmuInvalidate } from '../mmu-invalidate.ts';
 import type { Steps } from '../../roles/role.ts';
 import type { DeviceMmio } from './device-mmio.ts';
 import type { BarPte, MmuNotifier, VfioBarMapping } from './vfio-bar-mapping.ts';
-import { KVM_BAR_FINDINGS, KVM_BAR_SPTE_WORDS, type KvmBarMmuLayout } from './bar-layouts.ts';
-export type { KvmBarMmuLayout } from './bar-layouts.ts';
-export { createKvmBarMmuLayout } from './bar-layouts.ts';
+import { KVM_BAR_FINDINGS, KVM_BAR_SPTE_WORDS, type KvmBarMmuLayout } from '../bar-layouts.ts';
+export type { KvmBarMmuLayout } from '../bar-layouts.ts';
+export { createKvmBarMmuLayout } from '../bar-layouts.ts';
 
 /**
  * KVM's side of a VM's virtual BAR (a memslot over a VM_PFNMAP VMA): the SPTEs it builds

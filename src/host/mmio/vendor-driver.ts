@@ -1,8 +1,8 @@
 import { EFAULT } from '../constants.ts';
 import { DeviceMmio, NO_OWNER } from './device-mmio.ts';
-import { type MmioResource, VENDOR_SLOT_WORDS, VENDOR_TABLE_BASE, type VendorDriverLayout } from './bar-layouts.ts';
-export type { MmioResource, VendorDriverLayout } from './bar-layouts.ts';
-export { createVendorDriverLayout } from './bar-layouts.ts';
+import { type MmioResource, VENDOR_SLOT_WORDS, VENDOR_TABLE_BASE, type VendorDriverLayout } from '../bar-layouts.ts';
+export type { MmioResource, VendorDriverLayout } from '../bar-layouts.ts';
+export { createVendorDriverLayout } from '../bar-layouts.ts';
 
 /**
  * The vendor driver of a mediated device shared by several VMs (a vGPU's), as the 2016

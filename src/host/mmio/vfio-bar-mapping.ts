@@ -1,9 +1,9 @@
 import { EFAULT, EINVAL } from '../constants.ts';
 import type { Steps } from '../../roles/role.ts';
 import type { MapRequest, VendorDriver } from './vendor-driver.ts';
-import { MAPPING_PTE_BASE, MAPPING_PTE_WORDS, type VfioBarMappingLayout } from './bar-layouts.ts';
-export type { VfioBarMappingLayout } from './bar-layouts.ts';
-export { createVfioBarMappingLayout } from './bar-layouts.ts';
+import { MAPPING_PTE_BASE, MAPPING_PTE_WORDS, type VfioBarMappingLayout } from '../bar-layouts.ts';
+export type { VfioBarMappingLayout } from '../bar-layouts.ts';
+export { createVfioBarMappingLayout } from '../bar-layouts.ts';
 
 /**
  * A VM's virtual BAR as the VMM mmap()s it from VFIO: a VM_PFNMAP VMA over `barPages`

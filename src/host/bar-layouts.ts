@@ -1,11 +1,36 @@
-import { type DeviceMmioLayout, createDeviceMmioLayout } from './device-mmio.ts';
+import { PAGE_SIZE } from './constants.ts';
 
 /**
  * The shared-memory layouts of a mediated device's MMIO mapped on fault, apart from the
  * classes that use them, so that a VM's layout (layout.ts) can carry them without importing
- * KVM's side: the vendor driver's (vendor-driver.ts), a VM's VFIO BAR mapping's
- * (vfio-bar-mapping.ts) and KVM's SPTEs for it (kvm-bar-mmu.ts).
+ * KVM's side: the device's MMIO (mmio/device-mmio.ts), the vendor driver's
+ * (mmio/vendor-driver.ts), a VM's VFIO BAR mapping's (mmio/vfio-bar-mapping.ts) and KVM's
+ * SPTEs for it (mmio/kvm-bar-mmu.ts).
  */
+
+/**
+ * A mediated device's physical MMIO as the host sees it (a vGPU's BAR: registers and VRAM):
+ * shared memory of `pages` pages that the vendor driver carves into slices for the VMs
+ * sharing the device, at run time (vendor-driver.ts). Each page records its owner (the VM
+ * whose slice holds it, as VM id + 1; 0 free) and a generation bumped every time it
+ * changes hands, so that an access through a mapping made for an earlier owner can be
+ * told from one through a current mapping (the isolation oracles). A pfn here is a page
+ * index into this region.
+ */
+export interface DeviceMmioLayout {
+  pages: number;
+  /** The MMIO's contents. */
+  data: SharedArrayBuffer;
+  /** Per page: owner (VM id + 1, 0 free), generation. */
+  pageWords: SharedArrayBuffer;
+}
+
+export const enum MmioPageWord { OWNER = 0, GENERATION = 1, WORDS = 2 }
+
+export function createDeviceMmioLayout(pages: number): DeviceMmioLayout {
+  if (!Number.isInteger(pages) || pages < 1) throw new Error(`device MMIO: ${pages} pages`);
+  return { pages, data: new SharedArrayBuffer(pages * PAGE_SIZE), pageWords: new SharedArrayBuffer(pages * MmioPageWord.WORDS * 4) };
+}
 
 /** The vendor driver's table: the lock word, then per (vm, resource) first pfn + 1 and pages. */
 export const VENDOR_TABLE_BASE = 1;
