@@ -44,6 +44,18 @@ describe('KVM_MEM_DMA: the guest\'s PAT honoured in one slot', () => {
     expect(vm.honoursGuestPat()).toBe(true);
   });
 
+  it('a guest WBINVD with a KVM_MEM_DMA slot and nothing registered VM-wide flushes that slot\'s lines alone', () => {
+    const { vm, blob } = vmWith({ flags: KVM_MEM_DMA });
+    const ram = vm.memory.slots[0]!;
+    const v = new Vcpu(vm, 0, new Ops([{ gfn: 0x100, value: 1 }, { gfn: 0x200, value: 2 }, { kind: OpKind.WBINVD, gfn: 0x100, value: 0 }]));
+    retire(v, 3);
+    expect(blob.readU64(0), 'the DMA slot\'s dirty line written back').toBe(2);
+    expect(ram.readU64(0), 'the RAM slot\'s line still dirty in the cache').toBe(0);
+    const bug = vmWith({ flags: KVM_MEM_DMA }, { bugs: { wbinvdNoop: true } });
+    retire(new Vcpu(bug.vm, 0, new Ops([{ gfn: 0x200, value: 2 }, { kind: OpKind.WBINVD, gfn: 0x200, value: 0 }])), 2);
+    expect(bug.blob.readU64(0), 'wbinvd-noop: nothing flushed').toBe(0);
+  });
+
   it('force-wb: dirty logging zaps the slot, and faults rebuild it WB + IPAT while logging lasts', () => {
     const { vm, blob } = vmWith({ flags: KVM_MEM_DMA });
     complete(vm.enableDirtyLogging(blob));

@@ -28,7 +28,8 @@ export const enum OpKind {
   /**
    * WBINVD: the guest writes back and invalidates its caches (a driver handing buffers to a
    * device that does not snoop). It exits to KVM, which really flushes only while
-   * non-coherent DMA is registered (kvmEmulateWbinvd); otherwise it is a no-op.
+   * non-coherent DMA is registered (kvmEmulateWbinvd), or flushes the KVM_MEM_DMA slots
+   * alone; otherwise it is a no-op.
    */
   WBINVD = 7,
 }

@@ -1,5 +1,5 @@
 import {
-  KVM_EINVAL, KVM_ENOSYS, KVM_EXIT_DIRTY_RING_FULL, KVM_EXIT_HYPERCALL, KVM_EXIT_MEMORY_FAULT, KVM_EXIT_MMIO, KVM_HC_MAP_GPA_RANGE,
+  KVM_EINVAL, KVM_ENOSYS, KVM_MEM_DMA, KVM_EXIT_DIRTY_RING_FULL, KVM_EXIT_HYPERCALL, KVM_EXIT_MEMORY_FAULT, KVM_EXIT_MMIO, KVM_HC_MAP_GPA_RANGE,
   KVM_MAP_GPA_RANGE_DECRYPTED, KVM_MAP_GPA_RANGE_ENCRYPTED, KVM_MEMORY_EXIT_FLAG_PRIVATE, PAGE_SIZE, TDVMCALL_MAP_GPA,
   TDVMCALL_STATUS_INVALID_OPERAND, TDVMCALL_STATUS_RETRY, TDVMCALL_STATUS_SUBFUNC_UNSUPPORTED, TDVMCALL_STATUS_SUCCESS, TDX_MAP_GPA_MAX_LEN,
 } from './constants.ts';
@@ -619,12 +619,19 @@ export class Vcpu implements Role, VcpuFastState {
   /**
    * The guest's WBINVD exits to KVM (kvm_emulate_wbinvd), which writes back and invalidates
    * (on every CPU the vCPU ran on; here the one shared cache) only with non-coherent DMA.
+   * With KVM_MEM_DMA slots and nothing registered VM-wide, KVM flushes those slots alone,
+   * line by line (what the 2020 RFC's per-slot flag was to allow).
    */
   private emulateWbinvd(): void {
-    if (this.cache === null || !kvmEmulateWbinvd(this.vm)) return;
+    const cache = this.cache;
+    if (cache === null) return;
+    const vmWide = kvmEmulateWbinvd(this.vm);
+    const slots = vmWide ? [] : this.vm.memory.slots.filter((s) => (this.vm.flags(s) & KVM_MEM_DMA) !== 0);
+    if (!vmWide && slots.length === 0) return;
     // wbinvd-noop: KVM skips it all the same, and the guest's dirty lines stay cached.
     if (this.vm.bugs.wbinvdNoop) this.vm.acts.acted(Acted.WBINVD_NOOP);
-    else this.cache.wbinvd();
+    else if (vmWide) cache.wbinvd();
+    else for (const s of slots) for (let p = 0; p < s.pages; p++) cache.clflushPage(s.firstPage + p);
   }
 
   /**

@@ -4,7 +4,7 @@ import { injectedBugs } from '../bugs/injected.ts';
 import { DeterministicDriver, ReplayScheduler } from '../drivers/deterministic.ts';
 import { Step, type Wait, WaitCode } from '../roles/role.ts';
 import { describeWait } from '../drivers/describe-wait.ts';
-import { EXIT_REASON_NAMES, KVM_EXIT_MMIO, KVM_MEM_READONLY, PAGE_SIZE } from '../host/constants.ts';
+import { EXIT_REASON_NAMES, KVM_EXIT_MMIO, KVM_MEM_DMA, KVM_MEM_READONLY, PAGE_SIZE } from '../host/constants.ts';
 import { CacheStat } from '../host/cpu-cache.ts';
 import { VFIO_DMA_MAP_FLAG_READ, VFIO_DMA_MAP_FLAG_WRITE } from '../host/iommu/constants.ts';
 import { MEMORY_TYPE_NAMES, type MemoryType, kvmEmulateWbinvd } from '../host/memory-type.ts';
@@ -512,9 +512,12 @@ class LitmusRun {
           if (idle) parts.push('idle');
           else if (vcpu.op.kind === OpKind.WBINVD) {
             const written = cache!.stat(CacheStat.WRITEBACKS) - writebacks;
-            parts.push(!kvmEmulateWbinvd(this.vm) ? 'WBINVD: no non-coherent DMA, KVM skips it (nothing flushed), retires'
-              : this.vm.bugs.wbinvdNoop ? 'WBINVD: non-coherent DMA is registered, but KVM skips it all the same (wbinvd-noop: nothing flushed), retires'
-                : `WBINVD: non-coherent DMA is registered, KVM executes it (${written} dirty line(s) written back), retires`);
+            const dmaSlot = this.vm.memory.slots.some((x) => (this.vm.flags(x) & KVM_MEM_DMA) !== 0);
+            const why = kvmEmulateWbinvd(this.vm) ? 'non-coherent DMA is registered' : 'a slot has KVM_MEM_DMA';
+            parts.push(!kvmEmulateWbinvd(this.vm) && !dmaSlot ? 'WBINVD: no non-coherent DMA, KVM skips it (nothing flushed), retires'
+              : this.vm.bugs.wbinvdNoop ? `WBINVD: ${why}, but KVM skips it all the same (wbinvd-noop: nothing flushed), retires`
+                : kvmEmulateWbinvd(this.vm) ? `WBINVD: ${why}, KVM executes it (${written} dirty line(s) written back), retires`
+                  : `WBINVD: ${why}: KVM flushes that slot's lines alone (${written} dirty line(s) written back), retires`);
           } else if (vcpu.op.kind === OpKind.SET_PAT) {
             parts.push(`the guest maps ${hex(g)}+${vcpu.op.value} ${MEMORY_TYPE_NAMES[(vcpu.op.offset & SET_PAT_TYPE) as MemoryType]} (its PAT); ${(vcpu.op.offset & SET_PAT_NO_CLFLUSH) !== 0 ? 'cpa_flush leaves the flush to a WBINVD' : `cpa_flush flushes their lines (${cache!.stat(CacheStat.WRITEBACKS) - writebacks} written back)`}, retires`);
           } else if (vcpu.op.kind === OpKind.READ) parts.push(exited ? `read ${hex(g)}: no memslot${mmio}` : `${kind}reads ${hex(g)} = ${readValue()}${how(false)}, retires`);
