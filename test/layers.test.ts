@@ -12,7 +12,7 @@ import { describe, expect, it } from 'vitest';
 const LAYERS: string[][] = [
   ['util', 'version.ts'],
   ['roles'],
-  ['host', 'host/iommu', 'host/devices'],
+  ['host', 'host/iommu', 'host/devices', 'host/mmio'],
   ['host/vmm'],
   ['oracles'],
   ['guest'],
