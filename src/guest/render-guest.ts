@@ -55,10 +55,7 @@ export class RenderGuest implements Workload {
     if (d !== null && !this.mapped) {
       this.mapped = true;
       this.flushPending = d.flush === 'wbinvd';
-      op.kind = OpKind.SET_PAT;
-      op.gfn = this.area.baseGfn;
-      op.value = this.area.pages;
-      op.offset = X86_MEMTYPE_WC | (this.flushPending ? SET_PAT_NO_CLFLUSH : 0);
+      this.setAreaPat(op, X86_MEMTYPE_WC | (this.flushPending ? SET_PAT_NO_CLFLUSH : 0));
       return;
     }
     if (this.flushPending) {
@@ -71,15 +68,20 @@ export class RenderGuest implements Workload {
       // The device asks for coherent DMA again: the driver maps its buffers WB (cpa_flush
       // flushing them), then says so; it renders through the cache from now on.
       this.coherent = true;
-      op.kind = OpKind.SET_PAT;
-      op.gfn = this.area.baseGfn;
-      op.value = this.area.pages;
-      op.offset = X86_MEMTYPE_WB | SET_PAT_COHERENT_ACK;
+      this.setAreaPat(op, X86_MEMTYPE_WB | SET_PAT_COHERENT_ACK);
       return;
     }
     op.kind = OpKind.WRITE64;
     const toArea = (d !== null && (this.turn++ & 1) === 0) || this.other.pages === 0;
     op.gfn = toArea ? this.area.baseGfn + this.prng.below(this.area.pages) : this.other.gfn(this.prng.below(this.other.pages));
+  }
+
+  /** SET_PAT over the whole area: `offset` the memory type and its flags (guest-op.ts). */
+  private setAreaPat(op: GuestOp, offset: number): void {
+    op.kind = OpKind.SET_PAT;
+    op.gfn = this.area.baseGfn;
+    op.value = this.area.pages;
+    op.offset = offset;
   }
 }
 

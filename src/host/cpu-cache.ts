@@ -1,4 +1,5 @@
 import { PAGE_SIZE } from './constants.ts';
+import { lockWord, unlockWord } from '../util/word-lock.ts';
 
 /**
  * The CPU caches in front of guest memory, for the places where page aliasing can happen
@@ -437,16 +438,13 @@ export class CpuCache {
     return set;
   }
 
-  /** The set's lock: held for one access's loads and stores only; a thread that finds it taken sleeps until it is let go. */
+  /** The set's lock: held for one access's loads and stores only. */
   private lockSet(set: number): void {
-    const at = set * this.stride + SET_LOCK;
-    while (Atomics.compareExchange(this.w, at, 0, 1) !== 0) Atomics.wait(this.w, at, 1, 1);
+    lockWord(this.w, set * this.stride + SET_LOCK);
   }
 
   private unlock(set: number): void {
-    const at = set * this.stride + SET_LOCK;
-    Atomics.store(this.w, at, 0);
-    Atomics.notify(this.w, at, 1);
+    unlockWord(this.w, set * this.stride + SET_LOCK);
   }
 }
 

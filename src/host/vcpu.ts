@@ -1,5 +1,5 @@
 import {
-  KVM_EINVAL, KVM_ENOSYS, KVM_MEM_DMA, KVM_EXIT_DIRTY_RING_FULL, KVM_EXIT_HYPERCALL, KVM_EXIT_MEMORY_FAULT, KVM_EXIT_MMIO, KVM_HC_MAP_GPA_RANGE,
+  KVM_EINVAL, KVM_ENOSYS, KVM_EXIT_DIRTY_RING_FULL, KVM_EXIT_HYPERCALL, KVM_EXIT_MEMORY_FAULT, KVM_EXIT_MMIO, KVM_HC_MAP_GPA_RANGE,
   KVM_MAP_GPA_RANGE_DECRYPTED, KVM_MAP_GPA_RANGE_ENCRYPTED, KVM_MEMORY_EXIT_FLAG_PRIVATE, PAGE_SIZE, TDVMCALL_MAP_GPA,
   TDVMCALL_STATUS_INVALID_OPERAND, TDVMCALL_STATUS_RETRY, TDVMCALL_STATUS_SUBFUNC_UNSUPPORTED, TDVMCALL_STATUS_SUCCESS, TDX_MAP_GPA_MAX_LEN,
 } from './constants.ts';
@@ -8,10 +8,10 @@ import {
 } from './layout.ts';
 import { Memslot } from './memslot.ts';
 import { CACHE_LINE_SIZE, CacheAccess, type CpuCache, lineKey } from './cpu-cache.ts';
-import { type MemoryType, X86_MEMTYPE_WB, X86_MEMTYPE_WC, effectiveMemoryType, kvmEmulateWbinvd } from './memory-type.ts';
+import { X86_MEMTYPE_WB, X86_MEMTYPE_WC, kvmEmulateWbinvd } from './memory-type.ts';
 import { slotRanges } from './memory-attributes.ts';
 import { FAST_PATH_MISS_PHASE, type VcpuFastState, countStaleStore, runTlbHits, runWriteHits } from './vcpu-fast-path.ts';
-import { SPTE_PRIVATE, SPTE_WRITABLE, mapPagePrivate, spteAccessType } from './spte.ts';
+import { SPTE_PRIVATE, SPTE_WRITABLE, mapPagePrivate } from './spte.ts';
 import type { Vm } from './vm.ts';
 import { type GuestContext, type GuestOp, OpKind, SET_PAT_COHERENT_ACK, SET_PAT_NO_CLFLUSH, SET_PAT_TYPE, type Workload, type Write64Workload, isWrite64Workload } from './guest-op.ts';
 import { Acted } from './injections.ts';
@@ -626,7 +626,7 @@ export class Vcpu implements Role, VcpuFastState {
     const cache = this.cache;
     if (cache === null) return;
     const vmWide = kvmEmulateWbinvd(this.vm);
-    const slots = vmWide ? [] : this.vm.memory.slots.filter((s) => (this.vm.flags(s) & KVM_MEM_DMA) !== 0);
+    const slots = vmWide ? [] : this.vm.dmaSlots();
     if (!vmWide && slots.length === 0) return;
     // wbinvd-noop: KVM skips it all the same, and the guest's dirty lines stay cached.
     if (this.vm.bugs.wbinvdNoop) this.vm.acts.acted(Acted.WBINVD_NOOP);
@@ -667,10 +667,7 @@ export class Vcpu implements Role, VcpuFastState {
    * WT and WP go to memory as UC (simplified: WT and WP would update a cached copy too).
    */
   private cacheAccess(slot: Memslot, page: number): CacheAccess.WB | CacheAccess.UC | CacheAccess.WC {
-    const spte = slot.spte[page]!;
-    const pat = this.vm.guestPat![slot.firstPage + page]! as MemoryType;
-    // A zapped SPTE: the access faults and KVM builds it anew (reads take no walk here: the type is what that fault gives).
-    const type = spte === 0 ? effectiveMemoryType(this.vm.getMtMask(slot), pat) : spteAccessType(spte, pat);
+    const type = this.vm.accessMemoryType(slot, page);
     if (type === X86_MEMTYPE_WB) {
       // A cacheable access to device memory: a machine check (why vmx_get_mt_mask forces UC there).
       if (slot.hostMmio) this.vm.machineCheck(slot, page);

@@ -11,13 +11,13 @@ import {
 } from './layout.ts';
 import { Memslot, type PageStamp } from './memslot.ts';
 import {
-  SPTE_PRIVATE, SPTE_WRITABLE, makeSpteWritable, setSpteMemoryType, mapSlotWritable, writeProtectMask32, writeProtectSlot, zapSptes,
+  SPTE_PRIVATE, SPTE_WRITABLE, makeSpteWritable, setSpteMemoryType, spteAccessType, mapSlotWritable, writeProtectMask32, writeProtectSlot, zapSptes,
 } from './spte.ts';
 import { type KvmMemoryAttributes, MemoryAttributes, gfnRange, invalidMemoryAttributes, slotRanges } from './memory-attributes.ts';
 import { MMU_LOCK_HOLDER_KVM, MmuInvalidate } from './mmu-invalidate.ts';
 import { CacheAccess, CpuCache, lineKey } from './cpu-cache.ts';
 import { guestDram } from './guest-dram.ts';
-import { type NoncoherentDmaUnregister, kvmCheckHasQuirk, vmxGetMtMask } from './memory-type.ts';
+import { type EptMemoryType, type MemoryType, type NoncoherentDmaUnregister, effectiveMemoryType, kvmCheckHasQuirk, vmxGetMtMask } from './memory-type.ts';
 import { TlbShootdown } from './tlb-shootdown.ts';
 import { Iommu } from './iommu/iommu.ts';
 import { KvmBarMmu } from './mmio/kvm-bar-mmu.ts';
@@ -42,6 +42,9 @@ export function memslotFlagNames(flags: number): string {
 }
 
 export { MMU_LOCK_HOLDER_KVM } from './mmu-invalidate.ts';
+
+/** An oracle's count and the first gfn it saw (or null). */
+export interface OracleCount { count: number; firstGfn: number | null }
 
 /** A mediated device's virtual BAR in this VM (Vm.bars). */
 export interface VmBar { mmu: KvmBarMmu; mapping: VfioBarMapping; driver: VendorDriver }
@@ -215,7 +218,17 @@ export class Vm {
 
   /** KVM honours the guest's PAT somewhere: non-coherent DMA is registered, or a slot has KVM_MEM_DMA. */
   honoursGuestPat(): boolean {
-    return this.noncoherentDma() || this.memory.slots.some((s) => (this.flags(s) & KVM_MEM_DMA) !== 0);
+    return this.noncoherentDma() || this.dmaSlots().length > 0;
+  }
+
+  /** The slot has KVM_MEM_DMA: a device's non-coherent DMA goes there (constants.ts). */
+  isDmaSlot(slot: Memslot): boolean {
+    return (this.flags(slot) & KVM_MEM_DMA) !== 0;
+  }
+
+  /** The slots with KVM_MEM_DMA. */
+  dmaSlots(): Memslot[] {
+    return this.memory.slots.filter((s) => this.isDmaSlot(s));
   }
 
   /**
@@ -236,9 +249,8 @@ export class Vm {
    * logs dirty pages under 'force-wb' (VmConfig.dmaSlotLogging; 'refuse' never gets there).
    */
   slotHonoursPat(slot: Memslot): boolean {
-    const flags = this.flags(slot);
-    if ((flags & KVM_MEM_DMA) === 0) return false;
-    return (flags & KVM_MEM_LOG_DIRTY_PAGES) === 0 || this.bugs.dmaSlotWithDirtyLogging === true;
+    if (!this.isDmaSlot(slot)) return false;
+    return (this.flags(slot) & KVM_MEM_LOG_DIRTY_PAGES) === 0 || this.bugs.dmaSlotWithDirtyLogging === true;
   }
 
   /** The machine check oracle: a cacheable access to host MMIO (a vCPU's, through an SPTE that was not UC). */
@@ -251,6 +263,33 @@ export class Vm {
   kvmOnlyTouched(slot: Memslot, page: number, pages = 1): void {
     Atomics.add(this.global, GlobalWord.KVM_ONLY_TOUCHES, pages);
     Atomics.compareExchange(this.global, GlobalWord.KVM_ONLY_TOUCH_FIRST_GFN, 0, slot.baseGfn + page + 1);
+  }
+
+  /** What the machine check oracle counted, and the first gfn. */
+  machineChecks(): OracleCount {
+    return this.oracleCount(GlobalWord.MACHINE_CHECKS, GlobalWord.MACHINE_CHECK_FIRST_GFN);
+  }
+
+  /** What the KVM-only slot oracle counted, and the first gfn. */
+  kvmOnlyTouches(): OracleCount {
+    return this.oracleCount(GlobalWord.KVM_ONLY_TOUCHES, GlobalWord.KVM_ONLY_TOUCH_FIRST_GFN);
+  }
+
+  private oracleCount(count: number, first: number): OracleCount {
+    const f = Atomics.load(this.global, first);
+    return { count: Atomics.load(this.global, count), firstGfn: f > 0 ? f - 1 : null };
+  }
+
+  /**
+   * The memory type a vCPU access to a page of `slot` takes now, with the CPU cache model:
+   * its SPTE's EPT type combined with the guest's PAT (effectiveMemoryType). A zapped SPTE:
+   * the access faults and KVM builds it anew (reads take no walk here: the type is what
+   * that fault gives).
+   */
+  accessMemoryType(slot: Memslot, page: number): EptMemoryType {
+    const spte = slot.spte[page]!;
+    const pat = this.guestPat![slot.firstPage + page]! as MemoryType;
+    return spte === 0 ? effectiveMemoryType(this.getMtMask(slot), pat) : spteAccessType(spte, pat);
   }
 
   /**
@@ -349,7 +388,7 @@ export class Vm {
   *enableDirtyLogging(slot: Memslot): Steps<number> {
     // check_memory_region_flags: "Dirty logging private memory is not currently supported".
     if (slot.gmem !== null && this.layout.config.logSharedGuestMemfd !== true) throw new KvmError(EINVAL, 'KVM_SET_USER_MEMORY_REGION2', `slot ${slot.id}: KVM_MEM_LOG_DIRTY_PAGES on a KVM_MEM_GUEST_MEMFD slot`);
-    const dma = (this.flags(slot) & KVM_MEM_DMA) !== 0;
+    const dma = this.isDmaSlot(slot);
     if (dma && this.bugs.dmaSlotWithDirtyLogging) this.acts.acted(Acted.DMA_SLOT_WITH_DIRTY_LOGGING);
     else if (dma && this.layout.config.dmaSlotLogging === 'refuse') {
       throw new KvmError(EINVAL, 'KVM_SET_USER_MEMORY_REGION', `slot ${slot.id}: KVM_MEM_LOG_DIRTY_PAGES on a KVM_MEM_DMA slot (the two exclude each other)`);
@@ -624,7 +663,7 @@ export class Vm {
 
   guestOps(): number {
     let n = 0;
-    for (let v = 0; v < this.layout.config.vcpus; v++) n += Atomics.load(this.vcpuWords, this.vcpuBase(v) + VcpuWord.OPS);
+    for (let v = 0; v < this.layout.config.vcpus; v++) n += this.vcpuOps(v);
     return n;
   }
 

@@ -1,14 +1,13 @@
 import { PAGE_SIZE } from '../host/constants.ts';
 import { CacheAccess, CacheStat, type CpuCache, type CpuCacheConfig, DEFAULT_CPU_CACHE, lineKey } from '../host/cpu-cache.ts';
 import {
-  type EptMemoryType, MEMORY_TYPE_NAMES, type MemoryType, X86_MEMTYPE_WB, eptIgnoresPat, eptMemoryType,
+  MEMORY_TYPE_NAMES, X86_MEMTYPE_WB, eptIgnoresPat, eptMemoryType,
 } from '../host/memory-type.ts';
-import { GlobalWord } from '../host/layout.ts';
 import { Memslot } from '../host/memslot.ts';
-import { spteAccessType, spteMtMask } from '../host/spte.ts';
+import { spteMtMask } from '../host/spte.ts';
 import type { Vm } from '../host/vm.ts';
 import type { CpuCacheMode } from '../scenarios/options.ts';
-import { type MigrationFlush, flushBeforeRead } from '../migration/precopy.ts';
+import { type MigrationFlush, cachedPagesOf, flushBeforeRead } from '../migration/precopy.ts';
 
 /**
  * The CPU cache model (host/cpu-cache.ts) as litmus files see it: the VM's cache from
@@ -50,17 +49,12 @@ export function firstLineState(cache: CpuCache, slot: Memslot, page: number): Li
   return cache.state(firstLine(slot, page));
 }
 
-/** The memory type a vCPU access to the page takes now: its SPTE's EPT type with the guest's PAT (as vcpu.ts's cacheAccess computes it). */
-export function accessType(vm: Vm, slot: Memslot, page: number): EptMemoryType {
-  return spteAccessType(slot.spte[page]!, vm.guestPat![slot.firstPage + page]! as MemoryType);
-}
-
 /**
  * Where a vCPU's store to (or read of) the page went, by its memory type, for the trace: a
  * host MMIO slot's memory is device memory (a WB access to it is the machine check oracle's line).
  */
 export function accessText(vm: Vm, slot: Memslot, page: number, store: boolean): string {
-  const type = accessType(vm, slot, page);
+  const type = vm.accessMemoryType(slot, page);
   const cached = type === X86_MEMTYPE_WB;
   const memory = slot.hostMmio ? 'device memory' : 'memory';
   return `${MEMORY_TYPE_NAMES[type]}: ${store ? (cached ? 'into the cache, the line dirty' : `to ${memory}`) : (cached ? 'through the cache' : `from ${memory}`)}`;
@@ -79,7 +73,7 @@ function snoop(cache: CpuCache, slot: Memslot, page: number): number {
 
 /** What a vCPU's read of the page's first 8 bytes just returned: a WB read left its line cached, any other went to memory. */
 export function vcpuReadValue(vm: Vm, slot: Memslot, page: number): number {
-  return accessType(vm, slot, page) === X86_MEMTYPE_WB ? snoop(vm.cache!, slot, page) : slot.readU64(page);
+  return vm.accessMemoryType(slot, page) === X86_MEMTYPE_WB ? snoop(vm.cache!, slot, page) : slot.readU64(page);
 }
 
 /** The page's latest value: a dirty line's data, else memory's (a clean line that differs from memory is the stale one). */
@@ -87,7 +81,6 @@ export function latestValue(vm: Vm, slot: Memslot, page: number): number {
   const cache = vm.cache;
   return cache !== null && firstLineState(cache, slot, page) === 'dirty' ? snoop(cache, slot, page) : slot.readU64(page);
 }
-
 
 /**
  * The migration thread's read of one page through the cache (precopy.ts cachedPagesOf):
@@ -97,11 +90,9 @@ export function latestValue(vm: Vm, slot: Memslot, page: number): number {
  */
 export function migrationRead(vm: Vm, slot: Memslot, page: number, flushFirst: boolean, withoutFlush: boolean): { value: number; flush: MigrationFlush } {
   const cache = vm.cache!;
-  const frame = slot.firstPage + page;
   const flush = flushBeforeRead(vm, slot, flushFirst, withoutFlush, 1);
-  if (flush === 'flush') cache.clflushPage(frame, true);
   const bytes = new Uint8Array(PAGE_SIZE);
-  cache.readPage(frame, bytes, 0);
+  cachedPagesOf(slot, cache, flush === 'flush').copy(page, 1, bytes, 0);
   return { value: u64(new Uint32Array(bytes.buffer, 0, 2)), flush };
 }
 
@@ -129,17 +120,6 @@ export function staleCounts(cache: CpuCache): StaleCounts {
 export function staleReadLines(before: StaleCounts | null, now: StaleCounts | null): string[] {
   if (before === null || now === null) return [];
   return STALE_READERS.filter((r) => now[r] > before[r]).map((r) => `ORACLE: ${r === 'overwrite' ? 'write-back over newer data' : 'stale read'} (${r}${now[r] - before[r] > 1 ? `, ${now[r] - before[r]} times` : ''}): ${STALE_TEXT[r]}`);
-}
-
-/** The machine check oracle's count (Vm.machineCheck): cacheable accesses to device memory. */
-export function machineChecks(vm: Vm): number {
-  return Atomics.load(vm.global, GlobalWord.MACHINE_CHECKS);
-}
-
-/** The first GFN the machine check oracle counted, or null. */
-export function firstMachineCheckGfn(vm: Vm): number | null {
-  const g = Atomics.load(vm.global, GlobalWord.MACHINE_CHECK_FIRST_GFN);
-  return g === 0 ? null : g - 1;
 }
 
 /** The machine checks between two counts, as a line named as `expect.machine_checks` names it; `at`: the access's page. */

@@ -8,7 +8,7 @@ import {
 } from './observations.ts';
 import type { FinalExpect, GfnsMatcher } from './spec.ts';
 import { errnoText, exitText, hex } from './syntax.ts';
-import { STALE_READERS, firstLineState, latestValue, machineChecks, staleCounts } from './cache.ts';
+import { STALE_READERS, firstLineState, latestValue, staleCounts } from './cache.ts';
 
 /** One expectation that did not hold: which, what was expected, what happened. */
 export interface Mismatch {
@@ -165,7 +165,7 @@ export function checkFinal(x: FinalExpect, s: FinalState): Mismatch[] {
       if (want !== undefined && want !== got[r]) out.push({ what: `expect.stale.${r}`, expected: `${want}`, actual: `${got[r]}` });
     }
   }
-  const mces = machineChecks(s.vm);
+  const mces = s.vm.machineChecks().count;
   if (x.machineChecks !== undefined && x.machineChecks !== mces) {
     out.push({ what: 'expect.machine_checks', expected: `${x.machineChecks}`, actual: `${mces}` });
   }

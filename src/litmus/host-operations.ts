@@ -4,7 +4,7 @@ import { CacheStat } from '../host/cpu-cache.ts';
 import { GlobalWord } from '../host/layout.ts';
 import {
   EFAULT, EXIT_REASON_NAMES, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, KVM_DIRTY_GFN_F_DIRTY,
-  KVM_DIRTY_GFN_F_RESET, KVM_MEMORY_ATTRIBUTE_PRIVATE, KVM_MEM_DMA, PAGE_SIZE,
+  KVM_DIRTY_GFN_F_RESET, KVM_MEMORY_ATTRIBUTE_PRIVATE, PAGE_SIZE,
 } from '../host/constants.ts';
 import type { PassthroughDma } from '../host/devices/passthrough-dma.ts';
 import { kvmGmemFallocate } from '../host/guest-memfd.ts';
@@ -93,7 +93,7 @@ export class HostOperations {
       case 'enable-logging':
         r.zapped = 0;
         for (const s of this.slotsOf(op.slot)) {
-          const dma = (vm.flags(s) & KVM_MEM_DMA) !== 0;
+          const dma = vm.isDmaSlot(s);
           r.notes.push(`KVM_SET_USER_MEMORY_REGION: slot ${slotName(s)}${dma ? ' (KVM_MEM_DMA)' : ''} +KVM_MEM_LOG_DIRTY_PAGES (${vm.manualProtect && vm.tracking.kind === 'bitmap' && vm.tracking.initiallySet ? 'bitmap all set, nothing write-protected' : 'write-protects every page'})`);
           // dma_slot_logging refuse: EINVAL, which the op reports (and its `error` expectation takes) as any refused ioctl.
           const zapped = yield* vm.enableDirtyLogging(s);

@@ -4,7 +4,7 @@ import { injectedBugs } from '../bugs/injected.ts';
 import { DeterministicDriver, ReplayScheduler } from '../drivers/deterministic.ts';
 import { Step, type Wait, WaitCode } from '../roles/role.ts';
 import { describeWait } from '../drivers/describe-wait.ts';
-import { EXIT_REASON_NAMES, KVM_EXIT_MMIO, KVM_MEM_DMA, KVM_MEM_READONLY, PAGE_SIZE } from '../host/constants.ts';
+import { EXIT_REASON_NAMES, KVM_EXIT_MMIO, KVM_MEM_READONLY, PAGE_SIZE } from '../host/constants.ts';
 import { CacheStat } from '../host/cpu-cache.ts';
 import { VFIO_DMA_MAP_FLAG_READ, VFIO_DMA_MAP_FLAG_WRITE } from '../host/iommu/constants.ts';
 import { MEMORY_TYPE_NAMES, type MemoryType, kvmEmulateWbinvd } from '../host/memory-type.ts';
@@ -34,7 +34,7 @@ import {
 } from './observations.ts';
 import { ScriptWorkload } from './script-workload.ts';
 import {
-  STALE_READERS, type StaleCounts, accessText, firstMachineCheckGfn, machineCheckLines, machineChecks, spteTypeText, staleCounts, staleReadLines,
+  STALE_READERS, type StaleCounts, accessText, machineCheckLines, spteTypeText, staleCounts, staleReadLines,
   vcpuReadValue,
 } from './cache.ts';
 import type { InterleavingEntry, LitmusSpec } from './spec.ts';
@@ -285,9 +285,9 @@ class LitmusRun {
     if (this.spec.expect.stale === undefined && staleBy.length > 0) {
       this.failures.push(`${this.spec.file}: the stale read oracle found: ${staleBy.map((r) => `${stale![r]} by ${r}`).join(', ')} (write expect.stale to expect them)`);
     }
-    const mces = machineChecks(this.vm);
+    const mces = this.vm.machineChecks().count;
     if (this.spec.expect.machineChecks === undefined && mces > 0) {
-      this.failures.push(`${this.spec.file}: the machine check oracle found: ${mces} cacheable access${mces === 1 ? '' : 'es'} to device memory, the first at ${hex(firstMachineCheckGfn(this.vm)!)} (write expect.machine_checks to expect them)`);
+      this.failures.push(`${this.spec.file}: the machine check oracle found: ${mces} cacheable access${mces === 1 ? '' : 'es'} to device memory, the first at ${hex(this.vm.machineChecks().firstGfn!)} (write expect.machine_checks to expect them)`);
     }
     const findings = cvm === null ? [] : [...cvm.oracle.kinds];
     if (this.spec.expect.findings === undefined && findings.length > 0) {
@@ -463,7 +463,7 @@ class LitmusRun {
     this.stepEvents = [];
     const found = this.cvm?.oracle.count ?? 0;
     const stale = this.staleNow();
-    const mces = machineChecks(this.vm);
+    const mces = this.vm.machineChecks().count;
     const cache = this.vm.cache;
     const writebacks = cache?.stat(CacheStat.WRITEBACKS) ?? 0;
     let s: Step;
@@ -512,7 +512,7 @@ class LitmusRun {
           if (idle) parts.push('idle');
           else if (vcpu.op.kind === OpKind.WBINVD) {
             const written = cache!.stat(CacheStat.WRITEBACKS) - writebacks;
-            const dmaSlot = this.vm.memory.slots.some((x) => (this.vm.flags(x) & KVM_MEM_DMA) !== 0);
+            const dmaSlot = this.vm.dmaSlots().length > 0;
             const why = kvmEmulateWbinvd(this.vm) ? 'non-coherent DMA is registered' : 'a slot has KVM_MEM_DMA';
             parts.push(!kvmEmulateWbinvd(this.vm) && !dmaSlot ? 'WBINVD: no non-coherent DMA, KVM skips it (nothing flushed), retires'
               : this.vm.bugs.wbinvdNoop ? `WBINVD: ${why}, but KVM skips it all the same (wbinvd-noop: nothing flushed), retires`
@@ -538,7 +538,7 @@ class LitmusRun {
           break;
       }
     }
-    parts.push(...this.stepEvents, ...this.newFindings(found), ...staleReadLines(stale, this.staleNow()), ...machineCheckLines(mces, machineChecks(this.vm), hex(g)));
+    parts.push(...this.stepEvents, ...this.newFindings(found), ...staleReadLines(stale, this.staleNow()), ...machineCheckLines(mces, this.vm.machineChecks().count, hex(g)));
     if (retiredNow && !idle && r !== null) {
       r.retired++;
       if (r.op.op.kind === 'read') r.value = readValue();

@@ -1,7 +1,7 @@
 import { KvmError } from '../util/errors.ts';
 import { switchToCoherent } from './switch-to-coherent.ts';
 import { blobStateOf } from '../host/devices/blob-state.ts';
-import { KVM_MEM_DMA, PAGE_SIZE } from '../host/constants.ts';
+import { PAGE_SIZE } from '../host/constants.ts';
 import { PageBitmap } from '../host/dirty-bitmap.ts';
 import { Acted } from '../host/injections.ts';
 import type { Memslot } from '../host/memslot.ts';
@@ -442,7 +442,7 @@ export type MigrationFlush = 'flush' | 'skipped' | 'not due';
  * counted as acted.
  */
 export function flushBeforeRead(vm: Vm, slot: Memslot, policy: boolean, withoutFlush: boolean, pages: number): MigrationFlush {
-  if (!policy || !(vm.noncoherentDma() || (vm.flags(slot) & KVM_MEM_DMA) !== 0)) return 'not due';
+  if (!policy || !(vm.noncoherentDma() || vm.isDmaSlot(slot))) return 'not due';
   if (!withoutFlush) return 'flush';
   vm.acts.acted(Acted.MIGRATE_NONCOHERENT_WITHOUT_FLUSH, pages);
   return 'skipped';
@@ -453,7 +453,7 @@ export function flushBeforeRead(vm: Vm, slot: Memslot, policy: boolean, withoutF
  * migration thread's memcpy reads it: write-back, so a line cached from before a UC or WC
  * write is what it sends (page aliasing), and a dirty line is read from the cache.
  */
-function cachedPagesOf(slot: Memslot, cache: CpuCache, flush: boolean): PageSource {
+export function cachedPagesOf(slot: Memslot, cache: CpuCache, flush: boolean): PageSource {
   const scratch = new Uint8Array(PAGE_SIZE);
   const read = (frame: number, into: Uint8Array, at: number): void => {
     // clflush-before-read: nothing cached from before a UC/WC store or a no-snoop DMA is left to hit.

@@ -12,7 +12,7 @@ import { CacheStat, type CpuCacheConfig, LINES_PER_PAGE } from '../host/cpu-cach
 import { type DmaSlotLogging, GlobalWord, type MapGpaAbi, type MemslotConfig, type VmConfig, createVmLayout } from '../host/layout.ts';
 import { KVM_MEM_DMA, KVM_MEM_KVM_ONLY } from '../host/constants.ts';
 import type { GuestRange } from '../host/devices/dma-buffers.ts';
-import type { Vm } from '../host/vm.ts';
+import type { OracleCount, Vm } from '../host/vm.ts';
 import { VmmControl } from '../host/vmm/vmm-control.ts';
 import { DEST_WORDS, DestWord } from '../migration/channel.ts';
 import { DESTINATION_FAILED } from '../migration/precopy.ts';
@@ -148,7 +148,7 @@ export interface MigrationRunResult {
   /** The blocker a device doing non-coherent DMA needs was not registered, and the migration ran: what it should have said. */
   blockerIgnored?: string;
   /** The KVM-only slot oracle, when the VM has such a slot: pages of it the VMM's generic paths touched. */
-  kvmOnlyTouches?: { count: number; firstGfn: number | null };
+  kvmOnlyTouches?: OracleCount;
 }
 
 export interface CacheReport {
@@ -158,7 +158,7 @@ export interface CacheReport {
   /** Write-backs of dirty lines that overwrote newer bytes a UC/WC store or no-snoop DMA had put in memory (lost to the aliasing). */
   overwrites: number;
   /** The machine check oracle: cacheable (WB) accesses to device memory, and the first gfn. */
-  machineChecks: { count: number; firstGfn: number | null };
+  machineChecks: OracleCount;
 }
 
 function cacheReport(vm: Vm): CacheReport | undefined {
@@ -170,14 +170,8 @@ function cacheReport(vm: Vm): CacheReport | undefined {
   return {
     staleReads: { cpu: st.cpu, device: st.device, migration: st.migration, firstGfn: slot === undefined ? null : slot.baseGfn + frame! - slot.firstPage },
     migrationPageFlushes: c.stat(CacheStat.MIGRATION_PAGE_FLUSHES), writebacks: c.stat(CacheStat.WRITEBACKS), overwrites: c.stat(CacheStat.OVERWRITES),
-    machineChecks: firstOf(vm, GlobalWord.MACHINE_CHECKS, GlobalWord.MACHINE_CHECK_FIRST_GFN),
+    machineChecks: vm.machineChecks(),
   };
-}
-
-/** A counter of the global words and the first gfn (+ 1) it recorded. */
-function firstOf(vm: Vm, count: number, first: number): { count: number; firstGfn: number | null } {
-  const f = Atomics.load(vm.global, first);
-  return { count: Atomics.load(vm.global, count), firstGfn: f > 0 ? f - 1 : null };
 }
 
 export function migrationVmConfig(s: MigrationScenario): VmConfig {
@@ -327,7 +321,7 @@ export async function runMigration(s: MigrationScenario, o: MigrationRunOptions)
     result.reason = result.blockerIgnored;
   }
   if (vm.memory.slots.some((x) => x.kvmOnly)) {
-    result.kvmOnlyTouches = firstOf(vm, GlobalWord.KVM_ONLY_TOUCHES, GlobalWord.KVM_ONLY_TOUCH_FIRST_GFN);
+    result.kvmOnlyTouches = vm.kvmOnlyTouches();
     if (result.kvmOnlyTouches.count > 0 && result.status === 'passed') {
       result.status = 'failed';
       result.reason = `the VMM touched a KVM-only slot: the migration thread read its pages ${result.kvmOnlyTouches.count} times as RAM (first gfn ${hex(result.kvmOnlyTouches.firstGfn ?? 0)}); only KVM maps it, and the device saves it`;

@@ -1,3 +1,4 @@
+import { lockWord, unlockWord } from '../../util/word-lock.ts';
 import { EFAULT } from '../constants.ts';
 import { DeviceMmio, NO_OWNER } from './device-mmio.ts';
 import { type MmioResource, VENDOR_SLOT_WORDS, VENDOR_TABLE_BASE, type VendorDriverLayout } from '../bar-layouts.ts';
@@ -141,11 +142,10 @@ export class VendorDriver {
   }
 
   private lock(): void {
-    while (Atomics.compareExchange(this.t, LOCK, 0, 1) !== 0) Atomics.wait(this.t, LOCK, 1, 1);
+    lockWord(this.t, LOCK);
   }
 
   private unlock(): void {
-    Atomics.store(this.t, LOCK, 0);
-    Atomics.notify(this.t, LOCK, 1);
+    unlockWord(this.t, LOCK);
   }
 }

@@ -1,3 +1,4 @@
+import { lockWord, unlockWord } from '../../util/word-lock.ts';
 import { EFAULT, EINVAL } from '../constants.ts';
 import type { Steps } from '../../roles/role.ts';
 import type { MapRequest, VendorDriver } from './vendor-driver.ts';
@@ -135,11 +136,10 @@ export class VfioBarMapping {
   }
 
   private lock(): void {
-    while (Atomics.compareExchange(this.w, LOCK, 0, 1) !== 0) Atomics.wait(this.w, LOCK, 1, 1);
+    lockWord(this.w, LOCK);
   }
 
   private unlock(): void {
-    Atomics.store(this.w, LOCK, 0);
-    Atomics.notify(this.w, LOCK, 1);
+    unlockWord(this.w, LOCK);
   }
 }
