@@ -63,10 +63,11 @@ describe('vmemlab CLI', () => {
     const r = await cli('catalog');
     expect(r.code).toBe(0);
     expect(r.out).toMatch(/^no-backup-bitmap {2}\(modes: dirty-ring\)$/m);
+    expect(r.out).toMatch(/^reassign-without-zap {2}\(any tracking\)$/m);
     expect(r.out).toMatch(/reference: .*CVE-2021-4095/);
     const j = await cli('catalog', '--json');
     expect(JSON.parse(j.out).map((b: { name: string }) => b.name)).toContain('harvest-skips-entry');
-    expect(r.out.match(/^ {2}demo: {6}vmemlab (hunt|dirty-log-test) --inject [a-z-]+ /gm)?.length).toBe(JSON.parse(j.out).length);
+    expect(r.out.match(/^ {2}demo: {6}vmemlab (hunt|dirty-log-test|mdev) --inject [a-z-]+ /gm)?.length).toBe(JSON.parse(j.out).length);
   });
 
   it('catalog --measure measures each bug\'s detection now: every correctness bug is caught on seed 1 by some strategy', async () => {

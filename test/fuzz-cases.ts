@@ -10,7 +10,7 @@ import { runLitmus } from '../src/litmus/run.ts';
 import { StreamDecoder, StreamError, encodeHeader, encodePages } from '../src/migration/stream.ts';
 import { OPTIONS, type ScenarioKind, type SettingKey } from '../src/scenarios/options.ts';
 import { loadScenario } from '../src/scenarios/scenario-file.ts';
-import { buildDirtyLogTest, buildMigration, flagLayer, migrationSetup, resolve } from '../src/scenarios/settings.ts';
+import { type Resolved, buildDirtyLogTest, buildMdev, buildMigration, flagLayer, migrationSetup, resolve } from '../src/scenarios/settings.ts';
 import { UserError } from '../src/util/errors.ts';
 
 /**
@@ -53,7 +53,7 @@ export const rawValue: fc.Arbitrary<unknown> = fc.oneof(
   fc.array(fc.constantFrom('copy-before-reset', 'skip-tlb-shootdown', 'x', 1), { maxLength: 3 }),
 );
 
-const KINDS: ScenarioKind[] = ['migrate', 'dirty-log-test'];
+const KINDS: ScenarioKind[] = ['migrate', 'dirty-log-test', 'mdev'];
 
 /** Flags: some options of a kind, each with a raw value, parsed and built as the command would (nothing runs). */
 export const flagCase = fc.record({
@@ -67,8 +67,15 @@ export const flagCase = fc.record({
     raw[k] = 'repeatable' in o && o.repeatable ? (Array.isArray(v) ? v.map(String) : [String(v)]) : String(v);
   }
   const r = resolve(kind, [flagLayer(kind, raw)]);
-  if (kind === 'migrate') buildMigration(r); else buildDirtyLogTest(r);
+  build(kind, r);
 }));
+
+/** The configuration of a run of `kind` from its settings (where cross-setting checks live). */
+function build(kind: ScenarioKind, r: Resolved): void {
+  if (kind === 'migrate') buildMigration(r);
+  else if (kind === 'mdev') buildMdev(r);
+  else buildDirtyLogTest(r);
+}
 
 const dir = mkdtempSync(join(tmpdir(), 'vmemlab-fuzz-'));
 const examples = new URL('../examples/', import.meta.url);
@@ -106,7 +113,7 @@ export const scenarioCase = fc.record({
   return classify(`${path}: `, () => {
     const f = loadScenario(path);
     const r = resolve(f.kind, [f.layer]);
-    if (f.kind === 'migrate') buildMigration(r); else buildDirtyLogTest(r);
+    build(f.kind, r);
   });
 });
 

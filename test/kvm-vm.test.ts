@@ -577,6 +577,6 @@ describe('injections', () => {
     expect(isBugName('skip-tlb-shootdown')).toBe(true);
     expect(isBugName('read-pin-dirties')).toBe(true);
     expect(isBugName('no-such-bug')).toBe(false);
-    expect(INJECTABLE_BUGS.length).toBe(30);
+    expect(INJECTABLE_BUGS.length).toBe(38);
   });
 });

@@ -5,7 +5,7 @@ import { Destination } from '../src/migration/destination.ts';
 import { DestState, DestWord } from '../src/migration/channel.ts';
 import { LEGACY, frameOf } from './helpers.ts';
 import {
-  MAX_FRAME, PAGE_ZERO, type PageBatch, StreamDecoder, StreamError, checksumUpdate, encodeComplete, encodeHeader,
+  MAX_FRAME, PAGE_ZERO, type PageBatch, STREAM_VERSION_DEVICE, StreamDecoder, StreamError, type StreamRecord, checksumUpdate, encodeComplete, encodeDevice, encodeHeader,
   type PageSource, encodePages, encodeSync,
 } from '../src/migration/stream.ts';
 
@@ -82,7 +82,7 @@ describe('migration stream v2', () => {
 
   it('rejects a stream that does not start with a header', () => reject([encodeSync(1)], /frame 0: the stream must start with a header, got 'sync'/));
   it('rejects a bad magic', () => reject([frameOf({ t: 'header', magic: 'qemu', version: 2, pageSize: 4096, slots: [] })], /not a vmemlab migration stream/));
-  it('rejects an unsupported version', () => reject([frameOf({ t: 'header', magic: 'vmemlab-migration', version: 9, pageSize: 4096, slots: [] })], /stream version 9 is not supported \(this vmemlab reads versions 2 and 3\)/));
+  it('rejects an unsupported version', () => reject([frameOf({ t: 'header', magic: 'vmemlab-migration', version: 9, pageSize: 4096, slots: [] })], /stream version 9 is not supported \(this vmemlab reads versions 2, 3, 4\)/));
   it('rejects another page size', () => reject([frameOf({ t: 'header', magic: 'vmemlab-migration', version: 2, pageSize: 65536, slots: [] })], /page size 65536/));
   it('rejects a truncated frame', () => reject([header, stream()[1]!.subarray(0, 100)], /stream truncated: 100 bytes of an incomplete frame 1/));
   it('rejects a stream without completion', () => reject([header], /without a completion record/));
@@ -359,5 +359,42 @@ describe('the destination applies the stream', () => {
     d.receive(encodeHeader([SLOT]));
     expect(d.receive(encodePages(1, [4], copyFrom(new Map([[4, page(0)]]))).frame)).toBe(true);
     expect(s.isZeroPage(4)).toBe(true);
+  });
+});
+
+describe('migration stream v4: a device\'s saved state', () => {
+  const header4 = (): Uint8Array => encodeHeader(SLOTS, STREAM_VERSION_DEVICE);
+  const bytes = (n: number, fill: number): Uint8Array<ArrayBuffer> => new Uint8Array(n * 4096).fill(fill);
+
+  it('round-trips a device record: its parts and their pages, in order', () => {
+    const d = new StreamDecoder();
+    const out = d.push(concatAll([header4(), encodeDevice('vfio-mdev', [{ name: 'status', pages: 1 }, { name: 'vram', pages: 2 }], bytes(3, 5))]));
+    const rec = out[1] as Extract<StreamRecord, { t: 'device' }>;
+    expect(rec).toMatchObject({ t: 'device', name: 'vfio-mdev', parts: [{ name: 'status', pages: 1 }, { name: 'vram', pages: 2 }] });
+    expect(rec.payload.length).toBe(3 * 4096);
+    expect(rec.payload.every((b) => b === 5)).toBe(true);
+  });
+
+  it('refuses a device record in a version-3 stream, a payload that is not its pages, and a malformed part', () => {
+    const bad = (frames: Uint8Array[], why: RegExp): void => {
+      expect(() => new StreamDecoder().push(concatAll(frames))).toThrow(why);
+    };
+    bad([encodeHeader(SLOTS), encodeDevice('vfio-mdev', [{ name: 'vram', pages: 1 }], bytes(1, 1))], /^frame 1: a device record in a version 3 stream \(they came with version 4\)$/);
+    bad([header4(), frameOf({ t: 'device', name: 'vfio-mdev', parts: [{ name: 'vram', pages: 2 }] }, bytes(1, 1))], /^frame 1: device vfio-mdev: 4096 payload bytes for 2 pages$/);
+    bad([header4(), frameOf({ t: 'device', name: 'vfio-mdev', parts: [{ name: 'vram', pages: -1 }] })], /^frame 1: device vfio-mdev: part 0 must be \{name, pages\} with 0 to 4096 pages$/);
+    bad([header4(), frameOf({ t: 'device', name: '', parts: [] })], /^frame 1: a device record's name must be 1 to 64 characters$/);
+  });
+
+  it('a destination without the device, or whose device cannot load the state, fails the migration with why', () => {
+    const layout = createVmLayout({ slots: [{ ...SLOTS[0]!, flags: 0 }], vcpus: 1, tracking: LEGACY });
+    const frames = [header4(), encodeDevice('vfio-mdev', [{ name: 'vram', pages: 1 }], bytes(1, 1))];
+    const none = new Destination(new GuestMemory(layout));
+    for (const f of frames) none.receive(f);
+    expect(none.error).toBe('the source sent the state of device vfio-mdev, which this destination does not have');
+    const full = new Destination(new GuestMemory(layout));
+    full.devices.set('vfio-mdev', () => { throw new Error('no room for 1 pages of vram for vm0'); });
+    for (const f of frames) full.receive(f);
+    expect(full.error).toBe('device vfio-mdev could not load its state: no room for 1 pages of vram for vm0');
+    expect(full.state).toBe(DestState.FAILED);
   });
 });

@@ -13,7 +13,7 @@ export interface CatalogEntry {
   effect: string;
   /** The real-world code or report it comes from. */
   reference: string;
-  /** Tracking modes in which it can occur; the first is the default for demonstrations. */
+  /** Tracking modes in which it can occur; the first is the default for demonstrations (none: it does not depend on dirty tracking). */
   modes: TrackingMode[];
   /** Needs host writes (kvm_write_guest without a vCPU) to show. */
   needsHostWrites?: boolean;
@@ -24,7 +24,7 @@ export interface CatalogEntry {
   /** What catches it. */
   detectedBy: string;
   /** The commands whose scenario exercises it. */
-  commands: ('dirty-log-test' | 'migrate')[];
+  commands: ('dirty-log-test' | 'migrate' | 'mdev')[];
   /** Why a run can pass with the bug injected: what never happened, so the bug never acted. */
   neverActed: string;
 }
@@ -340,6 +340,86 @@ export const CATALOG: readonly CatalogEntry[] = [
     commands: ['migrate'],
     neverActed: 'the VM has no KVM-only slot (--blob kvm-only-ram or kvm-only-vram)',
   },
+  {
+    name: 'reassign-without-zap',
+    wrong: 'The vendor driver frees a VM\'s slice of the device MMIO (to give it to another VM) without unmap_mapping_range first.',
+    effect: 'The VM\'s mapping and KVM\'s SPTEs still point at the slice: the VM reaches MMIO that now belongs to another VM.',
+    reference: 'The 2016 thread "KVM: MMU: support VMAs that got remap_pfn_range-ed": "whoever called remap_pfn_range is also going to call unmap_mapping_range before the underlying pages are freed"',
+    modes: [],
+    detectedBy: 'isolation oracles: an access through a mapping to a page that changed hands (stale-spte), or another VM\'s page (cross-vm-access)',
+    commands: ['mdev'],
+    neverActed: 'no slice the VM had faulted in was reclaimed',
+  },
+  {
+    name: 'no-invalidate-retry',
+    wrong: 'KVM installs a BAR SPTE from a pfn it looked up without mmu_invalidate_retry_gfn: an invalidation since the lookup goes unnoticed.',
+    effect: 'An SPTE built from an entry the vendor was zapping survives the zap: the VM keeps reaching a slice after it was freed and given away.',
+    reference: 'arch/x86/kvm/mmu/mmu.c: kvm_mmu_faultin_pfn reads mmu_invalidate_seq before the lookup, is_page_fault_stale / mmu_invalidate_retry_gfn under mmu_lock',
+    modes: [],
+    detectedBy: 'isolation oracles: stale-spte or cross-vm-access at an access through the SPTE',
+    commands: ['mdev'],
+    neverActed: 'no BAR fault raced an invalidation (a lookup before a zap, the install after it)',
+  },
+  {
+    name: 'prefetch-unvalidated-mmio',
+    wrong: 'KVM prefetches the BAR pages around a fault as if they were RAM: pages nothing validated get SPTEs with pfns guessed contiguous from the faulting one.',
+    effect: 'The VM reaches MMIO the vendor never gave it (another VM\'s doorbells, an unallocated slice), and the vendor never hears of the mapping.',
+    reference: 'arch/x86/kvm/mmu/mmu.c direct_pte_prefetch (PTE_PREFETCH_NUM): only refcounted pages (kvm_mmu_prefetch_sptes), never PFNMAP; the prefetch objection in the 2016 thread',
+    modes: [],
+    detectedBy: 'isolation oracles: unvalidated-mapping (and cross-vm-access) at an access through a prefetched SPTE',
+    commands: ['mdev'],
+    neverActed: 'no BAR fault had a neighbour without a mapping in its prefetch group',
+  },
+  {
+    name: 'prefetch-during-invalidation',
+    wrong: 'KVM\'s prefetch of mapped BAR pages (--bar-prefetch mapped) ignores an invalidation in progress over them.',
+    effect: 'Between invalidate_range_start and the zap of the entries, a prefetch rebuilds an SPTE the notifier just zapped; it outlives the slice.',
+    reference: 'include/linux/kvm_host.h mmu_invalidate_retry_gfn (mmu_invalidate_in_progress and the range); mm/memory.c zap_page_range_single: the notifier\'s start comes before the entries go',
+    modes: [],
+    detectedBy: 'isolation oracles: stale-spte or cross-vm-access at an access through the prefetched SPTE',
+    commands: ['mdev'],
+    neverActed: 'no prefetch ran while an invalidation covered one of its neighbours (it needs --bar-prefetch mapped)',
+  },
+  {
+    name: 'ignore-readonly-pfnmap',
+    wrong: 'KVM builds a writable SPTE from a read-only PFNMAP entry (the write check of hva_to_pfn_remapped left out).',
+    effect: 'The guest writes MMIO the vendor mapped read-only (its status page), unseen by the vendor.',
+    reference: 'virt/kvm/kvm_main.c hva_to_pfn_remapped: fixup_user_fault with FAULT_FLAG_WRITE, and the pte\'s write bit checked before a writable pfn is returned',
+    modes: [],
+    detectedBy: 'isolation oracles: read-only-write at a write through the SPTE',
+    commands: ['mdev'],
+    neverActed: 'no guest wrote a read-only BAR page it had mapped (--mdev-guest scribbler does)',
+  },
+  {
+    name: 'zap-misses-a-mapping',
+    wrong: 'The vendor driver unmaps a slice it takes back one page short (unmap_mapping_range over pages - 1).',
+    effect: 'The last page\'s entry and SPTE survive the reclaim: the VM keeps reaching it after it went to another VM.',
+    reference: 'The 2016 thread: KVM learns of a mapping\'s end only through the MMU notifier, so every mapping of a freed page must be unmapped; vfio_pci_zap_bars zaps the whole BAR',
+    modes: [],
+    detectedBy: 'isolation oracles: stale-spte or cross-vm-access at an access to the page left mapped',
+    commands: ['mdev'],
+    neverActed: 'no reclaimed slice had its last page faulted in',
+  },
+  {
+    name: 'refused-access-reads-zeros',
+    wrong: 'An access the vendor refused completes: KVM returns zeros for a read and drops a write, instead of failing KVM_RUN.',
+    effect: 'The VM runs on, reading zeros from MMIO it may not touch; nothing stops it and nothing is reported.',
+    reference: 'The 2016 design ("VM will crash to prevent malicious access"); today the fault handler\'s SIGBUS makes KVM_RUN fail with EFAULT (KVM_EXIT_MEMORY_FAULT) and QEMU stops the VM',
+    modes: [],
+    detectedBy: 'isolation oracles: refused-access-completed',
+    commands: ['mdev'],
+    neverActed: 'no BAR access was refused (--mdev-guest eager touches the BAR before its allocation)',
+  },
+  {
+    name: 'map-whole-bar-without-validate',
+    wrong: 'The device gives no validate callback although its slices are allocated at run time: its whole BAR is mapped 1:1 at mmap time.',
+    effect: 'Every VM reaches the device\'s MMIO from pfn 0 on: other VMs\' slices, whatever it was allocated.',
+    reference: 'Early vfio-mdev: without validate_map_request the whole BAR is mapped 1:1 (remap_pfn_range at mmap), which only a static partition makes safe',
+    modes: [],
+    detectedBy: 'isolation oracles: unvalidated-mapping and cross-vm-access at the first accesses',
+    commands: ['mdev'],
+    neverActed: 'the BAR was mapped statically (--bar-mapping static), where the slices are the VM\'s own',
+  },
 ];
 
 /**
@@ -361,6 +441,16 @@ export const NONCOHERENT_BUGS: readonly BugName[] = [
 export const CONFIDENTIAL_BUGS: readonly BugName[] = [
   'convert-without-unmap', 'discard-before-unmap', 'map-before-shared', 'attributes-before-zap', 'rdm-bitmap-drift', 'split-huge-mapping',
   'migrate-private-pages', 'inplace-convert-while-pinned',
+];
+
+/**
+ * The bugs of mediated-device MMIO mapped on fault: their demonstrations are several VMs
+ * sharing one device (`vmemlab mdev`), independent of dirty tracking.
+ * test/mdev-bugs.test.ts catches each; examples/litmus/2*-*.yaml pin their orderings.
+ */
+export const MDEV_BUGS: readonly BugName[] = [
+  'reassign-without-zap', 'no-invalidate-retry', 'prefetch-unvalidated-mmio', 'prefetch-during-invalidation', 'ignore-readonly-pfnmap',
+  'zap-misses-a-mapping', 'refused-access-reads-zeros', 'map-whole-bar-without-validate',
 ];
 
 export type { BugName };

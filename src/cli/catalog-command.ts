@@ -35,7 +35,7 @@ export async function catalogCommand(json: boolean, measure: number | null = nul
     return 0;
   }
   for (const b of CATALOG) {
-    console.log(`${b.name}  (modes: ${b.modes.join(', ')})`);
+    console.log(`${b.name}  (${b.modes.length > 0 ? `modes: ${b.modes.join(', ')}` : 'any tracking'})`);
     console.log(`  wrong:     ${b.wrong}`);
     console.log(`  effect:    ${b.effect}`);
     console.log(`  caught by: ${b.detectedBy}`);
@@ -43,6 +43,8 @@ export async function catalogCommand(json: boolean, measure: number | null = nul
     console.log(`  demo:      ${demoCommand(b)}`);
     const demo = DEMOS[b.name].migrate;
     if (demo && b.commands.includes('migrate')) console.log(`  its scenario (migrate --inject ${b.name} uses it): ${demoFlags(demo, 'migrate')}`);
+    const mdev = DEMOS[b.name].mdev;
+    if (mdev && b.commands.includes('mdev')) console.log(`  its scenario (mdev --inject ${b.name} uses it): ${demoFlags(mdev, 'mdev')}`);
     const d = measured.get(b.name);
     if (d) console.log(`  detection: ${rates(d)} (caught / the bug acted / runs), deterministic, seeds 1-${measure}`);
     else if (b.costOnly) console.log('  detection: none (a cost, not a correctness bug)');

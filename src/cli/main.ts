@@ -11,7 +11,7 @@ import { DESTINATION_DEFAULTS, type DestinationFlags } from './destination-comma
 import { DESTINATION_IDLE_S } from '../migration/tcp.ts';
 import { HUNT_DEFAULTS, type HuntFlags } from './hunt-command.ts';
 import { dirtyLogTestCommand } from './dirty-log-test-command.ts';
-import { addScenarioOptions, givenLayer, onlyFor } from './scenario-options.ts';
+import { addScenarioOptions, givenLayer, notFor } from './scenario-options.ts';
 import { WORKLOAD_NAMES } from '../guest/workload.ts';
 
 const collect = (value: string, previous: string[] | undefined): string[] => [...(previous ?? []), value];
@@ -42,15 +42,14 @@ export function buildProgram(setExit: (code: number) => void): Command {
     });
 
   addScenarioOptions(program.command('run')
-    .description('run a scenario file (kind: dirty-log-test or migrate); with none, the default job: a 4-vCPU, 1 GiB guest held to 1 MB/s of dirtied memory per vCPU, live-migrated with ring tracking to an in-process destination that then resumes it, verified. Flags override either')
-    .argument('[scenario]', 'a YAML scenario file (see examples/)'), ['dirty-log-test', 'migrate'], '--mode')
+    .description('run a scenario file (kind: dirty-log-test, migrate or mdev); with none, the default job: a 4-vCPU, 1 GiB guest held to 1 MB/s of dirtied memory per vCPU, live-migrated with ring tracking to an in-process destination that then resumes it, verified. Flags override either')
+    .argument('[scenario]', 'a YAML scenario file (see examples/)'), ['dirty-log-test', 'migrate', 'mdev'], '--mode')
     .action(async (scenario: string | undefined, flags: Record<string, unknown>, cmd: Command) => {
       const file = scenario === undefined ? DEFAULT_JOB_FILE : loadScenario(scenario);
-      const other = onlyFor(file.kind === 'migrate' ? 'dirty-log-test' : 'migrate');
-      const misplaced = Object.keys(other).find((k) => cmd.getOptionValueSource(k) === 'cli');
+      const misplaced = notFor(file.kind).find(([key]) => cmd.getOptionValueSource(key) === 'cli');
       if (misplaced !== undefined) {
         const what = scenario === undefined ? 'the default job is a migration' : `${scenario} is kind: ${file.kind}`;
-        throw new UserError(`${other[misplaced]}: ${what}; this option is for ${file.kind === 'migrate' ? 'vmemlab dirty-log-test' : 'vmemlab migrate'}`);
+        throw new UserError(`${misplaced[1]}: ${what}; this option is for ${misplaced[2].map((k) => `vmemlab ${k}`).join(' and ')}`);
       }
       const r = resolve(file.kind, [file.layer, givenLayer(cmd, flags, [file.kind], '--mode')]);
       const expected = file.expect ? { file: file.path, outcome: file.expect } : undefined;
@@ -58,9 +57,19 @@ export function buildProgram(setExit: (code: number) => void): Command {
       if (file.kind === 'migrate') {
         const { migrateCommand } = await import('./migrate-command.ts');
         setExit(await migrateCommand(r, json, expected));
+      } else if (file.kind === 'mdev') {
+        const { mdevCommand } = await import('./mdev-command.ts');
+        setExit(await mdevCommand(r, json, expected));
       } else {
         setExit(await dirtyLogTestCommand(r, json, expected));
       }
+    });
+
+  addScenarioOptions(program.command('mdev')
+    .description('several VMs share one mediated device whose MMIO is mapped on fault: the vendor driver reallocates slices of it between them while their guests drive it; the isolation oracles check every access (docs/mdev.md)'), ['mdev'], '--tracking', 'mdev')
+    .action(async (flags: Record<string, unknown>, cmd: Command) => {
+      const { mdevCommand } = await import('./mdev-command.ts');
+      setExit(await mdevCommand(resolve('mdev', [givenLayer(cmd, flags, ['mdev'], '--tracking')]), flags['json'] === true));
     });
 
   addScenarioOptions(program.command('migrate')

@@ -28,12 +28,12 @@ export function addScenarioOptions(cmd: Command, kinds: readonly ScenarioKind[],
   return cmd.option('--json', 'print one JSON document instead of text');
 }
 
-/** Options of `kind`'s runs only: commander key -> flag (what `run` refuses for the other kind). */
-export function onlyFor(kind: ScenarioKind): Record<string, string> {
-  const out: Record<string, string> = {};
+/** Options a run of `kind` does not take: [commander key, flag, the kinds that take it] (what `run` refuses). */
+export function notFor(kind: ScenarioKind): [string, string, readonly ScenarioKind[]][] {
+  const out: [string, string, readonly ScenarioKind[]][] = [];
   for (const o0 of OPTIONS) {
     const o = o0 as unknown as OptionDef;
-    if (o.kinds.length === 1 && o.kinds[0] === kind) out[commanderKey(o)] = o.flag;
+    if (!o.kinds.includes(kind)) out.push([o.key === 'tracking' ? 'mode' : commanderKey(o), o.key === 'tracking' ? '--mode' : o.flag, o.kinds]);
   }
   return out;
 }

@@ -10,7 +10,7 @@ const VCPU_PHASES = ['', 'translate', 'walk', 'fault', 'store'];
 
 /** Where a wedged actor is stuck, from the stepCode it published as its step began. */
 export function describeStep(roleName: string, code: number): string {
-  if (/^vcpu\d+$/.test(roleName) && code > 0) return `inside KVM_RUN (its guest operation was in the ${VCPU_PHASES[code] ?? code} phase when the step began)`;
+  if (/^(vm\d+\.)?vcpu\d+$/.test(roleName) && code > 0) return `inside KVM_RUN (its guest operation was in the ${VCPU_PHASES[code] ?? code} phase when the step began)`;
   return 'inside a step';
 }
 
@@ -35,6 +35,7 @@ export function describeWait(code: number, arg: number, arg2: number, roleNames:
     case WaitCode.DMA_BUFFERS: return 'waits for the VMM to map its DMA buffers (shared memory VFIO maps as it registers)';
     case WaitCode.GUEST_COHERENT: return 'waits for the guest\'s driver to map its buffers WB again (switch-to-coherent)';
     case WaitCode.VM_START: return 'waits for the VMM to boot the guest (its conversion design\'s set-up and the boot\'s conversions)';
+    case WaitCode.GUEST_ACK: return `waits for vm${arg}'s vCPUs to acknowledge its change to resource ${arg2} (their doorbells)`;
     case WaitCode.NONE: return 'is not waiting (busy or finished)';
   }
   return `waits for code ${code} (${arg}, ${arg2}); roles: ${roleNames.join(', ')}`;

@@ -46,6 +46,11 @@ export const KVM_EXIT_INTR = 10;
 export const KVM_EXIT_DIRTY_RING_FULL = 31;
 export const KVM_EXIT_HYPERCALL = 3;
 export const KVM_EXIT_MEMORY_FAULT = 39;
+/**
+ * vmemlab's mark, not an exit reason: KVM_RUN failed with EIO because the VM is dead
+ * (kvm_vm_dead; kvm_run's exit_reason means nothing then). Outside the u32 reasons KVM uses.
+ */
+export const KVM_RUN_EIO = 0x7fff0005;
 
 export const EXIT_REASON_NAMES: Record<number, string> = {
   [KVM_EXIT_UNKNOWN]: 'KVM_EXIT_UNKNOWN',
@@ -54,6 +59,7 @@ export const EXIT_REASON_NAMES: Record<number, string> = {
   [KVM_EXIT_DIRTY_RING_FULL]: 'KVM_EXIT_DIRTY_RING_FULL',
   [KVM_EXIT_HYPERCALL]: 'KVM_EXIT_HYPERCALL',
   [KVM_EXIT_MEMORY_FAULT]: 'KVM_EXIT_MEMORY_FAULT',
+  [KVM_RUN_EIO]: 'KVM_RUN: EIO (the VM is dead)',
 };
 
 // Private memory (KVM_SET_MEMORY_ATTRIBUTES, guest_memfd; Documentation/virt/kvm/api.rst).
@@ -105,6 +111,7 @@ export const ENOENT = 2;
 export const ENXIO = 6;
 export const EAGAIN = 11;
 export const EFAULT = 14;
+export const EIO = 5;
 export const EINVAL = 22;
 export const EOPNOTSUPP = 95;
 export const EBUSY = 16;

@@ -82,6 +82,8 @@ export interface GuestContext {
    * the CPU cache model.
    */
   coherentSwitch?: boolean;
+  /** What the last READ of a mediated device's BAR page returned (the page's first 32-bit word). */
+  mmioRead?: number;
 }
 
 export interface Workload {

@@ -14,6 +14,8 @@ export const INJECTABLE_BUGS = [
   'split-huge-mapping', 'migrate-private-pages', 'inplace-convert-while-pinned',
   'no-zap-on-noncoherent-transition', 'migrate-noncoherent-without-flush', 'missing-migration-blocker',
   'wbinvd-noop', 'noncoherent-unbalanced', 'dma-slot-with-dirty-logging', 'mmio-mapped-wb', 'vmm-touches-kvm-only-slot',
+  'reassign-without-zap', 'no-invalidate-retry', 'prefetch-unvalidated-mmio', 'prefetch-during-invalidation', 'ignore-readonly-pfnmap',
+  'zap-misses-a-mapping', 'refused-access-reads-zeros', 'map-whole-bar-without-validate',
 ] as const;
 export type BugName = (typeof INJECTABLE_BUGS)[number];
 
@@ -26,11 +28,13 @@ export const enum Acted {
   SPLIT_HUGE_MAPPING, MIGRATE_PRIVATE_PAGES, INPLACE_CONVERT_WHILE_PINNED,
   NO_ZAP_ON_NONCOHERENT_TRANSITION, MIGRATE_NONCOHERENT_WITHOUT_FLUSH, MISSING_MIGRATION_BLOCKER,
   WBINVD_NOOP, NONCOHERENT_UNBALANCED, DMA_SLOT_WITH_DIRTY_LOGGING, MMIO_MAPPED_WB, VMM_TOUCHES_KVM_ONLY_SLOT,
+  REASSIGN_WITHOUT_ZAP, NO_INVALIDATE_RETRY, PREFETCH_UNVALIDATED_MMIO, PREFETCH_DURING_INVALIDATION, IGNORE_READONLY_PFNMAP,
+  ZAP_MISSES_A_MAPPING, REFUSED_ACCESS_READS_ZEROS, MAP_WHOLE_BAR_WITHOUT_VALIDATE,
 }
-if (INJECTABLE_BUGS.indexOf('vmm-touches-kvm-only-slot') !== (Acted.VMM_TOUCHES_KVM_ONLY_SLOT as number)) throw new Error('injections.ts: Acted out of step with INJECTABLE_BUGS');
+if (INJECTABLE_BUGS.indexOf('map-whole-bar-without-validate') !== (Acted.MAP_WHOLE_BAR_WITHOUT_VALIDATE as number)) throw new Error('injections.ts: Acted out of step with INJECTABLE_BUGS');
 
-/** Two lines of counters, room for every bug (the sites are rare paths: contention does not matter). */
-export const INJECTION_WORDS = 2 * LINE_WORDS;
+/** Three lines of counters, room for every bug (the sites are rare paths: contention does not matter). */
+export const INJECTION_WORDS = 3 * LINE_WORDS;
 if (INJECTABLE_BUGS.length > INJECTION_WORDS) throw new Error(`injections.ts: ${INJECTABLE_BUGS.length} bugs, ${INJECTION_WORDS} counters`);
 
 export function isBugName(name: string): name is BugName {

@@ -1,5 +1,5 @@
 import {
-  KVM_EINVAL, KVM_ENOSYS, KVM_EXIT_DIRTY_RING_FULL, KVM_EXIT_HYPERCALL, KVM_EXIT_MEMORY_FAULT, KVM_EXIT_MMIO, KVM_HC_MAP_GPA_RANGE,
+  KVM_EINVAL, KVM_ENOSYS, KVM_EXIT_DIRTY_RING_FULL, KVM_EXIT_HYPERCALL, KVM_EXIT_MEMORY_FAULT, KVM_EXIT_MMIO, KVM_HC_MAP_GPA_RANGE, KVM_RUN_EIO,
   KVM_MAP_GPA_RANGE_DECRYPTED, KVM_MAP_GPA_RANGE_ENCRYPTED, KVM_MEMORY_EXIT_FLAG_PRIVATE, PAGE_SIZE, TDVMCALL_MAP_GPA,
   TDVMCALL_STATUS_INVALID_OPERAND, TDVMCALL_STATUS_RETRY, TDVMCALL_STATUS_SUBFUNC_UNSUPPORTED, TDVMCALL_STATUS_SUCCESS, TDX_MAP_GPA_MAX_LEN,
 } from './constants.ts';
@@ -15,7 +15,7 @@ import { SPTE_PRIVATE, SPTE_WRITABLE, mapPagePrivate } from './spte.ts';
 import type { Vm } from './vm.ts';
 import { type GuestContext, type GuestOp, OpKind, SET_PAT_COHERENT_ACK, SET_PAT_NO_CLFLUSH, SET_PAT_TYPE, type Workload, type Write64Workload, isWrite64Workload } from './guest-op.ts';
 import { Acted } from './injections.ts';
-import type { BarFaultIn } from './mmio/kvm-bar-mmu.ts';
+import type { BarFaultIn, KvmBarMmu } from './mmio/kvm-bar-mmu.ts';
 import { NOT_WAITING, type Role, Step, type Wait, WaitCode, waitFor } from '../roles/role.ts';
 import { type Clock, WALL_CLOCK } from '../roles/clock.ts';
 import { type TokenBucket, bucketFor } from '../util/token-bucket.ts';
@@ -48,6 +48,8 @@ export interface VcpuPacing {
   clock?: Clock;
   /** Guest operations per second (the guest is that busy); 0 or unset: as fast as it can. */
   opRate?: number;
+  /** The role's name when several VMs run (`vm1.vcpu0`); unset: `vcpu<index>`. */
+  name?: string;
 }
 
 /** A paced vCPU sleeps at most this long at a time, so it sees stop requests soon. */
@@ -138,7 +140,7 @@ export class Vcpu implements Role, VcpuFastState {
   private pacedUs = 0;
 
   constructor(readonly vm: Vm, readonly index: number, readonly workload: Workload, pacing: VcpuPacing = {}) {
-    this.name = `vcpu${index}`;
+    this.name = pacing.name ?? `vcpu${index}`;
     this.words = vm.vcpuWords;
     this.global = vm.global;
     this.base = vm.vcpuBase(index);
@@ -751,20 +753,47 @@ export class Vcpu implements Role, VcpuFastState {
     const bar = this.vm.barAt(op.gfn);
     if (bar === undefined) return this.mmioExit();
     this.slot = undefined; // no memslot page pending: nothing for the oracles of RAM
-    const page = op.gfn - bar.mmu.baseGfn;
+    const mmu = bar.mmu;
+    const page = op.gfn - mmu.baseGfn;
     const write = op.kind < OpKind.READ;
     if (this.barFault !== null) {
-      const installed = bar.mmu.install(page, this.barFault, this.index + 1);
+      const installed = mmu.install(page, this.barFault, this.index + 1);
       if (installed === 'busy') return Advance.BOUNDARY;
       this.barFault = null;
-      return Advance.PROGRESS;
+      // RET_PF_RETRY re-enters the guest, which handles requests (a flush an invalidation waits for) first.
+      return installed === 'retry' ? Advance.BOUNDARY : Advance.PROGRESS;
     }
-    if (bar.mmu.access(page, write, op.value).done) return this.retire();
-    const f = bar.mmu.faultin(page, write);
-    if (!f.ok) return this.memoryFaultExit(false);
+    const a = mmu.access(page, write, op.value);
+    if (a.done) {
+      if (!write) this.ctx.mmioRead = a.value;
+      return this.retire();
+    }
+    const f = mmu.faultin(page, write, this.index);
+    if (!f.ok) return this.barRefused(mmu, page, write);
     this.faults++;
     this.barFault = f;
     return Advance.PROGRESS;
+  }
+
+  /**
+   * The vendor refused the access: KVM_RUN fails with EFAULT (KVM_EXIT_MEMORY_FAULT), or
+   * with EIO once KVM killed the VM ('kill-vm'); the VMM stops the VM either way. With
+   * refused-access-reads-zeros the access completes instead: the guest reads zeros.
+   */
+  private barRefused(mmu: KvmBarMmu, page: number, write: boolean): Advance {
+    if (this.vm.bugs.refusedAccessReadsZeros === true) {
+      this.vm.acts.acted(Acted.REFUSED_ACCESS_READS_ZEROS);
+      mmu.refusedCompleted(page);
+      if (!write) this.ctx.mmioRead = 0;
+      return this.retire();
+    }
+    if (mmu.layout.onRefusal === 'kill-vm') {
+      mmu.killVm();
+      this.storeExitGpa();
+      this.exitToVmm(KVM_RUN_EIO);
+      return Advance.BOUNDARY;
+    }
+    return this.memoryFaultExit(false);
   }
 
   private mmioExit(): Advance {

@@ -22,6 +22,7 @@ import { TlbShootdown } from './tlb-shootdown.ts';
 import { Iommu } from './iommu/iommu.ts';
 import { KvmBarMmu } from './mmio/kvm-bar-mmu.ts';
 import { VfioBarMapping } from './mmio/vfio-bar-mapping.ts';
+import type { BarBugs } from './mmio/bar-bugs.ts';
 import { VendorDriver } from './mmio/vendor-driver.ts';
 import { Acted, InjectionCounters } from './injections.ts';
 import { KvmError } from '../util/errors.ts';
@@ -50,7 +51,7 @@ export interface OracleCount { count: number; firstGfn: number | null }
 export interface VmBar { mmu: KvmBarMmu; mapping: VfioBarMapping; driver: VendorDriver }
 
 /** Kernel bugs a Vm can be built with (see src/bugs/catalog.ts). */
-export interface KernelBugs {
+export interface KernelBugs extends BarBugs {
   skipTlbShootdown?: boolean;
   ringFullIgnored?: boolean;
   clearWithoutProtect?: boolean;
@@ -130,8 +131,9 @@ export class Vm {
     this.guestPat = layout.cpuCache ? new Uint8Array(layout.cpuCache.guestPat) : null;
     this.bars = (layout.config.bars ?? []).map((b) => {
       const driver = new VendorDriver(b.driver);
-      const mapping = new VfioBarMapping(b.mapping, driver);
-      const mmu = new KvmBarMmu(b.mmu, this, mapping, driver.mmio);
+      const injection = { bugs, acts: this.acts };
+      const mapping = new VfioBarMapping(b.mapping, driver, injection);
+      const mmu = new KvmBarMmu(b.mmu, this, mapping, driver.mmio, injection);
       mapping.register(mmu);
       return { mmu, mapping, driver };
     });

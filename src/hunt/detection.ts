@@ -1,5 +1,7 @@
 import { type CatalogEntry } from '../bugs/catalog.ts';
-import { dirtyLogTestSetup, migrationSetup } from '../scenarios/settings.ts';
+import { dirtyLogTestSetup, mdevSettings, migrationSetup } from '../scenarios/settings.ts';
+import { runMdev } from '../scenarios/mdev.ts';
+import type { InjectionReport } from '../bugs/acted.ts';
 import type { Strategy } from '../drivers/strategy.ts';
 import { runDirtyLogTest } from '../scenarios/run-dirty-log-test.ts';
 import { type HuntStrategy, hunt } from './hunt.ts';
@@ -18,12 +20,13 @@ export interface Detection {
 /** The one-line command that demonstrates a catalogued bug. */
 export function demoCommand(b: CatalogEntry, seeds = 8): string {
   if (b.commands.includes('migrate')) return `vmemlab hunt --inject ${b.name} --seeds ${seeds} --strategy random,pct`;
+  if (b.commands.includes('mdev')) return `vmemlab mdev --inject ${b.name} --driver deterministic`;
   return `vmemlab dirty-log-test --inject ${b.name} --driver deterministic`;
 }
 
 /**
  * How often a bug is caught over seeds 1..n with its demonstration scenario: a hunt with
- * every seed (migrate bugs), or dirty_log_test runs (bugs only it shows).
+ * every seed (migrate bugs), or runs of the command that shows it (dirty_log_test, mdev).
  */
 export async function measureDetection(b: CatalogEntry, seeds: number, strategies: HuntStrategy[], pool: HuntPool): Promise<Detection[]> {
   if (b.commands.includes('migrate')) {
@@ -38,8 +41,16 @@ export async function measureDetection(b: CatalogEntry, seeds: number, strategie
     const steps: number[] = [];
     for (let seed = 1; seed <= seeds; seed++) {
       const free = strategy === 'free';
-      const { config, watchdogMs, burst } = dirtyLogTestSetup({ inject: [b.name], driver: free ? 'free' : 'deterministic', seed });
-      const r = await runDirtyLogTest(config, { driver: free ? 'free' : 'deterministic', strategy: free ? undefined : strategy as Strategy, watchdogMs: free ? watchdogMs : 2000, burst });
+      const driver = free ? 'free' as const : 'deterministic' as const;
+      const run = { driver, strategy: free ? undefined : strategy as Strategy };
+      let r: { status: string; steps?: number; injections: InjectionReport[] };
+      if (b.commands.includes('mdev')) {
+        const { config, watchdogMs, burst } = mdevSettings({ inject: [b.name], driver, seed });
+        r = await runMdev(config, { ...run, watchdogMs: free ? watchdogMs : 2000, burst });
+      } else {
+        const { config, watchdogMs, burst } = dirtyLogTestSetup({ inject: [b.name], driver, seed });
+        r = await runDirtyLogTest(config, { ...run, watchdogMs: free ? watchdogMs : 2000, burst });
+      }
       if (r.status !== 'passed') { caught++; if (r.steps !== undefined) steps.push(r.steps); }
       if (r.injections.some((x) => x.acted > 0)) acted++;
     }

@@ -3,7 +3,10 @@ import type { MemoryAttributes } from '../host/memory-attributes.ts';
 import type { Memslot } from '../host/memslot.ts';
 import type { GuestMemory } from '../host/guest-memory.ts';
 import { DEST_WORDS, DestState, DestWord } from './channel.ts';
-import { PAGE_NORMAL, type PageBatch, type StreamRecord, type StreamSlot, StreamDecoder, StreamError } from './stream.ts';
+import { type DevicePart, PAGE_NORMAL, type PageBatch, type StreamRecord, type StreamSlot, StreamDecoder, StreamError } from './stream.ts';
+
+/** A device's load handler (QEMU's vmstate load, VFIO's RESUMING data): it takes the state its source saved, or throws why not. */
+export type DeviceLoad = (parts: readonly DevicePart[], payload: Uint8Array) => void;
 
 export interface DestinationStats {
   frames: number;
@@ -39,6 +42,9 @@ export class Destination {
 
   /** KVM's memory attributes of the destination VM, when its type has private memory (an attributes record needs them). */
   attributes: MemoryAttributes | null = null;
+
+  /** The destination's devices that take saved state, by name (a device record for another is refused). */
+  readonly devices = new Map<string, DeviceLoad>();
 
   /** Fresh memory: pages this destination has written (the others are still zero). */
   private written: Uint8Array | null = null;
@@ -88,6 +94,14 @@ export class Destination {
       this.stats.syncs++;
     } else if (r.t === 'attributes') {
       this.applyAttributes(r);
+    } else if (r.t === 'device') {
+      const load = this.devices.get(r.name);
+      if (load === undefined) throw new StreamError(`the source sent the state of device ${r.name}, which this destination does not have`);
+      try {
+        load(r.parts, r.payload);
+      } catch (e) {
+        throw new StreamError(`device ${r.name} could not load its state: ${(e as Error).message}`);
+      }
     } else if (r.t === 'complete') {
       if (r.normal !== this.stats.normal || r.zero !== this.stats.zero) {
         throw new StreamError(`completion record counts ${r.normal} normal and ${r.zero} zero pages, received ${this.stats.normal} and ${this.stats.zero}`);

@@ -4,7 +4,7 @@ import { PAGE_SIZE } from '../host/constants.ts';
 import { LIMITS } from '../util/limits.ts';
 
 /**
- * The migration stream, version 3 (docs/migration-stream.md). A sequence of frames:
+ * The migration stream, version 4 (docs/migration-stream.md). A sequence of frames:
  *
  *   u32 BE  frame length N (bytes after this word, at most MAX_FRAME)
  *   u32 BE  record length R
@@ -18,15 +18,23 @@ import { LIMITS } from '../util/limits.ts';
  *
  * Records: header (first, once), pages (batches), sync (end of a pass), attributes (a
  * confidential guest's shared/private state per guest_memfd slot, once, before the
- * completion; new in version 3, which is what the version number says), complete (last).
- * Version 2 streams (no attributes record) are read as well.
+ * completion; new in version 3), device (a device's own saved state, its payload the bytes
+ * it saved: a mediated device's BAR contents, once, after the VM stopped; new in version 4),
+ * complete (last). A source writes version 4 only when it sends a device record, else 3;
+ * version 2 streams (no attributes record) are read as well.
  * Page bytes go into the frame by one copy straight out of guest memory; msgpack carries
  * only the small record, so the payload is never copied again by the encoder.
  */
 export const STREAM_MAGIC = 'vmemlab-migration';
 export const STREAM_VERSION = 3;
-/** Versions this vmemlab reads: 2 lacks only the attributes record. */
-export const READABLE_VERSIONS: readonly number[] = [2, 3];
+/** The version of a stream that carries device state (the device record). */
+export const STREAM_VERSION_DEVICE = 4;
+/** Versions this vmemlab reads: 2 lacks the attributes record, 3 the device record. */
+export const READABLE_VERSIONS: readonly number[] = [2, 3, 4];
+/** A device record: its name's longest, its parts' most and each part's most pages. */
+const DEVICE_NAME_MAX = 64;
+const DEVICE_PARTS_MAX = 64;
+const DEVICE_PART_PAGES_MAX = 4096;
 export const MAX_FRAME = 64 << 20;
 export const PAGE_NORMAL = 0;
 export const PAGE_ZERO = 1;
@@ -43,7 +51,11 @@ export type StreamRecord =
    * words) set = page p is shared; clear = private (its shared memory discarded).
    */
   | { t: 'attributes'; slot: number; shared: Uint32Array }
+  /** A device's saved state: named parts of whole pages (a mediated device: its resources), their bytes in `payload`, in order. */
+  | { t: 'device'; name: string; parts: DevicePart[]; payload: Uint8Array }
   | { t: 'complete'; normal: number; zero: number; checksum: number };
+
+export interface DevicePart { name: string; pages: number }
 
 /** A decoded page batch: the record plus its payload (normal pages, PAGE_SIZE each). */
 export interface PageBatch { slot: number; offsets: Uint32Array; kinds: Uint8Array; payload: Uint8Array }
@@ -77,8 +89,15 @@ function frame(record: object, payloadBytes: number, alloc: FrameAlloc = newFram
   return { buf, payloadAt };
 }
 
-export function encodeHeader(slots: StreamSlot[]): Uint8Array {
-  return frame({ t: 'header', magic: STREAM_MAGIC, version: STREAM_VERSION, pageSize: PAGE_SIZE, slots }, 0).buf;
+export function encodeHeader(slots: StreamSlot[], version = STREAM_VERSION): Uint8Array {
+  return frame({ t: 'header', magic: STREAM_MAGIC, version, pageSize: PAGE_SIZE, slots }, 0).buf;
+}
+
+/** A device record: `bytes` holds the parts' pages in order (a version-4 stream). */
+export function encodeDevice(name: string, parts: DevicePart[], bytes: Uint8Array): Uint8Array {
+  const { buf, payloadAt } = frame({ t: 'device', name, parts }, bytes.length);
+  buf.set(bytes, payloadAt);
+  return buf;
 }
 
 export function encodeSync(pass: number): Uint8Array {
@@ -225,7 +244,7 @@ export class StreamDecoder {
     if (this.header === null) {
       if (rec['t'] !== 'header') throw new StreamError(`${where}: the stream must start with a header, got '${String(rec['t'])}'`);
       if (rec['magic'] !== STREAM_MAGIC) throw new StreamError(`${where}: not a vmemlab migration stream (magic ${JSON.stringify(rec['magic'])})`);
-      if (!READABLE_VERSIONS.includes(rec['version'] as number)) throw new StreamError(`${where}: stream version ${String(rec['version'])} is not supported (this vmemlab reads versions ${READABLE_VERSIONS.join(' and ')})`);
+      if (!READABLE_VERSIONS.includes(rec['version'] as number)) throw new StreamError(`${where}: stream version ${String(rec['version'])} is not supported (this vmemlab reads versions ${READABLE_VERSIONS.join(', ')})`);
       if (rec['pageSize'] !== PAGE_SIZE) throw new StreamError(`${where}: page size ${String(rec['pageSize'])} is not ${PAGE_SIZE}`);
       if (!Array.isArray(rec['slots'])) throw new StreamError(`${where}: header has no slot list`);
       checkHeaderSlots(rec['slots'], `${where}: header`);
@@ -236,6 +255,7 @@ export class StreamDecoder {
       case 'pages': return this.decodePages(rec, payload, where);
       case 'sync': return { t: 'sync', pass: Number(rec['pass']) };
       case 'attributes': return this.decodeAttributes(rec, where);
+      case 'device': return this.decodeDevice(rec, payload, where);
       case 'complete':
         if (Number(rec['checksum']) >>> 0 !== this.checksum >>> 0) {
           throw new StreamError(`${where}: checksum mismatch: the source sent ${Number(rec['checksum']) >>> 0}, the frames received give ${this.checksum >>> 0}`);
@@ -245,6 +265,27 @@ export class StreamDecoder {
       case 'header': throw new StreamError(`${where}: a second header`);
       default: throw new StreamError(`${where}: unknown record type '${String(rec['t'])}'`);
     }
+  }
+
+  private decodeDevice(rec: Record<string, unknown>, payload: Uint8Array, where: string): StreamRecord {
+    if (this.header!.version < STREAM_VERSION_DEVICE) throw new StreamError(`${where}: a device record in a version ${this.header!.version} stream (they came with version ${STREAM_VERSION_DEVICE})`);
+    const name = rec['name'];
+    if (typeof name !== 'string' || name.length === 0 || name.length > DEVICE_NAME_MAX) throw new StreamError(`${where}: a device record's name must be 1 to ${DEVICE_NAME_MAX} characters`);
+    const raw = rec['parts'];
+    if (!Array.isArray(raw) || raw.length > DEVICE_PARTS_MAX) throw new StreamError(`${where}: device ${name}: parts must be a list of at most ${DEVICE_PARTS_MAX}`);
+    const parts: DevicePart[] = [];
+    let pages = 0;
+    for (const [i, p] of raw.entries()) {
+      const part = p as Record<string, unknown> | null;
+      const n = part?.['pages'];
+      if (part === null || typeof part !== 'object' || typeof part['name'] !== 'string' || !Number.isInteger(n) || (n as number) < 0 || (n as number) > DEVICE_PART_PAGES_MAX) {
+        throw new StreamError(`${where}: device ${name}: part ${i} must be {name, pages} with 0 to ${DEVICE_PART_PAGES_MAX} pages`);
+      }
+      parts.push({ name: part['name'], pages: n as number });
+      pages += n as number;
+    }
+    if (payload.length !== pages * PAGE_SIZE) throw new StreamError(`${where}: device ${name}: ${payload.length} payload bytes for ${pages} pages`);
+    return { t: 'device', name, parts, payload };
   }
 
   private decodeAttributes(rec: Record<string, unknown>, where: string): StreamRecord {

@@ -51,6 +51,8 @@ export const enum WaitCode {
   VM_START = 17,
   /** The migration thread waits for the guest's driver to map its buffers WB again (GlobalWord.COHERENT_SWITCH). */
   GUEST_COHERENT = 18,
+  /** A mediated device's vendor driver waits for VM `arg`'s vCPUs to acknowledge its change to resource `arg2`. */
+  GUEST_ACK = 19,
 }
 
 export interface Wait {

@@ -16,6 +16,7 @@ const device = (d: Partial<DeviceConfig> & Pick<DeviceConfig, 'kind'>): DeviceCo
 export interface Demo {
   migrate?: Partial<Settings>;
   dirtyLogTest?: Partial<Settings>;
+  mdev?: Partial<Settings>;
 }
 
 /**
@@ -63,6 +64,14 @@ const NONCOHERENT: Partial<Settings> = {
   devices: [device({ kind: 'dma-engine', snoop: false, every: 4, buffers: 32, remapEvery: 0 })],
 };
 
+/**
+ * Two VMs sharing a mediated device under the vendor's reallocations, vm0's guest as the
+ * bug needs it: a cooperative guest when the bug breaks isolation on its own; one that
+ * keeps using what it lost, writes what it may only read, or touches the BAR before its
+ * allocation, when the bug is in how KVM or the vendor answers such a guest.
+ */
+const MDEV = (guest: Settings['mdevGuest'], more: Partial<Settings> = {}): Partial<Settings> => ({ mdevGuest: guest, ...more });
+
 export const DEMOS: Record<BugName, Demo> = {
   'skip-tlb-shootdown': { migrate: SWEEP, dirtyLogTest: DIRTY_LOG_TEST },
   'ring-full-ignored': { migrate: RANDOM, dirtyLogTest: DIRTY_LOG_TEST },
@@ -103,10 +112,19 @@ export const DEMOS: Record<BugName, Demo> = {
   // virgl's case: the buffers in the GPU's device memory, which only KVM maps; nobody registers non-coherent DMA.
   'mmio-mapped-wb': { migrate: { ...NONCOHERENT, blob: 'kvm-only-vram', noncoherentRequest: 'none', noncoherentMigration: 'device-state' } },
   'vmm-touches-kvm-only-slot': { migrate: { ...NONCOHERENT, blob: 'kvm-only-ram', noncoherentMigration: 'device-state' } },
+  'reassign-without-zap': { mdev: MDEV('lingering') },
+  'no-invalidate-retry': { mdev: MDEV('lingering') },
+  'prefetch-unvalidated-mmio': { mdev: MDEV('cooperative') },
+  // Many reallocations: the prefetch must meet a revocation of a neighbouring resource half-way.
+  'prefetch-during-invalidation': { mdev: MDEV('cooperative', { barPrefetch: 'mapped', reallocations: 96 }) },
+  'ignore-readonly-pfnmap': { mdev: MDEV('scribbler') },
+  'zap-misses-a-mapping': { mdev: MDEV('lingering') },
+  'refused-access-reads-zeros': { mdev: MDEV('eager') },
+  'map-whole-bar-without-validate': { mdev: MDEV('cooperative') },
 };
 
 export function demoOf(bug: BugName, kind: ScenarioKind): Partial<Settings> | undefined {
-  return kind === 'migrate' ? DEMOS[bug].migrate : DEMOS[bug].dirtyLogTest;
+  return kind === 'migrate' ? DEMOS[bug].migrate : kind === 'mdev' ? DEMOS[bug].mdev : DEMOS[bug].dirtyLogTest;
 }
 
 /**

@@ -6,6 +6,7 @@ import type { DirtyLogEvent, DirtyLogTestConfig } from './dirty-log-test.ts';
 import { type MigrationRunOptions, type MigrationRunResult, type MigrationScenario, roleNames, runMigration } from './migration.ts';
 import { type DirtyLogRunOptions, type DirtyLogRunResult, roleSpecs, runDirtyLogTest } from './run-dirty-log-test.ts';
 import { roleName } from './roles.ts';
+import { type MdevConfig, type MdevResult, type MdevRunOptions, mdevRoleSpecs, mdevSetup, runMdev } from './mdev.ts';
 
 /**
  * Deterministic runs of the commands (migrate, dirty-log-test, replay) step on a thread of
@@ -18,14 +19,16 @@ import { roleName } from './roles.ts';
 /** What crosses to the run's thread: the options that are data (no callbacks, signals or VMs). */
 type MigrationData = Pick<MigrationRunOptions, 'driver' | 'watchdogMs' | 'burst' | 'strategy' | 'replay' | 'replayThenStrategy' | 'resumeOps' | 'fault'>;
 type DirtyLogData = Pick<DirtyLogRunOptions, 'driver' | 'watchdogMs' | 'burst' | 'strategy' | 'replay' | 'fault'>;
+type MdevData = Pick<MdevRunOptions, 'driver' | 'watchdogMs' | 'burst' | 'strategy' | 'replay' | 'fault'>;
 
 export type OffThreadTask =
   | { kind: 'migration'; scenario: MigrationScenario; options: MigrationData }
-  | { kind: 'dirty-log-test'; config: DirtyLogTestConfig; options: DirtyLogData };
+  | { kind: 'dirty-log-test'; config: DirtyLogTestConfig; options: DirtyLogData }
+  | { kind: 'mdev'; config: MdevConfig; options: MdevData };
 
 type Message =
   | { type: 'event'; event: MigrationEvent | DirtyLogEvent }
-  | { type: 'result'; result: MigrationRunResult | DirtyLogRunResult }
+  | { type: 'result'; result: MigrationRunResult | DirtyLogRunResult | MdevResult }
   | { type: 'error'; name: string; message: string; stack?: string };
 
 /** The run's side (workers/deterministic-run.ts): runs the task, posting its events and then its result or error. */
@@ -35,7 +38,9 @@ export async function runOffThreadTask(task: OffThreadTask, heartbeat: SharedArr
   try {
     const result = task.kind === 'migration'
       ? await runMigration(task.scenario, { ...task.options, heartbeat, onEvent })
-      : await runDirtyLogTest(task.config, { ...task.options, heartbeat, onEvent });
+      : task.kind === 'mdev'
+        ? await runMdev(task.config, { ...task.options, heartbeat })
+        : await runDirtyLogTest(task.config, { ...task.options, heartbeat, onEvent });
     post({ type: 'result', result });
   } catch (e) {
     const err = e instanceof Error ? e : new Error(String(e));
@@ -49,7 +54,7 @@ interface Watch {
   cancel?: AbortSignal;
 }
 
-type Ended = { how: 'result'; result: MigrationRunResult | DirtyLogRunResult } | { how: 'stuck'; error: string; steps?: number; seconds: number };
+type Ended = { how: 'result'; result: MigrationRunResult | DirtyLogRunResult | MdevResult } | { how: 'stuck'; error: string; steps?: number; seconds: number };
 
 /** Runs a task on its own thread under the wedge watchdog; a UserError thrown there is thrown here as one. */
 function runWatched(task: OffThreadTask, names: readonly string[], o: Watch): Promise<Ended> {
@@ -110,4 +115,14 @@ export async function runDirtyLogTestWatched(c: DirtyLogTestConfig, o: DirtyLogR
     status: 'stuck', iterations, violations: [], errors: [end.error], lostHostWrites: 0, ringHardFull: 0, flushes: 0,
     seconds: end.seconds, steps: end.steps, injections: [], vcpus: [],
   };
+}
+
+/** runMdev; under the deterministic driver on a watched thread of its own. */
+export async function runMdevWatched(c: MdevConfig, o: MdevRunOptions & { cancel?: AbortSignal }): Promise<MdevResult> {
+  if (o.driver !== 'deterministic' || o.heartbeat) return runMdev(c, o);
+  const { driver, watchdogMs, burst, strategy, replay, fault } = o;
+  const end = await runWatched({ kind: 'mdev', config: c, options: { driver, watchdogMs, burst, strategy, replay, fault } },
+    mdevRoleSpecs(c, mdevSetup(c)).map(roleName), { watchdogMs, cancel: o.cancel });
+  if (end.how === 'result') return end.result as MdevResult;
+  return { status: 'stuck', vms: [], vendor: null, migration: null, injections: [], errors: [end.error], seconds: end.seconds, steps: end.steps };
 }

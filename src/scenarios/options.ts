@@ -9,6 +9,8 @@ import type { IommuBackendKind } from '../host/iommu/iommu-layout.ts';
 import { type DmaSlotLogging, type MapGpaAbi } from '../host/layout.ts';
 import { CONVERSION_DESIGNS, type ConversionDesignName } from '../host/vmm/conversion-design.ts';
 import { WORKLOAD_NAMES, type WorkloadName } from '../guest/workload.ts';
+import { MDEV_GUEST_KINDS, type MdevGuestKind } from '../guest/mdev-guest.ts';
+import { BAR_PREFETCH, BAR_REFUSAL_ACTIONS, type BarPrefetch, type BarRefusalAction } from '../host/bar-layouts.ts';
 import type { ConvergencePolicy } from '../migration/precopy.ts';
 import { UserError } from '../util/errors.ts';
 import { formatSize, parseSize } from '../util/size.ts';
@@ -22,8 +24,20 @@ import { LIMITS, type LimitName } from '../util/limits.ts';
  * its error names the flag, or the file and field, and the value.
  */
 
-export type ScenarioKind = 'dirty-log-test' | 'migrate';
+export type ScenarioKind = 'dirty-log-test' | 'migrate' | 'mdev';
 export type Driver = 'free' | 'deterministic';
+/** A mediated device's BAR: mapped on fault through validate_map_request, or statically 1:1 at mmap time (no validate callback). */
+export type BarMapping = 'on-fault' | 'static';
+export const BAR_MAPPINGS: readonly BarMapping[] = ['on-fault', 'static'];
+/**
+ * What a migration of VM 0 does about its mediated device (scenarios/mdev-migration.ts):
+ * 'device-state', the device's own save carries the BAR contents in the stream (a device
+ * record) and the destination's device loads them; 'blocker', the device registers a
+ * migration blocker and the migration is refused at once, as QEMU's VFIO does for a device
+ * without migration support; 'none': no migration.
+ */
+export type MdevMigration = 'none' | 'device-state' | 'blocker';
+export const MDEV_MIGRATIONS: readonly MdevMigration[] = ['none', 'device-state', 'blocker'];
 export type OnDeviceFault = 'continue' | 'stop';
 /**
  * A confidential guest (private memory in guest_memfd, converted at run time): `off`;
@@ -124,6 +138,14 @@ export interface Settings {
   noncoherentRequest: NoncoherentRequest;
   blob: Blob;
   dmaSlotLogging: DmaSlotLogging;
+  // mdev
+  vms: number;
+  reallocations: number;
+  barMapping: BarMapping;
+  barPrefetch: BarPrefetch;
+  barRefusal: BarRefusalAction;
+  mdevGuest: MdevGuestKind;
+  mdevMigration: MdevMigration;
 }
 export type SettingKey = keyof Settings;
 
@@ -354,9 +376,12 @@ function formatDevice(d: DeviceConfig): string {
 // ---- the table ----
 
 const BOTH: readonly ScenarioKind[] = ['dirty-log-test', 'migrate'];
+/** What every kind of run takes: the VM's vCPUs, the driver, the seed, the bugs, the watchdog. */
+const ANY: readonly ScenarioKind[] = ['dirty-log-test', 'migrate', 'mdev'];
 const MIGRATE: readonly ScenarioKind[] = ['migrate'];
 const DLT: readonly ScenarioKind[] = ['dirty-log-test'];
-const same = <T>(v: T): Record<ScenarioKind, T> => ({ 'dirty-log-test': v, migrate: v });
+const MDEV: readonly ScenarioKind[] = ['mdev'];
+const same = <T>(v: T): Record<ScenarioKind, T> => ({ 'dirty-log-test': v, migrate: v, mdev: v });
 const num = (v: number): string => String(v);
 
 function def<K extends SettingKey>(o: OptionDef<K>): OptionDef<K> { return o; }
@@ -367,7 +392,7 @@ export const OPTIONS = [
     help: `dirty tracking: ${MODES.join(', ')} (default: dirty-ring, or the injected bug's mode)`,
     parse: (r, w) => oneOf(r, w, MODES, 'mode', `one of: ${MODES.join(', ')}`), format: (v) => v,
   }),
-  def({ key: 'vcpus', flag: '--vcpus', arg: '<n>', yaml: 'vm.vcpus', kinds: BOTH, help: 'vCPUs, each its own worker thread under --driver free', parse: (r, w) => limitedNumber(r, w, 'vcpus'), format: num, defaults: same(2) }),
+  def({ key: 'vcpus', flag: '--vcpus', arg: '<n>', yaml: 'vm.vcpus', kinds: ANY, help: 'vCPUs, each its own worker thread under --driver free', parse: (r, w) => limitedNumber(r, w, 'vcpus'), format: num, defaults: same(2) }),
   def({ key: 'memoryBytes', flag: '--memory', arg: '<size>', yaml: 'vm.memory', kinds: BOTH, help: 'guest memory, e.g. 512MiB, 16GiB', parse: parseMemory, format: formatSize, defaults: same(256 << 20) }),
   def({ key: 'slots', flag: '--slots', arg: '<n>', yaml: 'vm.slots', kinds: BOTH, help: 'memslots to split the memory into', parse: (r, w) => limitedNumber(r, w, 'slots'), format: num, defaults: same(1) }),
   def({ key: 'ringEntries', flag: '--ring-size', arg: '<entries>', yaml: 'tracking.ring_size', kinds: BOTH, help: 'dirty ring entries per vCPU (power of two, 256..65536)', parse: parseRingSize, format: num, defaults: same(4096) }),
@@ -396,19 +421,19 @@ export const OPTIONS = [
     parse: parseDirtyRate, format: num, defaults: same(0),
   }),
   def({
-    key: 'driver', flag: '--driver', arg: '<driver>', yaml: 'driver', kinds: BOTH, help: 'free (worker threads) or deterministic (one thread, seeded scheduler)',
+    key: 'driver', flag: '--driver', arg: '<driver>', yaml: 'driver', kinds: ANY, help: 'free (worker threads) or deterministic (one thread, seeded scheduler)',
     parse: (r, w) => oneOf(r, w, DRIVERS, 'driver', 'free or deterministic'), format: (v) => v, defaults: same<Driver>('free'),
   }),
-  def({ key: 'seed', flag: '--seed', arg: '<n>', yaml: 'seed', kinds: BOTH, help: 'seed for workloads and the scheduler', parse: (r, w) => wholeNumber(r, w, 0, 0xffffffff), format: num, defaults: same(1) }),
+  def({ key: 'seed', flag: '--seed', arg: '<n>', yaml: 'seed', kinds: ANY, help: 'seed for workloads and the scheduler', parse: (r, w) => wholeNumber(r, w, 0, 0xffffffff), format: num, defaults: same(1) }),
   def({
-    key: 'inject', flag: '--inject', arg: '<bug>', yaml: 'inject', kinds: BOTH, repeatable: true,
+    key: 'inject', flag: '--inject', arg: '<bug>', yaml: 'inject', kinds: ANY, repeatable: true,
     help: 'inject a catalogued bug (repeatable; see vmemlab catalog)', parse: parseInject, format: (v) => v.join(' '), defaults: same<BugName[]>([]),
   }),
   def({
-    key: 'watchdogMs', flag: '--watchdog', arg: '<seconds>', yaml: 'watchdog_s', kinds: BOTH, help: 'stop when no actor progresses for this long',
+    key: 'watchdogMs', flag: '--watchdog', arg: '<seconds>', yaml: 'watchdog_s', kinds: ANY, help: 'stop when no actor progresses for this long',
     parse: (r, w) => parsePositive(r, w, 'seconds') * 1000, format: (v) => num(v / 1000), defaults: same(10_000),
   }),
-  def({ key: 'burst', flag: '--burst', arg: '<n>', kinds: BOTH, help: 'free-run: guest operations between a vCPU\'s step boundaries', parse: (r, w) => wholeNumber(r, w, 1, 1 << 20), format: num, defaults: same(256) }),
+  def({ key: 'burst', flag: '--burst', arg: '<n>', kinds: ANY, help: 'free-run: guest operations between a vCPU\'s step boundaries', parse: (r, w) => wholeNumber(r, w, 1, 1 << 20), format: num, defaults: same(256) }),
   // dirty-log-test
   def({ key: 'iterations', flag: '--iterations', arg: '<n>', yaml: 'test.iterations', kinds: DLT, help: 'collect-and-verify iterations', parse: (r, w) => limitedNumber(r, w, 'iterations'), format: num, defaults: same(6) }),
   def({ key: 'writes', flag: '--writes', arg: '<n>', yaml: 'test.writes', kinds: DLT, help: 'guest writes per iteration, all vCPUs together (default: depends on memory and driver)', parse: (r, w) => limitedNumber(r, w, 'writes'), format: num }),
@@ -503,6 +528,37 @@ export const OPTIONS = [
     key: 'dmaSlotLogging', flag: '--dma-slot-logging', arg: '<rule>', yaml: 'vm.dma_slot_logging', kinds: MIGRATE,
     help: 'what KVM does when dirty logging starts on a KVM_MEM_DMA slot (the two exclude each other): force-wb (stop honouring the guest\'s PAT there, zapping the slot) or refuse (EINVAL: the migration cannot start)',
     parse: (r, w) => oneOf(r, w, DMA_SLOT_LOGGING, 'rule for dirty logging on a KVM_MEM_DMA slot', `one of: ${DMA_SLOT_LOGGING.join(', ')}`), format: (v) => v, defaults: same<DmaSlotLogging>('force-wb'),
+  }),
+  // mdev
+  def({ key: 'vms', flag: '--vms', arg: '<n>', yaml: 'mdev.vms', kinds: MDEV, help: 'VMs sharing the mediated device, each with --vcpus vCPUs and its own VMM', parse: (r, w) => limitedNumber(r, w, 'vms'), format: num, defaults: { mdev: 2 } }),
+  def({
+    key: 'reallocations', flag: '--reallocations', arg: '<n>', yaml: 'mdev.reallocations', kinds: MDEV,
+    help: 'the vendor driver\'s reallocation events (a grant, a revocation, or both); the run ends after the last', parse: (r, w) => limitedNumber(r, w, 'reallocations'), format: num, defaults: { mdev: 24 },
+  }),
+  def({
+    key: 'barMapping', flag: '--bar-mapping', arg: '<how>', yaml: 'mdev.mapping', kinds: MDEV,
+    help: 'on-fault (nothing mapped at mmap; each first access is validated by the vendor\'s validate_map_request) or static (no validate callback: each VM\'s slices fixed and mapped 1:1 at mmap; nothing is reallocated)',
+    parse: (r, w) => oneOf(r, w, BAR_MAPPINGS, 'BAR mapping', 'on-fault or static'), format: (v) => v, defaults: { mdev: 'on-fault' as BarMapping },
+  }),
+  def({
+    key: 'barPrefetch', flag: '--bar-prefetch', arg: '<rule>', yaml: 'mdev.prefetch', kinds: MDEV,
+    help: 'KVM\'s prefetch of BAR pages around a fault: off (KVM\'s rule: PFNMAP pages are never prefetched) or mapped (up to 8 neighbours the VMA maps already, never under an invalidation, as the 2016 patch would allow)',
+    parse: (r, w) => oneOf(r, w, BAR_PREFETCH, 'prefetch rule', 'off or mapped'), format: (v) => v, defaults: { mdev: 'off' as BarPrefetch },
+  }),
+  def({
+    key: 'barRefusal', flag: '--on-refused-access', arg: '<action>', yaml: 'mdev.on_refused_access', kinds: MDEV,
+    help: 'a BAR access the vendor refuses: memory-fault (KVM_RUN fails with EFAULT, KVM_EXIT_MEMORY_FAULT, and the VMM stops the VM) or kill-vm (KVM kills the VM: every KVM_RUN fails with EIO, the 2016 design)',
+    parse: (r, w) => oneOf(r, w, BAR_REFUSAL_ACTIONS, 'action', 'memory-fault or kill-vm'), format: (v) => v, defaults: { mdev: 'memory-fault' as BarRefusalAction },
+  }),
+  def({
+    key: 'mdevGuest', flag: '--mdev-guest', arg: '<driver>', yaml: 'mdev.guest', kinds: MDEV,
+    help: 'vm0\'s guest driver (the others\' are cooperative): cooperative (touches what the status page grants, acknowledges changes), eager (touches the BAR before its allocation is communicated), lingering (keeps writing a revoked resource), scribbler (writes its read-only status page)',
+    parse: (r, w) => oneOf(r, w, MDEV_GUEST_KINDS, 'guest driver', `one of: ${MDEV_GUEST_KINDS.join(', ')}`), format: (v) => v, defaults: { mdev: 'cooperative' as MdevGuestKind },
+  }),
+  def({
+    key: 'mdevMigration', flag: '--mdev-migration', arg: '<how>', yaml: 'mdev.migration', kinds: MDEV,
+    help: 'after the run, migrate vm0: device-state (the device\'s save carries its BAR contents in the stream; the destination\'s device loads them and the resumed guest faults its BAR in again), blocker (the device blocks the migration, as QEMU\'s VFIO for a device without migration support), none',
+    parse: (r, w) => oneOf(r, w, MDEV_MIGRATIONS, 'migration', `one of: ${MDEV_MIGRATIONS.join(', ')}`), format: (v) => v, defaults: { mdev: 'none' as MdevMigration },
   }),
 ] as const;
 

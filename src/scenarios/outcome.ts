@@ -1,11 +1,13 @@
 import type { MigrationRunResult } from './migration.ts';
 import { confidentialVerdict } from './confidential.ts';
 import type { DirtyLogRunResult } from './run-dirty-log-test.ts';
+import type { MdevResult } from './mdev.ts';
 
 /** What went wrong in a run, in one word: what a hunt counts, shrinking preserves, and a scenario file may expect. */
 export type FailureKind =
   | 'lost-writes' | 'device-fault' | 'stale-iotlb' | 'sweep-broken' | 'guest-stalled' | 'not-converged' | 'migration-failed'
-  | 'lost-dirty-pages' | 'stuck' | 'crashed' | 'private-memory' | 'stale-data' | 'blocker-ignored' | 'machine-check' | 'kvm-only-touched';
+  | 'lost-dirty-pages' | 'stuck' | 'crashed' | 'private-memory' | 'stale-data' | 'blocker-ignored' | 'machine-check' | 'kvm-only-touched'
+  | 'isolation-broken' | 'guest-refused';
 
 export interface Failure {
   kind: FailureKind;
@@ -18,8 +20,11 @@ export interface Failure {
  * a time-based fact (the downtime over its limit) depends on how fast the machine is.
  * - final-sync-surprise: the final sync found more pages than the expected downtime was
  *   computed from (the ring's backup bitmap, read only at completion, is the usual cause).
+ * - vm-stopped: a VM sharing a mediated device was stopped for a refused access (its
+ *   guest misbehaved; isolation held); vm-killed: KVM killed it (--on-refused-access kill-vm);
+ *   migration-blocked: the mediated device's migration blocker refused vm0's migration.
  */
-export type OutcomeFact = 'final-sync-surprise';
+export type OutcomeFact = 'final-sync-surprise' | 'vm-stopped' | 'vm-killed' | 'migration-blocked';
 
 /** The verdict ('passed' or the failure kind) and the facts a run shows. */
 export interface Outcome {
@@ -30,8 +35,9 @@ export interface Outcome {
 export const VERDICTS: readonly Outcome['verdict'][] = [
   'passed', 'lost-writes', 'device-fault', 'stale-iotlb', 'sweep-broken', 'guest-stalled', 'not-converged', 'migration-failed',
   'lost-dirty-pages', 'stuck', 'crashed', 'private-memory', 'stale-data', 'blocker-ignored', 'machine-check', 'kvm-only-touched',
+  'isolation-broken', 'guest-refused',
 ];
-export const FACTS: readonly OutcomeFact[] = ['final-sync-surprise'];
+export const FACTS: readonly OutcomeFact[] = ['final-sync-surprise', 'vm-stopped', 'vm-killed', 'migration-blocked'];
 
 /** The failure a migration shows, or null when it passed. */
 export function failureOf(r: MigrationRunResult): Failure | null {
@@ -78,6 +84,24 @@ export function migrationOutcome(r: MigrationRunResult): Outcome {
   const c = r.info?.completion;
   if (c && c.finalSync.reduce((n, s) => n + s.pages, 0) > c.estimatedPages) facts.push('final-sync-surprise');
   return { verdict: failureOf(r)?.kind ?? 'passed', facts };
+}
+
+/** The failure several VMs sharing a mediated device show: an isolation finding first, then a cooperative guest refused. */
+export function mdevFailureOf(r: MdevResult): Failure | null {
+  if (r.status === 'passed') return null;
+  if (r.status === 'stuck' || r.status === 'crashed') return { kind: r.status, summary: r.errors[0]?.split('\n')[0] ?? r.status };
+  const found = r.vms.flatMap((v) => v.findings.filter((f) => f.count > 0).map((f) => `vm${v.vm}: ${f.kind}`));
+  if (found.length > 0) return { kind: 'isolation-broken', summary: found.join(', ') };
+  if (r.migration?.error) return { kind: 'migration-failed', summary: r.migration.error };
+  return { kind: 'guest-refused', summary: r.errors[0] ?? 'a cooperative guest was refused' };
+}
+
+export function mdevOutcome(r: MdevResult): Outcome {
+  const facts: OutcomeFact[] = [];
+  if (r.vms.some((v) => v.stopped !== null)) facts.push('vm-stopped');
+  if (r.vms.some((v) => v.stopped?.how.startsWith('KVM killed') === true)) facts.push('vm-killed');
+  if (r.migration?.mode === 'blocker' && r.migration.refused !== null) facts.push('migration-blocked');
+  return { verdict: mdevFailureOf(r)?.kind ?? 'passed', facts };
 }
 
 export function dirtyLogOutcome(r: DirtyLogRunResult): Outcome {

@@ -26,6 +26,17 @@ import { type KvmCpuExecEvent, type KvmCpuExecOptions, kvmCpuExec } from '../hos
 import { MemoryAttributes } from '../host/memory-attributes.ts';
 import { ConversionInjection } from '../host/vmm/conversion-bugs.ts';
 import { ConversionOracle } from '../oracles/private-memory-oracle.ts';
+import { MdevGuest, type MdevGuestBar, type MdevGuestKind } from '../guest/mdev-guest.ts';
+import { type BarVmStop, barVmm } from '../host/vmm/bar-vmm.ts';
+import { type VendorEvent, vendorWorkload } from '../host/mmio/vendor-workload.ts';
+
+/**
+ * How long the vendor driver waits for a VM to acknowledge a change: 5 s of wall clock
+ * under free-run (a busy machine's guest answers in well under that), 100 ms of the step
+ * clock (100 000 steps) under the deterministic driver.
+ */
+const VENDOR_ACK_TIMEOUT_MS = 5000;
+const VENDOR_ACK_TIMEOUT_STEP_MS = 100;
 
 /** A role described as plain data, so a worker thread can build it from its workerData. */
 export type RoleSpec =
@@ -42,7 +53,13 @@ export type RoleSpec =
   | { kind: 'device'; index: number; setup: DeviceSetup; seed: number }
   | { kind: 'iommu-service' }
   /** A confidential guest's VMM: serves conversion exits (kvm-cpu-exec.ts), the private memory oracle watching. */
-  | { kind: 'vmm'; bugs: string[]; design?: KvmCpuExecOptions['design'] };
+  | { kind: 'vmm'; bugs: string[]; design?: KvmCpuExecOptions['design'] }
+  /** A vCPU of VM `vm` among several sharing a mediated device, its guest driving the device (mdev-guest.ts). */
+  | { kind: 'bar-vcpu'; vm: number; index: number; guest: MdevGuestKind; bar: MdevGuestBar; seed: number }
+  /** VM `vm`'s VMM: stops the VM on a refused BAR access (bar-vmm.ts). */
+  | { kind: 'bar-vmm'; vm: number }
+  /** The mediated device's vendor driver, reallocating its MMIO between the VMs (`layouts`, one per VM). */
+  | { kind: 'vendor-driver'; layouts: VmLayout[]; bugs: string[]; events: number; static: boolean; vcpus: number; seed: number; clockSteps?: () => number };
 
 export function roleName(spec: RoleSpec): string {
   switch (spec.kind) {
@@ -55,6 +72,9 @@ export function roleName(spec: RoleSpec): string {
     case 'device': return `device${spec.index}`;
     case 'iommu-service': return 'iommu-service';
     case 'vmm': return 'vmm';
+    case 'bar-vcpu': return `vm${spec.vm}.vcpu${spec.index}`;
+    case 'bar-vmm': return `vm${spec.vm}.vmm`;
+    case 'vendor-driver': return 'vendor-driver';
   }
 }
 
@@ -109,5 +129,18 @@ export function buildRole(spec: RoleSpec, vm: Vm, report: (e: never) => void): R
         injection: new ConversionInjection(injectedBugs(spec.bugs).conversion, vm.acts), watch: new ConversionOracle(vm), report: report as (e: KvmCpuExecEvent) => void,
         ...(spec.design !== undefined ? { design: spec.design } : {}),
       }));
+    case 'bar-vcpu': {
+      const guest = new MdevGuest(spec.bar, spec.guest, spec.vm, spec.index, new Prng(Prng.derive(spec.seed, 4000 + spec.vm * 256 + spec.index)));
+      return new Vcpu(vm, spec.index, guest, { name: roleName(spec) });
+    }
+    case 'bar-vmm':
+      return new GeneratorRole(roleName(spec), barVmm(vm, spec.vm, report as (e: BarVmStop) => void));
+    case 'vendor-driver': {
+      // Its own view of every VM: its zaps reach each VM's KVM through that VM's MMU notifier.
+      const vms = spec.layouts.map((l) => vmFor(l, spec.bugs));
+      const clock = spec.clockSteps ? new StepClock(spec.clockSteps) : WALL_CLOCK;
+      const o = { events: spec.events, static: spec.static, vcpus: spec.vcpus, prng: new Prng(Prng.derive(spec.seed, 5000)), clock, ackTimeoutMs: clock.virtual ? VENDOR_ACK_TIMEOUT_STEP_MS : VENDOR_ACK_TIMEOUT_MS };
+      return new GeneratorRole('vendor-driver', vendorWorkload(vms, o, report as (e: VendorEvent) => void));
+    }
   }
 }

@@ -17,6 +17,8 @@ export interface RunRolesOptions {
   primary: RoleSpec['kind'];
   /** Deterministic: the one Vm view every role shares. Free-run: each worker builds its own. */
   vm: Vm;
+  /** Deterministic, several VMs: the view of the VM a role belongs to (default: `vm`). */
+  vmOf?: (spec: RoleSpec) => Vm;
   /** Free-run: the layout a role's worker maps (a destination has its own). */
   layoutOf: (spec: RoleSpec) => VmLayout;
   bugs: string[];
@@ -67,9 +69,9 @@ export async function runRoles(o: RunRolesOptions): Promise<RunRolesOutcome> {
     // vCPUs pace themselves (dirty limit, operation rate) and the collector times iterations by the step clock.
     let driver: DeterministicDriver | null = null;
     const clockSteps = (): number => driver?.stepCount ?? 0;
-    const specs = o.specs.map((s) => (s.kind === 'vcpu' || s.kind === 'dirty-log-collector' ? { ...s, clockSteps } : s));
+    const specs = o.specs.map((s) => (s.kind === 'vcpu' || s.kind === 'dirty-log-collector' || s.kind === 'vendor-driver' ? { ...s, clockSteps } : s));
     const roles: Role[] = specs.map((s) => {
-      const role = buildRole(s, o.vm, o.onEvent as (e: never) => void);
+      const role = buildRole(s, o.vmOf?.(s) ?? o.vm, o.onEvent as (e: never) => void);
       return o.fault?.role === roleName(s) ? faulty(role, o.fault) : role;
     });
     const primary = roles[o.specs.findIndex((s) => s.kind === o.primary)] as GeneratorRole;

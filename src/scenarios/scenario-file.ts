@@ -27,7 +27,7 @@ const fieldType = (key: string): z.ZodType => {
   return 'boolean' in o && o.boolean ? z.boolean() : value;
 };
 const shape: Record<string, z.ZodType> = {
-  kind: z.enum(['dirty-log-test', 'migrate']),
+  kind: z.enum(['dirty-log-test', 'migrate', 'mdev']),
   description: z.string().optional(),
   /** What a run of this scenario ends with: a verdict, then facts (outcome.ts). */
   expect: z.union([z.string(), z.array(z.string())]).optional(),
@@ -39,7 +39,7 @@ for (const k of TOP_KEYS) shape[k] = fieldType(k).optional();
 const Scenario = z.strictObject(shape);
 
 /** Sections only one kind of run reads. */
-const ONLY: Record<string, ScenarioKind> = { migration: 'migrate', iommu: 'migrate', devices: 'migrate', test: 'dirty-log-test' };
+const ONLY: Record<string, ScenarioKind> = { migration: 'migrate', iommu: 'migrate', devices: 'migrate', test: 'dirty-log-test', mdev: 'mdev' };
 
 export interface ScenarioFile {
   path: string;
@@ -71,6 +71,7 @@ export function loadScenario(path: string): ScenarioFile {
     const [a, b] = o.yaml.split('.') as [string, string | undefined];
     const v = b === undefined ? s[a] : (s[a] as Record<string, unknown> | undefined)?.[b];
     if (v === undefined) continue;
+    if (!o.kinds.includes(s.kind)) throw new UserError(`${path}: ${o.yaml}: not for kind: ${s.kind} (it is for ${o.kinds.join(', ')})`);
     raw[o.key] = v;
     fieldOf[o.key] = o.yaml;
   }

@@ -14,6 +14,7 @@ import { possibleDmaMappings } from '../host/vmm/vfio-ram-discard-listener.ts';
 import { demoOf } from './demos.ts';
 import type { DirtyLogTestConfig } from './dirty-log-test.ts';
 import type { MigrationScenario } from './migration.ts';
+import type { MdevConfig } from './mdev.ts';
 import { OPTIONS, type Raw, type ScenarioKind, type SettingKey, type Settings, flagOf, optionFor } from './options.ts';
 import { defaultResumeOps } from './resume.ts';
 import type { Driver } from './run-roles.ts';
@@ -279,4 +280,28 @@ export function migrationSetup(raw: Partial<Record<SettingKey, Raw>> = {}): Migr
 /** The dirty_log_test a command line describes (as migrationSetup). */
 export function dirtyLogTestSetup(raw: Partial<Record<SettingKey, Raw>> = {}): DirtyLogTestSetup {
   return buildDirtyLogTest(resolve('dirty-log-test', [flagLayer('dirty-log-test', raw)]));
+}
+
+export interface MdevSetupSettings { config: MdevConfig; driver: Driver; watchdogMs: number; burst: number }
+
+/** Several VMs sharing a mediated device (`vmemlab mdev`), from resolved settings. */
+export function buildMdev(r: Resolved): MdevSetupSettings {
+  const s = r.s;
+  for (const name of s.inject) {
+    const b = CATALOG.find((x) => x.name === name)!;
+    if (!b.commands.includes('mdev')) throw new UserError(`${r.where('inject')} ${b.name}: this bug shows in ${b.commands.map((c) => `'vmemlab ${c}'`).join(' and ')}, not in 'vmemlab mdev'`);
+  }
+  // One byte per step names the role under the deterministic driver: each VM's vCPUs and VMM, and the vendor driver.
+  const roles = s.vms * (s.vcpus + 1) + 1;
+  if (roles > 255) throw new UserError(`${r.where('vms')}: ${s.vms} VMs of ${s.vcpus} vCPUs are ${roles} actors; at most 255 (each VM's vCPUs and VMM, and the vendor driver)`);
+  const config: MdevConfig = {
+    vms: s.vms, vcpus: s.vcpus, reallocations: s.reallocations, mapping: s.barMapping, prefetch: s.barPrefetch, onRefusal: s.barRefusal,
+    guest: s.mdevGuest, migration: s.mdevMigration, seed: s.seed, bugs: [...s.inject],
+  };
+  return { config, driver: s.driver, watchdogMs: s.watchdogMs, burst: s.burst };
+}
+
+/** The mdev run a command line describes (as migrationSetup). */
+export function mdevSettings(raw: Partial<Record<SettingKey, Raw>> = {}): MdevSetupSettings {
+  return buildMdev(resolve('mdev', [flagLayer('mdev', raw)]));
 }

@@ -22,6 +22,8 @@ export const LIMITS = {
     why: 'each vCPU keeps a TLB tag per page (4 bytes) and the page history 40 bytes per page; 64 GiB is the largest guest the scale benchmark migrates, with only the working set committed',
   },
   vcpus: { what: 'vCPUs', min: 1, max: 64, text: '1 .. 64', why: 'each vCPU is a worker thread with its own TLB; the deterministic driver records a role per step in one byte' },
+  vms: { what: 'VMs sharing a mediated device', min: 1, max: 16, text: '1 .. 16', why: 'each VM\'s vCPUs and VMM are worker threads; 16 VMs of 8 vCPUs stay within the deterministic driver\'s 255 roles' },
+  reallocations: { what: 'the vendor driver\'s reallocations', min: 0, max: 100_000, text: '0 .. 100000', why: 'each waits for the guests\' acknowledgement; 10^5 is minutes under the deterministic driver' },
   slots: { what: 'memslots', min: 1, max: 32764, text: '1 .. 32764', why: 'KVM_USER_MEM_SLOTS on x86: KVM_MEM_SLOTS_NUM (32767) less its 3 internal slots' },
   ringEntries: { what: 'dirty ring entries per vCPU', min: 256, max: 65536, text: '256 .. 65536, a power of two', why: 'KVM: at least one page of 16-byte entries, at most KVM_DIRTY_RING_MAX_ENTRIES' },
   writes: {

@@ -44,4 +44,9 @@ export class DeviceMmio {
   write32(pfn: number, value: number): void {
     Atomics.store(this.u32, (pfn * PAGE_SIZE) / 4, value >>> 0);
   }
+
+  /** Pages [pfn, pfn + count) as bytes (a view: the device's own access to its memory). */
+  bytesOf(pfn: number, count: number): Uint8Array {
+    return new Uint8Array(this.layout.data, pfn * PAGE_SIZE, count * PAGE_SIZE);
+  }
 }

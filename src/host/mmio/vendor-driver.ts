@@ -1,7 +1,7 @@
 import { lockWord, unlockWord } from '../../util/word-lock.ts';
 import { EFAULT } from '../constants.ts';
 import { DeviceMmio, NO_OWNER } from './device-mmio.ts';
-import { type MmioResource, VENDOR_SLOT_WORDS, VENDOR_TABLE_BASE, type VendorDriverLayout } from '../bar-layouts.ts';
+import { BarRefusal, type MmioResource, VENDOR_SLOT_WORDS, VENDOR_TABLE_BASE, type VendorDriverLayout } from '../bar-layouts.ts';
 export type { MmioResource, VendorDriverLayout } from '../bar-layouts.ts';
 export { createVendorDriverLayout } from '../bar-layouts.ts';
 
@@ -24,15 +24,18 @@ export { createVendorDriverLayout } from '../bar-layouts.ts';
  * validate callback: the allocation table under one lock word (the driver's mutex, held
  * for a lookup or an update, never across a step).
  */
-/** validate_map_request's answer: map `pages` BAR pages from `barPage` on to physical pages from `pfn`, or refuse. */
 /** The driver's table: word 0 the lock, then per (vm, resource) the slot's words (bar-layouts.ts). */
 const LOCK = 0;
 const SLOT_WORDS = VENDOR_SLOT_WORDS;
 const TABLE_BASE = VENDOR_TABLE_BASE;
 
+/** A refused fault: the errno, why (BarRefusal) and the words of it. */
+export interface Refusal { ok: false; errno: number; reason: BarRefusal; why: string }
+
+/** validate_map_request's answer: map `pages` BAR pages from `barPage` on to physical pages from `pfn`, or refuse. */
 export type MapRequest =
   | { ok: true; barPage: number; pfn: number; pages: number; writable: boolean }
-  | { ok: false; errno: number; why: string };
+  | Refusal;
 
 /** A slice the driver gave a VM. */
 export interface MmioSlice { vm: number; resource: number; pfn: number; pages: number }
@@ -55,14 +58,15 @@ export class VendorDriver {
    * VM `vm`: the whole allocated part of the resource holding it, from its first BAR page.
    */
   validateMapRequest(vm: number, pos: number): MapRequest {
-    const r = this.resources.findIndex((x) => pos >= x.barOffset && pos < x.barOffset + x.maxPages);
-    if (r < 0) return { ok: false, errno: EFAULT, why: `BAR page ${pos} belongs to no resource` };
+    const r = this.resourceAt(pos);
+    if (r < 0) return { ok: false, errno: EFAULT, reason: BarRefusal.NO_RESOURCE, why: `BAR page ${pos} belongs to no resource` };
     const res = this.resources[r]!;
     this.lock();
     try {
       const { pfn, pages } = this.slot(vm, r);
-      if (pfn === NO_OWNER) return { ok: false, errno: EFAULT, why: `resource ${res.name} is not allocated to vm${vm}` };
-      if (pos >= res.barOffset + pages) return { ok: false, errno: EFAULT, why: `BAR page ${pos} is past vm${vm}'s ${pages} page(s) of ${res.name}` };
+      if (pfn === NO_OWNER) return { ok: false, errno: EFAULT, reason: BarRefusal.NOT_ALLOCATED, why: `resource ${res.name} is not allocated to vm${vm}` };
+      if (Atomics.load(this.t, this.slotAt(vm, r) + 2) !== 0) return { ok: false, errno: EFAULT, reason: BarRefusal.NOT_ALLOCATED, why: `resource ${res.name} is being taken back from vm${vm}` };
+      if (pos >= res.barOffset + pages) return { ok: false, errno: EFAULT, reason: BarRefusal.PAST_ALLOCATION, why: `BAR page ${pos} is past vm${vm}'s ${pages} page(s) of ${res.name}` };
       return { ok: true, barPage: res.barOffset, pfn, pages, writable: res.writable };
     } finally {
       this.unlock();
@@ -102,6 +106,39 @@ export class VendorDriver {
     }
   }
 
+  /** The resource holding BAR page `pos`, or -1. */
+  resourceAt(pos: number): number {
+    return this.resources.findIndex((x) => pos >= x.barOffset && pos < x.barOffset + x.maxPages);
+  }
+
+  /** The largest run of free physical pages. */
+  largestFree(): number {
+    let run = 0;
+    let best = 0;
+    for (let p = 0; p < this.mmio.pages; p++) {
+      run = this.mmio.owner(p) === NO_OWNER ? run + 1 : 0;
+      if (run > best) best = run;
+    }
+    return best;
+  }
+
+  /**
+   * The first step of taking resource `r` back from VM `vm`: from now on validate refuses
+   * its pages, so that no fault maps them again while the caller unmaps them (as
+   * vfio-pci's faults take memory_lock and refuse once memory is disabled). Returns false
+   * when the VM does not hold it.
+   */
+  beginReclaim(vm: number, r: number): boolean {
+    this.lock();
+    try {
+      if (this.slot(vm, r).pfn === NO_OWNER) return false;
+      Atomics.store(this.t, this.slotAt(vm, r) + 2, 1);
+      return true;
+    } finally {
+      this.unlock();
+    }
+  }
+
   /**
    * Takes resource `r` back from VM `vm`: its pages are free for another VM. The caller
    * has zapped every user mapping of them first (unmap_mapping_range): after this,
@@ -116,6 +153,7 @@ export class VendorDriver {
       const at = this.slotAt(vm, r);
       Atomics.store(this.t, at, 0);
       Atomics.store(this.t, at + 1, 0);
+      Atomics.store(this.t, at + 2, 0);
       return { vm, resource: r, pfn, pages };
     } finally {
       this.unlock();

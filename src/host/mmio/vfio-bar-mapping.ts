@@ -1,8 +1,10 @@
 import { lockWord, unlockWord } from '../../util/word-lock.ts';
 import { EFAULT, EINVAL } from '../constants.ts';
 import type { Steps } from '../../roles/role.ts';
-import type { MapRequest, VendorDriver } from './vendor-driver.ts';
-import { MAPPING_PTE_BASE, MAPPING_PTE_WORDS, type VfioBarMappingLayout } from '../bar-layouts.ts';
+import { Acted } from '../injections.ts';
+import type { MapRequest, Refusal, VendorDriver } from './vendor-driver.ts';
+import { BarRefusal, MAPPING_DECODE_OFF, MAPPING_PTE_BASE, MAPPING_PTE_WORDS, type VfioBarMappingLayout } from '../bar-layouts.ts';
+import { type BarInjection, NO_BAR_BUGS } from './bar-bugs.ts';
 export type { VfioBarMappingLayout } from '../bar-layouts.ts';
 export { createVfioBarMappingLayout } from '../bar-layouts.ts';
 
@@ -20,18 +22,28 @@ export { createVfioBarMappingLayout } from '../bar-layouts.ts';
  * not hold for this VM: vfio-mdev's own check), and maps it (remap_pfn_range), or returns
  * the refusal (the caller's SIGBUS).
  *
- * unmapMappingRange(pos, count): unmap_mapping_range over BAR pages: the entries go, then
- * the MMU notifier (KVM's, for the gfns the BAR occupies in the guest) invalidates its
- * SPTEs and flushes TLBs. "Whoever called remap_pfn_range is also going to call
- * unmap_mapping_range before the underlying pages are freed" is all KVM relies on.
+ * unmapMappingRange(pos, count): unmap_mapping_range over BAR pages, in the kernel's order
+ * (zap_page_range_single): the MMU notifiers' invalidate_range_start (KVM's, for the gfns
+ * the BAR occupies in the guest: SPTEs zapped, TLBs flushed), then the entries go, then
+ * invalidate_range_end. Between start and end the entries still exist: a fault or a
+ * prefetch that looks them up then must not install from them (mmu_invalidate_retry_gfn).
+ * "Whoever called remap_pfn_range is also going to call unmap_mapping_range before the
+ * underlying pages are freed" is all KVM relies on.
+ *
+ * Memory decode off (a reset, D3) zaps the whole BAR, and a fault meanwhile is refused
+ * (vfio_pci_zap_bars; vfio_pci_mmap_huge_fault's SIGBUS while memory is disabled).
  */
 const LOCK = 0;
 const PTE_BASE = MAPPING_PTE_BASE;
 const PTE_WORDS = MAPPING_PTE_WORDS;
 const PTE_WRITABLE = 1;
+/** Mapped by the fault handler after validate_map_request agreed. */
+const PTE_VALIDATED = 2;
+/** Mapped at mmap time by a device without a validate callback, over a slice it holds for good (the static 1:1 mapping). */
+const PTE_STATIC = 4;
 
-/** What a BAR page's entry maps, or null. */
-export interface BarPte { pfn: number; writable: boolean; generation: number }
+/** What a BAR page's entry maps, or null. `checked`: validated, or a static slice of the VM's; false: mapped without either. */
+export interface BarPte { pfn: number; writable: boolean; generation: number; checked: boolean }
 
 /** The MMU notifier a mapping calls when its entries go (KVM's: kvm_mmu_notifier_invalidate_range_start/end), over BAR pages. */
 export interface MmuNotifier {
@@ -40,7 +52,10 @@ export interface MmuNotifier {
 }
 
 /** The fault handler's outcome: the entry mapped (now or before), or the refusal. */
-export type BarFault = { ok: true; pte: BarPte; mapped: number } | { ok: false; errno: number; why: string };
+export type BarFault = { ok: true; pte: BarPte; mapped: number } | Refusal;
+
+/** A slice a device without a validate callback maps at mmap time: `pages` BAR pages from `barPage` to pfns from `pfn`. */
+export interface StaticSlice { barPage: number; pfn: number; pages: number; writable: boolean }
 
 export class VfioBarMapping {
   readonly vm: number;
@@ -48,7 +63,7 @@ export class VfioBarMapping {
   private readonly w: Int32Array;
   private readonly notifiers: MmuNotifier[] = [];
 
-  constructor(readonly layout: VfioBarMappingLayout, private readonly driver: VendorDriver) {
+  constructor(readonly layout: VfioBarMappingLayout, private readonly driver: VendorDriver, readonly injection: BarInjection = NO_BAR_BUGS) {
     this.vm = layout.vm;
     this.barPages = layout.barPages;
     this.w = new Int32Array(layout.ptes);
@@ -64,7 +79,20 @@ export class VfioBarMapping {
     const at = this.at(pos);
     const pfn = Atomics.load(this.w, at) - 1;
     if (pfn < 0) return null;
-    return { pfn, writable: (Atomics.load(this.w, at + 1) & PTE_WRITABLE) !== 0, generation: Atomics.load(this.w, at + 2) };
+    const flags = Atomics.load(this.w, at + 1);
+    return { pfn, writable: (flags & PTE_WRITABLE) !== 0, generation: Atomics.load(this.w, at + 2), checked: (flags & (PTE_VALIDATED | PTE_STATIC)) !== 0 };
+  }
+
+  /** How many of BAR pages [pos, pos + count) have an entry. */
+  presentIn(pos: number, count: number): number {
+    let n = 0;
+    for (let p = pos; p < pos + count; p++) if (Atomics.load(this.w, this.at(p)) !== 0) n++;
+    return n;
+  }
+
+  /** Memory decode is off: every fault is refused. */
+  get decodeOff(): boolean {
+    return Atomics.load(this.w, MAPPING_DECODE_OFF) !== 0;
   }
 
   /**
@@ -75,23 +103,19 @@ export class VfioBarMapping {
   fault(pos: number, write: boolean): BarFault {
     this.lock();
     try {
+      if (this.decodeOff) return { ok: false, errno: EFAULT, reason: BarRefusal.DECODE_OFF, why: `vm${this.vm}'s BAR has memory decode off` };
       const present = this.pte(pos);
       if (present !== null) {
-        if (write && !present.writable) return { ok: false, errno: EFAULT, why: `BAR page ${pos} of vm${this.vm} is mapped read-only` };
+        if (write && !present.writable) return this.readOnly(pos);
         return { ok: true, pte: present, mapped: 0 };
       }
       const r = this.driver.validateMapRequest(this.vm, pos);
       if (!r.ok) return r;
       const bad = this.check(r, pos);
-      if (bad !== null) return { ok: false, errno: EINVAL, why: bad };
-      if (write && !r.writable) return { ok: false, errno: EFAULT, why: `BAR page ${pos} of vm${this.vm} is mapped read-only` };
+      if (bad !== null) return { ok: false, errno: EINVAL, reason: BarRefusal.BAD_ANSWER, why: bad };
+      if (write && !r.writable) return this.readOnly(pos);
       // remap_pfn_range over the whole answer.
-      for (let i = 0; i < r.pages; i++) {
-        const at = this.at(r.barPage + i);
-        Atomics.store(this.w, at + 1, r.writable ? PTE_WRITABLE : 0);
-        Atomics.store(this.w, at + 2, this.driver.mmio.generation(r.pfn + i));
-        Atomics.store(this.w, at, r.pfn + i + 1);
-      }
+      this.map(r.barPage, r.pfn, r.pages, (r.writable ? PTE_WRITABLE : 0) | PTE_VALIDATED);
       return { ok: true, pte: this.pte(pos)!, mapped: r.pages };
     } finally {
       this.unlock();
@@ -99,24 +123,83 @@ export class VfioBarMapping {
   }
 
   /**
-   * unmap_mapping_range over BAR pages [pos, pos + count): the entries go, and every MMU
-   * notifier invalidates what it built from them before this returns. Returns the
-   * entries that were present.
+   * unmap_mapping_range over BAR pages [pos, pos + count): every MMU notifier's
+   * invalidate_range_start, then the entries go, one per step (other actors run in
+   * between, as on other CPUs), then invalidate_range_end. Returns the entries that
+   * were present.
    */
   *unmapMappingRange(pos: number, count: number): Steps<number> {
-    this.lock();
+    for (const n of this.notifiers) yield* n.invalidateRangeStart(pos, count);
     let present = 0;
+    for (let p = pos; p < pos + count; p++) {
+      // zap_pte_range, an entry at a time under the page table lock: other CPUs run meanwhile.
+      yield undefined;
+      this.lock();
+      try {
+        if (Atomics.exchange(this.w, this.at(p), 0) !== 0) present++;
+      } finally {
+        this.unlock();
+      }
+    }
+    for (const n of this.notifiers) n.invalidateRangeEnd(pos, count);
+    return present;
+  }
+
+  /** Memory decode off (a reset, D3): faults are refused from now on, and the whole BAR is zapped (vfio_pci_zap_bars). */
+  *disableMemoryDecode(): Steps<number> {
+    Atomics.store(this.w, MAPPING_DECODE_OFF, 1);
+    return yield* this.unmapMappingRange(0, this.barPages);
+  }
+
+  enableMemoryDecode(): void {
+    Atomics.store(this.w, MAPPING_DECODE_OFF, 0);
+  }
+
+  /**
+   * mmap of a device without a validate callback: each slice mapped 1:1 now, for good
+   * (the static alternative to mapping on fault; the slices are the VM's for the VM's life).
+   */
+  mmapStatic(slices: readonly StaticSlice[]): void {
+    this.lock();
     try {
-      for (let p = pos; p < pos + count; p++) {
-        const at = this.at(p);
-        if (Atomics.exchange(this.w, at, 0) !== 0) present++;
+      for (const s of slices) this.map(s.barPage, s.pfn, s.pages, (s.writable ? PTE_WRITABLE : 0) | PTE_STATIC);
+    } finally {
+      this.unlock();
+    }
+  }
+
+  /**
+   * mmap with map-whole-bar-without-validate: the device has no validate callback, so
+   * the whole BAR is mapped 1:1 onto the device's MMIO from pfn 0, although its slices
+   * are allocated at run time. Nothing checks that the pages are this VM's.
+   */
+  mmapWholeBar(): void {
+    const { bugs, acts } = this.injection;
+    if (bugs.mapWholeBarWithoutValidate !== true) return;
+    const pages = Math.min(this.barPages, this.driver.mmio.pages);
+    this.lock();
+    try {
+      for (let p = 0; p < pages; p++) {
+        const r = this.driver.resources[this.driver.resourceAt(p)];
+        this.map(p, p, 1, r?.writable === true ? PTE_WRITABLE : 0);
       }
     } finally {
       this.unlock();
     }
-    for (const n of this.notifiers) yield* n.invalidateRangeStart(pos, count);
-    for (const n of this.notifiers) n.invalidateRangeEnd(pos, count);
-    return present;
+    acts?.acted(Acted.MAP_WHOLE_BAR_WITHOUT_VALIDATE);
+  }
+
+  private map(barPage: number, pfn: number, pages: number, flags: number): void {
+    for (let i = 0; i < pages; i++) {
+      const at = this.at(barPage + i);
+      Atomics.store(this.w, at + 1, flags);
+      Atomics.store(this.w, at + 2, this.driver.mmio.generation(pfn + i));
+      Atomics.store(this.w, at, pfn + i + 1);
+    }
+  }
+
+  private readOnly(pos: number): Refusal {
+    return { ok: false, errno: EFAULT, reason: BarRefusal.READ_ONLY, why: `BAR page ${pos} of vm${this.vm} is mapped read-only` };
   }
 
   /** The kernel's checks of a validate answer: inside the VMA, and inside what the vendor gave this VM. */

@@ -61,9 +61,8 @@ export class ExitHandler {
     return null;
   }
 
-  /** The GPA in kvm_run's exit union (MMIO and memory faults). The words are Int32: the low one reads back negative from bit 31 up. */
   private exitGpa(v: number): number {
-    return (this.vmm.word(v, VcpuWord.MMIO_GPA_LO) >>> 0) + (this.vmm.word(v, VcpuWord.MMIO_GPA_HI) >>> 0) * 4294967296;
+    return this.vmm.exitGpa(v);
   }
 
   /** The first vCPU parked in KVM_EXIT_MEMORY_FAULT, with kvm_run.memory_fault, or null. */

@@ -55,6 +55,11 @@ export class VmmControl {
     return s === VcpuRunState.STOPPED || s === VcpuRunState.DONE || this.parkedExit(v) >= 0;
   }
 
+  /** The GPA in kvm_run's exit union (MMIO and memory faults). The words are Int32: the low one reads back negative from bit 31 up. */
+  exitGpa(v: number): number {
+    return (this.word(v, VcpuWord.MMIO_GPA_LO) >>> 0) + (this.word(v, VcpuWord.MMIO_GPA_HI) >>> 0) * 4294967296;
+  }
+
   word(v: number, w: number): number {
     return Atomics.load(this.w, this.vm.vcpuBase(v) + w);
   }
