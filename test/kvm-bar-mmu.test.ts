@@ -1,7 +1,8 @@
 import { describe, expect, it } from 'vitest';
 import { EFAULT } from '../src/host/constants.ts';
 import { VcpuWord, createVmLayout } from '../src/host/layout.ts';
-import { KVM_EXIT_MEMORY_FAULT } from '../src/host/constants.ts';
+import { KVM_EXIT_MEMORY_FAULT, KVM_RUN_EIO } from '../src/host/constants.ts';
+import { VmmControl } from '../src/host/vmm/vmm-control.ts';
 import { OpKind } from '../src/host/guest-op.ts';
 import { Vcpu } from '../src/host/vcpu.ts';
 import { KvmBarMmu, createKvmBarMmuLayout } from '../src/host/mmio/kvm-bar-mmu.ts';
@@ -165,5 +166,28 @@ describe('a vCPU\'s accesses to a virtual BAR (VmConfig.bars)', () => {
     expect(bar.mmu.spte(2)).toBeNull();
     expect(v.retired).toBe(0);
     expect(clean(bar.mmu)).toBe(true);
+  });
+
+  it('kill-vm: the refused access kills the VM (KVM_RUN fails with EIO), and re-entering fails the same way: the guest never runs again', () => {
+    const driverLayout = createVendorDriverLayout({ vms: 1, mmioPages: 4, resources: RESOURCES });
+    const barPages = new VendorDriver(driverLayout).barPages;
+    const kvm = new Vm(createVmLayout({
+      slots: [{ id: 1, asId: 0, baseGfn: 0x100, pages: 8, flags: 0 }], vcpus: 1, tracking: MANUAL,
+      bars: [{ mmu: createKvmBarMmuLayout(0, BAR_GFN, barPages, { onRefusal: 'kill-vm' }), mapping: createVfioBarMappingLayout(0, barPages), driver: driverLayout }],
+    }));
+    kvm.populate();
+    const v = new Vcpu(kvm, 0, new Ops([{ gfn: BAR_GFN + 1, value: 7 }, { gfn: 0x100, value: 5 }]));
+    for (let i = 0; i < 20 && exitReason(kvm) === 0; i++) v.step();
+    expect(exitReason(kvm)).toBe(KVM_RUN_EIO);
+    expect(kvm.bars[0]!.mmu.dead).toBe(true);
+    kvm.bars[0]!.driver.allocate(0, 1, 2); // too late: the VM is dead
+    const vmm = new VmmControl(kvm);
+    for (let round = 0; round < 3; round++) {
+      vmm.reenter(0);
+      for (let i = 0; i < 5; i++) v.step();
+      expect(vmm.parkedExit(0), `re-entry ${round}`).toBe(KVM_RUN_EIO);
+    }
+    expect(v.retired).toBe(0);
+    expect(kvm.memory.slots[0]!.readU64(0), 'not even RAM is written').toBe(0);
   });
 });

@@ -446,7 +446,7 @@ export const CONFIDENTIAL_BUGS: readonly BugName[] = [
 /**
  * The bugs of mediated-device MMIO mapped on fault: their demonstrations are several VMs
  * sharing one device (`vmemlab mdev`), independent of dirty tracking.
- * test/mdev-bugs.test.ts catches each; examples/litmus/2*-*.yaml pin their orderings.
+ * test/mdev-bugs.test.ts catches each; examples/litmus/25-*.yaml to 32-*.yaml pin their orderings.
  */
 export const MDEV_BUGS: readonly BugName[] = [
   'reassign-without-zap', 'no-invalidate-retry', 'prefetch-unvalidated-mmio', 'prefetch-during-invalidation', 'ignore-readonly-pfnmap',

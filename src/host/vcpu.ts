@@ -133,6 +133,8 @@ export class Vcpu implements Role, VcpuFastState {
   private pacedAtFault = false;
   /** The pending operation is a hypercall that exited to the VMM: on re-entry it completes with hypercall.ret. */
   private hypercallExited = false;
+  /** The VM's mediated devices' BARs (KVM's side), whose VM_DEAD word a boundary checks. */
+  private readonly barMmus: readonly KvmBarMmu[];
   /** A BAR fault between its halves: what the first looked up (KvmBarMmu.faultin), for the install at the next step. */
   private barFault: Extract<BarFaultIn, { ok: true }> | null = null;
   /** VmConfig.mapGpa 'tdx': the MapGPA in flight, tdx->map_gpa_next and map_gpa_end in frames; else null. */
@@ -141,6 +143,7 @@ export class Vcpu implements Role, VcpuFastState {
 
   constructor(readonly vm: Vm, readonly index: number, readonly workload: Workload, pacing: VcpuPacing = {}) {
     this.name = pacing.name ?? `vcpu${index}`;
+    this.barMmus = vm.bars.map((b) => b.mmu);
     this.words = vm.vcpuWords;
     this.global = vm.global;
     this.base = vm.vcpuBase(index);
@@ -266,6 +269,11 @@ export class Vcpu implements Role, VcpuFastState {
       }
       if (!this.enterGuest()) return Boundary.TRANSITION;
     }
+    // KVM_REQ_VM_DEAD: a VM KVM killed (a refused BAR access with 'kill-vm') leaves the guest for good.
+    if (this.barMmus.length !== 0 && this.vmDead()) {
+      this.exitToVmm(KVM_RUN_EIO);
+      return Boundary.TRANSITION;
+    }
     const gen = Atomics.load(this.global, GlobalWord.FLUSH_GEN);
     if (gen !== this.tlbGen) {
       // The IPI: drop every cached translation, acknowledge, restart the instruction.
@@ -302,7 +310,17 @@ export class Vcpu implements Role, VcpuFastState {
   }
 
   /** Guest entry: mode first, then requests (the Dekker half of the flush protocol). */
+  /** kvm->vm_dead (kvm_vm_dead): every KVM_RUN of the VM fails with EIO. */
+  private vmDead(): boolean {
+    for (const m of this.barMmus) if (m.dead) return true;
+    return false;
+  }
+
   private enterGuest(): boolean {
+    if (this.barMmus.length !== 0 && this.vmDead()) {
+      this.exitToVmm(KVM_RUN_EIO);
+      return false;
+    }
     Atomics.store(this.words, this.base + VcpuWord.MODE, IN_GUEST_MODE);
     this.state = VcpuRunState.RUNNING;
     Atomics.store(this.words, this.base + VcpuWord.RUN_STATE, VcpuRunState.RUNNING);

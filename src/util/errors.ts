@@ -19,5 +19,5 @@ export class KvmError extends Error {
 }
 
 export function errnoName(errno: number): string {
-  return ({ 2: 'ENOENT', 6: 'ENXIO', 11: 'EAGAIN', 14: 'EFAULT', 16: 'EBUSY', 17: 'EEXIST', 22: 'EINVAL', 28: 'ENOSPC', 95: 'EOPNOTSUPP' } as Record<number, string>)[errno] ?? `errno ${errno}`;
+  return ({ 2: 'ENOENT', 5: 'EIO', 6: 'ENXIO', 11: 'EAGAIN', 14: 'EFAULT', 16: 'EBUSY', 17: 'EEXIST', 22: 'EINVAL', 28: 'ENOSPC', 95: 'EOPNOTSUPP' } as Record<number, string>)[errno] ?? `errno ${errno}`;
 }

@@ -274,7 +274,8 @@ export class KvmBarMmu implements MmuNotifier {
   }
 
   /**
-   * The oracles' sweep over every present SPTE, when nothing runs (the end of a run): one
+   * The oracles' sweep over every present SPTE, once, when nothing runs (the end of a run;
+   * a second sweep would count the same SPTEs again): one
    * that maps another VM's page, a page that changed hands since, or what the VMA does not
    * map, is a breach waiting for an access, counted as if an access had found it.
    * Returns the SPTEs found.
