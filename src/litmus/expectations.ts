@@ -1,12 +1,12 @@
 import { spteWritable } from '../host/spte.ts';
 import { GlobalWord } from '../host/layout.ts';
 import { PAGE_SIZE } from '../host/constants.ts';
-import type { Vm } from '../host/vm.ts';
 import type { GuestMemfdRam } from '../host/vmm/kvm-convert-memory.ts';
 import {
   type OpRecord, entryMatches, entryText, gfnsText, guestOpCount, matcherText,
 } from './observations.ts';
-import type { FinalExpect, GfnsMatcher } from './spec.ts';
+import type { BarExpect, FinalExpect, GfnsMatcher } from './spec.ts';
+import type { Vm, VmBar } from '../host/vm.ts';
 import { errnoText, exitText, hex } from './syntax.ts';
 import { STALE_READERS, firstLineState, latestValue, staleCounts } from './cache.ts';
 
@@ -70,6 +70,8 @@ export function checkOp(r: OpRecord): Mismatch[] {
   num('cleared', x.cleared, r.cleared);
   num('zapped', x.zapped, r.zapped);
   num('written_back', x.writtenBack, r.writtenBack);
+  num('unmapped', x.unmapped, r.unmapped);
+  num('pfn', x.pfn, r.pfn);
   return out;
 }
 
@@ -169,9 +171,37 @@ export function checkFinal(x: FinalExpect, s: FinalState): Mismatch[] {
   if (x.machineChecks !== undefined && x.machineChecks !== mces) {
     out.push({ what: 'expect.machine_checks', expected: `${x.machineChecks}`, actual: `${mces}` });
   }
+  const bar = s.vm.bars[0];
+  if (x.bar !== undefined && bar !== undefined) out.push(...checkBar(x.bar, bar));
   const flushes = Atomics.load(s.vm.global, GlobalWord.FLUSHES);
   if (x.flushes !== undefined && x.flushes !== flushes) {
     out.push({ what: 'expect.flushes', expected: `${x.flushes}`, actual: `${flushes}` });
   }
+  return out;
+}
+
+/** expect.bar against vm0's BAR at the end (after the oracles' sweep). */
+function checkBar(x: BarExpect, bar: VmBar): Mismatch[] {
+  const out: Mismatch[] = [];
+  const pfnText = (p: number | null): string => (p === null ? 'none' : `pfn ${p}`);
+  for (const { page, pfn } of x.sptes ?? []) {
+    const got = bar.mmu.spte(page)?.pfn ?? null;
+    if (got !== pfn) out.push({ what: `expect.bar.sptes[${page}]`, expected: pfnText(pfn), actual: pfnText(got) });
+  }
+  for (const { page, pfn } of x.ptes ?? []) {
+    const got = bar.mapping.pte(page)?.pfn ?? null;
+    if (got !== pfn) out.push({ what: `expect.bar.ptes[${page}]`, expected: pfnText(pfn), actual: pfnText(got) });
+  }
+  for (const { pfn, value } of x.mmio ?? []) {
+    const got = bar.driver.mmio.read32(pfn);
+    if (got !== value) out.push({ what: `expect.bar.mmio[${pfn}]`, expected: `${value}`, actual: `${got}` });
+  }
+  if (x.findings !== undefined) {
+    for (const f of bar.mmu.findings()) {
+      const want = x.findings[f.kind];
+      if (want !== f.count) out.push({ what: `expect.bar.findings.${f.kind}`, expected: `${want}`, actual: `${f.count}${f.firstPage !== null ? ` (the first at BAR page ${f.firstPage})` : ''}` });
+    }
+  }
+  if (x.dead !== undefined && x.dead !== bar.mmu.dead) out.push({ what: 'expect.bar.dead', expected: `${x.dead}`, actual: `${bar.mmu.dead}` });
   return out;
 }

@@ -3,7 +3,7 @@ import type { InjectedBugs } from '../bugs/injected.ts';
 import { CacheStat } from '../host/cpu-cache.ts';
 import { GlobalWord } from '../host/layout.ts';
 import {
-  EFAULT, EXIT_REASON_NAMES, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, KVM_DIRTY_GFN_F_DIRTY,
+  EEXIST, EFAULT, EIO, ENOENT, ENOSPC, EXIT_REASON_NAMES, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, KVM_DIRTY_GFN_F_DIRTY,
   KVM_DIRTY_GFN_F_RESET, KVM_MEMORY_ATTRIBUTE_PRIVATE, PAGE_SIZE,
 } from '../host/constants.ts';
 import type { PassthroughDma } from '../host/devices/passthrough-dma.ts';
@@ -24,6 +24,9 @@ import { type HarvestedEntry, type OpRecord, elide, entryText, gfnsText, slotNam
 import type { HostOp } from './spec.ts';
 import { hex } from './syntax.ts';
 import { migrationRead } from './cache.ts';
+import { BarMmuWord } from '../host/bar-layouts.ts';
+import { reclaimResource } from '../host/mmio/reclaim.ts';
+import type { VmBar } from '../host/vm.ts';
 
 /**
  * The litmus file's host operations, as the VMM thread and the KVM code it calls run
@@ -182,6 +185,8 @@ export class HostOperations {
         return;
       }
       case 'reenter': {
+        // kvm_vm_dead: every ioctl of the VM fails with EIO, KVM_RUN included (vm.bar's kill-vm).
+        if (vm.bars[0]?.mmu.dead === true) throw new KvmError(EIO, 'KVM_RUN', `vcpu${op.vcpu}: the VM is dead (kvm_vm_dead): KVM_RUN fails with EIO`);
         const exit = this.exits.reenter(op.vcpu);
         r.notes.push(`KVM_RUN again for vcpu${op.vcpu}${exit >= 0 ? ` (after ${EXIT_REASON_NAMES[exit] ?? exit})` : ' (it was not in an exit)'}`);
         return;
@@ -246,9 +251,107 @@ export class HostOperations {
         r.notes.push(`the migration thread's copy of ${hex(op.gfn)}: ${flush} write-back: ${r.value}`);
         return;
       }
+      case 'bar-grant':
+      case 'bar-revoke':
+      case 'bar-decode':
+        yield* this.bar(r, op, vm.bars[0]!);
+        return;
       default:
         yield* this.confidential(r, op);
     }
+  }
+
+  /**
+   * vm.bar: the vendor driver's grants and revocations, and memory decode. Taking a
+   * resource back from vm0 is reclaimResource, step by step as the kernel runs it
+   * (validate refuses the slice; unmap_mapping_range: the MMU notifier's
+   * invalidate_range_start zaps KVM's SPTEs and flushes, the VMA's entries go one per
+   * step, invalidate_range_end; then the free), so that the interleaving can put vCPU
+   * steps in between. Another VM sharing the device is not run here: nothing of it is
+   * mapped, and its slice is freed at once.
+   */
+  private *bar(r: OpRecord, op: Extract<HostOp, { kind: 'bar-grant' | 'bar-revoke' | 'bar-decode' }>, bar: VmBar): Steps<void> {
+    const { driver, mapping, mmu } = bar;
+    const pages = (first: number, n: number): string => (n === 1 ? `${first}` : `${first}..${first + n - 1}`);
+    const zappedBefore = mmu.stat(BarMmuWord.ZAPPED);
+    /**
+     * Runs unmap_mapping_range's (or the reclaim's) steps, saying after each what it did:
+     * the notifier's start (KVM's begin and zap), the VMA's entries going, its end, the
+     * free; and counts the entries removed and the SPTEs zapped.
+     */
+    const inv = this.vm.mmuInvalidate;
+    const removed = function* (body: Steps<unknown>, first: number, n: number, slice: { vm: number; r: number } | null): Steps<void> {
+      const present = (): boolean[] => Array.from({ length: n }, (_, i) => mapping.pte(first + i) !== null);
+      const before = present();
+      let was = before;
+      let zapped = mmu.stat(BarMmuWord.ZAPPED);
+      let inProgress = inv.inProgress();
+      let freed = false;
+      /** invalidate_range_start zapped SPTEs: the flush runs until every vCPU in guest mode acknowledged it. */
+      let flushing = false;
+      const it = body[Symbol.iterator]();
+      for (;;) {
+        const x = it.next();
+        const z = mmu.stat(BarMmuWord.ZAPPED);
+        const now = present();
+        const p = inv.inProgress();
+        const notes = r.notes.length;
+        if (p > inProgress) {
+          r.notes.push(`invalidate_range_start: KVM's mmu_invalidate_begin over GFNs ${hex(mmu.baseGfn + first)}..${hex(mmu.baseGfn + first + n - 1)}, ${z - zapped} SPTE(s) zapped`);
+          flushing = z > zapped;
+        }
+        const gone = now.flatMap((on, i) => (was[i] && !on ? [first + i] : []));
+        if (gone.length > 0) r.notes.push(`zap_pte_range: the VMA's entr${gone.length === 1 ? 'y' : 'ies'} of BAR page ${gone.join(', ')} removed`);
+        if (p < inProgress) r.notes.push('invalidate_range_end: mmu_invalidate_seq moves on; faults may install again');
+        if (slice !== null && !freed && driver.sliceOf(slice.vm, slice.r) === null) { freed = true; r.notes.push('the slice is freed: another VM may be given it'); }
+        if (r.notes.length === notes && p > 0 && x.value === undefined && !x.done) {
+          // A step that changed nothing one can see: the flush ended, or zap_pte_range found no entry.
+          r.notes.push(flushing ? 'the TLB flush is complete; the VMA\'s entries are still there' : 'zap_pte_range: no entry at the next BAR page');
+          flushing = false;
+        }
+        [was, zapped, inProgress] = [now, z, p];
+        if (x.done) break;
+        yield x.value;
+      }
+      r.unmapped = before.filter((on, i) => on && !was[i]).length;
+      r.zapped = mmu.stat(BarMmuWord.ZAPPED) - zappedBefore;
+    };
+    if (op.kind === 'bar-decode') {
+      if (op.on) {
+        mapping.enableMemoryDecode();
+        r.notes.push('memory decode on: faults are validated again (nothing is mapped until one)');
+        return;
+      }
+      r.notes.push(`memory decode off (a reset): vfio_pci_zap_bars: faults refused from now on, unmap_mapping_range over the whole BAR (pages ${pages(0, mapping.barPages)})`);
+      yield* removed(mapping.disableMemoryDecode(), 0, mapping.barPages, null);
+      r.notes.push(`done: ${r.unmapped} VMA entr${r.unmapped === 1 ? 'y' : 'ies'} removed, ${r.zapped} SPTE(s) zapped`);
+      return;
+    }
+    const res = driver.resources[op.resource]!;
+    const held = driver.sliceOf(op.vm, op.resource);
+    if (op.kind === 'bar-grant') {
+      const s = driver.allocate(op.vm, op.resource, op.pages);
+      if (s === null) {
+        if (held !== null) throw new KvmError(EEXIST, 'the vendor driver\'s grant', `vm${op.vm} holds ${res.name} already (pfns ${pages(held.pfn, held.pages)})`);
+        throw new KvmError(ENOSPC, 'the vendor driver\'s grant', `no ${op.pages} contiguous free MMIO pages (the largest run is ${driver.largestFree()})`);
+      }
+      r.pfn = s.pfn;
+      const one = s.pages === 1;
+      r.notes.push(`the vendor driver gives vm${op.vm} ${op.pages} page${one ? '' : 's'} of ${res.name}: pfn${one ? '' : 's'} ${pages(s.pfn, s.pages)} behind BAR page${one ? '' : 's'} ${pages(res.barOffset, s.pages)}${res.writable ? '' : ' (read-only)'}; validate_map_request maps ${one ? 'it' : 'them'} from now on`);
+      return;
+    }
+    if (held === null) throw new KvmError(ENOENT, 'the vendor driver\'s revocation', `vm${op.vm} does not hold ${res.name}`);
+    if (op.vm !== 0) {
+      driver.beginReclaim(op.vm, op.resource);
+      driver.free(op.vm, op.resource);
+      r.unmapped = 0;
+      r.zapped = 0;
+      r.notes.push(`the vendor driver takes ${res.name} back from vm${op.vm} (not run here: nothing of it mapped): pfns ${pages(held.pfn, held.pages)} freed`);
+      return;
+    }
+    r.notes.push(`the vendor driver takes ${res.name} back from vm0 (pfns ${pages(held.pfn, held.pages)}): validate_map_request refuses it from now on; unmap_mapping_range over BAR pages ${pages(res.barOffset, res.maxPages)}`);
+    yield* removed(reclaimResource(driver, mapping, op.resource), res.barOffset, res.maxPages, { vm: 0, r: op.resource });
+    r.notes.push(`done: ${r.unmapped} VMA entr${r.unmapped === 1 ? 'y' : 'ies'} removed, ${r.zapped} SPTE(s) zapped, pfns ${pages(held.pfn, held.pages)} freed`);
   }
 
 

@@ -15,9 +15,12 @@ import { checkKeys, readUserFile } from '../util/user-file.ts';
 import { parseSize } from '../util/size.ts';
 import { type OpContext, expectVerb, parseHostOp, parseOpExpect, parseVcpuOp, slotsText, vcpuRef, verbOf } from './operations.ts';
 import { type LitmusFile, LitmusFileSchema, type RawOpEntry, issueLines } from './schema.ts';
-import type { FinalExpect, HostOp, InterleavingEntry, LitmusOp, LitmusSpec, VcpuOp } from './spec.ts';
+import type { BarExpect, FinalExpect, HostOp, InterleavingEntry, LitmusOp, LitmusSpec, VcpuOp } from './spec.ts';
 import { fieldPath, hex, parseGfnList, parseInteger, show } from './syntax.ts';
 import { cpuCacheConfig } from './cache.ts';
+import { type BarSpec, barLayout } from './bar.ts';
+import { BAR_FINDING_NAMES, type BarFindingName } from '../host/mmio/kvm-bar-mmu.ts';
+import type { MmioResource } from '../host/bar-layouts.ts';
 
 /** Reads and checks a litmus file; throws UserError naming the file and field on bad input. */
 export function loadLitmus(path: string): LitmusSpec {
@@ -78,6 +81,7 @@ class SpecBuilder {
     const design = this.design(f, vm);
     this.cpuCache(f, vm);
     this.dmaSlotLogging(f, vm);
+    const bar = this.bar(f, vm);
     if (this.problems.length > 0) throw new UserError(this.problems.join('\n'));
 
     const ctx: OpContext = { vm, design };
@@ -99,12 +103,55 @@ class SpecBuilder {
       vcpuOps[v] = this.ops(actor, entries, (text) => parseVcpuOp(text, actor, ctx), ctx);
     }
     const interleaving = f.interleaving.map((e, i) => this.entry(e, i, actors, ctx));
-    const expect = this.finalExpect(f, slots);
+    const expect = this.finalExpect(f, slots, bar);
     if (this.problems.length > 0) throw new UserError(this.problems.join('\n'));
     return {
       file: this.file, name: f.name, description: (f.description ?? '').trim(), bugs, vm, design,
-      actors, vcpuOps, hostOps, interleaving: interleaving as InterleavingEntry[], expect,
+      ...(bar !== null ? { bar } : {}), actors, vcpuOps, hostOps, interleaving: interleaving as InterleavingEntry[], expect,
     };
+  }
+
+  /**
+   * vm.bar: a mediated device's BAR, vm0's of `vms` VMs sharing the device. Its resources
+   * are laid out in order from BAR page 0; its GFNs lie outside every memslot (a vCPU's
+   * access there goes through KVM's BAR MMU). vm.bars gets its layout.
+   */
+  private bar(f: LitmusFile, vm: VmConfig): BarSpec | null {
+    const b = f.vm.bar;
+    if (b === undefined) return null;
+    const start = this.problems.length;
+    const base = parseInteger(b.base_gfn);
+    if (!base.ok) this.fail('vm.bar.base_gfn', base.error);
+    const resources: MmioResource[] = [];
+    let at = 0;
+    b.resources.forEach((r, i) => {
+      const path = ['vm', 'bar', 'resources', i, 'name'];
+      if (!/^[A-Za-z][\w-]*$/.test(r.name) || /^vm\d+$/.test(r.name)) this.fail(path, `${show(r.name)} is not a resource name (a word of letters, digits, - and _, not vmN)`);
+      const dup = resources.findIndex((x) => x.name === r.name);
+      if (dup >= 0) this.fail(path, `${show(r.name)} is already vm.bar.resources[${dup}]`);
+      resources.push({ name: r.name, barOffset: at, maxPages: r.pages, writable: r.writable ?? true });
+      at += r.pages;
+    });
+    const barPages = at;
+    if (barPages > 256) this.fail('vm.bar.resources', `${barPages} BAR pages in all is more than 256`);
+    const vms = b.vms ?? 2;
+    const mmioPages = b.mmio_pages ?? Math.min(1024, vms * barPages);
+    if (base.ok) {
+      const end = base.value + barPages;
+      const range = `${hex(base.value)}..${hex(end - 1)}`;
+      if (end > 2 ** 40) this.fail('vm.bar.base_gfn', `${hex(base.value)}: the BAR's GFNs ${range} run past the 52-bit guest physical address space`);
+      const hit = vm.slots.find((s) => base.value < s.baseGfn + s.pages && s.baseGfn < end);
+      if (hit) this.fail('vm.bar.base_gfn', `${hex(base.value)}: the BAR's GFNs ${range} overlap slot ${hit.id} (GFNs ${hex(hit.baseGfn)}..${hex(hit.baseGfn + hit.pages - 1)}); a BAR lies outside every memslot`);
+    }
+    // A BAR access KVM refuses is KVM_EXIT_MEMORY_FAULT, which a confidential VM's VMM takes for a conversion request.
+    if (vm.privateMem) this.fail('vm.bar', 'a mediated device\'s BAR is not modelled with private memory: it needs slots without GUEST_MEMFD');
+    if (this.problems.length > start || !base.ok) return null;
+    const spec: BarSpec = {
+      baseGfn: base.value, resources, barPages, mmioPages, vms,
+      prefetch: b.prefetch ?? 'off', onRefusal: b.on_refused_access ?? 'memory-fault',
+    };
+    vm.bars = [barLayout(spec)];
+    return spec;
   }
 
   private slots(f: LitmusFile): MemslotConfig[] {
@@ -211,6 +258,48 @@ class SpecBuilder {
     if (rule === undefined) return;
     if (!vm.slots.some((s) => (s.flags & KVM_MEM_DMA) !== 0)) this.fail('vm.dma_slot_logging', `${rule} is what KVM does when dirty logging starts on a KVM_MEM_DMA slot: the VM needs a slot with flags [KVM_MEM_DMA]`);
     vm.dmaSlotLogging = rule;
+  }
+
+  /** expect.bar: SPTEs and VMA entries by BAR page (a pfn, or none), MMIO words by pfn, the oracles' counts. */
+  private barExpect(x: NonNullable<NonNullable<LitmusFile['expect']>['bar']>, bar: BarSpec): BarExpect {
+    const out: BarExpect = {};
+    const pages = (field: 'sptes' | 'ptes', m: Record<string, number | string> | undefined): { page: number; pfn: number | null }[] | undefined => {
+      if (m === undefined) return undefined;
+      const list: { page: number; pfn: number | null }[] = [];
+      for (const [k, v] of Object.entries(m)) {
+        const p = parseInteger(k);
+        const path = `expect.bar.${field}[${k}]`;
+        if (!p.ok) { this.fail(path, `${show(k)} is not a BAR page (0..${bar.barPages - 1})`); continue; }
+        if (p.value >= bar.barPages) { this.fail(path, `BAR page ${p.value} is outside the ${bar.barPages}-page BAR (0..${bar.barPages - 1})`); continue; }
+        if (v === 'none') { list.push({ page: p.value, pfn: null }); continue; }
+        const pfn = parseInteger(v);
+        if (!pfn.ok || pfn.value >= bar.mmioPages) { this.fail(path, `${show(v)}: expected the pfn mapped there (0..${bar.mmioPages - 1}), or none`); continue; }
+        list.push({ page: p.value, pfn: pfn.value });
+      }
+      return list;
+    };
+    const sptes = pages('sptes', x.sptes);
+    if (sptes) out.sptes = sptes;
+    const ptes = pages('ptes', x.ptes);
+    if (ptes) out.ptes = ptes;
+    if (x.mmio !== undefined) {
+      out.mmio = [];
+      for (const [k, v] of Object.entries(x.mmio)) {
+        const pfn = parseInteger(k);
+        const path = `expect.bar.mmio[${k}]`;
+        if (!pfn.ok || pfn.value >= bar.mmioPages) { this.fail(path, `${pfn.ok ? `pfn ${pfn.value}` : show(k)} is not a pfn of the device's MMIO (0..${bar.mmioPages - 1})`); continue; }
+        const value = parseInteger(v);
+        if (!value.ok || value.value > 0xffffffff) { this.fail(path, value.ok ? `${show(v)} is more than a 32-bit register holds` : value.error); continue; }
+        out.mmio.push({ pfn: pfn.value, value: value.value });
+      }
+    }
+    if (x.findings !== undefined) {
+      const given = x.findings as Partial<Record<BarFindingName, number>>;
+      out.findings = Object.fromEntries(BAR_FINDING_NAMES.map((k) => [k, given[k] ?? 0])) as Record<BarFindingName, number>;
+    }
+    if (x.dead === true && bar.onRefusal !== 'kill-vm') this.fail('expect.bar.dead', 'only a VM whose refused accesses kill it dies (vm.bar.on_refused_access: kill-vm)');
+    if (x.dead !== undefined) out.dead = x.dead;
+    return out;
   }
 
   private vcpuCount(f: LitmusFile): number {
@@ -329,10 +418,14 @@ class SpecBuilder {
     return entry;
   }
 
-  private finalExpect(f: LitmusFile, slots: MemslotConfig[]): FinalExpect {
+  private finalExpect(f: LitmusFile, slots: MemslotConfig[], bar: BarSpec | null): FinalExpect {
     const x = f.expect;
     const out: FinalExpect = {};
     if (!x) return out;
+    if (x.bar !== undefined) {
+      if (f.vm.bar === undefined) this.fail('expect.bar', 'the VM has no mediated device\'s BAR (vm.bar)');
+      else if (bar !== null) out.bar = this.barExpect(x.bar, bar);
+    }
     const inSlot = (g: number): boolean => slots.some((s) => g >= s.baseGfn && g < s.baseGfn + s.pages);
     const gfnMap = <T, U = number | boolean>(field: string, m: Record<string, T> | undefined, value: (v: T, path: string) => U | null) => {
       if (m === undefined) return undefined;

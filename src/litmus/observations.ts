@@ -38,6 +38,10 @@ export interface OpRecord {
   zapped?: number;
   /** clflush / wbinvd: dirty lines written back. */
   writtenBack?: number;
+  /** bar-revoke / bar-decode: the VMA's entries removed. */
+  unmapped?: number;
+  /** bar-grant: the slice's first pfn. */
+  pfn?: number;
   error?: KvmError;
   /** Free text for the trace. */
   notes: string[];

@@ -48,6 +48,9 @@ export const HOST_OPS: Record<HostOp['kind'], string> = {
   clflush: 'clflush GFN',
   wbinvd: 'wbinvd',
   'migration-read': 'migration-read GFN [flush-first]',
+  'bar-grant': 'bar-grant RESOURCE PAGES [vmN]',
+  'bar-revoke': 'bar-revoke RESOURCE [vmN]',
+  'bar-decode': 'bar-decode off|on',
 };
 
 /** Expectation keys as written in files, per operation verb. */
@@ -86,6 +89,10 @@ export const EXPECT_KEYS: Record<string, string[]> = {
   clflush: ['written_back', 'error'],
   wbinvd: ['written_back', 'error'],
   'migration-read': ['value', 'error'],
+  'bar-grant': ['pfn', 'error'],
+  // unmapped: the VMA's entries removed; zapped: KVM's SPTEs the notifier zapped.
+  'bar-revoke': ['unmapped', 'zapped', 'error'],
+  'bar-decode': ['unmapped', 'zapped', 'error'],
 };
 
 /** The VM's type has private memory (the loader sets it when a slot has KVM_MEM_GUEST_MEMFD). */
@@ -143,6 +150,7 @@ export function parseVcpuOp(text: string, actor: string, ctx: OpContext): Parsed
     case 'read': return ok({ kind: 'read', gfn: gfn.value, private: priv });
     case 'write': {
       const value = num(t[2], 'VALUE', text);
+      if (value.ok && value.value > 0xffffffff && barPageOf(gfn.value, ctx) !== null) return bad(`'${text}': VALUE: ${hex(gfn.value)} is a BAR page, whose register is 32 bits (at most 0xffffffff)`);
       return value.ok ? ok({ kind: 'write', gfn: gfn.value, value: value.value, count: 1, private: priv }) : value;
     }
     case 'map-gpa': {
@@ -162,9 +170,20 @@ export function parseVcpuOp(text: string, actor: string, ctx: OpContext): Parsed
       const count = pageCount(t[2], text, ctx);
       if (!count.ok) return count;
       const value = num(t[3], 'VALUE', text);
+      if (value.ok && value.value > 0xffffffff && Array.from({ length: count.value }, (_, i) => gfn.value + i).some((g) => barPageOf(g, ctx) !== null)) {
+        return bad(`'${text}': VALUE: the pages include BAR pages, whose registers are 32 bits (at most 0xffffffff)`);
+      }
       return value.ok ? ok({ kind: 'write', gfn: gfn.value, value: value.value, count: count.value, private: priv }) : value;
     }
   }
+}
+
+/** The BAR page of guest frame `gfn` (vm.bar), or null. */
+export function barPageOf(gfn: number, ctx: OpContext): number | null {
+  const b = ctx.vm.bars?.[0];
+  if (b === undefined) return null;
+  const page = gfn - b.mmu.baseGfn;
+  return page >= 0 && page < b.mmu.barPages ? page : null;
 }
 
 /** COUNT: at least 1, at most the VM's pages. */
@@ -333,7 +352,39 @@ export function parseHostOp(text: string, ctx: OpContext): Parsed<HostOp> {
     }
     case 'wbinvd':
       return needCache(text, ctx) ?? ok({ kind });
+    case 'bar-grant':
+    case 'bar-revoke':
+    case 'bar-decode':
+      return parseBarOp(kind, args, text, ctx);
   }
+}
+
+/** bar-grant RESOURCE PAGES [vmN], bar-revoke RESOURCE [vmN], bar-decode off|on: vm.bar's vendor driver and VFIO. */
+function parseBarOp(kind: 'bar-grant' | 'bar-revoke' | 'bar-decode', args: string[], text: string, ctx: OpContext): Parsed<HostOp> {
+  const driver = ctx.vm.bars?.[0]?.driver;
+  if (driver === undefined) return bad(`'${text}': ${kind} needs a mediated device's BAR (vm.bar)`);
+  if (kind === 'bar-decode') {
+    const w = args[0];
+    if (w !== 'off' && w !== 'on') return bad(`'${text}': '${w ?? ''}' is not off or on (memory decode off: the BAR zapped and faults refused; on: faults validated again)`);
+    return ok({ kind, on: w === 'on' });
+  }
+  const names = driver.resources.map((r) => r.name);
+  const resource = names.indexOf(args[0]!);
+  if (resource < 0) return bad(`'${text}': there is no BAR resource '${args[0]}' (vm.bar.resources: ${names.join(', ')})`);
+  const vmWord = kind === 'bar-grant' ? args[2] : args[1];
+  let vm = 0;
+  if (vmWord !== undefined) {
+    const m = /^vm(\d+)$/.exec(vmWord);
+    if (!m) return bad(`'${text}': '${vmWord}' is not a VM sharing the device (write vm0, vm1, ...)`);
+    vm = Number(m[1]);
+    if (vm >= driver.vms) return bad(`'${text}': there is no ${vmWord} sharing the device (vm.bar.vms is ${driver.vms}: vm0${driver.vms > 1 ? `..vm${driver.vms - 1}` : ''})`);
+  }
+  if (kind === 'bar-revoke') return ok({ kind, resource, vm });
+  const pages = num(args[1], 'PAGES', text);
+  if (!pages.ok) return pages;
+  const most = driver.resources[resource]!.maxPages;
+  if (pages.value < 1 || pages.value > most) return bad(`'${text}': PAGES ${pages.value} is not 1..${most} (resource ${names[resource]} has ${most} BAR page${most === 1 ? '' : 's'})`);
+  return ok({ kind, resource, pages: pages.value, vm });
 }
 
 function num(token: string | undefined, what: string, text: string): Parsed<number> {
@@ -411,6 +462,8 @@ export function parseOpExpect(
       case 'cleared': take(parseInteger(v), (x) => { e.cleared = x; }); break;
       case 'zapped': take(parseInteger(v), (x) => { e.zapped = x; }); break;
       case 'written_back': take(parseInteger(v), (x) => { e.writtenBack = x; }); break;
+      case 'unmapped': take(parseInteger(v), (x) => { e.unmapped = x; }); break;
+      case 'pfn': take(parseInteger(v), (x) => { e.pfn = x; }); break;
       case 'logged': take(parseGfns(v), (x) => { e.logged = x; }); break;
       case 'dirty': take(parseGfns(v), (x) => { e.dirty = x; }); break;
       case 'harvested': take(parseHarvested(v, ctx), (x) => { e.harvested = x; }); break;

@@ -39,6 +39,8 @@ import {
 } from './cache.ts';
 import type { InterleavingEntry, LitmusSpec } from './spec.ts';
 import { hex } from './syntax.ts';
+import { type BarStepBefore, barFindingCounts, barLayout, barStepBefore, barStepText, barText, newBarFindingLines } from './bar.ts';
+import { BarMmuWord } from '../host/bar-layouts.ts';
 
 export interface LitmusOutcome {
   file: string;
@@ -109,7 +111,8 @@ class LitmusRun {
     const tracking = t.kind === 'ring' && injected.noBackupBitmap ? { ...t, withBitmap: false } : t;
     let layout: VmLayout;
     try {
-      layout = createVmLayout({ ...spec.vm, tracking });
+      // Each run builds the BAR's shared layouts afresh (the spec's are the loader's, which a run would change).
+      layout = createVmLayout({ ...spec.vm, tracking, ...(spec.bar !== undefined ? { bars: [barLayout(spec.bar)] } : {}) });
     } catch (e) {
       // KVM_SET_USER_MEMORY_REGION refusing a slot the loader let through: the file's mistake, in one line.
       if (e instanceof KvmError) throw new UserError(`${spec.file}: vm.slots: ${e.message}`);
@@ -215,6 +218,20 @@ class LitmusRun {
     return true;
   }
 
+  /**
+   * The VMM mmaps vm0's BAR (vfio_pci_mmap): a VM_PFNMAP VMA with nothing mapped, the
+   * fault handler maps on demand. With map-whole-bar-without-validate the device has no
+   * validate callback and the whole BAR is mapped 1:1 from pfn 0 now.
+   */
+  private mmapBar(): void {
+    const bar = this.vm.bars[0];
+    if (bar === undefined) return;
+    bar.mapping.mmapWholeBar();
+    const mapped = bar.mapping.presentIn(0, bar.mapping.barPages);
+    this.log.push(mapped === 0 ? `the VMM mmaps vm0's BAR (${bar.mapping.barPages} pages): nothing is mapped until a fault validates it`
+      : `the VMM mmaps vm0's BAR (${bar.mapping.barPages} pages): no validate callback, so ${mapped} BAR page(s) are mapped 1:1 from pfn 0 at once`);
+  }
+
   /** The stale read oracle's counts now, or null without the cache model. */
   private staleNow(): StaleCounts | null {
     return this.vm.cache === null ? null : staleCounts(this.vm.cache);
@@ -238,10 +255,12 @@ class LitmusRun {
       + (s.design !== 'rdm' ? `; conversion design ${s.design}` : '')
       + (s.vm.cpuCache ? `; CPU cache model${s.vm.cpuCache.selfSnoop ? ' with self-snoop' : ''}` : '')
       + (s.vm.dmaSlotLogging === 'refuse' ? '; KVM refuses dirty logging on a KVM_MEM_DMA slot' : '')
+      + (s.bar !== undefined ? `; ${barText(s.bar)}` : '')
       + (this.bugs.length > 0 ? `; injected bugs: ${this.bugs.join(', ')}` : ''));
     if (this.bugs.includes('ring-full-exit-unhandled')) {
       this.log.push('note: ring-full-exit-unhandled changes nothing here: in a litmus test the file is the VMM and says how exits are handled');
     }
+    this.mmapBar();
     let stopped = !this.bootDesign() || !this.mapGuestRam();
     for (const e of s.interleaving) {
       if (stopped) break;
@@ -289,6 +308,18 @@ class LitmusRun {
     if (this.spec.expect.machineChecks === undefined && mces > 0) {
       this.failures.push(`${this.spec.file}: the machine check oracle found: ${mces} cacheable access${mces === 1 ? '' : 'es'} to device memory, the first at ${hex(this.vm.machineChecks().firstGfn!)} (write expect.machine_checks to expect them)`);
     }
+    const bar = this.vm.bars[0];
+    if (bar !== undefined) {
+      // The isolation oracles' sweep (KvmBarMmu.audit): an SPTE still breaching isolation that no access used yet counts too.
+      const before = barFindingCounts(bar);
+      const swept = bar.mmu.audit();
+      this.log.push(`at the end: the isolation oracles sweep vm0's BAR SPTEs: ${swept === 0 ? 'none breaches isolation' : `${bar.mmu.stat(BarMmuWord.AUDIT_FOUND)} SPTE(s) breach isolation, no access having used them yet`}`);
+      for (const l of newBarFindingLines(bar, before)) this.log.push(`at the end: ${l}`);
+      const found = bar.mmu.findings().filter((f) => f.count > 0);
+      if (this.spec.expect.bar?.findings === undefined && found.length > 0) {
+        this.failures.push(`${this.spec.file}: the isolation oracles found: ${found.map((f) => `${f.count} ${f.kind} (the first at BAR page ${f.firstPage})`).join(', ')} (write expect.bar.findings to expect them)`);
+      }
+    }
     const findings = cvm === null ? [] : [...cvm.oracle.kinds];
     if (this.spec.expect.findings === undefined && findings.length > 0) {
       this.failures.push(`${this.spec.file}: the private memory oracle found: ${cvm!.oracle.findings.map(describePrivateMemoryFinding).join('; ')} (write expect.findings to expect them)`);
@@ -299,7 +330,7 @@ class LitmusRun {
     const checked = [x.pages && 'pages', x.collected && 'collected', x.copies && 'copies', x.staleCopies && 'stale_copies',
       x.sptes && 'sptes', x.lostHostWrites !== undefined && 'lost_host_writes', x.flushes !== undefined && 'flushes',
       x.attributes && 'attributes', x.rdm && 'rdm', x.iommu && 'iommu', x.privatePages && 'private_pages', x.findings && 'findings',
-      x.cache && 'cache', x.stale && 'stale', x.machineChecks !== undefined && 'machine_checks'].filter(Boolean);
+      x.cache && 'cache', x.stale && 'stale', x.machineChecks !== undefined && 'machine_checks', x.bar && 'bar'].filter(Boolean);
     if (checked.length > 0) {
       this.log.push(`final: collected ${gfnsText([...this.hostOps.collected].sort((a, b) => a - b))}; checked ${checked.join(', ')}: ${mismatches.length === 0 ? 'as expected' : `${mismatches.length} mismatch${mismatches.length === 1 ? '' : 'es'}`}`);
     }
@@ -466,6 +497,9 @@ class LitmusRun {
     const mces = this.vm.machineChecks().count;
     const cache = this.vm.cache;
     const writebacks = cache?.stat(CacheStat.WRITEBACKS) ?? 0;
+    const bar = this.vm.bars[0];
+    const barBefore: BarStepBefore | null = bar === undefined ? null : barStepBefore(bar);
+    const barFound = bar === undefined ? null : barFindingCounts(bar);
     let s: Step;
     try {
       s = this.driver.stepRole(v);
@@ -497,7 +531,15 @@ class LitmusRun {
     /** With the cache model: the access's memory type, and where it went. */
     const how = (store: boolean): string => cache === null ? '' : ` (${accessText(this.vm, vcpu.slot!, vcpu.page, store)})`;
     const retiredNow = vcpu.retired > before.retired;
-    if (vcpu.op.kind === OpKind.MAP_GPA_RANGE) {
+    // An access to a BAR page (outside every memslot): KVM's BAR MMU, its fault in two halves, a refusal.
+    const barPage = bar !== undefined && !idle && (vcpu.op.kind === OpKind.READ || vcpu.op.kind === OpKind.WRITE64) && this.vm.memory.findSlot(g) === undefined
+      && this.vm.barAt(g) === bar ? g - bar.mmu.baseGfn : null;
+    const barRead = barPage !== null && vcpu.op.kind === OpKind.READ && retiredNow ? vcpu.ctx.mmioRead : undefined;
+    if (barPage !== null && !stopped) {
+      const write = vcpu.op.kind !== OpKind.READ;
+      parts.push(barStepText(bar!, barPage, write, vcpu.op.value, barBefore!, { retired: retiredNow, exited, read: barRead }));
+      if (exited) parts.push(`exits with ${EXIT_REASON_NAMES[reason] ?? reason}`);
+    } else if (vcpu.op.kind === OpKind.MAP_GPA_RANGE) {
       parts.push(exited ? `KVM_HC_MAP_GPA_RANGE ${hex(g)}+${vcpu.op.value} to ${priv ? 'private' : 'shared'}: exits with ${EXIT_REASON_NAMES[reason] ?? reason}`
         : retiredNow ? `KVM_HC_MAP_GPA_RANGE ${hex(g)}+${vcpu.op.value} retires, RAX = ${vcpu.ctx.hypercallRet ?? 0}` : 'hypercall');
     } else if (exited && reason !== KVM_EXIT_MMIO) {
@@ -539,9 +581,10 @@ class LitmusRun {
       }
     }
     parts.push(...this.stepEvents, ...this.newFindings(found), ...staleReadLines(stale, this.staleNow()), ...machineCheckLines(mces, this.vm.machineChecks().count, hex(g)));
+    if (bar !== undefined) parts.push(...newBarFindingLines(bar, barFound!));
     if (retiredNow && !idle && r !== null) {
       r.retired++;
-      if (r.op.op.kind === 'read') r.value = readValue();
+      if (r.op.op.kind === 'read') r.value = barPage !== null ? barRead : readValue();
     }
     if (exited && r !== null) {
       r.exits.push({ reason, retired: r.retired });
@@ -557,6 +600,8 @@ class LitmusRun {
     const notesBefore = r.notes.length;
     const found = this.cvm?.oracle.count ?? 0;
     const stale = this.staleNow();
+    const bar = this.vm.bars[0];
+    const barFound = bar === undefined ? null : barFindingCounts(bar);
     this.stepping = r;
     this.stepEvents = [];
     let s: Step;
@@ -565,7 +610,8 @@ class LitmusRun {
     } finally {
       this.stepping = null;
     }
-    const parts = [...r.notes.slice(notesBefore), ...this.stepEvents, ...this.newFindings(found), ...staleReadLines(stale, this.staleNow())];
+    const parts = [...r.notes.slice(notesBefore), ...this.stepEvents, ...this.newFindings(found), ...staleReadLines(stale, this.staleNow()),
+      ...(bar === undefined ? [] : newBarFindingLines(bar, barFound!))];
     const gen = Atomics.load(this.vm.global, GlobalWord.FLUSH_GEN);
     if (gen !== genBefore) parts.push(`starts TLB flush ${gen}`);
     if (s === Step.DONE) {

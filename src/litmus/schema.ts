@@ -1,5 +1,7 @@
 import { z } from 'zod';
 import { CONVERSION_DESIGNS } from '../host/vmm/conversion-design.ts';
+import { BAR_PREFETCH, BAR_REFUSAL_ACTIONS } from '../host/bar-layouts.ts';
+import { BAR_FINDING_NAMES } from '../host/mmio/kvm-bar-mmu.ts';
 import { CPU_CACHE_MODES, DMA_SLOT_LOGGING } from '../scenarios/options.ts';
 import { LINE_STATES } from './cache.ts';
 import { fieldPath, show } from './syntax.ts';
@@ -86,6 +88,40 @@ export const FinalExpectSchema = strict({
   stale: strict({ cpu: count.optional(), device: count.optional(), migration: count.optional(), overwrite: count.optional() }).optional(),
   /** vm.cpu_cache: the machine check oracle's count (cacheable accesses to device memory). */
   machine_checks: count.optional(),
+  /** vm.bar: vm0's BAR at the end, after the isolation oracles' sweep. */
+  bar: strict({
+    /** BAR page -> the pfn KVM's SPTE maps, or `none`. */
+    sptes: z.record(z.string(), numberOrText).optional(),
+    /** BAR page -> the pfn the VMM's VMA entry maps, or `none`. */
+    ptes: z.record(z.string(), numberOrText).optional(),
+    /** pfn -> the first 32-bit word of that page of the device's MMIO. */
+    mmio: z.record(z.string(), numberOrText).optional(),
+    /** The isolation oracles' counts (kinds not written: 0). */
+    findings: strict(Object.fromEntries(BAR_FINDING_NAMES.map((k) => [k, count.optional()])) as Record<(typeof BAR_FINDING_NAMES)[number], z.ZodOptional<typeof count>>).optional(),
+    /** KVM killed the VM for a refused access (vm.bar.on_refused_access: kill-vm). */
+    dead: z.boolean().optional(),
+  }).optional(),
+});
+
+/** A resource of the device: `pages` BAR pages (its most), read-write unless `writable: false`. */
+export const BarResourceSchema = strict({
+  name: z.string().min(1),
+  pages: z.int().min(1).max(64),
+  writable: z.boolean().optional(),
+});
+
+/** vm.bar: a mediated device's virtual BAR mapped on fault (docs/mdev.md), vm0 of `vms` VMs sharing the device. */
+export const BarSchema = strict({
+  /** The guest frame of BAR page 0: outside every memslot. */
+  base_gfn: numberOrText,
+  /** Laid out in order from BAR page 0. */
+  resources: z.array(BarResourceSchema).min(1).max(16),
+  /** The device's physical MMIO pages; by default every VM could hold every resource at its most. */
+  mmio_pages: z.int().min(1).max(1024).optional(),
+  /** The VMs sharing the device (vm0 runs; the host can give the others slices). */
+  vms: z.int().min(1).max(16).optional(),
+  prefetch: z.enum(BAR_PREFETCH).optional(),
+  on_refused_access: z.enum(BAR_REFUSAL_ACTIONS).optional(),
 });
 
 export const IOMMU_BACKENDS = ['type1', 'iommufd'] as const;
@@ -113,6 +149,8 @@ export const LitmusFileSchema = strict({
     cpu_cache: z.enum(CPU_CACHE_MODES).optional(),
     /** What KVM does when dirty logging starts on a KVM_MEM_DMA slot: force-wb (the default) or refuse. */
     dma_slot_logging: z.enum(DMA_SLOT_LOGGING).optional(),
+    /** A mediated device's virtual BAR mapped on fault (docs/mdev.md). */
+    bar: BarSchema.optional(),
   }),
   tracking: TrackingSchema,
   actors: z.record(z.string(), z.array(OpEntrySchema)),
@@ -123,6 +161,7 @@ export const LitmusFileSchema = strict({
 export type LitmusFile = z.infer<typeof LitmusFileSchema>;
 export type RawOpEntry = z.infer<typeof OpEntrySchema>;
 export type RawSlot = z.infer<typeof SlotSchema>;
+export type RawBar = z.infer<typeof BarSchema>;
 
 /** zod issues as lines `field.path: what is wrong (the bad value)`. */
 export function issueLines(issues: readonly z.core.$ZodIssue[], prefix: readonly PropertyKey[] = []): string[] {

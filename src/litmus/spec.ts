@@ -1,6 +1,8 @@
 import type { VmConfig } from '../host/layout.ts';
 import type { MemoryType } from '../host/memory-type.ts';
 import type { ConversionDesignName } from '../host/vmm/conversion-design.ts';
+import type { BarFindingName } from '../host/mmio/kvm-bar-mmu.ts';
+import type { BarSpec } from './bar.ts';
 import type { LineState, StaleReader } from './cache.ts';
 
 /**
@@ -23,6 +25,11 @@ export interface LitmusSpec {
    * the file (vfio-register); another design attaches the device in its own set-up.
    */
   design: ConversionDesignName;
+  /**
+   * vm.bar: a mediated device's virtual BAR mapped on fault (vm.bars holds its layout as
+   * the loader built it; each run builds its own from this description).
+   */
+  bar?: BarSpec;
   /** Actor names in file order: `host` and `vcpuN`. */
   actors: string[];
   /** Scripted guest operations of each vCPU, indexed by vCPU number (empty when it has none). */
@@ -103,7 +110,13 @@ export type HostOp =
   /** The migration thread's write-back read of a page through the cache; `flushFirst`: clflush-before-read. */
   | { kind: 'migration-read'; gfn: number; flushFirst: boolean }
   /** kvm_cpu_exec answering KVM_EXIT_MEMORY_FAULT and KVM_EXIT_HYPERCALL: convert, then re-enter. */
-  | { kind: 'serve-exits' };
+  | { kind: 'serve-exits' }
+  /** vm.bar: the vendor driver gives VM `vm` a slice of `pages` pages of resource `resource` (an index into its resources). */
+  | { kind: 'bar-grant'; resource: number; pages: number; vm: number }
+  /** vm.bar: the vendor driver takes resource `resource` back from VM `vm` (vm0: reclaimResource, step by step). */
+  | { kind: 'bar-revoke'; resource: number; vm: number }
+  /** vm.bar: memory decode off (vfio_pci_zap_bars: the whole BAR zapped, faults refused) or on again. */
+  | { kind: 'bar-decode'; on: boolean };
 
 /** A dirty ring entry as an expectation: a page of a slot, or a raw slot field and offset. */
 export type EntryMatcher =
@@ -136,10 +149,14 @@ export interface OpExpect {
   /** get-log: the pages set in the returned bitmap, ascending. */
   dirty?: GfnsMatcher;
   cleared?: number;
-  /** register- / unregister-noncoherent-dma, vfio-file-add, enable-logging (a KVM_MEM_DMA slot forced to WB): SPTEs zapped. */
+  /** register- / unregister-noncoherent-dma, vfio-file-add, enable-logging (a KVM_MEM_DMA slot forced to WB), bar-revoke, bar-decode: SPTEs zapped. */
   zapped?: number;
   /** clflush / wbinvd: dirty lines written back to memory. */
   writtenBack?: number;
+  /** bar-revoke / bar-decode: the VMA's entries unmap_mapping_range removed. */
+  unmapped?: number;
+  /** bar-grant: the first pfn of the slice granted. */
+  pfn?: number;
 }
 
 export type OpExpectKey = keyof OpExpect;
@@ -192,4 +209,20 @@ export interface FinalExpect {
   stale?: Partial<Record<StaleReader, number>>;
   /** vm.cpu_cache: the machine check oracle's count (cacheable accesses to device memory, Vm.machineCheck). */
   machineChecks?: number;
+  /** vm.bar: vm0's BAR at the end (after the isolation oracles' sweep). */
+  bar?: BarExpect;
+}
+
+/** The final expectations on vm0's BAR. */
+export interface BarExpect {
+  /** KVM's SPTE of each BAR page: the pfn it maps, or null for none. */
+  sptes?: { page: number; pfn: number | null }[];
+  /** The VMM's VMA entry of each BAR page: the pfn it maps, or null for none. */
+  ptes?: { page: number; pfn: number | null }[];
+  /** The device's MMIO: the first 32-bit word of each physical page. */
+  mmio?: { pfn: number; value: number }[];
+  /** The isolation oracles' count of every finding kind (kinds not written: 0). */
+  findings?: Record<BarFindingName, number>;
+  /** KVM killed the VM (kvm_vm_dead). */
+  dead?: boolean;
 }

@@ -1,5 +1,5 @@
 import {
-  EEXIST, EFAULT, EINVAL, ENOENT, ENOSPC, ENXIO, EOPNOTSUPP, EXIT_REASON_NAMES, KVM_DIRTY_GFN_F_DIRTY, KVM_DIRTY_GFN_F_RESET,
+  EEXIST, EFAULT, EINVAL, EIO, ENOENT, ENOSPC, ENXIO, EOPNOTSUPP, EXIT_REASON_NAMES, KVM_DIRTY_GFN_F_DIRTY, KVM_DIRTY_GFN_F_RESET, KVM_RUN_EIO,
 } from '../host/constants.ts';
 import { hex } from '../util/hex.ts';
 
@@ -56,7 +56,7 @@ export function parseGfns(v: unknown): Parsed<number | number[]> {
   return parseGfnList(v);
 }
 
-export const ERRNO: Record<string, number> = { ENOENT, ENXIO, EINVAL, ENOSPC, EEXIST, EFAULT, EOPNOTSUPP };
+export const ERRNO: Record<string, number> = { ENOENT, ENXIO, EINVAL, ENOSPC, EEXIST, EFAULT, EOPNOTSUPP, EIO };
 
 export function parseErrno(v: unknown): Parsed<number> {
   if (v === 'none' || v === null || v === false) return ok(0);
@@ -74,12 +74,15 @@ export function parseExitReason(v: unknown): Parsed<number | 'none'> {
   if (v === 'none' || v === null || v === false) return ok('none');
   if (typeof v === 'number' && EXIT_REASON_NAMES[v] !== undefined) return ok(v);
   if (typeof v === 'string') {
-    const want = v.toUpperCase();
+    const want = v.trim().toUpperCase();
+    // vmemlab's mark for KVM_RUN failing with EIO (the VM is dead) goes by its constant's name too.
+    if (want === 'KVM_RUN_EIO') return ok(KVM_RUN_EIO);
     for (const [n, name] of Object.entries(EXIT_REASON_NAMES)) {
-      if (name === want || name === `KVM_EXIT_${want}`) return ok(Number(n));
+      const upper = name.toUpperCase();
+      if (upper === want || upper === `KVM_EXIT_${want}`) return ok(Number(n));
     }
   }
-  return bad(`unknown exit reason ${show(v)} (one of: none, ${Object.values(EXIT_REASON_NAMES).join(', ')})`);
+  return bad(`unknown exit reason ${show(v)} (one of: none, ${Object.values(EXIT_REASON_NAMES).join(', ')}, KVM_RUN_EIO)`);
 }
 
 export function exitText(reason: number | 'none'): string {
