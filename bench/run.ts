@@ -80,6 +80,10 @@ const CASES: Case[] = [
   { id: 'noncoherent/zap', file: 'noncoherent.ts', args: ['zap'] },
   { id: 'noncoherent/policies', file: 'noncoherent.ts', args: ['policies'] },
   { id: 'noncoherent/policies-free', file: 'noncoherent.ts', args: ['policies-free'] },
+  { id: 'mdev/faults', file: 'mdev.ts', args: ['faults'], processes: 3 },
+  { id: 'mdev/access', file: 'mdev.ts', args: ['access'], processes: 3 },
+  { id: 'mdev/realloc', file: 'mdev.ts', args: ['realloc'] },
+  { id: 'mdev/vms', file: 'mdev.ts', args: ['vms'] },
   { id: 'hunt/throughput', file: 'hunt.ts', args: ['throughput'] },
   { id: 'hunt/shrink', file: 'hunt.ts', args: ['shrink'] },
 ];
