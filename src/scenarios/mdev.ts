@@ -13,12 +13,7 @@ import { type Driver, type RunRolesOptions, runRoles } from './run-roles.ts';
 
 export { MDEV_BAR_GFN, MDEV_DEFAULTS, type MdevConfig, type MdevSetup, mdevRoleSpecs, mdevSetup } from './mdev-setup.ts';
 
-/**
- * Several VMs sharing one mediated device whose MMIO is mapped on fault (docs/mdev.md),
- * run under either driver (the VMs, the device and the roles: mdev-setup.ts); then what
- * the isolation oracles and counters saw in each VM, and vm0's migration if asked for.
- */
-
+/** What one VM of the run saw. */
 export interface MdevVmReport {
   vm: number;
   guest: MdevGuestKind;
@@ -65,7 +60,11 @@ export function checkMdevConfig(c: MdevConfig): void {
   if (!MDEV_GUEST_KINDS.includes(c.guest)) throw new Error(`mdev: guest ${c.guest}`);
 }
 
-/** Runs the VMs and the vendor driver under either driver, then reads what the oracles and counters saw. */
+/**
+ * Several VMs sharing one mediated device whose MMIO is mapped on fault (docs/mdev.md),
+ * run under either driver (the VMs, the device and the roles: mdev-setup.ts); then what
+ * the isolation oracles and counters saw in each VM, and vm0's migration if asked for.
+ */
 export async function runMdev(c: MdevConfig, o: MdevRunOptions): Promise<MdevResult> {
   checkMdevConfig(c);
   const setup = mdevSetup(c);

@@ -65,8 +65,9 @@ export interface VendorWorkloadOptions {
  * it (a revocation before the zap, a grant after the allocation). A revocation then waits
  * until every vCPU of that VM acknowledged the new epoch on its doorbell, or the VM is
  * stopped, or `ackTimeoutMs` passed (then it waits for that VM no more: isolation never
- * rests on a guest's answer, only its own progress would). A revocation then reclaims the slice: unmap_mapping_range first (the MMU
- * notifier zaps KVM's SPTEs and flushes), then the free (reclaim.ts).
+ * rests on a guest's answer, only its own progress would). Then it reclaims the slice:
+ * validate refuses it, unmap_mapping_range (the MMU notifier zaps KVM's SPTEs and
+ * flushes), the free (reclaim.ts).
  */
 export function* vendorWorkload(vms: readonly Vm[], o: VendorWorkloadOptions, report: (e: VendorEvent) => void): Steps {
   const driver = vms[0]!.bars[0]!.driver;
@@ -169,7 +170,7 @@ export function* vendorWorkload(vms: readonly Vm[], o: VendorWorkloadOptions, re
 /**
  * Before the VMs run: each VM's status and doorbell pages (for good); with `staticSlices`,
  * each data resource at its most pages too, communicated at once (the static alternative:
- * nothing is reallocated, the driver's thread has nothing to do).
+ * nothing is reallocated; the driver's thread only announces the slices again).
  */
 export function allocateFixedResources(driver: VendorDriver, vms: number, vcpus: number, staticSlices: boolean): void {
   const data = driver.resources.length - FIRST_DATA_RESOURCE;
