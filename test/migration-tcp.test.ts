@@ -95,7 +95,9 @@ describe('migration over TCP on loopback', () => {
   });
 
   it('the destination drops a connection that sends nothing and serves the real source; a second source during a migration is refused', async () => {
-    const dest = await serveDestination('127.0.0.1', 0, { idleMs: 500 });
+    // The real source may sit connected a while before its stream begins (its workers start
+    // first): an idle limit short enough to drop it on a busy machine would make this a race.
+    const dest = await serveDestination('127.0.0.1', 0, { idleMs: 3000 });
     const { Socket } = await import('node:net');
     const squatter = new Socket();
     const dropped = new Promise<void>((resolve) => squatter.once('close', () => resolve()));
