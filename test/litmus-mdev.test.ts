@@ -5,7 +5,7 @@ import { MDEV_BUGS } from '../src/bugs/catalog.ts';
 import { KVM_RUN_EIO } from '../src/host/constants.ts';
 import { formatLitmusOutcome, loadLitmus, parseLitmus, runLitmus } from '../src/litmus/index.ts';
 import { parseExitReason } from '../src/litmus/syntax.ts';
-import { UserError } from '../src/util/errors.ts';
+import { run, userError } from './litmus-helpers.ts';
 
 /**
  * Litmus files with a mediated device's BAR mapped on fault (vm.bar, docs/mdev.md): each of
@@ -46,19 +46,6 @@ const ALSO: Record<string, string[]> = {
   '32-mapped-only-after-validate.yaml': ['prefetch-unvalidated-mmio'],
 };
 
-function run(source: string, name = 'inline.yaml', bugs: string[] = []) {
-  return runLitmus(parseLitmus(source, name), { bugs });
-}
-
-function userError(fn: () => unknown): string {
-  try {
-    fn();
-  } catch (e) {
-    expect(e).toBeInstanceOf(UserError);
-    return (e as Error).message;
-  }
-  throw new Error('expected a UserError');
-}
 
 describe('the mediated-device litmus files, one per bug of vmemlab mdev', () => {
   it('cover every bug of the mediated device, each once', () => {

@@ -5,7 +5,7 @@ import { afterAll, describe, expect, it } from 'vitest';
 import { CATALOG } from '../src/bugs/catalog.ts';
 import { CONVERSION_DESIGNS, type ConversionDesignName } from '../src/host/vmm/conversion-design.ts';
 import { formatLitmusOutcome, loadLitmus, parseLitmus, runLitmus } from '../src/litmus/index.ts';
-import { UserError } from '../src/util/errors.ts';
+import { run, userError } from './litmus-helpers.ts';
 
 const DIR = 'examples/litmus';
 const files = readdirSync(DIR).filter((f) => f.endsWith('.yaml')).sort();
@@ -19,19 +19,6 @@ function edited(f: string, from: string | RegExp, to: string): string {
   return out;
 }
 
-function run(source: string, name = 'inline.yaml', bugs: string[] = []) {
-  return runLitmus(parseLitmus(source, name), { bugs });
-}
-
-function userError(fn: () => unknown): string {
-  try {
-    fn();
-  } catch (e) {
-    expect(e).toBeInstanceOf(UserError);
-    return (e as Error).message;
-  }
-  throw new Error('expected a UserError');
-}
 
 describe('the shipped litmus examples', () => {
   it('cover every behaviour the suite promises', () => {

@@ -180,3 +180,8 @@ export interface VmBarLayout {
   mapping: VfioBarMappingLayout;
   driver: VendorDriverLayout;
 }
+
+/** VM `vm`'s BAR of the device `driver` drives, at guest frame `baseGfn`: new SPTEs and mapping, nothing mapped. */
+export function createVmBarLayout(vm: number, baseGfn: number, driver: VendorDriverLayout, o: { prefetch?: BarPrefetch; onRefusal?: BarRefusalAction } = {}): VmBarLayout {
+  return { mmu: createKvmBarMmuLayout(vm, baseGfn, driver.barPages, o), mapping: createVfioBarMappingLayout(vm, driver.barPages), driver };
+}

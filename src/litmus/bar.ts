@@ -1,6 +1,6 @@
 import {
   BAR_REFUSAL_NAMES, BarMmuWord, type BarPrefetch, type BarRefusal, type BarRefusalAction, type MmioResource, type VmBarLayout,
-  createKvmBarMmuLayout, createVendorDriverLayout, createVfioBarMappingLayout,
+  createVendorDriverLayout, createVmBarLayout,
 } from '../host/bar-layouts.ts';
 import { BAR_FINDING_NAMES, type BarFindingName } from '../host/mmio/kvm-bar-mmu.ts';
 import type { VmBar } from '../host/vm.ts';
@@ -28,11 +28,7 @@ export interface BarSpec {
 /** vm0's BAR layout (KVM's SPTEs, the VMM's mapping, the vendor driver shared by `vms` VMs), new each call. */
 export function barLayout(b: BarSpec): VmBarLayout {
   const driver = createVendorDriverLayout({ vms: b.vms, mmioPages: b.mmioPages, resources: b.resources });
-  return {
-    mmu: createKvmBarMmuLayout(0, b.baseGfn, driver.barPages, { prefetch: b.prefetch, onRefusal: b.onRefusal }),
-    mapping: createVfioBarMappingLayout(0, driver.barPages),
-    driver,
-  };
+  return createVmBarLayout(0, b.baseGfn, driver, { prefetch: b.prefetch, onRefusal: b.onRefusal });
 }
 
 /** The BAR for the trace's vm line. */

@@ -1,7 +1,6 @@
 import type { MdevGuestBar, MdevGuestKind } from '../guest/mdev-guest.ts';
 import {
-  type BarPrefetch, type BarRefusalAction, type MmioResource, type VmBarLayout,
-  createKvmBarMmuLayout, createVendorDriverLayout, createVfioBarMappingLayout,
+  type BarPrefetch, type BarRefusalAction, type MmioResource, createVendorDriverLayout, createVmBarLayout,
 } from '../host/bar-layouts.ts';
 import { INJECTION_WORDS } from '../host/injections.ts';
 import { type VmLayout, createVmLayout } from '../host/layout.ts';
@@ -76,11 +75,7 @@ export function mdevSetup(c: MdevConfig, vms = c.vms, fullPool = c.mapping === '
   const driver = createVendorDriverLayout({ vms, mmioPages: vms * fixed + pool, resources });
   const injections = new SharedArrayBuffer(INJECTION_WORDS * 4); // one count for the whole run, whichever VM's code acts
   const layouts = Array.from({ length: vms }, (_, k) => {
-    const bar: VmBarLayout = {
-      mmu: createKvmBarMmuLayout(k, MDEV_BAR_GFN, driver.barPages, { prefetch: c.prefetch, onRefusal: c.onRefusal }),
-      mapping: createVfioBarMappingLayout(k, driver.barPages),
-      driver,
-    };
+    const bar = createVmBarLayout(k, MDEV_BAR_GFN, driver, { prefetch: c.prefetch, onRefusal: c.onRefusal });
     const layout = createVmLayout({
       slots: [{ id: 1, asId: 0, baseGfn: 0, pages: RAM_PAGES, flags: 0 }], vcpus: c.vcpus,
       tracking: { kind: 'bitmap', manualProtect: true, initiallySet: false }, bars: [bar],

@@ -236,11 +236,7 @@ export class KvmBarMmu implements MmuNotifier {
   access(page: number, write: boolean, value = 0): BarAccess {
     const spte = this.spte(page);
     if (spte === null || (write && !spte.writable)) return { done: false };
-    if (this.mmio.owner(spte.pfn) !== this.vm) this.find(BarFinding.CROSS_VM, page);
-    if (this.mmio.generation(spte.pfn) !== spte.generation) this.find(BarFinding.STALE_SPTE, page);
-    const pte = this.mapping.pte(page);
-    if (pte === null || pte.pfn !== spte.pfn || !pte.checked) this.find(BarFinding.UNVALIDATED, page);
-    else if (write && !pte.writable) this.find(BarFinding.READ_ONLY_WRITE, page);
+    this.check(page, spte, write);
     if (write) { this.mmio.write32(spte.pfn, value); return { done: true, value }; }
     return { done: true, value: this.mmio.read32(spte.pfn) };
   }
@@ -285,13 +281,24 @@ export class KvmBarMmu implements MmuNotifier {
     for (let page = 0; page < this.barPages; page++) {
       const spte = this.spte(page);
       if (spte === null) continue;
-      const pte = this.mapping.pte(page);
-      const before = found;
-      if (this.mmio.owner(spte.pfn) !== this.vm) { this.find(BarFinding.CROSS_VM, page); found++; }
-      if (this.mmio.generation(spte.pfn) !== spte.generation) { this.find(BarFinding.STALE_SPTE, page); found++; }
-      if (pte === null || pte.pfn !== spte.pfn || !pte.checked) { this.find(BarFinding.UNVALIDATED, page); found++; }
-      if (found > before) Atomics.add(this.words, BarMmuWord.AUDIT_FOUND, 1);
+      const n = this.check(page, spte, false);
+      if (n > 0) Atomics.add(this.words, BarMmuWord.AUDIT_FOUND, 1);
+      found += n;
     }
+    return found;
+  }
+
+  /**
+   * The oracles' checks of an SPTE at BAR page `page` (a write also against the VMA
+   * entry's permission): each finding counted. Returns how many there were.
+   */
+  private check(page: number, spte: BarPte, write: boolean): number {
+    let found = 0;
+    if (this.mmio.owner(spte.pfn) !== this.vm) { this.find(BarFinding.CROSS_VM, page); found++; }
+    if (this.mmio.generation(spte.pfn) !== spte.generation) { this.find(BarFinding.STALE_SPTE, page); found++; }
+    const pte = this.mapping.pte(page);
+    if (pte === null || pte.pfn !== spte.pfn || !pte.checked) { this.find(BarFinding.UNVALIDATED, page); found++; }
+    else if (write && !pte.writable) { this.find(BarFinding.READ_ONLY_WRITE, page); found++; }
     return found;
   }
 

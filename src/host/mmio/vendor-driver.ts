@@ -26,6 +26,10 @@ export { createVendorDriverLayout } from '../bar-layouts.ts';
  */
 /** The driver's table: word 0 the lock, then per (vm, resource) the slot's words (bar-layouts.ts). */
 const LOCK = 0;
+/** A slot's words: first pfn + 1 (0: not allocated), pages, 1 while being reclaimed. */
+const SLOT_PFN = 0;
+const SLOT_PAGES = 1;
+const SLOT_RECLAIMING = 2;
 const SLOT_WORDS = VENDOR_SLOT_WORDS;
 const TABLE_BASE = VENDOR_TABLE_BASE;
 
@@ -61,27 +65,17 @@ export class VendorDriver {
     const r = this.resourceAt(pos);
     if (r < 0) return { ok: false, errno: EFAULT, reason: BarRefusal.NO_RESOURCE, why: `BAR page ${pos} belongs to no resource` };
     const res = this.resources[r]!;
-    this.lock();
-    try {
-      const { pfn, pages } = this.slot(vm, r);
-      if (pfn === NO_OWNER) return { ok: false, errno: EFAULT, reason: BarRefusal.NOT_ALLOCATED, why: `resource ${res.name} is not allocated to vm${vm}` };
-      if (Atomics.load(this.t, this.slotAt(vm, r) + 2) !== 0) return { ok: false, errno: EFAULT, reason: BarRefusal.NOT_ALLOCATED, why: `resource ${res.name} is being taken back from vm${vm}` };
-      if (pos >= res.barOffset + pages) return { ok: false, errno: EFAULT, reason: BarRefusal.PAST_ALLOCATION, why: `BAR page ${pos} is past vm${vm}'s ${pages} page(s) of ${res.name}` };
-      return { ok: true, barPage: res.barOffset, pfn, pages, writable: res.writable };
-    } finally {
-      this.unlock();
-    }
+    const { pfn, pages, reclaiming } = this.locked(() => this.slot(vm, r));
+    if (pfn === NO_OWNER) return { ok: false, errno: EFAULT, reason: BarRefusal.NOT_ALLOCATED, why: `resource ${res.name} is not allocated to vm${vm}` };
+    if (reclaiming) return { ok: false, errno: EFAULT, reason: BarRefusal.NOT_ALLOCATED, why: `resource ${res.name} is being taken back from vm${vm}` };
+    if (pos >= res.barOffset + pages) return { ok: false, errno: EFAULT, reason: BarRefusal.PAST_ALLOCATION, why: `BAR page ${pos} is past vm${vm}'s ${pages} page(s) of ${res.name}` };
+    return { ok: true, barPage: res.barOffset, pfn, pages, writable: res.writable };
   }
 
   /** The slice of resource `r` VM `vm` holds, or null. */
   sliceOf(vm: number, r: number): MmioSlice | null {
-    this.lock();
-    try {
-      const { pfn, pages } = this.slot(vm, r);
-      return pfn === NO_OWNER ? null : { vm, resource: r, pfn, pages };
-    } finally {
-      this.unlock();
-    }
+    const { pfn, pages } = this.locked(() => this.slot(vm, r));
+    return pfn === NO_OWNER ? null : { vm, resource: r, pfn, pages };
   }
 
   /**
@@ -91,19 +85,14 @@ export class VendorDriver {
   allocate(vm: number, r: number, pages: number): MmioSlice | null {
     const res = this.resources[r];
     if (res === undefined || pages < 1 || pages > res.maxPages) throw new Error(`vendor driver: ${pages} pages of resource ${r}`);
-    this.lock();
-    try {
+    return this.locked(() => {
       if (this.slot(vm, r).pfn !== NO_OWNER) return null;
       const pfn = this.firstFree(pages);
       if (pfn < 0) return null;
       for (let p = pfn; p < pfn + pages; p++) this.mmio.setOwner(p, vm);
-      const at = this.slotAt(vm, r);
-      Atomics.store(this.t, at, pfn + 1);
-      Atomics.store(this.t, at + 1, pages);
+      this.setSlot(vm, r, pfn, pages, false);
       return { vm, resource: r, pfn, pages };
-    } finally {
-      this.unlock();
-    }
+    });
   }
 
   /** The resource holding BAR page `pos`, or -1. */
@@ -129,14 +118,12 @@ export class VendorDriver {
    * when the VM does not hold it.
    */
   beginReclaim(vm: number, r: number): boolean {
-    this.lock();
-    try {
-      if (this.slot(vm, r).pfn === NO_OWNER) return false;
-      Atomics.store(this.t, this.slotAt(vm, r) + 2, 1);
+    return this.locked(() => {
+      const { pfn, pages } = this.slot(vm, r);
+      if (pfn === NO_OWNER) return false;
+      this.setSlot(vm, r, pfn, pages, true);
       return true;
-    } finally {
-      this.unlock();
-    }
+    });
   }
 
   /**
@@ -145,19 +132,13 @@ export class VendorDriver {
    * nothing may reach them for `vm` (vfio-bar-mapping.ts).
    */
   free(vm: number, r: number): MmioSlice | null {
-    this.lock();
-    try {
+    return this.locked(() => {
       const { pfn, pages } = this.slot(vm, r);
       if (pfn === NO_OWNER) return null;
       for (let p = pfn; p < pfn + pages; p++) this.mmio.setOwner(p, NO_OWNER);
-      const at = this.slotAt(vm, r);
-      Atomics.store(this.t, at, 0);
-      Atomics.store(this.t, at + 1, 0);
-      Atomics.store(this.t, at + 2, 0);
+      this.setSlot(vm, r, NO_OWNER, 0, false);
       return { vm, resource: r, pfn, pages };
-    } finally {
-      this.unlock();
-    }
+    });
   }
 
   private firstFree(pages: number): number {
@@ -174,16 +155,28 @@ export class VendorDriver {
     return TABLE_BASE + (vm * this.resources.length + r) * SLOT_WORDS;
   }
 
-  private slot(vm: number, r: number): { pfn: number; pages: number } {
+  private slot(vm: number, r: number): { pfn: number; pages: number; reclaiming: boolean } {
     const at = this.slotAt(vm, r);
-    return { pfn: Atomics.load(this.t, at) - 1, pages: Atomics.load(this.t, at + 1) };
+    return {
+      pfn: Atomics.load(this.t, at + SLOT_PFN) - 1, pages: Atomics.load(this.t, at + SLOT_PAGES),
+      reclaiming: Atomics.load(this.t, at + SLOT_RECLAIMING) !== 0,
+    };
   }
 
-  private lock(): void {
+  private setSlot(vm: number, r: number, pfn: number, pages: number, reclaiming: boolean): void {
+    const at = this.slotAt(vm, r);
+    Atomics.store(this.t, at + SLOT_PAGES, pages);
+    Atomics.store(this.t, at + SLOT_RECLAIMING, reclaiming ? 1 : 0);
+    Atomics.store(this.t, at + SLOT_PFN, pfn + 1);
+  }
+
+  /** Runs `f` holding the table's lock (the driver's mutex). */
+  private locked<T>(f: () => T): T {
     lockWord(this.t, LOCK);
-  }
-
-  private unlock(): void {
-    unlockWord(this.t, LOCK);
+    try {
+      return f();
+    } finally {
+      unlockWord(this.t, LOCK);
+    }
   }
 }
